@@ -1,0 +1,36 @@
+"""The FerrousForge engine: backends, worker pool, token rings.
+
+The gateway imports only what this module exports.
+"""
+
+from __future__ import annotations
+
+from engine.client import EngineClient, EngineConfig, EngineHealth, ModelInfo, WorkerHealth
+from engine.requests import (
+    ChatMessage,
+    ErrorInfo,
+    FinishReason,
+    GenerateRequest,
+    GenerationDone,
+    SamplingParams,
+    Timings,
+    TokenDelta,
+    Usage,
+)
+
+__all__ = [
+    "ChatMessage",
+    "EngineClient",
+    "EngineConfig",
+    "EngineHealth",
+    "ErrorInfo",
+    "FinishReason",
+    "GenerateRequest",
+    "GenerationDone",
+    "ModelInfo",
+    "SamplingParams",
+    "Timings",
+    "TokenDelta",
+    "Usage",
+    "WorkerHealth",
+]

@@ -1,0 +1,95 @@
+"""The backend interface: the one class a model runtime implements.
+
+A backend owns one loaded model and the sequences decoding on it. The worker
+drives it from one OS thread (llama.cpp's CPU thread pool follows the calling
+thread; changing threads per token costs ~3x), in this cycle::
+
+    start(seq, prompt_tokens, sampling)      # admit; no compute yet
+    step([seq, ...]) -> {seq: token}         # one token per sequence; the first
+                                             # step of a sequence also prefills
+    finish(seq)                              # retire (done, cancelled, failed)
+
+``step`` takes a list so a batching backend can advance many sequences in one
+forward pass; ``max_sequences`` says how many it holds at once. A backend that
+decodes one sequence at a time sets it to 1 and the worker queues the rest.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import ClassVar
+
+import msgspec
+
+from engine.chat import render_chat
+from engine.requests import ChatMessage, SamplingParams
+
+__all__ = ["Backend", "LoadParams"]
+
+
+class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How to load a model. ``n_ctx=0`` uses the model's own length, capped at 4096."""
+
+    n_ctx: int = 0
+    n_threads: int = 2
+    n_batch: int = 512
+
+
+class Backend(abc.ABC):
+    """One loaded model. Construct with :meth:`load`; release with :meth:`free`."""
+
+    name: ClassVar[str]
+    max_sequences: ClassVar[int] = 1
+
+    n_ctx: int
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, path: str, params: LoadParams) -> Backend:
+        """Load the model at ``path``; raise ModelLoadError on failure."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``; control tokens written in the text are parsed."""
+
+    @abc.abstractmethod
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        """Bytes of ``tokens``; may end inside a UTF-8 character."""
+
+    @abc.abstractmethod
+    def is_end(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, ...)."""
+
+    @abc.abstractmethod
+    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+        """Admit a sequence; compute happens in its first :meth:`step`."""
+
+    @abc.abstractmethod
+    def step(self, seqs: Sequence[int]) -> dict[int, int]:
+        """Advance each sequence by one token and return it."""
+
+    @abc.abstractmethod
+    def context_used(self, seq: int) -> int:
+        """Positions of the context window ``seq`` occupies (prompt + generated)."""
+
+    @abc.abstractmethod
+    def finish(self, seq: int) -> None:
+        """Retire a sequence; its slot is free for the next one."""
+
+    @abc.abstractmethod
+    def free(self) -> None:
+        """Release the model's memory. The backend is unusable afterwards."""
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """Render messages with the model's chat template (from its metadata)."""
+        return render_chat(
+            self.chat_template, messages, bos_token=self.bos_text, eos_token=self.eos_text
+        )
+
+    def token_bytes(self, token: int) -> bytes:
+        """Bytes of one generated token (backends may cache this)."""
+        return self.detokenize([token])

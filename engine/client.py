@@ -1,0 +1,513 @@
+"""The gateway's handle on the engine: a pool of worker processes behind one asyncio API.
+
+    async with EngineClient(EngineConfig(workers=2)) as engine:
+        await engine.load("tiny", "/models/tiny.gguf")
+        async for event in engine.generate(GenerateRequest(model="tiny", prompt="Hi")):
+            ...  # TokenDelta ..., then one GenerationDone
+
+Each worker is a spawned process with one end of a Unix socket pair; the
+event loop reads its control frames (no thread per request, no polling).
+Each generation gets a shared-memory ring that the worker writes and
+:meth:`EngineClient.generate` reads; the worker sends a Wake frame only when
+the reader is asleep on an empty ring.
+
+Flow control is pull-based: the iterator reads the ring only when its consumer
+asks for the next event. A consumer that stops reading fills the ring and the
+worker pauses that generation (see :mod:`engine.worker`). Memory held for one
+generation is therefore bounded by the ring capacity (``ring_capacity``,
+default 64 KiB) plus one step's output in the worker and one record being
+decoded here.
+
+A worker that dies (crash, SIGKILL, OOM) ends every generation it served with
+an ``engine_error`` event at once (its socket reaches EOF); the pool starts a
+replacement and loads the same models into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import msgspec
+
+from engine import ipc
+from engine.requests import (
+    ErrorInfo,
+    FinishReason,
+    GenerateRequest,
+    GenerationDone,
+    Timings,
+    TokenDelta,
+    Usage,
+)
+from engine.rings import DEFAULT_CAPACITY, Ring, sweep_orphans
+from protocol.errors import (
+    EngineError,
+    ErrorCode,
+    FerrousError,
+    ModelLoadError,
+    ModelNotFound,
+    error_from_code,
+)
+
+__all__ = [
+    "EngineClient",
+    "EngineConfig",
+    "EngineHealth",
+    "ModelInfo",
+    "WorkerHealth",
+    "default_threads",
+    "default_workers",
+]
+
+log = logging.getLogger("ferrous.engine")
+
+_REQUEST_ERRORS = frozenset({ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value})
+WAKE_SAFETY_S = 1.0  # re-check a ring this often even without a Wake (a lost flag costs latency, not a hang)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Threads per worker: all cores up to 4 (decode stops scaling beyond that on small models)."""
+    return max(1, min(4, _cpus()))
+
+
+def default_workers() -> int:
+    """Workers so that workers x threads fits the cores."""
+    return max(1, _cpus() // default_threads())
+
+
+@dataclass
+class EngineConfig:
+    workers: int = field(default_factory=default_workers)
+    threads_per_worker: int = field(default_factory=default_threads)
+    ring_capacity: int = DEFAULT_CAPACITY
+    stall_timeout: float = 30.0  # seconds a consumer may leave a full ring unread
+    start_timeout: float = 60.0  # worker start-up handshake
+    load_timeout: float = 600.0
+    n_batch: int = 512
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    backend: str
+    n_ctx: int
+    load_ms: float
+
+
+class WorkerHealth(msgspec.Struct, frozen=True):
+    index: int
+    pid: int
+    alive: bool
+    models: list[str]
+    active: int
+    queued: int
+    rss_bytes: int
+
+
+class EngineHealth(msgspec.Struct, frozen=True):
+    ok: bool
+    workers: list[WorkerHealth]
+    restarts: int
+
+
+@dataclass
+class _ModelSpec:
+    name: str
+    path: str
+    backend: str
+    n_ctx: int
+
+
+class _Gen:
+    """Gateway-side state of one generation."""
+
+    __slots__ = ("event", "finished", "gen", "ring", "request_id", "worker")
+
+    def __init__(self, gen: int, request_id: str, ring: Ring, worker: _Worker) -> None:
+        self.gen = gen
+        self.request_id = request_id
+        self.ring = ring
+        self.worker = worker
+        self.event = asyncio.Event()
+        self.finished: ipc.Finished | None = None
+
+
+class _Worker:
+    """One worker process and its control connection."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pid = 0
+        self.alive = False
+        self.models: dict[str, float] = {}
+        self.gens: dict[int, _Gen] = {}
+        self.replies: dict[int, asyncio.Future[ipc.FromWorker]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def send(self, msg: ipc.ToWorker) -> None:
+        if self.alive and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(ipc.encode(msg))
+
+    async def read_frame(self) -> ipc.FromWorker:
+        assert self.reader is not None
+        (n,) = ipc._LEN.unpack(await self.reader.readexactly(4))
+        if n > ipc.MAX_FRAME:
+            raise EngineError(f"worker {self.pid} sent a frame of {n} bytes")
+        return ipc.decode_from_worker(await self.reader.readexactly(n))
+
+
+class EngineClient:
+    """Asyncio client of the worker pool. Use as an async context manager."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._workers: list[_Worker] = []
+        self._models: dict[str, _ModelSpec] = {}
+        self._by_request: dict[str, _Gen] = {}
+        self._gen_ids = itertools.count(1)
+        self._req_ids = itertools.count(1)
+        self._changed: asyncio.Condition | None = None
+        self._closing = False
+        self._restarts = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifetime -------------------------------------------------------------------
+
+    async def __aenter__(self) -> EngineClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Spawn the workers and wait for each one's handshake."""
+        if self.config.workers < 1:
+            raise ValueError("an engine needs at least one worker")
+        self._changed = asyncio.Condition()
+        removed = sweep_orphans()
+        if removed:
+            log.warning("removed %d shared-memory rings left by dead processes", len(removed))
+        self._workers = [_Worker(i) for i in range(self.config.workers)]
+        try:
+            await asyncio.gather(*(self._spawn(w) for w in self._workers))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _spawn(self, w: _Worker) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "engine.worker", "--fd", str(child.fileno()),
+                pass_fds=(child.fileno(),),
+            )
+        finally:
+            child.close()
+        w.reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        try:
+            hello = await asyncio.wait_for(w.read_frame(), self.config.start_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            await w.proc.wait()
+            w.writer.close()
+            raise EngineError(f"worker {w.index} did not start: {type(exc).__name__}") from None
+        if not isinstance(hello, ipc.Hello):
+            raise EngineError(f"worker {w.index} sent {type(hello).__name__} instead of Hello")
+        w.pid = hello.pid
+        w.alive = True
+        w.task = asyncio.create_task(self._read_loop(w), name=f"engine-worker-{w.index}")
+        log.info("worker %d started (pid %d, backends %s)", w.index, w.pid, ",".join(hello.backends))
+
+    async def close(self) -> None:
+        """Stop every worker: ask politely, then kill after a few seconds."""
+        self._closing = True
+        for t in list(self._tasks):
+            t.cancel()
+        for w in self._workers:
+            w.send(ipc.Shutdown())
+        for w in self._workers:
+            if w.proc is not None and w.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 5.0)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
+                    await w.proc.wait()
+            if w.task is not None:
+                w.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w.task
+            self._fail_worker(w, "the engine is shutting down")
+            if w.writer is not None:
+                w.writer.close()
+        self._workers = []
+
+    # -- worker events --------------------------------------------------------------
+
+    async def _read_loop(self, w: _Worker) -> None:
+        try:
+            while True:
+                msg = await w.read_frame()
+                if isinstance(msg, ipc.Wake):
+                    g = w.gens.get(msg.gen)
+                    if g is not None:
+                        g.event.set()
+                elif isinstance(msg, ipc.Finished):
+                    g = w.gens.pop(msg.gen, None)
+                    if g is not None:
+                        g.finished = msg
+                        g.event.set()
+                elif isinstance(msg, ipc.ModelLoaded | ipc.WorkerError | ipc.Pong | ipc.Ack):
+                    fut = w.replies.pop(msg.req, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError, EngineError) as exc:
+            reason = "exited" if isinstance(exc, asyncio.IncompleteReadError) else f"failed: {exc}"
+            if not self._closing:
+                log.error("worker %d (pid %d) %s", w.index, w.pid, reason)
+        if not self._closing:
+            self._fail_worker(w, f"worker {w.index} (pid {w.pid}) died")
+            task = asyncio.create_task(self._replace(w))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _fail_worker(self, w: _Worker, why: str) -> None:
+        """End everything that was in flight on ``w`` with engine_error."""
+        w.alive = False
+        w.models.clear()
+        for g in w.gens.values():
+            g.finished = ipc.Finished(g.gen, FinishReason.ERROR.value, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                                      ErrorCode.ENGINE_ERROR.value, why)
+            g.event.set()
+        w.gens.clear()
+        for fut in w.replies.values():
+            if not fut.done():
+                fut.set_exception(EngineError(why, retryable=True))
+        w.replies.clear()
+
+    async def _replace(self, old: _Worker) -> None:
+        if old.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                old.proc.kill()
+            await old.proc.wait()
+        if old.writer is not None:
+            old.writer.close()
+        new = _Worker(old.index)
+        try:
+            await self._spawn(new)
+        except FerrousError as exc:
+            log.error("replacement of worker %d failed: %s", old.index, exc)
+            return
+        self._restarts += 1
+        self._workers[old.index] = new
+        for spec in list(self._models.values()):
+            try:
+                await self._load_on(new, spec)
+            except FerrousError as exc:
+                log.error("reloading %s into worker %d failed: %s", spec.name, new.index, exc)
+        await self._notify()
+
+    async def _notify(self) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _request(self, w: _Worker, msg: ipc.ToWorker, req: int, timeout: float) -> ipc.FromWorker:
+        fut: asyncio.Future[ipc.FromWorker] = asyncio.get_running_loop().create_future()
+        w.replies[req] = fut
+        w.send(msg)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise EngineError(f"worker {w.index} did not answer within {timeout:.0f} s") from None
+        finally:
+            w.replies.pop(req, None)
+
+    # -- models ---------------------------------------------------------------------
+
+    async def load(self, name: str, path: str | os.PathLike[str], *, backend: str = "", n_ctx: int = 0) -> ModelInfo:
+        """Load a model file into every worker under ``name`` (replacing one of that name)."""
+        spec = _ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx)
+        results = await asyncio.gather(
+            *(self._load_on(w, spec) for w in self._workers if w.alive), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors or not results:
+            for w in self._workers:
+                if name in w.models and name not in self._models:
+                    await self._unload_on(w, name)
+            if errors:
+                raise errors[0]
+            raise EngineError("no live worker to load the model into", retryable=True)
+        self._models[name] = spec
+        loaded = [r for r in results if isinstance(r, ipc.ModelLoaded)]
+        await self._notify()
+        return ModelInfo(name, spec.path, backend or "auto", loaded[0].n_ctx,
+                         max(r.load_ms for r in loaded))
+
+    async def _load_on(self, w: _Worker, spec: _ModelSpec) -> ipc.ModelLoaded:
+        req = next(self._req_ids)
+        msg = ipc.LoadModel(req, spec.name, spec.path, spec.backend, spec.n_ctx,
+                            self.config.threads_per_worker, self.config.n_batch)
+        try:
+            reply = await self._request(w, msg, req, self.config.load_timeout)
+        except EngineError as exc:
+            # A worker that dies while loading is usually a file that crashed the backend.
+            raise ModelLoadError(spec.path, "backend", f"the worker died loading it ({exc.message})") from None
+        if isinstance(reply, ipc.WorkerError):
+            err = error_from_code(reply.code, reply.message, retryable=reply.retryable)
+            if reply.code == ErrorCode.ENGINE_ERROR.value and reply.message.startswith("cannot load"):
+                err = ModelLoadError(spec.path, "backend", reply.message)
+                err.message = reply.message
+                err.args = (reply.message,)
+            raise err
+        assert isinstance(reply, ipc.ModelLoaded)
+        w.models[spec.name] = reply.load_ms
+        return reply
+
+    async def unload(self, name: str) -> None:
+        """Unload a model from every worker; its running generations end as cancelled."""
+        if self._models.pop(name, None) is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        await asyncio.gather(*(self._unload_on(w, name) for w in self._workers if w.alive))
+
+    async def _unload_on(self, w: _Worker, name: str) -> None:
+        req = next(self._req_ids)
+        with contextlib.suppress(EngineError):
+            await self._request(w, ipc.UnloadModel(req, name), req, 60.0)
+        w.models.pop(name, None)
+
+    def models(self) -> list[str]:
+        return sorted(self._models)
+
+    async def health(self) -> EngineHealth:
+        async def ping(w: _Worker) -> WorkerHealth:
+            if w.alive:
+                req = next(self._req_ids)
+                try:
+                    p = await self._request(w, ipc.Ping(req), req, 5.0)
+                    assert isinstance(p, ipc.Pong)
+                    return WorkerHealth(w.index, w.pid, True, p.models, p.active, p.queued, p.rss_bytes)
+                except EngineError:
+                    pass
+            return WorkerHealth(w.index, w.pid, False, [], 0, 0, 0)
+
+        workers = list(await asyncio.gather(*(ping(w) for w in self._workers)))
+        return EngineHealth(bool(workers) and all(w.alive for w in workers), workers, self._restarts)
+
+    # -- generation -----------------------------------------------------------------
+
+    async def _pick(self, model: str) -> _Worker:
+        """The least busy live worker with ``model``; waits for a replacement worker."""
+        assert self._changed is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.start_timeout
+        while True:
+            candidates = [w for w in self._workers if w.alive and model in w.models]
+            if candidates:
+                return min(candidates, key=lambda w: len(w.gens))
+            if model not in self._models:
+                raise ModelNotFound(f"model {model!r} is not loaded")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise EngineError(f"no worker has model {model!r} ready", retryable=True)
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta | GenerationDone]:
+        """Stream a generation: :class:`TokenDelta` events, then one :class:`GenerationDone`.
+
+        Raises :class:`~protocol.errors.FerrousError` for a request that cannot
+        start (unknown model, bad prompt). Closing the iterator early, or
+        cancelling the task that iterates it, cancels the generation.
+        """
+        if request.request_id in self._by_request:
+            raise FerrousError(f"request id {request.request_id!r} is already running")
+        worker = await self._pick(request.model)
+        ring = Ring.create(self.config.ring_capacity)
+        g = _Gen(next(self._gen_ids), request.request_id, ring, worker)
+        worker.gens[g.gen] = g
+        self._by_request[g.request_id] = g
+        worker.send(ipc.Generate(
+            g.gen, request.request_id, request.model, ring.name, request.prompt, request.messages,
+            request.sampling, request.token_ids, self.config.stall_timeout,
+        ))
+        want_ids = request.token_ids
+        seq = 0
+        try:
+            while True:
+                finished = g.finished  # read before the ring: data precedes Finished
+                records, resume = ring.read()
+                if resume:
+                    worker.send(ipc.Resume(g.gen))
+                for ids, text in records:
+                    yield TokenDelta(text.decode("utf-8"), seq, ids if want_ids else None)
+                    seq += 1
+                if finished is not None:
+                    if records:
+                        continue  # drain whatever is left before the final event
+                    done = self._done(g.request_id, finished)
+                    if done.error is not None and seq == 0 and done.error.code in _REQUEST_ERRORS:
+                        raise error_from_code(done.error.code, done.error.message)
+                    yield done
+                    return
+                g.event.clear()
+                if ring.arm_wait():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(g.event.wait(), WAKE_SAFETY_S)
+        finally:
+            if g.finished is None:
+                worker.gens.pop(g.gen, None)
+                worker.send(ipc.Cancel(g.gen))
+            self._by_request.pop(g.request_id, None)
+            ring.close()
+
+    @staticmethod
+    def _done(request_id: str, f: ipc.Finished) -> GenerationDone:
+        error = None
+        if f.error_code is not None:
+            error = ErrorInfo(f.error_code, f.error_message or "",
+                              retryable=f.error_code == ErrorCode.ENGINE_ERROR.value)
+        return GenerationDone(
+            request_id,
+            FinishReason(f.reason),
+            Usage(f.prompt_tokens, f.completion_tokens),
+            Timings(f.load_ms, f.queue_ms, f.ttft_ms, f.total_ms, f.decode_tok_s),
+            error,
+        )
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a running generation; its iterator ends with reason ``cancelled``.
+
+        Returns False when no such generation is running.
+        """
+        g = self._by_request.get(request_id)
+        if g is None or g.finished is not None:
+            return False
+        g.worker.send(ipc.Cancel(g.gen))
+        return True

@@ -1,0 +1,196 @@
+"""Control frames between the gateway and its workers.
+
+Length-prefixed (u32 little-endian) msgspec MessagePack frames on a Unix
+stream socket. Structs are ``array_like`` (positional, no field names on the
+wire) and tagged by a small integer, one union per direction. Token text does
+not travel here: it goes through the generation's ring (:mod:`engine.rings`);
+a :class:`Wake` frame only says "that ring turned non-empty".
+
+Pure: framing and message types only; the loops that read and write sockets
+live in :mod:`engine.worker` and :mod:`engine.client`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from engine.requests import ChatMessage, SamplingParams
+
+__all__ = [
+    "MAX_FRAME",
+    "Ack",
+    "Cancel",
+    "Finished",
+    "FrameBuffer",
+    "Generate",
+    "Hello",
+    "LoadModel",
+    "ModelLoaded",
+    "Ping",
+    "Pong",
+    "Resume",
+    "Shutdown",
+    "ToWorker",
+    "UnloadModel",
+    "Wake",
+    "WorkerError",
+    "FromWorker",
+    "decode_from_worker",
+    "decode_to_worker",
+    "encode",
+]
+
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct("<I")
+
+
+class _Frame(msgspec.Struct, array_like=True, tag_field="t", omit_defaults=False):
+    pass
+
+
+# -- gateway -> worker ---------------------------------------------------------------
+
+
+class LoadModel(_Frame, tag=1):
+    req: int
+    model: str
+    path: str
+    backend: str
+    n_ctx: int
+    n_threads: int
+    n_batch: int
+
+
+class UnloadModel(_Frame, tag=2):
+    req: int
+    model: str
+
+
+class Generate(_Frame, tag=3):
+    gen: int
+    request_id: str
+    model: str
+    ring: str
+    prompt: str | None
+    messages: list[ChatMessage] | None
+    sampling: SamplingParams
+    token_ids: bool
+    stall_timeout: float
+
+
+class Cancel(_Frame, tag=4):
+    gen: int
+
+
+class Resume(_Frame, tag=5):
+    gen: int
+
+
+class Ping(_Frame, tag=6):
+    req: int
+
+
+class Shutdown(_Frame, tag=7):
+    pass
+
+
+# -- worker -> gateway ---------------------------------------------------------------
+
+
+class Hello(_Frame, tag=20):
+    pid: int
+    backends: list[str]
+
+
+class ModelLoaded(_Frame, tag=21):
+    req: int
+    model: str
+    load_ms: float
+    n_ctx: int
+
+
+class WorkerError(_Frame, tag=22):
+    """A request (load, unload, generate before it started) failed."""
+
+    req: int
+    code: str
+    message: str
+    retryable: bool
+
+
+class Ack(_Frame, tag=26):
+    req: int
+
+
+class Wake(_Frame, tag=23):
+    gen: int
+
+
+class Finished(_Frame, tag=24):
+    gen: int
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    load_ms: float
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    decode_tok_s: float
+    error_code: str | None
+    error_message: str | None
+
+
+class Pong(_Frame, tag=25):
+    req: int
+    models: list[str]
+    active: int
+    queued: int
+    rss_bytes: int
+
+
+ToWorker = LoadModel | UnloadModel | Generate | Cancel | Resume | Ping | Shutdown
+FromWorker = Hello | ModelLoaded | WorkerError | Wake | Finished | Pong | Ack
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(msg: ToWorker | FromWorker) -> bytes:
+    """One frame: length prefix + MessagePack body."""
+    body = _encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_to_worker(body: bytes) -> ToWorker:
+    return _to_worker.decode(body)
+
+
+def decode_from_worker(body: bytes) -> FromWorker:
+    return _from_worker.decode(body)
+
+
+class FrameBuffer:
+    """Accumulates stream bytes and yields complete frame bodies."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        frames: list[bytes] = []
+        pos = 0
+        while len(self._buf) - pos >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buf, pos)
+            if n > MAX_FRAME:
+                raise ValueError(f"control frame of {n} bytes exceeds {MAX_FRAME}")
+            if len(self._buf) - pos - _LEN.size < n:
+                break
+            frames.append(bytes(self._buf[pos + _LEN.size : pos + _LEN.size + n]))
+            pos += _LEN.size + n
+        del self._buf[:pos]
+        return frames

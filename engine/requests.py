@@ -1,0 +1,128 @@
+"""What the gateway asks of the engine and what it gets back.
+
+These are plain msgspec Structs: the gateway builds a :class:`GenerateRequest`
+from a protocol message and turns :class:`TokenDelta` / :class:`GenerationDone`
+events back into protocol messages. They also travel inside control frames to
+the workers, so they must stay serialisable.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from engine.textstream import MAX_STOP_CHARS
+
+__all__ = [
+    "ChatMessage",
+    "ErrorInfo",
+    "FinishReason",
+    "GenerateRequest",
+    "GenerationDone",
+    "SamplingParams",
+    "Timings",
+    "TokenDelta",
+    "Usage",
+    "new_request_id",
+]
+
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique within this process and readable in logs."""
+    return f"req-{os.getpid():x}-{next(_ids)}"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # end-of-generation token or a stop sequence
+    LENGTH = "length"  # max_tokens or the context window
+    CANCELLED = "cancelled"  # cancel(), or the consumer went away
+    STALLED = "stalled"  # the consumer did not read for longer than the stall timeout
+    ERROR = "error"  # see GenerationDone.error
+
+
+class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling options. Defaults follow common local-server practice.
+
+    ``temperature=0`` is greedy decoding. ``seed=None`` draws a fresh seed.
+    ``max_tokens=None`` generates until an end token or the context is full.
+    """
+
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.8
+    top_k: Annotated[int, Meta(ge=0)] = 40
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.9
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] = 1.1
+    seed: Annotated[int, Meta(ge=0, lt=2**32)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    stop: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]], Meta(max_length=16)
+    ] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One generation: a raw ``prompt`` or chat ``messages`` (rendered with the model's template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    request_id: str = msgspec.field(default_factory=new_request_id)
+    token_ids: bool = False  # include token ids in deltas
+
+
+class TokenDelta(msgspec.Struct, frozen=True, gc=False):
+    """New text of a generation. ``seq`` counts deltas from 0, with no gaps."""
+
+    text: str
+    seq: int
+    token_ids: list[int] | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, gc=False):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(msgspec.Struct, frozen=True, gc=False):
+    """Timings of one generation, measured in the worker.
+
+    ``load_ms`` is how long the serving worker took to load the model;
+    ``ttft_ms`` runs from the worker accepting the request to the first token
+    (prompt processing included); ``decode_tok_s`` is completion tokens after the
+    first divided by the time after the first token.
+    """
+
+    load_ms: float
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    decode_tok_s: float
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class GenerationDone(msgspec.Struct, frozen=True):
+    """The last event of every generation that started."""
+
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    error: ErrorInfo | None = None

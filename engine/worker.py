@@ -1,0 +1,382 @@
+"""The worker process: one decode loop over the models it has loaded.
+
+Started by the pool as ``python -m engine.worker --fd N`` where N is its end of
+a Unix socket pair. Everything runs on the main thread, in this cycle::
+
+    read control frames   (block when idle; never block while a sequence can run)
+    admit                 (start queued sequences while the backend has slots)
+    step                  (one token for every runnable sequence)
+    emit                  (text deltas into each generation's ring)
+    retire                (finished, cancelled, stalled, failed)
+
+A sequence whose ring is full is *paused*: it is not stepped, so nothing is
+dropped, reordered or buffered beyond one step's output; the consumer's
+:class:`~engine.ipc.Resume` frame (or a periodic re-check) un-pauses it. One
+paused longer than its stall timeout ends with reason ``stalled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+
+from engine import ipc
+from engine.backends import Backend, LoadParams, available_backends, backend_class, choose_backend
+from engine.requests import FinishReason
+from engine.rings import Ring, RingFull
+from engine.textstream import TextStream
+from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelNotFound
+
+__all__ = ["Worker", "main"]
+
+PAUSED_RECHECK_S = 0.25  # safety net only: Resume frames normally end a pause
+
+
+class _Seq:
+    """One generation inside the worker."""
+
+    __slots__ = (
+        "backend", "ending", "gen", "ids", "model", "msg", "n_out", "n_prompt", "outbox",
+        "paused_since", "prompt", "ring", "started", "stream", "t_accept", "t_end", "t_first",
+        "t_start",
+    )
+
+    def __init__(self, msg: ipc.Generate, ring: Ring, backend: Backend, model: str) -> None:
+        self.msg = msg
+        self.gen = msg.gen
+        self.ring = ring
+        self.backend = backend
+        self.model = model
+        self.stream = TextStream(msg.sampling.stop)
+        self.prompt: list[int] = []
+        self.ids: list[int] = []
+        self.outbox: deque[tuple[list[int], bytes]] = deque()
+        self.ending: FinishReason | None = None
+        self.started = False
+        self.paused_since: float | None = None
+        self.n_prompt = 0
+        self.n_out = 0
+        self.t_accept = time.perf_counter()
+        self.t_start = 0.0
+        self.t_first = 0.0
+        self.t_end = 0.0
+
+
+class Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._frames = ipc.FrameBuffer()
+        self._models: dict[str, tuple[Backend, float]] = {}
+        self._queued: dict[str, deque[_Seq]] = {}
+        self._running: dict[int, _Seq] = {}
+        self._stopping = False
+        self._handlers: dict[type, Callable[..., None]] = {
+            ipc.LoadModel: self._on_load,
+            ipc.UnloadModel: self._on_unload,
+            ipc.Generate: self._on_generate,
+            ipc.Cancel: self._on_cancel,
+            ipc.Resume: self._on_resume,
+            ipc.Ping: self._on_ping,
+            ipc.Shutdown: self._on_shutdown,
+        }
+
+    # -- I/O ------------------------------------------------------------------------
+
+    def _send(self, msg: ipc.FromWorker) -> None:
+        self._sock.sendall(ipc.encode(msg))
+
+    def _poll(self, timeout: float | None) -> None:
+        readable, _, _ = select.select([self._sock], [], [], timeout)
+        if not readable:
+            return
+        data = self._sock.recv(1 << 16)
+        if not data:  # the gateway is gone: nothing left to serve
+            self._stopping = True
+            return
+        for body in self._frames.feed(data):
+            msg = ipc.decode_to_worker(body)
+            self._handlers[type(msg)](msg)
+
+    def run(self) -> None:
+        self._send(ipc.Hello(os.getpid(), available_backends()))
+        while not self._stopping:
+            self._poll(self._timeout())
+            if self._stopping:
+                break
+            self._admit()
+            self._step()
+            self._unpause()
+        for seq in list(self._running.values()) + [s for q in self._queued.values() for s in q]:
+            self._finalize(seq, FinishReason.CANCELLED, notify=False)
+        for backend, _ in self._models.values():
+            backend.free()
+
+    def _timeout(self) -> float | None:
+        if any(not s.outbox for s in self._running.values()):
+            return 0.0
+        if self._admissible():
+            return 0.0
+        if self._running:  # all paused: wait for a Resume, re-check now and then
+            now = time.perf_counter()
+            deadline = min(
+                (s.paused_since or now) + s.msg.stall_timeout for s in self._running.values()
+            )
+            return max(0.0, min(PAUSED_RECHECK_S, deadline - now))
+        return None
+
+    # -- control --------------------------------------------------------------------
+
+    def _on_load(self, msg: ipc.LoadModel) -> None:
+        try:
+            if not os.path.exists(msg.path):
+                raise ModelNotFound(f"cannot load {msg.path}: missing: no such file")
+            cls = backend_class(choose_backend(msg.path, msg.backend or None))
+            t0 = time.perf_counter()
+            backend = cls.load(msg.path, LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch))
+            load_ms = (time.perf_counter() - t0) * 1000
+        except FerrousError as exc:
+            self._send(ipc.WorkerError(msg.req, exc.code.value, exc.message, exc.retryable))
+            return
+        except Exception as exc:
+            self._send(ipc.WorkerError(msg.req, ErrorCode.ENGINE_ERROR.value, f"cannot load {msg.path}: {exc}", False))
+            return
+        if msg.model in self._models:
+            self._drop_model(msg.model)
+        self._models[msg.model] = (backend, load_ms)
+        self._send(ipc.ModelLoaded(msg.req, msg.model, load_ms, backend.n_ctx))
+
+    def _drop_model(self, model: str) -> None:
+        for seq in [s for s in self._running.values() if s.model == model] + list(self._queued.pop(model, ())):
+            self._finalize(seq, FinishReason.CANCELLED)
+        backend, _ = self._models.pop(model)
+        backend.free()
+
+    def _on_unload(self, msg: ipc.UnloadModel) -> None:
+        if msg.model in self._models:
+            self._drop_model(msg.model)
+        self._send(ipc.Ack(msg.req))
+
+    def _on_generate(self, msg: ipc.Generate) -> None:
+        entry = self._models.get(msg.model)
+        if entry is None:
+            self._reject(msg.gen, ModelNotFound(f"model {msg.model!r} is not loaded"))
+            return
+        try:
+            ring = Ring.attach(msg.ring)
+        except (OSError, ValueError) as exc:
+            self._reject(msg.gen, FerrousError(f"cannot attach ring: {exc}"))
+            return
+        seq = _Seq(msg, ring, entry[0], msg.model)
+        try:
+            seq.prompt = self._prompt_tokens(seq)
+        except FerrousError as exc:
+            ring.close()
+            self._reject(msg.gen, exc)
+            return
+        self._queued.setdefault(msg.model, deque()).append(seq)
+
+    def _prompt_tokens(self, seq: _Seq) -> list[int]:
+        backend, msg = seq.backend, seq.msg
+        if msg.messages is not None:
+            text = backend.render_chat(msg.messages)
+        elif msg.prompt is not None:
+            text = msg.prompt
+        else:
+            raise BadRequest("a request needs a prompt or messages")
+        add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
+        tokens = backend.tokenize(text, add_bos=add_bos)
+        if not tokens:
+            raise BadRequest("the prompt is empty")
+        if len(tokens) >= backend.n_ctx:
+            raise BadRequest(
+                f"the prompt has {len(tokens)} tokens; the context window holds {backend.n_ctx}"
+            )
+        return tokens
+
+    def _reject(self, gen: int, exc: FerrousError) -> None:
+        self._send(ipc.Finished(gen, FinishReason.ERROR.value, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                                exc.code.value, exc.message))
+
+    def _on_cancel(self, msg: ipc.Cancel) -> None:
+        seq = self._running.get(msg.gen)
+        if seq is None:
+            for q in self._queued.values():
+                seq = next((s for s in q if s.gen == msg.gen), None)
+                if seq is not None:
+                    q.remove(seq)
+                    break
+        if seq is not None:
+            self._finalize(seq, FinishReason.CANCELLED)
+
+    def _on_resume(self, msg: ipc.Resume) -> None:
+        seq = self._running.get(msg.gen)
+        if seq is not None:
+            self._drain(seq)
+
+    def _on_ping(self, msg: ipc.Ping) -> None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self._send(ipc.Pong(msg.req, sorted(self._models), len(self._running),
+                            sum(len(q) for q in self._queued.values()), rss))
+
+    def _on_shutdown(self, msg: ipc.Shutdown) -> None:
+        self._stopping = True
+
+    # -- the decode loop ------------------------------------------------------------
+
+    def _admissible(self) -> bool:
+        """True when some queued sequence has a free backend slot to start in."""
+        for model, queue in self._queued.items():
+            if queue:
+                busy = sum(1 for s in self._running.values() if s.model == model)
+                if busy < self._models[model][0].max_sequences:
+                    return True
+        return False
+
+    def _admit(self) -> None:
+        for model, queue in self._queued.items():
+            if not queue:
+                continue
+            backend = self._models[model][0]
+            busy = sum(1 for s in self._running.values() if s.model == model)
+            while queue and busy < backend.max_sequences:
+                seq = queue.popleft()
+                seq.t_start = time.perf_counter()
+                seq.n_prompt = len(seq.prompt)
+                try:
+                    backend.start(seq.gen, seq.prompt, seq.msg.sampling)
+                except Exception as exc:
+                    self._fail(seq, exc)
+                    continue
+                seq.started = True
+                self._running[seq.gen] = seq
+                busy += 1
+
+    def _step(self) -> None:
+        for seq in list(self._running.values()):
+            if seq.outbox or seq.ending is not None:
+                continue
+            backend = seq.backend
+            max_tokens = seq.msg.sampling.max_tokens
+            if seq.n_out and backend.context_used(seq.gen) >= backend.n_ctx:
+                self._end(seq, FinishReason.LENGTH)
+                continue
+            try:
+                token = backend.step([seq.gen])[seq.gen]
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            if not seq.n_out:
+                seq.t_first = time.perf_counter()
+            if backend.is_end(token) and not seq.msg.sampling.ignore_eos:
+                self._end(seq, FinishReason.STOP)
+                continue
+            seq.n_out += 1
+            seq.ids.append(token)
+            text = seq.stream.feed(backend.token_bytes(token))
+            if text or (seq.msg.token_ids and seq.stream.stopped):
+                self._emit(seq, text)
+            if seq.stream.stopped:
+                self._end(seq, FinishReason.STOP)
+            elif max_tokens is not None and seq.n_out >= max_tokens:
+                self._end(seq, FinishReason.LENGTH)
+
+    def _emit(self, seq: _Seq, text: str) -> None:
+        ids = seq.ids if seq.msg.token_ids else []
+        seq.ids = []
+        seq.outbox.append((ids, text.encode("utf-8")))
+        self._drain(seq)
+
+    def _drain(self, seq: _Seq) -> None:
+        """Move queued records into the ring; pause the sequence if it is full."""
+        while seq.outbox:
+            ids, data = seq.outbox[0]
+            try:
+                wake = seq.ring.write(ids, data)
+            except RingFull:
+                if seq.paused_since is None:
+                    seq.paused_since = time.perf_counter()
+                return
+            seq.outbox.popleft()
+            if wake:
+                self._send(ipc.Wake(seq.gen))
+        seq.paused_since = None
+        if seq.ending is not None:
+            self._finalize(seq, seq.ending)
+
+    def _unpause(self) -> None:
+        now = time.perf_counter()
+        for seq in list(self._running.values()):
+            if seq.paused_since is None:
+                continue
+            self._drain(seq)
+            if seq.paused_since is not None and now - seq.paused_since > seq.msg.stall_timeout:
+                self._finalize(seq, FinishReason.STALLED)
+
+    def _end(self, seq: _Seq, reason: FinishReason) -> None:
+        """Normal end: release held text, then finish once the ring took everything."""
+        seq.t_end = time.perf_counter()
+        tail = seq.stream.flush()
+        if tail or (seq.ids and seq.msg.token_ids):
+            ids = seq.ids if seq.msg.token_ids else []
+            seq.outbox.append((ids, tail.encode("utf-8")))
+        seq.ids = []
+        seq.ending = reason
+        self._drain(seq)
+
+    def _fail(self, seq: _Seq, exc: Exception) -> None:
+        err = exc if isinstance(exc, FerrousError) else FerrousError(f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, FerrousError):
+            err.code = ErrorCode.ENGINE_ERROR
+        self._finalize(seq, FinishReason.ERROR, error=err)
+
+    def _finalize(
+        self, seq: _Seq, reason: FinishReason, *, error: FerrousError | None = None, notify: bool = True
+    ) -> None:
+        if self._running.pop(seq.gen, None) is not None and seq.started:
+            seq.backend.finish(seq.gen)
+        now = time.perf_counter()
+        end = seq.t_end or now
+        first = seq.t_first or end
+        decode_s = end - first
+        tok_s = (seq.n_out - 1) / decode_s if seq.n_out > 1 and decode_s > 0 else 0.0
+        if notify:
+            self._send(ipc.Finished(
+                seq.gen, reason.value, seq.n_prompt, seq.n_out,
+                self._models.get(seq.model, (None, 0.0))[1],
+                ((seq.t_start or now) - seq.t_accept) * 1000,
+                (first - seq.t_accept) * 1000 if seq.t_first else 0.0,
+                (end - seq.t_accept) * 1000,
+                tok_s,
+                error.code.value if error else None,
+                error.message if error else None,
+            ))
+        seq.ring.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="engine.worker")
+    parser.add_argument("--fd", type=int, required=True, help="control socket file descriptor")
+    args = parser.parse_args(argv)
+    # The gateway owns Ctrl-C: it shuts workers down in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(True)
+    try:
+        Worker(sock).run()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

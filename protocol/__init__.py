@@ -1,0 +1,9 @@
+"""The FerrousForge wire protocol: message types and error codes. Pure, no I/O."""
+
+from __future__ import annotations
+
+from protocol.errors import ErrorCode, FerrousError
+
+__all__ = ["PROTOCOL_VERSION", "ErrorCode", "FerrousError"]
+
+PROTOCOL_VERSION = 1
