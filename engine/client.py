@@ -119,6 +119,7 @@ class WorkerHealth(msgspec.Struct, frozen=True):
     active: int
     queued: int
     rss_bytes: int
+    tokens_generated: int
 
 
 class EngineHealth(msgspec.Struct, frozen=True):
@@ -411,10 +412,11 @@ class EngineClient:
                 try:
                     p = await self._request(w, ipc.Ping(req), req, 5.0)
                     assert isinstance(p, ipc.Pong)
-                    return WorkerHealth(w.index, w.pid, True, p.models, p.active, p.queued, p.rss_bytes)
+                    return WorkerHealth(w.index, w.pid, True, p.models, p.active, p.queued,
+                                        p.rss_bytes, p.tokens_generated)
                 except EngineError:
                     pass
-            return WorkerHealth(w.index, w.pid, False, [], 0, 0, 0)
+            return WorkerHealth(w.index, w.pid, False, [], 0, 0, 0, 0)
 
         workers = list(await asyncio.gather(*(ping(w) for w in self._workers)))
         return EngineHealth(bool(workers) and all(w.alive for w in workers), workers, self._restarts)

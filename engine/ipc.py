@@ -148,6 +148,7 @@ class Pong(_Frame, tag=25):
     active: int
     queued: int
     rss_bytes: int
+    tokens_generated: int
 
 
 ToWorker = LoadModel | UnloadModel | Generate | Cancel | Resume | Ping | Shutdown

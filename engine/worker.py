@@ -40,6 +40,15 @@ __all__ = ["Worker", "main"]
 PAUSED_RECHECK_S = 0.25  # safety net only: Resume frames normally end a pause
 
 
+def _rss_bytes() -> int:
+    """Current resident set size (not the peak), from /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class _Seq:
     """One generation inside the worker."""
 
@@ -78,6 +87,7 @@ class Worker:
         self._queued: dict[str, deque[_Seq]] = {}
         self._running: dict[int, _Seq] = {}
         self._stopping = False
+        self._tokens_generated = 0
         self._handlers: dict[type, Callable[..., None]] = {
             ipc.LoadModel: self._on_load,
             ipc.UnloadModel: self._on_unload,
@@ -222,9 +232,10 @@ class Worker:
             self._drain(seq)
 
     def _on_ping(self, msg: ipc.Ping) -> None:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = _rss_bytes()
         self._send(ipc.Pong(msg.req, sorted(self._models), len(self._running),
-                            sum(len(q) for q in self._queued.values()), rss))
+                            sum(len(q) for q in self._queued.values()), rss,
+                            self._tokens_generated))
 
     def _on_shutdown(self, msg: ipc.Shutdown) -> None:
         self._stopping = True
@@ -279,6 +290,7 @@ class Worker:
                 self._end(seq, FinishReason.STOP)
                 continue
             seq.n_out += 1
+            self._tokens_generated += 1
             seq.ids.append(token)
             text = seq.stream.feed(backend.token_bytes(token))
             if text or (seq.msg.token_ids and seq.stream.stopped):

@@ -84,7 +84,7 @@ class CTransformersBackend(Backend):
     def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
         if self._seq is not None:
             raise RuntimeError("ctransformers backend holds one sequence at a time")
-        self._llm.reset()  # type: ignore[attr-defined]
+        self._llm.ctransformers_llm_reset()  # type: ignore[attr-defined]
         self._seq = seq
         self._pending = list(prompt)
         self._sampling = sampling

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models written by the project, SmolLM2, a real worker pool."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, TokenDelta
+from engine.rings import SHM_DIR, SHM_PREFIX
+from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
+
+SCRIPT = "Hi ö你🙂!"  # 13 distinct tokens: ASCII pieces and 2-, 3- and 4-byte characters
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def script_model(models_dir: Path) -> Path:
+    """Repeats SCRIPT forever after any prompt (2048-token context)."""
+    return write_tiny_llama(models_dir / "script.gguf", script=SCRIPT, spec=TinyLlamaSpec(n_ctx=2048))
+
+
+@pytest.fixture(scope="session")
+def eos_model(models_dir: Path) -> Path:
+    """Says "Done." then emits the end-of-sequence token."""
+    return write_tiny_llama(models_dir / "eos.gguf", script="Done.", script_eos=True)
+
+
+@pytest.fixture(scope="session")
+def random_model(models_dir: Path) -> Path:
+    return write_tiny_llama(models_dir / "random.gguf", seed=7)
+
+
+@pytest.fixture(scope="session")
+def slow_model(models_dir: Path) -> Path:
+    """A larger script model (~20 MB) whose decode steps take a few milliseconds."""
+    spec = TinyLlamaSpec(n_embd=256, n_layer=8, n_head=4, n_ff=1024, n_ctx=4096)
+    return write_tiny_llama(models_dir / "slow.gguf", script=SCRIPT, spec=spec)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from engine.smollm2 import fetch_smollm2
+
+    return fetch_smollm2()
+
+
+def ring_segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob(SHM_PREFIX + f"{os.getpid()}-*")}
+
+
+@pytest.fixture
+async def engine(script_model: Path) -> AsyncIterator[EngineClient]:
+    """A real pool of two single-threaded workers with the script model loaded as "script"."""
+    async with EngineClient(EngineConfig(workers=2, threads_per_worker=1)) as client:
+        await client.load("script", script_model)
+        yield client
+    assert ring_segments() == set(), "a shared-memory ring was left behind"
+
+
+async def collect(
+    client: EngineClient, request: GenerateRequest
+) -> tuple[list[TokenDelta], GenerationDone]:
+    deltas: list[TokenDelta] = []
+    done: GenerationDone | None = None
+    async for ev in client.generate(request):
+        if isinstance(ev, TokenDelta):
+            assert done is None, "a delta arrived after the final event"
+            deltas.append(ev)
+        else:
+            done = ev
+    assert done is not None, "the generation ended without a final event"
+    return deltas, done
