@@ -52,11 +52,15 @@ def run_direct(llm: object, tokens: list[int], n: int) -> tuple[float, float]:
 
 
 async def run_pool(engine: EngineClient, n: int) -> tuple[float, float]:
-    sampling = SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.0, max_tokens=n, ignore_eos=True)
+    sampling = SamplingParams(
+        temperature=0.0, top_p=1.0, repeat_penalty=1.0, max_tokens=n, ignore_eos=True
+    )
     t0 = time.perf_counter()
     first = last = 0.0
     count = 0
-    async for ev in engine.generate(GenerateRequest(model="bench", prompt=PROMPT, sampling=sampling)):
+    async for ev in engine.generate(
+        GenerateRequest(model="bench", prompt=PROMPT, sampling=sampling)
+    ):
         if isinstance(ev, TokenDelta):
             now = time.perf_counter()
             if count == 0:
@@ -77,8 +81,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         from engine.smollm2 import fetch_smollm2
 
         model = str(fetch_smollm2())
-    llm = llama_cpp.Llama(model_path=model, n_ctx=4096, n_batch=512, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=model,
+        n_ctx=4096,
+        n_batch=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
     tokens = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
     config = EngineConfig(workers=1, threads_per_worker=args.threads)
     direct: list[tuple[float, float]] = []

@@ -39,6 +39,7 @@ from types import TracebackType
 import msgspec
 
 from engine import ipc
+from engine.backends.select import check_model_file, choose_backend
 from engine.requests import (
     ErrorInfo,
     FinishReason,
@@ -71,7 +72,9 @@ __all__ = [
 log = logging.getLogger("ferrous.engine")
 
 _REQUEST_ERRORS = frozenset({ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value})
-WAKE_SAFETY_S = 1.0  # re-check a ring this often even without a Wake (a lost flag costs latency, not a hang)
+WAKE_SAFETY_S = (
+    1.0  # re-check a ring this often even without a Wake (a lost flag costs latency, not a hang)
+)
 
 
 def _cpus() -> int:
@@ -139,7 +142,7 @@ class _ModelSpec:
 class _Gen:
     """Gateway-side state of one generation."""
 
-    __slots__ = ("event", "finished", "gen", "ring", "request_id", "worker")
+    __slots__ = ("event", "finished", "gen", "request_id", "ring", "worker")
 
     def __init__(self, gen: int, request_id: str, ring: Ring, worker: _Worker) -> None:
         self.gen = gen
@@ -222,7 +225,11 @@ class EngineClient:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.worker", "--fd", str(child.fileno()),
+                sys.executable,
+                "-m",
+                "engine.worker",
+                "--fd",
+                str(child.fileno()),
                 pass_fds=(child.fileno(),),
             )
         finally:
@@ -241,7 +248,9 @@ class EngineClient:
         w.pid = hello.pid
         w.alive = True
         w.task = asyncio.create_task(self._read_loop(w), name=f"engine-worker-{w.index}")
-        log.info("worker %d started (pid %d, backends %s)", w.index, w.pid, ",".join(hello.backends))
+        log.info(
+            "worker %d started (pid %d, backends %s)", w.index, w.pid, ",".join(hello.backends)
+        )
 
     async def close(self) -> None:
         """Stop every worker: ask politely, then kill after a few seconds."""
@@ -286,7 +295,12 @@ class EngineClient:
                     fut = w.replies.pop(msg.req, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
-        except (asyncio.IncompleteReadError, ConnectionError, msgspec.DecodeError, EngineError) as exc:
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            msgspec.DecodeError,
+            EngineError,
+        ) as exc:
             reason = "exited" if isinstance(exc, asyncio.IncompleteReadError) else f"failed: {exc}"
             if not self._closing:
                 log.error("worker %d (pid %d) %s", w.index, w.pid, reason)
@@ -301,8 +315,19 @@ class EngineClient:
         w.alive = False
         w.models.clear()
         for g in w.gens.values():
-            g.finished = ipc.Finished(g.gen, FinishReason.ERROR.value, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                                      ErrorCode.ENGINE_ERROR.value, why)
+            g.finished = ipc.Finished(
+                g.gen,
+                FinishReason.ERROR.value,
+                0,
+                0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                ErrorCode.ENGINE_ERROR.value,
+                why,
+            )
             g.event.set()
         w.gens.clear()
         for fut in w.replies.values():
@@ -337,7 +362,9 @@ class EngineClient:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _request(self, w: _Worker, msg: ipc.ToWorker, req: int, timeout: float) -> ipc.FromWorker:
+    async def _request(
+        self, w: _Worker, msg: ipc.ToWorker, req: int, timeout: float
+    ) -> ipc.FromWorker:
         fut: asyncio.Future[ipc.FromWorker] = asyncio.get_running_loop().create_future()
         w.replies[req] = fut
         w.send(msg)
@@ -350,9 +377,13 @@ class EngineClient:
 
     # -- models ---------------------------------------------------------------------
 
-    async def load(self, name: str, path: str | os.PathLike[str], *, backend: str = "", n_ctx: int = 0) -> ModelInfo:
+    async def load(
+        self, name: str, path: str | os.PathLike[str], *, backend: str = "", n_ctx: int = 0
+    ) -> ModelInfo:
         """Load a model file into every worker under ``name`` (replacing one of that name)."""
         spec = _ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx)
+        # Reject bad files here, with a typed error, before any worker sees them.
+        check_model_file(spec.path, choose_backend(spec.path, backend or None))
         results = await asyncio.gather(
             *(self._load_on(w, spec) for w in self._workers if w.alive), return_exceptions=True
         )
@@ -367,25 +398,34 @@ class EngineClient:
         self._models[name] = spec
         loaded = [r for r in results if isinstance(r, ipc.ModelLoaded)]
         await self._notify()
-        return ModelInfo(name, spec.path, backend or "auto", loaded[0].n_ctx,
-                         max(r.load_ms for r in loaded))
+        return ModelInfo(
+            name, spec.path, backend or "auto", loaded[0].n_ctx, max(r.load_ms for r in loaded)
+        )
 
     async def _load_on(self, w: _Worker, spec: _ModelSpec) -> ipc.ModelLoaded:
         req = next(self._req_ids)
-        msg = ipc.LoadModel(req, spec.name, spec.path, spec.backend, spec.n_ctx,
-                            self.config.threads_per_worker, self.config.n_batch)
+        msg = ipc.LoadModel(
+            req,
+            spec.name,
+            spec.path,
+            spec.backend,
+            spec.n_ctx,
+            self.config.threads_per_worker,
+            self.config.n_batch,
+        )
         try:
             reply = await self._request(w, msg, req, self.config.load_timeout)
         except EngineError as exc:
             # A worker that dies while loading is usually a file that crashed the backend.
-            raise ModelLoadError(spec.path, "backend", f"the worker died loading it ({exc.message})") from None
+            raise ModelLoadError(
+                spec.path, "backend", f"the worker died loading it ({exc.message})"
+            ) from None
         if isinstance(reply, ipc.WorkerError):
-            err = error_from_code(reply.code, reply.message, retryable=reply.retryable)
-            if reply.code == ErrorCode.ENGINE_ERROR.value and reply.message.startswith("cannot load"):
-                err = ModelLoadError(spec.path, "backend", reply.message)
-                err.message = reply.message
-                err.args = (reply.message,)
-            raise err
+            if reply.path is not None:
+                raise ModelLoadError(
+                    reply.path, reply.reason or "backend", reply.detail or reply.message
+                )
+            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
         assert isinstance(reply, ipc.ModelLoaded)
         w.models[spec.name] = reply.load_ms
         return reply
@@ -412,14 +452,24 @@ class EngineClient:
                 try:
                     p = await self._request(w, ipc.Ping(req), req, 5.0)
                     assert isinstance(p, ipc.Pong)
-                    return WorkerHealth(w.index, w.pid, True, p.models, p.active, p.queued,
-                                        p.rss_bytes, p.tokens_generated)
+                    return WorkerHealth(
+                        w.index,
+                        w.pid,
+                        True,
+                        p.models,
+                        p.active,
+                        p.queued,
+                        p.rss_bytes,
+                        p.tokens_generated,
+                    )
                 except EngineError:
                     pass
             return WorkerHealth(w.index, w.pid, False, [], 0, 0, 0, 0)
 
         workers = list(await asyncio.gather(*(ping(w) for w in self._workers)))
-        return EngineHealth(bool(workers) and all(w.alive for w in workers), workers, self._restarts)
+        return EngineHealth(
+            bool(workers) and all(w.alive for w in workers), workers, self._restarts
+        )
 
     # -- generation -----------------------------------------------------------------
 
@@ -441,7 +491,9 @@ class EngineClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta | GenerationDone]:
+    async def generate(
+        self, request: GenerateRequest
+    ) -> AsyncIterator[TokenDelta | GenerationDone]:
         """Stream a generation: :class:`TokenDelta` events, then one :class:`GenerationDone`.
 
         Raises :class:`~protocol.errors.FerrousError` for a request that cannot
@@ -455,10 +507,19 @@ class EngineClient:
         g = _Gen(next(self._gen_ids), request.request_id, ring, worker)
         worker.gens[g.gen] = g
         self._by_request[g.request_id] = g
-        worker.send(ipc.Generate(
-            g.gen, request.request_id, request.model, ring.name, request.prompt, request.messages,
-            request.sampling, request.token_ids, self.config.stall_timeout,
-        ))
+        worker.send(
+            ipc.Generate(
+                g.gen,
+                request.request_id,
+                request.model,
+                ring.name,
+                request.prompt,
+                request.messages,
+                request.sampling,
+                request.token_ids,
+                self.config.stall_timeout,
+            )
+        )
         want_ids = request.token_ids
         seq = 0
         try:
@@ -493,8 +554,11 @@ class EngineClient:
     def _done(request_id: str, f: ipc.Finished) -> GenerationDone:
         error = None
         if f.error_code is not None:
-            error = ErrorInfo(f.error_code, f.error_message or "",
-                              retryable=f.error_code == ErrorCode.ENGINE_ERROR.value)
+            error = ErrorInfo(
+                f.error_code,
+                f.error_message or "",
+                retryable=f.error_code == ErrorCode.ENGINE_ERROR.value,
+            )
         return GenerationDone(
             request_id,
             FinishReason(f.reason),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,19 @@ _MAX_STR = 1 << 26
 _MAX_DIMS = 8
 
 # GGUF value types -> struct format (None: handled specially).
-_SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                            10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS: dict[int, str] = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -129,7 +141,10 @@ def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     except OSError as exc:
         raise ModelLoadError(p, "unreadable", exc.strerror or str(exc)) from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(p, "not_gguf", "not a regular file")
+        size = st.st_size
         if size < 24:
             raise ModelLoadError(p, "truncated" if size else "empty", f"only {size} bytes")
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:

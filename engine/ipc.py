@@ -24,6 +24,7 @@ __all__ = [
     "Cancel",
     "Finished",
     "FrameBuffer",
+    "FromWorker",
     "Generate",
     "Hello",
     "LoadModel",
@@ -36,7 +37,6 @@ __all__ = [
     "UnloadModel",
     "Wake",
     "WorkerError",
-    "FromWorker",
     "decode_from_worker",
     "decode_to_worker",
     "encode",
@@ -118,6 +118,9 @@ class WorkerError(_Frame, tag=22):
     code: str
     message: str
     retryable: bool
+    path: str | None = None  # set for model load failures
+    reason: str | None = None
+    detail: str | None = None
 
 
 class Ack(_Frame, tag=26):
@@ -155,8 +158,8 @@ ToWorker = LoadModel | UnloadModel | Generate | Cancel | Resume | Ping | Shutdow
 FromWorker = Hello | ModelLoaded | WorkerError | Wake | Finished | Pong | Ack
 
 _encoder = msgspec.msgpack.Encoder()
-_to_worker = msgspec.msgpack.Decoder(ToWorker)
-_from_worker = msgspec.msgpack.Decoder(FromWorker)
+_to_worker: msgspec.msgpack.Decoder[ToWorker] = msgspec.msgpack.Decoder(ToWorker)
+_from_worker: msgspec.msgpack.Decoder[FromWorker] = msgspec.msgpack.Decoder(FromWorker)
 
 
 def encode(msg: ToWorker | FromWorker) -> bytes:

@@ -31,6 +31,7 @@ around the end of the data area.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -134,10 +135,8 @@ class Ring:
         self._hdr = None  # release the exported buffer before closing the map
         self._mm.close()
         if self._owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(SHM_DIR / self.name)
-            except FileNotFoundError:
-                pass
 
     @property
     def capacity(self) -> int:

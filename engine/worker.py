@@ -33,7 +33,7 @@ from engine.backends import Backend, LoadParams, available_backends, backend_cla
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
-from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelNotFound
+from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelLoadError, ModelNotFound
 
 __all__ = ["Worker", "main"]
 
@@ -53,8 +53,23 @@ class _Seq:
     """One generation inside the worker."""
 
     __slots__ = (
-        "backend", "ending", "gen", "ids", "model", "msg", "n_out", "n_prompt", "outbox",
-        "paused_since", "prompt", "ring", "started", "stream", "t_accept", "t_end", "t_first",
+        "backend",
+        "ending",
+        "gen",
+        "ids",
+        "model",
+        "msg",
+        "n_out",
+        "n_prompt",
+        "outbox",
+        "paused_since",
+        "prompt",
+        "ring",
+        "started",
+        "stream",
+        "t_accept",
+        "t_end",
+        "t_first",
         "t_start",
     )
 
@@ -146,17 +161,32 @@ class Worker:
 
     def _on_load(self, msg: ipc.LoadModel) -> None:
         try:
-            if not os.path.exists(msg.path):
-                raise ModelNotFound(f"cannot load {msg.path}: missing: no such file")
             cls = backend_class(choose_backend(msg.path, msg.backend or None))
             t0 = time.perf_counter()
             backend = cls.load(msg.path, LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch))
             load_ms = (time.perf_counter() - t0) * 1000
+        except ModelLoadError as exc:
+            self._send(
+                ipc.WorkerError(
+                    msg.req, exc.code.value, exc.message, False, exc.path, exc.reason, exc.detail
+                )
+            )
+            return
         except FerrousError as exc:
             self._send(ipc.WorkerError(msg.req, exc.code.value, exc.message, exc.retryable))
             return
         except Exception as exc:
-            self._send(ipc.WorkerError(msg.req, ErrorCode.ENGINE_ERROR.value, f"cannot load {msg.path}: {exc}", False))
+            self._send(
+                ipc.WorkerError(
+                    msg.req,
+                    ErrorCode.ENGINE_ERROR.value,
+                    str(exc),
+                    False,
+                    msg.path,
+                    "backend",
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
             return
         if msg.model in self._models:
             self._drop_model(msg.model)
@@ -164,7 +194,9 @@ class Worker:
         self._send(ipc.ModelLoaded(msg.req, msg.model, load_ms, backend.n_ctx))
 
     def _drop_model(self, model: str) -> None:
-        for seq in [s for s in self._running.values() if s.model == model] + list(self._queued.pop(model, ())):
+        for seq in [s for s in self._running.values() if s.model == model] + list(
+            self._queued.pop(model, ())
+        ):
             self._finalize(seq, FinishReason.CANCELLED)
         backend, _ = self._models.pop(model)
         backend.free()
@@ -212,8 +244,21 @@ class Worker:
         return tokens
 
     def _reject(self, gen: int, exc: FerrousError) -> None:
-        self._send(ipc.Finished(gen, FinishReason.ERROR.value, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                                exc.code.value, exc.message))
+        self._send(
+            ipc.Finished(
+                gen,
+                FinishReason.ERROR.value,
+                0,
+                0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                exc.code.value,
+                exc.message,
+            )
+        )
 
     def _on_cancel(self, msg: ipc.Cancel) -> None:
         seq = self._running.get(msg.gen)
@@ -233,9 +278,16 @@ class Worker:
 
     def _on_ping(self, msg: ipc.Ping) -> None:
         rss = _rss_bytes()
-        self._send(ipc.Pong(msg.req, sorted(self._models), len(self._running),
-                            sum(len(q) for q in self._queued.values()), rss,
-                            self._tokens_generated))
+        self._send(
+            ipc.Pong(
+                msg.req,
+                sorted(self._models),
+                len(self._running),
+                sum(len(q) for q in self._queued.values()),
+                rss,
+                self._tokens_generated,
+            )
+        )
 
     def _on_shutdown(self, msg: ipc.Shutdown) -> None:
         self._stopping = True
@@ -350,7 +402,12 @@ class Worker:
         self._finalize(seq, FinishReason.ERROR, error=err)
 
     def _finalize(
-        self, seq: _Seq, reason: FinishReason, *, error: FerrousError | None = None, notify: bool = True
+        self,
+        seq: _Seq,
+        reason: FinishReason,
+        *,
+        error: FerrousError | None = None,
+        notify: bool = True,
     ) -> None:
         if self._running.pop(seq.gen, None) is not None and seq.started:
             seq.backend.finish(seq.gen)
@@ -360,16 +417,21 @@ class Worker:
         decode_s = end - first
         tok_s = (seq.n_out - 1) / decode_s if seq.n_out > 1 and decode_s > 0 else 0.0
         if notify:
-            self._send(ipc.Finished(
-                seq.gen, reason.value, seq.n_prompt, seq.n_out,
-                self._models.get(seq.model, (None, 0.0))[1],
-                ((seq.t_start or now) - seq.t_accept) * 1000,
-                (first - seq.t_accept) * 1000 if seq.t_first else 0.0,
-                (end - seq.t_accept) * 1000,
-                tok_s,
-                error.code.value if error else None,
-                error.message if error else None,
-            ))
+            self._send(
+                ipc.Finished(
+                    seq.gen,
+                    reason.value,
+                    seq.n_prompt,
+                    seq.n_out,
+                    self._models.get(seq.model, (None, 0.0))[1],
+                    ((seq.t_start or now) - seq.t_accept) * 1000,
+                    (first - seq.t_accept) * 1000 if seq.t_first else 0.0,
+                    (end - seq.t_accept) * 1000,
+                    tok_s,
+                    error.code.value if error else None,
+                    error.message if error else None,
+                )
+            )
         seq.ring.close()
 
 

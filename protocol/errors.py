@@ -107,6 +107,8 @@ class ModelLoadError(EngineError):
 
     def __init__(self, path: str, reason: str, detail: str) -> None:
         super().__init__(f"cannot load {path}: {reason}: {detail}")
+        if reason == "missing":
+            self.code = ErrorCode.MODEL_NOT_FOUND
         self.path = path
         self.reason = reason
         self.detail = detail

@@ -23,7 +23,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def script_model(models_dir: Path) -> Path:
     """Repeats SCRIPT forever after any prompt (2048-token context)."""
-    return write_tiny_llama(models_dir / "script.gguf", script=SCRIPT, spec=TinyLlamaSpec(n_ctx=2048))
+    return write_tiny_llama(
+        models_dir / "script.gguf", script=SCRIPT, spec=TinyLlamaSpec(n_ctx=2048)
+    )
 
 
 @pytest.fixture(scope="session")

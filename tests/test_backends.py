@@ -18,7 +18,9 @@ from .conftest import SCRIPT
 def test_chat_is_rendered_with_the_template_from_the_file(script_model: Path) -> None:
     backend = LlamaCppBackend.load(str(script_model), LoadParams(n_threads=1))
     try:
-        prompt = backend.render_chat([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")])
+        prompt = backend.render_chat(
+            [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")]
+        )
         assert prompt == (
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
             "<|im_start|>assistant\n"
@@ -45,11 +47,15 @@ def test_unknown_backend_is_a_bad_request(script_model: Path) -> None:
 
 
 @pytest.mark.ctransformers
-@pytest.mark.skipif("ctransformers" not in available_backends(), reason="ctransformers not installed")
+@pytest.mark.skipif(
+    "ctransformers" not in available_backends(), reason="ctransformers not installed"
+)
 def test_ctransformers_speaks_the_script(script_model: Path) -> None:
     backend = backend_class("ctransformers").load(str(script_model), LoadParams(n_threads=1))
     try:
-        backend.start(1, backend.tokenize("hello"), SamplingParams(temperature=0, repeat_penalty=1.0))
+        backend.start(
+            1, backend.tokenize("hello"), SamplingParams(temperature=0, repeat_penalty=1.0)
+        )
         out = [backend.step([1])[1] for _ in range(13)]
         assert backend.detokenize(out).decode() == SCRIPT
         backend.finish(1)

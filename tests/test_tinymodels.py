@@ -61,7 +61,9 @@ def test_command_writes_a_model(tmp_path: Path) -> None:
     out = tmp_path / "cmd.gguf"
     proc = subprocess.run(
         [sys.executable, "-m", "engine.tinymodels", str(out), "--dtype", "q8_0", "--script", "Ok!"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert str(out) in proc.stdout
     assert read_gguf_header(out).architecture == "llama"

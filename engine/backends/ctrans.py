@@ -14,13 +14,11 @@ from collections.abc import Sequence
 from ctransformers import AutoModelForCausalLM
 
 from engine.backends.base import Backend, LoadParams
-from engine.gguf_header import read_gguf_header
+from engine.backends.select import check_model_file
 from engine.requests import SamplingParams
 from protocol.errors import ModelLoadError
 
 __all__ = ["CTransformersBackend"]
-
-SUPPORTED = frozenset({"llama"})
 
 
 class CTransformersBackend(Backend):
@@ -42,22 +40,20 @@ class CTransformersBackend(Backend):
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> CTransformersBackend:
-        header = read_gguf_header(path)
-        if header.architecture not in SUPPORTED:
-            raise ModelLoadError(
-                path, "unsupported_architecture",
-                f"ctransformers runs {', '.join(sorted(SUPPORTED))}, not {header.architecture!r}",
-            )
-        if "tokenizer.ggml.scores" not in header.array_lengths:
-            raise ModelLoadError(path, "unsupported_vocabulary", "ctransformers needs tokenizer.ggml.scores")
+        header = check_model_file(path, cls.name)
         n_ctx = params.n_ctx or min(header.context_length or 2048, 4096)
         try:
             llm = AutoModelForCausalLM.from_pretrained(
-                path, model_type="llama", context_length=n_ctx, threads=params.n_threads,
+                path,
+                model_type="llama",
+                context_length=n_ctx,
+                threads=params.n_threads,
                 batch_size=params.n_batch,
             )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(path, "backend", f"ctransformers could not load it ({exc})") from None
+            raise ModelLoadError(
+                path, "backend", f"ctransformers could not load it ({exc})"
+            ) from None
         return cls(llm, n_ctx, header.chat_template, params.n_threads)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -101,8 +97,11 @@ class CTransformersBackend(Backend):
         llm.eval(self._pending, threads=self._threads)  # type: ignore[attr-defined]
         self._used += len(self._pending)
         token: int = llm.sample(  # type: ignore[attr-defined]
-            top_k=s.top_k, top_p=s.top_p, temperature=s.temperature,
-            repetition_penalty=s.repeat_penalty, last_n_tokens=64,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            temperature=s.temperature,
+            repetition_penalty=s.repeat_penalty,
+            last_n_tokens=64,
             seed=s.seed if s.seed is not None else -1,
         )
         self._pending = [token]

@@ -19,7 +19,7 @@ from collections.abc import Generator, Sequence
 import llama_cpp
 
 from engine.backends.base import Backend, LoadParams
-from engine.gguf_header import KNOWN_ARCHITECTURES, read_gguf_header
+from engine.backends.select import check_model_file
 from engine.requests import SamplingParams
 from protocol.errors import ModelLoadError
 
@@ -53,11 +53,7 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
-        header = read_gguf_header(path)
-        if header.architecture not in KNOWN_ARCHITECTURES:
-            raise ModelLoadError(
-                path, "unsupported_architecture", f"architecture {header.architecture!r} is not known to llama.cpp"
-            )
+        header = check_model_file(path, cls.name)
         n_ctx = params.n_ctx or min(header.context_length or 2048, MAX_DEFAULT_CTX)
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         try:
@@ -88,7 +84,9 @@ class LlamaCppBackend(Backend):
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(
+                self._vocab, token, self._buf, len(self._buf), 0, False
+            )
             piece = self._buf.raw[: max(n, 0)]
             self._pieces[token] = piece
         return piece

@@ -11,9 +11,10 @@ import importlib
 import importlib.util
 
 from engine.backends.base import Backend
-from protocol.errors import BadRequest
+from engine.gguf_header import KNOWN_ARCHITECTURES, GGUFHeader, read_gguf_header
+from protocol.errors import BadRequest, ModelLoadError
 
-__all__ = ["BACKENDS", "available_backends", "backend_class", "choose_backend"]
+__all__ = ["BACKENDS", "available_backends", "backend_class", "check_model_file", "choose_backend"]
 
 # name -> (module, class, python package it needs)
 BACKENDS: dict[str, tuple[str, str, str]] = {
@@ -21,6 +22,12 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "ctransformers": ("engine.backends.ctrans", "CTransformersBackend", "ctransformers"),
 }
 DEFAULT_GGUF_BACKEND = "llama_cpp"
+
+# What each backend can run, checked before any native code sees the file.
+ARCHITECTURES: dict[str, frozenset[str]] = {
+    "llama_cpp": KNOWN_ARCHITECTURES,
+    "ctransformers": frozenset({"llama"}),
+}
 
 
 def available_backends() -> list[str]:
@@ -43,3 +50,24 @@ def backend_class(name: str) -> type[Backend]:
         raise BadRequest(f"backend {name!r} is not installed (pip install {pkg})")
     found: type[Backend] = getattr(importlib.import_module(module), cls)
     return found
+
+
+def check_model_file(path: str, backend: str) -> GGUFHeader:
+    """Validate ``path`` for ``backend`` without loading it; raise ModelLoadError.
+
+    Cheap (header only), so the gateway runs it before asking workers to load,
+    and backends run it again before handing the file to native code.
+    """
+    header = read_gguf_header(path)
+    archs = ARCHITECTURES.get(backend, frozenset())
+    if header.architecture not in archs:
+        raise ModelLoadError(
+            path,
+            "unsupported_architecture",
+            f"architecture {header.architecture!r} is not supported by the {backend} backend",
+        )
+    if backend == "ctransformers" and "tokenizer.ggml.scores" not in header.array_lengths:
+        raise ModelLoadError(
+            path, "unsupported_vocabulary", "ctransformers needs tokenizer.ggml.scores"
+        )
+    return header
