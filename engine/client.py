@@ -72,9 +72,9 @@ __all__ = [
 log = logging.getLogger("ferrous.engine")
 
 _REQUEST_ERRORS = frozenset({ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value})
-WAKE_SAFETY_S = (
-    1.0  # re-check a ring this often even without a Wake (a lost flag costs latency, not a hang)
-)
+# Sleeping readers of non-empty rings are re-checked this often even without a
+# Wake: a lost wake-up costs latency, never a hang.
+WAKE_SAFETY_S = 1.0
 
 
 def _cpus() -> int:
@@ -103,6 +103,7 @@ class EngineConfig:
     start_timeout: float = 60.0  # worker start-up handshake
     load_timeout: float = 600.0
     n_batch: int = 512
+    seqs_per_worker: int = 4  # sequences a worker decodes together (batched)
 
 
 @dataclass(frozen=True)
@@ -142,42 +143,68 @@ class _ModelSpec:
 class _Gen:
     """Gateway-side state of one generation."""
 
-    __slots__ = ("event", "finished", "gen", "request_id", "ring", "worker")
+    __slots__ = ("finished", "gen", "request_id", "ring", "waiter", "worker")
 
     def __init__(self, gen: int, request_id: str, ring: Ring, worker: _Worker) -> None:
         self.gen = gen
         self.request_id = request_id
         self.ring = ring
         self.worker = worker
-        self.event = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
         self.finished: ipc.Finished | None = None
 
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-class _Worker:
-    """One worker process and its control connection."""
 
-    def __init__(self, index: int) -> None:
+class _Worker(asyncio.Protocol):
+    """One worker process and its control connection (an asyncio protocol).
+
+    Frames are parsed in ``data_received``, straight from the event loop's
+    read callback: a Wake costs one callback here and one task step in the
+    waiting generation, nothing else.
+    """
+
+    def __init__(self, index: int, client: EngineClient) -> None:
         self.index = index
+        self.client = client
         self.proc: asyncio.subprocess.Process | None = None
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.transport: asyncio.WriteTransport | None = None
+        self.frames = ipc.FrameBuffer()
+        self.hello: asyncio.Future[ipc.Hello] = asyncio.get_running_loop().create_future()
         self.pid = 0
         self.alive = False
         self.models: dict[str, float] = {}
         self.gens: dict[int, _Gen] = {}
         self.replies: dict[int, asyncio.Future[ipc.FromWorker]] = {}
-        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = [ipc.decode_from_worker(body) for body in self.frames.feed(data)]
+        except (ValueError, msgspec.DecodeError) as exc:
+            log.error("worker %d sent a malformed frame: %s", self.index, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for msg in msgs:
+            self.client._dispatch(self, msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._worker_lost(self)
 
     def send(self, msg: ipc.ToWorker) -> None:
-        if self.alive and self.writer is not None and not self.writer.is_closing():
-            self.writer.write(ipc.encode(msg))
+        t = self.transport
+        if self.alive and t is not None and not t.is_closing():
+            t.write(ipc.encode(msg))
 
-    async def read_frame(self) -> ipc.FromWorker:
-        assert self.reader is not None
-        (n,) = ipc._LEN.unpack(await self.reader.readexactly(4))
-        if n > ipc.MAX_FRAME:
-            raise EngineError(f"worker {self.pid} sent a frame of {n} bytes")
-        return ipc.decode_from_worker(await self.reader.readexactly(n))
+    def close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 class EngineClient:
@@ -214,12 +241,15 @@ class EngineClient:
         removed = sweep_orphans()
         if removed:
             log.warning("removed %d shared-memory rings left by dead processes", len(removed))
-        self._workers = [_Worker(i) for i in range(self.config.workers)]
+        self._workers = [_Worker(i, self) for i in range(self.config.workers)]
         try:
             await asyncio.gather(*(self._spawn(w) for w in self._workers))
         except BaseException:
             await self.close()
             raise
+        sweeper = asyncio.create_task(self._sweep(), name="engine-wake-sweep")
+        self._tasks.add(sweeper)
+        sweeper.add_done_callback(self._tasks.discard)
 
     async def _spawn(self, w: _Worker) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -232,22 +262,23 @@ class EngineClient:
                 str(child.fileno()),
                 pass_fds=(child.fileno(),),
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
-        w.reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        await asyncio.get_running_loop().create_unix_connection(lambda: w, sock=parent)
         try:
-            hello = await asyncio.wait_for(w.read_frame(), self.config.start_timeout)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            hello = await asyncio.wait_for(asyncio.shield(w.hello), self.config.start_timeout)
+        except (TimeoutError, EngineError) as exc:
             with contextlib.suppress(ProcessLookupError):
                 w.proc.kill()
             await w.proc.wait()
-            w.writer.close()
-            raise EngineError(f"worker {w.index} did not start: {type(exc).__name__}") from None
-        if not isinstance(hello, ipc.Hello):
-            raise EngineError(f"worker {w.index} sent {type(hello).__name__} instead of Hello")
+            w.close_transport()
+            why = "no handshake in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise EngineError(f"worker {w.index} did not start: {why}") from None
         w.pid = hello.pid
         w.alive = True
-        w.task = asyncio.create_task(self._read_loop(w), name=f"engine-worker-{w.index}")
         log.info(
             "worker %d started (pid %d, backends %s)", w.index, w.pid, ",".join(hello.backends)
         )
@@ -267,48 +298,56 @@ class EngineClient:
                     with contextlib.suppress(ProcessLookupError):
                         w.proc.kill()
                     await w.proc.wait()
-            if w.task is not None:
-                w.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await w.task
             self._fail_worker(w, "the engine is shutting down")
-            if w.writer is not None:
-                w.writer.close()
+            w.close_transport()
         self._workers = []
 
     # -- worker events --------------------------------------------------------------
 
-    async def _read_loop(self, w: _Worker) -> None:
-        try:
-            while True:
-                msg = await w.read_frame()
-                if isinstance(msg, ipc.Wake):
-                    g = w.gens.get(msg.gen)
-                    if g is not None:
-                        g.event.set()
-                elif isinstance(msg, ipc.Finished):
-                    g = w.gens.pop(msg.gen, None)
-                    if g is not None:
-                        g.finished = msg
-                        g.event.set()
-                elif isinstance(msg, ipc.ModelLoaded | ipc.WorkerError | ipc.Pong | ipc.Ack):
-                    fut = w.replies.pop(msg.req, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-        except (
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            msgspec.DecodeError,
-            EngineError,
-        ) as exc:
-            reason = "exited" if isinstance(exc, asyncio.IncompleteReadError) else f"failed: {exc}"
-            if not self._closing:
-                log.error("worker %d (pid %d) %s", w.index, w.pid, reason)
+    def _dispatch(self, w: _Worker, msg: ipc.FromWorker) -> None:
+        if isinstance(msg, ipc.Wake):
+            g = w.gens.get(msg.gen)
+            if g is not None:
+                g.wake()
+        elif isinstance(msg, ipc.Finished):
+            g = w.gens.pop(msg.gen, None)
+            if g is not None:
+                g.finished = msg
+                g.wake()
+        elif isinstance(msg, ipc.Hello):
+            if not w.hello.done():
+                w.hello.set_result(msg)
+        else:
+            fut = w.replies.pop(msg.req, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def _worker_lost(self, w: _Worker) -> None:
+        if not w.hello.done():
+            w.hello.set_exception(EngineError("the worker exited during start-up"))
+        if not w.alive:
+            return
         if not self._closing:
-            self._fail_worker(w, f"worker {w.index} (pid {w.pid}) died")
+            log.error("worker %d (pid %d) exited", w.index, w.pid)
+        self._fail_worker(w, f"worker {w.index} (pid {w.pid}) died")
+        if not self._closing:
             task = asyncio.create_task(self._replace(w))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _sweep(self) -> None:
+        """Safety net for wake-ups: re-check sleeping readers of non-empty rings once a second.
+
+        Wake frames normally do this at once; the sweep bounds the cost of a
+        lost wake-up flag to latency instead of a hang. Its cost does not grow
+        with the token rate.
+        """
+        while True:
+            await asyncio.sleep(WAKE_SAFETY_S)
+            for w in self._workers:
+                for g in list(w.gens.values()):
+                    if g.waiter is not None and g.ring.used():
+                        g.wake()
 
     def _fail_worker(self, w: _Worker, why: str) -> None:
         """End everything that was in flight on ``w`` with engine_error."""
@@ -328,7 +367,7 @@ class EngineClient:
                 ErrorCode.ENGINE_ERROR.value,
                 why,
             )
-            g.event.set()
+            g.wake()
         w.gens.clear()
         for fut in w.replies.values():
             if not fut.done():
@@ -340,9 +379,8 @@ class EngineClient:
             with contextlib.suppress(ProcessLookupError):
                 old.proc.kill()
             await old.proc.wait()
-        if old.writer is not None:
-            old.writer.close()
-        new = _Worker(old.index)
+        old.close_transport()
+        new = _Worker(old.index, self)
         try:
             await self._spawn(new)
         except FerrousError as exc:
@@ -412,6 +450,7 @@ class EngineClient:
             spec.n_ctx,
             self.config.threads_per_worker,
             self.config.n_batch,
+            self.config.seqs_per_worker,
         )
         try:
             reply = await self._request(w, msg, req, self.config.load_timeout)
@@ -521,6 +560,7 @@ class EngineClient:
             )
         )
         want_ids = request.token_ids
+        loop = asyncio.get_running_loop()
         seq = 0
         try:
             while True:
@@ -539,10 +579,11 @@ class EngineClient:
                         raise error_from_code(done.error.code, done.error.message)
                     yield done
                     return
-                g.event.clear()
+                waiter = loop.create_future()
+                g.waiter = waiter
                 if ring.arm_wait():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(g.event.wait(), WAKE_SAFETY_S)
+                    await waiter
+                g.waiter = None
         finally:
             if g.finished is None:
                 worker.gens.pop(g.gen, None)

@@ -61,6 +61,7 @@ class LoadModel(_Frame, tag=1):
     n_ctx: int
     n_threads: int
     n_batch: int
+    n_seq: int
 
 
 class UnloadModel(_Frame, tag=2):
@@ -185,16 +186,18 @@ class FrameBuffer:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
+        # Fast path: nothing buffered (the usual case), parse straight from ``data``.
+        buf: bytes | bytearray = data if not self._buf else self._buf + data
         frames: list[bytes] = []
         pos = 0
-        while len(self._buf) - pos >= _LEN.size:
-            (n,) = _LEN.unpack_from(self._buf, pos)
+        end = len(buf)
+        while end - pos >= 4:
+            n = int.from_bytes(buf[pos : pos + 4], "little")
             if n > MAX_FRAME:
                 raise ValueError(f"control frame of {n} bytes exceeds {MAX_FRAME}")
-            if len(self._buf) - pos - _LEN.size < n:
+            if end - pos - 4 < n:
                 break
-            frames.append(bytes(self._buf[pos + _LEN.size : pos + _LEN.size + n]))
-            pos += _LEN.size + n
-        del self._buf[:pos]
+            frames.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        self._buf = bytearray(buf[pos:]) if pos < end else bytearray()
         return frames

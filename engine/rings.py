@@ -21,9 +21,11 @@ side never reads a torn value.
 Wake-ups do not busy-poll: the consumer sets ``consumer_waiting`` before it
 sleeps and the producer, after a write, sends one wake-up frame over the
 control socket if the flag is set; the same is done in the other direction
-with ``producer_waiting`` and a resume frame. Both sides re-check after
-sleeping on a long timeout as a safety net against a lost flag update (the
-flag and the counter are separate stores).
+with ``producer_waiting`` and a resume frame. Each side stores its flag or
+counter and then loads the other side's, a store-then-load pattern that needs a
+full memory barrier between the two (x86 may otherwise satisfy the load before
+the store is visible): :func:`_fence` provides one. Both sides also re-check
+now and then while asleep, so a lost wake-up could only cost latency.
 
 A record is ``u32 text_len, u32 n_ids, i32 ids[n_ids], text`` and may wrap
 around the end of the data area.
@@ -36,6 +38,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 import uuid
 from pathlib import Path
 
@@ -56,6 +59,15 @@ HEADER_SIZE = 64
 DEFAULT_CAPACITY = 64 * 1024
 MIN_CAPACITY = 4 * 1024
 _REC = struct.Struct("<II")
+
+
+_fence_lock = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier: taking a lock is an atomic read-modify-write."""
+    with _fence_lock:
+        pass
 
 
 class RingFull(Exception):
@@ -169,6 +181,7 @@ class Ring:
         head = int(h.head)
         if self._cap - (head - int(h.tail)) < size:
             h.producer_waiting = 1
+            _fence()
             # Re-check after raising the flag: the consumer may have read meanwhile.
             if self._cap - (head - int(h.tail)) < size:
                 raise RingFull
@@ -180,6 +193,7 @@ class Ring:
         buf[_REC.size + 4 * len(token_ids) :] = text
         self._put(head, buf)
         h.head = head + size
+        _fence()
         if h.consumer_waiting:
             h.consumer_waiting = 0
             return True
@@ -206,15 +220,20 @@ class Ring:
         """
         h = self._h
         tail = int(h.tail)
-        head = int(h.head)
+        avail = int(h.head) - tail
         records: list[tuple[list[int], bytes]] = []
-        while tail < head:
-            text_len, n_ids = _REC.unpack(self._get(tail, _REC.size))
-            body = self._get(tail + _REC.size, 4 * n_ids + text_len)
-            ids = list(struct.unpack_from(f"<{n_ids}i", body)) if n_ids else []
-            records.append((ids, body[4 * n_ids :]))
-            tail += _REC.size + 4 * n_ids + text_len
-        h.tail = tail
+        if avail:
+            data = self._get(tail, avail)  # one copy of everything readable
+            pos = 0
+            while pos < avail:
+                text_len, n_ids = _REC.unpack_from(data, pos)
+                pos += _REC.size
+                ids = list(struct.unpack_from(f"<{n_ids}i", data, pos)) if n_ids else []
+                pos += 4 * n_ids
+                records.append((ids, data[pos : pos + text_len]))
+                pos += text_len
+            h.tail = tail + avail
+        _fence()
         if h.producer_waiting:
             h.producer_waiting = 0
             return records, True
@@ -224,6 +243,7 @@ class Ring:
         """Declare the consumer is about to sleep. Returns False if data arrived meanwhile."""
         h = self._h
         h.consumer_waiting = 1
+        _fence()
         if h.head != h.tail:
             h.consumer_waiting = 0
             return False

@@ -163,7 +163,9 @@ class Worker:
         try:
             cls = backend_class(choose_backend(msg.path, msg.backend or None))
             t0 = time.perf_counter()
-            backend = cls.load(msg.path, LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch))
+            backend = cls.load(
+                msg.path, LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch, msg.n_seq)
+            )
             load_ms = (time.perf_counter() - t0) * 1000
         except ModelLoadError as exc:
             self._send(
@@ -323,34 +325,45 @@ class Worker:
                 busy += 1
 
     def _step(self) -> None:
+        """One decode step per model: every runnable sequence advances together."""
+        groups: dict[str, list[_Seq]] = {}
         for seq in list(self._running.values()):
             if seq.outbox or seq.ending is not None:
-                continue
-            backend = seq.backend
-            max_tokens = seq.msg.sampling.max_tokens
-            if seq.n_out and backend.context_used(seq.gen) >= backend.n_ctx:
+                continue  # paused on a full ring, or finishing
+            if seq.n_out and seq.backend.context_used(seq.gen) >= seq.backend.n_ctx:
                 self._end(seq, FinishReason.LENGTH)
                 continue
+            groups.setdefault(seq.model, []).append(seq)
+        for seqs in groups.values():
+            backend = seqs[0].backend
             try:
-                token = backend.step([seq.gen])[seq.gen]
+                tokens = backend.step([s.gen for s in seqs])
             except Exception as exc:
-                self._fail(seq, exc)
+                for seq in seqs:
+                    self._fail(seq, exc)
                 continue
-            if not seq.n_out:
-                seq.t_first = time.perf_counter()
-            if backend.is_end(token) and not seq.msg.sampling.ignore_eos:
-                self._end(seq, FinishReason.STOP)
-                continue
-            seq.n_out += 1
-            self._tokens_generated += 1
-            seq.ids.append(token)
-            text = seq.stream.feed(backend.token_bytes(token))
-            if text or (seq.msg.token_ids and seq.stream.stopped):
-                self._emit(seq, text)
-            if seq.stream.stopped:
-                self._end(seq, FinishReason.STOP)
-            elif max_tokens is not None and seq.n_out >= max_tokens:
-                self._end(seq, FinishReason.LENGTH)
+            for seq in seqs:
+                token = tokens.get(seq.gen)
+                if token is not None:
+                    self._on_token(seq, backend, token)
+
+    def _on_token(self, seq: _Seq, backend: Backend, token: int) -> None:
+        if not seq.n_out:
+            seq.t_first = time.perf_counter()
+        if backend.is_end(token) and not seq.msg.sampling.ignore_eos:
+            self._end(seq, FinishReason.STOP)
+            return
+        seq.n_out += 1
+        self._tokens_generated += 1
+        seq.ids.append(token)
+        text = seq.stream.feed(backend.token_bytes(token))
+        if text or (seq.msg.token_ids and seq.stream.stopped):
+            self._emit(seq, text)
+        max_tokens = seq.msg.sampling.max_tokens
+        if seq.stream.stopped:
+            self._end(seq, FinishReason.STOP)
+        elif max_tokens is not None and seq.n_out >= max_tokens:
+            self._end(seq, FinishReason.LENGTH)
 
     def _emit(self, seq: _Seq, text: str) -> None:
         ids = seq.ids if seq.msg.token_ids else []

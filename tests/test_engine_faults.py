@@ -30,7 +30,9 @@ def greedy(**kw: object) -> SamplingParams:
 
 
 async def test_sigkill_ends_in_flight_generations_and_the_pool_recovers(slow_model: Path) -> None:
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
+    # One sequence per worker, so the second generation waits in the worker's queue.
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
+    async with EngineClient(config) as client:
         await client.load("slow", slow_model)
         streams = [
             client.generate(

@@ -177,7 +177,8 @@ async def test_cancelling_the_consumer_task_cancels_the_generation(slow_model: P
 
 
 async def test_cancelling_a_queued_generation(slow_model: Path) -> None:
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
+    async with EngineClient(config) as client:
         await client.load("slow", slow_model)
         running = client.generate(
             GenerateRequest(model="slow", prompt="x", sampling=greedy(max_tokens=200))

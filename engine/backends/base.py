@@ -29,18 +29,23 @@ __all__ = ["Backend", "LoadParams"]
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to load a model. ``n_ctx=0`` uses the model's own length, capped at 4096."""
+    """How to load a model.
+
+    ``n_ctx=0`` uses the model's own length, capped at 4096. ``n_seq`` is how
+    many sequences decode together (backends that step one at a time ignore it).
+    """
 
     n_ctx: int = 0
     n_threads: int = 2
     n_batch: int = 512
+    n_seq: int = 4
 
 
 class Backend(abc.ABC):
     """One loaded model. Construct with :meth:`load`; release with :meth:`free`."""
 
     name: ClassVar[str]
-    max_sequences: ClassVar[int] = 1
+    max_sequences: int = 1
 
     n_ctx: int
     chat_template: str | None
@@ -70,7 +75,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
-        """Advance each sequence by one token and return it."""
+        """Advance the sequences together; return the new token of each that produced one.
+
+        A sequence still reading a long prompt may produce none in a step.
+        """
 
     @abc.abstractmethod
     def context_used(self, seq: int) -> int:

@@ -23,7 +23,6 @@ __all__ = ["CTransformersBackend"]
 
 class CTransformersBackend(Backend):
     name = "ctransformers"
-    max_sequences = 1
 
     def __init__(self, llm: object, n_ctx: int, chat_template: str | None, n_threads: int) -> None:
         self._llm: object = llm
