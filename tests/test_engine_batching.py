@@ -1,0 +1,82 @@
+"""Several sequences decoding together in one worker (one llama_decode per step)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from engine import EngineClient, EngineConfig, FinishReason, GenerateRequest, SamplingParams
+
+from .conftest import SCRIPT, collect
+
+
+def greedy(**kw: object) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0.0, "repeat_penalty": 1.0, **kw})  # type: ignore[arg-type]
+
+
+async def test_sequences_on_one_worker_decode_together(slow_model: Path) -> None:
+    async with EngineClient(
+        EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=4)
+    ) as client:
+        await client.load("slow", slow_model)
+        requests = [
+            GenerateRequest(model="slow", prompt=f"p{i}", sampling=greedy(max_tokens=13 * (10 + i)))
+            for i in range(4)
+        ]
+        tasks = [asyncio.create_task(collect(client, r)) for r in requests]
+        await asyncio.sleep(0.2)
+        (worker,) = (await client.health()).workers
+        assert worker.active == 4 and worker.queued == 0  # all four in the batch at once
+        for i, (deltas, done) in enumerate(await asyncio.gather(*tasks)):
+            assert "".join(d.text for d in deltas) == SCRIPT * (10 + i)
+            assert done.finish_reason is FinishReason.LENGTH
+
+
+async def test_a_long_prompt_is_read_in_chunks_beside_running_streams(script_model: Path) -> None:
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=2, n_batch=32)
+    async with EngineClient(config) as client:
+        await client.load("script", script_model)
+        running = asyncio.create_task(
+            collect(
+                client,
+                GenerateRequest(model="script", prompt="x", sampling=greedy(max_tokens=13 * 20)),
+            )
+        )
+        await asyncio.sleep(0.01)
+        long_prompt = "word " * 150 + "x"  # ~750 tokens: many chunks of 32
+        deltas, done = await collect(
+            client,
+            GenerateRequest(model="script", prompt=long_prompt, sampling=greedy(max_tokens=13)),
+        )
+        assert "".join(d.text for d in deltas) == SCRIPT
+        assert done.usage.prompt_tokens > 300
+        deltas, _ = await running
+        assert "".join(d.text for d in deltas) == SCRIPT * 20
+
+
+async def test_cached_prefixes_give_the_same_tokens_as_a_fresh_start(random_model: Path) -> None:
+    """A follow-up prompt that extends an earlier one reuses its KV cache; output must not change."""
+    first = "Once upon a time there was"
+    follow = first + " a small red fox"
+    sampling = greedy(max_tokens=24)
+
+    async def run(client: EngineClient, prompt: str) -> tuple[str, int]:
+        deltas, done = await collect(
+            client, GenerateRequest(model="m", prompt=prompt, sampling=sampling)
+        )
+        return "".join(d.text for d in deltas), done.usage.prompt_tokens
+
+    async with EngineClient(
+        EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
+    ) as fresh:
+        await fresh.load("m", random_model)
+        expected, _ = await run(fresh, follow)
+    async with EngineClient(
+        EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
+    ) as client:
+        await client.load("m", random_model)
+        await run(client, first)
+        reused, n_prompt = await run(client, follow)
+        again, _ = await run(client, follow)
+    assert reused == expected == again
+    assert n_prompt > 0
