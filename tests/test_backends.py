@@ -61,3 +61,23 @@ def test_ctransformers_speaks_the_script(script_model: Path) -> None:
         backend.finish(1)
     finally:
         backend.free()
+
+
+@pytest.mark.ctransformers
+@pytest.mark.skipif(
+    "ctransformers" not in available_backends(), reason="ctransformers not installed"
+)
+async def test_ctransformers_serves_through_the_pool(script_model: Path) -> None:
+    from engine import EngineClient, EngineConfig, GenerateRequest
+
+    from .conftest import collect
+
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
+        info = await client.load("ct", script_model, backend="ctransformers")
+        assert info.backend == "ctransformers"
+        sampling = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=26, stop=["🙂!Hi"])
+        deltas, done = await collect(
+            client, GenerateRequest(model="ct", prompt="x", sampling=sampling)
+        )
+        assert "".join(d.text for d in deltas) == "Hi ö你"
+        assert done.finish_reason == "stop"
