@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.errors import ErrorCode, FerrousError
+from .errors import ErrorCode, FerrousError
 
 __all__ = ["PROTOCOL_VERSION", "ErrorCode", "FerrousError"]
 

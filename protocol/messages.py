@@ -1,0 +1,259 @@
+"""Protocol v1 message types: one tagged union per direction.
+
+Every message is a JSON object (text frames, subprotocol ``ferrous.v1.json``)
+or a MessagePack map (binary frames, ``ferrous.v1.msgpack``) whose ``type``
+field names it. Client messages reject unknown fields, so a typo is an error
+rather than a silently ignored option; server messages may gain fields (with
+defaults) in later v1 revisions, and clients must ignore fields they do not
+know. Types of existing fields never change.
+
+A session::
+
+    client                              server
+    hello ─────────────────────────────▶
+          ◀───────────────────────────── ready      (session id, limits, models)
+    chat {id: "g1", ...} ──────────────▶
+          ◀───────────────────────────── started    {id: "g1", conversation}
+          ◀───────────────────────────── delta      {id: "g1", seq: 0, text}
+          ◀───────────────────────────── delta      ...
+          ◀───────────────────────────── done       {id: "g1", finish_reason, usage, timings}
+    credit {bytes} ────────────────────▶            (only with flow control on)
+    cancel {id} ───────────────────────▶
+    heartbeat ─────────────────────────▶
+          ◀───────────────────────────── heartbeat
+          ◀───────────────────────────── error      {code, message, id?}
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ErrorCode
+
+__all__ = [
+    "CLIENT_MESSAGES",
+    "SERVER_MESSAGES",
+    "SUBPROTOCOL_JSON",
+    "SUBPROTOCOL_MSGPACK",
+    "TOKEN_SUBPROTOCOL_PREFIX",
+    "Cancel",
+    "Chat",
+    "ChatMessage",
+    "ClientMessage",
+    "Credit",
+    "Delta",
+    "Done",
+    "Error",
+    "Forget",
+    "Generate",
+    "Heartbeat",
+    "Hello",
+    "Limits",
+    "Options",
+    "Ready",
+    "ServerHeartbeat",
+    "ServerMessage",
+    "Started",
+    "Timings",
+    "Usage",
+]
+
+SUBPROTOCOL_JSON = "ferrous.v1.json"
+SUBPROTOCOL_MSGPACK = "ferrous.v1.msgpack"
+# Browsers cannot set headers on a WebSocket: they may offer the token as a
+# second subprotocol "ferrous.token.<JWT>"; the server never echoes it back.
+TOKEN_SUBPROTOCOL_PREFIX = "ferrous.token."
+
+GenerationId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+ConversationId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class _ClientBase(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+class _ServerBase(msgspec.Struct, tag_field="type", omit_defaults=True):
+    pass
+
+
+class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling options; every field is optional and the server's defaults apply."""
+
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, lt=2**32)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    stop: (
+        Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)]
+        | None
+    ) = None
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Meta(max_length=1_000_000)]
+
+
+# -- client -> server -------------------------------------------------------------------
+
+
+class Hello(_ClientBase, tag="hello"):
+    """First message of a session.
+
+    ``credits``: when set, flow control is on: the server sends at most this
+    many bytes of delta text before the client grants more with ``credit``.
+    """
+
+    protocol: int = 1
+    client: Annotated[str, Meta(max_length=128)] = ""
+    credits: Annotated[int, Meta(ge=1)] | None = None
+
+
+class Generate(_ClientBase, tag="generate"):
+    """Complete a raw prompt (no chat template)."""
+
+    id: GenerationId
+    model: ModelName
+    prompt: Annotated[str, Meta(max_length=4_000_000)]
+    options: Options | None = None
+    token_ids: bool = False
+
+
+class Chat(_ClientBase, tag="chat"):
+    """Continue a conversation the server keeps.
+
+    ``messages`` are appended to conversation ``conversation`` (a new one when
+    absent or unknown); the answer is appended too when the generation ends.
+    """
+
+    id: GenerationId
+    model: ModelName
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
+    conversation: ConversationId | None = None
+    options: Options | None = None
+    token_ids: bool = False
+
+
+class Cancel(_ClientBase, tag="cancel"):
+    id: GenerationId
+
+
+class Credit(_ClientBase, tag="credit"):
+    """Grant the server this many more bytes of delta text (flow control)."""
+
+    bytes: Annotated[int, Meta(ge=1, le=2**31)]
+
+
+class Forget(_ClientBase, tag="forget"):
+    """Delete a conversation the server keeps."""
+
+    conversation: ConversationId
+
+
+class Heartbeat(_ClientBase, tag="heartbeat"):
+    """Application-level keep-alive (browsers cannot send WebSocket pings)."""
+
+    ts: float | None = None
+
+
+ClientMessage = Hello | Generate | Chat | Cancel | Credit | Forget | Heartbeat
+
+
+# -- server -> client -------------------------------------------------------------------
+
+
+class Limits(msgspec.Struct, omit_defaults=True):
+    max_frame_bytes: int
+    max_concurrent_generations: int
+    max_prompt_tokens: int
+    heartbeat_interval: float
+
+
+class Ready(_ServerBase, tag="ready"):
+    protocol: int
+    server: str
+    version: str
+    session: str
+    user: str
+    models: list[str]
+    limits: Limits
+    flow_control: bool = False
+
+
+class Started(_ServerBase, tag="started"):
+    id: str
+    model: str
+    conversation: str | None = None
+
+
+class Delta(_ServerBase, tag="delta"):
+    """New text of generation ``id``; ``seq`` counts this generation's deltas from 0."""
+
+    id: str
+    seq: int
+    text: str
+    token_ids: list[int] | None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(msgspec.Struct):
+    load_ms: float
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    decode_tok_s: float
+
+
+class Done(_ServerBase, tag="done"):
+    """Last message of a generation. ``finish_reason``: stop, length, cancelled, stalled, error."""
+
+    id: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+    conversation: str | None = None
+
+
+class Error(_ServerBase, tag="error"):
+    """A request or message failed; ``id`` names the generation when there is one."""
+
+    code: ErrorCode
+    message: str
+    id: str | None = None
+    retryable: bool = False
+
+
+class ServerHeartbeat(_ServerBase, tag="heartbeat"):
+    ts: float
+
+
+ServerMessage = Ready | Started | Delta | Done | Error | ServerHeartbeat
+
+CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
+    Hello,
+    Generate,
+    Chat,
+    Cancel,
+    Credit,
+    Forget,
+    Heartbeat,
+)
+SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
+    Ready,
+    Started,
+    Delta,
+    Done,
+    Error,
+    ServerHeartbeat,
+)
