@@ -71,7 +71,9 @@ __all__ = [
 
 log = logging.getLogger("ferrous.engine")
 
-_REQUEST_ERRORS = frozenset({ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value})
+_REQUEST_ERRORS = frozenset(
+    {ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.TOO_LARGE.value}
+)
 # Sleeping readers of non-empty rings are re-checked this often even without a
 # Wake: a lost wake-up costs latency, never a hang.
 WAKE_SAFETY_S = 1.0
@@ -557,6 +559,8 @@ class EngineClient:
                 request.sampling,
                 request.token_ids,
                 self.config.stall_timeout,
+                request.truncate,
+                request.max_prompt_tokens,
             )
         )
         want_ids = request.token_ids

@@ -79,6 +79,8 @@ class Generate(_Frame, tag=3):
     sampling: SamplingParams
     token_ids: bool
     stall_timeout: float
+    truncate: bool
+    max_prompt_tokens: int
 
 
 class Cancel(_Frame, tag=4):

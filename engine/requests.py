@@ -81,6 +81,10 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     request_id: str = msgspec.field(default_factory=new_request_id)
     token_ids: bool = False  # include token ids in deltas
+    # Chat only: drop the oldest non-system messages until the prompt fits the
+    # context window (leaving room to answer) instead of failing.
+    truncate: bool = False
+    max_prompt_tokens: int = 0  # 0 = only the context window limits the prompt
 
 
 class TokenDelta(msgspec.Struct, frozen=True, gc=False):

@@ -33,7 +33,14 @@ from engine.backends import Backend, LoadParams, available_backends, backend_cla
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
-from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelLoadError, ModelNotFound
+from protocol.errors import (
+    BadRequest,
+    ErrorCode,
+    FerrousError,
+    ModelLoadError,
+    ModelNotFound,
+    TooLarge,
+)
 
 __all__ = ["Worker", "main"]
 
@@ -230,20 +237,46 @@ class Worker:
     def _prompt_tokens(self, seq: _Seq) -> list[int]:
         backend, msg = seq.backend, seq.msg
         if msg.messages is not None:
-            text = backend.render_chat(msg.messages)
+            messages = list(msg.messages)
+            if not messages:
+                raise BadRequest("a chat needs at least one message")
+            while True:
+                tokens = self._tokenize(backend, backend.render_chat(messages))
+                if not msg.truncate or self._prompt_fits(seq, len(tokens)):
+                    break
+                # Truncation policy: drop the oldest message that is not a system
+                # message, never the last one (the turn being answered).
+                drop = next((i for i, m in enumerate(messages[:-1]) if m.role != "system"), None)
+                if drop is None:
+                    break
+                del messages[drop]
         elif msg.prompt is not None:
-            text = msg.prompt
+            tokens = self._tokenize(backend, msg.prompt)
         else:
             raise BadRequest("a request needs a prompt or messages")
-        add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
-        tokens = backend.tokenize(text, add_bos=add_bos)
         if not tokens:
             raise BadRequest("the prompt is empty")
+        if msg.max_prompt_tokens and len(tokens) > msg.max_prompt_tokens:
+            raise TooLarge(
+                f"the prompt has {len(tokens)} tokens; the limit is {msg.max_prompt_tokens}"
+            )
         if len(tokens) >= backend.n_ctx:
             raise BadRequest(
                 f"the prompt has {len(tokens)} tokens; the context window holds {backend.n_ctx}"
             )
         return tokens
+
+    @staticmethod
+    def _tokenize(backend: Backend, text: str) -> list[int]:
+        add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
+        return backend.tokenize(text, add_bos=add_bos)
+
+    @staticmethod
+    def _prompt_fits(seq: _Seq, n: int) -> bool:
+        n_ctx = seq.backend.n_ctx
+        answer = min(seq.msg.sampling.max_tokens or n_ctx // 4, n_ctx // 2)
+        limit = min(n_ctx - answer, seq.msg.max_prompt_tokens or n_ctx)
+        return n <= limit
 
     def _reject(self, gen: int, exc: FerrousError) -> None:
         self._send(

@@ -46,12 +46,23 @@ class Codec:
             self._client_dec = msgspec.json.Decoder(ClientMessage)
             self._server_dec = msgspec.json.Decoder(ServerMessage)
 
-    def encode(self, msg: ServerMessage | ClientMessage) -> bytes:
-        return self._enc.encode(msg)
+    def encode(self, msg: ServerMessage | ClientMessage) -> bytes | str:
+        """A frame payload: str for a text frame (JSON), bytes for a binary frame (MessagePack)."""
+        data = self._enc.encode(msg)
+        return data if self.binary else data.decode("utf-8")
+
+    def _check_frame(self, data: bytes | str) -> None:
+        # RFC 6455 frame types carry meaning here: text is JSON, binary is MessagePack.
+        if self.binary and isinstance(data, str):
+            raise BadRequest(f"text frame on {self.subprotocol}: send MessagePack in binary frames")
+        if not self.binary and not isinstance(data, str):
+            raise BadRequest(f"binary frame on {self.subprotocol}: send JSON in text frames")
 
     def decode_client(self, data: bytes | str) -> ClientMessage:
+        """Decode a client message from a frame payload (str = text frame, bytes = binary)."""
+        self._check_frame(data)
         try:
-            return self._client_dec.decode(data)
+            return self._client_dec.decode(data)  # type: ignore[arg-type]  # checked above
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid message: {exc}") from None
         except msgspec.DecodeError as exc:
@@ -60,8 +71,10 @@ class Codec:
             ) from None
 
     def decode_server(self, data: bytes | str) -> ServerMessage:
+        """Decode a server message from a frame payload (str = text frame, bytes = binary)."""
+        self._check_frame(data)
         try:
-            return self._server_dec.decode(data)
+            return self._server_dec.decode(data)  # type: ignore[arg-type]  # checked above
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise BadRequest(f"invalid server message: {exc}") from None
 

@@ -10,6 +10,10 @@ shape without guessing::
     ├── Cancelled                cancelled
     ├── Stalled                  stalled
     ├── Overloaded               overloaded
+    ├── RateLimited              rate_limited
+    ├── TooLarge                 too_large
+    ├── Conflict                 conflict
+    ├── NotFound                 not_found
     └── EngineError              engine_error (worker died, backend failed)
         └── ModelLoadError       engine_error, names the file and the reason
 
@@ -24,13 +28,17 @@ __all__ = [
     "ERRORS_BY_CODE",
     "BadRequest",
     "Cancelled",
+    "Conflict",
     "EngineError",
     "ErrorCode",
     "FerrousError",
     "ModelLoadError",
     "ModelNotFound",
+    "NotFound",
     "Overloaded",
+    "RateLimited",
     "Stalled",
+    "TooLarge",
     "error_from_code",
 ]
 
@@ -89,6 +97,23 @@ class Stalled(FerrousError):
     code = ErrorCode.STALLED
 
 
+class TooLarge(FerrousError):
+    code = ErrorCode.TOO_LARGE
+
+
+class Conflict(FerrousError):
+    code = ErrorCode.CONFLICT
+
+
+class NotFound(FerrousError):
+    code = ErrorCode.NOT_FOUND
+
+
+class RateLimited(FerrousError):
+    code = ErrorCode.RATE_LIMITED
+    retryable = True
+
+
 class Overloaded(FerrousError):
     code = ErrorCode.OVERLOADED
     retryable = True
@@ -120,6 +145,10 @@ ERRORS_BY_CODE: dict[ErrorCode, type[FerrousError]] = {
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.STALLED: Stalled,
     ErrorCode.OVERLOADED: Overloaded,
+    ErrorCode.TOO_LARGE: TooLarge,
+    ErrorCode.CONFLICT: Conflict,
+    ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.RATE_LIMITED: RateLimited,
     ErrorCode.ENGINE_ERROR: EngineError,
 }
 

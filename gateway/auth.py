@@ -1,0 +1,691 @@
+"""Who is calling: JWTs, API keys and WebSocket tickets turned into a :class:`Principal`.
+
+This module is the gateway's security boundary, so it is strict and says no by
+default. Every refusal is an :class:`Unauthorized` whose message names the
+reason in a few words ("token expired", "bad signature") and never echoes the
+credential or any key material.
+
+Three kinds of credential are accepted:
+
+- **JWTs.** Only the configured algorithms (HS256, RS256, ES256) are accepted;
+  ``none`` never is. The algorithm in the token header chooses the *kind* of key
+  and each kind has exactly one source: HS256 is verified with the local secret
+  and nothing else, RS256/ES256 with the configured PEM public key or JWKS file
+  and nothing else. That closes the algorithm-confusion hole (RFC 8725 §2.1)
+  where an HS256 token is "signed" with a public key's PEM bytes as the HMAC
+  secret. ``exp`` and ``sub`` are required; ``exp``/``nbf``/``iat`` are checked
+  here against an injectable clock with ``leeway`` seconds of tolerance, and
+  ``aud``/``iss`` are checked when configured. As RFC 7519 §4.1.3 requires, a
+  token that names an audience is refused when no audience is configured.
+- **API keys** (``ffk_`` + 43 URL-safe characters). Only their SHA-256 hashes are
+  stored, in a JSON file written atomically with mode 0600; the file is reread
+  when it changes on disk, so keys created or revoked by another process apply
+  without a restart.
+- **Tickets.** Browsers cannot set headers on a WebSocket handshake, so they
+  fetch a short-lived single-use ticket over authenticated HTTP and put it in
+  the WebSocket URL. Tickets live in memory only, in a bounded table.
+
+The local secret (32 random bytes, hex on disk) is created on first use with
+mode 0600; a secret file readable by group or others is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import secrets
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import jwt
+import msgspec
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.exceptions import InvalidSubjectError
+from jwt.types import Options
+
+from protocol.errors import ErrorCode, FerrousError
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "SUPPORTED_ALGORITHMS",
+    "ApiKeyInfo",
+    "Authenticator",
+    "Principal",
+    "Unauthorized",
+    "load_or_create_secret",
+]
+
+log = logging.getLogger("ferrous.auth")
+
+SUPPORTED_ALGORITHMS = frozenset({"HS256", "RS256", "ES256"})
+API_KEY_PREFIX = "ffk_"
+
+_SECRET_BYTES = 32
+_API_KEY_SHOWN = len(API_KEY_PREFIX) + 8  # the part of a key kept on disk to name it
+_MAX_TOKEN_CHARS = 16 * 1024  # far above any real token; bounds work before the signature check
+_MAX_OPAQUE_CHARS = 256  # API keys and tickets are ~47 characters
+_MIN_RSA_BITS = 2048
+
+_T = TypeVar("_T")
+
+
+class Unauthorized(FerrousError):
+    """The credential is missing or not acceptable; the message says why in a few words."""
+
+    code = ErrorCode.UNAUTHORIZED
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """An authenticated caller."""
+
+    user: str
+    """The JWT ``sub`` or the API key's owner."""
+    tenant: str | None
+    """From the configured tenant claim, or the API key's tenant."""
+    method: str
+    """``"jwt"``, ``"api_key"``, ``"ticket"`` or ``"none"`` (auth disabled)."""
+    expires_at: float | None
+    """Unix time after which the credential is no longer valid; ``None`` = never."""
+
+
+class ApiKeyInfo(msgspec.Struct, frozen=True):
+    """What is known about a stored API key (never the key itself)."""
+
+    prefix: str
+    user: str
+    tenant: str | None
+    name: str
+    created: float
+
+
+class _ApiKeyRecord(msgspec.Struct, frozen=True):
+    sha256: str
+    prefix: str
+    user: str
+    tenant: str | None
+    name: str
+    created: float
+
+
+class _ApiKeyFile(msgspec.Struct):
+    version: int = 1
+    keys: list[_ApiKeyRecord] = msgspec.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _PublicKey:
+    alg: str
+    kid: str | None
+    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class _Ticket:
+    principal: Principal
+    purge_at: float
+    expires_at: float
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The local HS256 secret at ``path``: created on first call, then read back.
+
+    On disk it is 64 hex characters (32 random bytes), created with
+    ``O_CREAT | O_EXCL`` and mode 0600 so two processes starting together
+    cannot both write one. Returns the decoded bytes. Raises :class:`ValueError`
+    if the file is accessible by group or others, or does not hold a secret.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_secret(path)
+    secret = secrets.token_bytes(_SECRET_BYTES)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret.hex().encode("ascii") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    log.info("created auth secret %s", path)
+    return secret
+
+
+def _read_secret(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"auth secret {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ValueError(
+                f"auth secret {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+            )
+        data = f.read(4096)
+    try:
+        secret = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        secret = b""
+    if len(secret) < _SECRET_BYTES:
+        raise ValueError(
+            f"auth secret {path} must hold at least {2 * _SECRET_BYTES} hex characters; "
+            "delete it to have a new one created"
+        )
+    return secret
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (mode 0600) so readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _WatchedFile(Generic[_T]):
+    """A file parsed once and parsed again only when it changes on disk.
+
+    A file that disappears or stops parsing after start-up yields ``empty``
+    (and a warning): keys that can no longer be read are not trusted.
+    """
+
+    def __init__(self, path: Path, parse: Callable[[bytes], _T], empty: _T) -> None:
+        self.path = path
+        self._parse = parse
+        self._empty = empty
+        self._signature: tuple[int, int, int] | None = None
+        self._value = empty
+
+    def load(self, *, strict: bool) -> _T:
+        """The current contents; with ``strict``, errors raise instead of yielding ``empty``."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if strict:
+                raise
+            self._signature, self._value = None, self._empty
+            return self._value
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if signature == self._signature and not strict:
+            return self._value
+        try:
+            value = self._parse(self.path.read_bytes())
+        except (OSError, ValueError) as exc:
+            if strict:
+                raise
+            if signature != self._signature:
+                log.warning("ignoring %s: %s", self.path, exc)
+            self._signature, self._value = signature, self._empty
+            return self._value
+        self._signature, self._value = signature, value
+        return value
+
+
+def _key_alg(key: object) -> str | None:
+    """The one algorithm a public key verifies, or None when it is not usable here."""
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= _MIN_RSA_BITS:
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ES256"
+    return None
+
+
+def _parse_pem(data: bytes) -> list[_PublicKey]:
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key: object = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = load_pem_public_key(data)
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(f"unsupported key type: {exc}") from None
+    alg = _key_alg(key)
+    if alg is None or not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError(
+            f"need an RSA public key of at least {_MIN_RSA_BITS} bits or an EC P-256 public key"
+        )
+    return [_PublicKey(alg, None, key)]
+
+
+def _parse_jwks(data: bytes) -> list[_PublicKey]:
+    try:
+        obj = msgspec.json.decode(data, type=dict[str, Any])
+        keyset = jwt.PyJWKSet.from_dict(obj)
+    except (msgspec.DecodeError, jwt.PyJWTError) as exc:
+        raise ValueError(f"not a usable JWK set: {exc}") from None
+    keys: list[_PublicKey] = []
+    for jwk in keyset.keys:
+        if jwk.public_key_use not in (None, "sig"):
+            continue
+        alg = _key_alg(jwk.key)
+        # The JWK's declared (or derived) algorithm must agree with its key type.
+        if alg is None or alg != jwk.algorithm_name:
+            continue
+        if isinstance(jwk.key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            keys.append(_PublicKey(alg, jwk.key_id, jwk.key))
+    if not keys:
+        raise ValueError("no RS256 or ES256 public signing keys in the JWK set")
+    return keys
+
+
+def _parse_api_keys(data: bytes) -> list[_ApiKeyRecord]:
+    try:
+        return msgspec.json.decode(data, type=_ApiKeyFile).keys
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not an API key file: {exc}") from None
+
+
+def _digest(credential: str) -> bytes:
+    return hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
+
+
+def _numeric_claim(payload: dict[str, Any], name: str) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthorized(f"invalid {name} claim")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise Unauthorized(f"invalid {name} claim") from None
+    if not math.isfinite(number):
+        raise Unauthorized(f"invalid {name} claim")
+    return number
+
+
+# -- the authenticator ------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Turns a credential into a :class:`Principal` or raises :class:`Unauthorized`.
+
+    Relative file names resolve against ``home``. With ``enabled=False`` every
+    caller is the local principal and no key file is read until a token or API
+    key is issued. Configuration errors (unsupported algorithm, unreadable key
+    file, loose secret permissions) raise :class:`ValueError` at construction.
+    Safe to call from several threads.
+    """
+
+    def __init__(
+        self,
+        *,
+        home: Path,
+        enabled: bool = True,
+        secret_file: str = "",
+        algorithms: Sequence[str] = ("HS256",),
+        public_key_file: str = "",
+        jwks_file: str = "",
+        audience: str = "",
+        issuer: str = "",
+        leeway: float = 30.0,
+        tenant_claim: str = "tenant",
+        api_keys_file: str = "",
+        ticket_ttl: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        max_tickets: int = 100_000,
+    ) -> None:
+        if isinstance(algorithms, str):
+            algorithms = (algorithms,)
+        unsupported = sorted(set(algorithms) - SUPPORTED_ALGORITHMS)
+        if unsupported:
+            raise ValueError(
+                f"unsupported JWT algorithm(s) {', '.join(unsupported)}; "
+                f"choose from {', '.join(sorted(SUPPORTED_ALGORITHMS))}"
+            )
+        if enabled and not algorithms:
+            raise ValueError("auth is enabled but no JWT algorithm is allowed")
+        if leeway < 0 or not math.isfinite(leeway):
+            raise ValueError("leeway must be a non-negative number of seconds")
+        if ticket_ttl <= 0 or not math.isfinite(ticket_ttl):
+            raise ValueError("ticket_ttl must be a positive number of seconds")
+        if max_tickets < 1:
+            raise ValueError("max_tickets must be at least 1")
+        if not tenant_claim:
+            raise ValueError("tenant_claim must not be empty")
+        asymmetric = sorted(set(algorithms) - {"HS256"})
+        if enabled and asymmetric and not (public_key_file or jwks_file):
+            raise ValueError(f"{', '.join(asymmetric)} needs public_key_file or jwks_file")
+
+        def resolve(name: str, default: str) -> Path:
+            return home / Path(name or default).expanduser()
+
+        self._enabled = enabled
+        self._algorithms = frozenset(algorithms)
+        self._audience = audience or None
+        self._issuer = issuer or None
+        self._leeway = float(leeway)
+        self._tenant_claim = tenant_claim
+        self._ticket_ttl = float(ticket_ttl)
+        self._max_tickets = max_tickets
+        self._clock = clock
+        self._lock = threading.Lock()
+
+        self._secret_path = resolve(secret_file, "secret")
+        self._secret: bytes | None = None
+        key_file = _WatchedFile[list[_PublicKey]]
+        self._pem = key_file(resolve(public_key_file, ""), _parse_pem, [])
+        self._jwks = key_file(resolve(jwks_file, ""), _parse_jwks, [])
+        self._has_pem = bool(public_key_file)
+        self._has_jwks = bool(jwks_file)
+        self._api_keys = _WatchedFile[list[_ApiKeyRecord]](
+            resolve(api_keys_file, "api_keys.json"), _parse_api_keys, []
+        )
+        self._tickets: dict[bytes, _Ticket] = {}
+
+        if enabled:
+            if "HS256" in self._algorithms:
+                self._local_secret()
+            for watched, configured in ((self._pem, self._has_pem), (self._jwks, self._has_jwks)):
+                if configured:
+                    try:
+                        watched.load(strict=True)
+                    except (OSError, ValueError) as exc:
+                        raise ValueError(f"cannot use {watched.path}: {exc}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    # -- credentials ----------------------------------------------------------------------
+
+    def authenticate(self, credential: str | None) -> Principal:
+        """The principal for a JWT or an API key (``ffk_…``)."""
+        if not self._enabled:
+            return Principal("local", None, "none", None)
+        if not credential:
+            raise Unauthorized("missing token")
+        if credential.startswith(API_KEY_PREFIX):
+            return self._authenticate_api_key(credential)
+        return self._authenticate_jwt(credential)
+
+    def _local_secret(self) -> bytes:
+        with self._lock:
+            if self._secret is None:
+                self._secret = load_or_create_secret(self._secret_path)
+            return self._secret
+
+    def _verification_keys(self, alg: str, header: dict[str, Any]) -> list[Any]:
+        if alg == "HS256":
+            return [self._local_secret()]
+        with self._lock:
+            pem = self._pem.load(strict=False) if self._has_pem else []
+            jwks = self._jwks.load(strict=False) if self._has_jwks else []
+        kid = header.get("kid")
+        if kid is not None and self._has_jwks:
+            by_kid = [k.key for k in jwks if k.kid == kid and k.alg == alg]
+            if not by_kid:
+                raise Unauthorized("unknown key id")
+            return by_kid
+        keys = [k.key for k in pem if k.alg == alg]
+        if kid is None:
+            keys += [k.key for k in jwks if k.alg == alg]
+        if not keys:
+            raise Unauthorized("no key for algorithm")
+        return keys
+
+    def _authenticate_jwt(self, token: str) -> Principal:
+        if len(token) > _MAX_TOKEN_CHARS or token.count(".") != 2 or not token.isascii():
+            raise Unauthorized("malformed token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("malformed token") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise Unauthorized("algorithm not allowed")
+
+        options: Options = {
+            "verify_signature": True,
+            "require": ["exp", "sub"],
+            # Times are checked below against self._clock; pyjwt reads time.time().
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": True,
+            "verify_iss": self._issuer is not None,
+            "verify_sub": True,
+            "verify_jti": True,
+            "strict_aud": False,
+            "enforce_minimum_key_length": True,
+        }
+        payload: dict[str, Any] | None = None
+        for key in self._verification_keys(alg, header):
+            try:
+                decoded = jwt.decode_complete(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    options=options,
+                    audience=self._audience,
+                    issuer=self._issuer,
+                )
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.MissingRequiredClaimError as exc:
+                reason = {"aud": "wrong audience", "iss": "wrong issuer"}
+                raise Unauthorized(reason.get(exc.claim, f"missing {exc.claim} claim")) from None
+            except jwt.InvalidAudienceError:
+                raise Unauthorized("wrong audience") from None
+            except jwt.InvalidIssuerError:
+                raise Unauthorized("wrong issuer") from None
+            except jwt.InvalidAlgorithmError:
+                raise Unauthorized("algorithm not allowed") from None
+            except InvalidSubjectError:
+                raise Unauthorized("invalid sub claim") from None
+            except jwt.DecodeError:
+                raise Unauthorized("malformed token") from None
+            except jwt.PyJWTError:
+                raise Unauthorized("invalid token") from None
+            payload = decoded["payload"]
+            break
+        if payload is None:
+            raise Unauthorized("bad signature")
+
+        now = self._clock()
+        exp = _numeric_claim(payload, "exp")
+        nbf = _numeric_claim(payload, "nbf")
+        iat = _numeric_claim(payload, "iat")
+        if exp is None or exp <= now - self._leeway:
+            raise Unauthorized("token expired")
+        if nbf is not None and nbf > now + self._leeway:
+            raise Unauthorized("token not yet valid")
+        if iat is not None and iat > now + self._leeway:
+            raise Unauthorized("token issued in the future")
+        sub = payload.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise Unauthorized("invalid sub claim")
+        tenant = payload.get(self._tenant_claim)
+        if tenant is not None and not isinstance(tenant, str):
+            raise Unauthorized(f"invalid {self._tenant_claim} claim")
+        return Principal(sub, tenant or None, "jwt", exp)
+
+    def issue_token(
+        self,
+        sub: str = "local",
+        tenant: str | None = None,
+        ttl: float = 3600.0,
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> str:
+        """An HS256 JWT signed with the local secret.
+
+        Carries ``sub``, ``iat``, ``nbf``, ``exp``, the tenant claim when
+        ``tenant`` is set, and ``aud``/``iss`` (the arguments, else the
+        configured values, omitted when both are empty).
+        """
+        if not sub:
+            raise ValueError("sub must not be empty")
+        if ttl <= 0 or not math.isfinite(ttl):
+            raise ValueError("ttl must be a positive number of seconds")
+        now = self._clock()
+        claims: dict[str, Any] = {
+            "sub": sub,
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": int(now + ttl),
+        }
+        if tenant:
+            claims[self._tenant_claim] = tenant
+        aud = audience if audience is not None else self._audience
+        if aud:
+            claims["aud"] = aud
+        iss = issuer if issuer is not None else self._issuer
+        if iss:
+            claims["iss"] = iss
+        return jwt.encode(claims, self._local_secret(), algorithm="HS256")
+
+    # -- tickets --------------------------------------------------------------------------
+
+    def issue_ticket(self, principal: Principal) -> str:
+        """A single-use ticket worth ``principal`` for ``ticket_ttl`` seconds.
+
+        The ticket never outlives the credential it was issued for.
+        """
+        now = self._clock()
+        if principal.expires_at is not None and principal.expires_at <= now:
+            raise Unauthorized("token expired")
+        ticket = secrets.token_urlsafe(32)
+        purge_at = now + self._ticket_ttl
+        expires_at = (
+            purge_at if principal.expires_at is None else min(purge_at, principal.expires_at)
+        )
+        with self._lock:
+            self._purge_tickets(now)
+            while len(self._tickets) >= self._max_tickets:
+                del self._tickets[next(iter(self._tickets))]
+            self._tickets[_digest(ticket)] = _Ticket(principal, purge_at, expires_at)
+        return ticket
+
+    def redeem_ticket(self, ticket: str) -> Principal:
+        """The principal a ticket was issued for; the ticket is spent either way."""
+        now = self._clock()
+        with self._lock:
+            entry = (
+                self._tickets.pop(_digest(ticket), None)
+                if ticket and len(ticket) <= _MAX_OPAQUE_CHARS
+                else None
+            )
+            self._purge_tickets(now)
+        if entry is None:
+            raise Unauthorized("unknown or used ticket")
+        if entry.expires_at <= now:
+            raise Unauthorized("ticket expired")
+        p = entry.principal
+        return Principal(p.user, p.tenant, "ticket", p.expires_at)
+
+    def _purge_tickets(self, now: float) -> None:
+        # Insertion order is purge_at order (one TTL for all), so expired ones are in front.
+        while self._tickets:
+            oldest = next(iter(self._tickets))
+            if self._tickets[oldest].purge_at > now:
+                break
+            del self._tickets[oldest]
+
+    # -- API keys -------------------------------------------------------------------------
+
+    def _authenticate_api_key(self, key: str) -> Principal:
+        if len(key) > _MAX_OPAQUE_CHARS:
+            raise Unauthorized("unknown API key")
+        digest = _digest(key)
+        with self._lock:
+            records = self._api_keys.load(strict=False)
+        found: _ApiKeyRecord | None = None
+        for record in records:
+            try:
+                stored = bytes.fromhex(record.sha256)
+            except ValueError:
+                continue
+            if hmac.compare_digest(stored, digest) and found is None:
+                found = record
+        if found is None:
+            raise Unauthorized("unknown API key")
+        return Principal(found.user, found.tenant, "api_key", None)
+
+    def _read_api_keys_for_update(self) -> list[_ApiKeyRecord]:
+        try:
+            return list(self._api_keys.load(strict=True))
+        except FileNotFoundError:
+            return []
+
+    def _write_api_keys(self, records: list[_ApiKeyRecord]) -> None:
+        data = msgspec.json.format(msgspec.json.encode(_ApiKeyFile(keys=records)), indent=2)
+        _write_atomic(self._api_keys.path, data + b"\n")
+        self._api_keys.load(strict=False)
+
+    def create_api_key(self, user: str, tenant: str | None = None, name: str = "") -> str:
+        """A new API key for ``user``; the plaintext is returned here and stored nowhere."""
+        if not user:
+            raise ValueError("user must not be empty")
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        record = _ApiKeyRecord(
+            sha256=_digest(key).hex(),
+            prefix=key[:_API_KEY_SHOWN],
+            user=user,
+            tenant=tenant or None,
+            name=name,
+            created=self._clock(),
+        )
+        with self._lock:
+            records = self._read_api_keys_for_update()
+            records.append(record)
+            self._write_api_keys(records)
+        return key
+
+    def revoke_api_key(self, key_or_prefix: str) -> bool:
+        """Delete a key named by its full text or by its stored prefix (``ffk_`` + 8 chars).
+
+        Returns whether a key was deleted. A prefix shared by several keys
+        raises :class:`ValueError` rather than deleting more than was meant.
+        """
+        if not key_or_prefix:
+            return False
+        digest = _digest(key_or_prefix)
+        with self._lock:
+            records = self._read_api_keys_for_update()
+            by_key = [r for r in records if hmac.compare_digest(r.sha256, digest.hex())]
+            doomed = by_key or [r for r in records if r.prefix == key_or_prefix]
+            if len(doomed) > 1 and not by_key:
+                raise ValueError(f"prefix {key_or_prefix!r} names {len(doomed)} keys")
+            if not doomed:
+                return False
+            self._write_api_keys([r for r in records if r not in doomed])
+        return True
+
+    def list_api_keys(self) -> list[ApiKeyInfo]:
+        """The stored keys, oldest first, without their secrets."""
+        with self._lock:
+            records = self._api_keys.load(strict=False)
+        return [ApiKeyInfo(r.prefix, r.user, r.tenant, r.name, r.created) for r in records]

@@ -1,0 +1,44 @@
+"""Prometheus metrics of one gateway (its own registry, so several can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "ferrous_time_to_first_token_seconds",
+            "Time from a generate/chat message to its first delta sent.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "ferrous_inter_token_latency_seconds",
+            "Time between consecutive deltas of one generation.",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "ferrous_tokens_generated", "Completion tokens generated.", registry=r
+        )
+        self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
+        self.generations = Gauge("ferrous_active_generations", "Generations in flight.", registry=r)
+        self.errors = Counter(
+            "ferrous_errors", "Errors sent to clients, by code.", ["code"], registry=r
+        )
+        self.pauses = Counter(
+            "ferrous_backpressure_pauses",
+            "Times a generation waited for the client (credits or a full socket).",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

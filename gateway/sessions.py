@@ -1,0 +1,391 @@
+"""WebSocket sessions: one per connection, speaking protocol v1 over the engine.
+
+A session reads client messages in one loop and runs each generation as its
+own task, so several generations stream at once and a cancel is handled while
+tokens flow. Each generation task pulls the next event from the engine only
+after the previous delta went out (and, with flow control on, only while the
+client has credit), so a slow client pauses its generations in the worker
+rather than piling text up in memory here.
+
+Conversations live in a :class:`ConversationStore` keyed by (tenant, user,
+conversation id): a user who reconnects continues a conversation, and another
+user naming the same id gets their own, empty one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from engine import (
+    ChatMessage as EngineMessage,
+)
+from engine import (
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    TokenDelta,
+)
+from gateway.auth import Principal
+from gateway.logs import bind
+from protocol import messages as m
+from protocol.codec import Codec
+from protocol.errors import (
+    BadRequest,
+    Conflict,
+    FerrousError,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    TooLarge,
+    error_from_code,
+)
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["ConversationStore", "Session"]
+
+log = logging.getLogger("ferrous.session")
+
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+
+
+class _Conversation:
+    __slots__ = ("messages", "model")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.messages: list[EngineMessage] = []
+
+
+class ConversationStore:
+    """Conversations per (tenant, user), least recently used dropped beyond a bound."""
+
+    def __init__(self, max_per_user: int) -> None:
+        self._max = max_per_user
+        self._by_owner: dict[tuple[str | None, str], OrderedDict[str, _Conversation]] = {}
+
+    def get_or_create(
+        self, owner: tuple[str | None, str], conv_id: str, model: str
+    ) -> _Conversation:
+        convs = self._by_owner.setdefault(owner, OrderedDict())
+        conv = convs.get(conv_id)
+        if conv is None:
+            conv = _Conversation(model)
+            convs[conv_id] = conv
+            while len(convs) > self._max:
+                convs.popitem(last=False)
+        convs.move_to_end(conv_id)
+        return conv
+
+    def forget(self, owner: tuple[str | None, str], conv_id: str) -> bool:
+        return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None
+
+
+def _sampling(options: m.Options | None) -> SamplingParams:
+    """Protocol options over the engine defaults (unset fields keep the default)."""
+    if options is None:
+        return SamplingParams()
+    given = {k: v for k, v in msgspec.structs.asdict(options).items() if v is not None}
+    return msgspec.convert(given, SamplingParams)
+
+
+class Session:
+    """One WebSocket connection after a successful handshake."""
+
+    def __init__(self, gateway: Gateway, ws: Any, principal: Principal, codec: Codec) -> None:
+        self.gateway = gateway
+        self.ws = ws
+        self.principal = principal
+        self.codec = codec
+        self.id = "s-" + secrets.token_hex(6)
+        self.owner = (principal.tenant, principal.user)
+        self.helloed = False
+        self.gens: dict[str, asyncio.Task[None]] = {}
+        self._user_cancelled: set[str] = set()
+        self._send_lock = asyncio.Lock()
+        self._credits: int | None = None  # None: flow control off
+        self._credit_event = asyncio.Event()
+        self.closed = False
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def send(self, msg: m.ServerMessage) -> None:
+        data = self.codec.encode(msg)
+        async with self._send_lock:
+            if self.closed:
+                return
+            if isinstance(data, str):
+                await self.ws.send_text(data)
+            else:
+                await self.ws.send_bytes(data)
+
+    async def send_error(self, exc: FerrousError, gen_id: str | None = None) -> None:
+        self.gateway.metrics.errors.labels(exc.code.value).inc()
+        with contextlib.suppress(Exception):
+            await self.send(m.Error(exc.code, exc.message, gen_id, exc.retryable))
+
+    async def close(self, code: int, reason: str = "") -> None:
+        async with self._send_lock:
+            if self.closed:
+                return
+            self.closed = True
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, reason=reason)
+
+    # -- the receive loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        limits = self.gateway.config.limits
+        expiry = None
+        if self.principal.expires_at is not None:
+            # The same leeway the handshake allowed applies for the rest of the session.
+            expires = self.principal.expires_at + self.gateway.config.auth.leeway
+            expiry = asyncio.create_task(self._expire_at(expires))
+        try:
+            while True:
+                frame = await self.ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                data: str | bytes | None = frame.get("text")
+                if data is None:
+                    data = frame.get("bytes") or b""
+                size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
+                if size > limits.max_frame_bytes:
+                    await self.send_error(
+                        TooLarge(
+                            f"a frame of {size} bytes exceeds the limit of {limits.max_frame_bytes}"
+                        )
+                    )
+                    continue
+                try:
+                    msg = self.codec.decode_client(data)
+                    await self._handle(msg)
+                except FerrousError as exc:
+                    await self.send_error(exc, getattr(exc, "gen_id", None))
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            await self.cancel_all()
+
+    async def cancel_all(self) -> None:
+        tasks = list(self.gens.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop_generations(self, timeout: float = 2.0) -> None:
+        """Cancel every generation so that each still ends with a ``done`` (server shutdown)."""
+        for gen_id in list(self.gens):
+            self._user_cancelled.add(gen_id)
+            if not await self.gateway.engine.cancel(self._request_id(gen_id)):
+                task = self.gens.get(gen_id)
+                if task is not None:
+                    task.cancel()
+        tasks = list(self.gens.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        await self.cancel_all()
+
+    async def _expire_at(self, when: float) -> None:
+        """The credential expires during the session: say so, then close (policy violation)."""
+        await asyncio.sleep(max(0.0, when - time.time()))
+        from gateway.auth import Unauthorized
+
+        await self.send_error(Unauthorized("token expired"))
+        await self.cancel_all()
+        await self.close(CLOSE_POLICY, "token expired")
+
+    async def _handle(self, msg: m.ClientMessage) -> None:
+        match msg:
+            case m.Hello():
+                await self._hello(msg)
+            case m.Heartbeat():
+                await self.send(m.ServerHeartbeat(time.time()))
+            case _ if not self.helloed:
+                raise BadRequest("send hello first")
+            case m.Generate() | m.Chat():
+                self._start(msg)
+            case m.Cancel():
+                await self._cancel(msg.id)
+            case m.Credit():
+                if self._credits is None:
+                    raise BadRequest("flow control is off: set credits in hello to use it")
+                self._credits += msg.bytes
+                self._credit_event.set()
+            case m.Forget():
+                if not self.gateway.conversations.forget(self.owner, msg.conversation):
+                    raise NotFound(f"no conversation {msg.conversation!r}")
+
+    async def _hello(self, msg: m.Hello) -> None:
+        if self.helloed:
+            raise BadRequest("hello was already sent")
+        if msg.protocol != 1:
+            raise BadRequest(
+                f"protocol version {msg.protocol} is not supported; this server speaks 1"
+            )
+        self.helloed = True
+        self._credits = msg.credits
+        g = self.gateway
+        lim = g.config.limits
+        await self.send(
+            m.Ready(
+                protocol=1,
+                server="ferrousforge",
+                version=g.version,
+                session=self.id,
+                user=self.principal.user,
+                models=g.model_names(),
+                limits=m.Limits(
+                    lim.max_frame_bytes,
+                    lim.max_concurrent_generations,
+                    lim.max_prompt_tokens,
+                    lim.heartbeat_interval,
+                ),
+                flow_control=msg.credits is not None,
+            )
+        )
+
+    # -- generations --------------------------------------------------------------------
+
+    def _start(self, msg: m.Generate | m.Chat) -> None:
+        limit = self.gateway.config.limits.max_concurrent_generations
+        if msg.id in self.gens:
+            raise _with_id(Conflict(f"generation {msg.id!r} is still running"), msg.id)
+        if len(self.gens) >= limit:
+            raise _with_id(
+                RateLimited(f"at most {limit} generations may run at once in a session"), msg.id
+            )
+        if self.gateway.draining:
+            raise _with_id(Overloaded("the server is shutting down"), msg.id)
+        task = asyncio.create_task(self._generate(msg), name=f"gen-{self.id}-{msg.id}")
+        self.gens[msg.id] = task
+        gen_id = msg.id
+
+        def forget(_t: asyncio.Task[None]) -> None:
+            self.gens.pop(gen_id, None)
+
+        task.add_done_callback(forget)
+
+    async def _cancel(self, gen_id: str) -> None:
+        task = self.gens.get(gen_id)
+        if task is None:
+            raise _with_id(NotFound(f"no running generation {gen_id!r}"), gen_id)
+        self._user_cancelled.add(gen_id)
+        if not await self.gateway.engine.cancel(self._request_id(gen_id)):
+            task.cancel()  # not in the engine yet (loading the model): stop it here
+
+    def _request_id(self, gen_id: str) -> str:
+        return f"{self.id}:{gen_id}"
+
+    async def _take_credit(self, n: int) -> None:
+        if self._credits is None:
+            return
+        if self._credits <= 0:
+            self.gateway.metrics.pauses.inc()
+            while self._credits <= 0:
+                self._credit_event.clear()
+                await self._credit_event.wait()
+        self._credits -= n
+
+    async def _generate(self, msg: m.Generate | m.Chat) -> None:
+        g = self.gateway
+        metrics = g.metrics
+        t0 = time.perf_counter()
+        conv = None
+        conv_id = None
+        parts: list[str] = []
+        metrics.generations.inc()
+        with bind(session=self.id, request=msg.id):
+            try:
+                await g.ensure_model(msg.model)
+                if isinstance(msg, m.Chat):
+                    conv_id = msg.conversation or "c-" + secrets.token_hex(8)
+                    conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
+                    conv.messages.extend(EngineMessage(x.role, x.content) for x in msg.messages)
+                    request = GenerateRequest(
+                        model=msg.model,
+                        messages=list(conv.messages),
+                        sampling=_sampling(msg.options),
+                        request_id=self._request_id(msg.id),
+                        token_ids=msg.token_ids,
+                        truncate=True,
+                        max_prompt_tokens=g.config.limits.max_prompt_tokens,
+                    )
+                else:
+                    request = GenerateRequest(
+                        model=msg.model,
+                        prompt=msg.prompt,
+                        sampling=_sampling(msg.options),
+                        request_id=self._request_id(msg.id),
+                        token_ids=msg.token_ids,
+                        max_prompt_tokens=g.config.limits.max_prompt_tokens,
+                    )
+                await self.send(m.Started(msg.id, msg.model, conv_id))
+                last = 0.0
+                async for ev in g.engine.generate(request):
+                    if isinstance(ev, TokenDelta):
+                        await self._take_credit(len(ev.text.encode("utf-8")))
+                        await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids))
+                        now = time.perf_counter()
+                        if last:
+                            metrics.itl.observe(now - last)
+                        else:
+                            metrics.ttft.observe(now - t0)
+                        last = now
+                        parts.append(ev.text)
+                        continue
+                    metrics.tokens.inc(ev.usage.completion_tokens)
+                    if conv is not None and ev.finish_reason is not FinishReason.ERROR and parts:
+                        conv.messages.append(EngineMessage("assistant", "".join(parts)))
+                    if ev.error is not None:
+                        err = error_from_code(
+                            ev.error.code, ev.error.message, retryable=ev.error.retryable
+                        )
+                        await self.send_error(err, msg.id)
+                    t = ev.timings
+                    await self.send(
+                        m.Done(
+                            msg.id,
+                            ev.finish_reason.value,
+                            m.Usage(ev.usage.prompt_tokens, ev.usage.completion_tokens),
+                            m.Timings(t.load_ms, t.queue_ms, t.ttft_ms, t.total_ms, t.decode_tok_s),
+                            conv_id,
+                        )
+                    )
+            except FerrousError as exc:
+                if conv is not None:
+                    # The request never ran: do not keep messages the model did not see.
+                    del conv.messages[len(conv.messages) - len(msg.messages) :]  # type: ignore[union-attr]
+                await self.send_error(exc, msg.id)
+            except asyncio.CancelledError:
+                if msg.id in self._user_cancelled and not self.closed:
+                    with contextlib.suppress(Exception):
+                        await self.send(
+                            m.Done(
+                                msg.id,
+                                FinishReason.CANCELLED.value,
+                                m.Usage(0, 0),
+                                m.Timings(0.0, 0.0, 0.0, (time.perf_counter() - t0) * 1000, 0.0),
+                                conv_id,
+                            )
+                        )
+                raise
+            finally:
+                self._user_cancelled.discard(msg.id)
+                metrics.generations.dec()
+
+
+def _with_id(exc: FerrousError, gen_id: str) -> FerrousError:
+    exc.gen_id = gen_id  # type: ignore[attr-defined]
+    return exc

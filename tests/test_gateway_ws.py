@@ -1,0 +1,372 @@
+"""The WebSocket gateway end to end: a real server, the real websockets client, tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.config import AuthConfig, LimitsConfig
+from gateway.server import RunningServer
+from protocol import messages as m
+from protocol.errors import ErrorCode
+
+from .conftest import SCRIPT
+from .gateway_helpers import MSGPACK, client, gateway, server_config
+
+GREEDY = m.Options(temperature=0.0, repeat_penalty=1.0)
+
+
+async def http(url: str, **kw: object) -> bytes:
+    """HTTP from a thread: the server runs on this test's event loop."""
+
+    def fetch() -> bytes:
+        req = urllib.request.Request(url, **kw)  # type: ignore[arg-type]
+        with urllib.request.urlopen(req) as r:
+            return bytes(r.read())
+
+    return await asyncio.to_thread(fetch)
+
+
+def opts(**kw: object) -> m.Options:
+    return msgspec.structs.replace(GREEDY, **kw)
+
+
+@pytest.fixture
+async def server(
+    tmp_path: Path, script_model: Path, slow_model: Path
+) -> AsyncIterator[RunningServer]:
+    limits = LimitsConfig(max_frame_bytes=4096, max_concurrent_generations=3)
+    config = server_config(
+        tmp_path,
+        {"script": script_model, "slow": slow_model},
+        limits=limits,
+        auth=AuthConfig(leeway=0.5),
+    )
+    async with gateway(config) as running:
+        yield running
+
+
+@pytest.fixture
+def token(server: RunningServer) -> str:
+    return server.gateway.auth.issue_token(sub="alice", ttl=600)
+
+
+async def test_ready_then_generate_streams_deltas_in_order(
+    server: RunningServer, token: str
+) -> None:
+    async with client(server, token, hello=False) as c:
+        ready = await c.hello()
+        assert ready.protocol == 1 and ready.user == "alice"
+        assert {"script", "slow"} <= set(ready.models)
+        await c.send(m.Generate("g1", "script", "x", opts(max_tokens=26), token_ids=True))
+        started = await c.recv()
+        assert isinstance(started, m.Started) and started.id == "g1"
+        deltas, done, other = await c.until_done("g1")
+        assert other == []
+        assert [d.seq for d in deltas] == list(range(len(deltas)))
+        assert "".join(d.text for d in deltas) == SCRIPT * 2
+        assert sum(len(d.token_ids or []) for d in deltas) == 26
+        assert done.finish_reason == "length" and done.usage.completion_tokens == 26
+        assert done.timings.ttft_ms > 0
+
+
+async def test_msgpack_subprotocol_over_binary_frames(server: RunningServer, token: str) -> None:
+    async with client(server, token, subprotocol=m.SUBPROTOCOL_MSGPACK) as c:
+        assert c.ws.subprotocol == m.SUBPROTOCOL_MSGPACK
+        await c.send(m.Generate("g1", "script", "x", opts(max_tokens=13)))
+        raw = await c.ws.recv()
+        assert isinstance(raw, bytes)
+        assert isinstance(MSGPACK.decode_server(raw), m.Started)
+        deltas, _done, _ = await c.until_done("g1")
+        assert "".join(d.text for d in deltas) == SCRIPT
+
+
+async def test_chat_keeps_the_conversation_server_side(server: RunningServer, token: str) -> None:
+    async with client(server, token) as c:
+        await c.send(
+            m.Chat("a", "script", [m.ChatMessage("user", "hello")], options=opts(max_tokens=13))
+        )
+        started = await c.recv()
+        assert isinstance(started, m.Started) and started.conversation
+        _, first, _ = await c.until_done("a")
+        await c.send(
+            m.Chat(
+                "b",
+                "script",
+                [m.ChatMessage("user", "more")],
+                started.conversation,
+                opts(max_tokens=13),
+            )
+        )
+        await c.recv()
+        deltas, second, _ = await c.until_done("b")
+        assert "".join(d.text for d in deltas) == SCRIPT
+        # The second prompt holds the first turn and the answer too.
+        assert second.usage.prompt_tokens > first.usage.prompt_tokens + 13
+        assert second.conversation == started.conversation
+
+
+async def test_cancel_ends_a_generation_and_the_engine_stops(
+    server: RunningServer, token: str
+) -> None:
+    async with client(server, token) as c:
+        await c.send(m.Generate("g1", "slow", "x", opts(max_tokens=3000)))
+        assert isinstance(await c.recv(), m.Started)
+        first = await c.recv()
+        assert isinstance(first, m.Delta)
+        await c.send(m.Cancel("g1"))
+        _, done, _ = await c.until_done("g1")
+        assert done.finish_reason == "cancelled"
+        assert done.usage.completion_tokens < 3000
+        health = await server.gateway.engine.health()
+        assert sum(w.active for w in health.workers) == 0
+
+
+async def test_disconnect_cancels_in_flight_generations(server: RunningServer, token: str) -> None:
+    async with client(server, token) as c:
+        for i in range(2):
+            await c.send(m.Generate(f"g{i}", "slow", "x", opts(max_tokens=3000)))
+        while not isinstance(await c.recv(), m.Delta):
+            pass
+    engine = server.gateway.engine
+    async with asyncio.timeout(5):
+        while sum(w.active for w in (await engine.health()).workers):
+            await asyncio.sleep(0.02)
+    made = sum(w.tokens_generated for w in (await engine.health()).workers)
+    await asyncio.sleep(0.2)
+    assert sum(w.tokens_generated for w in (await engine.health()).workers) == made
+
+
+async def test_credits_bound_what_is_in_flight(server: RunningServer, token: str) -> None:
+    async with client(server, token, hello=False) as c:
+        ready = await c.hello(credits=8)
+        assert ready.flow_control
+        await c.send(m.Generate("g1", "script", "x", opts(max_tokens=130)))
+        assert isinstance(await c.recv(), m.Started)
+        received = 0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                while True:
+                    msg = await c.recv()
+                    assert isinstance(msg, m.Delta)
+                    received += len(msg.text.encode())
+        # The server stopped within one delta of the 8 granted bytes.
+        assert 8 <= received <= 8 + 4
+        await c.send(m.Credit(10_000))
+        _deltas, done, _ = await c.until_done("g1")
+        assert done.finish_reason == "length" and done.usage.completion_tokens == 130
+    metrics = (await http(server.http_url + "/metrics")).decode()
+    assert "ferrous_backpressure_pauses_total 1.0" in metrics
+
+
+async def test_generation_ids_conflict_and_unknown_cancels(
+    server: RunningServer, token: str
+) -> None:
+    async with client(server, token) as c:
+        await c.send(m.Generate("dup", "slow", "x", opts(max_tokens=2000)))
+        await c.send(m.Generate("dup", "slow", "x", opts(max_tokens=5)))
+        await c.send(m.Cancel("nope"))
+        seen: dict[str, m.Error] = {}
+        while len(seen) < 2:
+            msg = await c.recv()
+            if isinstance(msg, m.Error):
+                seen[msg.code.value] = msg
+        assert seen["conflict"].id == "dup"
+        assert seen["not_found"].id == "nope"
+        await c.send(m.Cancel("dup"))
+        _, done, _ = await c.until_done("dup")
+        assert done.finish_reason == "cancelled"
+
+
+async def test_a_flood_beyond_the_session_limit_is_rate_limited(
+    server: RunningServer, token: str
+) -> None:
+    async with client(server, token) as c:
+        for i in range(6):
+            await c.send(m.Generate(f"f{i}", "slow", "x", opts(max_tokens=200)))
+        errors: list[m.Error] = []
+        dones: list[m.Done] = []
+        while len(dones) + len(errors) < 6:
+            msg = await c.recv()
+            if isinstance(msg, m.Error):
+                errors.append(msg)
+            elif isinstance(msg, m.Done):
+                dones.append(msg)
+        assert len(dones) == 3 and all(d.finish_reason == "length" for d in dones)
+        assert [e.code for e in errors] == [ErrorCode.RATE_LIMITED] * 3
+        assert all(e.retryable for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "needle"),
+    [
+        ("{not json", "bad_request", "malformed JSON"),
+        ('{"type": "teleport"}', "bad_request", "$.type"),
+        (
+            '{"type": "generate", "id": "g", "model": "script", "prompt": "x", "options": {"max_tokens": "5"}}',
+            "bad_request",
+            "$.options.max_tokens",
+        ),
+        (
+            '{"type": "generate", "id": "g", "model": "script", "prompt": 5}',
+            "bad_request",
+            "$.prompt",
+        ),
+        ('{"type": "cancel", "id": "g", "surprise": 1}', "bad_request", "surprise"),
+        (b"\x81\xa4type\xa5hello", "bad_request", "binary frame"),
+        (
+            '{"type": "generate", "id": "g", "model": "nope", "prompt": "x"}',
+            "model_not_found",
+            "nope",
+        ),
+        ("x" * 5000, "too_large", "exceeds"),
+    ],
+)
+async def test_bad_frames_get_typed_errors_and_the_connection_stays_usable(
+    server: RunningServer, token: str, frame: str | bytes, code: str, needle: str
+) -> None:
+    async with client(server, token) as c:
+        await c.send_raw(frame)
+        while True:
+            msg = await c.recv()
+            if isinstance(msg, m.Error):
+                break
+        assert msg.code.value == code
+        assert needle in msg.message
+        await c.send(m.Generate("ok", "script", "x", opts(max_tokens=2)))
+        deltas, done, _ = await c.until_done("ok")
+        assert "".join(d.text for d in deltas) == "Hi" and done.finish_reason == "length"
+
+
+async def test_text_frames_on_the_msgpack_subprotocol_are_refused(
+    server: RunningServer, token: str
+) -> None:
+    async with client(server, token, subprotocol=m.SUBPROTOCOL_MSGPACK, hello=False) as c:
+        await c.send_raw('{"type": "hello"}')
+        msg = await c.recv()
+        assert isinstance(msg, m.Error) and "text frame" in msg.message
+        await c.hello()
+
+
+async def test_messages_before_hello_are_refused(server: RunningServer, token: str) -> None:
+    async with client(server, token, hello=False) as c:
+        await c.send(m.Generate("g", "script", "x"))
+        msg = await c.recv()
+        assert (
+            isinstance(msg, m.Error)
+            and msg.code == ErrorCode.BAD_REQUEST
+            and "hello" in msg.message
+        )
+        await c.hello()
+        await c.send(m.Heartbeat(1.0))
+        assert isinstance(await c.recv(), m.ServerHeartbeat)
+
+
+async def test_users_cannot_touch_each_others_generations_or_conversations(
+    server: RunningServer, token: str
+) -> None:
+    bob = server.gateway.auth.issue_token(sub="bob", ttl=600)
+    async with client(server, token) as alice_c, client(server, bob) as bob_c:
+        await alice_c.send(
+            m.Chat(
+                "a1",
+                "script",
+                [m.ChatMessage("user", "secret plans")],
+                "shared-id",
+                opts(max_tokens=13),
+            )
+        )
+        await alice_c.until_done("a1")
+        await alice_c.send(m.Generate("long", "slow", "x", opts(max_tokens=3000)))
+        # Bob cannot cancel Alice's generation, even knowing its id...
+        await bob_c.send(m.Cancel("long"))
+        err = await bob_c.recv()
+        assert isinstance(err, m.Error) and err.code == ErrorCode.NOT_FOUND
+        # ...and the same conversation id is a different, empty conversation for him.
+        await bob_c.send(
+            m.Chat("b1", "script", [m.ChatMessage("user", "hi")], "shared-id", opts(max_tokens=1))
+        )
+        _, bob_done, _ = await bob_c.until_done("b1")
+        await alice_c.send(
+            m.Chat("a2", "script", [m.ChatMessage("user", "hi")], "shared-id", opts(max_tokens=1))
+        )
+        _, alice_done, _ = await alice_c.until_done("a2")
+        assert bob_done.usage.prompt_tokens < alice_done.usage.prompt_tokens
+        await alice_c.send(m.Cancel("long"))
+        _, done, _ = await alice_c.until_done("long")
+        assert done.finish_reason == "cancelled"
+
+
+async def test_a_token_that_expires_mid_session_closes_it(server: RunningServer) -> None:
+    short = server.gateway.auth.issue_token(sub="alice", ttl=1.0)
+    async with client(server, short) as c:
+        await c.send(m.Generate("g", "slow", "x", opts(max_tokens=100_000)))
+        got_error = None
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                msg = await c.recv()
+                if isinstance(msg, m.Error):
+                    got_error = msg
+        assert got_error is not None and got_error.code == ErrorCode.UNAUTHORIZED
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_healthz_and_metrics(server: RunningServer, token: str) -> None:
+    async with client(server, token) as c:
+        await c.send(m.Generate("g", "script", "x", opts(max_tokens=5)))
+        await c.until_done("g")
+        await c.send(m.Cancel("missing"))
+        await c.recv()
+        health = await http(server.http_url + "/healthz")
+        assert b'"ok"' in health
+        text = (await http(server.http_url + "/metrics")).decode()
+    for name in (
+        "ferrous_time_to_first_token_seconds_bucket",
+        "ferrous_inter_token_latency_seconds_bucket",
+        "ferrous_tokens_generated_total",
+        "ferrous_active_sessions",
+        "ferrous_active_generations",
+        'ferrous_errors_total{code="not_found"} 1.0',
+        "ferrous_backpressure_pauses_total",
+    ):
+        assert name in text, name
+    assert "ferrous_tokens_generated_total 5.0" in text
+
+
+async def test_token_in_subprotocol_and_single_use_tickets(
+    server: RunningServer, token: str
+) -> None:
+    # Browsers: the token rides in Sec-WebSocket-Protocol and is never echoed back.
+    async with connect(
+        server.ws_url, subprotocols=[m.SUBPROTOCOL_JSON, m.TOKEN_SUBPROTOCOL_PREFIX + token]
+    ) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == m.SUBPROTOCOL_JSON
+    body = await http(
+        server.http_url + "/v1/tickets", method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    ticket = msgspec.json.decode(body)["ticket"]
+    async with connect(f"{server.ws_url}?ticket={ticket}", subprotocols=[m.SUBPROTOCOL_JSON]) as ws:  # type: ignore[list-item]
+        await ws.send('{"type": "hello"}')
+        assert '"ready"' in str(await ws.recv())
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(f"{server.ws_url}?ticket={ticket}", subprotocols=[m.SUBPROTOCOL_JSON]):  # type: ignore[list-item]
+            pass
+    assert info.value.response.status_code == 401
+
+
+async def test_api_keys_authenticate_like_tokens(server: RunningServer) -> None:
+    key = server.gateway.auth.create_api_key("carol")
+    async with connect(
+        server.ws_url, subprotocols=[m.SUBPROTOCOL_JSON], additional_headers={"X-API-Key": key}
+    ) as ws:  # type: ignore[list-item]
+        await ws.send('{"type": "hello"}')
+        assert '"user":"carol"' in str(await ws.recv())
