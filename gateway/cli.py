@@ -50,7 +50,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
             out[key] = value
     if getattr(args, "no_auth", False):
         out["auth.enabled"] = False
-    for spec in getattr(args, "model", None) or []:
+    for spec in getattr(args, "load_models", None) or []:
         name, _, path = spec.partition("=")
         if not path:
             raise ConfigError(f"--model expects NAME=PATH, got {spec!r}")
@@ -207,7 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _server_flags(p)
     p.add_argument("--workers", type=int)
     p.add_argument("--threads", type=int, help="threads per worker")
-    p.add_argument("--model", action="append", metavar="NAME=PATH", help="load a GGUF at start")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="load_models",
+        metavar="NAME=PATH",
+        help="load a GGUF at start",
+    )
     p.add_argument("--no-auth", action="store_true", help="no authentication (loopback only)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", choices=("text", "json"))

@@ -94,6 +94,7 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)]
         | None
     ) = None
+    ignore_eos: bool | None = None  # keep generating past end-of-generation tokens (benchmarks)
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):

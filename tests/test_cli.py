@@ -1,0 +1,105 @@
+"""The `ferrous` command as a user runs it: real processes, real servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+
+from gateway.auth import load_or_create_secret
+
+from .conftest import SCRIPT
+
+
+def ferrous(
+    home: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "FERROUS_HOME": str(home), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_run_one_shot_starts_an_embedded_server_and_streams(
+    tmp_path: Path, script_model: Path
+) -> None:
+    out = ferrous(
+        tmp_path,
+        "run",
+        str(script_model),
+        "Say",
+        "it",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "13",
+        "--port",
+        "1",
+    )  # nothing listens on port 1: the command starts its own server
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == SCRIPT
+    assert "starting one in this process" in out.stderr and "13 tokens" in out.stderr
+
+
+def test_run_interactive_keeps_the_conversation(tmp_path: Path, script_model: Path) -> None:
+    out = ferrous(
+        tmp_path,
+        "run",
+        str(script_model),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "13",
+        "--port",
+        "1",
+        stdin="first\nsecond\n/bye\n",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(SCRIPT) == 2
+
+
+def test_token_is_accepted_by_the_local_secret(tmp_path: Path) -> None:
+    out = ferrous(tmp_path, "token", "--sub", "dana", "--tenant", "acme", "--ttl", "60")
+    assert out.returncode == 0, out.stderr
+    claims = jwt.decode(
+        out.stdout.strip(), load_or_create_secret(tmp_path / "secret"), algorithms=["HS256"]
+    )
+    assert (
+        claims["sub"] == "dana"
+        and claims["tenant"] == "acme"
+        and claims["exp"] - claims["iat"] == 60
+    )
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_config_layers_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('port = 9100\n[log]\nformat = "json"\n')
+    out = ferrous(tmp_path, "config", env={"FERROUS_PORT": "9200"})
+    assert out.returncode == 0, out.stderr
+    assert "port = 9200" in out.stdout and 'format = "json"' in out.stdout
+    (tmp_path / "config.toml").write_text("[limits]\nmax_frme_bytes = 5\n")
+    bad = ferrous(tmp_path, "config")
+    assert bad.returncode == 2 and "limits.max_frme_bytes" in bad.stderr
+    (tmp_path / "config.toml").write_text('port = "many"\n')
+    bad = ferrous(tmp_path, "config")
+    assert bad.returncode == 2 and "port" in bad.stderr and "int" in bad.stderr
+
+
+def test_serve_refuses_a_public_address_without_auth(tmp_path: Path) -> None:
+    out = ferrous(tmp_path, "serve", "--host", "0.0.0.0", "--no-auth", "--port", "0")
+    assert out.returncode == 2
+    assert "auth disabled" in out.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    out = ferrous(tmp_path, "version")
+    assert out.returncode == 0 and out.stdout.startswith("ferrousforge ")
