@@ -196,6 +196,23 @@ async def _run(args: argparse.Namespace) -> int:
             conversation = await _ask(ws, f"g{n}", args.model, line, conversation, options)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    auth = build_authenticator(load_config(args.config))
+    if args.key_command == "create":
+        print(auth.create_api_key(args.user, args.tenant, args.name))
+        return 0
+    if args.key_command == "revoke":
+        if auth.revoke_api_key(args.key):
+            return 0
+        print("ferrous: no such key", file=sys.stderr)
+        return 1
+    for info in auth.list_api_keys():
+        print(
+            f"{info.prefix}…  user={info.user} tenant={info.tenant or '-'} name={info.name or '-'}"
+        )
+    return 0
+
+
 # -- entry ----------------------------------------------------------------------------------
 
 
@@ -232,6 +249,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tenant")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds")
 
+    p = sub.add_parser("key", help="manage API keys (stored hashed)")
+    p.add_argument("--config")
+    keys = p.add_subparsers(dest="key_command", required=True)
+    k = keys.add_parser("create", help="create a key and print it once")
+    k.add_argument("--user", required=True)
+    k.add_argument("--tenant")
+    k.add_argument("--name", default="")
+    k = keys.add_parser("revoke", help="revoke a key by its text or its prefix")
+    k.add_argument("key")
+    keys.add_parser("list", help="list keys (prefixes only)")
+
     p = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
     p.add_argument("--config")
     p.add_argument("--json", action="store_true")
@@ -255,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             return 0
+        if args.command == "key":
+            return _keys(args)
         if args.command == "serve":
             return uvloop.run(serve(_config(args)))
         if args.command == "run":

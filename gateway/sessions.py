@@ -332,6 +332,7 @@ class Session:
                         max_prompt_tokens=g.config.limits.max_prompt_tokens,
                     )
                 await self.send(m.Started(msg.id, msg.model, conv_id))
+                log.info("generation started on %s", msg.model)
                 last = 0.0
                 async for ev in g.engine.generate(request):
                     if isinstance(ev, TokenDelta):
@@ -354,6 +355,13 @@ class Session:
                         )
                         await self.send_error(err, msg.id)
                     t = ev.timings
+                    log.info(
+                        "generation ended: %s, %d prompt + %d completion tokens, first token %.1f ms",
+                        ev.finish_reason.value,
+                        ev.usage.prompt_tokens,
+                        ev.usage.completion_tokens,
+                        t.ttft_ms,
+                    )
                     await self.send(
                         m.Done(
                             msg.id,
@@ -364,6 +372,7 @@ class Session:
                         )
                     )
             except FerrousError as exc:
+                log.info("generation refused: %s: %s", exc.code.value, exc.message)
                 if conv is not None:
                     # The request never ran: do not keep messages the model did not see.
                     del conv.messages[len(conv.messages) - len(msg.messages) :]  # type: ignore[union-attr]

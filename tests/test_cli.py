@@ -103,3 +103,13 @@ def test_serve_refuses_a_public_address_without_auth(tmp_path: Path) -> None:
 def test_version(tmp_path: Path) -> None:
     out = ferrous(tmp_path, "version")
     assert out.returncode == 0 and out.stdout.startswith("ferrousforge ")
+
+
+def test_api_keys_are_created_listed_and_revoked(tmp_path: Path) -> None:
+    key = ferrous(tmp_path, "key", "create", "--user", "erin", "--name", "laptop").stdout.strip()
+    assert key.startswith("ffk_")
+    listing = ferrous(tmp_path, "key", "list").stdout
+    assert "user=erin" in listing and key not in listing
+    assert key not in (tmp_path / "api_keys.json").read_text()
+    assert ferrous(tmp_path, "key", "revoke", key).returncode == 0
+    assert "erin" not in ferrous(tmp_path, "key", "list").stdout

@@ -370,3 +370,36 @@ async def test_api_keys_authenticate_like_tokens(server: RunningServer) -> None:
     ) as ws:  # type: ignore[list-item]
         await ws.send('{"type": "hello"}')
         assert '"user":"carol"' in str(await ws.recv())
+
+
+async def test_every_log_record_of_a_request_carries_session_and_request_ids(
+    server: RunningServer, token: str
+) -> None:
+    import io
+    import json
+    import logging
+
+    from gateway.logs import configure_logging
+
+    root, ours = logging.getLogger(), logging.getLogger("ferrous")
+    saved = (root.handlers[:], root.level, ours.level, ours.propagate)
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        async with client(server, token) as c:
+            await c.send(m.Generate("logged-1", "script", "x", opts(max_tokens=3)))
+            await c.until_done("logged-1")
+            await c.send(m.Generate("logged-2", "nope", "x"))
+            await c.recv()
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        ours.setLevel(saved[2])
+        ours.propagate = saved[3]
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    mine = [r for r in records if r.get("request") in ("logged-1", "logged-2")]
+    assert {r["request"] for r in mine} == {"logged-1", "logged-2"}
+    assert any("generation ended: length" in r["message"] for r in mine)
+    assert any("model_not_found" in r["message"] for r in mine)
+    assert all(r["session"] and r["session"].startswith("s-") for r in mine)
+    opened = [r for r in records if r["message"].startswith("session opened")]
+    assert opened and opened[0]["session"] == mine[0]["session"]
