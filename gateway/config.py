@@ -87,7 +87,7 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: Positive = 1024 * 1024
     max_concurrent_generations: Positive = 8  # per session
     max_prompt_tokens: Positive = 8192
-    max_conversations: Positive = 64  # per session
+    max_conversations: Positive = 64  # kept per user (and tenant); least recently used dropped
     heartbeat_interval: PositiveSeconds = 20.0
     max_sessions: Positive = 10000
 

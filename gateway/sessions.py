@@ -113,6 +113,8 @@ class Session:
         self.helloed = False
         self.gens: dict[str, asyncio.Task[None]] = {}
         self._user_cancelled: set[str] = set()
+        # queued (task not started) -> prep (model, conversation) -> engine -> ending (done received)
+        self._phase: dict[str, str] = {}
         self._send_lock = asyncio.Lock()
         self._credits: int | None = None  # None: flow control off
         self._credit_event = asyncio.Event()
@@ -187,11 +189,7 @@ class Session:
     async def stop_generations(self, timeout: float = 2.0) -> None:
         """Cancel every generation so that each still ends with a ``done`` (server shutdown)."""
         for gen_id in list(self.gens):
-            self._user_cancelled.add(gen_id)
-            if not await self.gateway.engine.cancel(self._request_id(gen_id)):
-                task = self.gens.get(gen_id)
-                if task is not None:
-                    task.cancel()
+            await self._cancel(gen_id)
         tasks = list(self.gens.values())
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
@@ -274,7 +272,9 @@ class Session:
 
         def forget(_t: asyncio.Task[None]) -> None:
             self.gens.pop(gen_id, None)
+            self._phase.pop(gen_id, None)
 
+        self._phase[gen_id] = "queued"
         task.add_done_callback(forget)
 
     async def _cancel(self, gen_id: str) -> None:
@@ -282,8 +282,12 @@ class Session:
         if task is None:
             raise _with_id(NotFound(f"no running generation {gen_id!r}"), gen_id)
         self._user_cancelled.add(gen_id)
-        if not await self.gateway.engine.cancel(self._request_id(gen_id)):
-            task.cancel()  # not in the engine yet (loading the model): stop it here
+        phase = self._phase.get(gen_id)
+        if phase == "prep":
+            task.cancel()
+        elif phase == "engine" and not await self.gateway.engine.cancel(self._request_id(gen_id)):
+            task.cancel()  # still waiting for a worker: nothing runs in the engine yet
+        # "queued": the task sees the request when it starts; "ending": its done is on the way.
 
     def _request_id(self, gen_id: str) -> str:
         return f"{self.id}:{gen_id}"
@@ -308,6 +312,9 @@ class Session:
         metrics.generations.inc()
         with bind(session=self.id, request=msg.id):
             try:
+                self._phase[msg.id] = "prep"
+                if msg.id in self._user_cancelled:
+                    raise asyncio.CancelledError
                 await g.ensure_model(msg.model)
                 if isinstance(msg, m.Chat):
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
@@ -334,6 +341,9 @@ class Session:
                 await self.send(m.Started(msg.id, msg.model, conv_id))
                 log.info("generation started on %s", msg.model)
                 last = 0.0
+                if msg.id in self._user_cancelled:
+                    raise asyncio.CancelledError
+                self._phase[msg.id] = "engine"
                 async for ev in g.engine.generate(request):
                     if isinstance(ev, TokenDelta):
                         await self._take_credit(len(ev.text.encode("utf-8")))
@@ -346,6 +356,7 @@ class Session:
                         last = now
                         parts.append(ev.text)
                         continue
+                    self._phase[msg.id] = "ending"
                     metrics.tokens.inc(ev.usage.completion_tokens)
                     if conv is not None and ev.finish_reason is not FinishReason.ERROR and parts:
                         conv.messages.append(EngineMessage("assistant", "".join(parts)))
@@ -378,7 +389,8 @@ class Session:
                     del conv.messages[len(conv.messages) - len(msg.messages) :]  # type: ignore[union-attr]
                 await self.send_error(exc, msg.id)
             except asyncio.CancelledError:
-                if msg.id in self._user_cancelled and not self.closed:
+                ending = self._phase.get(msg.id) == "ending"
+                if msg.id in self._user_cancelled and not self.closed and not ending:
                     with contextlib.suppress(Exception):
                         await self.send(
                             m.Done(

@@ -403,3 +403,21 @@ async def test_every_log_record_of_a_request_carries_session_and_request_ids(
     assert all(r["session"] and r["session"].startswith("s-") for r in mine)
     opened = [r for r in records if r["message"].startswith("session opened")]
     assert opened and opened[0]["session"] == mine[0]["session"]
+
+
+async def test_a_cancel_right_behind_its_generate_still_ends_with_done(
+    server: RunningServer, token: str
+) -> None:
+    async with client(server, token) as c:
+        for i in range(5):
+            await c.ws.send(
+                c.codec.encode(m.Generate(f"quick{i}", "slow", "x", opts(max_tokens=3000)))
+            )
+            await c.ws.send(c.codec.encode(m.Cancel(f"quick{i}")))
+            _, done, other = await c.until_done(f"quick{i}")
+            assert done.finish_reason == "cancelled"
+            assert not [x for x in other if isinstance(x, m.Error)]
+        # Nothing keeps running, and the session is usable.
+        await c.send(m.Generate("after", "script", "x", opts(max_tokens=2)))
+        _, done, _ = await c.until_done("after")
+        assert done.finish_reason == "length"
