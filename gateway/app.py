@@ -18,7 +18,8 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from engine import EngineClient
@@ -34,6 +35,8 @@ from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
 __all__ = ["Gateway", "__version__", "error_body"]
 
 __version__ = "0.1.0"
+
+STATIC_DIR = Path(__file__).with_name("static")
 
 log = logging.getLogger("ferrous.gateway")
 
@@ -77,6 +80,8 @@ class Gateway:
                 Route("/metrics", self.metrics_endpoint),
                 Route("/v1/tickets", self.tickets, methods=["POST"]),
                 WebSocketRoute("/v1/ws", self.websocket),
+                # The chat page and the JS client it uses (static, no build step).
+                Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True, follow_symlink=True)),
             ]
         )
 
