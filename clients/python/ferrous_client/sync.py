@@ -1,0 +1,552 @@
+"""The blocking client: one generation at a time, no asyncio (websockets' threading client).
+
+For scripts and threads that do not run an event loop::
+
+    with SyncFerrousClient(url, token=token) as client:
+        for delta in client.chat("smollm2", "Hello"):
+            print(delta.text, end="")
+
+Frames are read while the application iterates a generation, so nothing
+piles up in the client beyond what the socket buffers (with ``credits``, the
+server also stops after that many unread bytes). Semantics match the async
+client: errors of the generation are raised from the iteration, leaving a
+``for`` early cancels the generation, and server errors that belong to no
+generation go to ``on_error`` (they are seen while a generation is read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any, Self
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+
+from ferrous_client.backoff import Backoff, should_retry
+from ferrous_client.client import DEFAULT_URL, ErrorHandler
+from ferrous_client.credits import CreditWindow
+from ferrous_client.errors import BadRequest, Conflict, ConnectionLost, FerrousClientError
+from ferrous_client.generation import finish_error
+from ferrous_client.handshake import CLIENT_NAME, Handshake, first_ready, transport_error
+from ferrous_client.protocol import messages as m
+from ferrous_client.protocol.errors import ErrorCode
+from ferrous_client.wire import (
+    IdSource,
+    MessagesLike,
+    OptionsLike,
+    checked_frame,
+    decode_server,
+    error_from_message,
+    to_chat_messages,
+    to_options,
+    utf8_len,
+)
+
+__all__ = ["SyncFerrousClient", "SyncGeneration"]
+
+log = logging.getLogger("ferrous_client")
+
+_RECENT = 256
+
+
+class SyncGeneration:
+    """One generation: an iterable of :class:`Delta` messages, read from the connection.
+
+    After the iteration ends, ``done`` holds the :class:`Done` message and
+    ``conversation`` the conversation id. A ``done`` with finish reason
+    ``error`` raises :class:`EngineError`, ``stalled`` :class:`Stalled`.
+    """
+
+    def __init__(
+        self, client: SyncFerrousClient, gen_id: str, model: str, conversation: str | None
+    ) -> None:
+        self.id = gen_id
+        self.model = model
+        self.conversation = conversation
+        self.started: m.Started | None = None
+        self.done: m.Done | None = None
+        self.error: FerrousClientError | None = None
+        self._client = client
+        self._ended = False
+        self._exhausted = False
+        self._abandoned = False
+        self._iterating = False
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "running"
+        return f"<SyncGeneration {self.id} {self.model} {state}>"
+
+    @property
+    def finished(self) -> bool:
+        return self._ended
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.done.finish_reason if self.done else None
+
+    @property
+    def usage(self) -> m.Usage | None:
+        return self.done.usage if self.done else None
+
+    @property
+    def timings(self) -> m.Timings | None:
+        return self.done.timings if self.done else None
+
+    def __iter__(self) -> Iterator[m.Delta]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[m.Delta]:
+        if self._iterating:
+            raise RuntimeError(f"generation {self.id} is already being iterated")
+        self._iterating = True
+        try:
+            while (delta := self._next()) is not None:
+                yield delta
+        finally:
+            self._iterating = False
+            if not self._exhausted:
+                self.close()
+
+    def _next(self) -> m.Delta | None:
+        if self._exhausted or self._abandoned:
+            return None
+        item = self._client._receive_for(self)
+        if isinstance(item, m.Delta):
+            self._client._consumed(utf8_len(item.text))
+            return item
+        self._exhausted = True
+        if isinstance(item, FerrousClientError):
+            raise item
+        error = finish_error(self.id, item)
+        if error is not None:
+            self.error = error
+            raise error
+        return None
+
+    def collect(self) -> str:
+        """Read the generation to its end and return its whole text."""
+        return "".join(delta.text for delta in self)
+
+    def cancel(self) -> None:
+        """Ask the server to stop; the iteration then ends with finish reason ``cancelled``."""
+        if not self._ended:
+            self._client._send_cancel(self)
+
+    def close(self) -> None:
+        """Stop reading: cancel the generation if it is running and drop what still comes."""
+        if self._abandoned or self._exhausted:
+            return
+        self._abandoned = True
+        self._client._abandon(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SyncFerrousClient:
+    """A blocking session with a FerrousForge server; one generation at a time.
+
+    Takes the same options as :class:`~ferrous_client.FerrousClient`. Starting a
+    generation while another is still running raises :class:`Conflict`: read
+    it to its end, cancel it, or ``close()`` it first.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        api_key: str | None = None,
+        ticket: str | None = None,
+        subprotocol: str = "json",
+        credits: int | None = None,
+        on_error: ErrorHandler | None = None,
+        backoff: Backoff | None = None,
+        open_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        max_size: int | None = 2**24,
+    ) -> None:
+        self._handshake = Handshake.build(
+            url,
+            token=token,
+            api_key=api_key,
+            ticket=ticket,
+            subprotocol=subprotocol,
+            credits=credits,
+        )
+        self._codec = self._handshake.codec
+        self.on_error = on_error
+        self.backoff = backoff
+        self._open_timeout = open_timeout
+        self._close_timeout = close_timeout
+        self._max_size = max_size
+        self._ids = IdSource()
+        self._ws: ClientConnection | None = None
+        self._ready: m.Ready | None = None
+        self._current: SyncGeneration | None = None
+        # Generations left early or cancelled: their late messages are dropped.
+        self._recent: OrderedDict[str, SyncGeneration] = OrderedDict()
+        self._window: CreditWindow | None = None
+        self._lost: ConnectionLost | None = ConnectionLost("not connected")
+        self._last_error: FerrousClientError | None = None
+
+    @property
+    def ready(self) -> m.Ready:
+        if self._ready is None:
+            raise RuntimeError("not connected: use `with client` or `client.connect()`")
+        return self._ready
+
+    @property
+    def connected(self) -> bool:
+        return self._lost is None
+
+    @classmethod
+    def connect_with_retry(
+        cls,
+        url: str = DEFAULT_URL,
+        *,
+        attempts: int | None = None,
+        backoff: Backoff | None = None,
+        **options: Any,
+    ) -> SyncFerrousClient:
+        """Open a session, retrying like :meth:`FerrousClient.connect_with_retry`."""
+        policy = backoff or Backoff()
+        if attempts is not None:
+            policy = Backoff(
+                attempts=attempts,
+                initial=policy.initial,
+                maximum=policy.maximum,
+                factor=policy.factor,
+                jitter=policy.jitter,
+            )
+        client = cls(url, backoff=policy, **options)
+        client.connect()
+        return client
+
+    def connect(self) -> Self:
+        """Open the connection and the session; no-op when open. Retries with ``backoff``."""
+        if self._lost is None:
+            return self
+        policy = self.backoff or Backoff(attempts=1)
+        delays = policy.delays()
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                self._open()
+                return self
+            except FerrousClientError as exc:
+                if attempt == policy.attempts or not should_retry(exc):
+                    raise
+                wait = next(delays)
+                log.info(
+                    "cannot open a session (%r): attempt %d of %d in %.2f s",
+                    exc,
+                    attempt + 1,
+                    policy.attempts,
+                    wait,
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def reconnect(self) -> Self:
+        """Close (if open) and open a new session; a running generation is not sent again."""
+        self.close()
+        return self.connect()
+
+    def _open(self) -> None:
+        hs = self._handshake
+        try:
+            ws = connect(
+                hs.url,
+                subprotocols=[Subprotocol(hs.subprotocol)],
+                additional_headers=hs.headers,
+                user_agent_header=CLIENT_NAME,
+                open_timeout=self._open_timeout,
+                close_timeout=self._close_timeout,
+                max_size=self._max_size,
+            )
+        except Exception as exc:
+            raise transport_error(exc) from exc
+        ws.__enter__()  # the connection is owned here and closed by close()
+        try:
+            if ws.subprotocol != hs.subprotocol:
+                raise BadRequest(f"the server did not accept subprotocol {hs.subprotocol}")
+            ws.send(self._codec.encode(hs.hello()))
+            deadline = time.monotonic() + self._open_timeout
+            while (
+                ready := first_ready(
+                    self._codec, ws.recv(timeout=max(0.0, deadline - time.monotonic()))
+                )
+            ) is None:
+                pass
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                ws.close()
+            if isinstance(exc, Exception):
+                raise transport_error(exc) from exc
+            raise
+        self._ws = ws
+        self._ready = ready
+        self._lost = None
+        self._last_error = None
+        self._current = None
+        self._window = CreditWindow(hs.credits) if hs.credits is not None else None
+
+    def close(self) -> None:
+        """Close the connection; a running generation ends with :class:`ConnectionLost`."""
+        ws, self._ws = self._ws, None
+        if ws is None:
+            return
+        if self._lost is None:
+            self._lost = ConnectionLost("the client closed the connection")
+        with contextlib.suppress(Exception):
+            ws.close()
+        self._end_current(self._lost)
+
+    def __enter__(self) -> Self:
+        return self.connect()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def chat(
+        self,
+        model: str,
+        messages: MessagesLike,
+        *,
+        conversation: str | None = None,
+        options: OptionsLike = None,
+        id: str | None = None,
+        token_ids: bool = False,
+    ) -> SyncGeneration:
+        """Start a chat turn in ``conversation`` (a new one when None); iterate the result."""
+        msg = m.Chat(
+            id=id or self._ids.next(),
+            model=model,
+            messages=to_chat_messages(messages),
+            conversation=conversation,
+            options=to_options(options),
+            token_ids=token_ids,
+        )
+        return self._start(msg, conversation)
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        options: OptionsLike = None,
+        id: str | None = None,
+        token_ids: bool = False,
+    ) -> SyncGeneration:
+        """Complete a raw prompt (no chat template); iterate the result."""
+        msg = m.Generate(
+            id=id or self._ids.next(),
+            model=model,
+            prompt=prompt,
+            options=to_options(options),
+            token_ids=token_ids,
+        )
+        return self._start(msg, None)
+
+    def cancel(self, id: str) -> bool:
+        """Cancel generation ``id``; False when it is not the one running."""
+        gen = self._current
+        if gen is None or gen.id != id or gen.finished:
+            return False
+        self._send_cancel(gen)
+        return True
+
+    def forget(self, conversation: str) -> None:
+        """Delete a conversation the server keeps (a failure goes to ``on_error``)."""
+        self._send(self._codec.encode(m.Forget(conversation)))
+
+    def _start(self, msg: m.Chat | m.Generate, conversation: str | None) -> SyncGeneration:
+        self._check_open()
+        current = self._current
+        if current is not None and not current.finished:
+            raise Conflict(
+                f"generation {current.id!r} is still running: read it to its end, "
+                "cancel it or close() it first",
+                generation_id=msg.id,
+            )
+        data = checked_frame(self._codec, msg, self.ready.limits.max_frame_bytes)
+        gen = SyncGeneration(self, msg.id, msg.model, conversation)
+        self._recent.pop(msg.id, None)
+        self._send(data)
+        self._current = gen
+        return gen
+
+    # -- the connection -----------------------------------------------------------------
+
+    def _check_open(self) -> ClientConnection:
+        if self._lost is not None or self._ws is None:
+            lost = self._lost or ConnectionLost("not connected")
+            raise ConnectionLost(
+                lost.message, close_code=lost.close_code, close_reason=lost.close_reason
+            )
+        return self._ws
+
+    def _send(self, data: bytes | str) -> None:
+        ws = self._check_open()
+        try:
+            ws.send(data)
+        except ConnectionClosed as exc:
+            self._fail(exc)
+            raise self._check_open_error() from exc
+
+    def _check_open_error(self) -> ConnectionLost:
+        lost = self._lost or ConnectionLost("the connection closed")
+        return ConnectionLost(
+            lost.message, close_code=lost.close_code, close_reason=lost.close_reason
+        )
+
+    def _send_cancel(self, gen: SyncGeneration) -> None:
+        # Remembered so that what still comes for it (text, done, a not_found
+        # when the cancel crosses the end) is recognised and dropped.
+        self._recent[gen.id] = gen
+        while len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+        self._send(self._codec.encode(m.Cancel(gen.id)))
+
+    def _abandon(self, gen: SyncGeneration) -> None:
+        if self._current is gen:
+            self._current = None
+        if gen.finished:
+            return
+        with contextlib.suppress(ConnectionLost):
+            self._send_cancel(gen)
+
+    def _consumed(self, n: int) -> None:
+        if self._window is not None:
+            grant = self._window.consumed(n)
+            if grant:
+                with contextlib.suppress(ConnectionLost):
+                    self._send(self._codec.encode(m.Credit(grant)))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._lost is None:
+            lost = transport_error(exc)
+            if not isinstance(lost, ConnectionLost):
+                lost = ConnectionLost(lost.message)
+            if self._last_error is not None:
+                lost = ConnectionLost(
+                    f"{lost.message} after {self._last_error!r}",
+                    close_code=lost.close_code,
+                    close_reason=lost.close_reason,
+                )
+                lost.__cause__ = self._last_error
+            self._lost = lost
+        self._end_current(self._lost)
+
+    def _end_current(self, lost: ConnectionLost) -> None:
+        gen = self._current
+        if gen is None or gen.finished:
+            return
+        gen._ended = True
+        gen.error = ConnectionLost(
+            lost.message,
+            generation_id=gen.id,
+            close_code=lost.close_code,
+            close_reason=lost.close_reason,
+        )
+        gen.error.__cause__ = lost.__cause__
+
+    def _receive_for(self, gen: SyncGeneration) -> m.Delta | m.Done | FerrousClientError:
+        """Read frames until one for ``gen``; handle the others on the way."""
+        while True:
+            if gen.finished and gen.error is not None and gen.done is None:
+                return gen.error
+            ws = self._ws
+            if ws is None or self._lost is not None:
+                return gen.error or self._check_open_error()
+            try:
+                data = ws.recv()
+            except ConnectionClosed as exc:
+                self._fail(exc)
+                continue
+            try:
+                msg = decode_server(self._codec, data)
+            except BadRequest as exc:
+                self._report(exc)
+                continue
+            item = self._dispatch(msg, gen)
+            if item is not None:
+                return item
+
+    def _dispatch(
+        self, msg: m.ServerMessage, gen: SyncGeneration
+    ) -> m.Delta | m.Done | FerrousClientError | None:
+        match msg:
+            case m.Delta():
+                n = utf8_len(msg.text)
+                if self._window is not None:
+                    self._window.received(n)
+                if msg.id == gen.id and not gen._abandoned:
+                    return msg
+                self._consumed(n)  # a generation left early: drop its text
+            case m.Started() if msg.id == gen.id:
+                gen.started = msg
+                gen.conversation = msg.conversation or gen.conversation
+            case m.Done():
+                if msg.id == gen.id and not gen._abandoned:
+                    if msg.finish_reason == "cancelled":
+                        self._recent.pop(msg.id, None)
+                    gen.done = msg
+                    gen.conversation = msg.conversation or gen.conversation
+                    gen._ended = True
+                    return msg
+                old = self._recent.get(msg.id)
+                if old is not None:
+                    old.done = old.done or msg
+                    old._ended = True
+                    if msg.finish_reason == "cancelled":
+                        del self._recent[msg.id]
+            case m.Error():
+                err = error_from_message(msg)
+                if msg.id is not None and msg.id == gen.id and not gen._ended:
+                    gen.error = err
+                    gen._ended = True
+                    return err
+                if msg.id is not None and msg.id in self._recent:
+                    old = self._recent[msg.id]
+                    if msg.code == ErrorCode.NOT_FOUND:
+                        del self._recent[msg.id]  # the cancel crossed the end
+                    else:
+                        old.error = old.error or err
+                        old._ended = True
+                    return None
+                self._report(err)
+            case _:
+                pass
+        return None
+
+    def _report(self, err: FerrousClientError) -> None:
+        self._last_error = err
+        if self.on_error is None:
+            log.warning("server error: %r", err)
+            return
+        try:
+            self.on_error(err)
+        except Exception:
+            log.exception("the on_error callback failed")
