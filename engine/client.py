@@ -585,7 +585,8 @@ class EngineClient:
                     return
                 waiter = loop.create_future()
                 g.waiter = waiter
-                if ring.arm_wait():
+                # Finished may have arrived while a delta was being handed out.
+                if g.finished is None and ring.arm_wait():
                     await waiter
                 g.waiter = None
         finally:

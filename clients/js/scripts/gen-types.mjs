@@ -83,6 +83,11 @@ function typeOf(schema, indent) {
   if (typeof schema !== "object" || schema === null) {
     throw new Error(`unsupported schema ${JSON.stringify(schema)}`);
   }
+  if (schema.nullable === true) {
+    const { nullable: _, ...rest } = schema;
+    const inner = typeOf(rest, indent);
+    return inner.split(" | ").includes("null") ? inner : `${inner} | null`;
+  }
   if (schema.$ref) return refName(schema.$ref);
   if ("const" in schema) return literal(schema.const);
   if (schema.enum) return schema.enum.map(literal).join(" | ");

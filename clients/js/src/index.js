@@ -502,7 +502,7 @@ export class Generation {
 
   // -- used by the client ------------------------------------------------------------
 
-  /** */
+  /** Wake the iteration if it waits for an item. */
   _notify() {
     const wake = this._wake;
     this._wake = null;

@@ -6,7 +6,7 @@ import { FerrousClient, utf8Length } from "../src/index.js";
 import { SCRIPT, startServer } from "./server.mjs";
 
 const GREEDY = { temperature: 0, repeat_penalty: 1 };
-const T = { timeout: 60_000 };
+const T = { timeout: 30_000 };
 const WINDOW = 16;
 
 /** @type {Awaited<ReturnType<typeof startServer>>} */

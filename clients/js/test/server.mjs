@@ -34,13 +34,17 @@ function childEnv(extra) {
   return { ...env, ...extra };
 }
 
+// Servers and temporary homes still around when this process ends are removed.
 const live = new Set();
-process.on("exit", () => {
+const homes = new Set();
+function cleanUp() {
   for (const child of live) killGroup(child, "SIGKILL");
-});
+  for (const home of homes) rmSync(home, { recursive: true, force: true });
+}
+process.on("exit", cleanUp);
 for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) {
   process.once(signal, () => {
-    for (const child of live) killGroup(child, "SIGKILL");
+    cleanUp();
     process.kill(process.pid, signal);
   });
 }
@@ -101,6 +105,7 @@ async function healthy(httpUrl) {
  */
 export async function startServer({ slow = true, logLevel = "warning" } = {}) {
   const home = mkdtempSync(join(tmpdir(), "ferrous-js-test-"));
+  homes.add(home);
   const scriptPath = join(home, "script.gguf");
   const slowPath = join(home, "slow.gguf");
   const models = [python(["-m", "engine.tinymodels", scriptPath, "--script", SCRIPT])];
@@ -215,6 +220,7 @@ export async function startServer({ slow = true, logLevel = "warning" } = {}) {
     async stop() {
       await stop();
       rmSync(home, { recursive: true, force: true });
+      homes.delete(home);
     },
   };
 }
