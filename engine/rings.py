@@ -199,10 +199,6 @@ class Ring:
             return True
         return False
 
-    def fits(self, size: int) -> bool:
-        h = self._h
-        return self._cap - int(h.head - h.tail) >= size
-
     def _put(self, counter: int, data: bytes | bytearray) -> None:
         pos = HEADER_SIZE + counter % self._cap
         first = min(len(data), HEADER_SIZE + self._cap - pos)

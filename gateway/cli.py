@@ -18,8 +18,8 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
+import msgspec
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
@@ -90,15 +90,9 @@ async def _server_for(config: ServerConfig) -> AsyncIterator[str]:
     print(
         f"(no server on {config.host}:{config.port}; starting one in this process)", file=sys.stderr
     )
-    embedded = msgspec_replace(config, port=0)
+    embedded = msgspec.structs.replace(config, port=0)
     async with running_server(embedded) as running:
         yield running.ws_url
-
-
-def msgspec_replace(config: ServerConfig, **changes: Any) -> ServerConfig:
-    import msgspec
-
-    return msgspec.structs.replace(config, **changes)
 
 
 async def _recv(ws: ClientConnection) -> m.ServerMessage:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import LimitsConfig, ModelEntry, ServerConfig
@@ -96,12 +94,3 @@ async def client(
         if hello:
             await c.hello()
         yield c
-
-
-def error_json(body: bytes) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(body)
-    return data
-
-
-def as_builtins(msg: msgspec.Struct) -> Any:
-    return msgspec.to_builtins(msg)
