@@ -11,6 +11,7 @@ import pytest
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, TokenDelta
 from engine.rings import SHM_DIR, SHM_PREFIX
 from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
+from gateway.server import RunningServer
 
 SCRIPT = "Hi ö你🙂!"  # 13 distinct tokens: ASCII pieces and 2-, 3- and 4-byte characters
 
@@ -64,6 +65,31 @@ async def engine(script_model: Path) -> AsyncIterator[EngineClient]:
         await client.load("script", script_model)
         yield client
     assert ring_segments() == set(), "a shared-memory ring was left behind"
+
+
+@pytest.fixture
+async def server(
+    tmp_path: Path, script_model: Path, slow_model: Path
+) -> AsyncIterator[RunningServer]:
+    """A real gateway on a loopback port with the script and slow models (small limits)."""
+    from gateway.config import AuthConfig, LimitsConfig
+
+    from .gateway_helpers import gateway, server_config
+
+    limits = LimitsConfig(max_frame_bytes=4096, max_concurrent_generations=3)
+    config = server_config(
+        tmp_path,
+        {"script": script_model, "slow": slow_model},
+        limits=limits,
+        auth=AuthConfig(leeway=0.5),
+    )
+    async with gateway(config) as running:
+        yield running
+
+
+@pytest.fixture
+def token(server: RunningServer) -> str:
+    return server.gateway.auth.issue_token(sub="alice", ttl=600)
 
 
 async def collect(

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.config import AuthConfig, LimitsConfig
 from gateway.server import RunningServer
 from protocol import messages as m
 from protocol.errors import ErrorCode
 
 from .conftest import SCRIPT
-from .gateway_helpers import MSGPACK, client, gateway, server_config
+from .gateway_helpers import MSGPACK, client
 
 GREEDY = m.Options(temperature=0.0, repeat_penalty=1.0)
 
@@ -36,26 +33,6 @@ async def http(url: str, **kw: object) -> bytes:
 
 def opts(**kw: object) -> m.Options:
     return msgspec.structs.replace(GREEDY, **kw)
-
-
-@pytest.fixture
-async def server(
-    tmp_path: Path, script_model: Path, slow_model: Path
-) -> AsyncIterator[RunningServer]:
-    limits = LimitsConfig(max_frame_bytes=4096, max_concurrent_generations=3)
-    config = server_config(
-        tmp_path,
-        {"script": script_model, "slow": slow_model},
-        limits=limits,
-        auth=AuthConfig(leeway=0.5),
-    )
-    async with gateway(config) as running:
-        yield running
-
-
-@pytest.fixture
-def token(server: RunningServer) -> str:
-    return server.gateway.auth.issue_token(sub="alice", ttl=600)
 
 
 async def test_ready_then_generate_streams_deltas_in_order(

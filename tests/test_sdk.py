@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +57,6 @@ async def metrics(server: RunningServer) -> str:
             return bytes(r.read()).decode()
 
     return await asyncio.to_thread(fetch)
-
-
-@pytest.fixture
-async def server(
-    tmp_path: Path, script_model: Path, slow_model: Path
-) -> AsyncIterator[RunningServer]:
-    limits = LimitsConfig(max_frame_bytes=4096, max_concurrent_generations=3)
-    config = server_config(
-        tmp_path,
-        {"script": script_model, "slow": slow_model},
-        limits=limits,
-        auth=AuthConfig(leeway=0.5),
-    )
-    async with gateway(config) as running:
-        yield running
-
-
-@pytest.fixture
-def token(server: RunningServer) -> str:
-    return server.gateway.auth.issue_token(sub="alice", ttl=600)
 
 
 async def test_chat_streams_the_script_and_reports_usage_and_timings(
