@@ -5,7 +5,14 @@ The gateway imports only what this module exports.
 
 from __future__ import annotations
 
-from engine.client import EngineClient, EngineConfig, EngineHealth, ModelInfo, WorkerHealth
+from engine.client import (
+    EngineClient,
+    EngineConfig,
+    EngineHealth,
+    LoadedModel,
+    ModelInfo,
+    WorkerHealth,
+)
 from engine.requests import (
     ChatMessage,
     ErrorInfo,
@@ -27,6 +34,7 @@ __all__ = [
     "FinishReason",
     "GenerateRequest",
     "GenerationDone",
+    "LoadedModel",
     "ModelInfo",
     "SamplingParams",
     "Timings",

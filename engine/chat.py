@@ -18,7 +18,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from engine.requests import ChatMessage
 from protocol.errors import BadRequest
 
-__all__ = ["PLAIN_TEMPLATE", "render_chat"]
+__all__ = ["PLAIN_TEMPLATE", "check_template", "render_chat"]
 
 # For models without a template: readable, and the trailing "assistant:" cues an answer.
 PLAIN_TEMPLATE = (
@@ -34,6 +34,31 @@ def _raise(message: str) -> NoReturn:
     raise BadRequest(f"chat template rejected the conversation: {message}")
 
 
+def _compile(source: str) -> jinja2.Template:
+    compiled = _compiled.get(source)
+    if compiled is None:
+        try:
+            compiled = _env.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise BadRequest(f"the chat template is invalid: {exc}") from None
+        _compiled[source] = compiled
+    return compiled
+
+
+def check_template(template: str) -> None:
+    """Raise BadRequest unless ``template`` is a Jinja2 chat template that renders a turn.
+
+    Modelfiles written for Ollama carry Go templates (``{{ .Prompt }}``); those
+    are refused with a message that says which syntax is expected.
+    """
+    if "{{ ." in template or "{{- ." in template or "{{." in template:
+        raise BadRequest(
+            "TEMPLATE must be a Jinja2 chat template (the tokenizer.chat_template syntax, "
+            "e.g. {% for message in messages %}…); Go templates ({{ .Prompt }}) are not supported"
+        )
+    render_chat(template, [ChatMessage("user", "hi")])
+
+
 def render_chat(
     template: str | None,
     messages: Sequence[ChatMessage],
@@ -43,14 +68,7 @@ def render_chat(
     add_generation_prompt: bool = True,
 ) -> str:
     """Render ``messages`` with ``template`` (or :data:`PLAIN_TEMPLATE`)."""
-    source = template or PLAIN_TEMPLATE
-    compiled = _compiled.get(source)
-    if compiled is None:
-        try:
-            compiled = _env.from_string(source)
-        except jinja2.TemplateError as exc:
-            raise BadRequest(f"the model's chat template is invalid: {exc}") from None
-        _compiled[source] = compiled
+    compiled = _compile(template or PLAIN_TEMPLATE)
     try:
         return compiled.render(
             messages=[{"role": m.role, "content": m.content} for m in messages],

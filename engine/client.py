@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -40,6 +41,7 @@ import msgspec
 
 from engine import ipc
 from engine.backends.select import check_model_file, choose_backend
+from engine.memory import default_budget, estimate_model_bytes
 from engine.requests import (
     ErrorInfo,
     FinishReason,
@@ -56,6 +58,8 @@ from protocol.errors import (
     FerrousError,
     ModelLoadError,
     ModelNotFound,
+    Overloaded,
+    TooLarge,
     error_from_code,
 )
 
@@ -63,6 +67,7 @@ __all__ = [
     "EngineClient",
     "EngineConfig",
     "EngineHealth",
+    "LoadedModel",
     "ModelInfo",
     "WorkerHealth",
     "default_threads",
@@ -106,6 +111,8 @@ class EngineConfig:
     load_timeout: float = 600.0
     n_batch: int = 512
     seqs_per_worker: int = 4  # sequences a worker decodes together (batched)
+    memory_budget: int = 0  # bytes loaded models may take; 0 = 80 % of available memory
+    keep_alive: float = 300.0  # seconds an idle model stays loaded; < 0 = forever, 0 = unload
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,20 @@ class ModelInfo:
     backend: str
     n_ctx: int
     load_ms: float
+    size: int = 0  # estimated bytes (see engine.memory)
+
+
+class LoadedModel(msgspec.Struct, frozen=True):
+    """A model in memory, as ``ferrous ps`` shows it."""
+
+    name: str
+    path: str
+    backend: str
+    n_ctx: int
+    size: int  # estimated bytes, weights counted once
+    active: int  # running generations
+    loaded_at: float  # Unix time
+    expires_at: float | None  # Unix time it will be unloaded when idle; None = kept
 
 
 class WorkerHealth(msgspec.Struct, frozen=True):
@@ -140,6 +161,19 @@ class _ModelSpec:
     path: str
     backend: str
     n_ctx: int
+    chat_template: str | None = None
+    size: int = 0
+    loaded_n_ctx: int = 0
+    active: int = 0
+    last_used: float = 0.0  # monotonic
+    loaded_at: float = 0.0  # Unix time
+    expires: float | None = None  # monotonic deadline when idle; None = never
+    unloading: bool = False
+
+    def touch(self, keep_alive: float) -> None:
+        now = time.monotonic()
+        self.last_used = now
+        self.expires = None if keep_alive < 0 else now + keep_alive
 
 
 class _Gen:
@@ -223,6 +257,8 @@ class EngineClient:
         self._closing = False
         self._restarts = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._load_lock: asyncio.Lock | None = None
+        self.memory_budget = self.config.memory_budget or default_budget()
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -240,6 +276,7 @@ class EngineClient:
         if self.config.workers < 1:
             raise ValueError("an engine needs at least one worker")
         self._changed = asyncio.Condition()
+        self._load_lock = asyncio.Lock()
         removed = sweep_orphans()
         if removed:
             log.warning("removed %d shared-memory rings left by dead processes", len(removed))
@@ -350,6 +387,28 @@ class EngineClient:
                 for g in list(w.gens.values()):
                     if g.waiter is not None and g.ring.used():
                         g.wake()
+            now = time.monotonic()
+            for spec in list(self._models.values()):
+                if spec.active == 0 and spec.expires is not None and now >= spec.expires:
+                    self._unload_soon(spec, "its keep_alive expired")
+
+    def _unload_soon(self, spec: _ModelSpec, why: str) -> None:
+        if spec.unloading or self._models.get(spec.name) is not spec:
+            return
+        spec.unloading = True
+        log.info("unloading %s: %s", spec.name, why)
+        task = asyncio.create_task(self._unload_spec(spec), name=f"unload {spec.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unload_spec(self, spec: _ModelSpec) -> None:
+        assert self._load_lock is not None
+        async with self._load_lock:
+            if self._models.get(spec.name) is not spec or spec.active:
+                spec.unloading = False
+                return
+            del self._models[spec.name]
+            await asyncio.gather(*(self._unload_on(w, spec.name) for w in self._workers if w.alive))
 
     def _fail_worker(self, w: _Worker, why: str) -> None:
         """End everything that was in flight on ``w`` with engine_error."""
@@ -418,29 +477,87 @@ class EngineClient:
     # -- models ---------------------------------------------------------------------
 
     async def load(
-        self, name: str, path: str | os.PathLike[str], *, backend: str = "", n_ctx: int = 0
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        backend: str = "",
+        n_ctx: int = 0,
+        chat_template: str | None = None,
+        keep_alive: float | None = None,
     ) -> ModelInfo:
-        """Load a model file into every worker under ``name`` (replacing one of that name)."""
-        spec = _ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx)
+        """Load a model file into every worker under ``name`` (replacing one of that name).
+
+        Idle models are unloaded, least recently used first, when the new one
+        does not fit the memory budget; a model that cannot fit even then is
+        refused with ``too_large`` (bigger than the whole budget) or
+        ``overloaded`` (the room is held by models with running generations).
+        """
+        spec = _ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx, chat_template)
         # Reject bad files here, with a typed error, before any worker sees them.
-        check_model_file(spec.path, choose_backend(spec.path, backend or None))
-        results = await asyncio.gather(
-            *(self._load_on(w, spec) for w in self._workers if w.alive), return_exceptions=True
+        header = check_model_file(spec.path, choose_backend(spec.path, backend or None))
+        spec.size = estimate_model_bytes(
+            header,
+            n_ctx=n_ctx,
+            workers=max(1, len(self._workers)),
+            n_batch=self.config.n_batch,
         )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors or not results:
-            for w in self._workers:
-                if name in w.models and name not in self._models:
-                    await self._unload_on(w, name)
-            if errors:
-                raise errors[0]
-            raise EngineError("no live worker to load the model into", retryable=True)
-        self._models[name] = spec
-        loaded = [r for r in results if isinstance(r, ipc.ModelLoaded)]
+        assert self._load_lock is not None
+        async with self._load_lock:
+            await self._make_room(spec)
+            results = await asyncio.gather(
+                *(self._load_on(w, spec) for w in self._workers if w.alive),
+                return_exceptions=True,
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors or not results:
+                for w in self._workers:
+                    if name in w.models and name not in self._models:
+                        await self._unload_on(w, name)
+                if errors:
+                    raise errors[0]
+                raise EngineError("no live worker to load the model into", retryable=True)
+            loaded = [r for r in results if isinstance(r, ipc.ModelLoaded)]
+            spec.loaded_n_ctx = loaded[0].n_ctx
+            spec.loaded_at = time.time()
+            spec.touch(self.config.keep_alive if keep_alive is None else keep_alive)
+            self._models[name] = spec
         await self._notify()
         return ModelInfo(
-            name, spec.path, backend or "auto", loaded[0].n_ctx, max(r.load_ms for r in loaded)
+            name,
+            spec.path,
+            backend or "auto",
+            loaded[0].n_ctx,
+            max(r.load_ms for r in loaded),
+            spec.size,
         )
+
+    async def _make_room(self, spec: _ModelSpec) -> None:
+        """Unload idle models, least recently used first, until ``spec`` fits the budget."""
+        budget = self.memory_budget
+        mib = 1024 * 1024
+        if spec.size > budget:
+            raise TooLarge(
+                f"model {spec.name!r} needs about {spec.size // mib} MiB but the engine's memory "
+                f"budget is {budget // mib} MiB (set engine memory_budget, or a smaller num_ctx)"
+            )
+        others = [s for s in self._models.values() if s.name != spec.name]
+        used = sum(s.size for s in others)
+        for victim in sorted((s for s in others if s.active == 0), key=lambda s: s.last_used):
+            if used + spec.size <= budget:
+                break
+            log.info("unloading %s (idle) to make room for %s", victim.name, spec.name)
+            del self._models[victim.name]
+            await asyncio.gather(
+                *(self._unload_on(w, victim.name) for w in self._workers if w.alive)
+            )
+            used -= victim.size
+        if used + spec.size > budget:
+            busy = ", ".join(s.name for s in self._models.values() if s.name != spec.name)
+            raise Overloaded(
+                f"model {spec.name!r} needs about {spec.size // mib} MiB; the memory budget "
+                f"({budget // mib} MiB) is held by models with running generations ({busy})"
+            )
 
     async def _load_on(self, w: _Worker, spec: _ModelSpec) -> ipc.ModelLoaded:
         req = next(self._req_ids)
@@ -453,6 +570,7 @@ class EngineClient:
             self.config.threads_per_worker,
             self.config.n_batch,
             self.config.seqs_per_worker,
+            spec.chat_template,
         )
         try:
             reply = await self._request(w, msg, req, self.config.load_timeout)
@@ -476,6 +594,33 @@ class EngineClient:
         if self._models.pop(name, None) is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
         await asyncio.gather(*(self._unload_on(w, name) for w in self._workers if w.alive))
+        await self._notify()
+
+    def loaded(self) -> list[LoadedModel]:
+        """The models in memory, most recently used first."""
+        now_mono, now = time.monotonic(), time.time()
+        return [
+            LoadedModel(
+                s.name,
+                s.path,
+                s.backend or "auto",
+                s.loaded_n_ctx,
+                s.size,
+                s.active,
+                s.loaded_at,
+                None if s.expires is None or s.active else now + (s.expires - now_mono),
+            )
+            for s in sorted(self._models.values(), key=lambda s: -s.last_used)
+        ]
+
+    def set_keep_alive(self, name: str, keep_alive: float) -> None:
+        """Change how long ``name`` stays loaded once idle (0 unloads it when idle)."""
+        spec = self._models.get(name)
+        if spec is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        spec.touch(keep_alive)
+        if keep_alive == 0 and spec.active == 0:
+            self._unload_soon(spec, "keep_alive is 0")
 
     async def _unload_on(self, w: _Worker, name: str) -> None:
         req = next(self._req_ids)
@@ -520,7 +665,11 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout
         while True:
-            candidates = [w for w in self._workers if w.alive and model in w.models]
+            candidates = (
+                [w for w in self._workers if w.alive and model in w.models]
+                if model in self._models
+                else []
+            )
             if candidates:
                 return min(candidates, key=lambda w: len(w.gens))
             if model not in self._models:
@@ -544,7 +693,14 @@ class EngineClient:
         if request.request_id in self._by_request:
             raise FerrousError(f"request id {request.request_id!r} is already running")
         worker = await self._pick(request.model)
-        ring = Ring.create(self.config.ring_capacity)
+        spec = self._models[request.model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        try:
+            ring = Ring.create(self.config.ring_capacity)
+        except BaseException:
+            self._release(spec, request.keep_alive)
+            raise
         g = _Gen(next(self._gen_ids), request.request_id, ring, worker)
         worker.gens[g.gen] = g
         self._by_request[g.request_id] = g
@@ -595,6 +751,13 @@ class EngineClient:
                 worker.send(ipc.Cancel(g.gen))
             self._by_request.pop(g.request_id, None)
             ring.close()
+            self._release(spec, request.keep_alive)
+
+    def _release(self, spec: _ModelSpec, keep_alive: float | None) -> None:
+        spec.active -= 1
+        spec.touch(self.config.keep_alive if keep_alive is None else keep_alive)
+        if spec.active == 0 and spec.expires is not None and spec.expires <= spec.last_used:
+            self._unload_soon(spec, "keep_alive is 0")
 
     @staticmethod
     def _done(request_id: str, f: ipc.Finished) -> GenerationDone:

@@ -62,6 +62,7 @@ class LoadModel(_Frame, tag=1):
     n_threads: int
     n_batch: int
     n_seq: int
+    chat_template: str | None = None
 
 
 class UnloadModel(_Frame, tag=2):

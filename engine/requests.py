@@ -85,6 +85,9 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # context window (leaving room to answer) instead of failing.
     truncate: bool = False
     max_prompt_tokens: int = 0  # 0 = only the context window limits the prompt
+    # Seconds the model stays loaded after this request when idle (None = the
+    # engine's default; < 0 = forever; 0 = unload as soon as nothing runs).
+    keep_alive: float | None = None
 
 
 class TokenDelta(msgspec.Struct, frozen=True, gc=False):

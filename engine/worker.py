@@ -171,7 +171,8 @@ class Worker:
             cls = backend_class(choose_backend(msg.path, msg.backend or None))
             t0 = time.perf_counter()
             backend = cls.load(
-                msg.path, LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch, msg.n_seq)
+                msg.path,
+                LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch, msg.n_seq, msg.chat_template),
             )
             load_ms = (time.perf_counter() - t0) * 1000
         except ModelLoadError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -27,9 +26,11 @@ from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
 from gateway.logs import bind
 from gateway.metrics import Metrics
+from gateway.models import ModelRegistry, ResolvedModel
+from gateway.native import model_routes
 from gateway.sessions import CLOSE_GOING_AWAY, ConversationStore, Session
 from protocol.codec import SUBPROTOCOLS, codec_for
-from protocol.errors import ErrorCode, FerrousError, ModelNotFound
+from protocol.errors import ErrorCode, FerrousError
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
 
 __all__ = ["Gateway", "__version__", "error_body"]
@@ -50,9 +51,6 @@ def _denial(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
-ModelResolver = Callable[[str], Path | None]
-
-
 class Gateway:
     """Holds the engine, the authenticator, sessions and metrics; ``app`` is the ASGI app."""
 
@@ -61,8 +59,6 @@ class Gateway:
         config: ServerConfig,
         engine: EngineClient,
         auth: Authenticator,
-        *,
-        resolve_model: ModelResolver | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -72,13 +68,13 @@ class Gateway:
         self.conversations = ConversationStore(config.limits.max_conversations)
         self.sessions: set[Session] = set()
         self.draining = False
-        self._resolve = resolve_model
-        self._loading: dict[str, asyncio.Task[None]] = {}
+        self.models = ModelRegistry(config, engine)
         self.app = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
                 Route("/metrics", self.metrics_endpoint),
                 Route("/v1/tickets", self.tickets, methods=["POST"]),
+                *model_routes(self),
                 WebSocketRoute("/v1/ws", self.websocket),
                 # The chat page and the JS client it uses (static, no build step).
                 Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True, follow_symlink=True)),
@@ -87,29 +83,12 @@ class Gateway:
 
     # -- models ---------------------------------------------------------------------------
 
-    def model_names(self) -> list[str]:
-        return sorted(set(self.engine.models()) | set(self.config.models))
+    async def model_names(self) -> list[str]:
+        return await asyncio.to_thread(self.models.names)
 
-    async def ensure_model(self, name: str) -> None:
-        """Load ``name`` on first use (configured models, then the built-in catalog)."""
-        if name in self.engine.models():
-            return
-        task = self._loading.get(name)
-        if task is None:
-            task = asyncio.create_task(self._load(name))
-            self._loading[name] = task
-            task.add_done_callback(lambda _t: self._loading.pop(name, None))
-        await asyncio.shield(task)
-
-    async def _load(self, name: str) -> None:
-        entry = self.config.models.get(name)
-        if entry is not None:
-            await self.engine.load(name, entry.path, backend=entry.backend, n_ctx=entry.n_ctx)
-            return
-        path = await asyncio.to_thread(self._resolve, name) if self._resolve else None
-        if path is None:
-            raise ModelNotFound(f"model {name!r} is not known to this server")
-        await self.engine.load(name, path)
+    async def ensure_model(self, name: str, keep_alive: float | None = None) -> ResolvedModel:
+        """Load ``name`` on first use (configured models, the store, then the catalog)."""
+        return await self.models.ensure(name, keep_alive=keep_alive)
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -123,7 +102,7 @@ class Gateway:
             self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
-    def _http_principal(self, request: Request) -> Principal:
+    def http_principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         credential = header[7:].strip() if header.lower().startswith("bearer ") else None
         return self.auth.authenticate(credential or request.headers.get("x-api-key"))
@@ -131,7 +110,7 @@ class Gateway:
     async def tickets(self, request: Request) -> Response:
         """A short-lived single-use ticket for a browser's WebSocket URL."""
         try:
-            principal = self._http_principal(request)
+            principal = self.http_principal(request)
         except Unauthorized as exc:
             return _denial(401, ErrorCode.UNAUTHORIZED, exc.message)
         ticket = self.auth.issue_ticket(principal)

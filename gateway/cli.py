@@ -1,4 +1,4 @@
-"""The ``ferrous`` command: serve, run, token, config, version.
+"""The ``ferrous`` command: serve, run, token, key, config, version, and model management.
 
 ``ferrous run MODEL [PROMPT]`` talks to a running server over the WebSocket
 protocol, or starts one inside the command when none answers; without a
@@ -26,6 +26,7 @@ from websockets.typing import Subprotocol
 
 from gateway.app import __version__
 from gateway.config import ConfigError, ServerConfig, load_config, redacted, render_toml
+from gateway.modelcli import COMMANDS, add_model_commands, ensure_local_model, run_model_command
 from gateway.server import build_authenticator, running_server, serve
 from protocol import messages as m
 from protocol.codec import codec_for
@@ -153,6 +154,7 @@ async def _ask(
 
 async def _run(args: argparse.Namespace) -> int:
     config = _config(args)
+    model = await ensure_local_model(config, args.model)
     options = m.Options(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     auth = build_authenticator(config)
     token = auth.issue_token(sub=getpass.getuser(), ttl=24 * 3600) if auth.enabled else None
@@ -173,7 +175,7 @@ async def _run(args: argparse.Namespace) -> int:
             return 1
         conversation: str | None = None
         if args.prompt:
-            conversation = await _ask(ws, "g1", args.model, " ".join(args.prompt), None, options)
+            conversation = await _ask(ws, "g1", model, " ".join(args.prompt), None, options)
             return 0
         n = 0
         while True:
@@ -187,7 +189,7 @@ async def _run(args: argparse.Namespace) -> int:
             if line.strip() in ("/bye", "/exit"):
                 return 0
             n += 1
-            conversation = await _ask(ws, f"g{n}", args.model, line, conversation, options)
+            conversation = await _ask(ws, f"g{n}", model, line, conversation, options)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -231,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="chat with a model (starts a server when none runs)")
     _server_flags(p)
-    p.add_argument("model")
+    p.add_argument("model", help="a model name (pulled when in the catalog) or a GGUF path")
     p.add_argument("prompt", nargs="*")
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-tokens", type=int)
@@ -259,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("version", help="print the version")
+    add_model_commands(sub)
 
     args = parser.parse_args(argv)
     try:
@@ -279,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "key":
             return _keys(args)
+        if args.command in COMMANDS:
+            return run_model_command(args)
         if args.command == "serve":
             return uvloop.run(serve(_config(args)))
         if args.command == "run":

@@ -32,6 +32,8 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.inspect as mi
 
+from engine.store.sources import CatalogEntry
+from protocol.durations import parse_duration
 from protocol.errors import ErrorCode, FerrousError
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "ServerConfig",
     "ferrous_home",
     "load_config",
+    "parse_size",
     "redacted",
     "render_toml",
 ]
@@ -115,6 +118,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grace_period: NonNegativeSeconds = 10.0  # in-flight generations may finish on shutdown
     permessage_deflate: bool = False
     models: dict[ModelName, ModelEntry] = msgspec.field(default_factory=dict)  # loaded at start
+    # Short names for sources, next to the built-in ones (``ferrous pull NAME``).
+    catalog: dict[ModelName, CatalogEntry] = msgspec.field(default_factory=dict)
+    auto_pull: bool = True  # pull catalog models on first use
+    allow_remote_pull: bool = True  # WS/HTTP clients may pull (catalog names, https, hf, pypi)
+    keep_alive: float | str = "5m"  # idle models stay loaded this long; -1 = forever, 0 = unload
+    memory_budget: int | str = "auto"  # bytes ("8GiB", 8589934592) for loaded models
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -124,6 +133,28 @@ class ConfigError(FerrousError):
     """The configuration is invalid; the message names the key and what was expected."""
 
     code = ErrorCode.BAD_REQUEST
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_size(value: int | str, *, key: str = "memory_budget") -> int:
+    """Bytes for ``8GiB``, ``512MB``, ``1000000`` (0 or ``auto`` = let the engine decide)."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative")
+        return value
+    text = value.strip()
+    if text.lower() == "auto":
+        return 0
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ConfigError(f'{key}: {value!r} is not a size (use e.g. "8GiB", "512MB" or bytes)')
+    unit = (match.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    factor = _SIZE_UNITS[unit[:1]] if base == 1000 else base ** ("kmgt".index(unit[0]) + 1)
+    return int(float(match.group(1)) * factor)
 
 
 def ferrous_home(config: ServerConfig | None = None) -> Path:
@@ -377,7 +408,7 @@ def _explain(msg: str, path: _Path) -> str:
 
 def _validate(data: dict[str, object], sources: _Sources) -> ServerConfig:
     try:
-        return msgspec.convert(data, ServerConfig, strict=False)
+        config = msgspec.convert(data, ServerConfig, strict=False)
     except msgspec.ValidationError as exc:
         msg, segments = _parse_error(exc)
         sub_msg, path = _resolve_keys(data, segments)
@@ -387,6 +418,18 @@ def _validate(data: dict[str, object], sources: _Sources) -> ServerConfig:
         origin = _origin_of((*path, unknown.group(1)) if unknown else path, sources)
         suffix = f" ({origin})" if origin else ""
         raise ConfigError(f"config: {text}{suffix}") from None
+    for key, check in (
+        ("keep_alive", lambda: parse_duration(config.keep_alive)),
+        ("memory_budget", lambda: parse_size(config.memory_budget)),
+    ):
+        try:
+            check()
+        except FerrousError as exc:
+            origin = _origin_of((key,), sources)
+            raise ConfigError(
+                f"config: {exc.message}" + (f" ({origin})" if origin else "")
+            ) from None
+    return config
 
 
 # --------------------------------------------------------------------------- public

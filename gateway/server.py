@@ -18,7 +18,6 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -27,30 +26,18 @@ from engine import EngineClient, EngineConfig
 from engine.client import default_threads, default_workers
 from gateway.app import Gateway
 from gateway.auth import Authenticator
-from gateway.config import ConfigError, ServerConfig, ferrous_home
+from gateway.config import ConfigError, ServerConfig, ferrous_home, parse_size
 from gateway.logs import configure_logging
+from protocol.durations import parse_duration
 
 __all__ = [
     "RunningServer",
     "build_authenticator",
-    "resolve_builtin_model",
     "running_server",
     "serve",
 ]
 
 log = logging.getLogger("ferrous.server")
-
-
-def resolve_builtin_model(name: str) -> Path | None:
-    """The built-in catalog: short names the server can fetch by itself, or a GGUF path."""
-    if name in ("smollm2", "smollm2:135m"):
-        from engine.smollm2 import fetch_smollm2
-
-        return fetch_smollm2()
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
-        return path
-    return None
 
 
 def build_authenticator(config: ServerConfig) -> Authenticator:
@@ -144,6 +131,8 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         seqs_per_worker=config.seqs_per_worker,
         ring_capacity=config.ring_capacity,
         stall_timeout=config.stall_timeout,
+        memory_budget=parse_size(config.memory_budget),
+        keep_alive=parse_duration(config.keep_alive),
     )
 
 
@@ -173,9 +162,9 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     _check_bind(config)
     auth = build_authenticator(config)
     async with EngineClient(_engine_config(config)) as engine:
-        for name, entry in config.models.items():
-            await engine.load(name, entry.path, backend=entry.backend, n_ctx=entry.n_ctx)
-        gateway = Gateway(config, engine, auth, resolve_model=resolve_builtin_model)
+        gateway = Gateway(config, engine, auth)
+        for name in config.models:  # configured models stay loaded (keep_alive -1)
+            await gateway.models.ensure(name, keep_alive=-1)
         server = _Server(_uvicorn_config(config, gateway), gateway, config.grace_period)
         sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -22,23 +22,24 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from engine import (
     ChatMessage as EngineMessage,
 )
 from engine import (
     FinishReason,
     GenerateRequest,
-    SamplingParams,
     TokenDelta,
 )
+from engine.store.pull import PullEvent
 from gateway.auth import Principal
 from gateway.logs import bind
+from gateway.models import sampling_for, seed_messages
 from protocol import messages as m
 from protocol.codec import Codec
+from protocol.durations import parse_duration
 from protocol.errors import (
     BadRequest,
+    Cancelled,
     Conflict,
     FerrousError,
     NotFound,
@@ -90,14 +91,6 @@ class ConversationStore:
 
     def forget(self, owner: tuple[str | None, str], conv_id: str) -> bool:
         return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None
-
-
-def _sampling(options: m.Options | None) -> SamplingParams:
-    """Protocol options over the engine defaults (unset fields keep the default)."""
-    if options is None:
-        return SamplingParams()
-    given = {k: v for k, v in msgspec.structs.asdict(options).items() if v is not None}
-    return msgspec.convert(given, SamplingParams)
 
 
 class Session:
@@ -212,7 +205,7 @@ class Session:
                 await self.send(m.ServerHeartbeat(time.time()))
             case _ if not self.helloed:
                 raise BadRequest("send hello first")
-            case m.Generate() | m.Chat():
+            case m.Generate() | m.Chat() | m.Pull():
                 self._start(msg)
             case m.Cancel():
                 await self._cancel(msg.id)
@@ -243,7 +236,7 @@ class Session:
                 version=g.version,
                 session=self.id,
                 user=self.principal.user,
-                models=g.model_names(),
+                models=await g.model_names(),
                 limits=m.Limits(
                     lim.max_frame_bytes,
                     lim.max_concurrent_generations,
@@ -256,7 +249,7 @@ class Session:
 
     # -- generations --------------------------------------------------------------------
 
-    def _start(self, msg: m.Generate | m.Chat) -> None:
+    def _start(self, msg: m.Generate | m.Chat | m.Pull) -> None:
         limit = self.gateway.config.limits.max_concurrent_generations
         if msg.id in self.gens:
             raise _with_id(Conflict(f"generation {msg.id!r} is still running"), msg.id)
@@ -266,7 +259,8 @@ class Session:
             )
         if self.gateway.draining:
             raise _with_id(Overloaded("the server is shutting down"), msg.id)
-        task = asyncio.create_task(self._generate(msg), name=f"gen-{self.id}-{msg.id}")
+        work = self._pull(msg) if isinstance(msg, m.Pull) else self._generate(msg)
+        task = asyncio.create_task(work, name=f"gen-{self.id}-{msg.id}")
         self.gens[msg.id] = task
         gen_id = msg.id
 
@@ -308,6 +302,7 @@ class Session:
         t0 = time.perf_counter()
         conv = None
         conv_id = None
+        seeded = 0
         parts: list[str] = []
         metrics.generations.inc()
         with bind(session=self.id, request=msg.id):
@@ -315,28 +310,38 @@ class Session:
                 self._phase[msg.id] = "prep"
                 if msg.id in self._user_cancelled:
                     raise asyncio.CancelledError
-                await g.ensure_model(msg.model)
+                keep_alive = None if msg.keep_alive is None else parse_duration(msg.keep_alive)
+                resolved = await g.ensure_model(msg.model, keep_alive)
+                sampling = sampling_for(msg.options, resolved)
                 if isinstance(msg, m.Chat):
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
                     conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
+                    if not conv.messages:
+                        seeds = seed_messages(resolved)
+                        if any(x.role == "system" for x in msg.messages):
+                            seeds = [x for x in seeds if x.role != "system"]
+                        conv.messages.extend(seeds)
+                        seeded = len(seeds)
                     conv.messages.extend(EngineMessage(x.role, x.content) for x in msg.messages)
                     request = GenerateRequest(
-                        model=msg.model,
+                        model=resolved.key,
                         messages=list(conv.messages),
-                        sampling=_sampling(msg.options),
+                        sampling=sampling,
                         request_id=self._request_id(msg.id),
                         token_ids=msg.token_ids,
                         truncate=True,
                         max_prompt_tokens=g.config.limits.max_prompt_tokens,
+                        keep_alive=keep_alive,
                     )
                 else:
                     request = GenerateRequest(
-                        model=msg.model,
+                        model=resolved.key,
                         prompt=msg.prompt,
-                        sampling=_sampling(msg.options),
+                        sampling=sampling,
                         request_id=self._request_id(msg.id),
                         token_ids=msg.token_ids,
                         max_prompt_tokens=g.config.limits.max_prompt_tokens,
+                        keep_alive=keep_alive,
                     )
                 await self.send(m.Started(msg.id, msg.model, conv_id))
                 log.info("generation started on %s", msg.model)
@@ -386,7 +391,7 @@ class Session:
                 log.info("generation refused: %s: %s", exc.code.value, exc.message)
                 if conv is not None:
                     # The request never ran: do not keep messages the model did not see.
-                    del conv.messages[len(conv.messages) - len(msg.messages) :]  # type: ignore[union-attr]
+                    del conv.messages[len(conv.messages) - len(msg.messages) - seeded :]  # type: ignore[union-attr]
                 await self.send_error(exc, msg.id)
             except asyncio.CancelledError:
                 ending = self._phase.get(msg.id) == "ending"
@@ -405,6 +410,62 @@ class Session:
             finally:
                 self._user_cancelled.discard(msg.id)
                 metrics.generations.dec()
+
+    async def _pull(self, msg: m.Pull) -> None:
+        """Pull a model into the store, streaming progress messages (latest state wins)."""
+        self._phase[msg.id] = "prep"
+        # Only the latest event waits to be sent: a slow client skips intermediate
+        # byte counts instead of queueing them.
+        latest: list[PullEvent] = []
+        wake = asyncio.Event()
+        finished = False
+
+        def on_progress(event: PullEvent) -> None:
+            if event.status != "success":
+                latest[:] = [event]
+                wake.set()
+
+        async def forward() -> None:
+            while True:
+                await wake.wait()
+                wake.clear()
+                pending = latest[:]
+                latest.clear()
+                for e in pending:
+                    await self.send(m.Progress(msg.id, e.status, e.digest, e.total, e.completed))
+                if finished:
+                    return
+
+        async def flush() -> None:
+            nonlocal finished
+            finished = True
+            wake.set()
+            await sender
+
+        with bind(session=self.id, request=msg.id):
+            sender = asyncio.create_task(forward())
+            try:
+                record = await self.gateway.models.pull(
+                    msg.model,
+                    source=msg.source,
+                    sha256=msg.sha256,
+                    progress=on_progress,
+                    remote=True,
+                )
+                await flush()
+                await self.send(m.Progress(msg.id, "success", None, record.size, record.size))
+            except FerrousError as exc:
+                log.info("pull failed: %s: %s", exc.code.value, exc.message)
+                await flush()
+                await self.send_error(exc, msg.id)
+            except asyncio.CancelledError:
+                if msg.id in self._user_cancelled and not self.closed:
+                    with contextlib.suppress(Exception):
+                        await self.send_error(Cancelled("pull cancelled"), msg.id)
+                raise
+            finally:
+                sender.cancel()
+                self._user_cancelled.discard(msg.id)
 
 
 def _with_id(exc: FerrousError, gen_id: str) -> FerrousError:

@@ -14,6 +14,7 @@ shape without guessing::
     ├── TooLarge                 too_large
     ├── Conflict                 conflict
     ├── NotFound                 not_found
+    ├── Forbidden                forbidden
     └── EngineError              engine_error (worker died, backend failed)
         └── ModelLoadError       engine_error, names the file and the reason
 
@@ -32,6 +33,7 @@ __all__ = [
     "EngineError",
     "ErrorCode",
     "FerrousError",
+    "Forbidden",
     "ModelLoadError",
     "ModelNotFound",
     "NotFound",
@@ -109,6 +111,10 @@ class NotFound(FerrousError):
     code = ErrorCode.NOT_FOUND
 
 
+class Forbidden(FerrousError):
+    code = ErrorCode.FORBIDDEN
+
+
 class RateLimited(FerrousError):
     code = ErrorCode.RATE_LIMITED
     retryable = True
@@ -148,6 +154,7 @@ ERRORS_BY_CODE: dict[ErrorCode, type[FerrousError]] = {
     ErrorCode.TOO_LARGE: TooLarge,
     ErrorCode.CONFLICT: Conflict,
     ErrorCode.NOT_FOUND: NotFound,
+    ErrorCode.FORBIDDEN: Forbidden,
     ErrorCode.RATE_LIMITED: RateLimited,
     ErrorCode.ENGINE_ERROR: EngineError,
 }

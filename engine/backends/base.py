@@ -39,6 +39,7 @@ class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_threads: int = 2
     n_batch: int = 512
     n_seq: int = 4
+    chat_template: str | None = None  # overrides the model's own (a Modelfile TEMPLATE)
 
 
 class Backend(abc.ABC):

@@ -53,7 +53,7 @@ class CTransformersBackend(Backend):
             raise ModelLoadError(
                 path, "backend", f"ctransformers could not load it ({exc})"
             ) from None
-        return cls(llm, n_ctx, header.chat_template, params.n_threads)
+        return cls(llm, n_ctx, params.chat_template or header.chat_template, params.n_threads)
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         data = text.encode("utf-8")

@@ -130,7 +130,8 @@ class LlamaCppBackend(Backend):
             raise ModelLoadError(
                 path, "backend", f"llama.cpp could not create a {n_ctx}-token context"
             )
-        return cls(model, ctx, header.chat_template, n_ctx, max(1, params.n_seq), n_batch)
+        template = params.chat_template or header.chat_template
+        return cls(model, ctx, template, n_ctx, max(1, params.n_seq), n_batch)
 
     # -- vocabulary -----------------------------------------------------------------
 

