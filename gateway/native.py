@@ -200,7 +200,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
 
     async def copy(request: Request) -> Response:
         body = await read_body(request, _CopyBody)
-        record = await registry.manager.copy(body.source, body.destination)
+        record = await registry.copy(body.source, body.destination)
         return JSONResponse(record_json(record))
 
     async def create(request: Request) -> Response:
@@ -273,7 +273,7 @@ async def _pull_events(gateway: Gateway, body: _PullBody) -> AsyncIterator[bytes
             pending = latest[:]
             latest.clear()
             for e in pending:
-                yield _sse("progress", msgspec.structs.asdict(e))
+                yield _sse("progress", msgspec.to_builtins(e))
             if task.done():
                 break
         try:

@@ -91,9 +91,15 @@ class _Server(uvicorn.Server):
 
     def _start_drain(self) -> None:
         if self._drain is None:
-            self._drain = asyncio.ensure_future(self.shutdown_gracefully())
+            self._drain = asyncio.ensure_future(self._shutdown())
 
     async def shutdown_gracefully(self) -> None:
+        """Drain once: a signal may already have started it."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._drain)
+
+    async def _shutdown(self) -> None:
         log.info("shutting down: draining for up to %.1f s", self.grace)
         for server in getattr(self, "servers", []):
             server.close()  # stop accepting connections

@@ -26,6 +26,9 @@ class Seen:
     if_range: str | None
     status: int = 0
     sent: int = 0  # body bytes written
+    path: str = ""
+    authorization: str | None = None
+    method: str = "GET"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Behaviour:
     drop_requests: int = 0  # ... on the first N requests
     slow_requests: int = 0  # the first N requests trickle the body
     slow_delay: float = 0.05  # seconds between pieces of a slow body
+    linked_etag: str | None = None  # sent on HEAD, as the Hugging Face Hub does for LFS files
     requests: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,9 +67,33 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+    def do_HEAD(self) -> None:
+        b = self.server.behaviour
+        with b.lock:
+            b.requests.append(
+                Seen(
+                    None,
+                    None,
+                    path=self.path,
+                    authorization=self.headers.get("Authorization"),
+                    method="HEAD",
+                )
+            )
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b.payload)))
+        if b.linked_etag is not None:
+            self.send_header("X-Linked-Etag", f'"{b.linked_etag}"')
+        self.end_headers()
+
     def do_GET(self) -> None:
         b = self.server.behaviour
-        seen = Seen(self.headers.get("Range"), self.headers.get("If-Range"))
+        seen = Seen(
+            self.headers.get("Range"),
+            self.headers.get("If-Range"),
+            path=self.path,
+            authorization=self.headers.get("Authorization"),
+            method=self.command,
+        )
         with b.lock:
             n = len(b.requests)
             b.requests.append(seen)

@@ -21,7 +21,7 @@ from engine.store.names import parse_ref
 from engine.store.pull import ModelManager, PullEvent
 from engine.store.sources import CatalogEntry, Source, hf_url, parse_source
 from engine.store.store import ModelStore
-from engine.tinymodels import write_tiny_llama
+from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
 
 from .fileserver import serve_payload
 
@@ -271,35 +271,39 @@ async def test_concurrent_pulls_of_one_model_share_one_download(
         assert seen_a[-1].status == seen_b[-1].status == "success"
 
 
-async def test_pull_resumes_after_the_pulling_process_is_killed(
-    tmp_path: Path, tiny_bytes: bytes
-) -> None:
+async def test_pull_resumes_after_the_pulling_process_is_killed(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    with serve_payload(tiny_bytes) as srv:
-        srv.behaviour.slow_requests, srv.behaviour.slow_delay = 1, 0.2
+    big = write_tiny_llama(tmp_path / "big.gguf", spec=TinyLlamaSpec(n_embd=256, n_layer=4))
+    payload = big.read_bytes()
+    assert len(payload) > 3 * 1024 * 1024
+    with serve_payload(payload) as srv, (tmp_path / "pull.err").open("wb") as err:
+        srv.behaviour.slow_requests, srv.behaviour.slow_delay = 1, 0.02
         child = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "pull", "resumed", srv.url],
             cwd=REPO,
             env={**_env(), "FERROUS_HOME": str(home)},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=err,
         )
-        partial = home / "models" / "partial"
-        deadline = time.monotonic() + 30
-        while not any(p.stat().st_size for p in partial.glob("*.partial")):
-            assert time.monotonic() < deadline, "the child never wrote a partial"
-            time.sleep(0.02)
-        while srv.behaviour.sent() < 3 * 64 * 1024:
-            time.sleep(0.02)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        try:
+            partial = home / "models" / "partial"
+            deadline = time.monotonic() + 30
+            while not any(p.stat().st_size for p in partial.glob("*.partial")):
+                assert time.monotonic() < deadline, (tmp_path / "pull.err").read_text()
+                time.sleep(0.02)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+        kept = sum(p.stat().st_size for p in partial.glob("*.partial"))
+        assert 0 < kept < len(payload)
         mgr = ModelManager(ModelStore(home / "models"))
         assert await mgr.models() == []  # nothing registered by the killed pull
         record = await mgr.pull("resumed", source=srv.url)
         second = srv.behaviour.requests[-1]
-        assert second.range is not None and int(second.range[6:].split("-")[0]) > 0
-        assert mgr.store.model_path(record).read_bytes() == tiny_bytes
-        assert srv.behaviour.sent() < 1.2 * len(tiny_bytes)
+        assert second.range is not None and int(second.range[6:].split("-")[0]) >= kept
+        assert mgr.store.model_path(record).read_bytes() == payload
+        assert srv.behaviour.sent() < 1.2 * len(payload)
 
 
 async def test_pypi_source_resolves_smollm2(tmp_path: Path) -> None:
@@ -329,3 +333,26 @@ async def test_unknown_names_and_bad_sources_are_typed_errors(tmp_path: Path) ->
     with pytest.raises(StoreError) as e:
         await mgr.pull("bad name!")
     assert e.value.code.value == "bad_request"
+
+
+async def test_hf_source_uses_the_endpoint_token_and_published_digest(
+    tmp_path: Path, tiny_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf:// against a local stand-in for the Hub (HF_ENDPOINT), checking what is asked."""
+    with serve_payload(tiny_bytes) as srv:
+        endpoint = srv.url.rsplit("/", 1)[0]
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        srv.behaviour.linked_etag = "ab" * 32  # the Hub says the file has another digest
+        mgr = _manager(tmp_path)
+        with pytest.raises(StoreError) as e:
+            await mgr.pull("hf://org/repo/sub/Model.gguf@v2")
+        assert e.value.reason == "digest_mismatch"
+        head, get = srv.behaviour.requests[:2]
+        assert (head.method, get.method) == ("HEAD", "GET")
+        assert get.path == "/org/repo/resolve/v2/sub/Model.gguf"
+        assert get.authorization == "Bearer hf_secret"
+        srv.behaviour.linked_etag = hashlib.sha256(tiny_bytes).hexdigest()
+        record = await mgr.pull("hf://org/repo/sub/Model.gguf@v2")
+        assert str(record.ref) == "model:latest"
+        assert record.manifest.source == "hf://org/repo/sub/Model.gguf@v2"

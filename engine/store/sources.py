@@ -91,7 +91,7 @@ BUILTIN_CATALOG: Mapping[str, CatalogEntry] = {
     ),
     "tiny-script": CatalogEntry(
         source="tiny://script",
-        description="a tiny Llama that always answers \"Hi!\" (for tests)",
+        description='a tiny Llama that always answers "Hi!" (for tests)',
         license="Apache-2.0",
     ),
 }
