@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -68,6 +69,7 @@ class Gateway:
         self.conversations = ConversationStore(config.limits.max_conversations)
         self.sessions: set[Session] = set()
         self.draining = False
+        self.started_at = time.time()
         self.models = ModelRegistry(config, engine)
         self.app = Starlette(
             routes=[

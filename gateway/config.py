@@ -93,6 +93,7 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_conversations: Positive = 64  # kept per user (and tenant); least recently used dropped
     heartbeat_interval: PositiveSeconds = 20.0
     max_sessions: Positive = 10000
+    max_body_bytes: Positive = 8 * 1024 * 1024  # HTTP request bodies
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

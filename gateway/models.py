@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from engine import ChatMessage, EngineClient, SamplingParams
+from engine import ChatMessage, EngineClient
 from engine.store.manifest import Manifest, ParamValue
 from engine.store.modelfile import parse_modelfile
 from engine.store.names import parse_ref
@@ -31,28 +31,15 @@ from engine.store.pull import ModelManager, PullListener
 from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
 from gateway.config import ServerConfig, ferrous_home
-from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import BadRequest, FerrousError, Forbidden, ModelNotFound
 
-__all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "sampling_for", "seed_messages"]
+__all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "seed_messages"]
 
 # Sources a network client may ask the server to fetch (never the server's own files).
 REMOTE_SCHEMES = ("https://", "http://", "hf://", "pypi://", "tiny://")
 
 NAMES_TTL = 2.0  # seconds the list of model names offered in ``ready`` is reused
-
-# Modelfile PARAMETER name -> SamplingParams field
-_SAMPLING_PARAMS = {
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "repeat_penalty": "repeat_penalty",
-    "seed": "seed",
-    "stop": "stop",
-    "num_predict": "max_tokens",
-}
 
 
 class ResolvedModel(msgspec.Struct, frozen=True):
@@ -60,25 +47,6 @@ class ResolvedModel(msgspec.Struct, frozen=True):
 
     key: str  # the engine's name for it
     manifest: Manifest | None = None  # None for config entries
-
-
-def sampling_for(options: m.Options | None, resolved: ResolvedModel) -> SamplingParams:
-    """The request's options over the model's Modelfile parameters over the engine defaults."""
-    given: dict[str, object] = {}
-    if resolved.manifest is not None:
-        for name, value in resolved.manifest.parameters.items():
-            field = _SAMPLING_PARAMS.get(name)
-            if field is None:
-                continue
-            if field == "max_tokens" and isinstance(value, int) and value < 0:
-                continue  # Ollama's -1 / -2: no limit
-            given[field] = value
-    if options is not None:
-        given.update({k: v for k, v in msgspec.structs.asdict(options).items() if v is not None})
-    try:
-        return msgspec.convert(given, SamplingParams)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid sampling options: {exc}") from None
 
 
 def seed_messages(resolved: ResolvedModel) -> list[ChatMessage]:
@@ -123,7 +91,8 @@ class ModelRegistry:
             return self._names[1]
         stored = [r.ref.short for r in self.manager.store.models()]
         catalog = [n for n in self.manager.catalog if ":" not in n]
-        names = sorted(set(self.config.models) | set(stored) | set(catalog))
+        # Configured models first (what the operator chose), then the store, then the catalog.
+        names = list(dict.fromkeys([*self.config.models, *sorted(stored), *sorted(catalog)]))
         self._names = (now, names)
         return names
 

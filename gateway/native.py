@@ -12,71 +12,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.store.errors import StoreError
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
-from gateway.auth import Unauthorized
-from protocol.errors import BadRequest, ErrorCode, FerrousError, TooLarge
+from gateway.httpapi import SSE_HEADERS, Handler, http_status, read_body
+from gateway.httpapi import guarded as _guarded
+from protocol.errors import ErrorCode, FerrousError
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["http_status", "model_routes", "record_json"]
-
-MAX_BODY = 1024 * 1024
-_T = TypeVar("_T")
-
-_STATUS = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.MODEL_NOT_FOUND: 404,
-    ErrorCode.CONFLICT: 409,
-    ErrorCode.TOO_LARGE: 413,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.OVERLOADED: 503,
-    ErrorCode.CANCELLED: 499,
-    ErrorCode.STALLED: 504,
-    ErrorCode.ENGINE_ERROR: 500,
-    ErrorCode.INTERNAL: 500,
-}
-_STORE_STATUS = {
-    "digest_mismatch": 502,
-    "http": 502,
-    "network": 502,
-    "source": 502,
-    "disk_full": 507,
-}
+__all__ = ["model_routes", "modelfile_of", "native_error", "record_json"]
 
 
-def http_status(exc: FerrousError) -> int:
-    if isinstance(exc, StoreError) and exc.reason in _STORE_STATUS:
-        return _STORE_STATUS[exc.reason]
-    return _STATUS.get(exc.code, 500)
-
-
-def _error(exc: FerrousError) -> JSONResponse:
+def native_error(exc: FerrousError) -> JSONResponse:
     body = {"error": {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}}
     headers = {"WWW-Authenticate": "Bearer"} if exc.code is ErrorCode.UNAUTHORIZED else None
     return JSONResponse(body, status_code=http_status(exc), headers=headers)
 
 
 def record_json(record: ModelRecord) -> dict[str, Any]:
+    """A stored model, in a shape that is also an OpenAI model object (``id``, ``object``…)."""
     m = record.manifest
     return {
+        "id": record.ref.short,
+        "object": "model",
+        "created": int(record.modified),
+        "owned_by": "ferrousforge",
         "name": record.ref.short,
         "model": str(record.ref),
-        "id": record.id[:12],
         "digest": record.id,
         "size": record.size,
         "format": m.format,
@@ -122,43 +94,12 @@ class _ModelBody(msgspec.Struct, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-async def read_body(request: Request, kind: type[_T]) -> _T:
-    """Decode a JSON body into ``kind``; errors name the offending field."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise TooLarge(f"request body of {length} bytes exceeds {MAX_BODY}")
-    data = b""
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY:
-            raise TooLarge(f"request body exceeds {MAX_BODY} bytes")
-    try:
-        return msgspec.json.decode(data, type=kind)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
 def model_routes(gateway: Gateway) -> list[Route]:
     """The native model-management routes, bound to ``gateway``."""
     registry = gateway.models
 
     def guarded(fn: Handler) -> Handler:
-        async def handler(request: Request) -> Response:
-            try:
-                gateway.http_principal(request)
-                return await fn(request)
-            except Unauthorized as exc:
-                return _error(exc)
-            except FerrousError as exc:
-                gateway.metrics.errors.labels(exc.code.value).inc()
-                return _error(exc)
-
-        return handler
+        return _guarded(gateway, native_error, fn)
 
     async def list_models(request: Request) -> Response:
         records = await registry.manager.models()
@@ -169,13 +110,25 @@ def model_routes(gateway: Gateway) -> list[Route]:
             item["loaded"] = str(r.ref) in loaded
             out.append(item)
         for name, entry in gateway.config.models.items():
-            out.append({"name": name, "model": name, "path": entry.path, "loaded": name in loaded})
+            out.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": int(gateway.started_at),
+                    "owned_by": "ferrousforge",
+                    "name": name,
+                    "model": name,
+                    "path": entry.path,
+                    "loaded": name in loaded,
+                }
+            )
         catalog = [
             {"name": n, "description": e.description, "source": e.source}
             for n, e in sorted(registry.manager.catalog.items())
             if ":" not in n
         ]
-        return JSONResponse({"models": out, "catalog": catalog})
+        # The OpenAI list shape ("object", "data"), with the store's own fields per model.
+        return JSONResponse({"object": "list", "data": out, "catalog": catalog})
 
     async def show(request: Request) -> Response:
         name = request.path_params["name"]
@@ -199,12 +152,12 @@ def model_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse({"deleted": request.path_params["name"], "blobs_removed": removed})
 
     async def copy(request: Request) -> Response:
-        body = await read_body(request, _CopyBody)
+        body = await read_body(gateway, request, _CopyBody)
         record = await registry.copy(body.source, body.destination)
         return JSONResponse(record_json(record))
 
     async def create(request: Request) -> Response:
-        body = await read_body(request, _CreateBody)
+        body = await read_body(gateway, request, _CreateBody)
         record = await registry.create(body.name, body.modelfile, remote=True)
         return JSONResponse(record_json(record))
 
@@ -214,12 +167,12 @@ def model_routes(gateway: Gateway) -> list[Route]:
         )
 
     async def unload(request: Request) -> Response:
-        body = await read_body(request, _ModelBody)
+        body = await read_body(gateway, request, _ModelBody)
         key = await registry.unload(body.model)
         return JSONResponse({"unloaded": key})
 
     async def pull(request: Request) -> Response:
-        body = await read_body(request, _PullBody)
+        body = await read_body(gateway, request, _PullBody)
         if not body.stream:
             record = await registry.pull(
                 body.model, source=body.source, sha256=body.sha256, remote=True
@@ -228,7 +181,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
         # Validate before the stream starts, so a bad request still gets a 4xx status.
         registry.check_remote_pull(body.model, body.source)
         return StreamingResponse(
-            _pull_events(gateway, body), media_type="text/event-stream", headers=_SSE_HEADERS
+            _pull_events(gateway, body), media_type="text/event-stream", headers=SSE_HEADERS
         )
 
     return [
@@ -241,9 +194,6 @@ def model_routes(gateway: Gateway) -> list[Route]:
         Route("/v1/models/{name:path}", guarded(show), methods=["GET"]),
         Route("/v1/models/{name:path}", guarded(delete), methods=["DELETE"]),
     ]
-
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _sse(event: str, data: object) -> bytes:

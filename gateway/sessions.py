@@ -27,13 +27,13 @@ from engine import (
 )
 from engine import (
     FinishReason,
-    GenerateRequest,
     TokenDelta,
 )
 from engine.store.pull import PullEvent
 from gateway.auth import Principal
+from gateway.generation import format_options, prepare, run
 from gateway.logs import bind
-from gateway.models import sampling_for, seed_messages
+from gateway.models import seed_messages
 from protocol import messages as m
 from protocol.codec import Codec
 from protocol.durations import parse_duration
@@ -298,22 +298,19 @@ class Session:
 
     async def _generate(self, msg: m.Generate | m.Chat) -> None:
         g = self.gateway
-        metrics = g.metrics
         t0 = time.perf_counter()
         conv = None
         conv_id = None
         seeded = 0
         parts: list[str] = []
-        metrics.generations.inc()
         with bind(session=self.id, request=msg.id):
             try:
                 self._phase[msg.id] = "prep"
                 if msg.id in self._user_cancelled:
                     raise asyncio.CancelledError
                 keep_alive = None if msg.keep_alive is None else parse_duration(msg.keep_alive)
-                resolved = await g.ensure_model(msg.model, keep_alive)
-                sampling = sampling_for(msg.options, resolved)
                 if isinstance(msg, m.Chat):
+                    resolved = await g.ensure_model(msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
                     conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
                     if not conv.messages:
@@ -323,46 +320,42 @@ class Session:
                         conv.messages.extend(seeds)
                         seeded = len(seeds)
                     conv.messages.extend(EngineMessage(x.role, x.content) for x in msg.messages)
-                    request = GenerateRequest(
-                        model=resolved.key,
+                    prepared = await prepare(
+                        g,
+                        msg.model,
                         messages=list(conv.messages),
-                        sampling=sampling,
-                        request_id=self._request_id(msg.id),
-                        token_ids=msg.token_ids,
-                        truncate=True,
-                        max_prompt_tokens=g.config.limits.max_prompt_tokens,
+                        options=msg.options,
+                        extra=format_options(msg.format),
                         keep_alive=keep_alive,
+                        token_ids=msg.token_ids,
+                        request_id=self._request_id(msg.id),
+                        seed=False,
+                        started=t0,
                     )
                 else:
-                    request = GenerateRequest(
-                        model=resolved.key,
+                    prepared = await prepare(
+                        g,
+                        msg.model,
                         prompt=msg.prompt,
-                        sampling=sampling,
-                        request_id=self._request_id(msg.id),
-                        token_ids=msg.token_ids,
-                        max_prompt_tokens=g.config.limits.max_prompt_tokens,
+                        options=msg.options,
+                        extra=format_options(msg.format),
                         keep_alive=keep_alive,
+                        token_ids=msg.token_ids,
+                        request_id=self._request_id(msg.id),
+                        started=t0,
                     )
                 await self.send(m.Started(msg.id, msg.model, conv_id))
                 log.info("generation started on %s", msg.model)
-                last = 0.0
                 if msg.id in self._user_cancelled:
                     raise asyncio.CancelledError
                 self._phase[msg.id] = "engine"
-                async for ev in g.engine.generate(request):
+                async for ev in run(g, prepared):
                     if isinstance(ev, TokenDelta):
                         await self._take_credit(len(ev.text.encode("utf-8")))
                         await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids))
-                        now = time.perf_counter()
-                        if last:
-                            metrics.itl.observe(now - last)
-                        else:
-                            metrics.ttft.observe(now - t0)
-                        last = now
                         parts.append(ev.text)
                         continue
                     self._phase[msg.id] = "ending"
-                    metrics.tokens.inc(ev.usage.completion_tokens)
                     if conv is not None and ev.finish_reason is not FinishReason.ERROR and parts:
                         conv.messages.append(EngineMessage("assistant", "".join(parts)))
                     if ev.error is not None:
@@ -409,7 +402,6 @@ class Session:
                 raise
             finally:
                 self._user_cancelled.discard(msg.id)
-                metrics.generations.dec()
 
     async def _pull(self, msg: m.Pull) -> None:
         """Pull a model into the store, streaming progress messages (latest state wins)."""

@@ -29,7 +29,7 @@ A session::
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -76,6 +76,8 @@ GenerationId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 # Seconds, or a duration string ("5m", "1h"); negative keeps the model loaded, 0 unloads it.
 KeepAlive = float | Annotated[str, Meta(max_length=32)]
+# Structured output: "json" (any JSON object) or a JSON Schema the output must satisfy.
+Format = Literal["json"] | dict[str, Any]
 ConversationId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
@@ -133,6 +135,7 @@ class Generate(_ClientBase, tag="generate"):
     options: Options | None = None
     token_ids: bool = False
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
+    format: Format | None = None  # constrain the output to JSON (or to a schema)
 
 
 class Chat(_ClientBase, tag="chat"):
@@ -149,6 +152,7 @@ class Chat(_ClientBase, tag="chat"):
     options: Options | None = None
     token_ids: bool = False
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
+    format: Format | None = None  # constrain the output to JSON (or to a schema)
 
 
 class Cancel(_ClientBase, tag="cancel"):

@@ -157,7 +157,8 @@ async def test_http_model_routes(running: RunningServer, okay_model: Path) -> No
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
 
     listing = (await _http(running, "GET", "/v1/models")).json()
-    names = {x["name"] for x in listing["models"]}
+    assert listing["object"] == "list"
+    names = {x["id"] for x in listing["data"]}
     assert {"okay", "brief"} <= names
     assert any(x["name"] == "smollm2" for x in listing["catalog"])
 

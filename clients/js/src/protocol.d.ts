@@ -30,6 +30,9 @@ export interface Chat {
    */
   conversation?: string | null;
   /** @default null */
+  format?: "json" | {
+  } | null;
+  /** @default null */
   keep_alive?: number | string | null;
   /** @default null */
   options?: Options | null;
@@ -130,6 +133,9 @@ export interface Generate {
   model: string;
   /** length 0..4000000 */
   prompt: string;
+  /** @default null */
+  format?: "json" | {
+  } | null;
   /** @default null */
   keep_alive?: number | string | null;
   /** @default null */

@@ -1,0 +1,160 @@
+"""One generation through the engine, shared by every surface (WebSocket, native, Ollama, OpenAI).
+
+The surfaces only translate: each turns its own request shape into a call to
+:func:`prepare` (which resolves and loads the model and applies its Modelfile
+defaults) and consumes :func:`run` (engine events, with the gateway's metrics
+recorded on the way). Nothing else talks to ``EngineClient.generate``, so
+every surface gets the same sampling defaults, limits, metrics and
+cancellation: closing the iterator of :func:`run` cancels the generation in
+the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
+from engine.requests import new_request_id
+from gateway.models import ResolvedModel, seed_messages
+from protocol import messages as m
+from protocol.errors import BadRequest
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["Prepared", "format_options", "prepare", "run", "sampling_for", "with_seeds"]
+
+# Modelfile PARAMETER name -> SamplingParams field
+_MODELFILE_SAMPLING = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "num_predict": "max_tokens",
+}
+
+
+class Prepared(msgspec.Struct, frozen=True):
+    request: GenerateRequest
+    resolved: ResolvedModel
+    started: float  # perf_counter when the surface received the request
+
+
+def sampling_for(
+    options: m.Options | None,
+    resolved: ResolvedModel,
+    extra: dict[str, object] | None = None,
+) -> SamplingParams:
+    """Request options and ``extra`` fields over the model's Modelfile parameters and defaults."""
+    given: dict[str, object] = {}
+    if resolved.manifest is not None:
+        for name, value in resolved.manifest.parameters.items():
+            field = _MODELFILE_SAMPLING.get(name)
+            if field is None:
+                continue
+            if field == "max_tokens" and isinstance(value, int) and value < 0:
+                continue  # Ollama's -1 / -2: no limit
+            given[field] = value
+    if options is not None:
+        given.update({k: v for k, v in msgspec.structs.asdict(options).items() if v is not None})
+    if extra:
+        given.update({k: v for k, v in extra.items() if v is not None})
+    try:
+        return msgspec.convert(given, SamplingParams)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid sampling options: {exc}") from None
+
+
+def format_options(fmt: object) -> dict[str, object]:
+    """Sampling fields for a structured-output request: ``"json"`` or a JSON Schema (a dict)."""
+    if fmt is None or fmt == "":
+        return {}
+    if fmt == "json":
+        return {"json": True}
+    if isinstance(fmt, dict):
+        try:
+            return {"json_schema": json.dumps(fmt)}
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"format: the JSON schema cannot be encoded: {exc}") from None
+    raise BadRequest('format must be "json" or a JSON schema object')
+
+
+def with_seeds(resolved: ResolvedModel, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """A stateless chat: the model's SYSTEM (unless the client sent one) and MESSAGEs first."""
+    seeds = seed_messages(resolved)
+    if any(x.role == "system" for x in messages):
+        seeds = [x for x in seeds if x.role != "system"]
+    return [*seeds, *messages]
+
+
+async def prepare(
+    gateway: Gateway,
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[ChatMessage] | None = None,
+    options: m.Options | None = None,
+    extra: dict[str, object] | None = None,
+    keep_alive: float | None = None,
+    token_ids: bool = False,
+    request_id: str | None = None,
+    seed: bool = True,
+    started: float | None = None,
+) -> Prepared:
+    """Load the model if needed and build the engine request (raises FerrousError)."""
+    t0 = started if started is not None else time.perf_counter()
+    resolved = await gateway.ensure_model(model, keep_alive)
+    sampling = sampling_for(options, resolved, extra)
+    limits = gateway.config.limits
+    if messages is not None:
+        chat = with_seeds(resolved, messages) if seed else list(messages)
+        request = GenerateRequest(
+            model=resolved.key,
+            messages=chat,
+            sampling=sampling,
+            request_id=request_id or new_request_id(),
+            token_ids=token_ids,
+            truncate=True,
+            max_prompt_tokens=limits.max_prompt_tokens,
+            keep_alive=keep_alive,
+        )
+    else:
+        request = GenerateRequest(
+            model=resolved.key,
+            prompt=prompt or "",
+            sampling=sampling,
+            request_id=request_id or new_request_id(),
+            token_ids=token_ids,
+            max_prompt_tokens=limits.max_prompt_tokens,
+            keep_alive=keep_alive,
+        )
+    return Prepared(request, resolved, t0)
+
+
+async def run(gateway: Gateway, prepared: Prepared) -> AsyncIterator[TokenDelta | GenerationDone]:
+    """Engine events of one generation, with metrics. Close it early to cancel."""
+    metrics = gateway.metrics
+    metrics.generations.inc()
+    last = 0.0
+    try:
+        async for ev in gateway.engine.generate(prepared.request):
+            if isinstance(ev, TokenDelta):
+                now = time.perf_counter()
+                if last:
+                    metrics.itl.observe(now - last)
+                else:
+                    metrics.ttft.observe(now - prepared.started)
+                last = now
+            else:
+                metrics.tokens.inc(ev.usage.completion_tokens)
+            yield ev
+    finally:
+        metrics.generations.dec()

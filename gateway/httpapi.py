@@ -1,0 +1,188 @@
+"""What every HTTP surface shares: bodies, credentials, errors, streaming and disconnects.
+
+* Bodies are read with a size limit (``limits.max_body_bytes``; 413 beyond it)
+  and decoded by msgspec into the surface's request Struct, so a wrong type is
+  a 400 whose message names the field (``$.options.temperature``).
+* Credentials are the WebSocket's: ``Authorization: Bearer`` (JWT or API key)
+  or ``X-API-Key``. The Ollama surface may let loopback clients in without one
+  (``auth.ollama_loopback_without_token``); a request that came through a
+  proxy (``Forwarded`` / ``X-Forwarded-For``) never counts as loopback.
+* A client that goes away cancels its generation: streaming responses are
+  cancelled by the server when the connection drops (their generators close
+  the engine iterator), and :func:`unless_disconnected` does the same for
+  non-streaming responses, which would otherwise run to the end unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.auth import Principal, Unauthorized
+from protocol.errors import BadRequest, Cancelled, ErrorCode, FerrousError, TooLarge
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = [
+    "SSE_HEADERS",
+    "error_field",
+    "http_status",
+    "is_loopback_request",
+    "read_body",
+    "unless_disconnected",
+]
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+_STATUS = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.STALLED: 504,
+    ErrorCode.ENGINE_ERROR: 500,
+    ErrorCode.INTERNAL: 500,
+}
+# Store failures caused by the model's source, or by the disk.
+_REASON_STATUS = {
+    "digest_mismatch": 502,
+    "http": 502,
+    "network": 502,
+    "source": 502,
+    "disk_full": 507,
+}
+_FIELD = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
+
+
+def http_status(exc: FerrousError) -> int:
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason in _REASON_STATUS:
+        return _REASON_STATUS[reason]
+    return _STATUS.get(exc.code, 500)
+
+
+def error_field(exc: FerrousError) -> str | None:
+    """The request field an error names (``$.options.temperature`` -> ``options.temperature``)."""
+    match = _FIELD.search(exc.message)
+    return match.group(1) if match else getattr(exc, "param", None)
+
+
+def _max_body(gateway: Gateway) -> int:
+    return gateway.config.limits.max_body_bytes
+
+
+async def read_body(gateway: Gateway, request: Request, kind: type[T]) -> T:
+    """Decode a JSON body into ``kind`` (413 over the limit; 400 naming the field)."""
+    limit = _max_body(gateway)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"the request body ({length} bytes) exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if not data.strip():
+        raise BadRequest("the request needs a JSON body")
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def is_loopback_request(request: Request) -> bool:
+    if "forwarded" in request.headers or "x-forwarded-for" in request.headers:
+        return False
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def principal(gateway: Gateway, request: Request, *, allow_loopback: bool = False) -> Principal:
+    """Authenticate an HTTP request; raise Unauthorized."""
+    if allow_loopback and is_loopback_request(request):
+        return Principal("local", None, "loopback", None)
+    return gateway.http_principal(request)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``, cancelling it if the client disconnects first (then raise Cancelled)."""
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher: asyncio.Future[object] = asyncio.ensure_future(watch())
+    done_first: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    def first(_f: object) -> None:
+        if not done_first.done():
+            done_first.set_result(None)
+
+    task.add_done_callback(first)
+    watcher.add_done_callback(first)
+    try:
+        await done_first
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, FerrousError):
+            await task
+        raise Cancelled("the client disconnected")
+    return task.result()
+
+
+ErrorRenderer = Callable[[FerrousError], Response]
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(
+    gateway: Gateway, render: ErrorRenderer, fn: Handler, *, allow_loopback: bool = False
+) -> Handler:
+    """Authenticate, run ``fn``, and render any FerrousError in the surface's own shape."""
+
+    async def handler(request: Request) -> Response:
+        try:
+            request.state.principal = principal(gateway, request, allow_loopback=allow_loopback)
+            return await fn(request)
+        except Unauthorized as exc:
+            gateway.metrics.errors.labels(exc.code.value).inc()
+            return render(exc)
+        except FerrousError as exc:
+            gateway.metrics.errors.labels(exc.code.value).inc()
+            return render(exc)
+
+    return handler
