@@ -15,6 +15,7 @@ from engine.client import (
 )
 from engine.requests import (
     ChatMessage,
+    Embeddings,
     ErrorInfo,
     FinishReason,
     GenerateRequest,
@@ -27,6 +28,7 @@ from engine.requests import (
 
 __all__ = [
     "ChatMessage",
+    "Embeddings",
     "EngineClient",
     "EngineConfig",
     "EngineHealth",

@@ -33,7 +33,8 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -43,6 +44,7 @@ from engine import ipc
 from engine.backends.select import check_model_file, choose_backend
 from engine.memory import default_budget, estimate_model_bytes
 from engine.requests import (
+    Embeddings,
     ErrorInfo,
     FinishReason,
     GenerateRequest,
@@ -53,6 +55,7 @@ from engine.requests import (
 )
 from engine.rings import DEFAULT_CAPACITY, Ring, sweep_orphans
 from protocol.errors import (
+    BadRequest,
     EngineError,
     ErrorCode,
     FerrousError,
@@ -82,6 +85,9 @@ _REQUEST_ERRORS = frozenset(
 # Sleeping readers of non-empty rings are re-checked this often even without a
 # Wake: a lost wake-up costs latency, never a hang.
 WAKE_SAFETY_S = 1.0
+# An embedding call is answered in one frame after all its inputs are read; a
+# large batch of long inputs on a small CPU can take minutes.
+EMBED_TIMEOUT_S = 600.0
 
 
 def _cpus() -> int:
@@ -683,7 +689,7 @@ class EngineClient:
 
     async def generate(
         self, request: GenerateRequest
-    ) -> AsyncIterator[TokenDelta | GenerationDone]:
+    ) -> AsyncGenerator[TokenDelta | GenerationDone, None]:
         """Stream a generation: :class:`TokenDelta` events, then one :class:`GenerationDone`.
 
         Raises :class:`~protocol.errors.FerrousError` for a request that cannot
@@ -775,6 +781,52 @@ class EngineClient:
             Timings(f.load_ms, f.queue_ms, f.ttft_ms, f.total_ms, f.decode_tok_s),
             error,
         )
+
+    # -- embeddings -----------------------------------------------------------------
+
+    async def embed(
+        self,
+        model: str,
+        inputs: list[str],
+        *,
+        truncate: bool = True,
+        keep_alive: float | None = None,
+    ) -> Embeddings:
+        """Embedding vectors of ``inputs`` (unit length, in input order) from one worker.
+
+        The least busy live worker that has ``model`` computes them between its
+        decode steps. ``truncate=False`` refuses an input longer than the
+        embedding context (BadRequest) instead of cutting it. ``keep_alive``
+        means what it means for :class:`GenerateRequest`. Raises ModelNotFound,
+        BadRequest (no inputs, an empty input, a backend without embeddings) or
+        EngineError (the worker died; retryable).
+        """
+        if not inputs:
+            raise BadRequest("no inputs to embed")
+        req = next(self._req_ids)
+        msg = ipc.Embed(req, model, list(inputs), truncate)
+        # A frame the worker cannot read would end its connection: refuse it here.
+        if sum(map(len, inputs)) * 4 + 16 * len(inputs) > ipc.MAX_FRAME:
+            size = len(ipc.encode(msg))
+            if size > ipc.MAX_FRAME:
+                raise TooLarge(f"the inputs take {size} bytes; one request takes {ipc.MAX_FRAME}")
+        worker = await self._pick(model)
+        spec = self._models[model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        try:
+            reply = await self._request(worker, msg, req, EMBED_TIMEOUT_S)
+        finally:
+            self._release(spec, keep_alive)
+        if isinstance(reply, ipc.WorkerError):
+            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
+        assert isinstance(reply, ipc.Embedded)
+        floats = array("f")
+        floats.frombytes(reply.data)
+        flat = floats.tolist()
+        dim = reply.dim
+        vectors = [flat[i : i + dim] for i in range(0, len(flat), dim)] if dim else []
+        return Embeddings(vectors, reply.prompt_tokens, model)
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a running generation; its iterator ends with reason ``cancelled``.

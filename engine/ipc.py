@@ -22,6 +22,8 @@ __all__ = [
     "MAX_FRAME",
     "Ack",
     "Cancel",
+    "Embed",
+    "Embedded",
     "Finished",
     "FrameBuffer",
     "FromWorker",
@@ -100,6 +102,15 @@ class Shutdown(_Frame, tag=7):
     pass
 
 
+class Embed(_Frame, tag=8):
+    """Embed ``inputs`` with ``model``; answered by :class:`Embedded` or :class:`WorkerError`."""
+
+    req: int
+    model: str
+    inputs: list[str]
+    truncate: bool
+
+
 # -- worker -> gateway ---------------------------------------------------------------
 
 
@@ -116,7 +127,7 @@ class ModelLoaded(_Frame, tag=21):
 
 
 class WorkerError(_Frame, tag=22):
-    """A request (load, unload, generate before it started) failed."""
+    """A request (load, unload, embed, generate before it started) failed."""
 
     req: int
     code: str
@@ -149,6 +160,19 @@ class Finished(_Frame, tag=24):
     error_message: str | None
 
 
+class Embedded(_Frame, tag=27):
+    """Unit-length vectors, row after row, as native float32 (``dim`` floats each).
+
+    Raw float32 is a third the size of MessagePack floats and becomes a list
+    again with one ``array.frombytes`` on the gateway side.
+    """
+
+    req: int
+    dim: int
+    data: bytes
+    prompt_tokens: int
+
+
 class Pong(_Frame, tag=25):
     req: int
     models: list[str]
@@ -158,8 +182,8 @@ class Pong(_Frame, tag=25):
     tokens_generated: int
 
 
-ToWorker = LoadModel | UnloadModel | Generate | Cancel | Resume | Ping | Shutdown
-FromWorker = Hello | ModelLoaded | WorkerError | Wake | Finished | Pong | Ack
+ToWorker = LoadModel | UnloadModel | Generate | Cancel | Resume | Ping | Shutdown | Embed
+FromWorker = Hello | ModelLoaded | WorkerError | Wake | Finished | Pong | Ack | Embedded
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker: msgspec.msgpack.Decoder[ToWorker] = msgspec.msgpack.Decoder(ToWorker)

@@ -17,9 +17,11 @@ import msgspec
 from msgspec import Meta
 
 from engine.textstream import MAX_STOP_CHARS
+from protocol.errors import BadRequest
 
 __all__ = [
     "ChatMessage",
+    "Embeddings",
     "ErrorInfo",
     "FinishReason",
     "GenerateRequest",
@@ -52,6 +54,14 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
 
     ``temperature=0`` is greedy decoding. ``seed=None`` draws a fresh seed.
     ``max_tokens=None`` generates until an end token or the context is full.
+
+    Structured output (at most one of the three; the llama_cpp backend only):
+    ``grammar`` is a GBNF grammar (rule ``root``) the output must follow;
+    ``json_schema`` is a JSON Schema, as JSON text, the output must match;
+    ``json=True`` asks for any JSON *object* (Ollama's ``format: "json"`` has an
+    object root too). The worker compiles them, so the gateway never needs
+    llama.cpp; an invalid grammar or schema fails the request with
+    ``bad_request`` before any text is produced.
     """
 
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.8
@@ -65,6 +75,30 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]], Meta(max_length=16)
     ] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
+    grammar: str | None = None
+    json_schema: str | None = None
+    json: bool = False
+
+    def constraint(self) -> tuple[str, str] | None:
+        """The output constraint as ``(kind, source)``, kind ``grammar``/``json_schema``/``json``.
+
+        A method rather than a ``__post_init__`` check so that a bad combination
+        is reported as a typed ``bad_request`` for that one generation (the
+        worker asks this before queueing) instead of failing frame decoding.
+        """
+        given = [
+            (kind, source)
+            for kind, source in (
+                ("grammar", self.grammar),
+                ("json_schema", self.json_schema),
+                ("json", "" if self.json else None),
+            )
+            if source is not None
+        ]
+        if len(given) > 1:
+            names = " and ".join(kind for kind, _ in given)
+            raise BadRequest(f"set at most one of grammar, json_schema and json (got {names})")
+        return given[0] if given else None
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -133,3 +167,16 @@ class GenerationDone(msgspec.Struct, frozen=True):
     usage: Usage
     timings: Timings
     error: ErrorInfo | None = None
+
+
+class Embeddings(msgspec.Struct, frozen=True):
+    """Result of :meth:`engine.EngineClient.embed`: one vector per input, in input order.
+
+    Vectors are L2-normalised (unit length), as Ollama's ``/api/embed`` returns
+    them, so a dot product is the cosine similarity. ``prompt_tokens`` counts the
+    tokens read, after any truncation.
+    """
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    model: str

@@ -13,6 +13,11 @@ A sequence whose ring is full is *paused*: it is not stepped, so nothing is
 dropped, reordered or buffered beyond one step's output; the consumer's
 :class:`~engine.ipc.Resume` frame (or a periodic re-check) un-pauses it. One
 paused longer than its stall timeout ends with reason ``stalled``.
+
+Embedding requests (:class:`~engine.ipc.Embed`) run on this thread too
+(llama.cpp's thread pool follows the calling thread), one forward pass per
+cycle after the step, oldest request first: running streams wait at most one
+embedding pass per token, as they do for a chunk of a long prompt.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ import signal
 import socket
 import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
+from itertools import chain
 
 from engine import ipc
 from engine.backends import Backend, LoadParams, available_backends, backend_class, choose_backend
+from engine.backends.base import EmbedJob
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
@@ -108,6 +116,7 @@ class Worker:
         self._models: dict[str, tuple[Backend, float]] = {}
         self._queued: dict[str, deque[_Seq]] = {}
         self._running: dict[int, _Seq] = {}
+        self._embeds: deque[tuple[ipc.Embed, EmbedJob]] = deque()  # oldest first
         self._stopping = False
         self._tokens_generated = 0
         self._handlers: dict[type, Callable[..., None]] = {
@@ -118,6 +127,7 @@ class Worker:
             ipc.Resume: self._on_resume,
             ipc.Ping: self._on_ping,
             ipc.Shutdown: self._on_shutdown,
+            ipc.Embed: self._on_embed,
         }
 
     # -- I/O ------------------------------------------------------------------------
@@ -145,6 +155,7 @@ class Worker:
                 break
             self._admit()
             self._step()
+            self._embed_step()
             self._unpause()
         for seq in list(self._running.values()) + [s for q in self._queued.values() for s in q]:
             self._finalize(seq, FinishReason.CANCELLED, notify=False)
@@ -152,7 +163,7 @@ class Worker:
             backend.free()
 
     def _timeout(self) -> float | None:
-        if any(not s.outbox for s in self._running.values()):
+        if self._embeds or any(not s.outbox for s in self._running.values()):
             return 0.0
         if self._admissible():
             return 0.0
@@ -208,6 +219,11 @@ class Worker:
             self._queued.pop(model, ())
         ):
             self._finalize(seq, FinishReason.CANCELLED)
+        for item in [e for e in self._embeds if e[0].model == model]:
+            self._embeds.remove(item)
+            item[1].close()
+            gone = ModelNotFound(f"model {model!r} was unloaded during the request")
+            self._send(self._embed_error(item[0], gone))
         backend, _ = self._models.pop(model)
         backend.free()
 
@@ -228,6 +244,8 @@ class Worker:
             return
         seq = _Seq(msg, ring, entry[0], msg.model)
         try:
+            # Before queueing: a bad grammar or schema fails now, not after a wait for a slot.
+            entry[0].check_sampling(msg.sampling)
             seq.prompt = self._prompt_tokens(seq)
         except FerrousError as exc:
             ring.close()
@@ -325,6 +343,49 @@ class Worker:
             )
         )
 
+    def _on_embed(self, msg: ipc.Embed) -> None:
+        entry = self._models.get(msg.model)
+        try:
+            if entry is None:
+                raise ModelNotFound(f"model {msg.model!r} is not loaded")
+            job = entry[0].embed_job(msg.inputs, msg.truncate)  # bad inputs fail here, at once
+        except Exception as exc:
+            self._send(self._embed_error(msg, exc))
+            return
+        self._embeds.append((msg, job))
+
+    @staticmethod
+    def _embed_error(msg: ipc.Embed, exc: Exception) -> ipc.WorkerError:
+        if isinstance(exc, FerrousError):
+            return ipc.WorkerError(msg.req, exc.code.value, exc.message, exc.retryable)
+        return ipc.WorkerError(
+            msg.req, ErrorCode.ENGINE_ERROR.value, f"{type(exc).__name__}: {exc}", False
+        )
+
+    def _embed_step(self) -> None:
+        """One forward pass of the oldest embedding request, then back to the streams."""
+        if not self._embeds:
+            return
+        msg, job = self._embeds[0]
+        try:
+            next(job)
+            return
+        except StopIteration as done:
+            vectors, n_tokens = done.value
+            dim = len(vectors[0]) if vectors else 0
+            data = array("f", chain.from_iterable(vectors)).tobytes()
+            if len(data) > ipc.MAX_FRAME - 1024:
+                err = TooLarge(
+                    f"{len(vectors)} vectors of {dim} floats exceed one reply; send fewer inputs"
+                )
+                reply: ipc.FromWorker = self._embed_error(msg, err)
+            else:
+                reply = ipc.Embedded(msg.req, dim, data, n_tokens)
+        except Exception as exc:
+            reply = self._embed_error(msg, exc)
+        self._embeds.popleft()
+        self._send(reply)
+
     def _on_shutdown(self, msg: ipc.Shutdown) -> None:
         self._stopping = True
 
@@ -376,7 +437,11 @@ class Worker:
                 for seq in seqs:
                     self._fail(seq, exc)
                 continue
+            failed = backend.failed()
             for seq in seqs:
+                if seq.gen in failed:
+                    self._fail(seq, failed[seq.gen])
+                    continue
                 token = tokens.get(seq.gen)
                 if token is not None:
                     self._on_token(seq, backend, token)

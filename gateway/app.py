@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from gateway.config import ServerConfig
 from gateway.logs import bind
 from gateway.metrics import Metrics
 from gateway.models import ModelRegistry, ResolvedModel
-from gateway.native import model_routes
+from gateway.native import generation_routes, model_routes
+from gateway.ollama import ollama_routes
+from gateway.openai_api import openai_routes
 from gateway.sessions import CLOSE_GOING_AWAY, ConversationStore, Session
 from protocol.codec import SUBPROTOCOLS, codec_for
 from protocol.errors import ErrorCode, FerrousError
@@ -70,13 +73,19 @@ class Gateway:
         self.sessions: set[Session] = set()
         self.draining = False
         self.started_at = time.time()
+        self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
+        self._openapi: bytes | None = None
         self.models = ModelRegistry(config, engine)
         self.app = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
                 Route("/metrics", self.metrics_endpoint),
                 Route("/v1/tickets", self.tickets, methods=["POST"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
+                *generation_routes(self),
                 *model_routes(self),
+                *openai_routes(self),
+                *ollama_routes(self),
                 WebSocketRoute("/v1/ws", self.websocket),
                 # The chat page and the JS client it uses (static, no build step).
                 Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True, follow_symlink=True)),
@@ -98,6 +107,14 @@ class Gateway:
         return JSONResponse(
             {"status": "draining" if self.draining else "ok", "version": self.version}
         )
+
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document of the native and OpenAI surfaces (no credential needed)."""
+        if self._openapi is None:
+            from gateway.openapi import openapi_document
+
+            self._openapi = json.dumps(openapi_document(self.version)).encode()
+        return Response(self._openapi, media_type="application/json")
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(
@@ -188,9 +205,12 @@ class Gateway:
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while any(s.gens for s in self.sessions) and loop.time() < deadline:
+        while (any(s.gens for s in self.sessions) or self.running) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.gather(*(s.stop_generations() for s in list(self.sessions)))
+        # HTTP generations still running: cancelling their tasks closes their streams.
+        for task in list(self.running):
+            task.cancel()
         for s in list(self.sessions):
             with contextlib.suppress(FerrousError, OSError):
                 await s.close(CLOSE_GOING_AWAY, "server shutting down")

@@ -11,9 +11,11 @@ the engine.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -22,7 +24,7 @@ from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams,
 from engine.requests import new_request_id
 from gateway.models import ResolvedModel, seed_messages
 from protocol import messages as m
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, Overloaded
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -111,6 +113,8 @@ async def prepare(
 ) -> Prepared:
     """Load the model if needed and build the engine request (raises FerrousError)."""
     t0 = started if started is not None else time.perf_counter()
+    if gateway.draining:
+        raise Overloaded("the server is shutting down")
     resolved = await gateway.ensure_model(model, keep_alive)
     sampling = sampling_for(options, resolved, extra)
     limits = gateway.config.limits
@@ -139,22 +143,34 @@ async def prepare(
     return Prepared(request, resolved, t0)
 
 
-async def run(gateway: Gateway, prepared: Prepared) -> AsyncIterator[TokenDelta | GenerationDone]:
-    """Engine events of one generation, with metrics. Close it early to cancel."""
+async def run(
+    gateway: Gateway, prepared: Prepared
+) -> AsyncGenerator[TokenDelta | GenerationDone, None]:
+    """Engine events of one generation, with metrics. Close it early to cancel.
+
+    The task consuming it is registered with the gateway while it runs, so a
+    shutdown can cancel generations of every surface after its grace period.
+    """
     metrics = gateway.metrics
     metrics.generations.inc()
+    task = asyncio.current_task()
+    if task is not None:
+        gateway.running.add(task)
     last = 0.0
     try:
-        async for ev in gateway.engine.generate(prepared.request):
-            if isinstance(ev, TokenDelta):
-                now = time.perf_counter()
-                if last:
-                    metrics.itl.observe(now - last)
+        async with contextlib.aclosing(gateway.engine.generate(prepared.request)) as events:
+            async for ev in events:
+                if isinstance(ev, TokenDelta):
+                    now = time.perf_counter()
+                    if last:
+                        metrics.itl.observe(now - last)
+                    else:
+                        metrics.ttft.observe(now - prepared.started)
+                    last = now
                 else:
-                    metrics.ttft.observe(now - prepared.started)
-                last = now
-            else:
-                metrics.tokens.inc(ev.usage.completion_tokens)
-            yield ev
+                    metrics.tokens.inc(ev.usage.completion_tokens)
+                yield ev
     finally:
         metrics.generations.dec()
+        if task is not None:
+            gateway.running.discard(task)

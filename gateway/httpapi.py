@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.auth import Principal, Unauthorized
 from protocol.errors import BadRequest, Cancelled, ErrorCode, FerrousError, TooLarge
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SSE_HEADERS",
+    "ClosingStream",
     "error_field",
     "http_status",
     "is_loopback_request",
@@ -69,6 +71,7 @@ _REASON_STATUS = {
     "disk_full": 507,
 }
 _FIELD = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
+_MISSING = re.compile(r"missing required field `([A-Za-z0-9_]+)`")
 
 
 def http_status(exc: FerrousError) -> int:
@@ -80,8 +83,15 @@ def http_status(exc: FerrousError) -> int:
 
 def error_field(exc: FerrousError) -> str | None:
     """The request field an error names (``$.options.temperature`` -> ``options.temperature``)."""
+    param = getattr(exc, "param", None)
+    if isinstance(param, str):
+        return param
     match = _FIELD.search(exc.message)
-    return match.group(1) if match else getattr(exc, "param", None)
+    field = match.group(1) if match else None
+    missing = _MISSING.search(exc.message)
+    if missing:
+        return f"{field}.{missing.group(1)}" if field else missing.group(1)
+    return field
 
 
 def _max_body(gateway: Gateway) -> int:
@@ -163,6 +173,34 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             await task
         raise Cancelled("the client disconnected")
     return task.result()
+
+
+class ClosingStream(StreamingResponse):
+    """A streaming response whose generator is always closed when the response ends.
+
+    When a client disconnects, Starlette cancels the task sending the body;
+    a generator suspended at a ``yield`` is then left for the garbage
+    collector, and the generation it drives keeps running until then. Closing
+    it here runs its ``finally`` at once, which cancels the generation.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        media_type: str = "text/event-stream",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        base = SSE_HEADERS if media_type == "text/event-stream" else {}
+        super().__init__(content, media_type=media_type, headers={**base, **(headers or {})})
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._content, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 ErrorRenderer = Callable[[FerrousError], Response]

@@ -18,7 +18,9 @@ conversation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import msgspec
@@ -27,14 +29,14 @@ from engine import ChatMessage, EngineClient
 from engine.store.manifest import Manifest, ParamValue
 from engine.store.modelfile import parse_modelfile
 from engine.store.names import parse_ref
-from engine.store.pull import ModelManager, PullListener
+from engine.store.pull import ModelManager, PullEvent, PullListener
 from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
 from gateway.config import ServerConfig, ferrous_home
 from protocol.durations import parse_duration
 from protocol.errors import BadRequest, FerrousError, Forbidden, ModelNotFound
 
-__all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "seed_messages"]
+__all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "pull_progress", "seed_messages"]
 
 # Sources a network client may ask the server to fetch (never the server's own files).
 REMOTE_SCHEMES = ("https://", "http://", "hf://", "pypi://", "tiny://")
@@ -103,15 +105,24 @@ class ModelRegistry:
         if key in self.engine.models():
             self.engine.set_keep_alive(key, 0)
 
-    async def ensure(self, name: str, *, keep_alive: float | None = None) -> ResolvedModel:
-        """Load ``name`` if it is not loaded; returns the engine key and its manifest."""
-        key = name if name in self.config.models else self._key(name)
+    def key_for(self, name: str) -> str:
+        """The engine's name for ``name`` (a configured name, or the canonical ``name:tag``)."""
+        return name if name in self.config.models else self._key(name)
+
+    async def ensure(
+        self, name: str, *, keep_alive: float | None = None, n_ctx: int | None = None
+    ) -> ResolvedModel:
+        """Load ``name`` if it is not loaded; returns the engine key and its manifest.
+
+        ``n_ctx`` overrides the context length when this call is the one that loads it.
+        """
+        key = self.key_for(name)
         resolved = self._resolved.get(key)
         if resolved is not None and key in self.engine.models():
             return resolved
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(name, key, keep_alive), name=f"load {key}")
+            task = asyncio.create_task(self._load(name, key, keep_alive, n_ctx), name=f"load {key}")
             self._loading[key] = task
             task.add_done_callback(lambda _t: self._loading.pop(key, None))
         return await asyncio.shield(task)
@@ -123,11 +134,17 @@ class ModelRegistry:
         except FerrousError:
             raise ModelNotFound(f"model {name!r} is not known to this server") from None
 
-    async def _load(self, name: str, key: str, keep_alive: float | None) -> ResolvedModel:
+    async def _load(
+        self, name: str, key: str, keep_alive: float | None, n_ctx: int | None
+    ) -> ResolvedModel:
         entry = self.config.models.get(name)
         if entry is not None:
             await self.engine.load(
-                name, entry.path, backend=entry.backend, n_ctx=entry.n_ctx, keep_alive=keep_alive
+                name,
+                entry.path,
+                backend=entry.backend,
+                n_ctx=n_ctx or entry.n_ctx,
+                keep_alive=keep_alive,
             )
             resolved = ResolvedModel(name)
         else:
@@ -137,18 +154,20 @@ class ModelRegistry:
                 if exc.code.value == "model_not_found":
                     raise ModelNotFound(exc.message) from None
                 raise
-            await self.load_record(record, keep_alive=keep_alive)
+            await self.load_record(record, keep_alive=keep_alive, n_ctx=n_ctx)
             resolved = ResolvedModel(key, record.manifest)
         self._resolved[key] = resolved
         return resolved
 
-    async def load_record(self, record: ModelRecord, *, keep_alive: float | None = None) -> None:
+    async def load_record(
+        self, record: ModelRecord, *, keep_alive: float | None = None, n_ctx: int | None = None
+    ) -> None:
         path: Path = await asyncio.to_thread(self.manager.store.model_path, record)
         man = record.manifest
         await self.engine.load(
             str(record.ref),
             path,
-            n_ctx=_int_param(man.parameters, "num_ctx"),
+            n_ctx=n_ctx or _int_param(man.parameters, "num_ctx"),
             chat_template=man.template,
             keep_alive=keep_alive,
         )
@@ -208,3 +227,46 @@ class ModelRegistry:
         removed = await self.manager.remove(name)
         self._changed(key)
         return removed
+
+
+async def pull_progress(
+    registry: ModelRegistry,
+    name: str,
+    *,
+    source: str | None = None,
+    sha256: str | None = None,
+    remote: bool = True,
+) -> AsyncGenerator[PullEvent | ModelRecord, None]:
+    """A pull as a stream: progress events, then the stored model (or its FerrousError raised).
+
+    Only the latest progress waits for a slow consumer: byte counts it has not
+    read yet are replaced, never queued. Closing the stream early cancels the
+    pull when nobody else waits for it (the partial download is kept).
+    """
+    latest: list[PullEvent] = []
+    wake = asyncio.Event()
+
+    def on_progress(event: PullEvent) -> None:
+        if event.status != "success":
+            latest[:] = [event]
+            wake.set()
+
+    task = asyncio.ensure_future(
+        registry.pull(name, source=source, sha256=sha256, progress=on_progress, remote=remote)
+    )
+    task.add_done_callback(lambda _t: wake.set())
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            pending, latest[:] = latest[:], []
+            for event in pending:
+                yield event
+            if task.done():
+                break
+        yield task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FerrousError):
+                await task

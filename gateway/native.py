@@ -9,28 +9,44 @@ key). Errors are the protocol's codes in a JSON body,
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine import ChatMessage, GenerationDone, TokenDelta
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
-from gateway.httpapi import SSE_HEADERS, Handler, http_status, read_body
+from gateway.generation import Prepared, format_options, prepare, run, with_seeds
+from gateway.httpapi import ClosingStream, Handler, http_status, read_body, unless_disconnected
 from gateway.httpapi import guarded as _guarded
-from protocol.errors import ErrorCode, FerrousError
+from gateway.models import pull_progress
+from protocol import messages as m
+from protocol.durations import parse_duration
+from protocol.errors import ErrorCode, FerrousError, error_from_code
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["model_routes", "modelfile_of", "native_error", "record_json"]
+__all__ = [
+    "ChatBody",
+    "CopyBody",
+    "CreateBody",
+    "GenerateBody",
+    "GenerationResult",
+    "ModelBody",
+    "PullBody",
+    "generation_routes",
+    "model_routes",
+    "modelfile_of",
+    "native_error",
+    "record_json",
+]
 
 
 def native_error(exc: FerrousError) -> JSONResponse:
@@ -73,24 +89,24 @@ def modelfile_of(record: ModelRecord) -> str:
     )
 
 
-class _PullBody(msgspec.Struct, forbid_unknown_fields=True):
+class PullBody(msgspec.Struct, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     source: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     sha256: str | None = None
     stream: bool = True
 
 
-class _CopyBody(msgspec.Struct, forbid_unknown_fields=True):
+class CopyBody(msgspec.Struct, forbid_unknown_fields=True):
     source: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     destination: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-class _CreateBody(msgspec.Struct, forbid_unknown_fields=True):
+class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     modelfile: Annotated[str, msgspec.Meta(max_length=1_000_000)]
 
 
-class _ModelBody(msgspec.Struct, forbid_unknown_fields=True):
+class ModelBody(msgspec.Struct, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -101,6 +117,19 @@ def model_routes(gateway: Gateway) -> list[Route]:
     def guarded(fn: Handler) -> Handler:
         return _guarded(gateway, native_error, fn)
 
+    def configured_json(name: str) -> dict[str, Any]:
+        """A model from the config's ``[models]`` table, in the same shape as stored ones."""
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(gateway.started_at),
+            "owned_by": "ferrousforge",
+            "name": name,
+            "model": name,
+            "path": gateway.config.models[name].path,
+            "loaded": name in gateway.engine.models(),
+        }
+
     async def list_models(request: Request) -> Response:
         records = await registry.manager.models()
         loaded = {x.name for x in gateway.engine.loaded()}
@@ -109,19 +138,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
             item = record_json(r)
             item["loaded"] = str(r.ref) in loaded
             out.append(item)
-        for name, entry in gateway.config.models.items():
-            out.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": int(gateway.started_at),
-                    "owned_by": "ferrousforge",
-                    "name": name,
-                    "model": name,
-                    "path": entry.path,
-                    "loaded": name in loaded,
-                }
-            )
+        out.extend(configured_json(name) for name in gateway.config.models)
         catalog = [
             {"name": n, "description": e.description, "source": e.source}
             for n, e in sorted(registry.manager.catalog.items())
@@ -132,6 +149,8 @@ def model_routes(gateway: Gateway) -> list[Route]:
 
     async def show(request: Request) -> Response:
         name = request.path_params["name"]
+        if name in gateway.config.models:  # a configured file, not a stored model
+            return JSONResponse(configured_json(name))
         record = await registry.manager.store_get(name)
         body = record_json(record)
         m = record.manifest
@@ -152,12 +171,12 @@ def model_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse({"deleted": request.path_params["name"], "blobs_removed": removed})
 
     async def copy(request: Request) -> Response:
-        body = await read_body(gateway, request, _CopyBody)
+        body = await read_body(gateway, request, CopyBody)
         record = await registry.copy(body.source, body.destination)
         return JSONResponse(record_json(record))
 
     async def create(request: Request) -> Response:
-        body = await read_body(gateway, request, _CreateBody)
+        body = await read_body(gateway, request, CreateBody)
         record = await registry.create(body.name, body.modelfile, remote=True)
         return JSONResponse(record_json(record))
 
@@ -167,12 +186,12 @@ def model_routes(gateway: Gateway) -> list[Route]:
         )
 
     async def unload(request: Request) -> Response:
-        body = await read_body(gateway, request, _ModelBody)
+        body = await read_body(gateway, request, ModelBody)
         key = await registry.unload(body.model)
         return JSONResponse({"unloaded": key})
 
     async def pull(request: Request) -> Response:
-        body = await read_body(gateway, request, _PullBody)
+        body = await read_body(gateway, request, PullBody)
         if not body.stream:
             record = await registry.pull(
                 body.model, source=body.source, sha256=body.sha256, remote=True
@@ -180,9 +199,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
             return JSONResponse({"status": "success", **record_json(record)})
         # Validate before the stream starts, so a bad request still gets a 4xx status.
         registry.check_remote_pull(body.model, body.source)
-        return StreamingResponse(
-            _pull_events(gateway, body), media_type="text/event-stream", headers=SSE_HEADERS
-        )
+        return ClosingStream(_pull_events(gateway, body))
 
     return [
         Route("/v1/models", guarded(list_models), methods=["GET"]),
@@ -200,41 +217,238 @@ def _sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _pull_events(gateway: Gateway, body: _PullBody) -> AsyncIterator[bytes]:
-    """SSE for one pull; only the latest progress waits to be sent to a slow reader."""
-    latest: list[PullEvent] = []
-    wake = asyncio.Event()
-
-    def on_progress(event: PullEvent) -> None:
-        if event.status != "success":
-            latest[:] = [event]
-            wake.set()
-
-    task = asyncio.create_task(
-        gateway.models.pull(
-            body.model, source=body.source, sha256=body.sha256, progress=on_progress, remote=True
-        )
-    )
-    task.add_done_callback(lambda _t: wake.set())
+async def _pull_events(gateway: Gateway, body: PullBody) -> AsyncIterator[bytes]:
+    """SSE for one pull: ``progress`` events, then ``success`` or ``error``."""
+    stream = pull_progress(gateway.models, body.model, source=body.source, sha256=body.sha256)
     try:
-        while True:
-            await wake.wait()
-            wake.clear()
-            pending = latest[:]
-            latest.clear()
-            for e in pending:
-                yield _sse("progress", msgspec.to_builtins(e))
-            if task.done():
-                break
-        try:
-            record = task.result()
-        except FerrousError as exc:
-            err = {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}
-            yield _sse("error", {"error": err})
-            return
-        yield _sse("success", {"status": "success", **record_json(record)})
+        async for item in stream:
+            if isinstance(item, PullEvent):
+                yield _sse("progress", msgspec.to_builtins(item))
+            else:
+                yield _sse("success", {"status": "success", **record_json(item)})
+    except FerrousError as exc:
+        err = {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}
+        yield _sse("error", {"error": err})
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, FerrousError):
-                await task
+        await stream.aclose()
+
+
+# -- generation ---------------------------------------------------------------------------
+
+
+class GenerateBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``POST /v1/generate``: the WebSocket ``generate`` message, plus ``stream``."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    prompt: Annotated[str, msgspec.Meta(max_length=4_000_000)]
+    options: m.Options | None = None
+    keep_alive: m.KeepAlive | None = None
+    format: m.Format | None = None
+    token_ids: bool = False
+    stream: bool = False
+
+
+class ChatBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """``POST /v1/chat``: the WebSocket ``chat`` message, plus ``stream``.
+
+    With ``conversation`` the server keeps the conversation (per user, shared
+    with the WebSocket); without it the request is stateless.
+    """
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    messages: Annotated[list[m.ChatMessage], msgspec.Meta(min_length=1, max_length=1024)]
+    conversation: m.ConversationId | None = None
+    options: m.Options | None = None
+    keep_alive: m.KeepAlive | None = None
+    format: m.Format | None = None
+    token_ids: bool = False
+    stream: bool = False
+
+
+class GenerationResult(msgspec.Struct, omit_defaults=True):
+    """The non-streaming answer of ``/v1/generate`` and ``/v1/chat``."""
+
+    id: str
+    model: str
+    text: str
+    finish_reason: str
+    usage: m.Usage
+    timings: m.Timings
+    conversation: str | None = None
+    token_ids: list[int] | None = None
+
+
+_JSON = msgspec.json.Encoder()
+
+
+def _sse_message(msg: m.ServerMessage) -> bytes:
+    kind = type(msg).__struct_config__.tag
+    return b"event: " + str(kind).encode() + b"\ndata: " + _JSON.encode(msg) + b"\n\n"
+
+
+def _proto_done(gen_id: str, done: GenerationDone, conversation: str | None) -> m.Done:
+    t = done.timings
+    return m.Done(
+        gen_id,
+        done.finish_reason.value,
+        m.Usage(done.usage.prompt_tokens, done.usage.completion_tokens),
+        m.Timings(t.load_ms, t.queue_ms, t.ttft_ms, t.total_ms, t.decode_tok_s),
+        conversation,
+    )
+
+
+def generation_routes(gateway: Gateway) -> list[Route]:
+    """``/v1/generate``, ``/v1/chat`` (JSON or SSE) and ``/readyz``."""
+
+    def guarded(fn: Handler) -> Handler:
+        return _guarded(gateway, native_error, fn)
+
+    async def start(
+        request: Request, body: GenerateBody | ChatBody
+    ) -> tuple[Prepared, str | None, Callable[[str], None]]:
+        """Prepare the generation; returns it, the conversation id and a commit callback."""
+        keep_alive = None if body.keep_alive is None else parse_duration(body.keep_alive)
+        extra = format_options(body.format)
+        if isinstance(body, GenerateBody):
+            prepared = await prepare(
+                gateway,
+                body.model,
+                prompt=body.prompt,
+                options=body.options,
+                extra=extra,
+                keep_alive=keep_alive,
+                token_ids=body.token_ids,
+            )
+            return prepared, None, lambda _text: None
+        turns = [ChatMessage(x.role, x.content) for x in body.messages]
+        if body.conversation is None:
+            prepared = await prepare(
+                gateway,
+                body.model,
+                messages=turns,
+                options=body.options,
+                extra=extra,
+                keep_alive=keep_alive,
+                token_ids=body.token_ids,
+            )
+            return prepared, None, lambda _text: None
+        principal = request.state.principal
+        owner = (principal.tenant, principal.user)
+        resolved = await gateway.ensure_model(body.model, keep_alive)
+        conv = gateway.conversations.get_or_create(owner, body.conversation, body.model)
+        history = list(conv.messages) or with_seeds(resolved, [])
+        prepared = await prepare(
+            gateway,
+            body.model,
+            messages=[*history, *turns],
+            options=body.options,
+            extra=extra,
+            keep_alive=keep_alive,
+            token_ids=body.token_ids,
+            seed=False,
+        )
+
+        def commit(text: str) -> None:
+            """The turn happened: keep the user's messages and the answer."""
+            if not conv.messages:
+                conv.messages.extend(history)
+            conv.messages.extend(turns)
+            if text:
+                conv.messages.append(ChatMessage("assistant", text))
+
+        return prepared, body.conversation, commit
+
+    async def generate(request: Request) -> Response:
+        body: GenerateBody | ChatBody
+        if request.url.path.endswith("/chat"):
+            body = await read_body(gateway, request, ChatBody)
+        else:
+            body = await read_body(gateway, request, GenerateBody)
+        prepared, conversation, commit = await start(request, body)
+        gen_id = prepared.request.request_id
+        if body.stream:
+            return ClosingStream(
+                _sse_generation(gateway, prepared, body.model, conversation, commit)
+            )
+
+        async def whole() -> GenerationResult:
+            parts: list[str] = []
+            ids: list[int] = []
+            done: GenerationDone | None = None
+            async for ev in run(gateway, prepared):
+                if isinstance(ev, TokenDelta):
+                    parts.append(ev.text)
+                    ids.extend(ev.token_ids or ())
+                else:
+                    done = ev
+            assert done is not None
+            if done.error is not None:
+                raise error_from_code(
+                    done.error.code, done.error.message, retryable=done.error.retryable
+                )
+            text = "".join(parts)
+            if done.finish_reason.value in ("stop", "length"):
+                commit(text)
+            d = _proto_done(gen_id, done, conversation)
+            return GenerationResult(
+                gen_id,
+                body.model,
+                text,
+                d.finish_reason,
+                d.usage,
+                d.timings,
+                conversation,
+                ids if body.token_ids else None,
+            )
+
+        result = await unless_disconnected(request, whole())
+        return Response(_JSON.encode(result), media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        """Ready when not draining and every worker answers (no credential needed)."""
+        health = await gateway.engine.health()
+        workers = [
+            {"index": w.index, "alive": w.alive, "models": w.models, "active": w.active}
+            for w in health.workers
+        ]
+        ready = health.ok and not gateway.draining
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "workers": workers},
+            status_code=200 if ready else 503,
+        )
+
+    return [
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/v1/generate", guarded(generate), methods=["POST"]),
+        Route("/v1/chat", guarded(generate), methods=["POST"]),
+    ]
+
+
+async def _sse_generation(
+    gateway: Gateway,
+    prepared: Prepared,
+    model: str,
+    conversation: str | None,
+    commit: Callable[[str], None],
+) -> AsyncIterator[bytes]:
+    """The WebSocket's events as Server-Sent Events: started, delta..., done (or error)."""
+    gen_id = prepared.request.request_id
+    yield _sse_message(m.Started(gen_id, model, conversation))
+    events = run(gateway, prepared)
+    parts: list[str] = []
+    try:
+        async for ev in events:
+            if isinstance(ev, TokenDelta):
+                parts.append(ev.text)
+                yield _sse_message(m.Delta(gen_id, ev.seq, ev.text, ev.token_ids))
+                continue
+            if ev.error is not None:
+                code = error_from_code(ev.error.code, ev.error.message).code
+                yield _sse_message(m.Error(code, ev.error.message, gen_id, ev.error.retryable))
+            elif ev.finish_reason.value in ("stop", "length"):
+                commit("".join(parts))
+            yield _sse_message(_proto_done(gen_id, ev, conversation))
+    except FerrousError as exc:
+        yield _sse_message(m.Error(exc.code, exc.message, gen_id, exc.retryable))
+    finally:
+        await events.aclose()

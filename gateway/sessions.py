@@ -33,7 +33,7 @@ from engine.store.pull import PullEvent
 from gateway.auth import Principal
 from gateway.generation import format_options, prepare, run
 from gateway.logs import bind
-from gateway.models import seed_messages
+from gateway.models import pull_progress, seed_messages
 from protocol import messages as m
 from protocol.codec import Codec
 from protocol.durations import parse_duration
@@ -406,49 +406,20 @@ class Session:
     async def _pull(self, msg: m.Pull) -> None:
         """Pull a model into the store, streaming progress messages (latest state wins)."""
         self._phase[msg.id] = "prep"
-        # Only the latest event waits to be sent: a slow client skips intermediate
-        # byte counts instead of queueing them.
-        latest: list[PullEvent] = []
-        wake = asyncio.Event()
-        finished = False
-
-        def on_progress(event: PullEvent) -> None:
-            if event.status != "success":
-                latest[:] = [event]
-                wake.set()
-
-        async def forward() -> None:
-            while True:
-                await wake.wait()
-                wake.clear()
-                pending = latest[:]
-                latest.clear()
-                for e in pending:
-                    await self.send(m.Progress(msg.id, e.status, e.digest, e.total, e.completed))
-                if finished:
-                    return
-
-        async def flush() -> None:
-            nonlocal finished
-            finished = True
-            wake.set()
-            await sender
-
         with bind(session=self.id, request=msg.id):
-            sender = asyncio.create_task(forward())
+            stream = pull_progress(
+                self.gateway.models, msg.model, source=msg.source, sha256=msg.sha256
+            )
             try:
-                record = await self.gateway.models.pull(
-                    msg.model,
-                    source=msg.source,
-                    sha256=msg.sha256,
-                    progress=on_progress,
-                    remote=True,
-                )
-                await flush()
-                await self.send(m.Progress(msg.id, "success", None, record.size, record.size))
+                async for item in stream:
+                    if isinstance(item, PullEvent):
+                        await self.send(
+                            m.Progress(msg.id, item.status, item.digest, item.total, item.completed)
+                        )
+                    else:
+                        await self.send(m.Progress(msg.id, "success", None, item.size, item.size))
             except FerrousError as exc:
                 log.info("pull failed: %s: %s", exc.code.value, exc.message)
-                await flush()
                 await self.send_error(exc, msg.id)
             except asyncio.CancelledError:
                 if msg.id in self._user_cancelled and not self.closed:
@@ -456,7 +427,7 @@ class Session:
                         await self.send_error(Cancelled("pull cancelled"), msg.id)
                 raise
             finally:
-                sender.cancel()
+                await stream.aclose()
                 self._user_cancelled.discard(msg.id)
 
 

@@ -12,20 +12,27 @@ thread; changing threads per token costs ~3x), in this cycle::
 ``step`` takes a list so a batching backend can advance many sequences in one
 forward pass; ``max_sequences`` says how many it holds at once. A backend that
 decodes one sequence at a time sets it to 1 and the worker queues the rest.
+
+Optional abilities have defaults that refuse with ``bad_request``:
+:meth:`check_sampling` (structured output) and :meth:`embed_job` (embeddings).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Generator, Sequence
+from typing import ClassVar, TypeAlias
 
 import msgspec
 
 from engine.chat import render_chat
 from engine.requests import ChatMessage, SamplingParams
+from protocol.errors import BadRequest
 
-__all__ = ["Backend", "LoadParams"]
+__all__ = ["Backend", "EmbedJob", "LoadParams"]
+
+# One forward pass per next(); returns (unit-length vectors, tokens read).
+EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,6 +88,14 @@ class Backend(abc.ABC):
         A sequence still reading a long prompt may produce none in a step.
         """
 
+    def failed(self) -> dict[int, Exception]:
+        """Sequences the last :meth:`step` could not advance, with the reason.
+
+        The other sequences of that step advanced normally; the worker ends these
+        with an error. (A grammar that allows no token is one such case.)
+        """
+        return {}
+
     @abc.abstractmethod
     def context_used(self, seq: int) -> int:
         """Positions of the context window ``seq`` occupies (prompt + generated)."""
@@ -92,6 +107,38 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def free(self) -> None:
         """Release the model's memory. The backend is unusable afterwards."""
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise BadRequest for options this backend cannot honour.
+
+        The worker calls it before queueing a request, so a bad grammar fails at
+        once instead of after waiting for a free slot. The default refuses
+        structured output, which needs a backend with a grammar sampler.
+        """
+        if sampling.constraint() is not None:
+            raise BadRequest("structured output needs the llama_cpp backend")
+
+    def embed_job(self, texts: Sequence[str], truncate: bool) -> EmbedJob:
+        """Check ``texts`` now (BadRequest), and return a job that embeds them step by step.
+
+        Each ``next()`` of the job does one forward pass; the job returns
+        ``(vectors, tokens read)``, vectors of unit length in input order. The
+        worker advances it between generation steps, so a large request delays
+        running streams by one pass at a time, not by all of it. ``truncate``
+        cuts inputs longer than the embedding context instead of refusing them.
+        The default refuses: not every runtime exposes hidden states.
+        """
+        raise BadRequest("embeddings need the llama_cpp backend")
+
+    def embed(self, texts: Sequence[str], truncate: bool) -> tuple[list[list[float]], int]:
+        """Run :meth:`embed_job` to the end: ``(unit-length vectors, tokens read)``."""
+        job = self.embed_job(texts, truncate)
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                result: tuple[list[list[float]], int] = done.value
+                return result
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         """Render messages with the model's chat template (from its metadata)."""

@@ -3,7 +3,9 @@
 ctransformers ships prebuilt libraries and installs in seconds, which makes it
 a fallback where llama-cpp-python cannot be built. It serialises concurrent
 generation and cannot load every model (SmolLM2's GPT-2 style vocabulary, for
-one); it has no min-p sampling, so ``min_p`` is ignored here.
+one); it has no min-p sampling, so ``min_p`` is ignored here. It has no grammar
+sampler and no embeddings either: structured output and :meth:`embed` requests
+fail with ``bad_request`` (the defaults of :class:`~engine.backends.base.Backend`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class CTransformersBackend(Backend):
         return bool(self._llm.is_eos_token(token))  # type: ignore[attr-defined]
 
     def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+        self.check_sampling(sampling)  # the worker checks too; start() must never ignore it
         if self._seq is not None:
             raise RuntimeError("ctransformers backend holds one sequence at a time")
         self._llm.ctransformers_llm_reset()  # type: ignore[attr-defined]

@@ -11,6 +11,17 @@ Sampling: greedy requests (temperature 0, no repeat penalty) take an argmax
 over the logits with numpy; the rest use a llama.cpp sampler chain per
 sequence (penalties, top-k, top-p, min-p, temperature, seeded draw).
 
+Structured output: a GBNF grammar (given, converted from a JSON Schema, or the
+JSON-object grammar) becomes a grammar sampler placed first in the chain, so it
+masks every token that cannot continue the grammar before anything else looks
+at the logits; it also allows an end-of-generation token only where the grammar
+is complete. Such requests never take the argmax fast path. Grammars are parsed
+once and cached (a new sequence gets a clone), and are checked first for what
+would crash llama.cpp's recursive parser (very deep nesting, huge texts).
+
+Embeddings use a second context on the same weights, created on first use
+(see :meth:`LlamaCppBackend.embed`).
+
 Each slot remembers the tokens its KV cache holds after a sequence ends; a new
 sequence takes the free slot sharing the longest prefix with its prompt and
 only reads the rest, so follow-up turns of a conversation skip re-reading it.
@@ -20,25 +31,67 @@ Idle slots give their cache cells back when running sequences need room.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Sequence
 from typing import cast
 
 import llama_cpp
+import llama_cpp.llama_grammar
 import numpy as np
 
-from engine.backends.base import Backend, LoadParams
+from engine.backends.base import Backend, EmbedJob, LoadParams
 from engine.backends.select import check_model_file
 from engine.requests import SamplingParams
-from protocol.errors import ModelLoadError
+from protocol.errors import BadRequest, ModelLoadError
 
 __all__ = ["LlamaCppBackend"]
 
 MAX_DEFAULT_CTX = 4096
 PENALTY_LAST_N = 64
 
+# llama.cpp parses grammars recursively on the worker's main thread: about
+# 20,000 nested groups or 100,000 chained rules overflow its stack and kill the
+# process (measured), so refuse far below that. 1,000 still allows a JSON
+# Schema string with maxLength 1,000 (one group per optional character).
+MAX_GRAMMAR_BYTES = 256 * 1024
+MAX_GRAMMAR_DEPTH = 1000
+GRAMMAR_CACHE = 16  # parsed grammars kept per model (a new sequence clones one)
+
+# Embeddings: a second context of at most EMBED_MAX_CTX positions. Each decode
+# also yields logits for every token (llama.cpp computes them for all outputs),
+# so the tokens per decode are sized to keep those under EMBED_OUTPUT_BYTES.
+EMBED_MAX_CTX = 2048
+EMBED_MAX_SEQS = 8
+EMBED_OUTPUT_BYTES = 128 * 1024 * 1024
+
+_POOLING = {
+    llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean",
+    llama_cpp.LLAMA_POOLING_TYPE_CLS: "first",
+    llama_cpp.LLAMA_POOLING_TYPE_LAST: "last",
+}
+# Strings, character classes and comments of GBNF: brackets inside them do not nest.
+_GBNF_OPAQUE = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*')
+
+# struct llama_token_data {llama_token id; float logit; float p;}
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
+
+_log_sink: list[str] | None = None  # collects llama.cpp errors while a grammar is parsed
+
 
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """llama.cpp logs to stderr by default; workers keep stderr for their own records."""
+    """llama.cpp logs to stderr by default; workers keep stderr for their own records.
+
+    While a grammar is being parsed its messages are kept (llama.cpp logs only
+    its errors then), so that the request's error can say what is wrong.
+    """
+    if _log_sink is not None:
+        _log_sink.append(text.decode("utf-8", errors="replace"))
 
 
 _log_callback = llama_cpp.llama_log_callback(_quiet_log)
@@ -53,6 +106,165 @@ def _init_once() -> None:
         _initialised = True
 
 
+def _grammar_depth(gbnf: str) -> int:
+    """How deeply ``( ... )`` groups nest in a GBNF text (outside strings and classes)."""
+    depth = deepest = 0
+    for match in re.finditer(r"[()]", _GBNF_OPAQUE.sub("", gbnf)):
+        depth += 1 if match.group() == "(" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _capturing_errors(fn: Callable[[], object]) -> tuple[object, str]:
+    """Call ``fn`` and return its result with what llama.cpp reported meanwhile.
+
+    The grammar parser prints its syntax errors straight to stderr (not through
+    the log callback), so fd 2 is pointed at a temporary file for the call. The
+    worker is single-threaded, so nothing else writes to stderr meanwhile.
+    """
+    global _log_sink
+    sink: list[str] = []
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        _log_sink = sink
+        try:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                result = fn()
+            finally:
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+            _log_sink = None
+        tmp.seek(0)
+        printed = tmp.read(8192).decode("utf-8", errors="replace")
+    marker = "error parsing grammar: "
+    reasons = [line.split(marker, 1)[1].strip() for line in printed.splitlines() if marker in line]
+    reasons += [line.strip() for line in "".join(sink).splitlines() if line.strip()]
+    return result, "; ".join(dict.fromkeys(reasons))[:500]
+
+
+class _EmbeddingContext:
+    """A second llama.cpp context on the loaded weights, with embeddings switched on.
+
+    Created on the first :meth:`LlamaCppBackend.embed` so that models only used
+    for chat pay nothing. The context runs with pooling ``NONE`` and the vectors
+    are pooled here, with numpy, from the per-token hidden states (after the
+    final norm, the same values llama.cpp pools): llama.cpp's own pooling only
+    sees one micro-batch, so a pooled input would have to fit one micro-batch,
+    and every token of it also yields a row of logits (``n_vocab`` floats). For
+    SmolLM2, 2,048 tokens in one micro-batch took about 800 MB; pooling here lets
+    a long input be read in chunks of ``n_batch`` tokens instead (a causal model
+    carries the earlier chunks in its KV cache), which bounds that memory.
+    Non-causal (encoder) models need all of an input in one micro-batch; they
+    have no LM head, so their chunk is the whole context.
+    """
+
+    def __init__(self, model: object, n_ctx: int, n_threads: int, n_vocab: int) -> None:
+        self.pooling = "mean"
+        arch = self._meta(model, "general.architecture")
+        if arch:
+            declared = self._meta(model, f"{arch}.pooling_type")
+            if declared and declared.isdigit():
+                # An embedding model says how it pools; a chat model does not (mean).
+                self.pooling = _POOLING.get(int(declared), "mean")
+            causal = self._meta(model, f"{arch}.attention.causal") != "false"
+        else:
+            causal = True
+        self.n_embd = int(llama_cpp.llama_model_n_embd_out(model))
+        self.n_ctx = n_ctx
+        per_token = 8 * (n_vocab + self.n_embd)  # output rows + the graph's copy
+        chunk = max(32, min(512, EMBED_OUTPUT_BYTES // per_token) // 32 * 32)
+        self.n_batch = min(chunk, n_ctx) if causal else n_ctx
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = EMBED_MAX_SEQS
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.embeddings = True
+        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        cparams.kv_unified = True  # one input may use the whole window
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a {n_ctx}-token embedding context")
+        self.ctx: object = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+
+    @staticmethod
+    def _meta(model: object, key: str) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
+
+    def run(self, inputs: list[list[int]]) -> Generator[None, None, list[list[float]]]:
+        """Pooled, L2-normalised vectors of tokenised inputs (each at most ``n_ctx`` tokens).
+
+        A generator that runs one ``llama_decode`` per step, so the worker can
+        interleave it with generation steps. Inputs go in groups of at most
+        ``EMBED_MAX_SEQS`` sequences and ``n_ctx`` tokens, one sequence id each; a
+        group is decoded ``n_batch`` tokens at a time (a non-causal model has
+        ``n_batch == n_ctx``: one decode) and the KV cache is cleared before the
+        next group. Only one run may be in progress at a time.
+        """
+        vectors: list[list[float]] = []
+        start = 0
+        while start < len(inputs):
+            end, used = start, 0
+            while (
+                end < len(inputs)
+                and end - start < EMBED_MAX_SEQS
+                and used + len(inputs[end]) <= self.n_ctx
+            ):
+                used += len(inputs[end])
+                end += 1
+            group = inputs[start:end]
+            llama_cpp.llama_memory_clear(self.mem, True)
+            sums = np.zeros((len(group), self.n_embd), dtype=np.float64)
+            work = [(seq, pos) for seq, tokens in enumerate(group) for pos in range(len(tokens))]
+            for first in range(0, len(work), self.n_batch):
+                self._decode(group, work[first : first + self.n_batch], sums)
+                yield
+            norms = np.linalg.norm(sums, axis=1, keepdims=True)
+            vectors += (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32).tolist()
+            start = end
+        return vectors
+
+    def _decode(
+        self, group: list[list[int]], items: list[tuple[int, int]], sums: np.ndarray
+    ) -> None:
+        batch = self.batch
+        for i, (seq, pos) in enumerate(items):
+            batch.token[i] = group[seq][pos]
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1  # every token's hidden state is pooled
+        batch.n_tokens = len(items)
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}) while embedding")
+        ptr = llama_cpp.llama_get_embeddings(self.ctx)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embeddings")
+        rows = np.ctypeslib.as_array(ptr, shape=(len(items), self.n_embd))
+        seqs = np.fromiter((seq for seq, _ in items), dtype=np.intp, count=len(items))
+        if self.pooling == "mean":
+            np.add.at(sums, seqs, rows)
+            return
+        for i, (seq, pos) in enumerate(items):
+            if (pos == 0) if self.pooling == "first" else (pos == len(group[seq]) - 1):
+                sums[seq] = rows[i]
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+
+
 class _Slot:
     __slots__ = ("busy", "history", "index")
 
@@ -63,11 +275,17 @@ class _Slot:
 
 
 class _SeqState:
-    __slots__ = ("n_past", "pending", "sampler", "slot")
+    __slots__ = ("constrained", "n_past", "pending", "sampler", "slot")
 
     def __init__(
-        self, slot: _Slot, pending: list[int], n_past: int, sampler: object | None
+        self,
+        slot: _Slot,
+        pending: list[int],
+        n_past: int,
+        sampler: object | None,
+        constrained: bool = False,
     ) -> None:
+        self.constrained = constrained  # the sampler chain starts with a grammar
         self.slot = slot
         self.pending = (
             pending  # tokens to feed: the prompt's unread part, then the last sampled token
@@ -87,6 +305,7 @@ class LlamaCppBackend(Backend):
         n_ctx: int,
         n_seq: int,
         n_batch: int,
+        n_threads: int,
     ) -> None:
         self._model = model
         self._ctx = ctx
@@ -104,6 +323,12 @@ class LlamaCppBackend(Backend):
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
         self._slots = [_Slot(i) for i in range(n_seq)]
         self._seqs: dict[int, _SeqState] = {}
+        self._n_threads = n_threads
+        self._failed: dict[int, Exception] = {}
+        self._candidates = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)  # for _sample_checked
+        self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
+        self._grammars: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._emb: _EmbeddingContext | None = None
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
@@ -131,7 +356,7 @@ class LlamaCppBackend(Backend):
                 path, "backend", f"llama.cpp could not create a {n_ctx}-token context"
             )
         template = params.chat_template or header.chat_template
-        return cls(model, ctx, template, n_ctx, max(1, params.n_seq), n_batch)
+        return cls(model, ctx, template, n_ctx, max(1, params.n_seq), n_batch, params.n_threads)
 
     # -- vocabulary -----------------------------------------------------------------
 
@@ -168,18 +393,89 @@ class LlamaCppBackend(Backend):
 
     # -- sequences ------------------------------------------------------------------
 
+    # -- structured output ----------------------------------------------------------
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        constraint = sampling.constraint()
+        if constraint is not None:
+            self._grammar(*constraint)
+
+    def _grammar(self, kind: str, source: str) -> object:
+        """The parsed grammar sampler for a constraint (cached; callers clone it)."""
+        key = (kind, source)
+        cached = self._grammars.get(key)
+        if cached is not None:
+            self._grammars.move_to_end(key)
+            return cached
+        if kind == "json":
+            gbnf = llama_cpp.llama_grammar.JSON_GBNF  # root ::= object, as Ollama's format "json"
+        elif kind == "json_schema":
+            gbnf = self._schema_grammar(source)
+        else:
+            gbnf = source
+            if not gbnf.strip():
+                raise BadRequest("the grammar is empty")
+        what = "the grammar" if kind == "grammar" else "the grammar of the JSON schema"
+        data = gbnf.encode("utf-8")
+        if len(data) > MAX_GRAMMAR_BYTES:
+            raise BadRequest(
+                f"{what} has {len(data)} bytes; the limit is {MAX_GRAMMAR_BYTES}"
+                + (" (lower maxLength/maxItems)" if kind == "json_schema" else "")
+            )
+        depth = _grammar_depth(gbnf)
+        if depth > MAX_GRAMMAR_DEPTH:
+            raise BadRequest(
+                f"{what} nests groups {depth} deep; the limit is {MAX_GRAMMAR_DEPTH}"
+                + (" (lower maxLength/maxItems)" if kind == "json_schema" else "")
+            )
+        vocab = self._vocab
+        sampler, why = _capturing_errors(
+            lambda: llama_cpp.llama_sampler_init_grammar(vocab, data, b"root")
+        )
+        if not sampler:
+            raise BadRequest(f"invalid {kind.replace('_', ' ')}: {why or 'llama.cpp rejected it'}")
+        self._grammars[key] = sampler
+        if len(self._grammars) > GRAMMAR_CACHE:
+            _, old = self._grammars.popitem(last=False)
+            llama_cpp.llama_sampler_free(old)
+        return sampler
+
+    @staticmethod
+    def _schema_grammar(source: str) -> str:
+        try:
+            schema = json.loads(source)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"json_schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise BadRequest("json_schema must be a JSON object")
+        try:
+            return str(llama_cpp.llama_grammar.json_schema_to_gbnf(source))
+        except Exception as exc:  # the converter asserts on what it does not support
+            raise BadRequest(
+                f"invalid or unsupported JSON schema: {exc or type(exc).__name__}"
+            ) from None
+
+    # -- sequences ------------------------------------------------------------------
+
     def _sampler(self, s: SamplingParams, prompt: list[int]) -> object | None:
-        if s.temperature == 0.0 and s.repeat_penalty == 1.0:
+        constraint = s.constraint()
+        if constraint is None and s.temperature == 0.0 and s.repeat_penalty == 1.0:
             return None
+        grammar = None if constraint is None else self._grammar(*constraint)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if grammar is not None:
+            # First: every later sampler sees only tokens the grammar allows.
+            add(chain, llama_cpp.llama_sampler_clone(grammar))
         if s.repeat_penalty != 1.0:
-            add(
-                chain,
-                llama_cpp.llama_sampler_init_penalties(
-                    self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0
-                ),
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0
             )
+            add(chain, penalties)
+            # The prompt counts for the penalty, but must not reach the grammar
+            # (it would reject the prompt's tokens), so only this sampler sees it.
+            for tok in prompt[-PENALTY_LAST_N:]:
+                llama_cpp.llama_sampler_accept(penalties, tok)
         if s.temperature == 0.0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -192,15 +488,13 @@ class LlamaCppBackend(Backend):
             add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
             seed = s.seed if s.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        if s.repeat_penalty != 1.0:
-            for tok in prompt[-PENALTY_LAST_N:]:
-                llama_cpp.llama_sampler_accept(chain, tok)
         return cast(object, chain)
 
     def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
         free = [s for s in self._slots if not s.busy]
         if not free:
             raise RuntimeError("no free sequence slot")
+        sampler = self._sampler(sampling, prompt)  # first: a BadRequest leaves no state behind
 
         def shared(slot: _Slot) -> int:
             n = 0
@@ -217,12 +511,19 @@ class LlamaCppBackend(Backend):
             keep = 0
         del slot.history[keep:]
         slot.busy = True
-        self._seqs[seq] = _SeqState(slot, prompt[keep:], keep, self._sampler(sampling, prompt))
+        self._seqs[seq] = _SeqState(
+            slot,
+            prompt[keep:],
+            keep,
+            sampler,
+            constrained=sampling.constraint() is not None,
+        )
 
     def context_used(self, seq: int) -> int:
         return self._seqs[seq].n_past
 
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
+        self._failed = {}
         states = [(seq, self._seqs[seq]) for seq in seqs]
         batch = self._batch
         n = 0
@@ -267,11 +568,53 @@ class LlamaCppBackend(Backend):
             if st.sampler is None:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
                 token = int(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).argmax())
+            elif st.constrained:
+                sampled = self._sample_checked(st.sampler, idx)
+                if sampled is None:
+                    st.pending = []
+                    self._failed[seq] = BadRequest(
+                        "the grammar allows no token of this model's vocabulary here "
+                        "(does it require a character the vocabulary cannot spell, such as NUL?)"
+                    )
+                    continue
+                token = sampled
             else:
                 token = int(llama_cpp.llama_sampler_sample(st.sampler, self._ctx, idx))
             st.pending = [token]
             out[seq] = token
         return out
+
+    def failed(self) -> dict[int, Exception]:
+        failed, self._failed = self._failed, {}
+        return failed
+
+    def _sample_checked(self, chain: object, idx: int) -> int | None:
+        """Sample through a grammar chain; None when the grammar allows no token at all.
+
+        ``llama_sampler_sample`` would pick a token anyway (every logit masked to
+        -inf) and its grammar ``accept`` then throws a C++ exception that
+        terminates the worker. So this does the same steps with the documented
+        pieces (apply the chain to all candidates, check the pick, accept it).
+        """
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
+        )
+        cand = self._candidates
+        cand["id"] = self._token_ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(
+            cand.ctypes.data_as(llama_cpp.llama_token_data_p), self._n_vocab, -1, False
+        )
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            return None
+        chosen = arr.data[arr.selected]
+        if not math.isfinite(chosen.logit):
+            return None
+        token = int(chosen.id)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
 
     def _release_idle(self) -> bool:
         """Drop the cached prefixes of idle slots; True if that freed anything."""
@@ -291,9 +634,61 @@ class LlamaCppBackend(Backend):
         if st.sampler is not None:
             llama_cpp.llama_sampler_free(st.sampler)
 
+    # -- embeddings -----------------------------------------------------------------
+
+    def embed_job(self, texts: Sequence[str], truncate: bool) -> EmbedJob:
+        """Mean-pooled (or the model's own pooling), unit-length vectors of ``texts``.
+
+        Runs in a second context of at most ``EMBED_MAX_CTX`` positions, one
+        decode per step of the returned job. Each input is tokenised with the
+        model's BOS/EOS settings and without parsing control tokens (it is data,
+        not a prompt). ``truncate`` keeps the first tokens of a longer input (its
+        final EOS too, for models that add one), as Ollama does; otherwise a
+        longer input is a BadRequest, raised here before any work.
+        """
+        if not texts:
+            raise BadRequest("no inputs to embed")
+        limit = min(self.n_ctx, EMBED_MAX_CTX)
+        add_eos = bool(llama_cpp.llama_vocab_get_add_eos(self._vocab))
+        inputs: list[list[int]] = []
+        for i, text in enumerate(texts):
+            if not text:
+                raise BadRequest(f"input {i} is empty")
+            tokens = self._embedding_tokens(text)
+            if len(tokens) > limit:
+                if not truncate:
+                    raise BadRequest(
+                        f"input {i} is longer than the context "
+                        f"({len(tokens)} tokens; the limit is {limit})"
+                    )
+                tokens = tokens[: limit - 1] + tokens[-1:] if add_eos else tokens[:limit]
+            inputs.append(tokens)
+        if self._emb is None:
+            self._emb = _EmbeddingContext(self._model, limit, self._n_threads, self._n_vocab)
+        return self._embed_run(self._emb, inputs)
+
+    @staticmethod
+    def _embed_run(emb: _EmbeddingContext, inputs: list[list[int]]) -> EmbedJob:
+        vectors = yield from emb.run(inputs)
+        return vectors, sum(map(len, inputs))
+
+    def _embedding_tokens(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        out = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), out, cap, True, False)
+        if n < 0:  # pragma: no cover - more tokens than bytes + 8 cannot happen
+            raise RuntimeError(f"tokenizer needs {-n} slots")
+        return list(out[:n])
+
     def free(self) -> None:
         for seq in list(self._seqs):
             self.finish(seq)
+        while self._grammars:
+            llama_cpp.llama_sampler_free(self._grammars.popitem()[1])
+        if self._emb is not None:
+            self._emb.free()
+            self._emb = None
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)

@@ -1,0 +1,598 @@
+"""The Ollama-compatible API under ``/api``: existing Ollama clients work unchanged.
+
+Translation only: requests become :func:`gateway.generation.prepare` calls and
+store operations; engine events become Ollama's JSON objects. Streaming
+responses are NDJSON (one object per line, ``stream`` defaults to true as in
+Ollama); an error after the stream started arrives as an ``{"error": ...}``
+line. Durations are nanoseconds.
+
+What differs from Ollama, on purpose:
+
+* ``template`` per request is refused (400): templates are Jinja2 chat
+  templates set at load time; create a model with a ``TEMPLATE`` line instead.
+* ``images``, ``tools`` and ``suffix`` are refused (400) rather than ignored.
+* ``options.num_ctx`` applies when the request loads the model; a model that
+  is already loaded keeps its context.
+* Options we do not use (``mirostat``, ``num_gpu``…) are accepted and ignored,
+  as Ollama ignores options a backend lacks; options of the wrong type are 400.
+
+Auth is the server's (Bearer JWT or API key); with
+``auth.ollama_loopback_without_token`` a loopback client (no proxy headers)
+needs none, since Ollama clients usually send none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine import ChatMessage, GenerationDone, TokenDelta
+from engine.store.modelfile import Message, Modelfile, render_modelfile
+from engine.store.pull import PullEvent
+from engine.store.store import ModelRecord
+from gateway.generation import Prepared, format_options, prepare, run
+from gateway.httpapi import ClosingStream, guarded, http_status, read_body, unless_disconnected
+from gateway.models import pull_progress
+from gateway.native import modelfile_of
+from protocol import messages as m
+from protocol.durations import parse_duration
+from protocol.errors import BadRequest, EngineError, FerrousError, ModelNotFound, error_from_code
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["ollama_error", "ollama_routes"]
+
+NDJSON = "application/x-ndjson"
+_NS = 1_000_000  # ms -> ns
+
+
+class Options(msgspec.Struct, omit_defaults=True):
+    """Ollama's ``options``; unknown keys are ignored, known ones are type-checked."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    num_predict: int | None = None
+    num_ctx: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+
+
+KeepAlive = float | str | None
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
+class GenerateBody(msgspec.Struct):
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    prompt: str = ""
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    format: Format = None
+    options: Options | None = None
+    stream: bool = True
+    keep_alive: KeepAlive = None
+    images: list[str] | None = None
+    suffix: str | None = None
+    context: list[int] | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+
+
+class ChatTurn(msgspec.Struct):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+
+
+class ChatBody(msgspec.Struct):
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    messages: list[ChatTurn] = msgspec.field(default_factory=list)
+    format: Format = None
+    options: Options | None = None
+    stream: bool = True
+    keep_alive: KeepAlive = None
+    tools: list[dict[str, Any]] | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+
+
+class EmbedBody(msgspec.Struct):
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    input: str | list[str] = ""
+    truncate: bool | None = None
+    dimensions: int | None = None
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+
+
+class LegacyEmbedBody(msgspec.Struct):
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+
+
+class NameBody(msgspec.Struct):
+    model: str = ""
+    name: str = ""  # older clients send "name"
+
+    def target(self) -> str:
+        value = self.model or self.name
+        if not value:
+            raise BadRequest("invalid request: Object missing required field `model`")
+        return value
+
+
+class PullBody(NameBody):
+    stream: bool = True
+    insecure: bool = False
+
+
+class CopyBody(msgspec.Struct):
+    source: Annotated[str, msgspec.Meta(min_length=1)]
+    destination: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class CreateBody(msgspec.Struct):
+    model: str = ""
+    name: str = ""
+    modelfile: str | None = None  # older API: the Modelfile text
+    from_: str | None = msgspec.field(default=None, name="from")
+    template: str | None = None
+    system: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[ChatTurn] | None = None
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    quantize: str | None = None
+    stream: bool = True
+
+
+def ollama_error(exc: FerrousError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=http_status(exc))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _keep_alive(value: KeepAlive) -> float | None:
+    return None if value is None else parse_duration(value)
+
+
+def _sampling(options: Options | None, fmt: Format) -> tuple[m.Options | None, dict[str, object]]:
+    extra = format_options(fmt or None)
+    if options is None:
+        return None, extra
+    stop = [options.stop] if isinstance(options.stop, str) else options.stop
+    max_tokens = options.num_predict
+    if max_tokens is not None and max_tokens < 0:
+        max_tokens = None  # -1: no limit; -2: until the context is full
+    if max_tokens == 0:
+        max_tokens = 1
+    try:
+        opts = msgspec.convert(
+            {
+                "temperature": options.temperature,
+                "top_k": options.top_k,
+                "top_p": options.top_p,
+                "min_p": options.min_p,
+                "seed": None if options.seed is None or options.seed < 0 else options.seed,
+                "stop": stop,
+                "max_tokens": max_tokens,
+                "repeat_penalty": options.repeat_penalty,
+            },
+            m.Options,
+        )
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid options: {exc}") from None
+    return opts, extra
+
+
+def _done_fields(done: GenerationDone) -> dict[str, Any]:
+    t = done.timings
+    reason = {"stop": "stop", "length": "length"}.get(done.finish_reason.value, "stop")
+    return {
+        "done": True,
+        "done_reason": reason,
+        "total_duration": int(t.total_ms * _NS),
+        "load_duration": int(t.load_ms * _NS),
+        "prompt_eval_count": done.usage.prompt_tokens,
+        "prompt_eval_duration": int(t.ttft_ms * _NS),
+        "eval_count": done.usage.completion_tokens,
+        "eval_duration": int(max(0.0, t.total_ms - t.ttft_ms) * _NS),
+    }
+
+
+def _refuse_unsupported(think: bool | str | None, logprobs: bool | None) -> None:
+    if think not in (None, False, ""):
+        raise BadRequest("this model does not support thinking")
+    if logprobs:
+        raise BadRequest("logprobs are not supported by this server")
+
+
+def _raise_if_failed(done: GenerationDone) -> None:
+    if done.error is not None:
+        raise error_from_code(done.error.code, done.error.message, retryable=done.error.retryable)
+    if done.finish_reason.value in ("cancelled", "stalled"):
+        raise EngineError(f"the generation was {done.finish_reason.value}")
+
+
+def _details(record: ModelRecord | None) -> dict[str, Any]:
+    if record is None:
+        return {"format": "gguf", "family": "", "families": None}
+    return {
+        "parent_model": record.manifest.parent or "",
+        "format": record.manifest.format,
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def ollama_routes(gateway: Gateway) -> list[Route]:
+    """The ``/api/*`` routes, bound to ``gateway``."""
+    loopback = gateway.config.auth.ollama_loopback_without_token
+
+    def route(path: str, fn: Any, method: str) -> Route:
+        return Route(
+            path, guarded(gateway, ollama_error, fn, allow_loopback=loopback), methods=[method]
+        )
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def load_only(model: str, keep_alive: float | None, key: str) -> Response:
+        """Ollama's "empty prompt" requests: load the model (or unload it with keep_alive 0)."""
+        if keep_alive == 0:
+            with contextlib.suppress(ModelNotFound):
+                await gateway.models.unload(model)
+            reason = "unload"
+        else:
+            await gateway.ensure_model(model, keep_alive)
+            reason = "load"
+        body = {"model": model, "created_at": _now(), "done": True, "done_reason": reason}
+        body[key] = {"role": "assistant", "content": ""} if key == "message" else ""
+        return JSONResponse(body)
+
+    def respond(
+        request: Request, prepared: Prepared, model: str, stream: bool, chat: bool
+    ) -> Response | Any:
+        def piece(text: str) -> dict[str, Any]:
+            if chat:
+                return {"message": {"role": "assistant", "content": text}}
+            return {"response": text}
+
+        if not stream:
+
+            async def whole() -> Response:
+                parts: list[str] = []
+                done: GenerationDone | None = None
+                async for ev in run(gateway, prepared):
+                    if isinstance(ev, TokenDelta):
+                        parts.append(ev.text)
+                    else:
+                        done = ev
+                assert done is not None
+                _raise_if_failed(done)
+                body = {"model": model, "created_at": _now(), **piece("".join(parts))}
+                body.update(_done_fields(done))
+                return JSONResponse(body)
+
+            return unless_disconnected(request, whole())
+
+        async def lines() -> AsyncIterator[bytes]:
+            events = run(gateway, prepared)
+            try:
+                async for ev in events:
+                    if isinstance(ev, TokenDelta):
+                        yield _line(
+                            {"model": model, "created_at": _now(), **piece(ev.text), "done": False}
+                        )
+                        continue
+                    try:
+                        _raise_if_failed(ev)
+                    except FerrousError as exc:
+                        yield _line({"error": exc.message})
+                        return
+                    yield _line(
+                        {"model": model, "created_at": _now(), **piece(""), **_done_fields(ev)}
+                    )
+            finally:
+                await events.aclose()
+
+        return ClosingStream(lines(), media_type=NDJSON)
+
+    async def generate(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(gateway, request, GenerateBody)
+        if body.template:
+            raise BadRequest(
+                "per-request templates are not supported: create a model with a TEMPLATE line"
+            )
+        if body.images:
+            raise BadRequest("images are not supported by this server")
+        if body.suffix:
+            raise BadRequest("suffix (fill-in-the-middle) is not supported by this server")
+        _refuse_unsupported(body.think, body.logprobs)
+        keep_alive = _keep_alive(body.keep_alive)
+        if not body.prompt and body.system is None:
+            return await load_only(body.model, keep_alive, "response")
+        options, extra = _sampling(body.options, body.format)
+        await _load_with_ctx(body.model, body.options, keep_alive)
+        if body.raw:
+            prepared = await prepare(
+                gateway,
+                body.model,
+                prompt=body.prompt,
+                options=options,
+                extra=extra,
+                keep_alive=keep_alive,
+                started=t0,
+            )
+        else:
+            turns = [ChatMessage("system", body.system)] if body.system else []
+            turns.append(ChatMessage("user", body.prompt))
+            prepared = await prepare(
+                gateway,
+                body.model,
+                messages=turns,
+                options=options,
+                extra=extra,
+                keep_alive=keep_alive,
+                started=t0,
+            )
+        result = respond(request, prepared, body.model, body.stream, chat=False)
+        return await result if not isinstance(result, Response) else result
+
+    async def chat(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(gateway, request, ChatBody)
+        if body.tools:
+            raise BadRequest(f"{body.model} does not support tools on this server")
+        if any(t.images for t in body.messages):
+            raise BadRequest("images are not supported by this server")
+        _refuse_unsupported(body.think, body.logprobs)
+        keep_alive = _keep_alive(body.keep_alive)
+        if not body.messages:
+            return await load_only(body.model, keep_alive, "message")
+        options, extra = _sampling(body.options, body.format)
+        await _load_with_ctx(body.model, body.options, keep_alive)
+        prepared = await prepare(
+            gateway,
+            body.model,
+            messages=[ChatMessage(t.role, t.content) for t in body.messages],
+            options=options,
+            extra=extra,
+            keep_alive=keep_alive,
+            started=t0,
+        )
+        result = respond(request, prepared, body.model, body.stream, chat=True)
+        return await result if not isinstance(result, Response) else result
+
+    async def _load_with_ctx(model: str, options: Options | None, keep_alive: float | None) -> None:
+        """``options.num_ctx`` applies when this request is the one that loads the model."""
+        if options is None or options.num_ctx is None:
+            return
+        registry = gateway.models
+        key = registry.key_for(model)
+        if key in gateway.engine.models():
+            return
+        await registry.ensure(model, keep_alive=keep_alive, n_ctx=options.num_ctx)
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    async def embed_texts(
+        model: str, texts: list[str], truncate: bool, keep_alive: float | None
+    ) -> tuple[list[list[float]], int, float, float]:
+        t0 = time.perf_counter()
+        resolved = await gateway.ensure_model(model, keep_alive)
+        t1 = time.perf_counter()
+        result = await gateway.engine.embed(
+            resolved.key, texts, truncate=truncate, keep_alive=keep_alive
+        )
+        return result.vectors, result.prompt_tokens, t1 - t0, time.perf_counter() - t0
+
+    async def embed(request: Request) -> Response:
+        body = await read_body(gateway, request, EmbedBody)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        truncate = body.truncate is not False
+        vectors, tokens, load_s, total_s = await unless_disconnected(
+            request, embed_texts(body.model, texts, truncate, _keep_alive(body.keep_alive))
+        )
+        if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+            raise BadRequest(
+                f"dimensions: this model's embeddings have {len(vectors[0])} dimensions"
+            )
+        return JSONResponse(
+            {
+                "model": body.model,
+                "embeddings": vectors,
+                "total_duration": int(total_s * 1e9),
+                "load_duration": int(load_s * 1e9),
+                "prompt_eval_count": tokens,
+            }
+        )
+
+    async def embeddings_legacy(request: Request) -> Response:
+        body = await read_body(gateway, request, LegacyEmbedBody)
+        vectors, _, _, _ = await unless_disconnected(
+            request, embed_texts(body.model, [body.prompt], True, _keep_alive(body.keep_alive))
+        )
+        return JSONResponse({"embedding": vectors[0]})
+
+    # -- models ---------------------------------------------------------------------------
+
+    async def tags(request: Request) -> Response:
+        records = await gateway.models.manager.models()
+        return JSONResponse(
+            {
+                "models": [
+                    {
+                        "name": str(r.ref),
+                        "model": str(r.ref),
+                        "modified_at": _iso(r.modified),
+                        "size": r.size,
+                        "digest": r.id,
+                        "details": _details(r),
+                    }
+                    for r in records
+                ]
+            }
+        )
+
+    async def show(request: Request) -> Response:
+        body = await read_body(gateway, request, NameBody)
+        record = await gateway.models.manager.store_get(body.target())
+        man = record.manifest
+        params = "\n".join(
+            f"{k:<16}{json.dumps(v) if isinstance(v, str) else v}"
+            for k, vs in man.parameters.items()
+            for v in (vs if isinstance(vs, list) else [vs])
+        )
+        return JSONResponse(
+            {
+                "modelfile": modelfile_of(record),
+                "parameters": params,
+                "template": man.template or "",
+                "system": man.system or "",
+                "license": "\n".join(man.license),
+                "details": _details(record),
+                "model_info": {"general.format": man.format, "ferrous.source": man.source},
+                "modified_at": _iso(record.modified),
+                "capabilities": ["completion"],
+            }
+        )
+
+    async def ps(request: Request) -> Response:
+        out = []
+        for x in gateway.engine.loaded():
+            record = await gateway.models.manager.find(x.name)
+            out.append(
+                {
+                    "name": x.name,
+                    "model": x.name,
+                    "size": x.size,
+                    "digest": record.id if record else "",
+                    "details": _details(record),
+                    "expires_at": _iso(x.expires_at) or "2318-01-01T00:00:00Z",
+                    "size_vram": 0,
+                    "context_length": x.n_ctx,
+                }
+            )
+        return JSONResponse({"models": out})
+
+    async def pull(request: Request) -> Response:
+        body = await read_body(gateway, request, PullBody)
+        target = body.target()
+        gateway.models.check_remote_pull(target, None)
+        if not body.stream:
+            await unless_disconnected(request, gateway.models.pull(target, remote=True))
+            return JSONResponse({"status": "success"})
+        return ClosingStream(_pull_lines(gateway, target), media_type=NDJSON)
+
+    async def delete(request: Request) -> Response:
+        body = await read_body(gateway, request, NameBody)
+        await gateway.models.remove(body.target())
+        return Response(status_code=200)
+
+    async def copy(request: Request) -> Response:
+        body = await read_body(gateway, request, CopyBody)
+        await gateway.models.copy(body.source, body.destination)
+        return Response(status_code=200)
+
+    async def create(request: Request) -> Response:
+        body = await read_body(gateway, request, CreateBody)
+        name = body.model or body.name
+        if not name:
+            raise BadRequest("invalid request: Object missing required field `model`")
+        if body.files or body.adapters:
+            raise BadRequest("creating from uploaded files is not supported; use FROM a model")
+        if body.quantize:
+            raise BadRequest("quantize is not supported")
+        if body.modelfile is not None:
+            text = body.modelfile
+        else:
+            if not body.from_:
+                raise BadRequest("invalid request: a model needs `from` (or a `modelfile`)")
+            licenses = [body.license] if isinstance(body.license, str) else body.license or []
+            text = render_modelfile(
+                Modelfile(
+                    from_=body.from_,
+                    parameters={k: v for k, v in (body.parameters or {}).items() if v is not None},
+                    template=body.template,
+                    system=body.system,
+                    messages=[Message(t.role, t.content) for t in body.messages or []],
+                    license=licenses,
+                )
+            )
+        await gateway.models.create(name, text, remote=True)
+        if body.stream:
+            return StreamingResponse(
+                iter([_line({"status": "writing manifest"}), _line({"status": "success"})]),
+                media_type=NDJSON,
+            )
+        return JSONResponse({"status": "success"})
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": gateway.version})
+
+    async def blob_head(request: Request) -> Response:
+        digest = request.path_params["digest"].replace("-", ":", 1)
+        found = gateway.models.manager.store.has_blob(digest)
+        return Response(status_code=200 if found else 404)
+
+    return [
+        route("/api/generate", generate, "POST"),
+        route("/api/chat", chat, "POST"),
+        route("/api/embed", embed, "POST"),
+        route("/api/embeddings", embeddings_legacy, "POST"),
+        route("/api/tags", tags, "GET"),
+        route("/api/show", show, "POST"),
+        route("/api/ps", ps, "GET"),
+        route("/api/pull", pull, "POST"),
+        route("/api/delete", delete, "DELETE"),
+        route("/api/copy", copy, "POST"),
+        route("/api/create", create, "POST"),
+        route("/api/version", version, "GET"),
+        route("/api/blobs/{digest}", blob_head, "HEAD"),
+    ]
+
+
+async def _pull_lines(gateway: Gateway, target: str) -> AsyncIterator[bytes]:
+    """NDJSON progress of a pull, then ``{"status": "success"}`` or an error line."""
+    stream = pull_progress(gateway.models, target)
+    try:
+        async for item in stream:
+            if isinstance(item, PullEvent):
+                yield _line(msgspec.to_builtins(item))
+            else:
+                yield _line({"status": "success"})
+    except FerrousError as exc:
+        yield _line({"error": exc.message})
+    finally:
+        await stream.aclose()

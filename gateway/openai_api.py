@@ -1,0 +1,667 @@
+"""The OpenAI-compatible HTTP surface, so existing OpenAI clients and SDKs work unchanged.
+
+Routes (all need the usual credential; the OpenAI SDKs send their ``api_key`` as
+``Authorization: Bearer``, which takes a FerrousForge API key or JWT):
+
+* ``POST /v1/chat/completions`` — stateless chats (the whole history comes with
+  every request; the model's Modelfile SYSTEM and MESSAGE lines are put first).
+  Text content only: a content part list is joined with newlines, other part
+  types (images, audio) are refused. ``response_format`` ``json_object`` /
+  ``json_schema`` constrain the output to JSON (a schema when one is given).
+* ``POST /v1/completions`` — a raw prompt, no chat template. ``max_tokens``
+  defaults to 16, as in OpenAI's API. ``echo`` puts the prompt before the text.
+* ``POST /v1/embeddings`` — ``encoding_format`` ``float`` or ``base64``
+  (little-endian float32, which the official Python client asks for by default).
+* ``GET /v1/models`` and ``GET /v1/models/{name}`` are the native routes, which
+  already answer in OpenAI's shape.
+
+Both generation routes stream Server-Sent Events with ``"stream": true``
+(``data: <chunk>`` lines, then ``data: [DONE]``); ``stream_options.include_usage``
+adds a last chunk with ``usage`` and no choices. A client that goes away cancels
+its generation, streaming or not.
+
+Refused with a 400 that names the parameter, rather than silently ignored: ``n``
+(or ``best_of``) other than 1, ``logprobs``, tools and function calling, tool
+messages, completion ``suffix`` and token-array prompts or inputs, and
+``dimensions`` other than the model's own size. Accepted and ignored:
+``presence_penalty`` and ``frequency_penalty`` (range-checked; the engine's own
+``repeat_penalty`` is offered instead), ``user``, ``metadata``, ``store`` and any
+field this surface does not know. Extensions: ``top_k``, ``min_p``,
+``repeat_penalty`` and ``keep_alive`` (seconds or a duration such as ``"5m"``).
+A ``seed`` is taken modulo 2**32. Sampling options the request leaves out come
+from the model's Modelfile, then the server's defaults.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
+with the HTTP status of the FerrousForge error code; ``code`` is that code
+(``model_not_found``, ``bad_request``…). An error after a stream has started is
+sent as a ``data: {"error": …}`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+from msgspec import Meta
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta
+from engine.requests import Embeddings
+from engine.textstream import MAX_STOP_CHARS
+from gateway.generation import Prepared, format_options, prepare, run
+from gateway.httpapi import ClosingStream, error_field, guarded, http_status, read_body
+from gateway.httpapi import unless_disconnected as _unless_disconnected
+from protocol import messages as m
+from protocol.durations import parse_duration
+from protocol.errors import (
+    BadRequest,
+    Cancelled,
+    ErrorCode,
+    FerrousError,
+    Overloaded,
+    Stalled,
+    error_from_code,
+)
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "EmbeddingsRequest",
+    "openai_error",
+    "openai_routes",
+]
+
+Event = TokenDelta | GenerationDone
+
+# -- request bodies ---------------------------------------------------------------------
+# Unknown fields are ignored (clients send ``user``, ``metadata``, ``store``…); the
+# fields read here are type- and range-checked, so a wrong one is a 400 naming it.
+
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+StopText = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopText | Annotated[list[StopText], Meta(max_length=16)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
+MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
+KeepAlive = float | Annotated[str, Meta(max_length=32)]
+
+
+class StreamOptions(msgspec.Struct):
+    """Streaming options: ``include_usage`` adds a last chunk with the usage."""
+
+    include_usage: bool | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    """What both generation routes share."""
+
+    model: ModelName
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: Stop | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # Extensions (llama.cpp's names), and the model's keep-alive as on the other surfaces.
+    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repeat_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    keep_alive: KeepAlive | None = None
+
+
+class ContentPart(msgspec.Struct):
+    """A part of a message's content; only ``text`` parts are accepted."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatCompletionMessage(msgspec.Struct):
+    """A chat message: role system, developer (as system), user or assistant."""
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct):
+    """The JSON Schema the answer must match (without one: any JSON object)."""
+
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+
+
+class ResponseFormat(msgspec.Struct):
+    """Structured output: ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    """A stateless chat: the whole conversation comes with every request."""
+
+    messages: list[ChatCompletionMessage]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    functions: list[Any] | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    """A raw prompt (no chat template); ``max_tokens`` defaults to 16."""
+
+    prompt: str | list[Any]
+    max_tokens: MaxTokens | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class EmbeddingsRequest(msgspec.Struct):
+    """Texts to embed; vectors are unit length, ``float`` or ``base64`` float32."""
+
+    model: ModelName
+    input: str | Annotated[list[Any], Meta(max_length=2048)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    # Extensions: cut inputs longer than the model's context (else a 400), keep-alive.
+    truncate: bool = True
+    keep_alive: KeepAlive | None = None
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class _InvalidParam(BadRequest):
+    """A 400 that names the offending request parameter."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+
+
+def _param(exc: FerrousError) -> str | None:
+    field = error_field(exc)
+    if field is None and exc.code is ErrorCode.MODEL_NOT_FOUND:
+        field = "model"
+    return field
+
+
+def _error_json(exc: FerrousError) -> dict[str, object]:
+    status = http_status(exc)
+    return {
+        "error": {
+            "message": exc.message,
+            "type": _TYPES.get(status, "server_error"),
+            "param": _param(exc),
+            "code": exc.code.value,
+        }
+    }
+
+
+def openai_error(exc: FerrousError) -> Response:
+    """``exc`` as an OpenAI error response."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.code is ErrorCode.UNAUTHORIZED else None
+    return _json(_error_json(exc), status=http_status(exc), headers=headers)
+
+
+def _json(body: object, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        msgspec.json.encode(body),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def _sse(body: object) -> bytes:
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+# -- translating requests -------------------------------------------------------------
+
+
+def _options(body: _Sampling, max_tokens: int | None) -> m.Options:
+    if body.n is not None and body.n != 1:
+        raise _InvalidParam("n", "only n=1 is supported")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return m.Options(
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        seed=None if body.seed is None else body.seed % 2**32,
+        max_tokens=max_tokens,
+        stop=stop,
+    )
+
+
+def _keep_alive(body: _Sampling | EmbeddingsRequest) -> float | None:
+    if body.keep_alive is None:
+        return None
+    try:
+        return parse_duration(body.keep_alive)
+    except BadRequest as exc:
+        raise _InvalidParam("keep_alive", exc.message) from None
+
+
+def _chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    if not body.messages:
+        raise _InvalidParam("messages", "messages must hold at least one message")
+    out: list[ChatMessage] = []
+    for i, msg in enumerate(body.messages):
+        where = f"messages[{i}]"
+        role = "system" if msg.role == "developer" else msg.role
+        if role in ("tool", "function"):
+            raise _InvalidParam(f"{where}.role", "tool calling is not supported yet")
+        if role not in ("system", "user", "assistant"):
+            raise _InvalidParam(
+                f"{where}.role", f"unknown role {msg.role!r}: use system, user or assistant"
+            )
+        if msg.tool_calls or msg.function_call is not None:
+            raise _InvalidParam(f"{where}.tool_calls", "tool calling is not supported yet")
+        out.append(ChatMessage(role, _content(msg, where)))
+    return out
+
+
+def _content(msg: ChatCompletionMessage, where: str) -> str:
+    if isinstance(msg.content, str):
+        return msg.content
+    if msg.content is None:
+        if msg.role == "assistant":
+            return ""
+        raise _InvalidParam(f"{where}.content", "content is required")
+    texts: list[str] = []
+    for part in msg.content:
+        if part.type != "text" or part.text is None:
+            raise _InvalidParam(
+                f"{where}.content", f"content parts of type {part.type!r} are not supported"
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _format(body: ChatCompletionRequest) -> dict[str, object]:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object" or fmt.json_schema is None or fmt.json_schema.schema is None:
+        return format_options("json")
+    return format_options(fmt.json_schema.schema)
+
+
+def _refuse_chat_extras(body: ChatCompletionRequest) -> None:
+    if body.logprobs:
+        raise _InvalidParam("logprobs", "logprobs are not supported")
+    if body.top_logprobs:
+        raise _InvalidParam("top_logprobs", "logprobs are not supported")
+    if body.tools:
+        raise _InvalidParam("tools", "tool calling is not supported yet")
+    if body.functions:
+        raise _InvalidParam("functions", "function calling is not supported yet")
+    if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
+        raise _InvalidParam("tool_choice", "tool calling is not supported yet")
+
+
+def _prompt(body: CompletionRequest) -> str:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(x, str) for x in prompt):
+        raise _InvalidParam("prompt", "send one prompt per request (a batch is not supported)")
+    raise _InvalidParam("prompt", "prompt must be a string (token arrays are not supported)")
+
+
+def _refuse_completion_extras(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise _InvalidParam("suffix", "suffix (fill-in-the-middle) is not supported")
+    if body.best_of is not None and body.best_of != 1:
+        raise _InvalidParam("best_of", "only best_of=1 is supported")
+    if body.logprobs:
+        raise _InvalidParam("logprobs", "logprobs are not supported")
+
+
+def _inputs(body: EmbeddingsRequest) -> list[str]:
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not inputs:
+        raise _InvalidParam("input", "input must not be empty")
+    for x in inputs:
+        if not isinstance(x, str):
+            raise _InvalidParam("input", "input must be text (token arrays are not supported)")
+        if not x:
+            raise _InvalidParam("input", "input must not hold empty strings")
+    return [x for x in inputs if isinstance(x, str)]
+
+
+# -- generation -----------------------------------------------------------------------
+
+
+def _finish(done: GenerationDone) -> str:
+    """OpenAI's finish_reason, or raise the error the generation ended with."""
+    if done.error is not None:
+        raise error_from_code(done.error.code, done.error.message, retryable=done.error.retryable)
+    if done.finish_reason is FinishReason.CANCELLED:
+        raise Cancelled("the generation was cancelled")
+    if done.finish_reason is FinishReason.STALLED:
+        raise Stalled("the generation stalled")
+    if done.finish_reason is FinishReason.ERROR:
+        raise FerrousError("the generation failed")
+    return "length" if done.finish_reason is FinishReason.LENGTH else "stop"
+
+
+async def _close(events: AsyncIterator[Event]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, GenerationDone]:
+    parts: list[str] = []
+    events = run(gateway, prepared)
+    try:
+        async for ev in events:
+            if isinstance(ev, TokenDelta):
+                parts.append(ev.text)
+            else:
+                return "".join(parts), ev
+    finally:
+        await _close(events)
+    raise FerrousError("the generation ended without a result")
+
+
+def _usage(done: GenerationDone) -> dict[str, int]:
+    u = done.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }
+
+
+class _Stream(msgspec.Struct):
+    """A started generation: its first event is in hand, so it did not fail to start."""
+
+    events: AsyncIterator[Event]
+    first: Event
+
+
+async def _start(request: Request, gateway: Gateway, prepared: Prepared) -> _Stream:
+    """Wait for the first event, so a request the engine refuses is still a plain HTTP error."""
+    events = run(gateway, prepared)
+
+    async def first() -> Event:
+        return await anext(events)
+
+    try:
+        ev = await _unless_disconnected(request, first())
+        if isinstance(ev, GenerationDone):
+            _finish(ev)  # raises when it failed before producing anything
+    except BaseException:
+        await _close(events)
+        raise
+    return _Stream(events, ev)
+
+
+ChunkMaker = Callable[[str | None, str | None], dict[str, object]]
+
+
+async def _sse_body(
+    stream: _Stream,
+    chunk: ChunkMaker,
+    *,
+    lead: bytes | None,
+    include_usage: bool,
+    usage_chunk: Callable[[dict[str, int]], dict[str, object]],
+) -> AsyncIterator[bytes]:
+    """The events of one streamed generation: ``lead``, text chunks, finish, usage, [DONE]."""
+    try:
+        if lead is not None:
+            yield lead
+        done: GenerationDone | None = None
+        ev: Event | None = stream.first
+        while ev is not None:
+            if isinstance(ev, GenerationDone):
+                done = ev
+                break
+            if ev.text:
+                yield _sse(chunk(ev.text, None))
+            ev = await anext(stream.events, None)
+        if done is None:
+            raise FerrousError("the generation ended without a result")
+        yield _sse(chunk(None, _finish(done)))
+        if include_usage:
+            yield _sse(usage_chunk(_usage(done)))
+    except FerrousError as exc:
+        yield _sse(_error_json(exc))
+    finally:
+        await _close(stream.events)
+    yield _DONE
+
+
+# -- routes ---------------------------------------------------------------------------
+
+
+def openai_routes(gateway: Gateway) -> list[Route]:
+    """The OpenAI-compatible routes, bound to ``gateway``."""
+    fingerprint = f"ferrousforge-{gateway.version}"
+
+    def check_open() -> None:
+        if gateway.draining:
+            raise Overloaded("the server is shutting down")
+
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await read_body(gateway, request, ChatCompletionRequest)
+        check_open()
+        _refuse_chat_extras(body)
+        messages = _chat_messages(body)
+        options = _options(body, body.max_completion_tokens or body.max_tokens)
+        extra = _format(body)
+        keep_alive = _keep_alive(body)
+        cid = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        prepared = await prepare(
+            gateway,
+            body.model,
+            messages=messages,
+            options=options,
+            extra=extra,
+            keep_alive=keep_alive,
+            request_id=cid,
+            started=started,
+        )
+        if not body.stream:
+            text, done = await _unless_disconnected(request, _collect(gateway, prepared))
+            return _json(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": body.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": _finish(done),
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": _usage(done),
+                    "system_fingerprint": fingerprint,
+                }
+            )
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, object]:
+            delta = {} if text is None else {"content": text}
+            return base([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+        def base(choices: list[dict[str, object]]) -> dict[str, object]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": fingerprint,
+                "choices": choices,
+            }
+
+        def usage_chunk(usage: dict[str, int]) -> dict[str, object]:
+            return {**base([]), "usage": usage}
+
+        stream = await _start(request, gateway, prepared)
+        # The first chunk carries the role; the others content, then the finish.
+        role = {"role": "assistant", "content": ""}
+        lead = base([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}])
+        return ClosingStream(
+            _sse_body(
+                stream,
+                chunk,
+                lead=_sse(lead),
+                include_usage=_include_usage(body),
+                usage_chunk=usage_chunk,
+            )
+        )
+
+    async def completions(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await read_body(gateway, request, CompletionRequest)
+        check_open()
+        _refuse_completion_extras(body)
+        prompt = _prompt(body)
+        # OpenAI's default for the legacy completions API is 16 tokens.
+        options = _options(body, body.max_tokens or 16)
+        keep_alive = _keep_alive(body)
+        cid = "cmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        prepared = await prepare(
+            gateway,
+            body.model,
+            prompt=prompt,
+            options=options,
+            keep_alive=keep_alive,
+            request_id=cid,
+            started=started,
+        )
+        prefix = prompt if body.echo else ""
+
+        def base(choices: list[dict[str, object]]) -> dict[str, object]:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": fingerprint,
+                "choices": choices,
+            }
+
+        if not body.stream:
+            text, done = await _unless_disconnected(request, _collect(gateway, prepared))
+            choice = {
+                "text": prefix + text,
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": _finish(done),
+            }
+            return _json({**base([choice]), "usage": _usage(done)})
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, object]:
+            choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+            return base([choice])
+
+        def usage_chunk(usage: dict[str, int]) -> dict[str, object]:
+            return {**base([]), "usage": usage}
+
+        stream = await _start(request, gateway, prepared)
+        return ClosingStream(
+            _sse_body(
+                stream,
+                chunk,
+                lead=_sse(chunk(prefix, None)) if prefix else None,
+                include_usage=_include_usage(body),
+                usage_chunk=usage_chunk,
+            )
+        )
+
+    async def embeddings(request: Request) -> Response:
+        body = await read_body(gateway, request, EmbeddingsRequest)
+        check_open()
+        inputs = _inputs(body)
+        keep_alive = _keep_alive(body)
+
+        async def embed() -> Embeddings:
+            resolved = await gateway.ensure_model(body.model, keep_alive)
+            return await gateway.engine.embed(
+                resolved.key, inputs, truncate=body.truncate, keep_alive=keep_alive
+            )
+
+        result = await _unless_disconnected(request, embed())
+        vectors = result.vectors
+        size = len(vectors[0]) if vectors else 0
+        if body.dimensions is not None and body.dimensions != size:
+            raise _InvalidParam(
+                "dimensions",
+                f"this model's embeddings have {size} dimensions, not {body.dimensions}",
+            )
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return _json({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+    def route(path: str, fn: Callable[[Request], Awaitable[Response]]) -> Route:
+        return Route(path, guarded(gateway, openai_error, fn), methods=["POST"])
+
+    return [
+        route("/v1/chat/completions", chat_completions),
+        route("/v1/completions", completions),
+        route("/v1/embeddings", embeddings),
+    ]
+
+
+def _include_usage(body: _Sampling) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
