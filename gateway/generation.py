@@ -29,7 +29,15 @@ from protocol.errors import BadRequest, Overloaded
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["Prepared", "format_options", "prepare", "run", "sampling_for", "with_seeds"]
+__all__ = [
+    "Prepared",
+    "format_options",
+    "prepare",
+    "run",
+    "sampling_for",
+    "started",
+    "with_seeds",
+]
 
 # Modelfile PARAMETER name -> SamplingParams field
 _MODELFILE_SAMPLING = {
@@ -174,3 +182,30 @@ async def run(
         metrics.generations.dec()
         if task is not None:
             gateway.running.discard(task)
+
+
+async def started(
+    gateway: Gateway, prepared: Prepared
+) -> AsyncGenerator[TokenDelta | GenerationDone, None]:
+    """:func:`run`, after waiting for its first event.
+
+    Streaming surfaces call this before they send a status line, so a request
+    the engine refuses (a prompt too long for the context, an invalid schema)
+    is still answered with a plain 4xx rather than an error inside a 200 stream.
+    """
+    events = run(gateway, prepared)
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def chained() -> AsyncGenerator[TokenDelta | GenerationDone, None]:
+        try:
+            yield first
+            async for ev in events:
+                yield ev
+        finally:
+            await events.aclose()
+
+    return chained()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("ferrous.http")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -120,6 +123,8 @@ async def read_body(gateway: Gateway, request: Request, kind: type[T]) -> T:
         raise BadRequest(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # free-form fields (a JSON schema) nested absurdly deep
+        raise BadRequest("invalid request: the body is nested too deeply") from None
 
 
 def is_loopback_request(request: Request) -> bool:
@@ -222,5 +227,10 @@ def guarded(
         except FerrousError as exc:
             gateway.metrics.errors.labels(exc.code.value).inc()
             return render(exc)
+        except Exception:
+            # A bug, not the client's fault: log it, answer in the surface's shape.
+            log.exception("%s %s failed", request.method, request.url.path)
+            gateway.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+            return render(FerrousError("internal error (logged on the server)"))
 
     return handler

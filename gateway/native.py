@@ -10,7 +10,7 @@ key). Errors are the protocol's codes in a JSON body,
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -22,7 +22,7 @@ from engine import ChatMessage, GenerationDone, TokenDelta
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
-from gateway.generation import Prepared, format_options, prepare, run, with_seeds
+from gateway.generation import Prepared, format_options, prepare, run, started, with_seeds
 from gateway.httpapi import ClosingStream, Handler, http_status, read_body, unless_disconnected
 from gateway.httpapi import guarded as _guarded
 from gateway.models import pull_progress
@@ -367,9 +367,8 @@ def generation_routes(gateway: Gateway) -> list[Route]:
         prepared, conversation, commit = await start(request, body)
         gen_id = prepared.request.request_id
         if body.stream:
-            return ClosingStream(
-                _sse_generation(gateway, prepared, body.model, conversation, commit)
-            )
+            events = await unless_disconnected(request, started(gateway, prepared))
+            return ClosingStream(_sse_generation(events, gen_id, body.model, conversation, commit))
 
         async def whole() -> GenerationResult:
             parts: list[str] = []
@@ -425,16 +424,14 @@ def generation_routes(gateway: Gateway) -> list[Route]:
 
 
 async def _sse_generation(
-    gateway: Gateway,
-    prepared: Prepared,
+    events: AsyncGenerator[TokenDelta | GenerationDone, None],
+    gen_id: str,
     model: str,
     conversation: str | None,
     commit: Callable[[str], None],
 ) -> AsyncIterator[bytes]:
     """The WebSocket's events as Server-Sent Events: started, delta..., done (or error)."""
-    gen_id = prepared.request.request_id
     yield _sse_message(m.Started(gen_id, model, conversation))
-    events = run(gateway, prepared)
     parts: list[str] = []
     try:
         async for ev in events:

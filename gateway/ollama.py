@@ -39,7 +39,7 @@ from engine import ChatMessage, GenerationDone, TokenDelta
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
-from gateway.generation import Prepared, format_options, prepare, run
+from gateway.generation import Prepared, format_options, prepare, run, started
 from gateway.httpapi import ClosingStream, guarded, http_status, read_body, unless_disconnected
 from gateway.models import pull_progress
 from gateway.native import modelfile_of
@@ -279,9 +279,9 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         body[key] = {"role": "assistant", "content": ""} if key == "message" else ""
         return JSONResponse(body)
 
-    def respond(
+    async def respond(
         request: Request, prepared: Prepared, model: str, stream: bool, chat: bool
-    ) -> Response | Any:
+    ) -> Response:
         def piece(text: str) -> dict[str, Any]:
             if chat:
                 return {"message": {"role": "assistant", "content": text}}
@@ -303,10 +303,11 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 body.update(_done_fields(done))
                 return JSONResponse(body)
 
-            return unless_disconnected(request, whole())
+            return await unless_disconnected(request, whole())
+
+        events = await unless_disconnected(request, started(gateway, prepared))
 
         async def lines() -> AsyncIterator[bytes]:
-            events = run(gateway, prepared)
             try:
                 async for ev in events:
                     if isinstance(ev, TokenDelta):
@@ -322,6 +323,8 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                     yield _line(
                         {"model": model, "created_at": _now(), **piece(""), **_done_fields(ev)}
                     )
+            except FerrousError as exc:
+                yield _line({"error": exc.message})
             finally:
                 await events.aclose()
 
@@ -366,8 +369,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 keep_alive=keep_alive,
                 started=t0,
             )
-        result = respond(request, prepared, body.model, body.stream, chat=False)
-        return await result if not isinstance(result, Response) else result
+        return await respond(request, prepared, body.model, body.stream, chat=False)
 
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
@@ -391,8 +393,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             keep_alive=keep_alive,
             started=t0,
         )
-        result = respond(request, prepared, body.model, body.stream, chat=True)
-        return await result if not isinstance(result, Response) else result
+        return await respond(request, prepared, body.model, body.stream, chat=True)
 
     async def _load_with_ctx(model: str, options: Options | None, keep_alive: float | None) -> None:
         """``options.num_ctx`` applies when this request is the one that loads the model."""

@@ -69,6 +69,8 @@ class Codec:
             raise BadRequest(
                 f"malformed {'MessagePack' if self.binary else 'JSON'}: {exc}"
             ) from None
+        except RecursionError:  # free-form fields (a JSON schema) nested absurdly deep
+            raise BadRequest("invalid message: nested too deeply") from None
 
     def decode_server(self, data: bytes | str) -> ServerMessage:
         """Decode a server message from a frame payload (str = text frame, bytes = binary)."""
@@ -77,6 +79,8 @@ class Codec:
             return self._server_dec.decode(data)  # type: ignore[arg-type]  # checked above
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise BadRequest(f"invalid server message: {exc}") from None
+        except RecursionError:
+            raise BadRequest("invalid server message: nested too deeply") from None
 
 
 SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
