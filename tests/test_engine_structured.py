@@ -286,3 +286,28 @@ async def test_ignore_eos_after_a_complete_grammar_runs_to_max_tokens(script_mod
         )
         assert text == "ok" and done.finish_reason is FinishReason.LENGTH
         assert (await client.health()).restarts == 0
+
+
+@pytest.mark.smollm2
+async def test_greedy_grammar_shortcut_picks_what_full_masking_picks(smol: EngineClient) -> None:
+    """Greedy decoding checks the argmax against the grammar first; masking the whole
+    vocabulary (the sampler chain, here with top_k=1) must give the very same tokens."""
+    questions = [
+        "Give me a person with a name and an age, as JSON.",
+        "Describe a city in JSON with its name and population.",
+    ]
+    for question in questions:
+        prompt = [ChatMessage("user", question)]
+        fast = greedy(json_schema=PERSON_SCHEMA, max_tokens=64)
+        full = SamplingParams(
+            temperature=0.7,
+            top_k=1,
+            seed=3,
+            repeat_penalty=1.0,
+            json_schema=PERSON_SCHEMA,
+            max_tokens=64,
+        )
+        a, _ = await answer(smol, GenerateRequest(model="smollm2", messages=prompt, sampling=fast))
+        b, _ = await answer(smol, GenerateRequest(model="smollm2", messages=prompt, sampling=full))
+        assert a == b
+        check_person(a)
