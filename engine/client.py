@@ -41,8 +41,8 @@ from types import TracebackType
 import msgspec
 
 from engine import ipc
-from engine.backends.select import check_model_file, choose_backend
-from engine.memory import default_budget, estimate_model_bytes
+from engine.backends.select import check_model_file, check_onnx_folder, choose_backend
+from engine.memory import default_budget, estimate_model_bytes, estimate_onnx_bytes
 from engine.requests import (
     Embeddings,
     ErrorInfo,
@@ -501,13 +501,18 @@ class EngineClient:
         """
         spec = _ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx, chat_template)
         # Reject bad files here, with a typed error, before any worker sees them.
-        header = check_model_file(spec.path, choose_backend(spec.path, backend or None))
-        spec.size = estimate_model_bytes(
-            header,
-            n_ctx=n_ctx,
-            workers=max(1, len(self._workers)),
-            n_batch=self.config.n_batch,
-        )
+        kind = choose_backend(spec.path, backend or None)
+        workers = max(1, len(self._workers))
+        if kind == "onnx":
+            check_onnx_folder(spec.path)
+            spec.size = estimate_onnx_bytes(
+                spec.path, n_ctx=n_ctx, workers=workers, n_seq=self.config.seqs_per_worker
+            )
+        else:
+            header = check_model_file(spec.path, kind)
+            spec.size = estimate_model_bytes(
+                header, n_ctx=n_ctx, workers=workers, n_batch=self.config.n_batch
+            )
         assert self._load_lock is not None
         async with self._load_lock:
             await self._make_room(spec)

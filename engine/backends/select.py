@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+from pathlib import Path
 
 from engine.backends.base import Backend
 from engine.gguf_header import KNOWN_ARCHITECTURES, GGUFHeader, read_gguf_header
 from protocol.errors import BadRequest, ModelLoadError
 
-__all__ = ["BACKENDS", "available_backends", "backend_class", "check_model_file", "choose_backend"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backend_class",
+    "check_model_file",
+    "check_onnx_folder",
+    "choose_backend",
+]
 
 # name -> (module, class, python package it needs)
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "llama_cpp": ("engine.backends.llamacpp", "LlamaCppBackend", "llama_cpp"),
     "ctransformers": ("engine.backends.ctrans", "CTransformersBackend", "ctransformers"),
+    "onnx": ("engine.backends.onnxrt", "OnnxBackend", "onnxruntime"),
 }
 DEFAULT_GGUF_BACKEND = "llama_cpp"
 
@@ -36,11 +46,17 @@ def available_backends() -> list[str]:
 
 
 def choose_backend(path: str, requested: str | None = None) -> str:
-    """The backend name for ``path``: ``requested`` if given, else by file type."""
+    """The backend name for ``path``: ``requested`` if given, else by file type.
+
+    A folder holding ``model.onnx`` is an ONNX model; anything else is taken
+    for a GGUF file (and checked as one).
+    """
     if requested:
         if requested not in BACKENDS:
             raise BadRequest(f"unknown backend {requested!r}; known: {', '.join(BACKENDS)}")
         return requested
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.onnx")):
+        return "onnx"
     return DEFAULT_GGUF_BACKEND
 
 
@@ -71,3 +87,17 @@ def check_model_file(path: str, backend: str) -> GGUFHeader:
             path, "unsupported_vocabulary", "ctransformers needs tokenizer.ggml.scores"
         )
     return header
+
+
+def check_onnx_folder(path: str) -> Path:
+    """Validate a model folder before it reaches onnxruntime; raise ModelLoadError."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelLoadError(path, "missing", "no such folder")
+    if not folder.is_dir():
+        raise ModelLoadError(path, "not_onnx", "an ONNX model is a folder with model.onnx")
+    if not (folder / "model.onnx").is_file():
+        raise ModelLoadError(path, "not_onnx", "the folder has no model.onnx")
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(path, "tokenizer", "the folder has no tokenizer.json")
+    return folder

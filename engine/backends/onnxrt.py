@@ -1,0 +1,442 @@
+"""ONNX decoder language models through onnxruntime, with our own batched decode loop.
+
+A model is a folder: ``model.onnx`` (+ external data), ``tokenizer.json``, and
+optionally ``config.json``, ``generation_config.json``, ``tokenizer_config.json``
+(chat template, special tokens) or ``chat_template.jinja``. Inputs and outputs
+are found by the names Optimum and onnxruntime-genai use, read from the graph
+rather than assumed: ``input_ids``, ``attention_mask``, ``position_ids``
+(optional), ``past_key_values.{i}.key|value`` in, ``logits`` and
+``present.{i}.key|value`` out; the KV shape [batch, kv_heads, seq, head_dim]
+comes from the graph's declared dimensions, or ``config.json`` when they are
+symbolic.
+
+Batching: every :meth:`step` runs all decoding sequences in one
+``session.run``. Rows are left-padded to the longest past; the attention mask
+hides the padding and each row carries its own positions, so a row's logits
+are the ones it would get alone. A sequence still reading its prompt runs
+alone (its first step is its prefill), because its input length differs.
+``session.run`` releases the GIL, and the worker calls it from its one thread.
+
+Sampling is numpy: greedy argmax, or repeat penalty, top-k, top-p, min-p and
+temperature with a seeded generator. There is no grammar sampler here, so
+structured output is refused (``bad_request``) as on ctransformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from engine.backends.base import Backend, EmbedJob, LoadParams
+from engine.backends.select import check_onnx_folder
+from engine.onnx.encoder import OnnxEncoder
+from engine.requests import SamplingParams
+from protocol.errors import BadRequest, ModelLoadError
+
+__all__ = ["OnnxBackend", "OnnxEncoderBackend"]
+
+MAX_DEFAULT_CTX = 4096
+PENALTY_LAST_N = 64
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1))
+    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            codes.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(keep, codes, strict=True)}
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(str(path), "corrupt", f"cannot read it: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class _Seq:
+    pending: list[int]  # tokens to feed next: the prompt, then the last sampled token
+    past: list[np.ndarray] = field(default_factory=list)  # per layer K, V: [kv, len, hd]
+    n_past: int = 0
+    history: list[int] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    rng: np.random.Generator | None = None
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        *,
+        n_ctx: int,
+        n_seq: int,
+        n_layer: int,
+        kv_heads: int,
+        head_dim: int,
+        eos_ids: set[int],
+        bos_id: int | None,
+        chat_template: str | None,
+        has_positions: bool,
+    ) -> None:
+        self._session = session
+        self._tok = tokenizer
+        self.n_ctx = n_ctx
+        self.max_sequences = max(1, n_seq)
+        self._n_layer = n_layer
+        self._kv_heads = kv_heads
+        self._head_dim = head_dim
+        self._eos = eos_ids
+        self._bos = bos_id
+        self.chat_template = chat_template
+        self._has_positions = has_positions
+        self.bos_text = tokenizer.id_to_token(bos_id) or "" if bos_id is not None else ""
+        eos_first = min(eos_ids) if eos_ids else None
+        self.eos_text = (tokenizer.id_to_token(eos_first) or "") if eos_first is not None else ""
+        self._seqs: dict[int, _Seq] = {}
+        self._pieces: dict[int, bytes] = {}
+        self._byte_level = self._decoder_type() == "ByteLevel"
+        self._special = {
+            t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special
+        }
+
+    # -- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str, params: LoadParams) -> Backend:
+        folder = check_onnx_folder(path)
+        if (folder / "pooling.json").is_file():
+            return OnnxEncoderBackend.load(path, params)
+        config = _read_json(folder / "config.json")
+        gen_config = _read_json(folder / "generation_config.json")
+        tok_config = _read_json(folder / "tokenizer_config.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # the tokenizers package raises plain Exceptions
+            raise ModelLoadError(str(folder), "tokenizer", f"tokenizer.json: {exc}") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = params.n_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Exception subclasses
+            raise ModelLoadError(str(folder), "backend", f"onnxruntime: {exc}") from None
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        for required in ("input_ids", "attention_mask"):
+            if required not in inputs:
+                raise ModelLoadError(str(folder), "graph", f"the graph has no input {required!r}")
+        if "logits" not in outputs:
+            raise ModelLoadError(str(folder), "graph", "the graph has no output 'logits'")
+        n_layer = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        for i in range(n_layer):
+            for kind in ("key", "value"):
+                if f"past_key_values.{i}.{kind}" not in inputs:
+                    raise ModelLoadError(
+                        str(folder), "graph", f"the graph has no input past_key_values.{i}.{kind}"
+                    )
+                if f"present.{i}.{kind}" not in outputs:
+                    raise ModelLoadError(
+                        str(folder), "graph", f"the graph has no output present.{i}.{kind}"
+                    )
+        if n_layer == 0:
+            raise ModelLoadError(
+                str(folder), "graph", "the graph has no past_key_values inputs (no KV cache)"
+            )
+        shape = inputs["past_key_values.0.key"].shape
+        n_head = int(config.get("num_attention_heads", 0) or 0)
+        kv_heads = (
+            shape[1]
+            if isinstance(shape[1], int)
+            else int(config.get("num_key_value_heads", n_head) or 0)
+        )
+        hidden = int(config.get("hidden_size", 0) or 0)
+        head_dim = (
+            shape[3]
+            if isinstance(shape[3], int)
+            else int(config.get("head_dim", hidden // n_head if n_head else 0) or 0)
+        )
+        if kv_heads <= 0 or head_dim <= 0:
+            raise ModelLoadError(
+                str(folder),
+                "config",
+                "cannot tell the KV cache shape from the graph or config.json",
+            )
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        cfg_vocab = int(config.get("vocab_size", vocab_size) or vocab_size)
+        if cfg_vocab < vocab_size:
+            raise ModelLoadError(
+                str(folder),
+                "tokenizer",
+                f"tokenizer.json has {vocab_size} tokens but the model only {cfg_vocab}",
+            )
+        eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
+        eos_ids = set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+        if not eos_ids and isinstance(tok_config.get("eos_token"), str):
+            tid = tokenizer.token_to_id(tok_config["eos_token"])
+            if tid is not None:
+                eos_ids = {tid}
+        bos = config.get("bos_token_id")
+        add_bos = bool(tok_config.get("add_bos_token", False))
+        template = params.chat_template or tok_config.get("chat_template")
+        jinja = folder / "chat_template.jinja"
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        max_pos = int(config.get("max_position_embeddings", 2048) or 2048)
+        n_ctx = params.n_ctx or min(max_pos, MAX_DEFAULT_CTX)
+        return cls(
+            session,
+            tokenizer,
+            n_ctx=n_ctx,
+            n_seq=params.n_seq,
+            n_layer=n_layer,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            eos_ids=eos_ids,
+            bos_id=bos if isinstance(bos, int) and add_bos else None,
+            chat_template=template if isinstance(template, str) else None,
+            has_positions="position_ids" in inputs,
+        )
+
+    def _decoder_type(self) -> str:
+        try:
+            decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        except ValueError:
+            return ""
+        kind = decoder.get("type", "")
+        return str(kind)
+
+    # -- vocabulary ---------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        if add_bos and self._bos is not None and (not ids or ids[0] != self._bos):
+            ids.insert(0, self._bos)
+        return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            text = self._tok.id_to_token(token) or ""
+            if text in self._special:
+                piece = b""  # control tokens are not text
+            elif self._byte_level:
+                piece = bytes(_BYTE_OF_CHAR.get(c, 0x3F) for c in text)
+            elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                piece = bytes([int(text[3:5], 16)])  # SentencePiece byte fallback
+            else:
+                piece = text.replace("▁", " ").encode("utf-8")
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return b"".join(self.token_bytes(t) for t in tokens)
+
+    def is_end(self, token: int) -> bool:
+        return token in self._eos
+
+    # -- sequences ----------------------------------------------------------------------
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        if sampling.constraint() is not None:
+            raise BadRequest("structured output needs the llama_cpp backend")
+
+    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+        if len(self._seqs) >= self.max_sequences:
+            raise RuntimeError("no free sequence slot")
+        rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
+        self._seqs[seq] = _Seq(list(prompt), sampling=sampling, rng=rng)
+
+    def context_used(self, seq: int) -> int:
+        return self._seqs[seq].n_past
+
+    def finish(self, seq: int) -> None:
+        self._seqs.pop(seq, None)
+
+    def free(self) -> None:
+        self._seqs.clear()
+
+    def step(self, seqs: Sequence[int]) -> dict[int, int]:
+        states = [(s, self._seqs[s]) for s in seqs if s in self._seqs]
+        out: dict[int, int] = {}
+        decoding = [(s, st) for s, st in states if len(st.pending) == 1 and st.n_past > 0]
+        prefilling = [(s, st) for s, st in states if not (len(st.pending) == 1 and st.n_past)]
+        # Prompts read alone (their lengths differ); one of them per step keeps streams flowing.
+        for s, st in prefilling[:1]:
+            logits = self._run([st])
+            out[s] = self._sample(st, logits[0])
+        if decoding:
+            logits = self._run([st for _, st in decoding])
+            for row, (s, st) in enumerate(decoding):
+                out[s] = self._sample(st, logits[row])
+        return out
+
+    def _run(self, batch: list[_Seq]) -> np.ndarray:
+        """One forward pass over ``batch`` (all with the same number of new tokens)."""
+        n_new = len(batch[0].pending)
+        longest = max(st.n_past for st in batch)
+        b = len(batch)
+        ids = np.array([st.pending for st in batch], dtype=np.int64)
+        mask = np.zeros((b, longest + n_new), dtype=np.int64)
+        positions = np.zeros((b, n_new), dtype=np.int64)
+        feeds: dict[str, np.ndarray] = {"input_ids": ids}
+        pasts = [
+            np.zeros((b, self._kv_heads, longest, self._head_dim), dtype=np.float32)
+            for _ in range(2 * self._n_layer)
+        ]
+        for row, st in enumerate(batch):
+            pad = longest - st.n_past
+            mask[row, pad:] = 1
+            positions[row] = np.arange(st.n_past, st.n_past + n_new)
+            for j, kv in enumerate(st.past):
+                pasts[j][row, :, pad:, :] = kv
+        feeds["attention_mask"] = mask
+        if self._has_positions:
+            feeds["position_ids"] = positions
+        for i in range(self._n_layer):
+            feeds[f"past_key_values.{i}.key"] = pasts[2 * i]
+            feeds[f"past_key_values.{i}.value"] = pasts[2 * i + 1]
+        names = ["logits"] + [
+            f"present.{i}.{kind}" for i in range(self._n_layer) for kind in ("key", "value")
+        ]
+        results = self._session.run(names, feeds)
+        logits = np.asarray(results[0])[:, -1, :]
+        for row, st in enumerate(batch):
+            pad = longest - st.n_past
+            st.past = [np.ascontiguousarray(r[row, :, pad:, :]) for r in results[1:]]
+            st.history.extend(st.pending)
+            st.n_past += n_new
+        return logits
+
+    def _sample(self, st: _Seq, logits: np.ndarray) -> int:
+        s = st.sampling
+        if s.temperature == 0.0 and s.repeat_penalty == 1.0:
+            token = int(logits.argmax())
+        else:
+            x = logits.astype(np.float64, copy=True)
+            if s.repeat_penalty != 1.0 and st.history:
+                recent = np.unique(np.array(st.history[-PENALTY_LAST_N:], dtype=np.int64))
+                vals = x[recent]
+                x[recent] = np.where(vals > 0, vals / s.repeat_penalty, vals * s.repeat_penalty)
+            if s.temperature == 0.0 or st.rng is None:
+                token = int(x.argmax())
+            else:
+                token = self._draw(x, s, st.rng)
+        st.pending = [token]
+        return token
+
+    @staticmethod
+    def _draw(x: np.ndarray, s: SamplingParams, rng: np.random.Generator) -> int:
+        order = np.argsort(-x)
+        if s.top_k > 0:
+            order = order[: s.top_k]
+        z = x[order] / s.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if s.min_p > 0.0:
+            keep = p >= s.min_p * p[0]
+            order, p = order[keep], p[keep] / p[keep].sum()
+        if s.top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
+            order, p = order[:cut], p[:cut] / p[:cut].sum()
+        return int(order[rng.choice(len(order), p=p)])
+
+
+def onnx_model_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of a model folder's files (weights are read into memory, once per worker)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class OnnxEncoderBackend(Backend):
+    """A BERT-style ONNX encoder (``pooling.json`` in its folder): embeddings only.
+
+    Generation requests are refused with ``bad_request``; ``embed_job`` runs the
+    encoder in batches (one batch per step of the worker loop, so running
+    streams on the same worker keep moving).
+    """
+
+    name = "onnx"
+    max_sequences = 1
+
+    def __init__(self, encoder: OnnxEncoder) -> None:
+        self._enc = encoder
+        self.n_ctx = encoder.max_length
+        self.chat_template = None
+        self.bos_text = ""
+        self.eos_text = ""
+
+    @classmethod
+    def load(cls, path: str, params: LoadParams) -> OnnxEncoderBackend:
+        return cls(OnnxEncoder(Path(path), threads=params.n_threads))
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self._enc.tokenize([text])[0]
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return b""
+
+    def is_end(self, token: int) -> bool:
+        return True
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        raise BadRequest("this is an embedding model: it cannot generate text")
+
+    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+        raise BadRequest("this is an embedding model: it cannot generate text")
+
+    def step(self, seqs: Sequence[int]) -> dict[int, int]:
+        return {}
+
+    def context_used(self, seq: int) -> int:
+        return 0
+
+    def finish(self, seq: int) -> None:
+        pass
+
+    def free(self) -> None:
+        pass
+
+    def embed_job(self, texts: Sequence[str], truncate: bool) -> EmbedJob:
+        for i, text in enumerate(texts):
+            if not text:
+                raise BadRequest(f"input {i} is empty")
+        tokens = self._enc.tokenize(texts, truncate=truncate)  # BadRequest when too long
+        batch = max(1, self._enc.batch_size)
+
+        def job() -> EmbedJob:
+            vectors: list[list[float]] = []
+            for start in range(0, len(texts), batch):
+                part = self._enc.embed(list(texts[start : start + batch]), truncate=truncate)
+                vectors.extend(part.tolist())
+                yield
+            return vectors, sum(len(t) for t in tokens)
+
+        return job()
