@@ -1,6 +1,10 @@
 """Aggregate decode throughput of one worker with 1, 2, 4 and 8 concurrent streams.
 
     python -m bench.concurrency [--model PATH] [--tokens 128] [--streams 1,2,4,8] [--json]
+                                [--spinning]
+
+``--model`` is a GGUF file or an ONNX model folder (``--spinning`` turns on
+onnxruntime's intra-op thread spinning for ONNX models).
 
 Each stream greedily generates ``--tokens`` tokens of a chat prompt; the
 figure per concurrency level is total tokens / wall time from the first
@@ -20,6 +24,7 @@ import uvloop
 
 from bench.engine import PROMPT
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
+from engine.backends.base import OnnxOptions
 from engine.client import default_threads
 
 
@@ -49,11 +54,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
         model = str(fetch_smollm2())
     levels = [int(x) for x in args.streams.split(",")]
-    config = EngineConfig(workers=1, threads_per_worker=args.threads, seqs_per_worker=max(levels))
+    config = EngineConfig(
+        workers=1,
+        threads_per_worker=args.threads,
+        seqs_per_worker=max(levels),
+        onnx=OnnxOptions(spinning=args.spinning),
+    )
     result: dict[str, object] = {
         "model": model.rsplit("/", 1)[-1],
         "tokens": args.tokens,
         "threads": args.threads,
+        "spinning": args.spinning,
     }
     async with EngineClient(config) as engine:
         await engine.load("m", model)
@@ -72,6 +83,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--spinning", action="store_true", help="ONNX: intra-op spinning")
     args = parser.parse_args()
     result = uvloop.run(main_async(args))
     print(

@@ -41,6 +41,7 @@ from types import TracebackType
 import msgspec
 
 from engine import ipc
+from engine.backends.base import OnnxOptions
 from engine.backends.select import check_model_file, check_onnx_folder, choose_backend
 from engine.memory import default_budget, estimate_model_bytes, estimate_onnx_bytes
 from engine.requests import (
@@ -119,6 +120,7 @@ class EngineConfig:
     seqs_per_worker: int = 4  # sequences a worker decodes together (batched)
     memory_budget: int = 0  # bytes loaded models may take; 0 = 80 % of available memory
     keep_alive: float = 300.0  # seconds an idle model stays loaded; < 0 = forever, 0 = unload
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)  # session options of ONNX models
 
 
 @dataclass(frozen=True)
@@ -582,6 +584,7 @@ class EngineClient:
             self.config.n_batch,
             self.config.seqs_per_worker,
             spec.chat_template,
+            self.config.onnx,
         )
         try:
             reply = await self._request(w, msg, req, self.config.load_timeout)

@@ -16,6 +16,7 @@ import struct
 
 import msgspec
 
+from engine.backends.base import OnnxOptions
 from engine.requests import ChatMessage, SamplingParams
 
 __all__ = [
@@ -65,6 +66,7 @@ class LoadModel(_Frame, tag=1):
     n_batch: int
     n_seq: int
     chat_template: str | None = None
+    onnx: OnnxOptions = msgspec.field(default_factory=OnnxOptions)
 
 
 class UnloadModel(_Frame, tag=2):

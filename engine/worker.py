@@ -183,7 +183,14 @@ class Worker:
             t0 = time.perf_counter()
             backend = cls.load(
                 msg.path,
-                LoadParams(msg.n_ctx, msg.n_threads, msg.n_batch, msg.n_seq, msg.chat_template),
+                LoadParams(
+                    msg.n_ctx,
+                    msg.n_threads,
+                    msg.n_batch,
+                    msg.n_seq,
+                    msg.chat_template,
+                    msg.onnx,
+                ),
             )
             load_ms = (time.perf_counter() - t0) * 1000
         except ModelLoadError as exc:

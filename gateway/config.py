@@ -42,6 +42,7 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "ModelEntry",
+    "OnnxConfig",
     "ServerConfig",
     "ferrous_home",
     "load_config",
@@ -101,6 +102,14 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     format: LogFormat = "text"
 
 
+class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """onnxruntime session options (see engine.backends.base.OnnxOptions for the defaults' why)."""
+
+    spinning: bool = False
+    graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
+    memory_arena: bool = True
+
+
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: Annotated[str, msgspec.Meta(min_length=1)]
     backend: str = ""  # "" = chosen by file type
@@ -128,6 +137,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    onnx: OnnxConfig = msgspec.field(default_factory=OnnxConfig)
 
 
 class ConfigError(FerrousError):

@@ -23,6 +23,7 @@ from types import FrameType
 import uvicorn
 
 from engine import EngineClient, EngineConfig
+from engine.backends.base import OnnxOptions
 from engine.client import default_threads, default_workers
 from gateway.app import Gateway
 from gateway.auth import Authenticator
@@ -139,6 +140,11 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         stall_timeout=config.stall_timeout,
         memory_budget=parse_size(config.memory_budget),
         keep_alive=parse_duration(config.keep_alive),
+        onnx=OnnxOptions(
+            spinning=config.onnx.spinning,
+            graph_optimization=config.onnx.graph_optimization,
+            memory_arena=config.onnx.memory_arena,
+        ),
     )
 
 

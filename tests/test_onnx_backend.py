@@ -18,6 +18,7 @@ from engine import (
     GenerateRequest,
     SamplingParams,
 )
+from engine.backends.base import OnnxOptions
 from engine.onnx.tinydecoder import write_tiny_decoder
 from engine.store.pull import ModelManager
 from engine.store.store import ModelStore
@@ -159,3 +160,26 @@ async def test_onnx_folders_import_into_the_store_and_serve(
             client, GenerateRequest(model="stored", prompt=PROMPTS[0], sampling=greedy(5))
         )
         assert text
+
+
+async def test_session_options_apply_and_are_checked(tiny_folder: Path, tmp_path: Path) -> None:
+    folder = onnx_only(tiny_folder, tmp_path / "m")
+    want = None
+    for options in (
+        OnnxOptions(),
+        OnnxOptions(spinning=True, graph_optimization="basic", memory_arena=False),
+    ):
+        config = EngineConfig(workers=1, threads_per_worker=1, onnx=options)
+        async with EngineClient(config) as client:
+            await client.load("m", folder)
+            text, _ = await text_of(
+                client, GenerateRequest(model="m", prompt=PROMPTS[1], sampling=greedy(12))
+            )
+            want = want or text
+            assert text == want
+    config = EngineConfig(
+        workers=1, threads_per_worker=1, onnx=OnnxOptions(graph_optimization="fastest")
+    )
+    async with EngineClient(config) as client:
+        with pytest.raises(BadRequest, match="graph_optimization"):
+            await client.load("m", folder)

@@ -41,7 +41,7 @@ from engine.onnx.encoder import OnnxEncoder
 from engine.requests import SamplingParams
 from protocol.errors import BadRequest, ModelLoadError
 
-__all__ = ["OnnxBackend", "OnnxEncoderBackend"]
+__all__ = ["OnnxBackend", "OnnxEncoderBackend", "session_options"]
 
 MAX_DEFAULT_CTX = 4096
 PENALTY_LAST_N = 64
@@ -72,6 +72,33 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(str(path), "corrupt", f"cannot read it: {exc}") from None
     return data if isinstance(data, dict) else {}
+
+
+_OPT_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def session_options(params: LoadParams) -> ort.SessionOptions:
+    """Session options from the load parameters (threads) and the ONNX settings."""
+    o = params.onnx
+    if o.graph_optimization not in _OPT_LEVELS:
+        raise BadRequest(
+            f"onnx graph_optimization must be one of {', '.join(_OPT_LEVELS)}, "
+            f"not {o.graph_optimization!r}"
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = params.n_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = _OPT_LEVELS[o.graph_optimization]
+    opts.enable_cpu_mem_arena = o.memory_arena
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if o.spinning else "0")
+    opts.log_severity_level = 3
+    return opts
 
 
 @dataclass
@@ -137,12 +164,7 @@ class OnnxBackend(Backend):
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the tokenizers package raises plain Exceptions
             raise ModelLoadError(str(folder), "tokenizer", f"tokenizer.json: {exc}") from None
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = params.n_threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(params)
         try:
             session = ort.InferenceSession(
                 str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"]
