@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -126,6 +127,16 @@ async def test_bad_folders_are_typed_errors(
     del model.graph.input[:]
     model.graph.input.extend(keep)
     onnx.save(model, str(no_cache / "model.onnx"))
+    future = onnx_only(tiny_folder, tmp_path / "opset")
+    model = onnx.load(str(future / "model.onnx"))
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 99  # an opset no runtime knows
+    onnx.save(model, str(future / "model.onnx"))
+    small_vocab = onnx_only(tiny_folder, tmp_path / "vocab")
+    config = json.loads((small_vocab / "config.json").read_text())
+    config["vocab_size"] = 100  # the tokenizer has more tokens than the model's logits
+    (small_vocab / "config.json").write_text(json.dumps(config))
     truncated = onnx_only(tiny_folder, tmp_path / "cut")
     data = (truncated / "model.onnx").read_bytes()
     (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
@@ -135,6 +146,8 @@ async def test_bad_folders_are_typed_errors(
         bad_tok: "tokenizer",
         no_cache: "backend",
         truncated: "backend",
+        future: "unsupported_opset",
+        small_vocab: "tokenizer",
     }
     for folder, reason in cases.items():
         with pytest.raises(ModelLoadError) as e:

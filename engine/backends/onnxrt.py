@@ -74,6 +74,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _opsets(path: Path) -> str:
+    """The operator sets a graph imports, for error messages (weights are not read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a graph that does not parse: say nothing more precise
+        return "an operator set"
+    return ", ".join(f"{e.domain or 'ai.onnx'} opset {e.version}" for e in model.opset_import)
+
+
 _OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -170,6 +181,13 @@ class OnnxBackend(Backend):
                 str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own Exception subclasses
+            if "opset" in str(exc).lower():
+                raise ModelLoadError(
+                    str(folder),
+                    "unsupported_opset",
+                    f"the graph uses {_opsets(folder / 'model.onnx')}, which onnxruntime "
+                    f"{ort.__version__} does not support",
+                ) from None
             raise ModelLoadError(str(folder), "backend", f"onnxruntime: {exc}") from None
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
