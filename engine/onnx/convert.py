@@ -35,7 +35,15 @@ Errors are :class:`protocol.errors.ModelLoadError` (``path``, ``reason``,
 ``unsupported_architecture``, ``unsupported_tensor_type``, ``unsupported_model``
 (shapes or features the graph cannot express), ``unsupported_tokenizer``.
 
-Command: ``python -m engine.onnx.convert SRC.gguf DST_FOLDER [--opset N] [--force]``.
+With ``quantize="q4"`` (command flag ``--q4``) every linear projection (q, k,
+v, o, gate, up, down and the LM head, tied or not) becomes a 4-bit
+``com.microsoft`` ``MatMulNBits`` node (symmetric blocks of 32 along K,
+``accuracy_level=4``; see :func:`engine.onnx.tinydecoder.quantize_q4`); the
+embedding table and the norms stay float32. The GGUF's weights are
+dequantized to float32 first and then requantized, so a Q4_1 source loses a
+little more precision than it had.
+
+Command: ``python -m engine.onnx.convert SRC.gguf DST_FOLDER [--opset N] [--q4] [--force]``.
 """
 
 from __future__ import annotations
@@ -56,7 +64,12 @@ import onnx
 from onnx import numpy_helper
 
 from engine.gguf_header import read_gguf_header
-from engine.onnx.tinydecoder import TinyDecoderSpec, build_decoder_onnx
+from engine.onnx.tinydecoder import (
+    LINEAR_WEIGHTS,
+    QUANTIZE_MODES,
+    TinyDecoderSpec,
+    build_decoder_onnx,
+)
 from protocol.errors import ModelLoadError
 
 __all__ = ["EOG_TOKEN_TEXTS", "convert_gguf", "main"]
@@ -481,8 +494,8 @@ _DATA_ALIGN = 4096  # external tensors start on page boundaries (onnxruntime can
 
 
 def _graph_with_placeholders(
-    weights: dict[str, F32], spec: TinyDecoderSpec, opset: int
-) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, F32]]]:
+    weights: dict[str, F32], spec: TinyDecoderSpec, opset: int, quantize: str | None = None
+) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, npt.NDArray[Any]]]]:
     """The decoder graph with each weight's initializer paired with the array it must hold.
 
     :func:`build_decoder_onnx` copies every weight into the protobuf three times
@@ -491,17 +504,30 @@ def _graph_with_placeholders(
     shaped (1, 2) for matrices so the stand-in's stored shape tells whether
     the graph keeps that weight as is or transposed ([in, out] for MatMul).
     :func:`_write_external` then writes the real arrays as external data.
+
+    With ``quantize`` the linear projections get their real arrays (the
+    builder quantizes them; the packed weights are ~8x smaller) and every
+    initializer they produce is placed as it is.
     """
     names = list(weights)
+    quantized = set()
+    if quantize is not None:
+        quantized = {f"blk.{i}.{n}.weight" for i in range(spec.n_layer) for n in LINEAR_WEIGHTS}
+        quantized.add("output.weight")
     stand_ins = {
-        name: np.full((1,) if weights[name].ndim == 1 else (1, 2), i + 1, dtype=np.float32)
+        name: weights[name]
+        if name in quantized
+        else np.full((1,) if weights[name].ndim == 1 else (1, 2), i + 1, dtype=np.float32)
         for i, name in enumerate(names)
     }
-    model = build_decoder_onnx(stand_ins, spec, opset=opset)
+    model = build_decoder_onnx(stand_ins, spec, opset=opset, quantize=quantize)
     model.graph.name = "llama_decoder"
-    placed: list[tuple[onnx.TensorProto, F32]] = []
-    seen: set[str] = set()
+    placed: list[tuple[onnx.TensorProto, npt.NDArray[Any]]] = []
+    seen: set[str] = set(quantized)
     for init in model.graph.initializer:
+        if quantize is not None and init.name.endswith((".weight_q4", ".weight_scales")):
+            placed.append((init, numpy_helper.to_array(init)))
+            continue
         if init.data_type != onnx.TensorProto.FLOAT or list(init.dims) not in ([1], [1, 2], [2, 1]):
             continue
         value = numpy_helper.to_array(init)
@@ -518,7 +544,9 @@ def _graph_with_placeholders(
 
 
 def _write_external(
-    model: onnx.ModelProto, placed: list[tuple[onnx.TensorProto, F32]], data_path: Path
+    model: onnx.ModelProto,
+    placed: list[tuple[onnx.TensorProto, npt.NDArray[Any]]],
+    data_path: Path,
 ) -> None:
     """Write each placed array to ``data_path`` and point its initializer there."""
     offset = 0
@@ -527,7 +555,8 @@ def _write_external(
             pad = -offset % _DATA_ALIGN
             f.write(b"\0" * pad)
             offset += pad
-            data = np.ascontiguousarray(arr, dtype="<f4")
+            # float32 weights as little-endian f4; packed 4-bit weights keep uint8.
+            data = np.ascontiguousarray(arr, dtype="<f4" if arr.dtype != np.uint8 else np.uint8)
             data.tofile(f)
             init.ClearField("raw_data")
             init.ClearField("float_data")
@@ -580,8 +609,12 @@ def convert_gguf(
     *,
     opset: int = 23,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Write the ONNX decoder folder for the llama GGUF ``src`` at ``dst`` and return ``dst``.
+
+    ``quantize="q4"`` writes 4-bit ``MatMulNBits`` projections (see the
+    module docstring); ``None`` writes float32 ``MatMul``.
 
     ``dst`` must not exist or be empty unless ``overwrite``; it appears
     complete or not at all. Raises :class:`ModelLoadError` for files the
@@ -590,6 +623,8 @@ def convert_gguf(
     src, dst = Path(src), Path(dst)
     if not 17 <= opset <= 24:
         raise ValueError(f"opset must be 17..24, not {opset}")
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be None or 'q4', not {quantize!r}")
     if not overwrite and _occupied(dst):
         raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True)")
     header = read_gguf_header(src)  # fast, defensive: missing / not_gguf / truncated
@@ -619,7 +654,7 @@ def convert_gguf(
             "unsupported_model",
             f"{len(tokens)} tokens but an embedding table of {spec.vocab_size} rows",
         )
-    model, placed = _graph_with_placeholders(weights, spec, opset)
+    model, placed = _graph_with_placeholders(weights, spec, opset, quantize)
     hf = _hf_json(meta, spec, tied, tokens, types)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -640,16 +675,28 @@ def convert_gguf(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.onnx.convert",
-        description="Convert a llama-architecture GGUF into an ONNX decoder folder (float32).",
+        description="Convert a llama-architecture GGUF into an ONNX decoder folder "
+        "(float32, or 4-bit MatMulNBits projections with --q4).",
     )
     parser.add_argument("src", type=Path, help="the .gguf file")
     parser.add_argument("dst", type=Path, help="the model folder to write")
     parser.add_argument("--opset", type=int, default=23, help="23-24 native ops, 17-22 plain ops")
+    parser.add_argument(
+        "--q4",
+        action="store_true",
+        help="4-bit MatMulNBits (com.microsoft) projections and LM head, accuracy_level=4",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        folder = convert_gguf(args.src, args.dst, opset=args.opset, overwrite=args.force)
+        folder = convert_gguf(
+            args.src,
+            args.dst,
+            opset=args.opset,
+            overwrite=args.force,
+            quantize="q4" if args.q4 else None,
+        )
     except (ModelLoadError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -53,7 +53,7 @@ on rounding alone). Scaling cannot remove near-ties entirely (the argmax is a
 continuous function's), so comparisons should still check the margin of each
 step they rely on. The same seed and spec always give byte-identical files.
 
-Run as a command: ``python -m engine.onnx.tinydecoder FOLDER [--seed N] [--opset N]``.
+Run as a command: ``python -m engine.onnx.tinydecoder FOLDER [--seed N] [--opset N] [--q4]``.
 """
 
 from __future__ import annotations
@@ -78,16 +78,22 @@ from engine.tinymodels import CHATML_TEMPLATE
 
 __all__ = [
     "CORPUS",
+    "LINEAR_WEIGHTS",
+    "Q4_BLOCK",
+    "QUANTIZE_MODES",
     "SPECIAL_TOKENS",
     "TinyDecoderSpec",
     "build_decoder_onnx",
     "decoder_weights",
+    "dequantize_q4",
     "main",
+    "quantize_q4",
     "train_tiny_tokenizer",
     "write_tiny_decoder",
 ]
 
 F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID, PAD_ID = 0, 2, 0  # <|endoftext|> starts and pads; <|im_end|> ends a turn
@@ -266,6 +272,69 @@ def _rope_tables(spec: TinyDecoderSpec) -> tuple[F32, F32]:
 
 
 # ---------------------------------------------------------------------------
+# 4-bit block quantization (onnxruntime's com.microsoft MatMulNBits layout)
+
+Q4_BLOCK = 32
+MS_DOMAIN = "com.microsoft"
+QUANTIZE_MODES = (None, "q4")
+# The linear projections that ``quantize="q4"`` turns into MatMulNBits, per layer.
+LINEAR_WEIGHTS = (
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)
+
+
+def quantize_q4(w: npt.ArrayLike, block: int = Q4_BLOCK) -> tuple[U8, F32]:
+    """Symmetric 4-bit block quantization of a [N, K] (out, in) weight for ``MatMulNBits``.
+
+    Returns ``B`` uint8 [N, ceil(K/block), block/2] and ``scales`` float32
+    [N, ceil(K/block)]: each block of ``block`` consecutive k values of one
+    output row shares a scale; ``q = clip(round(w / scale) + 8, 0, 15)`` with
+    the implicit zero point 8, and the value of largest magnitude maps to -8
+    (llama.cpp's Q4_0 rule: ``scale = that value / -8``, so scales may be
+    negative). Even k goes in the low nibble, odd k in the high nibble. A K
+    that is not a multiple of ``block`` is padded with zeros (q = 8).
+    """
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16, not {block}")
+    a = np.asarray(w, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D [N, K] weight, got shape {a.shape}")
+    n, k = a.shape
+    n_blocks = -(-k // block)
+    if n_blocks * block != k:
+        a = np.pad(a, ((0, 0), (0, n_blocks * block - k)))
+    blocks = a.reshape(n, n_blocks, block)
+    idx = np.abs(blocks).argmax(axis=-1)[..., None]
+    extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+    scales = (extreme / -8.0).astype(np.float32)
+    safe = np.where(scales == 0, np.float32(1), scales)
+    q = np.clip(np.rint(blocks / safe[..., None]) + 8, 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales)
+
+
+def dequantize_q4(packed: npt.ArrayLike, scales: npt.ArrayLike, k: int | None = None) -> F32:
+    """The [N, K] float32 weight that ``MatMulNBits`` multiplies by (inverse of :func:`quantize_q4`).
+
+    ``k`` trims the zero padding of a K that is not a multiple of the block.
+    """
+    b = np.asarray(packed, dtype=np.uint8)
+    s = np.asarray(scales, dtype=np.float32)
+    n, n_blocks, half = b.shape
+    q = np.empty((n, n_blocks, 2 * half), dtype=np.int8)
+    q[..., 0::2] = b & 0x0F
+    q[..., 1::2] = b >> 4
+    w = ((q.astype(np.float32) - 8.0) * s[..., None]).reshape(n, n_blocks * 2 * half)
+    return np.ascontiguousarray(w[:, :k] if k is not None else w)
+
+
+# ---------------------------------------------------------------------------
 # ONNX graph
 
 _B, _S, _P, _T = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -382,11 +451,25 @@ def _attention_plain(
 
 
 def build_decoder_onnx(
-    weights: dict[str, F32], spec: TinyDecoderSpec, *, opset: int = 23
+    weights: dict[str, F32],
+    spec: TinyDecoderSpec,
+    *,
+    opset: int = 23,
+    quantize: str | None = None,
 ) -> onnx.ModelProto:
-    """The decoder graph for ``weights`` (see the module docstring for the ops per opset)."""
+    """The decoder graph for ``weights`` (see the module docstring for the ops per opset).
+
+    ``quantize="q4"`` writes every linear projection (q, k, v, o, gate, up,
+    down and the LM head) as a ``com.microsoft`` ``MatMulNBits`` node with the
+    weight quantized by :func:`quantize_q4` (4-bit, symmetric, blocks of 32
+    along K, no zero points) and ``accuracy_level=4`` (int8 activations).
+    The embedding table and the norms stay float32. ``None`` (the default)
+    writes plain float32 ``MatMul`` nodes.
+    """
     if not 17 <= opset <= 24:
         raise ValueError(f"opset must be 17..24, not {opset} (Attention-25 has no CPU kernel)")
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be None or 'q4', not {quantize!r}")
     native = opset >= 23
     h, kv, d = spec.n_head, spec.n_kv_head, spec.head_dim
     g = _Graph(opset)
@@ -395,6 +478,8 @@ def build_decoder_onnx(
     g.const("rope.sin", sin, np.float32)
 
     def matmul(x: str, name: str) -> str:
+        if quantize == "q4":
+            return _matmul_q4(g, x, name, weights[name])
         # Stored as [in, out] so the graph multiplies without a Transpose.
         init = g.const(name.removesuffix(".weight") + ".weight_t", weights[name].T, np.float32)
         return g.op("MatMul", [x, init])
@@ -439,11 +524,14 @@ def build_decoder_onnx(
         up = matmul(hn, p + "ffn_up.weight")
         x = g.op("Add", [x, matmul(g.op("Mul", [act, up]), p + "ffn_down.weight")])
     hn = g.rms_norm(x, vec("output_norm.weight"), spec.rms_eps)
-    g.out(
-        "MatMul",
-        [hn, g.const("output.weight_t", weights["output.weight"].T, np.float32)],
-        ["logits"],
-    )
+    if quantize == "q4":
+        _matmul_q4(g, hn, "output.weight", weights["output.weight"], output="logits")
+    else:
+        g.out(
+            "MatMul",
+            [hn, g.const("output.weight_t", weights["output.weight"].T, np.float32)],
+            ["logits"],
+        )
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
@@ -462,13 +550,40 @@ def build_decoder_onnx(
             )
     graph = helper.make_graph(g.nodes, "tiny_llama_decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", opset)]
+    ir_version = helper.find_min_ir_version_for(opsets)
+    if quantize is not None:
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     model = helper.make_model(
         graph,
         opset_imports=opsets,
         producer_name="ferrousforge",
-        ir_version=helper.find_min_ir_version_for(opsets),
+        ir_version=ir_version,
     )
     return model
+
+
+def _matmul_q4(g: _Graph, x: str, name: str, w: F32, output: str | None = None) -> str:
+    """``x @ w.T`` as one 4-bit ``MatMulNBits`` node (``w`` is [N, K]: out by in)."""
+    n, k = (int(d) for d in np.shape(w))
+    packed, scales = quantize_q4(w)
+    base = name.removesuffix(".weight")
+    inputs = [
+        x,
+        g.const(base + ".weight_q4", packed, np.uint8),
+        g.const(base + ".weight_scales", scales, np.float32),
+    ]
+    attrs: dict[str, Any] = {
+        "K": k,
+        "N": n,
+        "bits": 4,
+        "block_size": Q4_BLOCK,
+        "accuracy_level": 4,
+        "domain": MS_DOMAIN,
+    }
+    if output is None:
+        return g.op("MatMulNBits", inputs, **attrs)
+    g.out("MatMulNBits", inputs, [output], **attrs)
+    return output
 
 
 # ---------------------------------------------------------------------------
@@ -587,11 +702,14 @@ def write_tiny_decoder(
     seed: int = 0,
     spec: TinyDecoderSpec | None = None,
     opset: int = 23,
+    quantize: str | None = None,
 ) -> Path:
     """Write the model folder (see the module docstring) and return it.
 
-    The same ``seed``, ``spec`` and ``opset`` always write the same bytes; the
-    tokenizer depends on ``spec.vocab_size`` only. Files are written under
+    The same ``seed``, ``spec``, ``opset`` and ``quantize`` always write the
+    same bytes; the tokenizer depends on ``spec.vocab_size`` only.
+    ``quantize="q4"`` writes ``model.onnx`` with 4-bit ``MatMulNBits``
+    projections (see :func:`build_decoder_onnx`); ``model.gguf`` stays f32. Files are written under
     temporary names and renamed, so a reader never sees half a file.
     """
     spec = spec or TinyDecoderSpec()
@@ -599,7 +717,7 @@ def write_tiny_decoder(
     folder.mkdir(parents=True, exist_ok=True)
     tok = train_tiny_tokenizer(spec.vocab_size)
     weights = decoder_weights(spec, seed)
-    model = build_decoder_onnx(weights, spec, opset=opset)
+    model = build_decoder_onnx(weights, spec, opset=opset, quantize=quantize)
 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
         _write_files(Path(tmp), folder, spec, seed, tok, weights, model)
@@ -632,8 +750,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="model folder to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--opset", type=int, default=23, help="23-24 native ops, 17-22 plain ops")
+    parser.add_argument(
+        "--q4", action="store_true", help="4-bit MatMulNBits projections in model.onnx"
+    )
     args = parser.parse_args(argv)
-    folder = write_tiny_decoder(args.folder, seed=args.seed, opset=args.opset)
+    folder = write_tiny_decoder(
+        args.folder, seed=args.seed, opset=args.opset, quantize="q4" if args.q4 else None
+    )
     for item in sorted(folder.iterdir()):
         print(f"{item} ({item.stat().st_size} bytes)")
     spec = asdict(TinyDecoderSpec())
