@@ -336,11 +336,12 @@ def generation_routes(gateway: Gateway) -> list[Route]:
         owner = (principal.tenant, principal.user)
         resolved = await gateway.ensure_model(body.model, keep_alive)
         conv = gateway.conversations.get_or_create(owner, body.conversation, body.model)
-        history = list(conv.messages) or with_seeds(resolved, [])
+        # A new conversation opens with the Modelfile's seeds, as on the WebSocket.
+        new_turns = list(turns) if conv.messages else with_seeds(resolved, turns)
         prepared = await prepare(
             gateway,
             body.model,
-            messages=[*history, *turns],
+            messages=[*conv.messages, *new_turns],
             options=body.options,
             extra=extra,
             keep_alive=keep_alive,
@@ -350,9 +351,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
 
         def commit(text: str) -> None:
             """The turn happened: keep the user's messages and the answer."""
-            if not conv.messages:
-                conv.messages.extend(history)
-            conv.messages.extend(turns)
+            conv.messages.extend(new_turns)
             if text:
                 conv.messages.append(ChatMessage("assistant", text))
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -387,12 +387,6 @@ def _finish(done: GenerationDone) -> str:
     return "length" if done.finish_reason is FinishReason.LENGTH else "stop"
 
 
-async def _close(events: AsyncIterator[Event]) -> None:
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, GenerationDone]:
     parts: list[str] = []
     events = run(gateway, prepared)
@@ -403,7 +397,7 @@ async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, Generatio
             else:
                 return "".join(parts), ev
     finally:
-        await _close(events)
+        await events.aclose()
     raise FerrousError("the generation ended without a result")
 
 
@@ -419,7 +413,7 @@ def _usage(done: GenerationDone) -> dict[str, int]:
 class _Stream(msgspec.Struct):
     """A started generation: its first event is in hand, so it did not fail to start."""
 
-    events: AsyncIterator[Event]
+    events: AsyncGenerator[Event, None]
     first: Event
 
 
@@ -435,7 +429,7 @@ async def _start(request: Request, gateway: Gateway, prepared: Prepared) -> _Str
         if isinstance(ev, GenerationDone):
             _finish(ev)  # raises when it failed before producing anything
     except BaseException:
-        await _close(events)
+        await events.aclose()
         raise
     return _Stream(events, ev)
 
@@ -472,7 +466,7 @@ async def _sse_body(
     except FerrousError as exc:
         yield _sse(_error_json(exc))
     finally:
-        await _close(stream.events)
+        await stream.events.aclose()
     yield _DONE
 
 
@@ -490,7 +484,6 @@ def openai_routes(gateway: Gateway) -> list[Route]:
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_body(gateway, request, ChatCompletionRequest)
-        check_open()
         _refuse_chat_extras(body)
         messages = _chat_messages(body)
         options = _options(body, body.max_completion_tokens or body.max_tokens)
@@ -563,7 +556,6 @@ def openai_routes(gateway: Gateway) -> list[Route]:
     async def completions(request: Request) -> Response:
         started = time.perf_counter()
         body = await read_body(gateway, request, CompletionRequest)
-        check_open()
         _refuse_completion_extras(body)
         prompt = _prompt(body)
         # OpenAI's default for the legacy completions API is 16 tokens.

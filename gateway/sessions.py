@@ -31,9 +31,9 @@ from engine import (
 )
 from engine.store.pull import PullEvent
 from gateway.auth import Principal
-from gateway.generation import format_options, prepare, run
+from gateway.generation import format_options, prepare, run, with_seeds
 from gateway.logs import bind
-from gateway.models import pull_progress, seed_messages
+from gateway.models import pull_progress
 from protocol import messages as m
 from protocol.codec import Codec
 from protocol.durations import parse_duration
@@ -313,13 +313,12 @@ class Session:
                     resolved = await g.ensure_model(msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
                     conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
-                    if not conv.messages:
-                        seeds = seed_messages(resolved)
-                        if any(x.role == "system" for x in msg.messages):
-                            seeds = [x for x in seeds if x.role != "system"]
-                        conv.messages.extend(seeds)
-                        seeded = len(seeds)
-                    conv.messages.extend(EngineMessage(x.role, x.content) for x in msg.messages)
+                    turns = [EngineMessage(x.role, x.content) for x in msg.messages]
+                    if not conv.messages:  # a new conversation opens with the Modelfile's seeds
+                        opening = with_seeds(resolved, turns)
+                        seeded = len(opening) - len(turns)
+                        turns = opening
+                    conv.messages.extend(turns)
                     prepared = await prepare(
                         g,
                         msg.model,

@@ -69,6 +69,7 @@ from engine.onnx.tinydecoder import (
     QUANTIZE_MODES,
     TinyDecoderSpec,
     build_decoder_onnx,
+    hf_config,
 )
 from protocol.errors import ModelLoadError
 
@@ -426,30 +427,7 @@ def _hf_json(
 
     bos, eos, pad, unk = (token_id(k) for k in ("bos", "eos", "padding", "unknown"))
     eog = _eog_ids(meta, tokens, types)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": spec.n_embd,
-        "intermediate_size": spec.n_ff,
-        "num_hidden_layers": spec.n_layer,
-        "num_attention_heads": spec.n_head,
-        "num_key_value_heads": spec.n_kv_head,
-        "head_dim": spec.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.n_ctx,
-        "rms_norm_eps": spec.rms_eps,
-        "rope_theta": spec.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": tied,
-        "vocab_size": spec.vocab_size,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-        "torch_dtype": "float32",
-        "use_cache": True,
-    }
+    config = hf_config(spec, tied=tied, bos=bos, eos=eos, pad=pad)
     generation = {"bos_token_id": bos, "eos_token_id": eog, "pad_token_id": pad}
     name = {i: tokens[i] if i is not None else None for i in (bos, eos, pad, unk)}
     tokenizer_config: dict[str, Any] = {

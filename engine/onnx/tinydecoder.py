@@ -594,8 +594,11 @@ def _dump_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _hf_files(folder: Path, spec: TinyDecoderSpec, tokens: list[str]) -> None:
-    config = {
+def hf_config(
+    spec: TinyDecoderSpec, *, tied: bool, bos: int | None, eos: int | None, pad: int | None
+) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for a Llama decoder of ``spec``'s shape."""
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": spec.n_embd,
@@ -611,14 +614,18 @@ def _hf_files(folder: Path, spec: TinyDecoderSpec, tokens: list[str]) -> None:
         "rope_scaling": None,
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "vocab_size": spec.vocab_size,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
         "torch_dtype": "float32",
         "use_cache": True,
     }
+
+
+def _hf_files(folder: Path, spec: TinyDecoderSpec, tokens: list[str]) -> None:
+    config = hf_config(spec, tied=False, bos=BOS_ID, eos=EOS_ID, pad=PAD_ID)
     _dump_json(folder / "config.json", config)
     _dump_json(
         folder / "generation_config.json",
