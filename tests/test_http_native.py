@@ -182,3 +182,24 @@ async def test_a_client_that_leaves_cancels_its_generation(running: RunningServe
         with pytest.raises(httpx.ReadTimeout):
             await c.post("/v1/generate", json=long, timeout=0.5)
     assert await _settles(running) - after_stream < 1000
+
+
+async def test_overload_is_a_503_on_every_surface(running: RunningServer) -> None:
+    """While draining, new generations are refused with each surface's 503."""
+    running.gateway.draining = True
+    try:
+        native = await post(running, "/v1/generate", {"model": "script", "prompt": "x"})
+        ollama = await post(running, "/api/generate", {"model": "script", "prompt": "x"})
+        openai = await post(
+            running,
+            "/v1/chat/completions",
+            {"model": "script", "messages": [{"role": "user", "content": "x"}]},
+        )
+    finally:
+        running.gateway.draining = False
+    assert native.status_code == ollama.status_code == openai.status_code == 503
+    assert native.json()["error"]["code"] == "overloaded"
+    assert native.json()["error"]["retryable"] is True
+    assert "shutting down" in ollama.json()["error"]
+    assert openai.json()["error"]["type"] == "server_error"
+    assert openai.json()["error"]["code"] == "overloaded"
