@@ -50,10 +50,15 @@ def _free_port() -> int:
 
 
 def start_server(
-    model: str, threads: int, seqs: int, home: str
+    model: str, threads: int, seqs: int, home: str, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
-    env = {**os.environ, "FERROUS_HOME": home, "FERROUS_SEQS_PER_WORKER": str(seqs)}
+    env = {
+        **os.environ,
+        "FERROUS_HOME": home,
+        "FERROUS_SEQS_PER_WORKER": str(seqs),
+        **(extra_env or {}),
+    }
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -85,7 +90,9 @@ def start_server(
     raise SystemExit("the server did not start")
 
 
-async def ws_stream(url: str, tokens: int, gen_id: str = "g") -> tuple[float, float, int]:
+async def ws_stream(
+    url: str, tokens: int, gen_id: str = "g", prompt: str = PROMPT
+) -> tuple[float, float, int]:
     """(decode tok/s, ttft ms, completion tokens) of one generation on a fresh session."""
     options = m.Options(
         temperature=0.0, top_p=1.0, repeat_penalty=1.0, max_tokens=tokens, ignore_eos=True
@@ -94,7 +101,7 @@ async def ws_stream(url: str, tokens: int, gen_id: str = "g") -> tuple[float, fl
         await ws.send(JSON.encode(m.Hello(client="bench")))
         await ws.recv()
         t0 = time.perf_counter()
-        await ws.send(JSON.encode(m.Generate(gen_id, "bench", PROMPT, options)))
+        await ws.send(JSON.encode(m.Generate(gen_id, "bench", prompt, options)))
         first = last = 0.0
         while True:
             msg = JSON.decode_server(await ws.recv())

