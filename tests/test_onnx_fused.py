@@ -35,6 +35,8 @@ from engine.onnx.tinydecoder import (
     TinyDecoderSpec,
     build_decoder_onnx,
     decoder_weights,
+    dequantize_q4,
+    quantize_q4,
     write_tiny_decoder,
 )
 
@@ -118,6 +120,28 @@ def test_fused_graphs_equal_plain_graphs_prefill_and_cached_decode() -> None:
     assert worst[None] < 1e-5, worst
     # int8 activations are quantized per row block in both; only summation order differs.
     assert worst["q4"] < 1e-3, worst
+
+
+def test_shared_embedding_is_the_4bit_lm_head() -> None:
+    """A tied model's embedding looked up in the 4-bit head = a table of its dequantized rows."""
+    base = decoder_weights(SPEC, 2)
+    tied = {**base, "token_embd.weight": base["output.weight"]}
+    shared = build_fused_decoder(tied, SPEC, quantize="q4", tied=True)
+    ops = Counter(n.op_type for n in shared.graph.node)
+    assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
+    assert "token_embd.weight" not in {i.name for i in shared.graph.initializer}
+    packed, scales = quantize_q4(base["output.weight"])
+    table = {**tied, "token_embd.weight": dequantize_q4(packed, scales, SPEC.n_embd)}
+    reference = build_fused_decoder(table, SPEC, quantize="q4")
+    a, b = (
+        _Fused(_session(shared.SerializeToString())),
+        _Fused(_session(reference.SerializeToString())),
+    )
+    ids = [5, 17, 99, 200, 31]
+    for nxt in (None, 7, 8, 9):
+        step = ids if nxt is None else [nxt]
+        x, y = a.feed(step), b.feed(step)
+        assert np.abs(x - y).max() <= 1e-4 * np.abs(y).max()
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +276,21 @@ async def test_smollm2_fast_graph_answers_paris_alone_and_batched(
         results = await asyncio.gather(*(collect(client, request()) for _ in range(4)))
     for deltas, done in results:
         assert done.error is None and "Paris" in "".join(d.text for d in deltas)
+    small = convert_gguf(
+        smollm2,
+        tmp_path_factory.mktemp("smolshared") / "smol",
+        quantize="q4",
+        fused=True,
+        share_embedding=True,
+    )
+    size = sum(p.stat().st_size for p in small.iterdir())
+    assert size < 100_000_000, size
+    async with EngineClient(config) as client:
+        await client.load("small", small)
+        deltas, done = await collect(
+            client,
+            GenerateRequest(
+                model="small", messages=[ChatMessage("user", QUESTION)], sampling=sampling
+            ),
+        )
+    assert done.error is None and "Paris" in "".join(d.text for d in deltas)

@@ -45,11 +45,13 @@ from onnx import TensorProto, helper
 from engine.onnx.tinydecoder import (
     F32,
     MS_DOMAIN,
+    Q4_BLOCK,
     QUANTIZE_MODES,
     TinyDecoderSpec,
     _Graph,
     _matmul_q4,
     _rope_tables,
+    quantize_q4,
 )
 
 __all__ = ["FUSED_OPSET", "build_fused_decoder", "packed_qkv"]
@@ -75,9 +77,20 @@ def packed_qkv(weights: dict[str, F32], layer: int) -> F32:
 
 
 def build_fused_decoder(
-    weights: dict[str, F32], spec: TinyDecoderSpec, *, quantize: str | None = "q4"
+    weights: dict[str, F32],
+    spec: TinyDecoderSpec,
+    *,
+    quantize: str | None = "q4",
+    tied: bool = False,
 ) -> onnx.ModelProto:
-    """The fused decoder graph for ``weights`` (Hugging Face layout: [out, in], rotate-half q/k)."""
+    """The fused decoder graph for ``weights`` (Hugging Face layout: [out, in], rotate-half q/k).
+
+    ``tied`` (the LM head is the embedding table) with ``quantize="q4"``
+    stores the table once, 4-bit: the LM head's ``MatMulNBits`` weight also
+    feeds a ``GatherBlockQuantized`` embedding lookup (same packed bytes,
+    zero point 8), so ``token_embd.weight`` is not used. For SmolLM2 this
+    drops the float32 table (113 MB) from the file.
+    """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be None or 'q4', not {quantize!r}")
     h, kv, d = spec.n_head, spec.n_kv_head, spec.head_dim
@@ -105,10 +118,13 @@ def build_fused_decoder(
     width = g.op("Shape", ["attention_mask"], start=1, end=2)  # [1]
     total = g.op("Cast", [g.op("Squeeze", [width, g.ints(0)])], to=TensorProto.INT32)  # scalar
 
-    x = g.op(
-        "Gather",
-        [g.const("token_embd.weight", weights["token_embd.weight"], np.float32), "input_ids"],
-    )
+    if tied and quantize == "q4":
+        x = _quantized_embedding(g, weights["output.weight"], spec)
+    else:
+        x = g.op(
+            "Gather",
+            [g.const("token_embd.weight", weights["token_embd.weight"], np.float32), "input_ids"],
+        )
     hn = g.op(
         "SimplifiedLayerNormalization",
         [x, vec("blk.0.attn_norm.weight")],
@@ -176,6 +192,28 @@ def build_fused_decoder(
         producer_name="ferrousforge",
         ir_version=helper.find_min_ir_version_for(opsets[:1]),
     )
+
+
+def _quantized_embedding(g: _Graph, head: F32, spec: TinyDecoderSpec) -> str:
+    """Rows of the 4-bit LM head weight as the embedding lookup, [B, S, n_embd].
+
+    The packed bytes are the ``output.weight_q4`` initializer the LM head's
+    ``MatMulNBits`` reads ([vocab, K/32, 16]); ``GatherBlockQuantized`` takes
+    them as they are with the block axis last (scales [vocab, K/32, 1]).
+    """
+    packed, scales = quantize_q4(head)
+    data = g.const("output.weight_q4", packed, np.uint8)
+    scales3 = g.const("output.weight_scales_gather", scales[..., None], np.float32)
+    rows = g.op(
+        "GatherBlockQuantized",
+        [data, "input_ids", scales3],
+        domain=MS_DOMAIN,
+        gather_axis=0,
+        quantize_axis=2,
+        block_size=Q4_BLOCK,
+        bits=4,
+    )  # [B, S, K/32, 32]
+    return g.op("Reshape", [rows, g.ints(0, 0, spec.n_embd)])
 
 
 def _skip_norm(g: _Graph, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
