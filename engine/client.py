@@ -21,6 +21,14 @@ decoded here.
 A worker that dies (crash, SIGKILL, OOM) ends every generation it served with
 an ``engine_error`` event at once (its socket reaches EOF); the pool starts a
 replacement and loads the same models into it.
+
+A worker that hangs instead (SIGSTOP, a deadlock in a backend, a machine
+swapping) keeps its socket open, so EOF never comes: a watchdog pings every
+worker each ``health_interval`` seconds, and one that leaves a ping
+unanswered for ``health_timeout`` seconds is treated as dead the same way
+(its generations end with ``engine_error``, it is killed and replaced).
+Model loads block a worker's loop legitimately, so they are exempt
+(``load_timeout`` bounds them).
 """
 
 from __future__ import annotations
@@ -120,6 +128,13 @@ class EngineConfig:
     seqs_per_worker: int = 4  # sequences a worker decodes together (batched)
     memory_budget: int = 0  # bytes loaded models may take; 0 = 80 % of available memory
     keep_alive: float = 300.0  # seconds an idle model stays loaded; < 0 = forever, 0 = unload
+    # The watchdog: a worker that leaves a ping unanswered for health_timeout
+    # seconds (model loads excepted) is killed and replaced. A worker answers
+    # between decode steps, so the timeout must exceed the longest single step:
+    # one n_batch prompt chunk of a large model on a small CPU can take tens of
+    # seconds, hence the generous default. health_interval <= 0 turns it off.
+    health_interval: float = 2.0  # seconds between watchdog pings of each worker
+    health_timeout: float = 120.0
     onnx: OnnxOptions = field(default_factory=OnnxOptions)  # session options of ONNX models
 
 
@@ -223,6 +238,12 @@ class _Worker(asyncio.Protocol):
         self.models: dict[str, float] = {}
         self.gens: dict[int, _Gen] = {}
         self.replies: dict[int, asyncio.Future[ipc.FromWorker]] = {}
+        # Watchdog state (monotonic times): the unanswered ping, if any, and loads
+        # in progress, during which the worker's loop is blocked on purpose.
+        self.ping_req = 0
+        self.ping_sent: float | None = None
+        self.loading = 0
+        self.load_ended = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport
@@ -297,6 +318,10 @@ class EngineClient:
         sweeper = asyncio.create_task(self._sweep(), name="engine-wake-sweep")
         self._tasks.add(sweeper)
         sweeper.add_done_callback(self._tasks.discard)
+        if self.config.health_interval > 0:
+            watchdog = asyncio.create_task(self._watch(), name="engine-watchdog")
+            self._tasks.add(watchdog)
+            watchdog.add_done_callback(self._tasks.discard)
 
     async def _spawn(self, w: _Worker) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -365,6 +390,8 @@ class EngineClient:
             if not w.hello.done():
                 w.hello.set_result(msg)
         else:
+            if msg.req == w.ping_req:
+                w.ping_sent = None  # the watchdog's ping was answered
             fut = w.replies.pop(msg.req, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -399,6 +426,50 @@ class EngineClient:
             for spec in list(self._models.values()):
                 if spec.active == 0 and spec.expires is not None and now >= spec.expires:
                     self._unload_soon(spec, "its keep_alive expired")
+
+    async def _watch(self) -> None:
+        """Find workers that are alive but no longer answer, and replace them.
+
+        A stopped or deadlocked worker keeps its socket open, so the EOF that
+        reports a crash never comes and its generations would wait forever.
+        Each worker gets one outstanding Ping at a time; the worker answers it
+        between decode steps, so an answer later than ``health_timeout`` means
+        the loop is stuck. Time spent loading a model does not count: a ping
+        queued behind a load is measured from the end of the load.
+        """
+        interval = self.config.health_interval
+        timeout = self.config.health_timeout
+        while True:
+            await asyncio.sleep(min(interval, timeout / 2))
+            now = time.monotonic()
+            for w in list(self._workers):
+                if not w.alive or w.loading:
+                    continue
+                if w.ping_sent is None:
+                    w.ping_req = next(self._req_ids)
+                    w.ping_sent = now
+                    w.send(ipc.Ping(w.ping_req))
+                elif now - max(w.ping_sent, w.load_ended) > timeout:
+                    self._hung(w, now - w.ping_sent)
+
+    def _hung(self, w: _Worker, silent: float) -> None:
+        """Treat a worker that stopped answering as dead: fail its work, kill and replace it."""
+        if not w.alive or self._closing:
+            return
+        log.error(
+            "worker %d (pid %d) has not answered a health check for %.1f s: replacing it",
+            w.index,
+            w.pid,
+            silent,
+        )
+        self._fail_worker(
+            w,
+            f"worker {w.index} (pid {w.pid}) stopped responding "
+            f"(no answer to a health check within {self.config.health_timeout:g} s)",
+        )
+        task = asyncio.create_task(self._replace(w))  # kills the process first
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _unload_soon(self, spec: _ModelSpec, why: str) -> None:
         if spec.unloading or self._models.get(spec.name) is not spec:
@@ -586,6 +657,7 @@ class EngineClient:
             spec.chat_template,
             self.config.onnx,
         )
+        w.loading += 1
         try:
             reply = await self._request(w, msg, req, self.config.load_timeout)
         except EngineError as exc:
@@ -593,6 +665,9 @@ class EngineClient:
             raise ModelLoadError(
                 spec.path, "backend", f"the worker died loading it ({exc.message})"
             ) from None
+        finally:
+            w.loading -= 1
+            w.load_ended = time.monotonic()
         if isinstance(reply, ipc.WorkerError):
             if reply.path is not None:
                 raise ModelLoadError(
@@ -712,6 +787,14 @@ class EngineClient:
         spec.last_used = time.monotonic()
         try:
             ring = Ring.create(self.config.ring_capacity)
+        except OSError as exc:
+            # Out of file descriptors (EMFILE) or of /dev/shm (ENOSPC): the
+            # server is out of a resource, not broken, and the caller may retry.
+            self._release(spec, request.keep_alive)
+            log.error("cannot create a ring for %s: %s", request.request_id, exc)
+            raise Overloaded(
+                f"the server cannot allocate a token ring now ({exc.strerror or exc})"
+            ) from None
         except BaseException:
             self._release(spec, request.keep_alive)
             raise
@@ -780,7 +863,8 @@ class EngineClient:
             error = ErrorInfo(
                 f.error_code,
                 f.error_message or "",
-                retryable=f.error_code == ErrorCode.ENGINE_ERROR.value,
+                retryable=f.error_code
+                in (ErrorCode.ENGINE_ERROR.value, ErrorCode.OVERLOADED.value),
             )
         return GenerationDone(
             request_id,
@@ -835,6 +919,14 @@ class EngineClient:
         dim = reply.dim
         vectors = [flat[i : i + dim] for i in range(0, len(flat), dim)] if dim else []
         return Embeddings(vectors, reply.prompt_tokens, model)
+
+    def placements(self) -> dict[str, int]:
+        """Running request ids and the pid of the worker serving each.
+
+        For diagnostics and fault tests: which generations a worker's crash or
+        hang would end.
+        """
+        return {rid: g.worker.pid for rid, g in self._by_request.items()}
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a running generation; its iterator ends with reason ``cancelled``.

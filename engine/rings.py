@@ -110,7 +110,13 @@ class Ring:
         path = SHM_DIR / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, HEADER_SIZE + capacity)
+            # Reserve the pages now: a sparse file on a full tmpfs maps fine and
+            # then kills the first process that touches a page with SIGBUS.
+            # Allocated up front, a full /dev/shm is an OSError (ENOSPC) here.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, HEADER_SIZE + capacity)
+            else:  # pragma: no cover - not Linux
+                os.ftruncate(fd, HEADER_SIZE + capacity)
             mm = mmap.mmap(fd, HEADER_SIZE + capacity)
         except BaseException:
             os.unlink(path)

@@ -80,3 +80,49 @@ async def test_cached_prefixes_give_the_same_tokens_as_a_fresh_start(random_mode
         again, _ = await run(client, follow)
     assert reused == expected == again
     assert n_prompt > 0
+
+
+async def test_a_full_shared_context_ends_one_sequence_not_all(slow_model: Path) -> None:
+    """Sequences share one n_ctx-cell KV cache: when together they outgrow it, the
+    one holding most cells ends with a retryable ``overloaded`` and the rest go on."""
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=3)
+    async with EngineClient(config) as client:
+        await client.load("slow", slow_model, n_ctx=256)
+        # Each fits alone, and any two together; all three need 330+ cells.
+        lengths = [120, 110, 100]
+        results = await asyncio.gather(
+            *(
+                collect(
+                    client,
+                    GenerateRequest(
+                        model="slow",
+                        prompt=f"p{i}",
+                        sampling=greedy(max_tokens=n, ignore_eos=True),
+                    ),
+                )
+                for i, n in enumerate(lengths)
+            )
+        )
+        failed = [done for _, done in results if done.error is not None]
+        assert len(failed) == 1, [(d.usage.completion_tokens, d.error) for _, d in results]
+        assert failed[0].error is not None and failed[0].error.code == "overloaded"
+        assert failed[0].error.retryable
+        for (_, done), n in zip(results, lengths, strict=True):
+            if done.error is None:
+                assert done.finish_reason is FinishReason.LENGTH
+                assert done.usage.completion_tokens == n
+        # The worker is whole: three short ones fit together.
+        again = await asyncio.gather(
+            *(
+                collect(
+                    client,
+                    GenerateRequest(
+                        model="slow",
+                        prompt=f"q{i}",
+                        sampling=greedy(max_tokens=40, ignore_eos=True),
+                    ),
+                )
+                for i in range(3)
+            )
+        )
+        assert all(d.error is None and d.usage.completion_tokens == 40 for _, d in again)

@@ -48,7 +48,7 @@ import numpy as np
 from engine.backends.base import Backend, EmbedJob, LoadParams
 from engine.backends.select import check_model_file
 from engine.requests import SamplingParams
-from protocol.errors import BadRequest, ModelLoadError
+from protocol.errors import BadRequest, ModelLoadError, Overloaded
 
 __all__ = ["LlamaCppBackend"]
 
@@ -537,39 +537,34 @@ class LlamaCppBackend(Backend):
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         self._failed = {}
         states = [(seq, self._seqs[seq]) for seq in seqs]
-        batch = self._batch
-        n = 0
-        budget = self._n_batch
-        plan: list[tuple[int, _SeqState, int, int]] = []  # seq, state, tokens fed, logits index
-        # Decoding sequences first (one token each), then prompt chunks in what is left.
-        for seq, st in sorted(states, key=lambda x: len(x[1].pending)):
-            take = min(len(st.pending), budget - n)
-            if take <= 0:
+        while True:
+            plan = self._fill(states)
+            if not plan:
+                return {}
+            rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            if rc == 1 and self._release_idle():
+                rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            if rc == 1 and len(plan) > 1:
+                # The sequences share one KV cache of n_ctx cells and together no
+                # longer fit: the one holding the most cells ends (retryable), its
+                # cells are freed and the others go on in the same step.
+                seq, st, _, _ = max(plan, key=lambda p: p[1].n_past + p[2])
+                self._failed[seq] = Overloaded(
+                    f"the {self.n_ctx}-token context this worker shares between "
+                    f"{len(plan)} sequences is full; retry when fewer are running"
+                )
+                llama_cpp.llama_memory_seq_rm(self._mem, st.slot.index, -1, -1)
+                st.slot.history = []
+                st.pending = []
+                states = [(q, s) for q, s in states if q != seq]
                 continue
-            slot = st.slot.index
-            for i in range(take):
-                batch.token[n] = st.pending[i]
-                batch.pos[n] = st.n_past + i
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = slot
-                batch.logits[n] = 0
-                n += 1
-            done = take == len(st.pending)
-            if done:
-                batch.logits[n - 1] = 1
-            plan.append((seq, st, take, n - 1 if done else -1))
-        if not n:
-            return {}
-        batch.n_tokens = n
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc == 1 and self._release_idle():
-            rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(
-                f"llama_decode failed ({rc}): the KV cache is full"
-                if rc == 1
-                else f"llama_decode failed ({rc})"
-            )
+            if rc != 0:
+                raise RuntimeError(
+                    f"llama_decode failed ({rc}): the KV cache is full"
+                    if rc == 1
+                    else f"llama_decode failed ({rc})"
+                )
+            break
         out: dict[int, int] = {}
         for seq, st, take, idx in plan:
             st.slot.history.extend(st.pending[:take])
@@ -599,6 +594,34 @@ class LlamaCppBackend(Backend):
             st.pending = [token]
             out[seq] = token
         return out
+
+    def _fill(
+        self, states: list[tuple[int, _SeqState]]
+    ) -> list[tuple[int, _SeqState, int, int]]:
+        """Put the step's tokens in the batch: (seq, state, tokens fed, logits index) each."""
+        batch = self._batch
+        n = 0
+        budget = self._n_batch
+        plan: list[tuple[int, _SeqState, int, int]] = []
+        # Decoding sequences first (one token each), then prompt chunks in what is left.
+        for seq, st in sorted(states, key=lambda x: len(x[1].pending)):
+            take = min(len(st.pending), budget - n)
+            if take <= 0:
+                continue
+            slot = st.slot.index
+            for i in range(take):
+                batch.token[n] = st.pending[i]
+                batch.pos[n] = st.n_past + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot
+                batch.logits[n] = 0
+                n += 1
+            done = take == len(st.pending)
+            if done:
+                batch.logits[n - 1] = 1
+            plan.append((seq, st, take, n - 1 if done else -1))
+        batch.n_tokens = n
+        return plan
 
     def failed(self) -> dict[int, Exception]:
         failed, self._failed = self._failed, {}
