@@ -399,11 +399,12 @@ class Worker:
     # -- the decode loop ------------------------------------------------------------
 
     def _admissible(self) -> bool:
-        """True when some queued sequence has a free backend slot to start in."""
+        """True when some queued sequence has a free backend slot (and room) to start in."""
         for model, queue in self._queued.items():
             if queue:
+                backend = self._models[model][0]
                 busy = sum(1 for s in self._running.values() if s.model == model)
-                if busy < self._models[model][0].max_sequences:
+                if busy < backend.max_sequences and backend.has_room(len(queue[0].prompt)):
                     return True
         return False
 
@@ -413,7 +414,7 @@ class Worker:
                 continue
             backend = self._models[model][0]
             busy = sum(1 for s in self._running.values() if s.model == model)
-            while queue and busy < backend.max_sequences:
+            while queue and busy < backend.max_sequences and backend.has_room(len(queue[0].prompt)):
                 seq = queue.popleft()
                 seq.t_start = time.perf_counter()
                 seq.n_prompt = len(seq.prompt)

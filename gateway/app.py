@@ -5,6 +5,12 @@ credential gets an HTTP 401 with a JSON body and is never upgraded. A
 credential is read from, in order: ``?ticket=`` (single use, from
 ``POST /v1/tickets``), ``Authorization: Bearer``, ``X-API-Key``, or a
 ``ferrous.token.<JWT>`` subprotocol offer (browsers cannot set headers).
+
+Before the credential is even looked at, the handshake must pass the
+admission limits of :mod:`gateway.limits` (rate and connections per client
+address); after it, the per-user connection limit. Those refusals are HTTP 429
+with the same JSON body and a ``Retry-After`` header. An upgraded connection
+that sends no ``hello`` within ``limits.hello_timeout`` is closed (1008).
 """
 
 from __future__ import annotations
@@ -15,26 +21,30 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
+from starlette.types import Message
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine import EngineClient
 from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
+from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
 from gateway.models import ModelRegistry, ResolvedModel
 from gateway.native import generation_routes, model_routes
 from gateway.ollama import ollama_routes
 from gateway.openai_api import openai_routes
-from gateway.sessions import CLOSE_GOING_AWAY, ConversationStore, Session
+from gateway.runtime import GcTuner
+from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, ConversationStore, Session
 from protocol.codec import SUBPROTOCOLS, codec_for
-from protocol.errors import ErrorCode, FerrousError
+from protocol.errors import BadRequest, ErrorCode, FerrousError
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
 
 __all__ = ["Gateway", "__version__", "error_body"]
@@ -53,6 +63,46 @@ def error_body(code: ErrorCode, message: str, *, retryable: bool = False) -> dic
 def _denial(status: int, code: ErrorCode, message: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def _too_many(refusal: Refusal) -> JSONResponse:
+    """A 429: unlike the other refusals, retrying later (after Retry-After) may succeed."""
+    return JSONResponse(
+        error_body(ErrorCode.RATE_LIMITED, refusal.message, retryable=True),
+        status_code=429,
+        headers={"Retry-After": str(refusal.retry_after)},
+    )
+
+
+# A session yields to the event loop after this many messages read in a row.
+_YIELD_EVERY = 4
+
+
+class _FairWebSocket:
+    """A Starlette WebSocket whose ``receive`` yields to the event loop every few messages.
+
+    Why: uvicorn queues every frame of one read (up to 256 KiB) before the app
+    runs, and awaiting a non-empty queue or a writable transport does not
+    suspend. A client sending thousands of tiny messages per read would keep
+    its session's loop running, and every other stream waiting, until its
+    queue was empty. Everything else is delegated unchanged.
+    """
+
+    __slots__ = ("_n", "_ws")
+
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
+        self._n = 0
+
+    async def receive(self) -> Message:
+        self._n += 1
+        if self._n >= _YIELD_EVERY:
+            self._n = 0
+            await asyncio.sleep(0)
+        return await self._ws.receive()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ws, name)
 
 
 class Gateway:
@@ -74,6 +124,17 @@ class Gateway:
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
+        lim = config.limits
+        self.admission = AdmissionControl(
+            per_ip=lim.max_connections_per_ip,
+            per_user=lim.max_connections_per_user,
+            rate=lim.handshake_rate,
+            burst=lim.handshake_burst,
+        )
+        self._closing: set[asyncio.Task[None]] = set()
+        # ``ferrous serve`` sets this: it freezes the GC after bursts of accepts and sweeps
+        # after bursts of closes (see gateway.runtime).
+        self.gc_tuner: GcTuner | None = None
         self._openapi: bytes | None = None
         self.models = ModelRegistry(config, engine)
         self.app = Starlette(
@@ -156,6 +217,21 @@ class Gateway:
         return self.auth.authenticate(credential)
 
     async def websocket(self, ws: WebSocket) -> None:
+        ip = ws.client.host if ws.client is not None else ""
+        admitted = self.admission.admit(ip)
+        if isinstance(admitted, Refusal):
+            await self._refuse(ws, admitted)
+            return
+        try:
+            await self._handshake(ws, admitted)
+        finally:
+            admitted.release()  # whichever way the handshake or the session ended
+
+    async def _refuse(self, ws: WebSocket, refusal: Refusal) -> None:
+        self.metrics.errors.labels(ErrorCode.RATE_LIMITED.value).inc()
+        await ws.send_denial_response(_too_many(refusal))
+
+    async def _handshake(self, ws: WebSocket, lease: Lease) -> None:
         offered = [p.strip() for p in ws.scope.get("subprotocols", [])]
         ours = [p for p in offered if not p.startswith(TOKEN_SUBPROTOCOL_PREFIX)]
         chosen = next((p for p in ours if p in SUBPROTOCOLS), None)
@@ -179,24 +255,55 @@ class Gateway:
             self.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
             await ws.send_denial_response(_denial(401, ErrorCode.UNAUTHORIZED, exc.message))
             return
+        refusal = self.admission.admit_user(lease, f"{principal.tenant or ''}/{principal.user}")
+        if refusal is not None:
+            await self._refuse(ws, refusal)
+            return
         if len(self.sessions) >= self.config.limits.max_sessions:
             await ws.send_denial_response(_denial(503, ErrorCode.OVERLOADED, "too many sessions"))
             return
         await ws.accept(subprotocol=chosen)
-        session = Session(self, ws, principal, codec_for(chosen or SUBPROTOCOL_JSON))
+        if self.gc_tuner is not None:
+            self.gc_tuner.note_accept()
+        session = Session(
+            self, _FairWebSocket(ws), principal, codec_for(chosen or SUBPROTOCOL_JSON)
+        )
         self.sessions.add(session)
         self.metrics.sessions.inc()
+        hello_timeout = self.config.limits.hello_timeout
+        if hello_timeout > 0:
+            # Not cancelled when the session ends: the callback checks, and a handle that
+            # is not kept is freed once it has run instead of living as long as the session.
+            asyncio.get_running_loop().call_later(hello_timeout, self._no_hello, session)
         with bind(session=session.id):
             log.info("session opened for %s (%s)", principal.user, principal.method)
             try:
                 await session.run()
+            except WebSocketDisconnect:
+                pass  # the client left while a reply was being sent: an ordinary close
             except Exception:
                 log.exception("session failed")
                 await session.close(1011)
             finally:
                 self.sessions.discard(session)
                 self.metrics.sessions.dec()
+                if self.gc_tuner is not None:
+                    self.gc_tuner.note_close()
                 log.info("session closed")
+
+    def _no_hello(self, session: Session) -> None:
+        """``hello_timeout`` passed since the upgrade: close a session that never said hello."""
+        if session.helloed or session.closed or session not in self.sessions:
+            return
+        self.metrics.timeouts.labels("hello").inc()
+        task = asyncio.ensure_future(self._close_without_hello(session))
+        self._closing.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_without_hello(self, session: Session) -> None:
+        limit = self.config.limits.hello_timeout
+        await session.send_error(BadRequest(f"no hello within {limit:g} s"))
+        await session.close(CLOSE_POLICY, "hello timeout")
 
     # -- shutdown -------------------------------------------------------------------------
 

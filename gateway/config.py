@@ -63,6 +63,7 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0.0)]
 NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0.0)]
+PerSecond = Annotated[float, msgspec.Meta(ge=0.0)]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -95,6 +96,20 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_interval: PositiveSeconds = 20.0
     max_sessions: Positive = 10000
     max_body_bytes: Positive = 8 * 1024 * 1024  # HTTP request bodies
+    # Slow and hostile clients. A connection must send its complete HTTP request
+    # head within handshake_timeout and, once upgraded, its hello within
+    # hello_timeout, or it is closed: an idle socket costs a file descriptor and
+    # memory whoever holds it. 0 turns a timeout off.
+    handshake_timeout: NonNegativeSeconds = 10.0
+    hello_timeout: NonNegativeSeconds = 10.0
+    # WebSocket connections open at once per client address and per user (tenant
+    # and user); more are refused with 429 before the upgrade. 0 = unlimited.
+    max_connections_per_ip: NonNegative = 0
+    max_connections_per_user: NonNegative = 0
+    # WebSocket handshakes per second per client address (a token bucket of
+    # handshake_burst); more are refused with 429 and Retry-After. 0 = unlimited.
+    handshake_rate: PerSecond = 0.0
+    handshake_burst: Positive = 100
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -126,6 +141,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ring_capacity: Annotated[int, msgspec.Meta(ge=4096)] = 65536
     stall_timeout: PositiveSeconds = 30.0
     grace_period: NonNegativeSeconds = 10.0  # in-flight generations may finish on shutdown
+    # Off by default: a permessage-deflate context costs ~33 KiB of zlib state per
+    # connection for the lifetime of the session (10000 idle sessions: ~330 MB).
     permessage_deflate: bool = False
     models: dict[ModelName, ModelEntry] = msgspec.field(default_factory=dict)  # loaded at start
     # Short names for sources, next to the built-in ones (``ferrous pull NAME``).

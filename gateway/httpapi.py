@@ -123,6 +123,8 @@ async def read_body(gateway: Gateway, request: Request, kind: type[T]) -> T:
         raise BadRequest(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeError:  # a JSON string holding bytes that are not UTF-8
+        raise BadRequest("the request body is not valid JSON: a string is not UTF-8") from None
     except RecursionError:  # free-form fields (a JSON schema) nested absurdly deep
         raise BadRequest("invalid request: the body is nested too deeply") from None
 

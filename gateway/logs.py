@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 __all__ = [
+    "ClientFaultFilter",
     "JsonFormatter",
     "bind",
     "configure_logging",
@@ -82,6 +83,28 @@ class ContextFilter(logging.Filter):
         if not hasattr(record, "request"):
             record.request = request_id.get()
         return True
+
+
+class ClientFaultFilter(logging.Filter):
+    """Log a client's malformed frame as a warning line, not as a server error with a traceback.
+
+    uvicorn's WebSocket protocol logs every text frame that is not UTF-8 with
+    ``logger.exception`` before it closes the connection with 1007 as it
+    should. That is the client's fault, and any client could fill the log
+    with tracebacks; the record is kept, one line at warning.
+    """
+
+    MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.MESSAGES:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# On the logger itself, so every handler (ours, a test's, an embedder's) sees it.
+logging.getLogger("uvicorn.error").addFilter(ClientFaultFilter())
 
 
 class TextFormatter(logging.Formatter):

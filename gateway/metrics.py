@@ -40,5 +40,14 @@ class Metrics:
             registry=r,
         )
 
+        self.timeouts = Counter(
+            "ferrous_connection_timeouts",
+            "Connections closed for being too slow: no complete request head within "
+            "limits.handshake_timeout (phase=handshake) or no hello within "
+            "limits.hello_timeout (phase=hello).",
+            ["phase"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

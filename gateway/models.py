@@ -22,6 +22,7 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -125,6 +126,7 @@ class ModelRegistry:
             task = asyncio.create_task(self._load(name, key, keep_alive, n_ctx), name=f"load {key}")
             self._loading[key] = task
             task.add_done_callback(lambda _t: self._loading.pop(key, None))
+            task.add_done_callback(_retrieve)  # waiters may all have gone (cancelled)
         return await asyncio.shield(task)
 
     @staticmethod
@@ -229,6 +231,16 @@ class ModelRegistry:
         return removed
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a finished task's exception as seen: its waiters report it, or were cancelled.
+
+    Without this, a load or pull that fails after everyone waiting for it left
+    is logged by asyncio as "Task exception was never retrieved", with a traceback.
+    """
+    if not task.cancelled():
+        task.exception()
+
+
 async def pull_progress(
     registry: ModelRegistry,
     name: str,
@@ -255,6 +267,7 @@ async def pull_progress(
         registry.pull(name, source=source, sha256=sha256, progress=on_progress, remote=remote)
     )
     task.add_done_callback(lambda _t: wake.set())
+    task.add_done_callback(_retrieve)  # the consumer may close before reading the result
     try:
         while True:
             await wake.wait()

@@ -1,35 +1,51 @@
 """Running the gateway: engine, authenticator and one uvicorn server on one port.
 
 uvicorn serves HTTP with httptools and WebSocket with the ``websockets``
-package's protocol core (``ws="websockets-sansio"``), on the running uvloop
-loop. Shutdown (SIGTERM or SIGINT) runs in a fixed order: stop listening,
+package's protocol core (uvicorn's ``websockets-sansio`` protocol, trimmed
+for many idle sessions: see :class:`_LeanWebSocketProtocol`), on the running
+uvloop loop. Shutdown (SIGTERM or SIGINT) runs in a fixed order: stop listening,
 refuse new generations, let in-flight ones finish for ``grace_period``
 seconds, cancel the rest, close every WebSocket with 1001, stop the workers,
 exit 0. A second signal skips the wait.
+
+A connection that has not sent its complete HTTP request head within
+``limits.handshake_timeout`` seconds of opening (or of its previous response,
+on a keep-alive connection) gets a 408 and is closed: uvicorn's own
+``timeout_keep_alive`` covers only the quiet time between requests, so without
+this a client that sends half a request line holds its socket forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
+import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import Protocol, State
+from websockets.streams import StreamReader
 
 from engine import EngineClient, EngineConfig
 from engine.backends.base import OnnxOptions
 from engine.client import default_threads, default_workers
-from gateway.app import Gateway
+from gateway.app import Gateway, error_body
 from gateway.auth import Authenticator
 from gateway.config import ConfigError, ServerConfig, ferrous_home, parse_size
 from gateway.logs import configure_logging
+from gateway.runtime import GcTuner, raise_fd_limit
 from protocol.durations import parse_duration
+from protocol.errors import ErrorCode
 
 __all__ = [
     "RunningServer",
@@ -148,14 +164,218 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
     )
 
 
+def _timeout_response() -> bytes:
+    body = json.dumps(
+        error_body(ErrorCode.BAD_REQUEST, "no complete request within the handshake timeout")
+    ).encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _head_timeout_protocol(
+    timeout: float, on_timeout: Callable[[], None]
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a deadline for each request head (see module doc)."""
+    response = _timeout_response()
+
+    class HeadTimeoutProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._head_timer is None:  # the next request on a keep-alive connection
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def handle_websocket_upgrade(self) -> None:
+            super().handle_websocket_upgrade()
+            # The transport now talks to the WebSocket protocol. This object is done, but
+            # its parser holds its bound callbacks: a reference cycle that only the cyclic
+            # collector (or, after a gc.freeze(), nothing) would free. Break it.
+            self.parser = None  # type: ignore[assignment]
+
+        def _arm(self) -> None:
+            if timeout > 0:
+                self._head_timer = self.loop.call_later(timeout, self._expired)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expired(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            on_timeout()
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.write(response)  # not in the middle of another response
+            self.transport.close()
+
+    return HeadTimeoutProtocol
+
+
+class _LeanQueue:
+    """The part of asyncio.Queue uvicorn's WebSocket protocol uses, for one connection.
+
+    Why: an asyncio.Queue allocates three deques and an Event (about 3 KiB)
+    up front; an idle session's queue is empty almost all its life. This one
+    holds nothing while empty. Several waiting consumers are allowed, as with
+    asyncio.Queue, although the ASGI app only ever has one.
+    """
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: deque[ASGIReceiveEvent] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def put_nowait(self, item: ASGIReceiveEvent) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    async def get(self) -> ASGIReceiveEvent:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+                if not self._waiters:
+                    self._waiters = None
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+
+class _LeanEvent:
+    """The part of asyncio.Event uvicorn's protocol uses for ``writable``, without its deque.
+
+    Why: asyncio.Event allocates a deque of waiters (about 850 bytes) that an
+    idle connection, whose transport is always writable, never uses.
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            self._waiters.remove(waiter)
+            if not self._waiters:
+                self._waiters = None
+
+
+class _LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-io WebSocket protocol, trimmed for many idle sessions.
+
+    Besides the lighter queue and event, it lets go of the handshake's request and
+    response (headers and all, a few KiB) once the handshake is answered.
+    uvicorn keeps both for the connection's lifetime but never reads them
+    again, and the ``websockets`` parser keeps the request too, as a local
+    of the generator that goes on to parse frames: that generator is
+    replaced by a fresh frame parser. The swap is safe only while the
+    parser holds no partial frame, i.e. when nothing arrived after the
+    request (uvicorn hands over exactly the request head, and a client must
+    wait for the 101 before sending frames); otherwise it is skipped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _LeanQueue()  # type: ignore[assignment]
+        self.writable = _LeanEvent()  # type: ignore[assignment]
+        self.writable.set()
+        self._reads = 0
+
+    def data_received(self, data: bytes) -> None:
+        self._reads += 1
+        super().data_received(data)
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if self.handshake_complete and getattr(self, "response", None) is not None:
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]
+            if message["type"] == "websocket.accept":
+                self._restart_parser()
+
+    def _restart_parser(self) -> None:
+        conn = self.conn
+        if self._reads != 1 or conn.state is not State.OPEN:
+            return
+        if not isinstance(getattr(conn, "reader", None), StreamReader) or conn.reader.buffer:
+            return  # another websockets layout, or bytes already waiting: keep the parser
+        conn.reader.buffer = bytearray()  # the request's bytes were read from it
+        fresh = Protocol.parse(conn)  # the frame loop, without the handshake's locals
+        next(fresh)  # runs to the first wait for data
+        old, conn.parser = conn.parser, fresh
+        old.close()
+
+
 def _uvicorn_config(config: ServerConfig, gateway: Gateway) -> uvicorn.Config:
+    timeouts = gateway.metrics.timeouts.labels("handshake")
     return uvicorn.Config(
         gateway.app,
         host=config.host,
         port=config.port,
         loop="none",
-        http="httptools",
-        ws="websockets-sansio",
+        http=_head_timeout_protocol(config.limits.handshake_timeout, timeouts.inc),
+        ws=_LeanWebSocketProtocol,
         # Frames over the soft limit get a too_large error; far over it, 1009.
         ws_max_size=16 * config.limits.max_frame_bytes,
         ws_per_message_deflate=config.permessage_deflate,
@@ -198,10 +418,12 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; the `ferrous serve` command."""
     configure_logging(config.log.level, config.log.format)
+    raise_fd_limit()  # every session is a file descriptor
+    tuner = GcTuner()
     try:
         async with running_server(config) as running:
-            gc.collect()
-            gc.freeze()  # start-up objects leave the collector's working set
+            tuner.start()  # start-up objects leave the collector's working set
+            running.gateway.gc_tuner = tuner
             log.info("listening on %s (WebSocket %s)", running.http_url, running.ws_url)
             local = _is_loopback(config.host) and "HS256" in config.auth.algorithms
             if running.gateway.auth.enabled and local:
@@ -211,4 +433,6 @@ async def serve(config: ServerConfig) -> int:
     except ConfigError as exc:
         log.error("%s", exc.message)
         return 2
+    finally:
+        tuner.cancel()
     return 0

@@ -22,6 +22,8 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
+
 from engine import (
     ChatMessage as EngineMessage,
 )
@@ -120,10 +122,16 @@ class Session:
         async with self._send_lock:
             if self.closed:
                 return
-            if isinstance(data, str):
-                await self.ws.send_text(data)
-            else:
-                await self.ws.send_bytes(data)
+            try:
+                if isinstance(data, str):
+                    await self.ws.send_text(data)
+                else:
+                    await self.ws.send_bytes(data)
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                # The peer left (or broke the framing and was closed) while we answered:
+                # nothing can reach it any more. Not a session failure: the receive loop
+                # sees the disconnect next and cancels the session's generations.
+                self.closed = True
 
     async def send_error(self, exc: FerrousError, gen_id: str | None = None) -> None:
         self.gateway.metrics.errors.labels(exc.code.value).inc()
@@ -349,7 +357,12 @@ class Session:
                     raise asyncio.CancelledError
                 self._phase[msg.id] = "engine"
                 async for ev in run(g, prepared):
+                    cancelled = msg.id in self._user_cancelled
                     if isinstance(ev, TokenDelta):
+                        if cancelled:
+                            # Text the worker made before the cancel reached it: the
+                            # client asked for no more, so none is sent.
+                            continue
                         await self._take_credit(len(ev.text.encode("utf-8")))
                         await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids))
                         parts.append(ev.text)
@@ -370,10 +383,15 @@ class Session:
                         ev.usage.completion_tokens,
                         t.ttft_ms,
                     )
+                    reason = ev.finish_reason
+                    if cancelled and reason is not FinishReason.ERROR:
+                        # It ended on its own while the cancel was on its way: the
+                        # client stopped reading at its cancel, so it was cancelled.
+                        reason = FinishReason.CANCELLED
                     await self.send(
                         m.Done(
                             msg.id,
-                            ev.finish_reason.value,
+                            reason.value,
                             m.Usage(ev.usage.prompt_tokens, ev.usage.completion_tokens),
                             m.Timings(t.load_ms, t.queue_ms, t.ttft_ms, t.total_ms, t.decode_tok_s),
                             conv_id,
@@ -410,6 +428,10 @@ class Session:
                 self.gateway.models, msg.model, source=msg.source, sha256=msg.sha256
             )
             try:
+                if msg.id in self._user_cancelled:
+                    # A cancel read before this task started ("queued"): like _generate, honour
+                    # it here, or the pull would run to the end and the cancel be lost.
+                    raise asyncio.CancelledError
                 async for item in stream:
                     if isinstance(item, PullEvent):
                         await self.send(

@@ -66,11 +66,14 @@ class Codec:
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid message: {exc}") from None
         except msgspec.DecodeError as exc:
-            raise BadRequest(
-                f"malformed {'MessagePack' if self.binary else 'JSON'}: {exc}"
-            ) from None
+            raise BadRequest(f"malformed {self._encoding_name}: {exc}") from None
         except RecursionError:  # free-form fields (a JSON schema) nested absurdly deep
             raise BadRequest("invalid message: nested too deeply") from None
+        except UnicodeError as exc:
+            # msgspec raises these itself, not as DecodeError: a MessagePack str that is not
+            # UTF-8 (UnicodeDecodeError), or a text payload with lone surrogates
+            # (UnicodeEncodeError; never from a WebSocket, whose text frames are UTF-8).
+            raise BadRequest(f"malformed {self._encoding_name}: {_unicode_reason(exc)}") from None
 
     def decode_server(self, data: bytes | str) -> ServerMessage:
         """Decode a server message from a frame payload (str = text frame, bytes = binary)."""
@@ -81,6 +84,18 @@ class Codec:
             raise BadRequest(f"invalid server message: {exc}") from None
         except RecursionError:
             raise BadRequest("invalid server message: nested too deeply") from None
+        except UnicodeError as exc:
+            raise BadRequest(f"invalid server message: {_unicode_reason(exc)}") from None
+
+    @property
+    def _encoding_name(self) -> str:
+        return "MessagePack" if self.binary else "JSON"
+
+
+def _unicode_reason(exc: UnicodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string is not valid UTF-8 ({exc.reason} at string byte {exc.start})"
+    return "text is not valid Unicode (lone surrogate)"
 
 
 SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)

@@ -27,6 +27,15 @@ def parse_duration(value: float | int | str, *, field: str = "keep_alive") -> fl
         if not math.isfinite(value):
             raise BadRequest(f"{field} must be finite")
         return float(value)
+    seconds = _parse_text(value, field)
+    # float() reads "inf", "nan" and "1e999" too, and a long run of digits overflows to inf:
+    # the string path must be as finite as the number path (these end up in engine timers).
+    if not math.isfinite(seconds):
+        raise BadRequest(f"{field} must be finite")
+    return seconds
+
+
+def _parse_text(value: str, field: str) -> float:
     text = value.strip().lower()
     sign = -1.0 if text.startswith("-") else 1.0
     body = text.lstrip("+-")

@@ -75,13 +75,17 @@ SUBPROTOCOL_MSGPACK = "ferrous.v1.msgpack"
 # second subprotocol "ferrous.token.<JWT>"; the server never echoes it back.
 TOKEN_SUBPROTOCOL_PREFIX = "ferrous.token."
 
-GenerationId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+GenerationId = Annotated[
+    str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+(?!\n)$")
+]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 # Seconds, or a duration string ("5m", "1h"); negative keeps the model loaded, 0 unloads it.
 KeepAlive = float | Annotated[str, Meta(max_length=32)]
 # Structured output: "json" (any JSON object) or a JSON Schema the output must satisfy.
 Format = Literal["json"] | dict[str, Any]
-ConversationId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+ConversationId = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+(?!\n)$")
+]
 
 
 class _ClientBase(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -191,7 +195,7 @@ class Pull(_ClientBase, tag="pull"):
     id: GenerationId
     model: ModelName
     source: Annotated[str, Meta(max_length=4096)] | None = None
-    sha256: Annotated[str, Meta(pattern=r"^(sha256:)?[0-9a-f]{64}$")] | None = None
+    sha256: Annotated[str, Meta(pattern=r"^(sha256:)?[0-9a-f]{64}(?!\n)$")] | None = None
 
 
 ClientMessage = Hello | Generate | Chat | Cancel | Credit | Forget | Heartbeat | Pull

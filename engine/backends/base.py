@@ -124,6 +124,17 @@ class Backend(abc.ABC):
     def free(self) -> None:
         """Release the model's memory. The backend is unusable afterwards."""
 
+    def has_room(self, n_prompt: int) -> bool:
+        """Whether a new sequence with an ``n_prompt``-token prompt fits beside the running ones.
+
+        Backends whose sequences share one context (llama.cpp's unified KV
+        cache) say no while the prompts and answers already held leave less
+        than the new prompt; the worker then keeps the request queued instead
+        of starting a sequence that could not be read. The default has a
+        separate window per sequence.
+        """
+        return True
+
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise BadRequest for options this backend cannot honour.
 

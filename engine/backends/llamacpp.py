@@ -534,6 +534,12 @@ class LlamaCppBackend(Backend):
     def context_used(self, seq: int) -> int:
         return self._seqs[seq].n_past
 
+    def has_room(self, n_prompt: int) -> bool:
+        if not self._seqs:
+            return True  # alone, a sequence may use the whole window
+        held = sum(st.n_past + len(st.pending) for st in self._seqs.values())
+        return held + n_prompt <= self.n_ctx
+
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         self._failed = {}
         states = [(seq, self._seqs[seq]) for seq in seqs]
@@ -595,9 +601,7 @@ class LlamaCppBackend(Backend):
             out[seq] = token
         return out
 
-    def _fill(
-        self, states: list[tuple[int, _SeqState]]
-    ) -> list[tuple[int, _SeqState, int, int]]:
+    def _fill(self, states: list[tuple[int, _SeqState]]) -> list[tuple[int, _SeqState, int, int]]:
         """Put the step's tokens in the batch: (seq, state, tokens fed, logits index) each."""
         batch = self._batch
         n = 0

@@ -6,7 +6,7 @@
 
 export interface Cancel {
   type: "cancel";
-  /** length 1..64; pattern `^[A-Za-z0-9._:-]+$` */
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
   id: string;
 }
 
@@ -18,14 +18,14 @@ export interface Cancel {
  */
 export interface Chat {
   type: "chat";
-  /** length 1..64; pattern `^[A-Za-z0-9._:-]+$` */
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
   id: string;
   /** length 1..256 */
   model: string;
   /** items 1..1024 */
   messages: ChatMessage[];
   /**
-   * length 1..128; pattern `^[A-Za-z0-9._:-]+$`
+   * length 1..128; pattern `^[A-Za-z0-9._:-]+(?!\n)$`
    * @default null
    */
   conversation?: string | null;
@@ -120,14 +120,14 @@ export type ErrorCode = "bad_request" | "cancelled" | "conflict" | "engine_error
 /** Delete a conversation the server keeps. */
 export interface Forget {
   type: "forget";
-  /** length 1..128; pattern `^[A-Za-z0-9._:-]+$` */
+  /** length 1..128; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
   conversation: string;
 }
 
 /** Complete a raw prompt (no chat template). */
 export interface Generate {
   type: "generate";
-  /** length 1..64; pattern `^[A-Za-z0-9._:-]+$` */
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
   id: string;
   /** length 1..256 */
   model: string;
@@ -260,12 +260,12 @@ export interface Progress {
  */
 export interface Pull {
   type: "pull";
-  /** length 1..64; pattern `^[A-Za-z0-9._:-]+$` */
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
   id: string;
   /** length 1..256 */
   model: string;
   /**
-   * pattern `^(sha256:)?[0-9a-f]{64}$`
+   * pattern `^(sha256:)?[0-9a-f]{64}(?!\n)$`
    * @default null
    */
   sha256?: string | null;
