@@ -17,17 +17,16 @@ from its CSV files.
 Every few seconds it samples the gateway and worker processes (psutil): resident
 memory, open file descriptors, threads; the ring segments in /dev/shm that carry
 the gateway's pid; and the ``ferrous_active_sessions`` / ``ferrous_active_generations``
-gauges of ``/metrics``. The gateway does not report its asyncio task count, so
-its thread count stands in for it (with the two gauges, which count the objects
-that own its tasks).
+gauges of ``/metrics``, and its ``ferrous_asyncio_tasks`` gauge (tasks alive in the
+gateway's event loop).
 
 Pass means, after the warm-up (the first quarter of the run, at most 60 s):
 
 * ``no_failed_requests`` — no request failed except the ones cancelled on purpose;
 * ``rss_growth_lt_5pct`` — mean RSS of the last samples is < 5 % above the mean of the
   first samples after warm-up, for the gateway and for the workers;
-* ``fds_stable`` / ``threads_stable`` — the mean of the last samples is not above the
-  largest of the first ones (gateway and workers);
+* ``fds_stable`` / ``threads_stable`` / ``tasks_stable`` — the mean of the last samples
+  is not above the largest of the first ones (gateway and workers; tasks: the gateway's);
 * ``shm_stable`` — never more ring segments than generations can run at once, and
   none left once the load stopped;
 * ``workers_not_restarted`` — the same worker processes from start to end.
@@ -269,6 +268,7 @@ class Sample:
     shm_segments: int
     sessions_gauge: float
     generations_gauge: float
+    tasks_gauge: float = -1.0
 
 
 def _workers(server: psutil.Process) -> list[psutil.Process]:
@@ -284,7 +284,7 @@ def _gauges(http_url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{http_url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     found = {}
-    for name in ("ferrous_active_sessions", "ferrous_active_generations"):
+    for name in ("ferrous_active_sessions", "ferrous_active_generations", "ferrous_asyncio_tasks"):
         match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
         found[name] = float(match.group(1)) if match else -1.0
     return found
@@ -315,6 +315,7 @@ async def sample(server: psutil.Process, http_url: str, t0: float) -> Sample:
         g = await asyncio.to_thread(_gauges, http_url)
         s.sessions_gauge = g["ferrous_active_sessions"]
         s.generations_gauge = g["ferrous_active_generations"]
+        s.tasks_gauge = g["ferrous_asyncio_tasks"]
     return s
 
 
@@ -352,12 +353,14 @@ def verdict(
         "workers": _series(steady, "worker_fds", k),
     }
     threads = {"gateway": _series(steady, "gateway_threads", k)}
+    tasks = _series(steady, "tasks_gauge", k)
     pids = {s.worker_pids for s in [*samples, after]}
     criteria = {
         "no_failed_requests": not tally.failures,
         "rss_growth_lt_5pct": all(v["growth_pct"] < 5.0 for v in rss.values()),
         "fds_stable": all(v["end"] <= v["first_max"] for v in fds.values()),
         "threads_stable": all(v["end"] <= v["first_max"] for v in threads.values()),
+        "tasks_stable": tasks["end"] <= tasks["first_max"],
         "shm_stable": max(s.shm_segments for s in samples) <= max_rings and after.shm_segments == 0,
         "workers_not_restarted": len(pids) == 1,
     }
@@ -371,8 +374,9 @@ def verdict(
         ],
         "fds": fds,
         "tasks": {
-            "measure": "gateway thread count (the gateway does not report its asyncio task "
-            "count); /metrics gauges of sessions and generations alongside",
+            "measure": "ferrous_asyncio_tasks from /metrics (tasks alive in the gateway's "
+            "loop), the gateway's thread count, and the session and generation gauges",
+            "asyncio_tasks": tasks,
             "threads": threads,
             "sessions_gauge": [samples[0].sessions_gauge, samples[-1].sessions_gauge],
             "generations_gauge_max": max(s.generations_gauge for s in samples),

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside a running loop (not by the server itself)
+        return -1.0
 
 
 class Metrics:
@@ -31,6 +40,12 @@ class Metrics:
         )
         self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
         self.generations = Gauge("ferrous_active_generations", "Generations in flight.", registry=r)
+        # Read at scrape time, on the event loop's thread (the /metrics handler runs there):
+        # a number that only grows under a steady load is a leak.
+        self.tasks = Gauge(
+            "ferrous_asyncio_tasks", "asyncio tasks alive in the gateway's event loop.", registry=r
+        )
+        self.tasks.set_function(_task_count)
         self.errors = Counter(
             "ferrous_errors", "Errors sent to clients, by code.", ["code"], registry=r
         )
