@@ -140,6 +140,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seqs_per_worker: Positive = 4
     ring_capacity: Annotated[int, msgspec.Meta(ge=4096)] = 65536
     stall_timeout: PositiveSeconds = 30.0
+    # Worker watchdog: a ping every health_interval (0 = off); a worker that leaves one
+    # unanswered for health_timeout (model loads excepted) is killed and replaced.
+    health_interval: NonNegativeSeconds = 2.0
+    health_timeout: PositiveSeconds = 120.0
     grace_period: NonNegativeSeconds = 10.0  # in-flight generations may finish on shutdown
     # Off by default: a permessage-deflate context costs ~33 KiB of zlib state per
     # connection for the lifetime of the session (10000 idle sessions: ~330 MB).

@@ -154,6 +154,8 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         seqs_per_worker=config.seqs_per_worker,
         ring_capacity=config.ring_capacity,
         stall_timeout=config.stall_timeout,
+        health_interval=config.health_interval,
+        health_timeout=config.health_timeout,
         memory_budget=parse_size(config.memory_budget),
         keep_alive=parse_duration(config.keep_alive),
         onnx=OnnxOptions(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import os
 import resource
@@ -28,13 +27,11 @@ from pathlib import Path
 
 import msgspec
 import psutil
-import pytest
 from ferrous_client import Backoff, ConnectionLost, FerrousClient
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage
 from websockets.typing import Subprotocol
 
-import gateway.server as gateway_server
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone
 from engine.rings import SHM_DIR, SHM_PREFIX
 from gateway.config import LimitsConfig, ServerConfig
@@ -301,20 +298,6 @@ HEALTH_INTERVAL = 0.2
 HEALTH_TIMEOUT = 1.5
 
 
-@pytest.fixture
-def short_health_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gateway's engine with a short watchdog (ServerConfig has no key for it yet)."""
-    original = gateway_server._engine_config
-
-    def engine_config(config: ServerConfig) -> EngineConfig:
-        return dataclasses.replace(
-            original(config), health_interval=HEALTH_INTERVAL, health_timeout=HEALTH_TIMEOUT
-        )
-
-    monkeypatch.setattr(gateway_server, "_engine_config", engine_config)
-
-
-@pytest.mark.usefixtures("short_health_timeout")
 async def test_sigstop_of_a_worker_under_load(tmp_path: Path, slow_model: Path) -> None:
     """As the SIGKILL case, but the worker is stopped: its socket stays open, no EOF.
 
@@ -325,7 +308,12 @@ async def test_sigstop_of_a_worker_under_load(tmp_path: Path, slow_model: Path) 
     victim = 0
     try:
         with _no_leaks():
-            async with gateway(_two_worker_config(tmp_path, slow_model)) as running:
+            config = msgspec.structs.replace(
+                _two_worker_config(tmp_path, slow_model),
+                health_interval=HEALTH_INTERVAL,
+                health_timeout=HEALTH_TIMEOUT,
+            )
+            async with gateway(config) as running:
                 engine = running.gateway.engine
                 load = await _start_load(running)
                 try:
