@@ -182,6 +182,9 @@ async def run(
         metrics.generations.dec()
         if task is not None:
             gateway.running.discard(task)
+            # A cancelled task's exception keeps this frame, which would keep the
+            # task: a cycle holding the whole session until a full collection.
+            del task
 
 
 async def started(

@@ -18,7 +18,7 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,14 @@ def _assert_429(exc: InvalidStatus, words: str) -> None:
     assert body["error"]["code"] == "rate_limited"
     assert body["error"]["retryable"] is True
     assert words in body["error"]["message"]
+
+
+async def _idle(running: RunningServer) -> None:
+    """Wait until no generation runs (a dropped client's is cancelled asynchronously)."""
+    deadline = time.monotonic() + 5
+    while running.gateway.running:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
 
 
 async def _released(running: RunningServer) -> None:
@@ -304,8 +312,20 @@ def _open_and_close(running: RunningServer, token: str) -> None:
     sock.close()
 
 
+def _generate_and_drop(running: RunningServer, token: str) -> None:
+    """A session whose client vanishes (no close frame) while its generation streams."""
+    sock = _raw_session(running, token)
+    sock.setblocking(True)
+    assert sock.recv(65536)  # ready
+    options = m.Options(max_tokens=2000, ignore_eos=True)
+    sock.sendall(_frame(_json(m.Generate("g", "script", "hi", options))))
+    assert sock.recv(65536)  # started / the first deltas
+    sock.close()
+
+
+@pytest.mark.parametrize("session", [_open_and_close, _generate_and_drop])
 async def test_a_closed_session_leaves_no_reference_cycles(
-    tmp_path: Path, script_model: Path
+    tmp_path: Path, script_model: Path, session: Callable[[RunningServer, str], None]
 ) -> None:
     """The GC freezes of ``ferrous serve`` rely on closed sessions being freed by refcounting.
 
@@ -318,14 +338,17 @@ async def test_a_closed_session_leaves_no_reference_cycles(
     """
     async with _gateway(tmp_path, script_model) as running:
         token = _token(running)
-        await asyncio.to_thread(_open_and_close, running, token)  # warm every code path up
+        await asyncio.to_thread(session, running, token)  # warm every code path up
         await _released(running)
+        await _idle(running)
         gc.collect()
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             for _ in range(20):
-                await asyncio.to_thread(_open_and_close, running, token)
+                await asyncio.to_thread(session, running, token)
+                await _released(running)
+                await _idle(running)
             await _released(running)
             await asyncio.sleep(0.1)
             gc.collect()
