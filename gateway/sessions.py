@@ -112,7 +112,10 @@ class Session:
         self._phase: dict[str, str] = {}
         self._send_lock = asyncio.Lock()
         self._credits: int | None = None  # None: flow control off
-        self._credit_event = asyncio.Event()
+        # Created when a generation first waits for credit: idle sessions (thousands of
+        # them) do not pay for an Event, nor for a task per session timing the token.
+        self._credit_event: asyncio.Event | None = None
+        self._expiry: asyncio.Task[None] | None = None
         self.closed = False
 
     # -- sending ----------------------------------------------------------------------
@@ -150,11 +153,13 @@ class Session:
 
     async def run(self) -> None:
         limits = self.gateway.config.limits
-        expiry = None
+        timer = None
         if self.principal.expires_at is not None:
             # The same leeway the handshake allowed applies for the rest of the session.
             expires = self.principal.expires_at + self.gateway.config.auth.leeway
-            expiry = asyncio.create_task(self._expire_at(expires))
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, expires - time.time()), self._expired
+            )
         try:
             while True:
                 frame = await self.ws.receive()
@@ -177,8 +182,10 @@ class Session:
                 except FerrousError as exc:
                     await self.send_error(exc, getattr(exc, "gen_id", None))
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            if timer is not None:
+                timer.cancel()
+            if self._expiry is not None:
+                self._expiry.cancel()
             await self.cancel_all()
 
     async def cancel_all(self) -> None:
@@ -196,9 +203,11 @@ class Session:
             await asyncio.wait(tasks, timeout=timeout)
         await self.cancel_all()
 
-    async def _expire_at(self, when: float) -> None:
-        """The credential expires during the session: say so, then close (policy violation)."""
-        await asyncio.sleep(max(0.0, when - time.time()))
+    def _expired(self) -> None:
+        self._expiry = asyncio.create_task(self._expire())
+
+    async def _expire(self) -> None:
+        """The credential expired during the session: say so, then close (policy violation)."""
         from gateway.auth import Unauthorized
 
         await self.send_error(Unauthorized("token expired"))
@@ -221,7 +230,8 @@ class Session:
                 if self._credits is None:
                     raise BadRequest("flow control is off: set credits in hello to use it")
                 self._credits += msg.bytes
-                self._credit_event.set()
+                if self._credit_event is not None:
+                    self._credit_event.set()
             case m.Forget():
                 if not self.gateway.conversations.forget(self.owner, msg.conversation):
                     raise NotFound(f"no conversation {msg.conversation!r}")
@@ -299,6 +309,8 @@ class Session:
             return
         if self._credits <= 0:
             self.gateway.metrics.pauses.inc()
+            if self._credit_event is None:
+                self._credit_event = asyncio.Event()
             while self._credits <= 0:
                 self._credit_event.clear()
                 await self._credit_event.wait()
