@@ -424,13 +424,13 @@ async def serve(config: ServerConfig) -> int:
     tuner = GcTuner()
     try:
         async with running_server(config) as running:
-            tuner.start()  # start-up objects leave the collector's working set
-            running.gateway.gc_tuner = tuner
             log.info("listening on %s (WebSocket %s)", running.http_url, running.ws_url)
             local = _is_loopback(config.host) and "HS256" in config.auth.algorithms
             if running.gateway.auth.enabled and local:
                 token = running.gateway.auth.issue_token(sub="local", ttl=7 * 24 * 3600)
                 print(f"chat page: {running.http_url}/#token={token}", flush=True)
+            tuner.start()  # start-up objects leave the collector's working set
+            running.gateway.gc_tuner = tuner
             await asyncio.shield(running.task)
     except ConfigError as exc:
         log.error("%s", exc.message)

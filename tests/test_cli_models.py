@@ -276,8 +276,12 @@ def test_ps_stop_and_rm_against_a_running_server(tmp_path: Path) -> None:
     at = ("--port", str(port))
 
     with _serve(tmp_path, port):
-        stdout = (tmp_path / "serve.out").read_text()
-        assert f"chat page: http://127.0.0.1:{port}/#token=" in stdout
+        # Printed once the server listens; healthy may be seen a moment before it.
+        line = f"chat page: http://127.0.0.1:{port}/#token="
+        deadline = time.monotonic() + 10
+        while line not in (tmp_path / "serve.out").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "serve.out").read_text()
+            time.sleep(0.05)
 
         empty = _ok(ferrous(tmp_path, "ps", *at))
         assert _header(empty.stdout) == ["NAME", "SIZE", "CONTEXT", "BACKEND", "UNTIL"]
