@@ -25,8 +25,10 @@ Pass means, after the warm-up (the first quarter of the run, at most 60 s):
 * ``no_failed_requests`` — no request failed except the ones cancelled on purpose;
 * ``rss_growth_lt_5pct`` — mean RSS of the last samples is < 5 % above the mean of the
   first samples after warm-up, for the gateway and for the workers;
-* ``fds_stable`` / ``threads_stable`` / ``tasks_stable`` — the mean of the last samples
-  is not above the largest of the first ones (gateway and workers; tasks: the gateway's);
+* ``fds_stable`` / ``threads_stable`` / ``tasks_stable`` — the lowest of the last samples
+  is not above the largest of the first ones (gateway and workers; tasks: the gateway's).
+  These counts move with the generations in flight when a sample is taken (a ring
+  descriptor, a task each); a leak raises their floor, which is what is compared;
 * ``shm_stable`` — never more ring segments than generations can run at once, and
   none left once the load stopped;
 * ``workers_not_restarted`` — the same worker processes from start to end.
@@ -334,6 +336,7 @@ def _series(samples: list[Sample], attr: str, k: int, scale: float = 1.0) -> dic
         "start": round(start, 2),
         "end": round(end, 2),
         "first_max": round(max(first), 2),
+        "last_min": round(min(last), 2),
         "growth_pct": round(100.0 * (end - start) / start, 2) if start else 0.0,
     }
 
@@ -358,9 +361,11 @@ def verdict(
     criteria = {
         "no_failed_requests": not tally.failures,
         "rss_growth_lt_5pct": all(v["growth_pct"] < 5.0 for v in rss.values()),
-        "fds_stable": all(v["end"] <= v["first_max"] for v in fds.values()),
-        "threads_stable": all(v["end"] <= v["first_max"] for v in threads.values()),
-        "tasks_stable": tasks["end"] <= tasks["first_max"],
+        # Counts move with the generations in flight at each sample (a ring fd, a task);
+        # a leak raises their floor: the lowest of the last samples is compared.
+        "fds_stable": all(v["last_min"] <= v["first_max"] for v in fds.values()),
+        "threads_stable": all(v["last_min"] <= v["first_max"] for v in threads.values()),
+        "tasks_stable": tasks["last_min"] <= tasks["first_max"],
         "shm_stable": max(s.shm_segments for s in samples) <= max_rings and after.shm_segments == 0,
         "workers_not_restarted": len(pids) == 1,
     }
