@@ -128,6 +128,15 @@ def _start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Pop
     raise SystemExit("the server did not start")
 
 
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 async def _session(url: str, token: str) -> ClientConnection:
     ws = await connect(
         url,
@@ -290,12 +299,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(60):
                     await _close_all(sessions)
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_server(proc)
     idle_p99 = _percentile(itl_idle, 99)
     loaded_p99 = _percentile(itl_loaded, 99)
     return {

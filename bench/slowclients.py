@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,17 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import uvloop
 
-from bench.idle import SCRIPT, _free_port, _mint_token, _percentile, _probe, _rss_mb, _start_server
+from bench.idle import (
+    SCRIPT,
+    _free_port,
+    _itl_runs,
+    _mint_token,
+    _percentile,
+    _probe,
+    _rss_mb,
+    _start_server,
+    _stop_server,
+)
 from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
 from protocol import messages as m
 from protocol.codec import codec_for
@@ -106,13 +115,6 @@ async def _drained(port: int, timeout: float = 120.0) -> None:
     raise TimeoutError("the never-readers' generations did not end")
 
 
-async def _itl_runs(url: str, token: str, args: argparse.Namespace) -> list[float]:
-    out: list[float] = []
-    for _ in range(args.runs):
-        out += await _probe(url, token, "itl", args.tokens, 120)
-    return out
-
-
 async def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ferrous-slow-") as home:
         model = write_tiny_llama(
@@ -166,12 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         finally:
             for s in socks:
                 s.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_server(proc)
     base_p99 = _percentile(baseline, 99)
     loaded_p99 = _percentile(loaded, 99)
     per_client = (max(rss_after, rss_end) - rss_before) * 1024 / max(1, len(socks))

@@ -642,14 +642,7 @@ class LlamaCppBackend(Backend):
         logits = np.ctypeslib.as_array(
             llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
         )
-        cand = self._candidates
-        cand["id"] = self._token_ids
-        cand["logit"] = logits
-        cand["p"] = 0.0
-        arr = llama_cpp.llama_token_data_array(
-            cand.ctypes.data_as(llama_cpp.llama_token_data_p), self._n_vocab, -1, False
-        )
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+        arr = self._apply_to_vocab(chain, logits)
         if not 0 <= arr.selected < arr.size:
             return None
         chosen = arr.data[arr.selected]
@@ -658,6 +651,20 @@ class LlamaCppBackend(Backend):
         token = int(chosen.id)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+    def _apply_to_vocab(
+        self, chain: object, logits: np.ndarray
+    ) -> llama_cpp.llama_token_data_array:
+        """Run ``chain`` over every token of the vocabulary (in ``self._candidates``)."""
+        cand = self._candidates
+        cand["id"] = self._token_ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(
+            cand.ctypes.data_as(llama_cpp.llama_token_data_p), self._n_vocab, -1, False
+        )
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+        return arr
 
     def _greedy_grammar(self, grammar: object, idx: int) -> int | None:
         """Greedy decoding under a grammar, checking the argmax before masking the vocabulary.
@@ -681,14 +688,8 @@ class LlamaCppBackend(Backend):
         )
         llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
         if not math.isfinite(float(one["logit"][0])):
+            self._apply_to_vocab(grammar, logits)
             cand = self._candidates
-            cand["id"] = self._token_ids
-            cand["logit"] = logits
-            cand["p"] = 0.0
-            arr = llama_cpp.llama_token_data_array(
-                cand.ctypes.data_as(llama_cpp.llama_token_data_p), self._n_vocab, -1, False
-            )
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
             best = int(cand["logit"].argmax())
             if not math.isfinite(float(cand["logit"][best])):
                 return None
