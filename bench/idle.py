@@ -58,7 +58,7 @@ from gateway.runtime import raise_fd_limit
 from protocol import messages as m
 from protocol.codec import codec_for
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "stop_server"]
 
 JSON = codec_for(m.SUBPROTOCOL_JSON)
 SUBPROTOCOLS = [Subprotocol(m.SUBPROTOCOL_JSON)]
@@ -128,7 +128,7 @@ def _start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Pop
     raise SystemExit("the server did not start")
 
 
-def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -299,7 +299,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(60):
                     await _close_all(sessions)
-            _stop_server(proc)
+            stop_server(proc)
     idle_p99 = _percentile(itl_idle, 99)
     loaded_p99 = _percentile(itl_loaded, 99)
     return {

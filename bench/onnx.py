@@ -1,6 +1,7 @@
 """The ONNX backend against llama.cpp on the same weights, in one run.
 
-    python -m bench.onnx [--tokens 96] [--runs 5] [--graph fast|f32] [--no-server] [--json]
+    python -m bench.onnx [--tokens 96] [--runs 5] [--graph fast|f32] [--no-server]
+                         [--prefix-cache-mb N] [--llama-server PATH] [--json]
 
 For two model pairs — SmolLM2-135M-Instruct (its Q4_1 GGUF, and that GGUF
 converted by ``engine.onnx.convert``) and the project's tiny decoder (the
@@ -16,14 +17,21 @@ ONNX graph and its GGUF twin, same weights) — it reports:
   on one worker (prompt reading included), and ``batch4_speedup`` =
   batch-4 aggregate / batch-1 aggregate.
 * ``server`` (SmolLM2 only, unless ``--no-server``): ``ferrous serve`` with
-  one worker holding 8 sequences, 8 WebSocket sessions chatting at once,
-  aggregate tokens/s for the ONNX model and for the GGUF, and the ratio of
-  the ONNX figure to ``LLAMA_SERVER_NP8`` (llama.cpp's own server with
-  ``-np 8`` streaming SmolLM2 on these machines; it is not part of the
-  Python package, so the figure is a recorded reference, not re-measured).
+  one worker holding 8 sequences, 8 WebSocket sessions chatting at once
+  (128 tokens each), aggregate tokens/s for the ONNX model and for the GGUF
+  through our llama.cpp backend, and llama.cpp's own server (``-np 8``, see
+  :mod:`bench.llama_server`) on the same GGUF in the same run. Two
+  workloads: ``same_prompt`` (every session sends the same 66-token chat
+  prompt, the workload of the recorded reference) and ``distinct_prompts``
+  (one system prompt, a different request per session). ``onnx_vs_llama_server``
+  is the ONNX figure over llama-server's; without a llama-server binary here
+  the same-prompt ratio falls back to ``LLAMA_SERVER_NP8``, a figure recorded
+  on these machines (``llama_server_measured: false``).
 
 ``--graph fast`` (default) converts to the 4-bit fused graph
-(``--q4 --fused``), ``f32`` to the exact float32 graph.
+(``--q4 --fused``), ``f32`` to the exact float32 graph. ``--prefix-cache-mb``
+sets the ONNX backend's store of finished sequences' keys and values (0:
+none; prefixes are still shared between running sequences).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench import llama_server
 from bench.engine import PROMPT
 from bench.gateway import start_server, ws_stream
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
@@ -55,6 +64,18 @@ CHAT_PROMPT = (
     "about a lighthouse keeper who finds a message in a bottle on a stormy winter night far out at sea, and "
     "what she decides to do.<|im_end|>\n<|im_start|>assistant\n"
 )
+# The same system prompt, a different request per session.
+HEROES = (
+    "a lighthouse keeper",
+    "a young baker",
+    "an old fisherman",
+    "a city gardener",
+    "a night train driver",
+    "a hospital nurse",
+    "a mountain guide",
+    "a village teacher",
+)
+DISTINCT_PROMPTS = [CHAT_PROMPT.replace("a lighthouse keeper", hero) for hero in HEROES]
 SERVER_TOKENS = 128
 
 
@@ -117,7 +138,7 @@ async def compare(
         threads_per_worker=args.threads,
         seqs_per_worker=max(LEVELS),
         keep_alive=-1,
-        onnx=OnnxOptions(spinning=args.spinning),
+        onnx=OnnxOptions(spinning=args.spinning, prefix_cache_mb=args.prefix_cache_mb),
     )
     out: dict[str, object] = {}
     async with EngineClient(config) as engine:
@@ -160,24 +181,64 @@ async def compare(
     return out
 
 
-async def server_aggregate(model: Path, args: argparse.Namespace, streams: int = 8) -> float:
+async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[str]) -> float:
+    """Median over rounds of (completion tokens / wall time), one WebSocket session per prompt."""
     with tempfile.TemporaryDirectory() as home:
-        spin = {"FERROUS_ONNX__SPINNING": "true" if args.spinning else "false"}
-        proc, port = start_server(str(model), args.threads, streams, home, spin)
+        env = {
+            "FERROUS_ONNX__SPINNING": "true" if args.spinning else "false",
+            "FERROUS_ONNX__PREFIX_CACHE_MB": str(args.prefix_cache_mb),
+        }
+        proc, port = start_server(str(model), args.threads, len(prompts), home, env)
         url = f"ws://127.0.0.1:{port}/v1/ws"
         try:
-            await ws_stream(url, 16, prompt=CHAT_PROMPT)  # warm-up (and the model load)
+            await ws_stream(url, 16, prompt=prompts[0])  # warm-up (and the model load)
             rates = []
             for _ in range(max(1, args.runs // 2)):
                 t0 = time.perf_counter()
                 results = await asyncio.gather(
-                    *(ws_stream(url, SERVER_TOKENS, f"s{i}", CHAT_PROMPT) for i in range(streams))
+                    *(ws_stream(url, SERVER_TOKENS, f"s{i}", p) for i, p in enumerate(prompts))
                 )
                 rates.append(sum(n for _, _, n in results) / (time.perf_counter() - t0))
             return round(statistics.median(rates), 1)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+async def servers(onnx: Path, gguf: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The whole-server comparison: ours (ONNX, llama.cpp backend) and llama-server, same run."""
+    binary = llama_server.find_binary(args.llama_server)
+    out: dict[str, object] = {
+        "streams": len(DISTINCT_PROMPTS),
+        "tokens_each": SERVER_TOKENS,
+        "llama_server_measured": binary is not None,
+    }
+    for label, prompts in (
+        ("same_prompt", [CHAT_PROMPT] * len(DISTINCT_PROMPTS)),
+        ("distinct_prompts", DISTINCT_PROMPTS),
+    ):
+        row: dict[str, float] = {
+            "onnx_tok_s": await server_aggregate(onnx, args, prompts),
+            "llama_cpp_backend_tok_s": await server_aggregate(gguf, args, prompts),
+        }
+        if binary is not None:
+            row["llama_server_tok_s"] = await llama_server.aggregate(
+                binary,
+                gguf,
+                prompts,
+                SERVER_TOKENS,
+                threads=args.threads,
+                rounds=max(1, args.runs // 2),
+            )
+        reference = row.get("llama_server_tok_s") or (
+            LLAMA_SERVER_NP8 if label == "same_prompt" else 0.0
+        )
+        if reference:
+            row["onnx_vs_llama_server"] = round(row["onnx_tok_s"] / reference, 2)
+        out[label] = row
+    if binary is None:
+        out["llama_server_np8_reference_tok_s"] = LLAMA_SERVER_NP8
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -193,6 +254,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "runs": args.runs,
         "threads": args.threads,
         "spinning": args.spinning,
+        "prefix_cache_mb": args.prefix_cache_mb,
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -207,16 +269,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         smol_result["onnx_mb"] = round(sum(p.stat().st_size for p in smol.iterdir()) / 2**20, 1)
         result["smollm2"] = smol_result
         if not args.no_server:
-            onnx_rate = await server_aggregate(smol, args)
-            gguf_rate = await server_aggregate(gguf, args)
-            result["server"] = {
-                "streams": 8,
-                "tokens_each": SERVER_TOKENS,
-                "onnx_aggregate_tok_s": onnx_rate,
-                "llama_cpp_aggregate_tok_s": gguf_rate,
-                "llama_server_np8_reference_tok_s": LLAMA_SERVER_NP8,
-                "onnx_vs_llama_server": round(onnx_rate / LLAMA_SERVER_NP8, 2),
-            }
+            result["server"] = await servers(smol, gguf, args)
     return result
 
 
@@ -233,6 +286,17 @@ def main() -> None:
         help="onnxruntime intra-op spinning (default: the engine's)",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the whole-server run")
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=OnnxOptions().prefix_cache_mb,
+        help="the ONNX backend's store of finished sequences' keys and values (0: none)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        default=None,
+        help="llama-server binary to measure in the same run (see bench.llama_server)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = uvloop.run(main_async(args))

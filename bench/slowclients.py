@@ -47,7 +47,7 @@ from bench.idle import (
     _probe,
     _rss_mb,
     _start_server,
-    _stop_server,
+    stop_server,
 )
 from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
 from protocol import messages as m
@@ -168,7 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         finally:
             for s in socks:
                 s.close()
-            _stop_server(proc)
+            stop_server(proc)
     base_p99 = _percentile(baseline, 99)
     loaded_p99 = _percentile(loaded, 99)
     per_client = (max(rss_after, rss_end) - rss_before) * 1024 / max(1, len(socks))

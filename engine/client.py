@@ -869,7 +869,7 @@ class EngineClient:
         return GenerationDone(
             request_id,
             FinishReason(f.reason),
-            Usage(f.prompt_tokens, f.completion_tokens),
+            Usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens),
             Timings(f.load_ms, f.queue_ms, f.ttft_ms, f.total_ms, f.decode_tok_s),
             error,
         )

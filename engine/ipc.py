@@ -160,6 +160,7 @@ class Finished(_Frame, tag=24):
     decode_tok_s: float
     error_code: str | None
     error_message: str | None
+    cached_tokens: int = 0  # prompt tokens copied from a cached prefix
 
 
 class Embedded(_Frame, tag=27):

@@ -133,8 +133,11 @@ class TokenDelta(msgspec.Struct, frozen=True, gc=False):
 
 
 class Usage(msgspec.Struct, frozen=True, gc=False):
+    """Token counts; ``cached_tokens`` of the prompt were copied from a cached prefix, not read."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 class Timings(msgspec.Struct, frozen=True, gc=False):

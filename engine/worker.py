@@ -529,7 +529,9 @@ class Worker:
         error: FerrousError | None = None,
         notify: bool = True,
     ) -> None:
+        cached = 0
         if self._running.pop(seq.gen, None) is not None and seq.started:
+            cached = seq.backend.prompt_reused(seq.gen)
             seq.backend.finish(seq.gen)
         now = time.perf_counter()
         end = seq.t_end or now
@@ -550,6 +552,7 @@ class Worker:
                     tok_s,
                     error.code.value if error else None,
                     error.message if error else None,
+                    cached,
                 )
             )
         seq.ring.close()

@@ -123,6 +123,7 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     spinning: bool = False
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     memory_arena: bool = True
+    prefix_cache_mb: NonNegative = 128
 
 
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

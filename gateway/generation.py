@@ -177,6 +177,7 @@ async def run(
                     last = now
                 else:
                     metrics.tokens.inc(ev.usage.completion_tokens)
+                    metrics.cached_tokens.inc(ev.usage.cached_tokens)
                 yield ev
     finally:
         metrics.generations.dec()

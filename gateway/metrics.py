@@ -38,6 +38,11 @@ class Metrics:
         self.tokens = Counter(
             "ferrous_tokens_generated", "Completion tokens generated.", registry=r
         )
+        self.cached_tokens = Counter(
+            "ferrous_prompt_tokens_cached",
+            "Prompt tokens whose keys and values were copied from a cached prefix instead of read.",
+            registry=r,
+        )
         self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
         self.generations = Gauge("ferrous_active_generations", "Generations in flight.", registry=r)
         # Read at scrape time, on the event loop's thread (the /metrics handler runs there):

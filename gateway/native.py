@@ -291,7 +291,7 @@ def _proto_done(gen_id: str, done: GenerationDone, conversation: str | None) -> 
     return m.Done(
         gen_id,
         done.finish_reason.value,
-        m.Usage(done.usage.prompt_tokens, done.usage.completion_tokens),
+        m.Usage(done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.cached_tokens),
         m.Timings(t.load_ms, t.queue_ms, t.ttft_ms, t.total_ms, t.decode_tok_s),
         conversation,
     )

@@ -401,12 +401,13 @@ async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, Generatio
     raise FerrousError("the generation ended without a result")
 
 
-def _usage(done: GenerationDone) -> dict[str, int]:
+def _usage(done: GenerationDone) -> dict[str, object]:
     u = done.usage
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     }
 
 
@@ -443,7 +444,7 @@ async def _sse_body(
     *,
     lead: bytes | None,
     include_usage: bool,
-    usage_chunk: Callable[[dict[str, int]], dict[str, object]],
+    usage_chunk: Callable[[dict[str, object]], dict[str, object]],
 ) -> AsyncIterator[bytes]:
     """The events of one streamed generation: ``lead``, text chunks, finish, usage, [DONE]."""
     try:
@@ -536,7 +537,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 "choices": choices,
             }
 
-        def usage_chunk(usage: dict[str, int]) -> dict[str, object]:
+        def usage_chunk(usage: dict[str, object]) -> dict[str, object]:
             return {**base([]), "usage": usage}
 
         stream = await _start(request, gateway, prepared)
@@ -598,7 +599,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
             return base([choice])
 
-        def usage_chunk(usage: dict[str, int]) -> dict[str, object]:
+        def usage_chunk(usage: dict[str, object]) -> dict[str, object]:
             return {**base([]), "usage": usage}
 
         stream = await _start(request, gateway, prepared)

@@ -162,6 +162,7 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
             spinning=config.onnx.spinning,
             graph_optimization=config.onnx.graph_optimization,
             memory_arena=config.onnx.memory_arena,
+            prefix_cache_mb=config.onnx.prefix_cache_mb,
         ),
     )
 

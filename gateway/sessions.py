@@ -404,7 +404,11 @@ class Session:
                         m.Done(
                             msg.id,
                             reason.value,
-                            m.Usage(ev.usage.prompt_tokens, ev.usage.completion_tokens),
+                            m.Usage(
+                                ev.usage.prompt_tokens,
+                                ev.usage.completion_tokens,
+                                ev.usage.cached_tokens,
+                            ),
                             m.Timings(t.load_ms, t.queue_ms, t.ttft_ms, t.total_ms, t.decode_tok_s),
                             conv_id,
                         )

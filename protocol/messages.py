@@ -238,8 +238,12 @@ class Delta(_ServerBase, tag="delta"):
 
 
 class Usage(msgspec.Struct):
+    """Token counts. ``cached_tokens``: prompt tokens whose keys and values were
+    reused from an earlier sequence instead of being read (0 when absent)."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 class Timings(msgspec.Struct):

@@ -43,11 +43,19 @@ class OnnxOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     more than the difference), while a spinning worker takes CPU from the
     gateway and other workers (a llama.cpp worker beside it slowed by ~25 %),
     so it is off by default; turn it on for a box that runs one ONNX model.
+
+    ``prefix_cache_mb`` bounds the keys and values a worker keeps from
+    finished sequences so that a later prompt starting with the same tokens
+    (a shared system prompt, the next turn of a conversation, a retried
+    request) copies them instead of reading that part again; 0 keeps none
+    (prefixes are still shared between running sequences, which costs no
+    memory).
     """
 
     spinning: bool = False
     graph_optimization: str = "all"  # all | extended | basic | disabled
     memory_arena: bool = True
+    prefix_cache_mb: int = 128
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +131,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def free(self) -> None:
         """Release the model's memory. The backend is unusable afterwards."""
+
+    def prompt_reused(self, seq: int) -> int:
+        """How many of ``seq``'s prompt tokens were copied from a cached prefix, not read."""
+        return 0
 
     def has_room(self, n_prompt: int) -> bool:
         """Whether a new sequence with an ``n_prompt``-token prompt fits beside the running ones.

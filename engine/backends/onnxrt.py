@@ -21,6 +21,15 @@ IOBinding (:class:`_SharedKV`): rows are right-padded and nothing is copied
 per token.
 ``session.run`` releases the GIL, and the worker calls it from its one thread.
 
+Prefix reuse: when a sequence is about to read its prompt, the longest run of
+leading tokens it shares with a running sequence or with a recently finished
+one (kept in :class:`_PrefixStore`, bounded by ``prefix_cache_mb``) has its
+keys and values copied instead of computed, so only the rest of the prompt is
+read. A copy of a few megabytes replaces a prefill of tens of milliseconds per
+token block: sessions sharing a system prompt, the next turn of a
+conversation and retried requests start sooner. At least one prompt token is
+always read, since its logits give the first completion token.
+
 Sampling is numpy: greedy argmax, or repeat penalty, top-k, top-p, min-p and
 temperature with a seeded generator. There is no grammar sampler here, so
 structured output is refused (``bad_request``) as on ctransformers.
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +60,7 @@ __all__ = ["OnnxBackend", "OnnxEncoderBackend", "session_options"]
 MAX_DEFAULT_CTX = 4096
 _INITIAL_CAPACITY = 256  # KV positions per row before the shared buffer first grows
 PENALTY_LAST_N = 64
+MIN_REUSE = 8  # the shortest shared prefix worth copying
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -134,6 +145,69 @@ class _Seq:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rng: np.random.Generator | None = None
     slot: int = -1  # its row in the shared KV buffer (shared-buffer graphs only)
+    reused: int = 0  # prompt tokens copied from a cached prefix
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common leading part of two token arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+class _PrefixStore:
+    """Keys and values of finished sequences, least recently used dropped first beyond ``budget`` bytes.
+
+    An entry holds the tokens a sequence had in its cache and, per layer and
+    kind, a [kv_heads, n, head_dim] array of their keys or values. An entry
+    whose tokens begin another's adds nothing and is not kept.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self._entries: OrderedDict[int, tuple[np.ndarray, list[np.ndarray]]] = OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, tokens: np.ndarray, kv: list[np.ndarray]) -> None:
+        size = sum(a.nbytes for a in kv)
+        if size > self.budget:
+            return
+        for key, (have, _) in list(self._entries.items()):
+            common = _common_prefix(tokens, have)
+            if common == len(tokens):  # already covered by a longer entry
+                self._entries.move_to_end(key)
+                return
+            if common == len(have):  # the new entry covers this one
+                self._drop(key)
+        while self._entries and self.bytes + size > self.budget:
+            self._drop(next(iter(self._entries)))
+        self._entries[self._next] = (tokens, kv)
+        self._next += 1
+        self.bytes += size
+
+    def best(self, prompt: np.ndarray) -> tuple[int, list[np.ndarray] | None]:
+        """(shared length, the entry's arrays) of the entry sharing most leading tokens with ``prompt``."""
+        best_n, best_key = 0, None
+        for key, (tokens, _) in self._entries.items():
+            n = _common_prefix(prompt, tokens)
+            if n > best_n:
+                best_n, best_key = n, key
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return best_n, self._entries[best_key][1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def _drop(self, key: int) -> None:
+        _, kv = self._entries.pop(key)
+        self.bytes -= sum(a.nbytes for a in kv)
 
 
 class _SharedKV:
@@ -246,6 +320,7 @@ class OnnxBackend(Backend):
         chat_template: str | None,
         has_positions: bool,
         shared_kv: bool = False,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self._session = session
         self._tok = tokenizer
@@ -274,6 +349,8 @@ class OnnxBackend(Backend):
         self._shared = (
             _SharedKV(self.max_sequences, n_layer, kv_heads, head_dim, n_ctx) if shared_kv else None
         )
+        self._store = _PrefixStore(prefix_cache_bytes)
+        self.reused_tokens = 0  # prompt tokens copied instead of read, since loading
 
     # -- loading ------------------------------------------------------------------------
 
@@ -379,6 +456,7 @@ class OnnxBackend(Backend):
             chat_template=template if isinstance(template, str) else None,
             has_positions="position_ids" in inputs,
             shared_kv=_has_op(folder / "model.onnx", "GroupQueryAttention"),
+            prefix_cache_bytes=max(0, params.onnx.prefix_cache_mb) * 2**20,
         )
 
     def _decoder_type(self) -> str:
@@ -436,18 +514,71 @@ class OnnxBackend(Backend):
     def context_used(self, seq: int) -> int:
         return self._seqs[seq].n_past
 
+    def prompt_reused(self, seq: int) -> int:
+        st = self._seqs.get(seq)
+        return st.reused if st is not None else 0
+
     def finish(self, seq: int) -> None:
         st = self._seqs.pop(seq, None)
-        if st is not None and self._shared is not None:
+        if st is None:
+            return
+        if self._store.budget and st.n_past >= MIN_REUSE:
+            self._keep(st)
+        if self._shared is not None:
             self._shared.release(st)
 
     def free(self) -> None:
         for seq in list(self._seqs):
             self.finish(seq)
+        self._store.clear()
+
+    # -- prefix reuse -------------------------------------------------------------------
+
+    def _kv_of(self, st: _Seq) -> list[np.ndarray]:
+        """Views of ``st``'s keys and values, per layer and kind: [kv_heads, n_past, head_dim]."""
+        if self._shared is not None:
+            return [b[st.slot, :, : st.n_past] for b in self._shared.buffers]
+        return st.past
+
+    def _keep(self, st: _Seq) -> None:
+        kv = [np.array(a) for a in self._kv_of(st)] if self._shared is not None else st.past
+        self._store.add(np.array(st.history[: st.n_past], dtype=np.int64), kv)
+
+    def _reuse(self, st: _Seq) -> None:
+        """Copy the keys and values of the longest known prefix of ``st``'s prompt into it."""
+        prompt = st.pending
+        if len(prompt) <= MIN_REUSE:
+            return
+        wanted = np.array(prompt[:-1], dtype=np.int64)  # the last token is always read
+        best, source = 0, None
+        for other in self._seqs.values():
+            if other is not st and other.n_past >= MIN_REUSE:
+                n = _common_prefix(wanted, np.array(other.history[: other.n_past], dtype=np.int64))
+                if n > best:
+                    best, source = n, self._kv_of(other)
+        n, kept = self._store.best(wanted)
+        if n > best:
+            best, source = n, kept
+        if best < MIN_REUSE or source is None:
+            return
+        if self._shared is not None:
+            self._shared.reserve(len(prompt))
+            for buf, src in zip(self._shared.buffers, source, strict=True):
+                buf[st.slot, :, :best] = src[:, :best]
+        else:
+            st.past = [np.ascontiguousarray(src[:, :best]) for src in source]
+        st.history = list(prompt[:best])
+        st.pending = list(prompt[best:])
+        st.n_past = best
+        st.reused = best
+        self.reused_tokens += best
 
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         states = [(s, self._seqs[s]) for s in seqs if s in self._seqs]
         out: dict[int, int] = {}
+        for _, st in states:
+            if st.n_past == 0:  # still waiting to read its prompt: an earlier one may cover it now
+                self._reuse(st)  # (a fully reused prompt joins this step's decoding batch)
         decoding = [(s, st) for s, st in states if len(st.pending) == 1 and st.n_past > 0]
         prefilling = [(s, st) for s, st in states if not (len(st.pending) == 1 and st.n_past)]
         # Prompts read alone (their lengths differ); one of them per step keeps streams flowing.

@@ -334,9 +334,18 @@ export interface Timings {
   decode_tok_s: number;
 }
 
+/**
+ * Token counts. `cached_tokens`: prompt tokens whose keys and values were
+ * reused from an earlier sequence instead of being read (0 when absent).
+ */
 export interface Usage {
   /** integer */
   prompt_tokens: number;
   /** integer */
   completion_tokens: number;
+  /**
+   * integer
+   * @default 0
+   */
+  cached_tokens?: number;
 }
