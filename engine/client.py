@@ -579,7 +579,11 @@ class EngineClient:
         if kind == "onnx":
             check_onnx_folder(spec.path)
             spec.size = estimate_onnx_bytes(
-                spec.path, n_ctx=n_ctx, workers=workers, n_seq=self.config.seqs_per_worker
+                spec.path,
+                n_ctx=n_ctx,
+                workers=workers,
+                n_seq=self.config.seqs_per_worker,
+                prefix_cache=max(0, self.config.onnx.prefix_cache_mb) * 2**20,
             )
         else:
             header = check_model_file(spec.path, kind)

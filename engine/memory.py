@@ -65,17 +65,22 @@ def estimate_model_bytes(
     return header.file_size + workers * (kv + logits + COMPUTE_RESERVE)
 
 
-def estimate_onnx_bytes(folder: str, *, n_ctx: int, workers: int, n_seq: int) -> int:
+def estimate_onnx_bytes(
+    folder: str, *, n_ctx: int, workers: int, n_seq: int, prefix_cache: int = 0
+) -> int:
     """Bytes an ONNX decoder folder needs in ``workers`` workers.
 
-    onnxruntime reads the weights into each worker's memory (no sharing), and
-    each sequence holds an f32 KV cache of up to ``n_ctx`` positions.
+    onnxruntime reads the weights into each worker's memory (no sharing), each
+    sequence holds an f32 KV cache of up to ``n_ctx`` positions, and each
+    worker may keep up to ``prefix_cache`` bytes of finished sequences' cache.
     """
     import json
     from pathlib import Path
 
     root = Path(folder)
     weights = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    if (root / "pooling.json").is_file():  # an encoder: no cache of any kind
+        return workers * (weights + COMPUTE_RESERVE)
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -87,4 +92,4 @@ def estimate_onnx_bytes(folder: str, *, n_ctx: int, workers: int, n_seq: int) ->
     head_dim = int(config.get("head_dim", hidden // n_head) or 0)
     ctx = n_ctx or min(int(config.get("max_position_embeddings", 2048) or 2048), 4096)
     kv = 2 * n_layer * ctx * kv_heads * head_dim * 4 * max(1, n_seq)
-    return workers * (weights + kv + COMPUTE_RESERVE)
+    return workers * (weights + kv + prefix_cache + COMPUTE_RESERVE)

@@ -223,7 +223,15 @@ class _SharedKV:
     rather than the context limit.
     """
 
-    def __init__(self, slots: int, n_layer: int, kv_heads: int, head_dim: int, n_ctx: int) -> None:
+    def __init__(
+        self,
+        slots: int,
+        n_layer: int,
+        kv_heads: int,
+        head_dim: int,
+        n_ctx: int,
+        vocab: int | None = None,
+    ) -> None:
         self.slots = slots
         self.n_ctx = n_ctx
         self._shape = (kv_heads, head_dim)
@@ -232,6 +240,9 @@ class _SharedKV:
         self.buffers: list[np.ndarray] = []
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self.owner: list[_Seq | None] = [None] * slots
+        # Graphs whose logits are [batch, 1, vocab] (the LM head on the last position only)
+        # write them into this buffer: no output objects to fetch and wrap per step.
+        self.logits = np.zeros((slots, 1, vocab), dtype=np.float32) if vocab is not None else None
         self.reserve(min(n_ctx, _INITIAL_CAPACITY))
 
     def reserve(self, length: int) -> None:
@@ -268,7 +279,11 @@ class _SharedKV:
         io = self._bindings.get(key)
         if io is None:
             io = session.io_binding()
-            io.bind_output("logits", "cpu")  # first: outputs come back in binding order
+            if self.logits is not None:
+                view = ort.OrtValue.ortvalue_from_numpy(self.logits[first : first + rows])
+                io.bind_ortvalue_output("logits", view)
+            else:
+                io.bind_output("logits", "cpu")  # first: outputs come back in binding order
             for name_in, name_out, buf in zip(past, present, self.buffers, strict=True):
                 value = ort.OrtValue.ortvalue_from_numpy(buf[first : first + rows])
                 io.bind_ortvalue_input(name_in, value)
@@ -346,8 +361,20 @@ class OnnxBackend(Backend):
         self._past = [
             f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")
         ]
+        logits_shape = next(o.shape for o in session.get_outputs() if o.name == "logits")
+        vocab = logits_shape[2] if len(logits_shape) == 3 else None
+        static_logits = logits_shape[1] == 1 and isinstance(vocab, int)
         self._shared = (
-            _SharedKV(self.max_sequences, n_layer, kv_heads, head_dim, n_ctx) if shared_kv else None
+            _SharedKV(
+                self.max_sequences,
+                n_layer,
+                kv_heads,
+                head_dim,
+                n_ctx,
+                vocab if static_logits else None,
+            )
+            if shared_kv
+            else None
         )
         self._store = _PrefixStore(prefix_cache_bytes)
         self.reused_tokens = 0  # prompt tokens copied instead of read, since loading
@@ -626,7 +653,10 @@ class OnnxBackend(Backend):
             positions = lengths[:, None] - n_new + np.arange(n_new)[None, :]
             io.bind_cpu_input("position_ids", positions.astype(np.int64))
         self._session.run_with_iobinding(io)
-        logits = np.asarray(io.get_outputs()[0].numpy())[:, -1, :]
+        if kv.logits is not None:
+            logits = kv.logits[batch[0].slot : batch[0].slot + len(batch), 0, :]
+        else:
+            logits = np.asarray(io.get_outputs()[0].numpy())[:, -1, :]
         for st in batch:
             st.history.extend(st.pending)
             st.n_past += n_new
