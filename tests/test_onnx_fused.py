@@ -27,7 +27,7 @@ import pytest
 
 from engine import ChatMessage, EngineClient, EngineConfig, GenerateRequest, SamplingParams
 from engine.backends import onnxrt
-from engine.backends.base import LoadParams
+from engine.backends.base import LoadParams, OnnxOptions
 from engine.backends.onnxrt import OnnxBackend
 from engine.onnx.convert import convert_gguf, main
 from engine.onnx.fused import build_fused_decoder
@@ -231,6 +231,41 @@ def test_shared_buffer_rows_paused_moved_and_grown(
         assert got[s] == want[PROMPTS[s]], s
     backend.free()
     assert backend._shared.used_rows() == 0
+
+
+def test_a_long_prompt_is_read_in_chunks_while_others_decode(
+    fused_twin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = LoadParams(n_threads=1, n_seq=4, onnx=OnnxOptions(prefix_cache_mb=0))
+    backend = OnnxBackend.load(str(fused_twin), params)
+    assert isinstance(backend, OnnxBackend)
+    long_prompt = " ".join(PROMPTS[1:] * 3)  # shares nothing with the running one
+    n_long = len(backend.tokenize(long_prompt, add_bos=False))
+    want_long = _alone(backend, long_prompt, 10)
+    want_short = _alone(backend, PROMPTS[0], 30)
+    monkeypatch.setattr(onnxrt, "PROMPT_CHUNK", 4)
+    got: dict[int, list[int]] = {0: [], 1: []}
+
+    def step(seqs: list[int]) -> dict[int, int]:
+        tokens = backend.step(seqs)
+        for s, tok in tokens.items():
+            got[s].append(tok)
+        return tokens
+
+    backend.start(0, backend.tokenize(PROMPTS[0], add_bos=False), greedy(30))
+    while len(got[0]) < 3:
+        step([0])
+    backend.start(1, backend.tokenize(long_prompt, add_bos=False), greedy(10))
+    chunks = -(-n_long // 4)
+    assert chunks >= 4
+    for i in range(chunks):
+        tokens = step([0, 1])
+        assert 0 in tokens  # the running stream moves on every step
+        assert (1 in tokens) == (i == chunks - 1), i  # the long prompt: 4 tokens a step
+        assert backend.context_used(1) == min(4 * (i + 1), n_long)
+    while len(got[0]) < 30 or len(got[1]) < 10:
+        step([s for s, n in ((0, 30), (1, 10)) if len(got[s]) < n])
+    assert got == {0: want_short, 1: want_long}
 
 
 def test_cli_converts_to_the_fused_graph(fused_twin: Path, tmp_path: Path) -> None:

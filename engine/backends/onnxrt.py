@@ -18,7 +18,10 @@ alone (its first step is its prefill), because its input length differs.
 Graphs with ``GroupQueryAttention`` (see :mod:`engine.onnx.fused`) instead
 keep one KV buffer per layer that the graph appends to in place through
 IOBinding (:class:`_SharedKV`): rows are right-padded and nothing is copied
-per token.
+per token. There a prompt is read at most ``PROMPT_CHUNK`` tokens per step,
+so a long prompt does not stall the running streams for its whole length
+(the attention op reads several new tokens of one row with a past, not of
+several rows, so prompts are still read one at a time).
 ``session.run`` releases the GIL, and the worker calls it from its one thread.
 
 Prefix reuse: when a sequence is about to read its prompt, the longest run of
@@ -61,6 +64,7 @@ MAX_DEFAULT_CTX = 4096
 _INITIAL_CAPACITY = 256  # KV positions per row before the shared buffer first grows
 PENALTY_LAST_N = 64
 MIN_REUSE = 8  # the shortest shared prefix worth copying
+PROMPT_CHUNK = 256  # prompt tokens read per step (shared-buffer graphs)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -572,9 +576,13 @@ class OnnxBackend(Backend):
         self._store.add(np.array(st.history[: st.n_past], dtype=np.int64), kv)
 
     def _reuse(self, st: _Seq) -> None:
-        """Copy the keys and values of the longest known prefix of ``st``'s prompt into it."""
-        prompt = st.pending
-        if len(prompt) <= MIN_REUSE:
+        """Copy the keys and values of the longest known prefix of ``st``'s prompt into it.
+
+        ``st`` may have read (or copied) part of its prompt already; only a
+        source covering at least ``MIN_REUSE`` more tokens is used.
+        """
+        prompt = st.history + st.pending  # history: the tokens already in its cache
+        if len(prompt) - st.n_past <= MIN_REUSE:
             return
         wanted = np.array(prompt[:-1], dtype=np.int64)  # the last token is always read
         best, source = 0, None
@@ -586,32 +594,36 @@ class OnnxBackend(Backend):
         n, kept = self._store.best(wanted)
         if n > best:
             best, source = n, kept
-        if best < MIN_REUSE or source is None:
+        have = st.n_past
+        if best - have < MIN_REUSE or source is None:
             return
         if self._shared is not None:
             self._shared.reserve(len(prompt))
             for buf, src in zip(self._shared.buffers, source, strict=True):
-                buf[st.slot, :, :best] = src[:, :best]
+                buf[st.slot, :, have:best] = src[:, have:best]
         else:
             st.past = [np.ascontiguousarray(src[:, :best]) for src in source]
-        st.history = list(prompt[:best])
-        st.pending = list(prompt[best:])
+        st.history = prompt[:best]
+        st.pending = prompt[best:]
         st.n_past = best
-        st.reused = best
-        self.reused_tokens += best
+        st.reused += best - have
+        self.reused_tokens += best - have
 
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         states = [(s, self._seqs[s]) for s in seqs if s in self._seqs]
         out: dict[int, int] = {}
         for _, st in states:
-            if st.n_past == 0:  # still waiting to read its prompt: an earlier one may cover it now
-                self._reuse(st)  # (a fully reused prompt joins this step's decoding batch)
+            if not (len(st.pending) == 1 and st.n_past):  # prompt not read yet: an earlier
+                self._reuse(st)  # one may cover (more of) it now; if all, it decodes this step
         decoding = [(s, st) for s, st in states if len(st.pending) == 1 and st.n_past > 0]
         prefilling = [(s, st) for s, st in states if not (len(st.pending) == 1 and st.n_past)]
-        # Prompts read alone (their lengths differ); one of them per step keeps streams flowing.
-        for s, st in prefilling[:1]:
-            logits = self._run([st])
-            out[s] = self._sample(st, logits[0])
+        if prefilling:
+            # Prompts read alone (their lengths differ); one per step keeps streams flowing.
+            s, st = prefilling[0]
+            n_new = len(st.pending) if self._shared is None else min(len(st.pending), PROMPT_CHUNK)
+            logits = self._run([st], n_new)
+            if not st.pending:  # the whole prompt is read: its logits give the first token
+                out[s] = self._sample(st, logits[0])
         if decoding and self._shared is not None:
             # One run per block of adjacent rows: rows are packed, so this is one run
             # unless a paused (unstepped) sequence sits between decoding ones.
@@ -620,33 +632,33 @@ class OnnxBackend(Backend):
             for end in range(1, len(rows) + 1):
                 if end < len(rows) and rows[end][1].slot == rows[end - 1][1].slot + 1:
                     continue
-                block = rows[first:end]
-                logits = self._run([st for _, st in block])
-                for row, (s, st) in enumerate(block):
+                run = rows[first:end]
+                logits = self._run([st for _, st in run], 1)
+                for row, (s, st) in enumerate(run):
                     out[s] = self._sample(st, logits[row])
                 first = end
         elif decoding:
-            logits = self._run([st for _, st in decoding])
+            logits = self._run([st for _, st in decoding], 1)
             for row, (s, st) in enumerate(decoding):
                 out[s] = self._sample(st, logits[row])
         return out
 
-    def _run(self, batch: list[_Seq]) -> np.ndarray:
-        """One forward pass over ``batch`` (all with the same number of new tokens)."""
+    def _run(self, batch: list[_Seq], n_new: int) -> np.ndarray:
+        """One forward pass feeding the next ``n_new`` pending tokens of every row of ``batch``."""
         if self._shared is not None:
-            return self._run_shared(batch)
+            return self._run_shared(batch, n_new)
         return self._run_copied(batch)
 
-    def _run_shared(self, batch: list[_Seq]) -> np.ndarray:
+    def _run_shared(self, batch: list[_Seq], n_new: int) -> np.ndarray:
         """A run over adjacent rows of the shared buffer, which the graph appends to in place."""
         kv = self._shared
         assert kv is not None
-        n_new = len(batch[0].pending)
         lengths = np.array([st.n_past + n_new for st in batch], dtype=np.int64)
         width = int(lengths.max())
         kv.reserve(width)
         io = kv.binding(self._session, self._past, self._present, batch[0].slot, len(batch))
-        io.bind_cpu_input("input_ids", np.array([st.pending for st in batch], dtype=np.int64))
+        ids = np.array([st.pending[:n_new] for st in batch], dtype=np.int64)
+        io.bind_cpu_input("input_ids", ids)
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         io.bind_cpu_input("attention_mask", mask)
         if self._has_positions:
@@ -658,7 +670,8 @@ class OnnxBackend(Backend):
         else:
             logits = np.asarray(io.get_outputs()[0].numpy())[:, -1, :]
         for st in batch:
-            st.history.extend(st.pending)
+            st.history.extend(st.pending[:n_new])
+            del st.pending[:n_new]
             st.n_past += n_new
         return logits
 
@@ -696,6 +709,7 @@ class OnnxBackend(Backend):
             pad = longest - st.n_past
             st.past = [np.ascontiguousarray(r[row, :, pad:, :]) for r in results[1:]]
             st.history.extend(st.pending)
+            st.pending = []
             st.n_past += n_new
         return logits
 
