@@ -181,6 +181,11 @@ async def compare(
     return out
 
 
+def server_rounds(args: argparse.Namespace) -> int:
+    """Rounds of the whole-server runs: the first one reads the prompts cold, so at least 3."""
+    return max(3, args.runs // 2)
+
+
 async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[str]) -> float:
     """Median over rounds of (completion tokens / wall time), one WebSocket session per prompt."""
     with tempfile.TemporaryDirectory() as home:
@@ -193,7 +198,7 @@ async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[
         try:
             await ws_stream(url, 16, prompt=prompts[0])  # warm-up (and the model load)
             rates = []
-            for _ in range(max(1, args.runs // 2)):
+            for _ in range(server_rounds(args)):
                 t0 = time.perf_counter()
                 results = await asyncio.gather(
                     *(ws_stream(url, SERVER_TOKENS, f"s{i}", p) for i, p in enumerate(prompts))
@@ -228,7 +233,7 @@ async def servers(onnx: Path, gguf: Path, args: argparse.Namespace) -> dict[str,
                 prompts,
                 SERVER_TOKENS,
                 threads=args.threads,
-                rounds=max(1, args.runs // 2),
+                rounds=server_rounds(args),
             )
         reference = row.get("llama_server_tok_s") or (
             LLAMA_SERVER_NP8 if label == "same_prompt" else 0.0
