@@ -583,7 +583,9 @@ class EngineClient:
                 n_ctx=n_ctx,
                 workers=workers,
                 n_seq=self.config.seqs_per_worker,
-                prefix_cache=max(0, self.config.onnx.prefix_cache_mb) * 2**20,
+                prefix_cache=max(0, self.config.onnx.prefix_cache_mb) * 2**20
+                if self.config.onnx.prefix_reuse
+                else 0,
             )
         else:
             header = check_model_file(spec.path, kind)

@@ -124,6 +124,7 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     memory_arena: bool = True
     prefix_cache_mb: NonNegative = 128
+    prefix_reuse: bool = True
 
 
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -163,6 +163,7 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
             graph_optimization=config.onnx.graph_optimization,
             memory_arena=config.onnx.memory_arena,
             prefix_cache_mb=config.onnx.prefix_cache_mb,
+            prefix_reuse=config.onnx.prefix_reuse,
         ),
     )
 

@@ -41,8 +41,9 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return write_tiny_decoder(tmp_path_factory.mktemp(request.param) / "tiny", fused=fused)
 
 
-def _load(folder: Path, prefix_cache_mb: int) -> OnnxBackend:
-    params = LoadParams(n_threads=1, n_seq=4, onnx=OnnxOptions(prefix_cache_mb=prefix_cache_mb))
+def _load(folder: Path, prefix_cache_mb: int, reuse: bool = True) -> OnnxBackend:
+    onnx = OnnxOptions(prefix_cache_mb=prefix_cache_mb, prefix_reuse=reuse)
+    params = LoadParams(n_threads=1, n_seq=4, onnx=onnx)
     backend = OnnxBackend.load(str(folder), params)
     assert isinstance(backend, OnnxBackend)
     return backend
@@ -89,6 +90,19 @@ def test_a_waiting_prompt_copies_from_a_running_sequence(tiny: Path) -> None:
     assert backend.prompt_reused(0) == 0  # read first, alone
     assert backend.prompt_reused(1) >= MIN_REUSE  # then copied from row 0 while it ran
     assert got == {0: want[FIRST], 1: want[SHARES_HALF]}
+    backend.free()
+
+
+def test_reuse_can_be_turned_off(tiny: Path) -> None:
+    backend = _load(tiny, prefix_cache_mb=64, reuse=False)
+    first = _generate(backend, 0, FIRST, 8)
+    assert _generate(backend, 1, FIRST, 8) == (first[0], 0)
+    backend.start(2, backend.tokenize(FIRST, add_bos=False), greedy(4))
+    backend.start(3, backend.tokenize(FIRST, add_bos=False), greedy(4))
+    for _ in range(4):
+        backend.step([2, 3])
+    assert backend.prompt_reused(2) == backend.prompt_reused(3) == 0
+    assert backend.reused_tokens == 0
     backend.free()
 
 

@@ -49,13 +49,17 @@ class OnnxOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     (a shared system prompt, the next turn of a conversation, a retried
     request) copies them instead of reading that part again; 0 keeps none
     (prefixes are still shared between running sequences, which costs no
-    memory).
+    memory). ``prefix_reuse = False`` turns reuse off altogether: how soon a
+    first token comes tells whether another request began the same way, which
+    a server shared by parties who must not learn of each other's prompts
+    may not want.
     """
 
     spinning: bool = False
     graph_optimization: str = "all"  # all | extended | basic | disabled
     memory_arena: bool = True
     prefix_cache_mb: int = 128
+    prefix_reuse: bool = True
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

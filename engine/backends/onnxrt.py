@@ -340,6 +340,7 @@ class OnnxBackend(Backend):
         has_positions: bool,
         shared_kv: bool = False,
         prefix_cache_bytes: int = 0,
+        prefix_reuse: bool = True,
     ) -> None:
         self._session = session
         self._tok = tokenizer
@@ -380,7 +381,9 @@ class OnnxBackend(Backend):
             if shared_kv
             else None
         )
-        self._store = _PrefixStore(prefix_cache_bytes)
+        self._reuse_on = prefix_reuse
+        self._store = _PrefixStore(prefix_cache_bytes if prefix_reuse else 0)
+        self._token_bytes = 2 * n_layer * kv_heads * head_dim * 4  # keys and values, float32
         self.reused_tokens = 0  # prompt tokens copied instead of read, since loading
 
     # -- loading ------------------------------------------------------------------------
@@ -488,6 +491,7 @@ class OnnxBackend(Backend):
             has_positions="position_ids" in inputs,
             shared_kv=_has_op(folder / "model.onnx", "GroupQueryAttention"),
             prefix_cache_bytes=max(0, params.onnx.prefix_cache_mb) * 2**20,
+            prefix_reuse=params.onnx.prefix_reuse,
         )
 
     def _decoder_type(self) -> str:
@@ -553,7 +557,7 @@ class OnnxBackend(Backend):
         st = self._seqs.pop(seq, None)
         if st is None:
             return
-        if self._store.budget and st.n_past >= MIN_REUSE:
+        if st.n_past >= MIN_REUSE and st.n_past * self._token_bytes <= self._store.budget:
             self._keep(st)
         if self._shared is not None:
             self._shared.release(st)
@@ -582,7 +586,7 @@ class OnnxBackend(Backend):
         source covering at least ``MIN_REUSE`` more tokens is used.
         """
         prompt = st.history + st.pending  # history: the tokens already in its cache
-        if len(prompt) - st.n_past <= MIN_REUSE:
+        if not self._reuse_on or len(prompt) - st.n_past <= MIN_REUSE:
             return
         wanted = np.array(prompt[:-1], dtype=np.int64)  # the last token is always read
         best, source = 0, None
