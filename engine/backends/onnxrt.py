@@ -579,22 +579,28 @@ class OnnxBackend(Backend):
         kv = [np.array(a) for a in self._kv_of(st)] if self._shared is not None else st.past
         self._store.add(np.array(st.history[: st.n_past], dtype=np.int64), kv)
 
-    def _reuse(self, st: _Seq) -> None:
+    def _reuse(self, st: _Seq, seen: dict[int, np.ndarray]) -> None:
         """Copy the keys and values of the longest known prefix of ``st``'s prompt into it.
 
         ``st`` may have read (or copied) part of its prompt already; only a
-        source covering at least ``MIN_REUSE`` more tokens is used.
+        source covering at least ``MIN_REUSE`` more tokens is used. ``seen``
+        caches running sequences' tokens as arrays for the rest of the step.
         """
         prompt = st.history + st.pending  # history: the tokens already in its cache
         if not self._reuse_on or len(prompt) - st.n_past <= MIN_REUSE:
             return
         wanted = np.array(prompt[:-1], dtype=np.int64)  # the last token is always read
         best, source = 0, None
+        head = prompt[:MIN_REUSE]
         for other in self._seqs.values():
-            if other is not st and other.n_past >= MIN_REUSE:
-                n = _common_prefix(wanted, np.array(other.history[: other.n_past], dtype=np.int64))
-                if n > best:
-                    best, source = n, self._kv_of(other)
+            if other is st or other.n_past < MIN_REUSE or other.history[:MIN_REUSE] != head:
+                continue  # (the cheap test above rules out most unrelated rows)
+            tokens = seen.get(id(other))
+            if tokens is None:
+                tokens = seen[id(other)] = np.array(other.history[: other.n_past], dtype=np.int64)
+            n = _common_prefix(wanted, tokens)
+            if n > best:
+                best, source = n, self._kv_of(other)
         n, kept = self._store.best(wanted)
         if n > best:
             best, source = n, kept
@@ -616,9 +622,10 @@ class OnnxBackend(Backend):
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         states = [(s, self._seqs[s]) for s in seqs if s in self._seqs]
         out: dict[int, int] = {}
+        seen: dict[int, np.ndarray] = {}
         for _, st in states:
             if not (len(st.pending) == 1 and st.n_past):  # prompt not read yet: an earlier
-                self._reuse(st)  # one may cover (more of) it now; if all, it decodes this step
+                self._reuse(st, seen)  # one may cover (more of) it now; if all, it decodes now
         decoding = [(s, st) for s, st in states if len(st.pending) == 1 and st.n_past > 0]
         prefilling = [(s, st) for s, st in states if not (len(st.pending) == 1 and st.n_past)]
         if prefilling:
