@@ -61,6 +61,9 @@ def find_binary(explicit: str | None = None) -> Path | None:
 
 def build(root: Path = BUILD_DIR) -> Path:
     """Compile llama-server from the installed llama-cpp-python's source distribution."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"building llama-server needs {tool} on PATH")
     version = metadata.version("llama_cpp_python")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
