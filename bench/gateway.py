@@ -22,11 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,58 +32,12 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from bench.engine import PROMPT, run_direct
+from bench.serving import start_server, stop_server
 from engine.client import default_threads
 from protocol import messages as m
 from protocol.codec import codec_for
 
 JSON = codec_for(m.SUBPROTOCOL_JSON)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(
-    model: str, threads: int, seqs: int, home: str, extra_env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "FERROUS_HOME": home,
-        "FERROUS_SEQS_PER_WORKER": str(seqs),
-        **(extra_env or {}),
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--threads",
-            str(threads),
-            "--model",
-            f"bench={model}",
-            "--no-auth",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 async def ws_stream(
@@ -130,7 +80,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
         model = str(fetch_smollm2())
     with tempfile.TemporaryDirectory() as home:
-        proc, port = start_server(model, args.threads, max(args.streams, 4), home)
+        proc, port = start_server(model, home=home, threads=args.threads, seqs=max(args.streams, 4))
         url = f"ws://127.0.0.1:{port}/v1/ws"
         try:
             llm = llama_cpp.Llama(
@@ -177,8 +127,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 result["aggregate_tok_s"] = round(statistics.median(rates), 2)
             return result
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
 
 
 def main() -> None:

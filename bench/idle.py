@@ -38,13 +38,11 @@ import gc
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,23 +51,18 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from bench.serving import start_server, stop_server
 from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
 from gateway.runtime import raise_fd_limit
 from protocol import messages as m
 from protocol.codec import codec_for
 
-__all__ = ["main", "run", "stop_server"]
+__all__ = ["main", "run"]
 
 JSON = codec_for(m.SUBPROTOCOL_JSON)
 SUBPROTOCOLS = [Subprotocol(m.SUBPROTOCOL_JSON)]
 SCRIPT = "Hi ö你🙂!"
 PING_INTERVAL = 20.0  # the client's WebSocket heartbeats, as a browser-less client would send
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -95,46 +88,6 @@ def _mint_token(env: dict[str, str]) -> str:
         timeout=60,
     )
     return out.stdout.strip()
-
-
-def _start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        _ferrous(
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--threads",
-            "1",
-            "--model",
-            f"bench={model}",
-            "--log-level",
-            "warning",
-        ),
-        env=env,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=0.5) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def _session(url: str, token: str) -> ClientConnection:
@@ -266,14 +219,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             script=SCRIPT,
             spec=TinyLlamaSpec(n_embd=256, n_layer=8, n_head=4, n_ff=1024, n_ctx=4096),
         )
-        port = _free_port()
         env = {
             **os.environ,
             "FERROUS_HOME": home,
             "FERROUS_LIMITS__MAX_SESSIONS": str(args.sessions + args.new + 100),
         }
         token = _mint_token(env)
-        proc = _start_server(model, port, env)
+        proc, port = start_server(model, home=home, auth=True, env=env, ready_path="/healthz")
         url = f"ws://127.0.0.1:{port}/v1/ws"
         server = psutil.Process(proc.pid)
         sessions: list[ClientConnection] = []

@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 import httpx
 import uvloop
 
-from bench.idle import stop_server
+from bench.serving import free_port, stop_server
 from engine.client import default_threads
 
 __all__ = ["BUILD_DIR", "aggregate", "build", "find_binary"]
@@ -109,12 +108,6 @@ def build(root: Path = BUILD_DIR) -> Path:
     return target
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _completion(client: httpx.AsyncClient, url: str, prompt: str, tokens: int) -> int:
     """Completion tokens of one streamed greedy completion."""
     body = {
@@ -146,7 +139,7 @@ async def aggregate(
     rounds: int,
 ) -> float:
     """Median over ``rounds`` of (completion tokens / wall time) for ``prompts`` streamed at once."""
-    port = _free_port()
+    port = free_port()
     ctx = len(prompts) * 512  # each slot gets n_ctx / slots
     proc = subprocess.Popen(
         [

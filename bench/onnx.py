@@ -48,7 +48,8 @@ import uvloop
 
 from bench import llama_server
 from bench.engine import PROMPT
-from bench.gateway import start_server, ws_stream
+from bench.gateway import ws_stream
+from bench.serving import start_server, stop_server
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
 from engine.backends.base import OnnxOptions
 from engine.client import default_threads
@@ -183,7 +184,7 @@ async def compare(
 
 def server_rounds(args: argparse.Namespace) -> int:
     """Rounds of the whole-server runs: the first one reads the prompts cold, so at least 3."""
-    return max(3, args.runs // 2)
+    return max(3, int(args.runs) // 2)
 
 
 async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[str]) -> float:
@@ -193,7 +194,9 @@ async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[
             "FERROUS_ONNX__SPINNING": "true" if args.spinning else "false",
             "FERROUS_ONNX__PREFIX_CACHE_MB": str(args.prefix_cache_mb),
         }
-        proc, port = start_server(str(model), args.threads, len(prompts), home, env)
+        proc, port = start_server(
+            model, home=home, threads=args.threads, seqs=len(prompts), env=env
+        )
         url = f"ws://127.0.0.1:{port}/v1/ws"
         try:
             await ws_stream(url, 16, prompt=prompts[0])  # warm-up (and the model load)
@@ -206,8 +209,7 @@ async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[
                 rates.append(sum(n for _, _, n in results) / (time.perf_counter() - t0))
             return round(statistics.median(rates), 1)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
 
 
 async def servers(onnx: Path, gguf: Path, args: argparse.Namespace) -> dict[str, object]:

@@ -38,17 +38,8 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import uvloop
 
-from bench.idle import (
-    SCRIPT,
-    _free_port,
-    _itl_runs,
-    _mint_token,
-    _percentile,
-    _probe,
-    _rss_mb,
-    _start_server,
-    stop_server,
-)
+from bench.idle import SCRIPT, _itl_runs, _mint_token, _percentile, _probe, _rss_mb
+from bench.serving import start_server, stop_server
 from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
 from protocol import messages as m
 from protocol.codec import codec_for
@@ -122,10 +113,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             script=SCRIPT,
             spec=TinyLlamaSpec(n_embd=256, n_layer=8, n_head=4, n_ff=1024, n_ctx=4096),
         )
-        port = _free_port()
         env = {**os.environ, "FERROUS_HOME": home}
         token = _mint_token(env)
-        proc = _start_server(model, port, env)
+        proc, port = start_server(model, home=home, auth=True, env=env, ready_path="/healthz")
         url = f"ws://127.0.0.1:{port}/v1/ws"
         server = psutil.Process(proc.pid)
         socks: list[socket.socket] = []

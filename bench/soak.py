@@ -47,7 +47,6 @@ import json
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from typing import Any
 import psutil
 from ferrous_client import FerrousClient, FerrousClientError
 
+from bench.serving import start_server, stop_server
 from engine.rings import SHM_DIR, SHM_PREFIX
 
 MIB = 1024 * 1024
@@ -76,57 +76,6 @@ PROMPTS = (
 
 
 # -- the server -----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(
-    model: str, *, workers: int, threads: int, seqs: int, home: str, log: Path
-) -> tuple[subprocess.Popen[bytes], int]:
-    """``ferrous serve`` with ``model`` loaded as "soak"; its output goes to ``log``.
-
-    Like :func:`bench.gateway.start_server`, but the server's output stays out
-    of this program's stdout (which carries the JSON).
-    """
-    port = _free_port()
-    env = {**os.environ, "FERROUS_HOME": home, "FERROUS_SEQS_PER_WORKER": str(seqs)}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)),
-                *("--workers", str(workers), "--threads", str(threads)),
-                *("--model", f"soak={model}", "--no-auth", "--log-level", "warning"),
-            ],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}; see {log}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise SystemExit("the server did not start")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # -- the load -------------------------------------------------------------------------------
@@ -406,10 +355,11 @@ def _server(args: argparse.Namespace, model: str) -> Iterator[tuple[subprocess.P
     with tempfile.TemporaryDirectory(prefix="ferrous-soak-") as home:
         proc, port = start_server(
             model,
+            home=home,
             workers=args.workers,
             threads=args.threads,
             seqs=max(4, args.sessions),
-            home=home,
+            name="soak",
             log=Path(args.server_log or os.path.join(home, "server.log")),
         )
         try:
