@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,32 @@ from protocol.codec import Codec, codec_for
 
 JSON = codec_for(m.SUBPROTOCOL_JSON)
 MSGPACK = codec_for(m.SUBPROTOCOL_MSGPACK)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_command(port: int, model: str, *, auth: bool = True) -> list[str]:
+    """``ferrous serve`` on ``port`` with one single-threaded worker; ``model`` is ``name=path``."""
+    return [
+        *(sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)),
+        *("--workers", "1", "--threads", "1", "--model", model, "--log-level", "warning"),
+        *(() if auth else ("--no-auth",)),
+    ]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Terminate ``proc``; kill it when it is not gone within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def server_config(home: Path, models: dict[str, Path], **changes: Any) -> ServerConfig:

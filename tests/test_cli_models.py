@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from engine.store.modelfile import parse_modelfile
 from engine.tinymodels import write_tiny_llama
 
+from .gateway_helpers import free_port
 from .test_cli import ferrous
 
 _SIZE = r"\d+(?:\.\d)? [KMGT]?B"
@@ -40,12 +40,6 @@ def _parallel(home: Path, *commands: tuple[str, ...]) -> list[subprocess.Complet
     """Run independent read-only commands at once (each one pays Python's start-up)."""
     with ThreadPoolExecutor(len(commands)) as pool:
         return list(pool.map(lambda args: ferrous(home, *args), commands))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rows(table: str) -> dict[str, str]:
@@ -72,7 +66,7 @@ def _parameters(text: str) -> dict[str, list[str]]:
 
 def test_pull_list_show_cp_rm_a_local_gguf(tmp_path: Path) -> None:
     src = write_tiny_llama(tmp_path / "CLI_Tiny.gguf", script="Okay.", script_eos=True)
-    no_server = {"FERROUS_PORT": str(_free_port())}  # rm must fall back to the store
+    no_server = {"FERROUS_PORT": str(free_port())}  # rm must fall back to the store
 
     pulled = _ok(ferrous(tmp_path, "pull", str(src)))
     name, model_id, size = re.fullmatch(
@@ -272,7 +266,7 @@ def _serve(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
 def test_ps_stop_and_rm_against_a_running_server(tmp_path: Path) -> None:
     src = write_tiny_llama(tmp_path / "served.gguf", script="Okay.", script_eos=True)
     _ok(ferrous(tmp_path, "pull", str(src)))
-    port = _free_port()
+    port = free_port()
     at = ("--port", str(port))
 
     with _serve(tmp_path, port):
@@ -319,7 +313,7 @@ def test_ps_stop_and_rm_against_a_running_server(tmp_path: Path) -> None:
 
 
 def test_ps_without_a_server_says_none_answers(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     out = ferrous(tmp_path, "ps", env={"FERROUS_PORT": str(port)})
     assert out.returncode != 0
     assert out.stdout == ""
@@ -329,7 +323,7 @@ def test_ps_without_a_server_says_none_answers(tmp_path: Path) -> None:
 
 
 def test_ps_and_stop_without_a_server_name_the_port_asked_for(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     ps, stop = _parallel(tmp_path, ("ps", "--port", str(port)), ("stop", "x", "--port", str(port)))
     for out in (ps, stop):
         assert out.returncode != 0

@@ -17,9 +17,7 @@ import itertools
 import os
 import resource
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +38,15 @@ from protocol import messages as m
 from protocol.errors import ErrorCode
 
 from .conftest import ring_segments
-from .gateway_helpers import JSON, Client, gateway, server_config
+from .gateway_helpers import (
+    JSON,
+    Client,
+    free_port,
+    gateway,
+    serve_command,
+    server_config,
+    stop_process,
+)
 
 SESSIONS = 4
 # Long enough that no generation ends between the snapshot of who runs where and the
@@ -403,12 +409,6 @@ async def test_watchdog_spares_a_loading_worker_and_replaces_a_stopped_one(
 # -- `ferrous serve` as a subprocess ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(
     home: Path, model: Path, port: int, *, nofile: int | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
@@ -421,23 +421,7 @@ def _serve(
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--threads",
-                "1",
-                "--model",
-                f"slow={model}",
-                "--no-auth",
-                "--log-level",
-                "warning",
-            ],
+            serve_command(port, f"slow={model}", auth=False),
             env={**os.environ, "FERROUS_HOME": str(home)},
             stdout=out,
             stderr=out,
@@ -463,27 +447,17 @@ async def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: flo
     raise AssertionError("the server did not start listening")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @contextlib.asynccontextmanager
 async def _subprocess_server(
     tmp_path: Path, model: Path, **kw: object
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
-    port = _free_port()
+    port = free_port()
     proc = _serve(tmp_path, model, port, **kw)  # type: ignore[arg-type]
     try:
         await _wait_listening(proc, port)
         yield proc, port
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 # -- (d) kill and restart the gateway ----------------------------------------------------------
@@ -499,7 +473,7 @@ async def test_gateway_killed_and_restarted_sdk_reconnects(
     while nothing listens, keeps trying and connects to the new server, which swept
     the rings the killed one left in /dev/shm; a new generation succeeds.
     """
-    port = _free_port()
+    port = free_port()
     url = f"ws://127.0.0.1:{port}/v1/ws"
     procs: list[subprocess.Popen[bytes]] = []
     with _no_leaks():
@@ -577,7 +551,7 @@ async def test_gateway_killed_and_restarted_sdk_reconnects(
             _report("gateway SIGKILL: service whole (new generation succeeded) after", whole)
         finally:
             for proc in procs:
-                _stop(proc)
+                stop_process(proc)
         for proc in procs:
             assert _segments_of(proc.pid) == set()
 

@@ -17,34 +17,14 @@ from websockets.exceptions import ConnectionClosed
 from protocol import messages as m
 from protocol.codec import codec_for
 
+from .gateway_helpers import free_port, serve_command
+
 JSON = codec_for(m.SUBPROTOCOL_JSON)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _start(home: Path, port: int, model: Path, grace: float) -> asyncio.subprocess.Process:
     env = {**os.environ, "FERROUS_HOME": str(home), "FERROUS_GRACE_PERIOD": str(grace)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--threads",
-        "1",
-        "--model",
-        f"slow={model}",
-        "--log-level",
-        "warning",
-        env=env,
-    )
+    proc = await asyncio.create_subprocess_exec(*serve_command(port, f"slow={model}"), env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -77,7 +57,7 @@ async def _token(home: Path) -> str:
 async def test_sigterm_drains_then_closes_going_away(
     tmp_path: Path, slow_model: Path, grace: float, max_tokens: int, expect: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     proc = await _start(tmp_path, port, slow_model, grace)
     try:
         token = await _token(tmp_path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from .gateway_helpers import free_port, serve_command, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = ROOT / "load-tests" / "locustfile.py"
@@ -52,12 +53,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Server:
     url: str
@@ -69,16 +64,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, script_model: Path) -> Iter
     """``ferrous serve`` with auth on, one single-threaded worker, the script model as "script"."""
     home = tmp_path_factory.mktemp("load-home")
     env = _clean_env(FERROUS_HOME=str(home))
-    port = _free_port()
+    port = free_port()
     cli = [sys.executable, "-m", "gateway.cli"]
     log = home / "server.log"  # a file, not a pipe that nobody reads while locust runs
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
-            [
-                *cli,
-                *("serve", "--port", str(port), "--workers", "1", "--threads", "1"),
-                *("--model", f"script={script_model}", "--log-level", "warning"),
-            ],
+            serve_command(port, f"script={script_model}"),
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -106,12 +97,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, script_model: Path) -> Iter
         ).stdout.strip()
         yield Server(url, token)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=20)
 
 
 @dataclass
