@@ -220,6 +220,37 @@ def _check_outcomes(load: Load, victim: int, on_victim: list[Gen], why: str) -> 
     assert not any(g.worker == victim for g in load.gens if id(g) not in victims)
 
 
+@dataclass
+class _Hit:
+    """A worker signalled while both workers stream: who was on it, and the pool's recovery."""
+
+    pids: set[int]
+    victim: int
+    on_victim: list[Gen]
+    others: list[Gen]
+    t0: float
+    restarted: asyncio.Task[float]
+
+
+async def _signal_busy_worker(running: RunningServer, load: Load, sig: signal.Signals) -> _Hit:
+    pids = {w.pid for w in (await running.gateway.engine.health()).workers}
+    victim = min(pids)
+    on_victim = [g for g in load.in_flight() if g.worker == victim]
+    others = [g for g in load.in_flight() if g.worker != victim]
+    assert on_victim and others  # both workers are busy
+    os.kill(victim, sig)
+    t0 = time.monotonic()
+    restarted = asyncio.create_task(_restarted(running, pids, t0))
+    return _Hit(pids, victim, on_victim, others, t0, restarted)
+
+
+async def _recovery(hit: _Hit, load: Load, running: RunningServer) -> tuple[float, float, float]:
+    """(pool whole, replacement's first token, its generation done), in seconds after the hit."""
+    await _until("the others to finish", lambda: all(g.finish for g in hit.others), 60)
+    first, done = await _replacement_serves(load, running, hit.pids, hit.t0)
+    return await hit.restarted, first, done
+
+
 async def _restarted(running: RunningServer, old: set[int], t0: float) -> float:
     """Seconds from ``t0`` until the pool is whole: a new worker, every model loaded in it."""
     engine = running.gateway.engine
@@ -267,25 +298,15 @@ async def test_sigkill_of_a_worker_under_load(tmp_path: Path, slow_model: Path) 
     """
     with _no_leaks():
         async with gateway(_two_worker_config(tmp_path, slow_model)) as running:
-            engine = running.gateway.engine
             load = await _start_load(running)
             try:
-                pids = {w.pid for w in (await engine.health()).workers}
-                victim = min(pids)
-                on_victim = [g for g in load.in_flight() if g.worker == victim]
-                others = [g for g in load.in_flight() if g.worker != victim]
-                assert on_victim and others  # both workers are busy
-                os.kill(victim, signal.SIGKILL)
-                t0 = time.monotonic()
-                restarted = asyncio.create_task(_restarted(running, pids, t0))
-
+                hit = await _signal_busy_worker(running, load, signal.SIGKILL)
+                victim, on_victim = hit.victim, hit.on_victim
                 await _until(
                     "the victim's generations to end", lambda: all(g.finish for g in on_victim), 10
                 )
-                detected = max(g.ended for g in on_victim) - t0
-                await _until("the others to finish", lambda: all(g.finish for g in others), 60)
-                whole = await _replacement_serves(load, running, pids, t0)
-                pool_whole = await restarted
+                detected = max(g.ended for g in on_victim) - hit.t0
+                pool_whole, *whole = await _recovery(hit, load, running)
             finally:
                 await load.close()
             _check_outcomes(load, victim, on_victim, "died")
@@ -320,27 +341,17 @@ async def test_sigstop_of_a_worker_under_load(tmp_path: Path, slow_model: Path) 
                 health_timeout=HEALTH_TIMEOUT,
             )
             async with gateway(config) as running:
-                engine = running.gateway.engine
                 load = await _start_load(running)
                 try:
-                    pids = {w.pid for w in (await engine.health()).workers}
-                    victim = min(pids)
-                    on_victim = [g for g in load.in_flight() if g.worker == victim]
-                    others = [g for g in load.in_flight() if g.worker != victim]
-                    assert on_victim and others
-                    os.kill(victim, signal.SIGSTOP)
-                    t0 = time.monotonic()
-                    restarted = asyncio.create_task(_restarted(running, pids, t0))
-
+                    hit = await _signal_busy_worker(running, load, signal.SIGSTOP)
+                    victim, on_victim = hit.victim, hit.on_victim
                     await _until(
                         "the stopped worker's generations to end",
                         lambda: all(g.finish for g in on_victim),
                         HEALTH_TIMEOUT + 10,
                     )
-                    detected = max(g.ended for g in on_victim) - t0
-                    await _until("the others to finish", lambda: all(g.finish for g in others), 60)
-                    whole = await _replacement_serves(load, running, pids, t0)
-                    pool_whole = await restarted
+                    detected = max(g.ended for g in on_victim) - hit.t0
+                    pool_whole, *whole = await _recovery(hit, load, running)
                 finally:
                     await load.close()
                 _check_outcomes(load, victim, on_victim, "stopped responding")
