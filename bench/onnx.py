@@ -16,6 +16,10 @@ ONNX graph and its GGUF twin, same weights) — it reports:
   completion tokens / wall time with 1, 2, 4 and 8 concurrent generations
   on one worker (prompt reading included), and ``batch4_speedup`` =
   batch-4 aggregate / batch-1 aggregate.
+* ``session_ceiling`` and ``matmul_nbits`` (SmolLM2, fast graph): the same
+  graph's decode step timed on a bare onnxruntime session at 1/2/4/8 rows,
+  and its 4-bit matmul kernel alone (see :mod:`bench.onnx_ceiling`): how
+  far batching can go on this machine whatever the engine does.
 * ``server`` (SmolLM2 only, unless ``--no-server``): ``ferrous serve`` with
   one worker holding 8 sequences, 8 WebSocket sessions chatting at once
   (128 tokens each), aggregate tokens/s for the ONNX model and for the GGUF
@@ -49,6 +53,7 @@ import uvloop
 from bench import llama_server
 from bench.engine import PROMPT
 from bench.gateway import ws_stream
+from bench.onnx_ceiling import ffn_shape, graph_ceiling, matmul_nbits_scaling
 from bench.serving import start_server, stop_server
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
 from engine.backends.base import OnnxOptions
@@ -274,6 +279,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         smol_result = await compare(smol, gguf, PROMPT, args)
         smol_result["convert_s"] = convert_s
         smol_result["onnx_mb"] = round(sum(p.stat().st_size for p in smol.iterdir()) / 2**20, 1)
+        if fast:
+            smol_result["session_ceiling"] = graph_ceiling(
+                smol, threads=args.threads, spinning=args.spinning
+            )
+            hidden, ffn = ffn_shape(smol)
+            smol_result["matmul_nbits"] = matmul_nbits_scaling(
+                hidden, ffn, threads=args.threads, spinning=args.spinning
+            )
         result["smollm2"] = smol_result
         if not args.no_server:
             result["server"] = await servers(smol, gguf, args)
