@@ -53,7 +53,7 @@ import uvloop
 from bench import llama_server
 from bench.engine import PROMPT
 from bench.gateway import ws_stream
-from bench.onnx_ceiling import ffn_shape, graph_ceiling, matmul_nbits_scaling
+from bench.onnx_ceiling import LEVELS, ffn_shape, graph_ceiling, matmul_nbits_scaling
 from bench.serving import start_server, stop_server
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
 from engine.backends.base import OnnxOptions
@@ -61,7 +61,6 @@ from engine.client import default_threads
 from engine.requests import TokenDelta
 
 LLAMA_SERVER_NP8 = 157.5  # tok/s, llama-server -np 8, SmolLM2 Q4_1, 2 threads, these machines
-LEVELS = (1, 2, 4, 8)
 # The whole-server run repeats the reference's workload: a chat prompt of 66 SmolLM2
 # tokens, 128 tokens answered per session, 8 sessions at once.
 CHAT_PROMPT = (

@@ -39,10 +39,16 @@ import onnxruntime as ort
 from engine.backends.base import LoadParams, OnnxOptions
 from engine.backends.onnxrt import session_options
 
-__all__ = ["ffn_shape", "graph_ceiling", "matmul_nbits_scaling"]
+__all__ = ["LEVELS", "ffn_shape", "graph_ceiling", "matmul_nbits_scaling"]
 
 LEVELS = (1, 2, 4, 8)
 _GQA = "GroupQueryAttention"
+
+
+def _session(model: str | bytes, threads: int, spinning: bool) -> ort.InferenceSession:
+    """A CPU session with the options the engine's ONNX backend would give it."""
+    params = LoadParams(n_threads=threads, onnx=OnnxOptions(spinning=spinning))
+    return ort.InferenceSession(model, session_options(params), providers=["CPUExecutionProvider"])
 
 
 def _interleaved(run: dict[int, Any], rounds: int, repeats: int = 3) -> dict[int, float]:
@@ -76,10 +82,7 @@ def graph_ceiling(
     graph = onnx.load(str(path), load_external_data=False).graph
     if not any(node.op_type == _GQA for node in graph.node):
         return {"measured": False, "why": f"the graph has no {_GQA} (not a fast graph)"}
-    params = LoadParams(n_threads=threads, onnx=OnnxOptions(spinning=spinning))
-    session = ort.InferenceSession(
-        str(path), session_options(params), providers=["CPUExecutionProvider"]
-    )
+    session = _session(str(path), threads, spinning)
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     _, kv_heads, _, head_dim = pasts[0].shape
     vocab = session.get_outputs()[0].shape[-1]
@@ -159,10 +162,7 @@ def matmul_nbits_scaling(
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
-    params = LoadParams(n_threads=threads, onnx=OnnxOptions(spinning=spinning))
-    session = ort.InferenceSession(
-        model.SerializeToString(), session_options(params), providers=["CPUExecutionProvider"]
-    )
+    session = _session(model.SerializeToString(), threads, spinning)
     inputs = {m: rng.standard_normal((m, hidden)).astype(np.float32) for m in LEVELS}
     seconds = _interleaved(
         {m: (lambda x=x: session.run(None, {"x": x})) for m, x in inputs.items()}, rounds
