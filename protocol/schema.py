@@ -9,6 +9,7 @@ test fails when it no longer matches the message types.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,26 @@ __all__ = ["SCHEMA_PATH", "render_schema", "schema"]
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """Descriptions dedented the same way whatever msgspec version made them.
+
+    Struct docstrings become ``description``; some msgspec releases keep the
+    docstring's indentation, later ones dedent it. ``inspect.cleandoc`` is
+    idempotent, so applying it here makes the committed schema (and the JS
+    types generated from it) independent of the installed msgspec.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    return node
+
+
 def schema() -> dict[str, Any]:
     (client, server), components = msgspec.json.schema_components(
         [ClientMessage, ServerMessage], ref_template="#/$defs/{name}"
@@ -31,7 +52,9 @@ def schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "FerrousForge WebSocket protocol v1",
         "description": "ClientMessage: client to server. ServerMessage: server to client.",
-        "$defs": {"ClientMessage": client, "ServerMessage": server, **components},
+        "$defs": _clean_descriptions(
+            {"ClientMessage": client, "ServerMessage": server, **components}
+        ),
     }
 
 
