@@ -38,9 +38,11 @@ from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
 from gateway.models import ModelRegistry, ResolvedModel
+from gateway.namespaces import ModelView
 from gateway.native import generation_routes, model_routes
 from gateway.ollama import ollama_routes
 from gateway.openai_api import openai_routes
+from gateway.origins import BrowserGuard, BrowserPolicy
 from gateway.runtime import GcTuner
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, ConversationStore, Session
 from protocol.codec import SUBPROTOCOLS, codec_for
@@ -52,6 +54,7 @@ __all__ = ["Gateway", "__version__", "error_body"]
 __version__ = "0.1.0"
 
 STATIC_DIR = Path(__file__).with_name("static")
+REVOCATION_CHECK_INTERVAL = 0.5  # seconds between checks of the API key file
 
 log = logging.getLogger("ferrous.gateway")
 
@@ -137,7 +140,7 @@ class Gateway:
         self.gc_tuner: GcTuner | None = None
         self._openapi: bytes | None = None
         self.models = ModelRegistry(config, engine)
-        self.app = Starlette(
+        routes = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
                 Route("/metrics", self.metrics_endpoint),
@@ -152,15 +155,27 @@ class Gateway:
                 Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True, follow_symlink=True)),
             ]
         )
+        # Host and Origin checks and CORS for every route (gateway.origins).
+        self.browser = BrowserPolicy(
+            origins=config.browser.origins, hosts=config.browser.hosts, bound_host=config.host
+        )
+        self.app = BrowserGuard(routes, self.browser)
 
     # -- models ---------------------------------------------------------------------------
 
-    async def model_names(self) -> list[str]:
-        return await asyncio.to_thread(self.models.names)
+    def models_for(self, principal: Principal) -> ModelView:
+        """``principal``'s view of the models: scopes, tenant namespace, what it may see."""
+        return ModelView.of(self.models, principal)
 
-    async def ensure_model(self, name: str, keep_alive: float | None = None) -> ResolvedModel:
-        """Load ``name`` on first use (configured models, the store, then the catalog)."""
-        return await self.models.ensure(name, keep_alive=keep_alive)
+    async def model_names(self, principal: Principal) -> list[str]:
+        return await asyncio.to_thread(self.models_for(principal).names)
+
+    async def ensure_model(
+        self, principal: Principal, name: str, keep_alive: float | None = None
+    ) -> ResolvedModel:
+        """Load ``name`` on first use (the caller's own models, configured ones, the
+        shared store, then the catalog)."""
+        return await self.models_for(principal).ensure(name, keep_alive=keep_alive)
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -304,6 +319,26 @@ class Gateway:
         limit = self.config.limits.hello_timeout
         await session.send_error(BadRequest(f"no hello within {limit:g} s"))
         await session.close(CLOSE_POLICY, "hello timeout")
+
+    # -- revocation -----------------------------------------------------------------------
+
+    async def watch_revocations(self, interval: float = REVOCATION_CHECK_INTERVAL) -> None:
+        """End sessions whose API key was revoked, within ``interval`` seconds.
+
+        Keys are revoked by ``ferrous key revoke`` (another process) rewriting
+        the key file; a stat per tick notices, and the file is parsed again
+        only when it changed. Sessions opened with a JWT end when it expires.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            keyed = [s for s in self.sessions if s.principal.key_id is not None and not s.closed]
+            if not keyed:
+                continue
+            valid = self.auth.key_ids()
+            for session in keyed:
+                if session.principal.key_id not in valid:
+                    log.info("closing session %s: its API key was revoked", session.id)
+                    session.revoked()
 
     # -- shutdown -------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
+from gateway.scopes import ALL_SCOPES, DEFAULT_SCOPES, parse_scopes
 from protocol.errors import ErrorCode, FerrousError
 
 __all__ = [
@@ -99,6 +100,11 @@ class Principal(msgspec.Struct, frozen=True):
     """``"jwt"``, ``"api_key"``, ``"ticket"`` or ``"none"`` (auth disabled)."""
     expires_at: float | None
     """Unix time after which the credential is no longer valid; ``None`` = never."""
+    scopes: frozenset[str] = DEFAULT_SCOPES
+    """What the caller may do (:mod:`gateway.scopes`)."""
+    key_id: str | None = None
+    """The API key's stored prefix, for a caller (or a ticket) that came with a key:
+    revoking that key ends the caller's sessions and spends its tickets."""
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True):
@@ -109,6 +115,7 @@ class ApiKeyInfo(msgspec.Struct, frozen=True):
     tenant: str | None
     name: str
     created: float
+    scopes: list[str] = msgspec.field(default_factory=lambda: sorted(DEFAULT_SCOPES))
 
 
 class _ApiKeyRecord(msgspec.Struct, frozen=True):
@@ -118,6 +125,8 @@ class _ApiKeyRecord(msgspec.Struct, frozen=True):
     tenant: str | None
     name: str
     created: float
+    # Absent in key files written before scopes existed: those keys get the defaults.
+    scopes: list[str] | None = None
 
 
 class _ApiKeyFile(msgspec.Struct):
@@ -355,6 +364,8 @@ class Authenticator:
         ticket_ttl: float = 30.0,
         clock: Callable[[], float] = time.time,
         max_tickets: int = 100_000,
+        max_tickets_per_user: int = 32,
+        max_token_lifetime: float = 0.0,
     ) -> None:
         if isinstance(algorithms, str):
             algorithms = (algorithms,)
@@ -370,8 +381,10 @@ class Authenticator:
             raise ValueError("leeway must be a non-negative number of seconds")
         if ticket_ttl <= 0 or not math.isfinite(ticket_ttl):
             raise ValueError("ticket_ttl must be a positive number of seconds")
-        if max_tickets < 1:
-            raise ValueError("max_tickets must be at least 1")
+        if max_tickets < 1 or max_tickets_per_user < 1:
+            raise ValueError("max_tickets and max_tickets_per_user must be at least 1")
+        if max_token_lifetime < 0 or not math.isfinite(max_token_lifetime):
+            raise ValueError("max_token_lifetime must be a non-negative number of seconds")
         if not tenant_claim:
             raise ValueError("tenant_claim must not be empty")
         asymmetric = sorted(set(algorithms) - {"HS256"})
@@ -389,6 +402,8 @@ class Authenticator:
         self._tenant_claim = tenant_claim
         self._ticket_ttl = float(ticket_ttl)
         self._max_tickets = max_tickets
+        self._max_tickets_per_user = max_tickets_per_user
+        self._max_lifetime = float(max_token_lifetime)
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -403,6 +418,7 @@ class Authenticator:
             resolve(api_keys_file, "api_keys.json"), _parse_api_keys, []
         )
         self._tickets: dict[bytes, _Ticket] = {}
+        self._tickets_by_user: dict[tuple[str | None, str], list[bytes]] = {}
 
         if enabled:
             if "HS256" in self._algorithms:
@@ -423,7 +439,8 @@ class Authenticator:
     def authenticate(self, credential: str | None) -> Principal:
         """The principal for a JWT or an API key (``ffk_…``)."""
         if not self._enabled:
-            return Principal("local", None, "none", None)
+            # Auth off is allowed on loopback only: the caller is the machine's owner.
+            return Principal("local", None, "none", None, ALL_SCOPES)
         if not credential:
             raise Unauthorized("missing token")
         if credential.startswith(API_KEY_PREFIX):
@@ -523,13 +540,22 @@ class Authenticator:
             raise Unauthorized("token not yet valid")
         if iat is not None and iat > now + self._leeway:
             raise Unauthorized("token issued in the future")
+        if self._max_lifetime and exp - min(now, iat or now) > self._max_lifetime + self._leeway:
+            # A long-lived token is a standing credential: cap it as the operator asks.
+            raise Unauthorized("token lifetime exceeds the maximum")
         sub = payload.get("sub")
         if not isinstance(sub, str) or not sub:
             raise Unauthorized("invalid sub claim")
         tenant = payload.get(self._tenant_claim)
-        if tenant is not None and not isinstance(tenant, str):
+        if tenant is not None and (not isinstance(tenant, str) or not tenant.strip()):
+            # An empty tenant would fall into the shared namespace: refuse it outright.
             raise Unauthorized(f"invalid {self._tenant_claim} claim")
-        return Principal(sub, tenant or None, "jwt", exp)
+        raw_scopes = payload.get("scope", payload.get("scopes"))
+        try:
+            scopes = parse_scopes(raw_scopes)
+        except ValueError:
+            raise Unauthorized("invalid scope claim") from None
+        return Principal(sub, tenant, "jwt", exp, scopes)
 
     def issue_token(
         self,
@@ -539,11 +565,13 @@ class Authenticator:
         *,
         audience: str | None = None,
         issuer: str | None = None,
+        scopes: frozenset[str] | None = None,
     ) -> str:
         """An HS256 JWT signed with the local secret.
 
         Carries ``sub``, ``iat``, ``nbf``, ``exp``, the tenant claim when
-        ``tenant`` is set, and ``aud``/``iss`` (the arguments, else the
+        ``tenant`` is set, ``scope`` when ``scopes`` is given (else the token
+        gets the default scopes), and ``aud``/``iss`` (the arguments, else the
         configured values, omitted when both are empty).
         """
         if not sub:
@@ -559,6 +587,8 @@ class Authenticator:
         }
         if tenant:
             claims[self._tenant_claim] = tenant
+        if scopes is not None:
+            claims["scope"] = " ".join(sorted(parse_scopes(sorted(scopes))))
         aud = audience if audience is not None else self._audience
         if aud:
             claims["aud"] = aud
@@ -582,37 +612,57 @@ class Authenticator:
         expires_at = (
             purge_at if principal.expires_at is None else min(purge_at, principal.expires_at)
         )
+        digest = _digest(ticket)
+        owner = (principal.tenant, principal.user)
         with self._lock:
             self._purge_tickets(now)
-            while len(self._tickets) >= self._max_tickets:
-                del self._tickets[next(iter(self._tickets))]
-            self._tickets[_digest(ticket)] = _Ticket(principal, purge_at, expires_at)
+            # A user's own oldest ticket makes room for its new one: one user cannot
+            # push other users' tickets out of the table.
+            mine = self._tickets_by_user.setdefault(owner, [])
+            while len(mine) >= self._max_tickets_per_user:
+                self._tickets.pop(mine.pop(0), None)
+            if len(self._tickets) >= self._max_tickets:
+                raise Unauthorized("too many outstanding tickets; try again shortly")
+            self._tickets[digest] = _Ticket(principal, purge_at, expires_at)
+            mine.append(digest)
         return ticket
 
     def redeem_ticket(self, ticket: str) -> Principal:
         """The principal a ticket was issued for; the ticket is spent either way."""
         now = self._clock()
         with self._lock:
-            entry = (
-                self._tickets.pop(_digest(ticket), None)
-                if ticket and len(ticket) <= _MAX_OPAQUE_CHARS
-                else None
-            )
+            digest = _digest(ticket) if ticket and len(ticket) <= _MAX_OPAQUE_CHARS else b""
+            entry = self._tickets.pop(digest, None)
+            if entry is not None:
+                self._forget_ticket(entry.principal, digest)
             self._purge_tickets(now)
         if entry is None:
             raise Unauthorized("unknown or used ticket")
         if entry.expires_at <= now:
             raise Unauthorized("ticket expired")
         p = entry.principal
-        return Principal(p.user, p.tenant, "ticket", p.expires_at)
+        if p.key_id is not None and p.key_id not in self.key_ids():
+            raise Unauthorized("the API key behind this ticket was revoked")
+        return Principal(p.user, p.tenant, "ticket", p.expires_at, p.scopes, p.key_id)
+
+    def _forget_ticket(self, principal: Principal, digest: bytes) -> None:
+        owner = (principal.tenant, principal.user)
+        mine = self._tickets_by_user.get(owner)
+        if mine is not None:
+            with suppress(ValueError):
+                mine.remove(digest)
+            if not mine:
+                del self._tickets_by_user[owner]
 
     def _purge_tickets(self, now: float) -> None:
         # Insertion order is purge_at order (one TTL for all), so expired ones are in front.
         while self._tickets:
             oldest = next(iter(self._tickets))
-            if self._tickets[oldest].purge_at > now:
+            entry = self._tickets[oldest]
+            if entry.purge_at > now:
                 break
             del self._tickets[oldest]
+            self._forget_ticket(entry.principal, oldest)
 
     # -- API keys -------------------------------------------------------------------------
 
@@ -632,7 +682,21 @@ class Authenticator:
                 found = record
         if found is None:
             raise Unauthorized("unknown API key")
-        return Principal(found.user, found.tenant, "api_key", None)
+        try:
+            scopes = parse_scopes(found.scopes)
+        except ValueError:
+            raise Unauthorized("the API key's scopes are invalid") from None
+        return Principal(found.user, found.tenant, "api_key", None, scopes, found.prefix)
+
+    def key_ids(self) -> frozenset[str]:
+        """The prefixes of the API keys that exist now (the key file is reread when it changed).
+
+        Sessions opened with a key whose prefix is no longer here are closed,
+        and tickets minted for it are refused.
+        """
+        with self._lock:
+            records = self._api_keys.load(strict=False)
+        return frozenset(r.prefix for r in records)
 
     def _read_api_keys_for_update(self) -> list[_ApiKeyRecord]:
         try:
@@ -645,10 +709,19 @@ class Authenticator:
         _write_atomic(self._api_keys.path, data + b"\n")
         self._api_keys.load(strict=False)
 
-    def create_api_key(self, user: str, tenant: str | None = None, name: str = "") -> str:
+    def create_api_key(
+        self,
+        user: str,
+        tenant: str | None = None,
+        name: str = "",
+        scopes: frozenset[str] | None = None,
+    ) -> str:
         """A new API key for ``user``; the plaintext is returned here and stored nowhere."""
         if not user:
             raise ValueError("user must not be empty")
+        if tenant is not None and not tenant.strip():
+            raise ValueError("tenant must not be empty")
+        scope_list = sorted(parse_scopes(sorted(scopes))) if scopes is not None else None
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         record = _ApiKeyRecord(
             sha256=_digest(key).hex(),
@@ -657,6 +730,7 @@ class Authenticator:
             tenant=tenant or None,
             name=name,
             created=self._clock(),
+            scopes=scope_list,
         )
         with self._lock:
             records = self._read_api_keys_for_update()
@@ -688,4 +762,9 @@ class Authenticator:
         """The stored keys, oldest first, without their secrets."""
         with self._lock:
             records = self._api_keys.load(strict=False)
-        return [ApiKeyInfo(r.prefix, r.user, r.tenant, r.name, r.created) for r in records]
+        return [
+            ApiKeyInfo(
+                r.prefix, r.user, r.tenant, r.name, r.created, sorted(r.scopes or DEFAULT_SCOPES)
+            )
+            for r in records
+        ]

@@ -27,6 +27,7 @@ from websockets.typing import Subprotocol
 from gateway.app import __version__
 from gateway.config import ConfigError, ServerConfig, load_config, redacted, render_toml
 from gateway.modelcli import COMMANDS, add_model_commands, ensure_local_model, run_model_command
+from gateway.scopes import ALL_SCOPES, parse_scopes
 from gateway.server import build_authenticator, running_server, serve
 from protocol import messages as m
 from protocol.codec import codec_for
@@ -157,7 +158,12 @@ async def _run(args: argparse.Namespace) -> int:
     model = await ensure_local_model(config, args.model)
     options = m.Options(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     auth = build_authenticator(config)
-    token = auth.issue_token(sub=getpass.getuser(), ttl=24 * 3600) if auth.enabled else None
+    # The server's own user, who can read its secret anyway: the local admin.
+    token = (
+        auth.issue_token(sub=getpass.getuser(), ttl=24 * 3600, scopes=ALL_SCOPES)
+        if auth.enabled
+        else None
+    )
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
         _server_for(config) as url,
@@ -192,10 +198,25 @@ async def _run(args: argparse.Namespace) -> int:
             conversation = await _ask(ws, f"g{n}", model, line, conversation, options)
 
 
+SCOPE_HELP = (
+    "what the credential allows: generate, models:read, models:write, admin "
+    "(repeat or space-separate; default: generate models:read)"
+)
+
+
+def _scopes(values: list[str] | None) -> frozenset[str] | None:
+    if not values:
+        return None
+    try:
+        return parse_scopes(" ".join(values))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _keys(args: argparse.Namespace) -> int:
     auth = build_authenticator(load_config(args.config))
     if args.key_command == "create":
-        print(auth.create_api_key(args.user, args.tenant, args.name))
+        print(auth.create_api_key(args.user, args.tenant, args.name, _scopes(args.scope)))
         return 0
     if args.key_command == "revoke":
         if auth.revoke_api_key(args.key):
@@ -204,7 +225,8 @@ def _keys(args: argparse.Namespace) -> int:
         return 1
     for info in auth.list_api_keys():
         print(
-            f"{info.prefix}…  user={info.user} tenant={info.tenant or '-'} name={info.name or '-'}"
+            f"{info.prefix}…  user={info.user} tenant={info.tenant or '-'} "
+            f"name={info.name or '-'} scopes={' '.join(info.scopes)}"
         )
     return 0
 
@@ -244,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sub", default=None, help="user (default: you)")
     p.add_argument("--tenant")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds")
+    p.add_argument("--scope", action="append", help=SCOPE_HELP)
 
     p = sub.add_parser("key", help="manage API keys (stored hashed)")
     p.add_argument("--config")
@@ -252,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("--user", required=True)
     k.add_argument("--tenant")
     k.add_argument("--name", default="")
+    k.add_argument("--scope", action="append", help=SCOPE_HELP)
     k = keys.add_parser("revoke", help="revoke a key by its text or its prefix")
     k.add_argument("key")
     keys.add_parser("list", help="list keys (prefixes only)")
@@ -276,7 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth = build_authenticator(load_config(args.config))
             print(
                 auth.issue_token(
-                    sub=args.sub or getpass.getuser(), tenant=args.tenant, ttl=args.ttl
+                    sub=args.sub or getpass.getuser(),
+                    tenant=args.tenant,
+                    ttl=args.ttl,
+                    scopes=_scopes(args.scope),
                 )
             )
             return 0

@@ -38,12 +38,14 @@ from protocol.errors import ErrorCode, FerrousError
 
 __all__ = [
     "AuthConfig",
+    "BrowserConfig",
     "ConfigError",
     "LimitsConfig",
     "LogConfig",
     "ModelEntry",
     "OnnxConfig",
     "ServerConfig",
+    "SourcesConfig",
     "ferrous_home",
     "load_config",
     "parse_size",
@@ -85,7 +87,13 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tenant_claim: Annotated[str, msgspec.Meta(min_length=1)] = "tenant"
     api_keys_file: str = ""  # "" = FERROUS_HOME/api_keys.json (hashed keys)
     ticket_ttl: PositiveSeconds = 30.0
-    ollama_loopback_without_token: bool = False
+    max_tickets_per_user: Positive = 32  # outstanding browser tickets per (tenant, user)
+    # Tokens whose exp lies further than this after their iat (or now) are refused.
+    max_token_lifetime: NonNegativeSeconds = 30 * 86400.0  # 0 = no limit
+    # Ollama and OpenAI clients on loopback (no proxy headers, no browser Origin outside
+    # the allow-list) need no credential, as with Ollama; false for shared machines.
+    loopback_without_token: bool = True
+    ollama_loopback_without_token: bool = False  # older opt-in, now implied by the above
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -110,6 +118,29 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # handshake_burst); more are refused with 429 and Retry-After. 0 = unlimited.
     handshake_rate: PerSecond = 0.0
     handshake_burst: Positive = 100
+
+
+class BrowserConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Which web pages may talk to the server, and under which host names (gateway.origins)."""
+
+    # Extra origins allowed besides the server's own and loopback ones on any port:
+    # "https://app.example", "https://*.example", or "*" for any.
+    origins: list[str] = msgspec.field(default_factory=list)
+    # Extra Host header names besides loopback names, IP literals, the bound host and
+    # this machine's name: "chat.example", ".example" (and subdomains), or "*" for any.
+    hosts: list[str] = msgspec.field(default_factory=list)
+
+
+class SourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What network clients may ask the server to pull or import (gateway.models)."""
+
+    # Schemes a remote pull may use besides catalog and store names.
+    schemes: list[Literal["https", "http", "hf", "pypi", "tiny"]] = msgspec.field(
+        default_factory=lambda: ["https", "hf", "pypi", "tiny"]
+    )
+    # Directories whose files an admin may import over the network (resolved, symlinks
+    # included: the real path must stay inside). Empty: local files only from the CLI.
+    local_dirs: list[str] = msgspec.field(default_factory=list)
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -158,6 +189,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keep_alive: float | str = "5m"  # idle models stay loaded this long; -1 = forever, 0 = unload
     memory_budget: int | str = "auto"  # bytes ("8GiB", 8589934592) for loaded models
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    browser: BrowserConfig = msgspec.field(default_factory=BrowserConfig)
+    sources: SourcesConfig = msgspec.field(default_factory=SourcesConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     onnx: OnnxConfig = msgspec.field(default_factory=OnnxConfig)

@@ -22,6 +22,7 @@ import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
 from engine.requests import new_request_id
+from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
 from protocol import messages as m
 from protocol.errors import BadRequest, Overloaded
@@ -107,6 +108,7 @@ def with_seeds(resolved: ResolvedModel, messages: Sequence[ChatMessage]) -> list
 
 async def prepare(
     gateway: Gateway,
+    principal: Principal,
     model: str,
     *,
     prompt: str | None = None,
@@ -123,7 +125,7 @@ async def prepare(
     t0 = started if started is not None else time.perf_counter()
     if gateway.draining:
         raise Overloaded("the server is shutting down")
-    resolved = await gateway.ensure_model(model, keep_alive)
+    resolved = await gateway.ensure_model(principal, model, keep_alive)
     sampling = sampling_for(options, resolved, extra)
     limits = gateway.config.limits
     if messages is not None:

@@ -3,9 +3,12 @@
 * Bodies are read with a size limit (``limits.max_body_bytes``; 413 beyond it)
   and decoded by msgspec into the surface's request Struct, so a wrong type is
   a 400 whose message names the field (``$.options.temperature``).
+* Bodies of JSON routes must say they are JSON when a browser sends them
+  (415 otherwise): see :func:`gateway.origins.json_body_refusal`.
 * Credentials are the WebSocket's: ``Authorization: Bearer`` (JWT or API key)
-  or ``X-API-Key``. The Ollama surface may let loopback clients in without one
-  (``auth.ollama_loopback_without_token``); a request that came through a
+  or ``X-API-Key``. The Ollama and OpenAI surfaces let loopback clients in
+  without one (``auth.loopback_without_token``, on by default) with
+  :data:`gateway.scopes.LOOPBACK_SCOPES`; a request that came through a
   proxy (``Forwarded`` / ``X-Forwarded-For``) never counts as loopback.
 * A client that goes away cancels its generation: streaming responses are
   cancelled by the server when the connection drops (their generators close
@@ -29,6 +32,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth import Principal, Unauthorized
+from gateway.origins import json_body_refusal
+from gateway.scopes import LOOPBACK_SCOPES
 from protocol.errors import BadRequest, Cancelled, ErrorCode, FerrousError, TooLarge
 
 if TYPE_CHECKING:
@@ -72,6 +77,7 @@ _REASON_STATUS = {
     "network": 502,
     "source": 502,
     "disk_full": 507,
+    "media_type": 415,
 }
 _FIELD = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
 _MISSING = re.compile(r"missing required field `([A-Za-z0-9_]+)`")
@@ -97,12 +103,23 @@ def error_field(exc: FerrousError) -> str | None:
     return field
 
 
+class UnsupportedMediaType(BadRequest):
+    """A JSON route got a body that does not say it is JSON (HTTP 415)."""
+
+    reason = "media_type"
+
+
 def _max_body(gateway: Gateway) -> int:
     return gateway.config.limits.max_body_bytes
 
 
 async def read_body(gateway: Gateway, request: Request, kind: type[T]) -> T:
     """Decode a JSON body into ``kind`` (413 over the limit; 400 naming the field)."""
+    headers = request.headers
+    from_browser = "origin" in headers or "sec-fetch-site" in headers
+    refusal = json_body_refusal(headers.get("content-type"), from_browser=from_browser)
+    if refusal is not None:
+        raise UnsupportedMediaType(refusal)
     limit = _max_body(gateway)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -139,11 +156,27 @@ def is_loopback_request(request: Request) -> bool:
         return False
 
 
+def loopback_without_token(gateway: Gateway) -> bool:
+    """Whether the compatible surfaces let loopback clients in without a credential."""
+    auth = gateway.config.auth
+    return auth.loopback_without_token or auth.ollama_loopback_without_token
+
+
 def principal(gateway: Gateway, request: Request, *, allow_loopback: bool = False) -> Principal:
-    """Authenticate an HTTP request; raise Unauthorized."""
-    if allow_loopback and is_loopback_request(request):
-        return Principal("local", None, "loopback", None)
-    return gateway.http_principal(request)
+    """Authenticate an HTTP request; raise Unauthorized.
+
+    With ``allow_loopback``, a loopback request whose credential is valid is
+    still that credential's principal (its tenant and scopes apply); one
+    without a valid credential is the local user. The OpenAI client always
+    sends some key (users pass a placeholder), so a key that is not ours does
+    not lock a loopback client out.
+    """
+    try:
+        return gateway.http_principal(request)
+    except Unauthorized:
+        if allow_loopback and is_loopback_request(request):
+            return Principal("local", None, "loopback", None, LOOPBACK_SCOPES)
+        raise
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -189,6 +189,7 @@ async def ensure_local_model(config: ServerConfig, model: str) -> str:
 
 
 def _api(config: ServerConfig, args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    from gateway.scopes import ALL_SCOPES
     from gateway.server import build_authenticator
 
     host = getattr(args, "host", None) or config.host
@@ -196,7 +197,9 @@ def _api(config: ServerConfig, args: argparse.Namespace) -> tuple[str, dict[str,
     auth = build_authenticator(config)
     headers = {}
     if auth.enabled:
-        headers["Authorization"] = f"Bearer {auth.issue_token(sub=getpass.getuser(), ttl=300)}"
+        # The server's own user (it reads the secret): the local admin.
+        token = auth.issue_token(sub=getpass.getuser(), ttl=300, scopes=ALL_SCOPES)
+        headers["Authorization"] = f"Bearer {token}"
     return f"http://{host}:{port}", headers
 
 
@@ -274,7 +277,7 @@ def _show(config: ServerConfig, args: argparse.Namespace) -> int:
     record = _manager(config).store.get(args.model)
     m = record.manifest
     if args.modelfile:
-        print(modelfile_of(record), end="")
+        print(modelfile_of(record, admin=True), end="")  # the store's owner, at the console
     elif args.parameters:
         for k, v in m.parameters.items():
             for item in v if isinstance(v, list) else [v]:

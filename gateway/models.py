@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import re
 import time
-from collections.abc import AsyncGenerator
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +31,25 @@ import msgspec
 
 from engine import ChatMessage, EngineClient
 from engine.store.manifest import Manifest, ParamValue
-from engine.store.modelfile import parse_modelfile
-from engine.store.names import parse_ref
+from engine.store.modelfile import Modelfile
+from engine.store.names import ModelRef, parse_ref
 from engine.store.pull import ModelManager, PullEvent, PullListener
 from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
 from gateway.config import ServerConfig, ferrous_home
 from protocol.durations import parse_duration
-from protocol.errors import BadRequest, FerrousError, Forbidden, ModelNotFound
+from protocol.errors import FerrousError, ModelNotFound
 
-__all__ = ["REMOTE_SCHEMES", "ModelRegistry", "ResolvedModel", "pull_progress", "seed_messages"]
+__all__ = [
+    "ModelRegistry",
+    "ResolvedModel",
+    "pull_progress",
+    "seed_messages",
+    "tenant_slug",
+]
 
-# Sources a network client may ask the server to fetch (never the server's own files).
-REMOTE_SCHEMES = ("https://", "http://", "hf://", "pypi://", "tiny://")
-
+TENANT_KEY_PREFIX = "~"  # never the first character of a model name
+MAX_OPEN_TENANT_STORES = 1024  # tenant stores kept open (a store object is small)
 NAMES_TTL = 2.0  # seconds the list of model names offered in ``ready`` is reused
 
 
@@ -66,25 +74,57 @@ def _int_param(params: dict[str, ParamValue], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def tenant_slug(tenant: str) -> str:
+    """A tenant's directory and engine-key segment: readable, and unique by its hash."""
+    safe = re.sub(r"[^a-z0-9._-]+", "-", tenant.lower()).strip("-._")[:32] or "tenant"
+    return f"{safe}-{hashlib.sha256(tenant.encode()).hexdigest()[:12]}"
+
+
 class ModelRegistry:
-    """Resolves names and makes sure the engine has the model loaded."""
+    """Resolves names and makes sure the engine has the model loaded.
+
+    Models live in namespaces: the shared store (``FERROUS_HOME/models``:
+    configured, catalogued and operator-made models, read-only to tenants) and
+    one store per tenant (``FERROUS_HOME/tenants/<slug>/models``), visible to
+    that tenant only. A tenant's names resolve in its own store first, then in
+    the shared one. A tenant model's engine key is ``~<slug>/<name:tag>``, so
+    two tenants' models of one name never meet in the engine. Who may do what
+    is decided by :class:`gateway.namespaces.ModelView`, not here.
+    """
 
     def __init__(self, config: ServerConfig, engine: EngineClient) -> None:
         self.config = config
         self.engine = engine
-        self.manager = ModelManager(
-            ModelStore(ferrous_home(config) / "models"), dict(config.catalog)
-        )
+        self.home = ferrous_home(config)
+        self.manager = self._new_manager(ModelStore(self.home / "models"))
+        self._tenants: OrderedDict[str, ModelManager] = OrderedDict()
         self._loading: dict[str, asyncio.Task[ResolvedModel]] = {}
         self._resolved: dict[str, ResolvedModel] = {}
         self._names: tuple[float, list[str]] | None = None
+
+    def _new_manager(self, store: ModelStore) -> ModelManager:
+        return ModelManager(store, dict(self.config.catalog))
+
+    def manager_for(self, tenant: str | None) -> ModelManager:
+        """The store of ``tenant`` (None: the shared store), opened on first use."""
+        if tenant is None:
+            return self.manager
+        manager = self._tenants.get(tenant)
+        if manager is None:
+            root = self.home / "tenants" / tenant_slug(tenant) / "models"
+            manager = self._new_manager(ModelStore(root))
+            self._tenants[tenant] = manager
+            while len(self._tenants) > MAX_OPEN_TENANT_STORES:
+                self._tenants.popitem(last=False)
+        self._tenants.move_to_end(tenant)
+        return manager
 
     @property
     def default_keep_alive(self) -> float:
         return parse_duration(self.config.keep_alive)
 
-    def names(self) -> list[str]:
-        """Names a client may ask for (configured, stored, catalogued).
+    def shared_names(self) -> list[str]:
+        """Names every caller may ask for (configured, shared store, catalogued).
 
         Read from disk at most once every :data:`NAMES_TTL` seconds: every
         ``hello`` asks, and a burst of connections must not rescan the store.
@@ -99,6 +139,23 @@ class ModelRegistry:
         self._names = (now, names)
         return names
 
+    def names(self, tenant: str | None = None) -> list[str]:
+        """Names ``tenant`` may ask for: its own stored models first, then the shared names."""
+        shared = self.shared_names()
+        if tenant is None:
+            return shared
+        own = sorted(r.ref.short for r in self.manager_for(tenant).store.models())
+        return list(dict.fromkeys([*own, *shared]))
+
+    def is_shared_name(self, name: str) -> bool:
+        """Whether ``name`` resolves outside any tenant: configured, stored shared, catalogued."""
+        if name in self.config.models or self.manager.catalog_entry(name) is not None:
+            return True
+        try:
+            return self.manager.store.has(parse_ref(name))
+        except FerrousError:
+            return False
+
     def _changed(self, key: str) -> None:
         """A stored model changed: forget what was resolved, reload it once it is idle."""
         self._names = None
@@ -106,24 +163,68 @@ class ModelRegistry:
         if key in self.engine.models():
             self.engine.set_keep_alive(key, 0)
 
-    def key_for(self, name: str) -> str:
-        """The engine's name for ``name`` (a configured name, or the canonical ``name:tag``)."""
+    def tenant_prefix(self, tenant: str) -> str:
+        """The start of every engine key of ``tenant``'s models."""
+        return f"{TENANT_KEY_PREFIX}{tenant_slug(tenant)}/"
+
+    def engine_key(self, tenant: str | None, ref: ModelRef) -> str:
+        return f"{self.tenant_prefix(tenant)}{ref}" if tenant else str(ref)
+
+    def forget(self, key: str) -> None:
+        """An unloaded model: resolve it afresh next time."""
+        self._resolved.pop(key, None)
+
+    def owner_of(self, key: str) -> str | None:
+        """The tenant slug an engine key belongs to (None: shared)."""
+        if not key.startswith(TENANT_KEY_PREFIX):
+            return None
+        return key[1:].partition("/")[0]
+
+    def display_name(self, key: str) -> str:
+        """What a client sees of an engine key: the model name, without the tenant prefix."""
+        if not key.startswith(TENANT_KEY_PREFIX):
+            return key
+        return key.partition("/")[2]
+
+    def tenant_has(self, tenant: str | None, name: str) -> ModelRef | None:
+        """``name``'s reference when ``tenant``'s own store holds it."""
+        if tenant is None or name in self.config.models:
+            return None
+        try:
+            ref = parse_ref(name)
+        except FerrousError:
+            return None
+        return ref if self.manager_for(tenant).store.has(ref) else None
+
+    def key_for(self, name: str, tenant: str | None = None) -> str:
+        """The engine's name for ``name`` as ``tenant`` resolves it."""
+        ref = self.tenant_has(tenant, name)
+        if ref is not None:
+            return self.engine_key(tenant, ref)
         return name if name in self.config.models else self._key(name)
 
     async def ensure(
-        self, name: str, *, keep_alive: float | None = None, n_ctx: int | None = None
+        self,
+        name: str,
+        *,
+        tenant: str | None = None,
+        keep_alive: float | None = None,
+        n_ctx: int | None = None,
     ) -> ResolvedModel:
         """Load ``name`` if it is not loaded; returns the engine key and its manifest.
 
         ``n_ctx`` overrides the context length when this call is the one that loads it.
         """
-        key = self.key_for(name)
+        key = self.key_for(name, tenant)
         resolved = self._resolved.get(key)
         if resolved is not None and key in self.engine.models():
             return resolved
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._load(name, key, keep_alive, n_ctx), name=f"load {key}")
+            owner = tenant if self.owner_of(key) is not None else None
+            task = asyncio.create_task(
+                self._load(name, key, owner, keep_alive, n_ctx), name=f"load {key}"
+            )
             self._loading[key] = task
             task.add_done_callback(lambda _t: self._loading.pop(key, None))
             task.add_done_callback(_retrieve)  # waiters may all have gone (cancelled)
@@ -137,9 +238,14 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} is not known to this server") from None
 
     async def _load(
-        self, name: str, key: str, keep_alive: float | None, n_ctx: int | None
+        self,
+        name: str,
+        key: str,
+        tenant: str | None,
+        keep_alive: float | None,
+        n_ctx: int | None,
     ) -> ResolvedModel:
-        entry = self.config.models.get(name)
+        entry = self.config.models.get(name) if tenant is None else None
         if entry is not None:
             await self.engine.load(
                 name,
@@ -150,24 +256,34 @@ class ModelRegistry:
             )
             resolved = ResolvedModel(name)
         else:
+            manager = self.manager_for(tenant)
             try:
-                record = await self.manager.resolve(name, pull=self.config.auto_pull)
+                record = await manager.resolve(name, pull=self.config.auto_pull and not tenant)
             except FerrousError as exc:
                 if exc.code.value == "model_not_found":
                     raise ModelNotFound(exc.message) from None
                 raise
-            await self.load_record(record, keep_alive=keep_alive, n_ctx=n_ctx)
+            await self.load_record(
+                record, keep_alive=keep_alive, n_ctx=n_ctx, key=key, manager=manager
+            )
             resolved = ResolvedModel(key, record.manifest)
         self._resolved[key] = resolved
         return resolved
 
     async def load_record(
-        self, record: ModelRecord, *, keep_alive: float | None = None, n_ctx: int | None = None
+        self,
+        record: ModelRecord,
+        *,
+        keep_alive: float | None = None,
+        n_ctx: int | None = None,
+        key: str | None = None,
+        manager: ModelManager | None = None,
     ) -> None:
-        path: Path = await asyncio.to_thread(self.manager.store.model_path, record)
+        store = (manager or self.manager).store
+        path: Path = await asyncio.to_thread(store.model_path, record)
         man = record.manifest
         await self.engine.load(
-            str(record.ref),
+            key or str(record.ref),
             path,
             n_ctx=n_ctx or _int_param(man.parameters, "num_ctx"),
             chat_template=man.template,
@@ -178,55 +294,72 @@ class ModelRegistry:
         self,
         name: str,
         *,
+        tenant: str | None = None,
         source: str | None = None,
         sha256: str | None = None,
         progress: PullListener | None = None,
-        remote: bool = False,
     ) -> ModelRecord:
-        """Pull into the store. ``remote`` requests (WS, HTTP) may not read server files."""
-        if remote:
-            self.check_remote_pull(name, source)
-        record = await self.manager.pull(name, source=source, sha256=sha256, progress=progress)
-        self._changed(str(record.ref))
+        """Pull into ``tenant``'s store (a catalog name without a source: the shared store,
+        since a catalogued model is the same verified bytes whoever asks)."""
+        shared = source is None and self.manager.catalog_entry(name) is not None
+        target = None if shared else tenant
+        record = await self.manager_for(target).pull(
+            name, source=source, sha256=sha256, progress=progress
+        )
+        self._changed(self.engine_key(target, record.ref))
         return record
 
-    def check_remote_pull(self, name: str, source: str | None) -> None:
-        """Refuse what a network client may not do: pulls when disabled, server-side paths."""
-        if not self.config.allow_remote_pull:
-            raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
-        text = source if source is not None else name
-        if is_source(text) and not text.startswith(REMOTE_SCHEMES):
-            raise BadRequest(
-                f"source {text!r} is not allowed here: use "
-                + ", ".join(REMOTE_SCHEMES)
-                + " (local files can be imported with `ferrous create` on the server)"
-            )
-
-    async def create(self, name: str, modelfile: str, *, remote: bool = False) -> ModelRecord:
-        mf = parse_modelfile(modelfile, source="modelfile")
-        if remote:
-            self.check_remote_pull(name, mf.from_ if is_source(mf.from_) else None)
-        record = await self.manager.create(name, mf)
-        self._changed(str(record.ref))
+    async def create(
+        self, name: str, modelfile: Modelfile, *, tenant: str | None = None
+    ) -> ModelRecord:
+        """Build ``name`` in ``tenant``'s store; FROM a shared model links its blobs."""
+        manager = self.manager_for(tenant)
+        parent: ModelRecord | None = None
+        if tenant is not None and self.tenant_has(tenant, modelfile.from_) is None:
+            parent = await self._shared_record(modelfile.from_)
+        record = await manager.create(
+            name,
+            modelfile,
+            parent=parent,
+            parent_store=self.manager.store if parent is not None else None,
+        )
+        self._changed(self.engine_key(tenant, record.ref))
         return record
 
-    async def copy(self, source: str, destination: str) -> ModelRecord:
-        record = await self.manager.copy(source, destination)
-        self._changed(str(record.ref))
+    async def _shared_record(self, name: str) -> ModelRecord | None:
+        """A shared stored (or catalogued, then pulled) model called ``name``, else None."""
+        if is_source(name):
+            return None
+        record = await self.manager.find(name)
+        if record is None and self.manager.catalog_entry(name) is not None:
+            record = await self.manager.pull(name)
         return record
 
-    async def unload(self, name: str) -> str:
+    async def copy(
+        self, source: str, destination: str, *, tenant: str | None = None
+    ) -> ModelRecord:
+        if tenant is not None and self.tenant_has(tenant, source) is None:
+            # A shared model copied into a tenant's namespace: the same manifest, linked blobs.
+            return await self.create(destination, Modelfile(from_=source), tenant=tenant)
+        record = await self.manager_for(tenant).copy(source, destination)
+        self._changed(self.engine_key(tenant, record.ref))
+        return record
+
+    async def unload(self, name: str, *, tenant: str | None = None) -> str:
         """Unload a model now (its running generations end as cancelled); returns its key."""
-        key = name if name in self.engine.models() else self._key(name)
+        key = (
+            name if tenant is None and name in self.engine.models() else self.key_for(name, tenant)
+        )
         await self.engine.unload(key)
         self._resolved.pop(key, None)
         return key
 
-    async def remove(self, name: str) -> list[str]:
-        key = self._key(name)
+    async def remove(self, name: str, *, tenant: str | None = None) -> list[str]:
+        ref = parse_ref(name)
+        key = self.engine_key(tenant, ref)
         if key in self.engine.models():
             await self.engine.unload(key)
-        removed = await self.manager.remove(name)
+        removed = await self.manager_for(tenant).remove(name)
         self._changed(key)
         return removed
 
@@ -242,14 +375,11 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 
 async def pull_progress(
-    registry: ModelRegistry,
-    name: str,
-    *,
-    source: str | None = None,
-    sha256: str | None = None,
-    remote: bool = True,
+    start: Callable[[PullListener], Awaitable[ModelRecord]],
 ) -> AsyncGenerator[PullEvent | ModelRecord, None]:
     """A pull as a stream: progress events, then the stored model (or its FerrousError raised).
+
+    ``start`` begins the pull with the progress listener it is given.
 
     Only the latest progress waits for a slow consumer: byte counts it has not
     read yet are replaced, never queued. Closing the stream early cancels the
@@ -263,9 +393,7 @@ async def pull_progress(
             latest[:] = [event]
             wake.set()
 
-    task = asyncio.ensure_future(
-        registry.pull(name, source=source, sha256=sha256, progress=on_progress, remote=remote)
-    )
+    task = asyncio.ensure_future(start(on_progress))
     task.add_done_callback(lambda _t: wake.set())
     task.add_done_callback(_retrieve)  # the consumer may close before reading the result
     try:

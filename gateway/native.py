@@ -22,10 +22,14 @@ from engine import ChatMessage, GenerationDone, TokenDelta
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
+from engine.store.urls import redact_url
+from gateway.auth import Principal
 from gateway.generation import Prepared, format_options, prepare, run, started, with_seeds
 from gateway.httpapi import ClosingStream, Handler, http_status, read_body, unless_disconnected
 from gateway.httpapi import guarded as _guarded
 from gateway.models import pull_progress
+from gateway.namespaces import ModelView
+from gateway.scopes import ADMIN, allows
 from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import ErrorCode, FerrousError, error_from_code
@@ -55,8 +59,12 @@ def native_error(exc: FerrousError) -> JSONResponse:
     return JSONResponse(body, status_code=http_status(exc), headers=headers)
 
 
-def record_json(record: ModelRecord) -> dict[str, Any]:
-    """A stored model, in a shape that is also an OpenAI model object (``id``, ``object``…)."""
+def record_json(record: ModelRecord, *, admin: bool = False) -> dict[str, Any]:
+    """A stored model, in a shape that is also an OpenAI model object (``id``, ``object``…).
+
+    ``source`` (a URL that may carry credentials, or a server path) is shown
+    to admins only.
+    """
     m = record.manifest
     return {
         "id": record.ref.short,
@@ -70,16 +78,17 @@ def record_json(record: ModelRecord) -> dict[str, Any]:
         "format": m.format,
         "modified_at": record.modified,
         "parent": m.parent,
-        "source": m.source,
+        "source": redact_url(m.source) if admin else None,
         "parameters": m.parameters,
     }
 
 
-def modelfile_of(record: ModelRecord) -> str:
+def modelfile_of(record: ModelRecord, *, admin: bool = False) -> str:
+    """``record`` as a Modelfile; its FROM shows a source URL or path to admins only."""
     m = record.manifest
     return render_modelfile(
         Modelfile(
-            from_=m.parent or m.source or record.ref.short,
+            from_=m.parent or (redact_url(m.source) if admin else None) or record.ref.short,
             parameters=dict(m.parameters),
             template=m.template,
             system=m.system,
@@ -117,7 +126,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
     def guarded(fn: Handler) -> Handler:
         return _guarded(gateway, native_error, fn)
 
-    def configured_json(name: str) -> dict[str, Any]:
+    def configured_json(name: str, admin: bool) -> dict[str, Any]:
         """A model from the config's ``[models]`` table, in the same shape as stored ones."""
         return {
             "id": name,
@@ -126,21 +135,26 @@ def model_routes(gateway: Gateway) -> list[Route]:
             "owned_by": "ferrousforge",
             "name": name,
             "model": name,
-            "path": gateway.config.models[name].path,
+            "path": gateway.config.models[name].path if admin else None,
             "loaded": name in gateway.engine.models(),
         }
 
+    def view(request: Request) -> ModelView:
+        return gateway.models_for(request.state.principal)
+
     async def list_models(request: Request) -> Response:
-        records = await registry.manager.models()
-        loaded = {x.name for x in gateway.engine.loaded()}
+        v = view(request)
+        records = await v.records()
+        loaded = {x.name for x in v.loaded()}
         out = []
         for r in records:
-            item = record_json(r)
-            item["loaded"] = str(r.ref) in loaded
+            item = record_json(r, admin=v.admin)
+            item["loaded"] = r.ref.short in loaded or str(r.ref) in loaded
             out.append(item)
-        out.extend(configured_json(name) for name in gateway.config.models)
+        out.extend(configured_json(name, v.admin) for name in gateway.config.models)
         catalog = [
-            {"name": n, "description": e.description, "source": e.source}
+            {"name": n, "description": e.description}
+            | ({"source": redact_url(e.source) or ""} if v.admin else {})
             for n, e in sorted(registry.manager.catalog.items())
             if ":" not in n
         ]
@@ -148,11 +162,12 @@ def model_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse({"object": "list", "data": out, "catalog": catalog})
 
     async def show(request: Request) -> Response:
+        v = view(request)
         name = request.path_params["name"]
-        if name in gateway.config.models:  # a configured file, not a stored model
-            return JSONResponse(configured_json(name))
-        record = await registry.manager.store_get(name)
-        body = record_json(record)
+        if name in gateway.config.models and v.key_for(name) == name:
+            return JSONResponse(configured_json(name, v.admin))  # a configured file
+        record = await v.get(name)
+        body = record_json(record, admin=v.admin)
         m = record.manifest
         body.update(
             {
@@ -161,45 +176,44 @@ def model_routes(gateway: Gateway) -> list[Route]:
                 "messages": [{"role": x.role, "content": x.content} for x in m.messages],
                 "license": m.license,
                 "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in m.files],
-                "modelfile": modelfile_of(record),
+                "modelfile": modelfile_of(record, admin=v.admin),
             }
         )
         return JSONResponse(body)
 
     async def delete(request: Request) -> Response:
-        removed = await registry.remove(request.path_params["name"])
+        removed = await view(request).remove(request.path_params["name"])
         return JSONResponse({"deleted": request.path_params["name"], "blobs_removed": removed})
 
     async def copy(request: Request) -> Response:
         body = await read_body(gateway, request, CopyBody)
-        record = await registry.copy(body.source, body.destination)
-        return JSONResponse(record_json(record))
+        v = view(request)
+        record = await v.copy(body.source, body.destination)
+        return JSONResponse(record_json(record, admin=v.admin))
 
     async def create(request: Request) -> Response:
         body = await read_body(gateway, request, CreateBody)
-        record = await registry.create(body.name, body.modelfile, remote=True)
-        return JSONResponse(record_json(record))
+        v = view(request)
+        record = await v.create(body.name, body.modelfile)
+        return JSONResponse(record_json(record, admin=v.admin))
 
     async def ps(request: Request) -> Response:
-        return JSONResponse(
-            {"models": [msgspec.structs.asdict(x) for x in gateway.engine.loaded()]}
-        )
+        return JSONResponse({"models": [msgspec.structs.asdict(x) for x in view(request).loaded()]})
 
     async def unload(request: Request) -> Response:
         body = await read_body(gateway, request, ModelBody)
-        key = await registry.unload(body.model)
+        key = await view(request).unload(body.model)
         return JSONResponse({"unloaded": key})
 
     async def pull(request: Request) -> Response:
         body = await read_body(gateway, request, PullBody)
+        v = view(request)
         if not body.stream:
-            record = await registry.pull(
-                body.model, source=body.source, sha256=body.sha256, remote=True
-            )
-            return JSONResponse({"status": "success", **record_json(record)})
+            record = await v.pull(body.model, source=body.source, sha256=body.sha256)
+            return JSONResponse({"status": "success", **record_json(record, admin=v.admin)})
         # Validate before the stream starts, so a bad request still gets a 4xx status.
-        registry.check_remote_pull(body.model, body.source)
-        return ClosingStream(_pull_events(gateway, body))
+        v.check_pull(body.model, body.source)
+        return ClosingStream(_pull_events(v, body))
 
     return [
         Route("/v1/models", guarded(list_models), methods=["GET"]),
@@ -217,15 +231,15 @@ def _sse(event: str, data: object) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def _pull_events(gateway: Gateway, body: PullBody) -> AsyncIterator[bytes]:
+async def _pull_events(view: ModelView, body: PullBody) -> AsyncIterator[bytes]:
     """SSE for one pull: ``progress`` events, then ``success`` or ``error``."""
-    stream = pull_progress(gateway.models, body.model, source=body.source, sha256=body.sha256)
+    stream = pull_progress(view.pull_starter(body.model, body.source, body.sha256))
     try:
         async for item in stream:
             if isinstance(item, PullEvent):
                 yield _sse("progress", msgspec.to_builtins(item))
             else:
-                yield _sse("success", {"status": "success", **record_json(item)})
+                yield _sse("success", {"status": "success", **record_json(item, admin=view.admin)})
     except FerrousError as exc:
         err = {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}
         yield _sse("error", {"error": err})
@@ -312,6 +326,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
         if isinstance(body, GenerateBody):
             prepared = await prepare(
                 gateway,
+                request.state.principal,
                 body.model,
                 prompt=body.prompt,
                 options=body.options,
@@ -324,6 +339,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
         if body.conversation is None:
             prepared = await prepare(
                 gateway,
+                request.state.principal,
                 body.model,
                 messages=turns,
                 options=body.options,
@@ -334,12 +350,13 @@ def generation_routes(gateway: Gateway) -> list[Route]:
             return prepared, None, lambda _text: None
         principal = request.state.principal
         owner = (principal.tenant, principal.user)
-        resolved = await gateway.ensure_model(body.model, keep_alive)
+        resolved = await gateway.ensure_model(principal, body.model, keep_alive)
         conv = gateway.conversations.get_or_create(owner, body.conversation, body.model)
         # A new conversation opens with the Modelfile's seeds, as on the WebSocket.
         new_turns = list(turns) if conv.messages else with_seeds(resolved, turns)
         prepared = await prepare(
             gateway,
+            request.state.principal,
             body.model,
             messages=[*conv.messages, *new_turns],
             options=body.options,
@@ -403,17 +420,24 @@ def generation_routes(gateway: Gateway) -> list[Route]:
         return Response(_JSON.encode(result), media_type="application/json")
 
     async def readyz(request: Request) -> Response:
-        """Ready when not draining and every worker answers (no credential needed)."""
+        """Ready when not draining and every worker answers (no credential needed).
+
+        Without a credential it says only that; an admin also gets the workers
+        and the models they hold (model names are tenants' business).
+        """
         health = await gateway.engine.health()
-        workers = [
-            {"index": w.index, "alive": w.alive, "models": w.models, "active": w.active}
-            for w in health.workers
-        ]
         ready = health.ok and not gateway.draining
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "workers": workers},
-            status_code=200 if ready else 503,
-        )
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
+        try:
+            caller: Principal | None = gateway.http_principal(request)
+        except FerrousError:
+            caller = None
+        if caller is not None and allows(caller.scopes, ADMIN):
+            body["workers"] = [
+                {"index": w.index, "alive": w.alive, "models": w.models, "active": w.active}
+                for w in health.workers
+            ]
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return [
         Route("/readyz", readyz, methods=["GET"]),

@@ -16,9 +16,10 @@ What differs from Ollama, on purpose:
 * Options we do not use (``mirostat``, ``num_gpu``…) are accepted and ignored,
   as Ollama ignores options a backend lacks; options of the wrong type are 400.
 
-Auth is the server's (Bearer JWT or API key); with
-``auth.ollama_loopback_without_token`` a loopback client (no proxy headers)
-needs none, since Ollama clients usually send none.
+Auth is the server's (Bearer JWT or API key); a loopback client (no proxy
+headers, no foreign browser origin) needs none while
+``auth.loopback_without_token`` is on (the default), since Ollama clients
+usually send none.
 """
 
 from __future__ import annotations
@@ -37,11 +38,22 @@ from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta
 from engine.store.modelfile import Message, Modelfile, render_modelfile
+from engine.store.names import looks_like_ref
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
+from engine.store.urls import redact_url
+from gateway.auth import Principal
 from gateway.generation import Prepared, format_options, prepare, run, started
-from gateway.httpapi import ClosingStream, guarded, http_status, read_body, unless_disconnected
+from gateway.httpapi import (
+    ClosingStream,
+    guarded,
+    http_status,
+    loopback_without_token,
+    read_body,
+    unless_disconnected,
+)
 from gateway.models import pull_progress
+from gateway.namespaces import ModelView
 from gateway.native import modelfile_of
 from protocol import messages as m
 from protocol.durations import parse_duration
@@ -257,7 +269,7 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 def ollama_routes(gateway: Gateway) -> list[Route]:
     """The ``/api/*`` routes, bound to ``gateway``."""
-    loopback = gateway.config.auth.ollama_loopback_without_token
+    loopback = loopback_without_token(gateway)
 
     def route(path: str, fn: Any, method: str) -> Route:
         return Route(
@@ -266,14 +278,16 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
 
     # -- generation ---------------------------------------------------------------------
 
-    async def load_only(model: str, keep_alive: float | None, key: str) -> Response:
+    async def load_only(
+        principal: Principal, model: str, keep_alive: float | None, key: str
+    ) -> Response:
         """Ollama's "empty prompt" requests: load the model (or unload it with keep_alive 0)."""
         if keep_alive == 0:
             with contextlib.suppress(ModelNotFound):
-                await gateway.models.unload(model)
+                await gateway.models_for(principal).unload(model)
             reason = "unload"
         else:
-            await gateway.ensure_model(model, keep_alive)
+            await gateway.ensure_model(principal, model, keep_alive)
             reason = "load"
         body = {"model": model, "created_at": _now(), "done": True, "done_reason": reason}
         body[key] = {"role": "assistant", "content": ""} if key == "message" else ""
@@ -344,12 +358,13 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         _refuse_unsupported(body.think, body.logprobs)
         keep_alive = _keep_alive(body.keep_alive)
         if not body.prompt and body.system is None:
-            return await load_only(body.model, keep_alive, "response")
+            return await load_only(request.state.principal, body.model, keep_alive, "response")
         options, extra = _sampling(body.options, body.format)
-        await _load_with_ctx(body.model, body.options, keep_alive)
+        await _load_with_ctx(request.state.principal, body.model, body.options, keep_alive)
         if body.raw:
             prepared = await prepare(
                 gateway,
+                request.state.principal,
                 body.model,
                 prompt=body.prompt,
                 options=options,
@@ -362,6 +377,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             turns.append(ChatMessage("user", body.prompt))
             prepared = await prepare(
                 gateway,
+                request.state.principal,
                 body.model,
                 messages=turns,
                 options=options,
@@ -381,11 +397,12 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         _refuse_unsupported(body.think, body.logprobs)
         keep_alive = _keep_alive(body.keep_alive)
         if not body.messages:
-            return await load_only(body.model, keep_alive, "message")
+            return await load_only(request.state.principal, body.model, keep_alive, "message")
         options, extra = _sampling(body.options, body.format)
-        await _load_with_ctx(body.model, body.options, keep_alive)
+        await _load_with_ctx(request.state.principal, body.model, body.options, keep_alive)
         prepared = await prepare(
             gateway,
+            request.state.principal,
             body.model,
             messages=[ChatMessage(t.role, t.content) for t in body.messages],
             options=options,
@@ -395,23 +412,24 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         )
         return await respond(request, prepared, body.model, body.stream, chat=True)
 
-    async def _load_with_ctx(model: str, options: Options | None, keep_alive: float | None) -> None:
+    async def _load_with_ctx(
+        principal: Principal, model: str, options: Options | None, keep_alive: float | None
+    ) -> None:
         """``options.num_ctx`` applies when this request is the one that loads the model."""
         if options is None or options.num_ctx is None:
             return
-        registry = gateway.models
-        key = registry.key_for(model)
-        if key in gateway.engine.models():
+        view = gateway.models_for(principal)
+        if view.key_for(model) in gateway.engine.models():
             return
-        await registry.ensure(model, keep_alive=keep_alive, n_ctx=options.num_ctx)
+        await view.ensure(model, keep_alive=keep_alive, n_ctx=options.num_ctx)
 
     # -- embeddings -----------------------------------------------------------------------
 
     async def embed_texts(
-        model: str, texts: list[str], truncate: bool, keep_alive: float | None
+        principal: Principal, model: str, texts: list[str], truncate: bool, keep_alive: float | None
     ) -> tuple[list[list[float]], int, float, float]:
         t0 = time.perf_counter()
-        resolved = await gateway.ensure_model(model, keep_alive)
+        resolved = await gateway.ensure_model(principal, model, keep_alive)
         t1 = time.perf_counter()
         result = await gateway.engine.embed(
             resolved.key, texts, truncate=truncate, keep_alive=keep_alive
@@ -423,7 +441,10 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         texts = [body.input] if isinstance(body.input, str) else body.input
         truncate = body.truncate is not False
         vectors, tokens, load_s, total_s = await unless_disconnected(
-            request, embed_texts(body.model, texts, truncate, _keep_alive(body.keep_alive))
+            request,
+            embed_texts(
+                request.state.principal, body.model, texts, truncate, _keep_alive(body.keep_alive)
+            ),
         )
         if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
             raise BadRequest(
@@ -442,14 +463,24 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
     async def embeddings_legacy(request: Request) -> Response:
         body = await read_body(gateway, request, LegacyEmbedBody)
         vectors, _, _, _ = await unless_disconnected(
-            request, embed_texts(body.model, [body.prompt], True, _keep_alive(body.keep_alive))
+            request,
+            embed_texts(
+                request.state.principal,
+                body.model,
+                [body.prompt],
+                True,
+                _keep_alive(body.keep_alive),
+            ),
         )
         return JSONResponse({"embedding": vectors[0]})
 
     # -- models ---------------------------------------------------------------------------
 
+    def view(request: Request) -> ModelView:
+        return gateway.models_for(request.state.principal)
+
     async def tags(request: Request) -> Response:
-        records = await gateway.models.manager.models()
+        records = await view(request).records()
         return JSONResponse(
             {
                 "models": [
@@ -468,7 +499,8 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
 
     async def show(request: Request) -> Response:
         body = await read_body(gateway, request, NameBody)
-        record = await gateway.models.manager.store_get(body.target())
+        v = view(request)
+        record = await v.get(body.target())
         man = record.manifest
         params = "\n".join(
             f"{k:<16}{json.dumps(v) if isinstance(v, str) else v}"
@@ -477,13 +509,14 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         )
         return JSONResponse(
             {
-                "modelfile": modelfile_of(record),
+                "modelfile": modelfile_of(record, admin=v.admin),
                 "parameters": params,
                 "template": man.template or "",
                 "system": man.system or "",
                 "license": "\n".join(man.license),
                 "details": _details(record),
-                "model_info": {"general.format": man.format, "ferrous.source": man.source},
+                "model_info": {"general.format": man.format}
+                | ({"ferrous.source": redact_url(man.source)} if v.admin else {}),
                 "modified_at": _iso(record.modified),
                 "capabilities": ["completion"],
             }
@@ -491,8 +524,9 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
 
     async def ps(request: Request) -> Response:
         out = []
-        for x in gateway.engine.loaded():
-            record = await gateway.models.manager.find(x.name)
+        v = view(request)
+        for x in v.loaded():
+            record = await v.find(x.name) if looks_like_ref(x.name) else None
             out.append(
                 {
                     "name": x.name,
@@ -510,20 +544,21 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
     async def pull(request: Request) -> Response:
         body = await read_body(gateway, request, PullBody)
         target = body.target()
-        gateway.models.check_remote_pull(target, None)
+        v = view(request)
+        v.check_pull(target, None)
         if not body.stream:
-            await unless_disconnected(request, gateway.models.pull(target, remote=True))
+            await unless_disconnected(request, v.pull(target))
             return JSONResponse({"status": "success"})
-        return ClosingStream(_pull_lines(gateway, target), media_type=NDJSON)
+        return ClosingStream(_pull_lines(v, target), media_type=NDJSON)
 
     async def delete(request: Request) -> Response:
         body = await read_body(gateway, request, NameBody)
-        await gateway.models.remove(body.target())
+        await view(request).remove(body.target())
         return Response(status_code=200)
 
     async def copy(request: Request) -> Response:
         body = await read_body(gateway, request, CopyBody)
-        await gateway.models.copy(body.source, body.destination)
+        await view(request).copy(body.source, body.destination)
         return Response(status_code=200)
 
     async def create(request: Request) -> Response:
@@ -551,7 +586,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                     license=licenses,
                 )
             )
-        await gateway.models.create(name, text, remote=True)
+        await view(request).create(name, text)
         if body.stream:
             return StreamingResponse(
                 iter([_line({"status": "writing manifest"}), _line({"status": "success"})]),
@@ -564,7 +599,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
 
     async def blob_head(request: Request) -> Response:
         digest = request.path_params["digest"].replace("-", ":", 1)
-        found = gateway.models.manager.store.has_blob(digest)
+        found = view(request).has_blob(digest)
         return Response(status_code=200 if found else 404)
 
     return [
@@ -584,9 +619,9 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
     ]
 
 
-async def _pull_lines(gateway: Gateway, target: str) -> AsyncIterator[bytes]:
+async def _pull_lines(view: ModelView, target: str) -> AsyncIterator[bytes]:
     """NDJSON progress of a pull, then ``{"status": "success"}`` or an error line."""
-    stream = pull_progress(gateway.models, target)
+    stream = pull_progress(view.pull_starter(target))
     try:
         async for item in stream:
             if isinstance(item, PullEvent):

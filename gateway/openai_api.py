@@ -56,7 +56,14 @@ from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta
 from engine.requests import Embeddings
 from engine.textstream import MAX_STOP_CHARS
 from gateway.generation import Prepared, format_options, prepare, run
-from gateway.httpapi import ClosingStream, error_field, guarded, http_status, read_body
+from gateway.httpapi import (
+    ClosingStream,
+    error_field,
+    guarded,
+    http_status,
+    loopback_without_token,
+    read_body,
+)
 from gateway.httpapi import unless_disconnected as _unless_disconnected
 from protocol import messages as m
 from protocol.durations import parse_duration
@@ -494,6 +501,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         created = int(time.time())
         prepared = await prepare(
             gateway,
+            request.state.principal,
             body.model,
             messages=messages,
             options=options,
@@ -566,6 +574,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         created = int(time.time())
         prepared = await prepare(
             gateway,
+            request.state.principal,
             body.model,
             prompt=prompt,
             options=options,
@@ -620,7 +629,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         keep_alive = _keep_alive(body)
 
         async def embed() -> Embeddings:
-            resolved = await gateway.ensure_model(body.model, keep_alive)
+            resolved = await gateway.ensure_model(request.state.principal, body.model, keep_alive)
             return await gateway.engine.embed(
                 resolved.key, inputs, truncate=body.truncate, keep_alive=keep_alive
             )
@@ -641,7 +650,10 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         return _json({"object": "list", "data": data, "model": body.model, "usage": usage})
 
     def route(path: str, fn: Callable[[Request], Awaitable[Response]]) -> Route:
-        return Route(path, guarded(gateway, openai_error, fn), methods=["POST"])
+        loopback = loopback_without_token(gateway)
+        return Route(
+            path, guarded(gateway, openai_error, fn, allow_loopback=loopback), methods=["POST"]
+        )
 
     return [
         route("/v1/chat/completions", chat_completions),

@@ -22,7 +22,9 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import socket
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from gateway.auth import Authenticator
 from gateway.config import ConfigError, ServerConfig, ferrous_home, parse_size
 from gateway.logs import configure_logging
 from gateway.runtime import GcTuner, raise_fd_limit
+from gateway.scopes import ALL_SCOPES
 from protocol.durations import parse_duration
 from protocol.errors import ErrorCode
 
@@ -72,6 +75,8 @@ def build_authenticator(config: ServerConfig) -> Authenticator:
         tenant_claim=a.tenant_claim,
         api_keys_file=a.api_keys_file,
         ticket_ttl=a.ticket_ttl,
+        max_tickets_per_user=a.max_tickets_per_user,
+        max_token_lifetime=a.max_token_lifetime,
     )
 
 
@@ -411,12 +416,37 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
+        watcher = asyncio.create_task(gateway.watch_revocations(), name="revocations")
         try:
             yield RunningServer(gateway, config.host, port, task)
         finally:
+            watcher.cancel()
             await server.shutdown_gracefully()
             await task
             sock.close()
+
+
+CHAT_URL_FILE = "chat-url"
+
+
+def _announce_chat_page(running: RunningServer, config: ServerConfig) -> None:
+    """Tell the local user where the chat page is, with an admin token for it.
+
+    The token is the local admin's, valid a week: it goes to a terminal, or
+    when standard output is not one (a service log, a container's output) to
+    ``FERROUS_HOME/chat-url`` with mode 0600, never into a log.
+    """
+    token = running.gateway.auth.issue_token(sub="local", ttl=7 * 24 * 3600, scopes=ALL_SCOPES)
+    url = f"{running.http_url}/#token={token}"
+    if sys.stdout.isatty():
+        print(f"chat page: {url}", flush=True)
+        return
+    path = ferrous_home(config) / CHAT_URL_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(url + "\n")
+    print(f"chat page: {running.http_url}/ (the link with its token is in {path})", flush=True)
 
 
 async def serve(config: ServerConfig) -> int:
@@ -429,8 +459,7 @@ async def serve(config: ServerConfig) -> int:
             log.info("listening on %s (WebSocket %s)", running.http_url, running.ws_url)
             local = _is_loopback(config.host) and "HS256" in config.auth.algorithms
             if running.gateway.auth.enabled and local:
-                token = running.gateway.auth.issue_token(sub="local", ttl=7 * 24 * 3600)
-                print(f"chat page: {running.http_url}/#token={token}", flush=True)
+                _announce_chat_page(running, config)
             tuner.start()  # start-up objects leave the collector's working set
             running.gateway.gc_tuner = tuner
             await asyncio.shield(running.task)

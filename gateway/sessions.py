@@ -204,15 +204,21 @@ class Session:
         await self.cancel_all()
 
     def _expired(self) -> None:
-        self._expiry = asyncio.create_task(self._expire())
+        self._expiry = asyncio.create_task(self._expire("token expired"))
 
-    async def _expire(self) -> None:
-        """The credential expired during the session: say so, then close (policy violation)."""
+    def revoked(self) -> None:
+        """The API key behind this session was revoked: end it as an expired token ends it."""
+        if self.closed or (self._expiry is not None and not self._expiry.done()):
+            return
+        self._expiry = asyncio.create_task(self._expire("API key revoked"))
+
+    async def _expire(self, reason: str) -> None:
+        """The credential is no longer valid: say so, cancel, close (policy violation)."""
         from gateway.auth import Unauthorized
 
-        await self.send_error(Unauthorized("token expired"))
+        await self.send_error(Unauthorized(reason))
         await self.cancel_all()
-        await self.close(CLOSE_POLICY, "token expired")
+        await self.close(CLOSE_POLICY, reason)
 
     async def _handle(self, msg: m.ClientMessage) -> None:
         match msg:
@@ -254,7 +260,7 @@ class Session:
                 version=g.version,
                 session=self.id,
                 user=self.principal.user,
-                models=await g.model_names(),
+                models=await g.model_names(self.principal),
                 limits=m.Limits(
                     lim.max_frame_bytes,
                     lim.max_concurrent_generations,
@@ -330,7 +336,7 @@ class Session:
                     raise asyncio.CancelledError
                 keep_alive = None if msg.keep_alive is None else parse_duration(msg.keep_alive)
                 if isinstance(msg, m.Chat):
-                    resolved = await g.ensure_model(msg.model, keep_alive)
+                    resolved = await g.ensure_model(self.principal, msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
                     conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
                     turns = [EngineMessage(x.role, x.content) for x in msg.messages]
@@ -341,6 +347,7 @@ class Session:
                     conv.messages.extend(turns)
                     prepared = await prepare(
                         g,
+                        self.principal,
                         msg.model,
                         messages=list(conv.messages),
                         options=msg.options,
@@ -354,6 +361,7 @@ class Session:
                 else:
                     prepared = await prepare(
                         g,
+                        self.principal,
                         msg.model,
                         prompt=msg.prompt,
                         options=msg.options,
@@ -440,9 +448,8 @@ class Session:
         """Pull a model into the store, streaming progress messages (latest state wins)."""
         self._phase[msg.id] = "prep"
         with bind(session=self.id, request=msg.id):
-            stream = pull_progress(
-                self.gateway.models, msg.model, source=msg.source, sha256=msg.sha256
-            )
+            view = self.gateway.models_for(self.principal)
+            stream = pull_progress(view.pull_starter(msg.model, msg.source, msg.sha256))
             try:
                 if msg.id in self._user_cancelled:
                     # A cancel read before this task started ("queued"): like _generate, honour

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from gateway.auth import Authenticator, Principal, Unauthorized, load_or_create_secret
+from gateway.scopes import ALL_SCOPES
 from protocol.errors import ErrorCode
 
 NOW = 1_700_000_000.0
@@ -339,7 +340,7 @@ def test_api_key_lifecycle_and_storage(tmp_path: Path, clock: FakeClock) -> None
     auth = Authenticator(home=tmp_path, clock=clock)
     key = auth.create_api_key("carol", tenant="acme", name="laptop")
     assert key.startswith("ffk_")
-    assert auth.authenticate(key) == Principal("carol", "acme", "api_key", None)
+    assert auth.authenticate(key) == Principal("carol", "acme", "api_key", None, key_id=key[:12])
 
     path = tmp_path / "api_keys.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -415,11 +416,24 @@ def test_ticket_does_not_outlive_its_credential(tmp_path: Path, clock: FakeClock
 
 def test_ticket_table_is_bounded(tmp_path: Path, clock: FakeClock) -> None:
     auth = Authenticator(home=tmp_path, clock=clock, max_tickets=3)
-    principal = Principal("alice", None, "api_key", None)
-    tickets = [auth.issue_ticket(principal) for _ in range(4)]
-    with pytest.raises(Unauthorized, match="unknown or used ticket"):
-        auth.redeem_ticket(tickets[0])
-    assert [auth.redeem_ticket(t).user for t in tickets[1:]] == ["alice"] * 3
+    tickets = [auth.issue_ticket(Principal(user, None, "jwt", None)) for user in "abc"]
+    with pytest.raises(Unauthorized, match="too many outstanding tickets"):
+        auth.issue_ticket(Principal("d", None, "jwt", None))
+    assert [auth.redeem_ticket(t).user for t in tickets] == ["a", "b", "c"]
+    clock.now += 31  # the table frees itself as tickets expire
+    auth.issue_ticket(Principal("d", None, "jwt", None))
+
+
+def test_one_user_cannot_push_out_other_users_tickets(tmp_path: Path, clock: FakeClock) -> None:
+    auth = Authenticator(home=tmp_path, clock=clock, max_tickets_per_user=2)
+    bob = auth.issue_ticket(Principal("bob", None, "jwt", None))
+    flood = [auth.issue_ticket(Principal("eve", None, "jwt", None)) for _ in range(50)]
+    # Eve's own oldest tickets made room for her newest ones; Bob's is untouched.
+    assert auth.redeem_ticket(bob).user == "bob"
+    for spent in flood[:-2]:
+        with pytest.raises(Unauthorized, match="unknown or used ticket"):
+            auth.redeem_ticket(spent)
+    assert [auth.redeem_ticket(t).user for t in flood[-2:]] == ["eve", "eve"]
 
 
 # -- auth disabled ------------------------------------------------------------------------------
@@ -428,6 +442,6 @@ def test_ticket_table_is_bounded(tmp_path: Path, clock: FakeClock) -> None:
 @pytest.mark.parametrize("credential", [None, "", "anything"])
 def test_disabled_auth_yields_the_local_principal(tmp_path: Path, credential: str | None) -> None:
     auth = Authenticator(home=tmp_path, enabled=False)
-    assert not auth.enabled
-    assert auth.authenticate(credential) == Principal("local", None, "none", None)
+    assert not auth.enabled  # auth off (loopback only): the caller is the local admin
+    assert auth.authenticate(credential) == Principal("local", None, "none", None, ALL_SCOPES)
     assert not (tmp_path / "secret").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -270,12 +271,17 @@ def test_ps_stop_and_rm_against_a_running_server(tmp_path: Path) -> None:
     at = ("--port", str(port))
 
     with _serve(tmp_path, port):
-        # Printed once the server listens; healthy may be seen a moment before it.
-        line = f"chat page: http://127.0.0.1:{port}/#token="
+        # Printed once the server listens; healthy may be seen a moment before it. Output
+        # is not a terminal here, so the token goes to a 0600 file, not into the output.
+        line = f"chat page: http://127.0.0.1:{port}/ (the link with its token is in "
         deadline = time.monotonic() + 10
         while line not in (tmp_path / "serve.out").read_text():
             assert time.monotonic() < deadline, (tmp_path / "serve.out").read_text()
             time.sleep(0.05)
+        assert "#token=" not in (tmp_path / "serve.out").read_text()
+        chat_url = tmp_path / "chat-url"
+        assert stat.S_IMODE(chat_url.stat().st_mode) == 0o600
+        assert chat_url.read_text().startswith(f"http://127.0.0.1:{port}/#token=")
 
         empty = _ok(ferrous(tmp_path, "ps", *at))
         assert _header(empty.stdout) == ["NAME", "SIZE", "CONTEXT", "BACKEND", "UNTIL"]

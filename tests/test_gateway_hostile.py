@@ -167,7 +167,7 @@ async def test_a_stalled_request_head_is_timed_out_and_closed(
 ) -> None:
     async with _gateway(tmp_path, script_model, handshake_timeout=0.5) as running:
         reader, writer = await asyncio.open_connection(running.host, running.port)
-        writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: webs")  # then nothing
+        writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: webs")  # then nothing
         t0 = time.monotonic()
         data = await _wait_closed(reader, timeout=5)
         elapsed = time.monotonic() - t0
@@ -186,7 +186,7 @@ async def test_a_stalled_request_head_is_timed_out_and_closed(
 
         # A complete request in time is served, and keep-alive requests get the same deadline.
         reader, writer = await asyncio.open_connection(running.host, running.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status = await reader.readline()
         assert status.startswith(b"HTTP/1.1 200"), status
         writer.write(b"GET /healthz HTTP/1.1\r\nHo")
@@ -422,7 +422,7 @@ async def test_a_hostile_client_does_not_block_a_streaming_one(
         token = _token(running)
         stalled = [await asyncio.open_connection(running.host, running.port) for _ in range(100)]
         for _, writer in stalled:
-            writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n")
+            writer.write(b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         async with client(running, token) as c:
             await c.send(m.Generate("g", "script", "Hi", m.Options(max_tokens=50)))
             _, done, _ = await asyncio.wait_for(c.until_done("g"), 30)

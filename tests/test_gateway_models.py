@@ -15,6 +15,8 @@ import pytest
 from engine.store.pull import ModelManager
 from engine.store.store import ModelStore
 from engine.tinymodels import write_tiny_llama
+from gateway.config import SourcesConfig
+from gateway.scopes import LOOPBACK_SCOPES
 from gateway.server import RunningServer
 from protocol import messages as m
 
@@ -45,12 +47,15 @@ async def running(tmp_path: Path, okay_model: Path) -> AsyncIterator[RunningServ
     (tmp_path / "okay.gguf").write_bytes(okay_model.read_bytes())
     await manager.pull(str(tmp_path / "okay.gguf"))
     await manager.create("brief", MODELFILE, base_dir=tmp_path)
-    async with gateway(server_config(tmp_path, {})) as srv:
+    # The tests' file server is plain HTTP on loopback: allowed here, not by default.
+    sources = SourcesConfig(schemes=["https", "http", "hf", "pypi", "tiny"])
+    async with gateway(server_config(tmp_path, {}, sources=sources)) as srv:
         yield srv
 
 
 def _token(srv: RunningServer) -> str:
-    return srv.gateway.auth.issue_token(sub="alice", ttl=600)
+    """A user who manages the shared store (no tenant): pull, create, copy, delete."""
+    return srv.gateway.auth.issue_token(sub="alice", ttl=600, scopes=LOOPBACK_SCOPES)
 
 
 async def _http(
@@ -142,7 +147,7 @@ async def test_ws_pull_streams_progress_then_success(
             # Local paths are refused over the network; so is a bad digest, typed.
             await c.send(m.Pull("p2", "x", source="/etc/passwd"))
             err = await c.recv()
-            assert isinstance(err, m.Error) and err.id == "p2" and err.code.value == "bad_request"
+            assert isinstance(err, m.Error) and err.id == "p2" and err.code.value == "forbidden"
             await c.send(m.Pull("p3", "y", source=srv.url, sha256="0" * 64))
             while True:
                 msg = await c.recv()
@@ -185,7 +190,7 @@ async def test_http_model_routes(running: RunningServer, okay_model: Path) -> No
     r = await _http(
         running, "POST", "/v1/models/create", {"name": "x", "modelfile": "FROM /etc/hosts\n"}
     )
-    assert r.status_code == 400
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     r = await _http(running, "POST", "/v1/models/copy", {"source": "okay"})
     assert r.status_code == 400 and "destination" in r.json()["error"]["message"]
     r = await _http(running, "POST", "/v1/models/copy", {"source": 1, "destination": "z"})
@@ -244,7 +249,7 @@ async def test_http_pull_streams_server_sent_events(
         assert events[-1][0] == "error"
         assert events[-1][1]["error"]["code"] == "engine_error"
         status, _ = await asyncio.to_thread(pull, {"model": "x", "source": "file:///etc/hosts"})
-        assert status == 400
+        assert status == 403
         r = await _http(
             running,
             "POST",

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from gateway.config import LimitsConfig
+from gateway.scopes import ALL_SCOPES
 from gateway.server import RunningServer
 
 from .conftest import SCRIPT
@@ -141,7 +142,9 @@ async def test_bad_requests_name_the_field(running: RunningServer) -> None:
 async def test_readyz_and_healthz(running: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=running.http_url) as c:
         r = await c.get("/readyz")
-        assert r.status_code == 200 and r.json()["status"] == "ready"
+        assert r.status_code == 200 and r.json() == {"status": "ready"}  # no details unasked
+        admin = running.gateway.auth.issue_token(sub="root", ttl=60, scopes=ALL_SCOPES)
+        r = await c.get("/readyz", headers={"Authorization": f"Bearer {admin}"})
         assert r.json()["workers"][0]["alive"] is True
         assert (await c.get("/healthz")).json()["status"] == "ok"
 

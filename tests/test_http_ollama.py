@@ -16,6 +16,7 @@ from engine.store.pull import ModelManager
 from engine.store.sources import CatalogEntry
 from engine.store.store import ModelStore
 from gateway.config import AuthConfig, LimitsConfig
+from gateway.scopes import LOOPBACK_SCOPES
 from gateway.server import RunningServer
 
 from .conftest import SCRIPT
@@ -50,8 +51,8 @@ async def _close_clients() -> AsyncIterator[None]:
 
 def api(srv: RunningServer, token: str | None = "") -> ollama.AsyncClient:
     """An official client (closed after the test)."""
-    if token == "":
-        token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+    if token == "":  # a user who may manage models (pull, create, copy, delete)
+        token = srv.gateway.auth.issue_token(sub="alice", ttl=600, scopes=LOOPBACK_SCOPES)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     client = ollama.AsyncClient(host=srv.http_url, headers=headers)
     _clients.append(client)
@@ -188,8 +189,8 @@ async def test_errors_have_the_ollama_shape(running: RunningServer) -> None:
         await client.generate(model="script", prompt="hi", template="{{ .Prompt }}")
     assert e.value.status_code == 400
     with pytest.raises(ollama.ResponseError) as e:
-        await api(running, token=None).list()
-    assert e.value.status_code == 401
+        await api(running, token="not-a-token").generate(model="nope", prompt="hi")
+    assert e.value.status_code == 404  # on loopback, a bad key is no worse than none
 
     def raw(body: bytes, path: str = "/api/generate") -> httpx.Response:
         token = running.gateway.auth.issue_token(sub="alice", ttl=60)
@@ -240,22 +241,29 @@ async def test_error_mid_stream_is_an_error_line(running: RunningServer) -> None
     assert "error" in lines[-1] and "done" not in lines[-1]
 
 
-async def test_loopback_clients_may_skip_the_token_when_configured(
+async def test_loopback_clients_need_no_token_unless_turned_off(
     tmp_path: Path, eos_model: Path
 ) -> None:
-    config = server_config(
-        tmp_path, {"eos": eos_model}, auth=AuthConfig(ollama_loopback_without_token=True)
-    )
-    async with gateway(config) as srv:
+    async with gateway(server_config(tmp_path, {"eos": eos_model})) as srv:
         r = await api(srv, token=None).generate(model="eos", prompt="hi")
         assert r.response == "Done."
+        # A user with a key of its own is still that user on loopback (its scopes apply).
+        reader = srv.gateway.auth.issue_token(sub="r", ttl=60)
+        with pytest.raises(ollama.ResponseError) as e:
+            await api(srv, token=reader).copy("eos", "eos2")
+        assert e.value.status_code == 403
 
         def proxied() -> httpx.Response:
             return httpx.get(srv.http_url + "/api/tags", headers={"X-Forwarded-For": "10.0.0.9"})
 
         assert (await asyncio.to_thread(proxied)).status_code == 401
-        # Only the Ollama surface: native routes still need a credential.
+        # Only the compatible surfaces: native routes still need a credential.
         assert (await asyncio.to_thread(httpx.get, srv.http_url + "/v1/ps")).status_code == 401
+    shared = AuthConfig(loopback_without_token=False)  # a shared machine
+    async with gateway(server_config(tmp_path, {"eos": eos_model}, auth=shared)) as srv:
+        with pytest.raises(ollama.ResponseError) as e:
+            await api(srv, token=None).list()
+        assert e.value.status_code == 401
 
 
 async def test_embeddings(running: RunningServer) -> None:

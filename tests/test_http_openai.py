@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 
-from gateway.config import LimitsConfig
+from gateway.config import AuthConfig, LimitsConfig
 from gateway.server import RunningServer
 
 from .conftest import SCRIPT
@@ -390,21 +390,35 @@ async def test_bad_parameters_are_400s_that_name_them(client: openai.AsyncOpenAI
         assert body["type"] == "invalid_request_error" and body["code"] == "bad_request"
 
 
-async def test_credentials_are_required(running: RunningServer) -> None:
-    for key in ("not-a-key", "x.y.z"):
-        c = openai.AsyncOpenAI(base_url=running.http_url + "/v1", api_key=key, max_retries=0)
-        try:
-            with pytest.raises(openai.AuthenticationError) as info:
-                await c.chat.completions.create(model="script", messages=_user("hi"))
-            assert _body(info.value)["type"] == "authentication_error"
-            assert info.value.code == "unauthorized"
-        finally:
-            await c.close()
-    r = await _post(
-        running, "/v1/chat/completions", json_body={"model": "script", "messages": []}, token=None
-    )
-    _assert_openai_error(r, 401, "unauthorized", None)
-    assert r.headers["www-authenticate"] == "Bearer"
+async def test_loopback_clients_need_no_key_by_default(running: RunningServer) -> None:
+    # The official client insists on some api_key: a placeholder works on loopback.
+    c = openai.AsyncOpenAI(base_url=running.http_url + "/v1", api_key="unused", max_retries=0)
+    try:
+        reply = await c.chat.completions.create(model="eos", messages=_user("hi"))
+        assert reply.choices[0].message.content == "Done."
+    finally:
+        await c.close()
+
+
+async def test_credentials_are_required_on_a_shared_machine(
+    tmp_path: Path, script_model: Path
+) -> None:
+    shared = AuthConfig(loopback_without_token=False)
+    async with gateway(server_config(tmp_path, {"script": script_model}, auth=shared)) as srv:
+        for key in ("not-a-key", "x.y.z"):
+            c = openai.AsyncOpenAI(base_url=srv.http_url + "/v1", api_key=key, max_retries=0)
+            try:
+                with pytest.raises(openai.AuthenticationError) as info:
+                    await c.chat.completions.create(model="script", messages=_user("hi"))
+                assert _body(info.value)["type"] == "authentication_error"
+                assert info.value.code == "unauthorized"
+            finally:
+                await c.close()
+        r = await _post(
+            srv, "/v1/chat/completions", json_body={"model": "script", "messages": []}, token=None
+        )
+        _assert_openai_error(r, 401, "unauthorized", None)
+        assert r.headers["www-authenticate"] == "Bearer"
 
 
 async def test_malformed_and_oversized_bodies(running: RunningServer) -> None:

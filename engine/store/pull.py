@@ -509,8 +509,14 @@ class ModelManager:
         *,
         base_dir: Path | None = None,
         progress: PullListener | None = None,
+        parent: ModelRecord | None = None,
+        parent_store: ModelStore | None = None,
     ) -> ModelRecord:
-        """Build a model from a Modelfile (text or parsed); FROM may need a pull or import."""
+        """Build a model from a Modelfile (text or parsed); FROM may need a pull or import.
+
+        ``parent`` (with the store that holds it) is a FROM model the caller
+        already resolved in another store: its blobs are linked into this one.
+        """
         mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
         ref = parse_ref(name)
         emit = progress or (lambda _e: None)
@@ -521,7 +527,12 @@ class ModelManager:
         base = mf.from_
         emit(PullEvent(f"reading model {base}"))
         staged: dict[str, Path] = {}
-        parent = await self.find(base) if not is_source(base) else None
+        if parent is None and not is_source(base):
+            parent = await self.find(base)
+        elif parent is not None and parent_store is not None:
+            staged = await asyncio.to_thread(
+                self.store.stage_links, parent_store, list(parent.manifest.files)
+            )
         if parent is None and not is_source(base) and self.catalog_entry(base) is not None:
             parent = await self.pull(base, progress=progress)
         if parent is not None:

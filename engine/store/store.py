@@ -291,6 +291,36 @@ class ModelStore:
             raise StoreError("not_found", f"model {r.short!r} is not in the store")
         return record
 
+    def has(self, ref: ModelRef) -> bool:
+        """Whether a manifest exists for ``ref`` (a stat, not a read: cheap on every request)."""
+        return self._manifest_path(ref).is_file()
+
+    def stage_links(self, other: ModelStore, layers: list[Layer]) -> dict[str, Path]:
+        """Stage ``other``'s blobs for ``layers`` that this store lacks: digest -> path in ``tmp/``.
+
+        Blobs are hard-linked when both stores share a file system (no copy,
+        no extra disk), else copied. Hand the result to :meth:`commit`. This
+        is how a tenant's model built FROM a shared one gets its bytes
+        without the stores sharing a blob directory (whose garbage
+        collection would then have to know every tenant's manifests).
+        """
+        staged: dict[str, Path] = {}
+        for layer in layers:
+            if layer.digest in staged or self.has_blob(layer.digest, layer.size):
+                continue
+            src = other.blob_path(layer.digest)
+            tmp = self.temp_path("link-")
+            try:
+                tmp.unlink()
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+            except OSError as exc:
+                raise os_error(exc, f"linking blob {layer.digest}") from None
+            staged[layer.digest] = tmp
+        return staged
+
     def find(self, ref: ModelRef | str) -> ModelRecord | None:
         try:
             return self.get(ref)
