@@ -188,7 +188,7 @@ class Pull(_ClientBase, tag="pull"):
     """Fetch a model into the server's store; ``progress`` messages follow, then success or error.
 
     ``model`` is a catalog name, or the name to store ``source`` under
-    (an https://, hf:// or pypi:// source; local paths are refused remotely).
+    (an https://, hf:// or pypi:// source; server paths are refused).
     ``cancel`` with the same id stops it (the partial download is kept).
     """
 
