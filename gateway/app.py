@@ -334,7 +334,11 @@ class Gateway:
             keyed = [s for s in self.sessions if s.principal.key_id is not None and not s.closed]
             if not keyed:
                 continue
-            valid = self.auth.key_ids()
+            try:
+                valid = self.auth.key_ids()
+            except Exception:  # keep watching: a bad moment on disk must not end the watch
+                log.exception("reading the API keys failed")
+                continue
             for session in keyed:
                 if session.principal.key_id not in valid:
                     log.info("closing session %s: its API key was revoked", session.id)
