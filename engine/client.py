@@ -122,6 +122,9 @@ class EngineConfig:
     threads_per_worker: int = field(default_factory=default_threads)
     ring_capacity: int = DEFAULT_CAPACITY
     stall_timeout: float = 30.0  # seconds a consumer may leave a full ring unread
+    # Seconds one request's prompt may take to render, tokenize and truncate in a
+    # worker (others wait meanwhile); past it the request fails too_large.
+    prepare_timeout: float = 2.0
     start_timeout: float = 60.0  # worker start-up handshake
     load_timeout: float = 600.0
     n_batch: int = 512
@@ -820,6 +823,7 @@ class EngineClient:
                 self.config.stall_timeout,
                 request.truncate,
                 request.max_prompt_tokens,
+                self.config.prepare_timeout,
             )
         )
         want_ids = request.token_ids

@@ -86,6 +86,7 @@ class Generate(_Frame, tag=3):
     stall_timeout: float
     truncate: bool
     max_prompt_tokens: int
+    prepare_timeout: float = 2.0  # seconds to render, tokenize and truncate the prompt
 
 
 class Cancel(_Frame, tag=4):

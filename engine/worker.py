@@ -38,9 +38,10 @@ from itertools import chain
 from engine import ipc
 from engine.backends import Backend, LoadParams, available_backends, backend_class, choose_backend
 from engine.backends.base import EmbedJob
-from engine.requests import FinishReason
+from engine.requests import ChatMessage, FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
+from engine.truncation import droppable, estimated_cut, settle_cut
 from protocol.errors import (
     BadRequest,
     ErrorCode,
@@ -262,20 +263,14 @@ class Worker:
 
     def _prompt_tokens(self, seq: _Seq) -> list[int]:
         backend, msg = seq.backend, seq.msg
+        deadline = time.perf_counter() + msg.prepare_timeout
         if msg.messages is not None:
             messages = list(msg.messages)
             if not messages:
                 raise BadRequest("a chat needs at least one message")
-            while True:
-                tokens = self._tokenize(backend, backend.render_chat(messages))
-                if not msg.truncate or self._prompt_fits(seq, len(tokens)):
-                    break
-                # Truncation policy: drop the oldest message that is not a system
-                # message, never the last one (the turn being answered).
-                drop = next((i for i, m in enumerate(messages[:-1]) if m.role != "system"), None)
-                if drop is None:
-                    break
-                del messages[drop]
+            tokens = self._tokenize(backend, backend.render_chat(messages))
+            if msg.truncate and not self._prompt_fits(seq, len(tokens)):
+                tokens = self._truncated(seq, messages, len(tokens), deadline)
         elif msg.prompt is not None:
             tokens = self._tokenize(backend, msg.prompt)
         else:
@@ -291,6 +286,37 @@ class Worker:
                 f"the prompt has {len(tokens)} tokens; the context window holds {backend.n_ctx}"
             )
         return tokens
+
+    def _truncated(
+        self, seq: _Seq, messages: list[ChatMessage], full: int, deadline: float
+    ) -> list[int]:
+        """The prompt without the oldest non-system messages it must drop to fit.
+
+        Each droppable message is tokenized once; the cut is estimated from
+        those counts and settled with a few renders (engine.truncation).
+        """
+        backend = seq.backend
+        drop = droppable([m.role for m in messages])
+        costs = [len(backend.tokenize(messages[i].content, add_bos=False)) for i in drop]
+        n_ctx = backend.n_ctx
+        answer = min(seq.msg.sampling.max_tokens or n_ctx // 4, n_ctx // 2)
+        limit = min(n_ctx - answer, seq.msg.max_prompt_tokens or n_ctx)
+        rendered: dict[int, list[int]] = {}
+
+        def without(k: int) -> list[ChatMessage]:
+            gone = set(drop[:k])
+            return [m for i, m in enumerate(messages) if i not in gone]
+
+        def fits(k: int) -> bool:
+            rendered[k] = self._tokenize(backend, backend.render_chat(without(k)))
+            return len(rendered[k]) <= limit
+
+        cut = settle_cut(estimated_cut(full, costs, limit), len(drop), fits, deadline=deadline)
+        return (
+            rendered[cut]
+            if cut in rendered
+            else self._tokenize(backend, backend.render_chat(without(cut)))
+        )
 
     @staticmethod
     def _tokenize(backend: Backend, text: str) -> list[int]:

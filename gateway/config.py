@@ -104,6 +104,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     heartbeat_interval: PositiveSeconds = 20.0
     max_sessions: Positive = 10000
     max_body_bytes: Positive = 8 * 1024 * 1024  # HTTP request bodies
+    # Seconds a worker may spend rendering, tokenizing and truncating one prompt
+    # (everyone on that worker waits meanwhile); past it the request is too_large.
+    prompt_prepare_timeout: PositiveSeconds = 2.0
     # Slow and hostile clients. A connection must send its complete HTTP request
     # head within handshake_timeout and, once upgraded, its hello within
     # hello_timeout, or it is closed: an idle socket costs a file descriptor and

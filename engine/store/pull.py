@@ -523,7 +523,9 @@ class ModelManager:
         if mf.adapter is not None:
             raise StoreError("invalid", "ADAPTER is not supported yet")
         if mf.template is not None:
-            check_template(mf.template)
+            # In a thread, within the render limits of engine.chat: the event loop keeps
+            # serving others (the GIL is handed over every few milliseconds).
+            await asyncio.to_thread(check_template, mf.template)
         base = mf.from_
         emit(PullEvent(f"reading model {base}"))
         staged: dict[str, Path] = {}
