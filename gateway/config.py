@@ -49,6 +49,7 @@ __all__ = [
     "ferrous_home",
     "load_config",
     "parse_size",
+    "private_home",
     "redacted",
     "render_toml",
 ]
@@ -144,6 +145,12 @@ class SourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Directories whose files an admin may import over the network (resolved, symlinks
     # included: the real path must stay inside). Empty: local files only from the CLI.
     local_dirs: list[str] = msgspec.field(default_factory=list)
+    # Pulls connect only to public addresses, on every redirect hop, unless the host,
+    # host:port, address or CIDR network is listed here ("127.0.0.1:8080", "10.0.0.0/8").
+    allow_hosts: list[str] = msgspec.field(default_factory=list)
+    max_pull_bytes: int | str = "64GiB"  # the largest file one pull may download
+    partial_quota: int | str = "128GiB"  # unfinished downloads together; 0 = unlimited
+    partial_max_age: float | str = "168h"  # untouched partial downloads are removed after this
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -235,6 +242,20 @@ def ferrous_home(config: ServerConfig | None = None) -> Path:
     if env_home:
         return Path(env_home).expanduser()
     return Path.home() / ".ferrous"
+
+
+def private_home(config: ServerConfig | None = None) -> Path:
+    """The state directory, created with mode 0700 (and narrowed to it when it is wider).
+
+    It holds the secret, the hashed keys, tenants' models and their sources:
+    nothing in it is for other users of the machine.
+    """
+    home = ferrous_home(config)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = home.stat().st_mode & 0o777
+    if mode & 0o077 and home.stat().st_uid == os.getuid():
+        home.chmod(0o700)
+    return home
 
 
 # --------------------------------------------------------------------------- schema

@@ -30,13 +30,15 @@ from typing import Any
 import msgspec
 
 from engine import ChatMessage, EngineClient
+from engine.store.download import Downloader
 from engine.store.manifest import Manifest, ParamValue
 from engine.store.modelfile import Modelfile
 from engine.store.names import ModelRef, parse_ref
+from engine.store.netpolicy import AddressPolicy
 from engine.store.pull import ModelManager, PullEvent, PullListener
 from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
-from gateway.config import ServerConfig, ferrous_home
+from gateway.config import ServerConfig, parse_size, private_home
 from protocol.durations import parse_duration
 from protocol.errors import FerrousError, ModelNotFound
 
@@ -95,7 +97,7 @@ class ModelRegistry:
     def __init__(self, config: ServerConfig, engine: EngineClient) -> None:
         self.config = config
         self.engine = engine
-        self.home = ferrous_home(config)
+        self.home = private_home(config)
         self.manager = self._new_manager(ModelStore(self.home / "models"))
         self._tenants: OrderedDict[str, ModelManager] = OrderedDict()
         self._loading: dict[str, asyncio.Task[ResolvedModel]] = {}
@@ -103,7 +105,19 @@ class ModelRegistry:
         self._names: tuple[float, list[str]] | None = None
 
     def _new_manager(self, store: ModelStore) -> ModelManager:
-        return ModelManager(store, dict(self.config.catalog))
+        """A manager whose downloads keep to ``[sources]``: public addresses (plus
+        ``allow_hosts``) on every hop, the per-pull cap and the partial quota."""
+        sources = self.config.sources
+        downloader = Downloader(
+            store.partial,
+            policy=AddressPolicy(sources.allow_hosts),
+            max_bytes=parse_size(sources.max_pull_bytes, key="sources.max_pull_bytes"),
+            partial_quota=parse_size(sources.partial_quota, key="sources.partial_quota"),
+            partial_max_age=parse_duration(
+                sources.partial_max_age, field="sources.partial_max_age"
+            ),
+        )
+        return ModelManager(store, dict(self.config.catalog), downloader=downloader)
 
     def manager_for(self, tenant: str | None) -> ModelManager:
         """The store of ``tenant`` (None: the shared store), opened on first use."""

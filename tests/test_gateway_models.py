@@ -48,7 +48,9 @@ async def running(tmp_path: Path, okay_model: Path) -> AsyncIterator[RunningServ
     await manager.pull(str(tmp_path / "okay.gguf"))
     await manager.create("brief", MODELFILE, base_dir=tmp_path)
     # The tests' file server is plain HTTP on loopback: allowed here, not by default.
-    sources = SourcesConfig(schemes=["https", "http", "hf", "pypi", "tiny"])
+    sources = SourcesConfig(
+        schemes=["https", "http", "hf", "pypi", "tiny"], allow_hosts=["127.0.0.1"]
+    )
     async with gateway(server_config(tmp_path, {}, sources=sources)) as srv:
         yield srv
 

@@ -85,7 +85,7 @@ async def test_import_list_show_copy_remove_and_gc(tmp_path: Path, tiny_bytes: b
     blob = mgr.store.blob_path(f"sha256:{digest}")
     assert blob.read_bytes() == tiny_bytes
     assert not os.access(blob, os.W_OK) or os.geteuid() == 0  # read-only (root ignores it)
-    assert oct(blob.stat().st_mode & 0o777) == "0o444"
+    assert oct(blob.stat().st_mode & 0o777) == "0o440"  # read-only, not for other users
 
     await mgr.copy("my-model", "team/other:v1")
     names = [str(r.ref) for r in await mgr.models()]

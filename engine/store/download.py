@@ -48,6 +48,8 @@ import httpx
 import msgspec
 
 from engine.store.errors import StoreError, os_error
+from engine.store.netpolicy import AddressPolicy, DestinationRefused, guarded_transport
+from engine.store.urls import redact_url
 
 __all__ = ["USER_AGENT", "Download", "Downloader", "Progress", "ProgressFn"]
 
@@ -105,6 +107,7 @@ class _Job:
         self.task: asyncio.Task[Download] | None = None
         self.listeners: list[ProgressFn] = []
         self.waiters = 0
+        self.limit = 0  # bytes this download may write; 0 = no limit
         self._last_report = 0.0
 
     def report(self, progress: Progress, *, force: bool = False) -> None:
@@ -141,7 +144,16 @@ class Downloader:
         timeout: float = 30.0,
         headers: Mapping[str, str] | None = None,
         chunk_size: int = 1 << 20,
+        policy: AddressPolicy | None = None,
+        max_bytes: int = 0,
+        partial_quota: int = 0,
+        partial_max_age: float = 0.0,
     ) -> None:
+        """``policy``: where connections may go (None: anywhere, for the local CLI).
+        ``max_bytes``: the largest file one download may write (0: no cap).
+        ``partial_quota``: bytes all partial downloads together may hold (0: no cap).
+        ``partial_max_age``: seconds after which an untouched partial is removed (0: kept).
+        """
         if retries < 0:
             raise ValueError("retries must be >= 0")
         if chunk_size <= 0:
@@ -152,6 +164,10 @@ class Downloader:
         self._timeout = timeout
         self._headers = dict(headers or {})
         self._chunk_size = chunk_size
+        self._policy = policy
+        self._max_bytes = max_bytes
+        self._partial_quota = partial_quota
+        self._partial_max_age = partial_max_age
         self._jobs: dict[str, _Job] = {}
 
     # -- public -------------------------------------------------------------------
@@ -208,11 +224,12 @@ class Downloader:
     async def _run(
         self, key: str, url: str, expected: str | None, headers: dict[str, str], job: _Job
     ) -> Download:
-        doing = f"downloading {url}"
+        doing = f"downloading {redact_url(url)}"
         try:
             self.partial_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise os_error(exc, doing) from exc
+        job.limit = await asyncio.to_thread(self._room_for, key)
         lock_path = self.partial_dir / f"{key}.lock"
         fd = await _lock(lock_path, doing)
         try:
@@ -225,7 +242,7 @@ class Downloader:
     async def _download(
         self, key: str, url: str, expected: str | None, headers: dict[str, str], job: _Job
     ) -> Download:
-        doing = f"downloading {url}"
+        doing = f"downloading {redact_url(url)}"
         partial = self.partial_dir / f"{key}.partial"
         meta_path = self.partial_dir / f"{key}.json"
         st = _State(partial, meta_path, _read_sidecar(meta_path))
@@ -252,7 +269,10 @@ class Downloader:
 
         failures = 0
         timeout = httpx.Timeout(self._timeout)
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        transport = guarded_transport(self._policy) if self._policy is not None else None
+        async with httpx.AsyncClient(
+            timeout=timeout, follow_redirects=True, max_redirects=10, transport=transport
+        ) as client:
             while True:
                 before = st.size
                 try:
@@ -265,7 +285,7 @@ class Downloader:
                         raise StoreError(
                             err.reason,
                             f"{err.message} (gave up after {self._retries} retries; "
-                            f"{st.size} bytes kept in {partial} to resume)",
+                            f"{st.size} bytes kept: pull again to resume)",
                             retryable=True,
                         ) from retry
                     delay = self._backoff * 2 ** (failures - 1)
@@ -283,7 +303,7 @@ class Downloader:
                 raise os_error(exc, doing) from exc
             raise StoreError(
                 "digest_mismatch",
-                f"{url}: expected sha256 {expected} but the {st.size} bytes received have "
+                f"{redact_url(url)}: expected sha256 {expected} but the {st.size} bytes received have "
                 f"sha256 {digest}; the download was discarded",
             )
         return Download(partial, digest, st.size, resumed_from)
@@ -298,7 +318,7 @@ class Downloader:
         job: _Job,
     ) -> bool:
         """One GET; True when the partial is complete, False to ask again right away."""
-        doing = f"downloading {url}"
+        doing = f"downloading {redact_url(url)}"
         req = httpx.Headers({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
         req.update(self._headers)
         req.update(headers)
@@ -316,15 +336,22 @@ class Downloader:
         try:
             async with client.stream("GET", url, headers=req) as resp:
                 return await self._consume(resp, st, url, job)
+        except DestinationRefused:
+            # The same words whatever the address, port or hop: no map of the network.
+            raise StoreError(
+                "forbidden",
+                f"{doing}: the source or a redirect leads to a loopback, private or "
+                "link-local address, which pulls may not reach ([sources] allow_hosts)",
+            ) from None
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            raise StoreError("invalid", f"cannot download {url}: {exc}") from exc
+            raise StoreError("invalid", f"cannot download {redact_url(url)}: {exc}") from exc
         except httpx.TooManyRedirects as exc:
             raise StoreError("http", f"{doing}: too many redirects") from exc
         except httpx.RequestError as exc:
             raise _Retry(StoreError("network", f"{doing}: {_describe(exc)}")) from exc
 
     async def _consume(self, resp: httpx.Response, st: _State, url: str, job: _Job) -> bool:
-        doing = f"downloading {url}"
+        doing = f"downloading {redact_url(url)}"
         status = resp.status_code
         what = f"HTTP {status} {resp.reason_phrase}".strip()
         if status == 416:
@@ -339,7 +366,7 @@ class Downloader:
             self._restart(st, doing)
             return False
         if status in (404, 410):
-            raise StoreError("not_found", f"{url} was not found ({what})")
+            raise StoreError("not_found", f"{redact_url(url)} was not found ({what})")
         if status in (401, 403):
             raise StoreError(
                 "http",
@@ -372,6 +399,8 @@ class Downloader:
             length = resp.headers.get("content-length", "")
             total = int(length) if length.isdigit() and not encoded else None
         st.total = total
+        if job.limit and total is not None and total > job.limit:
+            raise self._too_large(st, doing, job.limit)
         etag = resp.headers.get("etag")
         meta = _Sidecar(
             url=url,
@@ -393,6 +422,9 @@ class Downloader:
             try:
                 async for piece in resp.aiter_bytes():
                     buf += piece
+                    if job.limit and st.size + len(buf) > job.limit:
+                        buf.clear()
+                        raise self._too_large(st, doing, job.limit)
                     if len(buf) >= self._chunk_size:
                         _append(f, st, buf, doing)
                     job.report(Progress("downloading", total, st.size + len(buf)))
@@ -409,6 +441,59 @@ class Downloader:
                 StoreError("network", f"{doing}: got {st.size} of {total} bytes", retryable=True)
             )
         return True
+
+    def _too_large(self, st: _State, doing: str, limit: int) -> StoreError:
+        """Drop the partial and its sidecar: a download over the cap is not resumed."""
+        self._restart(st, doing)
+        with contextlib.suppress(OSError):
+            st.meta_path.unlink()
+        return StoreError(
+            "too_large",
+            f"{doing}: the file exceeds the {limit}-byte limit of one pull on this server "
+            "(the per-pull cap or what is left of the partial-download quota); "
+            "nothing was kept",
+        )
+
+    def _room_for(self, key: str) -> int:
+        """Remove stale partials; the bytes this download may write (0: no limit).
+
+        The quota counts every other partial (finished ones are moved out of
+        ``partial/`` at once), so interrupted downloads cannot fill the disk.
+        """
+        now = time.time()
+        others = 0
+        try:
+            entries = list(os.scandir(self.partial_dir))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if not entry.name.endswith(".partial"):
+                continue
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            stem = entry.name.removesuffix(".partial")
+            stale = self._partial_max_age and now - st.st_mtime > self._partial_max_age
+            if stale and not (self.partial_dir / f"{stem}.lock").exists():  # not being written
+                for suffix in (".partial", ".json"):
+                    with contextlib.suppress(OSError):
+                        (self.partial_dir / f"{stem}{suffix}").unlink()
+                continue
+            if stem != key:
+                others += st.st_size
+        limits = [x for x in (self._max_bytes,) if x]
+        if self._partial_quota:
+            room = self._partial_quota - others
+            if room <= 0:
+                raise StoreError(
+                    "too_large",
+                    "the server's space for unfinished downloads is full; "
+                    "try again when other pulls have finished",
+                    retryable=True,
+                )
+            limits.append(room)
+        return min(limits) if limits else 0
 
     def _restart(self, st: _State, doing: str) -> None:
         """Forget the partial: the next bytes written are byte 0 of the resource."""

@@ -16,11 +16,14 @@ that says what to do about it::
     permission        internal         the store's directory is not writable
     io                internal         any other OS error while writing the store
     in_use            conflict         the model has running generations
+    forbidden         forbidden        the source leads where pulls may not go
+    too_large         too_large        over the per-pull size cap or the partial quota
 """
 
 from __future__ import annotations
 
 import errno
+import os
 
 from protocol.errors import ErrorCode, FerrousError
 
@@ -31,6 +34,8 @@ _CODES: dict[str, ErrorCode] = {
     "not_found": ErrorCode.MODEL_NOT_FOUND,
     "exists": ErrorCode.CONFLICT,
     "in_use": ErrorCode.CONFLICT,
+    "forbidden": ErrorCode.FORBIDDEN,
+    "too_large": ErrorCode.TOO_LARGE,
     "digest_mismatch": ErrorCode.ENGINE_ERROR,
     "http": ErrorCode.ENGINE_ERROR,
     "network": ErrorCode.ENGINE_ERROR,
@@ -63,7 +68,8 @@ class ModelfileError(StoreError):
 
 def os_error(exc: OSError, doing: str) -> StoreError:
     """Turn an OSError met while ``doing`` something into a StoreError that says so."""
-    name = exc.filename if exc.filename is not None else "the model store"
+    # The file's own name only: a server path in an answer describes the server's disk.
+    name = os.path.basename(exc.filename) if exc.filename is not None else "the model store"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StoreError("disk_full", f"{doing}: no space left for {name} ({exc.strerror})")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

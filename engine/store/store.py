@@ -107,8 +107,10 @@ class ModelStore:
         self._depth = 0
         self._lock_fd: int | None = None
         try:
+            # Private: models may be a tenant's own, and sources record where they came from.
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             for d in (self.blobs, self.manifests, self.partial, self.tmp, self.trees):
-                d.mkdir(parents=True, exist_ok=True)
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise os_error(exc, "opening the model store") from None
         self._clean_tmp()
@@ -189,9 +191,12 @@ class ModelStore:
             if target.exists():
                 path.unlink(missing_ok=True)
             else:
-                os.chmod(path, 0o444)
+                os.chmod(path, 0o440)  # read-only, and not for other users
                 os.replace(path, target)
                 _fsync_dir(self.blobs)
+            if path.parent == self.partial:
+                # A finished download: its resume sidecar (<key>.json) has nothing left to do.
+                path.with_suffix(".json").unlink(missing_ok=True)
             return Layer(digest, target.stat().st_size, target.name)
         except OSError as exc:
             raise os_error(exc, f"storing {path.name}") from None
