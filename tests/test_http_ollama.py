@@ -15,7 +15,7 @@ import pytest
 from engine.store.pull import ModelManager
 from engine.store.sources import CatalogEntry
 from engine.store.store import ModelStore
-from gateway.config import AuthConfig, LimitsConfig
+from gateway.config import AuthConfig, LimitsConfig, SourcesConfig
 from gateway.scopes import LOOPBACK_SCOPES
 from gateway.server import RunningServer
 
@@ -34,6 +34,8 @@ async def running(
         tmp_path,
         {"script": script_model},
         limits=LimitsConfig(max_body_bytes=64 * 1024),
+        # The tests' file server is on loopback, which pulls reach only when listed.
+        sources=SourcesConfig(allow_hosts=["127.0.0.1"]),
     )
     async with gateway(config) as srv:
         yield srv
