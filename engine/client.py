@@ -51,6 +51,7 @@ import msgspec
 from engine import ipc
 from engine.backends.base import OnnxOptions
 from engine.backends.select import check_model_file, check_onnx_folder, choose_backend
+from engine.fairqueue import FairQueue, Waiting
 from engine.memory import default_budget, estimate_model_bytes, estimate_onnx_bytes
 from engine.requests import (
     Embeddings,
@@ -125,6 +126,9 @@ class EngineConfig:
     # Seconds one request's prompt may take to render, tokenize and truncate in a
     # worker (others wait meanwhile); past it the request fails too_large.
     prepare_timeout: float = 2.0
+    # Requests that may wait for a sequence slot of one model; more are refused
+    # (overloaded). Waiting ones start by priority, then in turns between tenants.
+    max_queued: int = 256
     start_timeout: float = 60.0  # worker start-up handshake
     load_timeout: float = 600.0
     n_batch: int = 512
@@ -202,6 +206,15 @@ class _ModelSpec:
         self.expires = None if keep_alive < 0 else now + keep_alive
 
 
+class _Stranded(Exception):
+    """A waiting request ends before it starts: its model lost its last worker, or it
+    was cancelled."""
+
+    def __init__(self, why: str, reason: FinishReason = FinishReason.ERROR) -> None:
+        super().__init__(why)
+        self.reason = reason
+
+
 class _Gen:
     """Gateway-side state of one generation."""
 
@@ -240,6 +253,7 @@ class _Worker(asyncio.Protocol):
         self.alive = False
         self.models: dict[str, float] = {}
         self.gens: dict[int, _Gen] = {}
+        self.load: dict[str, int] = {}  # sequence slots reserved per model (engine admission)
         self.replies: dict[int, asyncio.Future[ipc.FromWorker]] = {}
         # Watchdog state (monotonic times): the unanswered ping, if any, and loads
         # in progress, during which the worker's loop is blocked on purpose.
@@ -283,6 +297,8 @@ class EngineClient:
         self._workers: list[_Worker] = []
         self._models: dict[str, _ModelSpec] = {}
         self._by_request: dict[str, _Gen] = {}
+        self._queues: dict[str, FairQueue[asyncio.Future[_Worker]]] = {}
+        self._waiting: dict[str, tuple[str, Waiting[asyncio.Future[_Worker]]]] = {}
         self._gen_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._changed: asyncio.Condition | None = None
@@ -495,7 +511,9 @@ class EngineClient:
     def _fail_worker(self, w: _Worker, why: str) -> None:
         """End everything that was in flight on ``w`` with engine_error."""
         w.alive = False
+        held = list(w.models)
         w.models.clear()
+        self._strand(held, why)
         for g in w.gens.values():
             g.finished = ipc.Finished(
                 g.gen,
@@ -542,6 +560,94 @@ class EngineClient:
         assert self._changed is not None
         async with self._changed:
             self._changed.notify_all()
+        for model in list(self._queues):  # a worker came or went: slots may have appeared
+            self._grant(model)
+
+    # -- admission: who starts when every slot is busy (engine.fairqueue) ------------
+
+    def _room(self, model: str) -> _Worker | None:
+        """The least loaded live worker holding ``model`` with a free sequence slot."""
+        best: _Worker | None = None
+        for w in self._workers:
+            if not w.alive or model not in w.models:
+                continue
+            used = w.load.get(model, 0)
+            if used < self.config.seqs_per_worker and (
+                best is None or used < best.load.get(model, 0)
+            ):
+                best = w
+        return best
+
+    async def _admit(self, request: GenerateRequest) -> _Worker:
+        """A worker with a slot reserved for ``request``: at once, or in fair-queue order.
+
+        Dispatching only to a worker with a free slot keeps the workers' own
+        queues empty, so the order requests start in is decided here, by
+        priority and then by turns between tenants, not by arrival alone.
+        """
+        model = request.model
+        await self._pick(model)  # the model is loaded somewhere (waits for a replacement)
+        queue = self._queues.setdefault(model, FairQueue(self.config.max_queued))
+        if not len(queue):
+            w = self._room(model)
+            if w is not None:
+                w.load[model] = w.load.get(model, 0) + 1
+                return w
+        granted: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        entry = queue.push(request.tenant or "", request.priority, granted)
+        self._waiting[request.request_id] = (model, entry)
+        self._grant(model)
+        try:
+            return await granted
+        except BaseException:
+            if (
+                not queue.remove(entry)
+                and granted.done()
+                and not granted.cancelled()
+                and granted.exception() is None
+            ):
+                self._leave(granted.result(), model)  # granted as the caller gave up
+            raise
+        finally:
+            self._waiting.pop(request.request_id, None)
+
+    def _grant(self, model: str) -> None:
+        """Hand free slots of ``model`` to waiting requests, in fair-queue order."""
+        queue = self._queues.get(model)
+        while queue is not None and len(queue):
+            w = self._room(model)
+            if w is None:
+                return
+            entry = queue.pop()
+            if entry is None or entry.handle.done():
+                continue  # its caller already left
+            w.load[model] = w.load.get(model, 0) + 1
+            entry.handle.set_result(w)
+
+    def _strand(self, models: list[str], why: str) -> None:
+        """Requests waiting for models that no live worker holds any more end, retryable.
+
+        As before there was a queue here: a request waiting behind a worker
+        that died ends with a retryable engine_error rather than waiting for
+        a replacement that may never load the model.
+        """
+        for model in models:
+            queue = self._queues.get(model)
+            if queue is None or any(w.alive and model in w.models for w in self._workers):
+                continue
+            while (entry := queue.pop()) is not None:
+                if not entry.handle.done():
+                    entry.handle.set_exception(_Stranded(why))
+
+    def _leave(self, w: _Worker, model: str) -> None:
+        """A generation on ``w`` ended (or never started): its slot goes to the next waiter."""
+        w.load[model] = max(0, w.load.get(model, 0) - 1)
+        self._grant(model)
+
+    def queued(self, model: str) -> int:
+        """Requests waiting for a slot of ``model``."""
+        queue = self._queues.get(model)
+        return len(queue) if queue is not None else 0
 
     async def _request(
         self, w: _Worker, msg: ipc.ToWorker, req: int, timeout: float
@@ -692,6 +798,10 @@ class EngineClient:
         if self._models.pop(name, None) is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
         await asyncio.gather(*(self._unload_on(w, name) for w in self._workers if w.alive))
+        queue = self._queues.pop(name, None)
+        while queue is not None and (entry := queue.pop()) is not None:
+            if not entry.handle.done():
+                entry.handle.set_exception(ModelNotFound(f"model {name!r} was unloaded"))
         await self._notify()
 
     def loaded(self) -> list[LoadedModel]:
@@ -788,10 +898,33 @@ class EngineClient:
         start (unknown model, bad prompt). Closing the iterator early, or
         cancelling the task that iterates it, cancels the generation.
         """
-        if request.request_id in self._by_request:
+        if request.request_id in self._by_request or request.request_id in self._waiting:
             raise FerrousError(f"request id {request.request_id!r} is already running")
-        worker = await self._pick(request.model)
-        spec = self._models[request.model]
+        try:
+            worker = await self._admit(request)
+        except _Stranded as exc:
+            error = exc.reason is FinishReason.ERROR
+            yield self._done(
+                request.request_id,
+                ipc.Finished(
+                    0,
+                    exc.reason.value,
+                    0,
+                    0,
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.0,
+                    0.0,
+                    ErrorCode.ENGINE_ERROR.value if error else None,
+                    str(exc) if error else None,
+                ),
+            )
+            return
+        spec = self._models.get(request.model)
+        if spec is None:  # unloaded while the request waited for a slot
+            self._leave(worker, request.model)
+            raise ModelNotFound(f"model {request.model!r} is not loaded")
         spec.active += 1
         spec.last_used = time.monotonic()
         try:
@@ -800,12 +933,14 @@ class EngineClient:
             # Out of file descriptors (EMFILE) or of /dev/shm (ENOSPC): the
             # server is out of a resource, not broken, and the caller may retry.
             self._release(spec, request.keep_alive)
+            self._leave(worker, request.model)
             log.error("cannot create a ring for %s: %s", request.request_id, exc)
             raise Overloaded(
                 f"the server cannot allocate a token ring now ({exc.strerror or exc})"
             ) from None
         except BaseException:
             self._release(spec, request.keep_alive)
+            self._leave(worker, request.model)
             raise
         g = _Gen(next(self._gen_ids), request.request_id, ring, worker)
         worker.gens[g.gen] = g
@@ -859,6 +994,7 @@ class EngineClient:
             self._by_request.pop(g.request_id, None)
             ring.close()
             self._release(spec, request.keep_alive)
+            self._leave(worker, request.model)
 
     def _release(self, spec: _ModelSpec, keep_alive: float | None) -> None:
         spec.active -= 1
@@ -943,6 +1079,13 @@ class EngineClient:
 
         Returns False when no such generation is running.
         """
+        waiting = self._waiting.get(request_id)
+        if waiting is not None:  # still waiting for a slot: it never starts
+            model, entry = waiting
+            queue = self._queues.get(model)
+            if queue is not None and queue.remove(entry) and not entry.handle.done():
+                entry.handle.set_exception(_Stranded("cancelled", FinishReason.CANCELLED))
+                return True
         g = self._by_request.get(request_id)
         if g is None or g.finished is not None:
             return False

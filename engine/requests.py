@@ -119,6 +119,10 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # context window (leaving room to answer) instead of failing.
     truncate: bool = False
     max_prompt_tokens: int = 0  # 0 = only the context window limits the prompt
+    # Who asks (a tenant, else the user) and how urgent: when every sequence slot is
+    # busy, waiting requests start by priority, then in turns between tenants.
+    tenant: str | None = None
+    priority: int = 0
     # Seconds the model stays loaded after this request when idle (None = the
     # engine's default; < 0 = forever; 0 = unload as soon as nothing runs).
     keep_alive: float | None = None

@@ -108,6 +108,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Seconds a worker may spend rendering, tokenizing and truncating one prompt
     # (everyone on that worker waits meanwhile); past it the request is too_large.
     prompt_prepare_timeout: PositiveSeconds = 2.0
+    # Generations that may wait for a sequence slot of one model (beyond, overloaded);
+    # they start by priority, then in turns between tenants (users without tenants).
+    max_queued_generations: Positive = 256
     # Slow and hostile clients. A connection must send its complete HTTP request
     # head within handshake_timeout and, once upgraded, its hello within
     # hello_timeout, or it is closed: an idle socket costs a file descriptor and

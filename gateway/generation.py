@@ -139,6 +139,7 @@ async def prepare(
             truncate=True,
             max_prompt_tokens=limits.max_prompt_tokens,
             keep_alive=keep_alive,
+            tenant=fair_share_key(principal),
         )
     else:
         request = GenerateRequest(
@@ -149,8 +150,14 @@ async def prepare(
             token_ids=token_ids,
             max_prompt_tokens=limits.max_prompt_tokens,
             keep_alive=keep_alive,
+            tenant=fair_share_key(principal),
         )
     return Prepared(request, resolved, t0)
+
+
+def fair_share_key(principal: Principal) -> str:
+    """Whose turn a waiting request takes: its tenant's, else its user's (one-tenant servers)."""
+    return f"t:{principal.tenant}" if principal.tenant else f"u:{principal.user}"
 
 
 async def run(

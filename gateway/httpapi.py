@@ -244,6 +244,8 @@ class ClosingStream(StreamingResponse):
 
 
 ErrorRenderer = Callable[[FerrousError], Response]
+RETRY_AFTER_SECONDS = 1
+_RETRY_LATER = frozenset({ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED})
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -261,7 +263,11 @@ def guarded(
             return render(exc)
         except FerrousError as exc:
             gateway.metrics.errors.labels(exc.code.value).inc()
-            return render(exc)
+            response = render(exc)
+            if exc.code in _RETRY_LATER:
+                # Full queues and limits clear in seconds: say when to try again.
+                response.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+            return response
         except Exception:
             # A bug, not the client's fault: log it, answer in the surface's shape.
             log.exception("%s %s failed", request.method, request.url.path)

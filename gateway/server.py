@@ -160,6 +160,7 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         ring_capacity=config.ring_capacity,
         stall_timeout=config.stall_timeout,
         prepare_timeout=config.limits.prompt_prepare_timeout,
+        max_queued=config.limits.max_queued_generations,
         health_interval=config.health_interval,
         health_timeout=config.health_timeout,
         memory_budget=parse_size(config.memory_budget),

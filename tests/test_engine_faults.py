@@ -30,7 +30,7 @@ def greedy(**kw: object) -> SamplingParams:
 
 
 async def test_sigkill_ends_in_flight_generations_and_the_pool_recovers(slow_model: Path) -> None:
-    # One sequence per worker, so the second generation waits in the worker's queue.
+    # One sequence per worker, so the second generation waits for the slot (engine queue).
     config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
     async with EngineClient(config) as client:
         await client.load("slow", slow_model)
@@ -42,11 +42,12 @@ async def test_sigkill_ends_in_flight_generations_and_the_pool_recovers(slow_mod
         ]
         first = await anext(streams[0])  # running
         assert isinstance(first, TokenDelta)
-        second = asyncio.ensure_future(anext(streams[1]))  # queued behind it on the same worker
-        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(anext(streams[1]))  # waits for the only slot
+        while client.queued("slow") < 1:
+            await asyncio.sleep(0.01)
         (victim,) = (await client.health()).workers
-        assert victim.active == 1 and victim.queued == 1
-        assert len(ring_segments()) == 2
+        assert victim.active == 1 and victim.queued == 0  # the worker's own queue stays empty
+        assert len(ring_segments()) == 1  # a waiting request holds no ring yet
 
         os.kill(victim.pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -68,7 +69,7 @@ async def test_sigkill_ends_in_flight_generations_and_the_pool_recovers(slow_mod
                 and ev.error.retryable
             )
         assert elapsed < 1.0
-        assert ring_segments() == set()  # the gateway owns and unlinked both rings
+        assert ring_segments() == set()  # the gateway owns and unlinked the ring
 
         # A replacement starts, reloads the model, and serves.
         async with asyncio.timeout(60):

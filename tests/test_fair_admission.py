@@ -1,0 +1,161 @@
+"""Who starts next when every slot is busy: priority, then turns between tenants.
+
+The decision is a pure queue (engine.fairqueue), tested without processes;
+then the engine is flooded by one tenant and the order in which generations
+start (their first tokens, with one slot) shows another tenant's request
+taking the next turn, a bounded queue refusing with ``overloaded``, and a
+request cancelled while waiting never starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine import EngineClient, EngineConfig, GenerateRequest, SamplingParams, TokenDelta
+from engine.fairqueue import FairQueue
+from protocol.errors import Overloaded
+
+# -- the queue -------------------------------------------------------------------------
+
+
+def _drain(q: FairQueue[str]) -> list[str]:
+    out = []
+    while (e := q.pop()) is not None:
+        out.append(e.handle)
+    return out
+
+
+def test_tenants_take_turns_and_each_keeps_its_own_order() -> None:
+    q: FairQueue[str] = FairQueue(100)
+    for i in range(5):
+        q.push("A", 0, f"a{i}")
+    q.push("B", 0, "b0")
+    q.push("C", 0, "c0")
+    q.push("B", 0, "b1")
+    assert _drain(q) == ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4"]
+
+
+def test_higher_priority_first_and_positions_match_the_order() -> None:
+    q: FairQueue[str] = FairQueue(100)
+    entries = [q.push("A", 0, "a0"), q.push("A", 0, "a1"), q.push("B", 0, "b0")]
+    urgent = q.push("C", 5, "c-urgent")
+    entries.append(urgent)
+    order = ["c-urgent", "a0", "b0", "a1"]
+    for e in entries:
+        assert q.position(e) == order.index(e.handle)
+    assert _drain(q) == order
+
+
+def test_the_queue_is_bounded_and_entries_can_leave() -> None:
+    q: FairQueue[str] = FairQueue(2)
+    a = q.push("A", 0, "a")
+    q.push("B", 0, "b")
+    with pytest.raises(Overloaded):
+        q.push("C", 0, "c")
+    assert q.remove(a) and not q.remove(a)
+    assert len(q) == 1
+    q.push("C", 0, "c")
+    assert _drain(q) == ["b", "c"]
+
+
+# -- the engine --------------------------------------------------------------------------
+
+
+def _req(rid: str, tenant: str, tokens: int, priority: int = 0) -> GenerateRequest:
+    return GenerateRequest(
+        model="m",
+        prompt="hi",
+        sampling=SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True),
+        request_id=rid,
+        tenant=tenant,
+        priority=priority,
+    )
+
+
+async def test_a_flood_from_one_tenant_does_not_hold_back_another(slow_model: Path) -> None:
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1, max_queued=8)
+    async with EngineClient(config) as engine:
+        await engine.load("m", slow_model)
+        started: list[str] = []
+
+        async def run(req: GenerateRequest) -> str:
+            async for ev in engine.generate(req):
+                if isinstance(ev, TokenDelta) and ev.seq == 0:
+                    started.append(req.request_id)
+            return req.request_id
+
+        first = asyncio.create_task(run(_req("a0", "A", 40)))
+        while not started:
+            await asyncio.sleep(0.01)
+        flood = [asyncio.create_task(run(_req(f"a{i}", "A", 3))) for i in range(1, 6)]
+        while engine.queued("m") < 5:
+            await asyncio.sleep(0.01)
+        late = asyncio.create_task(run(_req("b0", "B", 3)))
+        urgent = asyncio.create_task(run(_req("c0", "C", 3, priority=1)))
+        doomed = asyncio.create_task(run(_req("a9", "A", 3)))
+        while engine.queued("m") < 8:
+            await asyncio.sleep(0.01)
+        # The queue is full: the next request is refused at once, typed.
+        with pytest.raises(Overloaded):
+            await run(_req("x", "D", 3))
+        doomed.cancel()
+        await asyncio.gather(first, *flood, late, urgent)
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        # The urgent request first, then B's turn before A's second queued request.
+        assert started[:4] == ["a0", "c0", "a1", "b0"]
+        assert sorted(started) == sorted(["a0", "a1", "a2", "a3", "a4", "a5", "b0", "c0"])
+        assert "a9" not in started  # cancelled while waiting: never started
+        assert engine.queued("m") == 0
+
+
+# -- through the server ------------------------------------------------------------------
+
+
+async def test_a_full_queue_is_refused_with_retry_after(tmp_path: Path, slow_model: Path) -> None:
+    import httpx
+
+    from gateway.config import LimitsConfig
+    from protocol import messages as m
+
+    from .gateway_helpers import client, gateway, server_config
+
+    config = server_config(
+        tmp_path,
+        {"slow": slow_model},
+        seqs_per_worker=1,
+        limits=LimitsConfig(max_queued_generations=1),
+    )
+    async with gateway(config) as srv:
+        auth = srv.gateway.auth
+        async with (
+            client(srv, auth.issue_token(sub="a", ttl=600)) as a,
+            client(srv, auth.issue_token(sub="b", ttl=600)) as b,
+        ):
+            long = m.Options(max_tokens=100000, temperature=0.0)
+            await a.send(m.Generate("g1", "slow", "hi", options=long))
+            while not isinstance(first := await a.recv(), m.Delta):
+                assert isinstance(first, m.Started)
+            # Running: the only slot is taken.
+            await b.send(m.Generate("g2", "slow", "hi", options=m.Options(max_tokens=2)))
+            while srv.gateway.engine.queued("slow") < 1:
+                await asyncio.sleep(0.01)
+
+            def third() -> httpx.Response:
+                token = auth.issue_token(sub="c", ttl=600)
+                return httpx.post(
+                    srv.http_url + "/v1/generate",
+                    json={"model": "slow", "prompt": "hi", "stream": False},
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=60,
+                )
+
+            r = await asyncio.to_thread(third)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            assert r.headers["retry-after"] == "1"
+            await a.send(m.Cancel("g1"))
+            _, done, _ = await b.until_done("g2")  # the queued one starts once the slot frees
+            assert done.finish_reason == "length"
