@@ -36,6 +36,12 @@ def eos_model(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def okay_model(models_dir: Path) -> Path:
+    """Says "Okay." then emits the end-of-sequence token."""
+    return write_tiny_llama(models_dir / "okay.gguf", script="Okay.", script_eos=True)
+
+
+@pytest.fixture(scope="session")
 def random_model(models_dir: Path) -> Path:
     return write_tiny_llama(models_dir / "random.gguf", seed=7)
 

@@ -14,7 +14,6 @@ import pytest
 
 from engine.store.pull import ModelManager
 from engine.store.store import ModelStore
-from engine.tinymodels import write_tiny_llama
 from gateway.config import SourcesConfig
 from gateway.scopes import LOOPBACK_SCOPES
 from gateway.server import RunningServer
@@ -31,13 +30,6 @@ SYSTEM """Be brief."""
 MESSAGE user "Ping?"
 MESSAGE assistant "Pong."
 '''
-
-
-@pytest.fixture(scope="module")
-def okay_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(
-        tmp_path_factory.mktemp("okay") / "okay.gguf", script="Okay.", script_eos=True
-    )
 
 
 @pytest.fixture

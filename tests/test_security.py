@@ -23,7 +23,6 @@ from websockets.asyncio.client import connect
 
 from engine.store.pull import ModelManager
 from engine.store.store import ModelStore
-from engine.tinymodels import write_tiny_llama
 from gateway.config import AuthConfig, SourcesConfig
 from gateway.scopes import ALL_SCOPES, LOOPBACK_SCOPES
 from gateway.server import RunningServer
@@ -32,13 +31,6 @@ from protocol import messages as m
 from .gateway_helpers import JSON, client, gateway, server_config
 
 WRITER = LOOPBACK_SCOPES  # generate, models:read, models:write
-
-
-@pytest.fixture(scope="module")
-def okay_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_llama(
-        tmp_path_factory.mktemp("okay") / "okay.gguf", script="Okay.", script_eos=True
-    )
 
 
 @pytest.fixture
