@@ -101,11 +101,6 @@ class EndlessHandler(BaseHTTPRequestHandler):
             pass
 
 
-@contextmanager
-def running_in_thread() -> Iterator[None]:
-    yield
-
-
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[Any]:
     servers: list[Any] = []
