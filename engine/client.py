@@ -42,7 +42,7 @@ import socket
 import sys
 import time
 from array import array
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -52,7 +52,12 @@ from engine import ipc
 from engine.backends.base import OnnxOptions
 from engine.backends.select import check_model_file, check_onnx_folder, choose_backend
 from engine.fairqueue import FairQueue, Waiting
-from engine.memory import default_budget, estimate_model_bytes, estimate_onnx_bytes
+from engine.memory import (
+    default_budget,
+    estimate_model_bytes,
+    estimate_onnx_bytes,
+    sequences_for,
+)
 from engine.requests import (
     Embeddings,
     ErrorInfo,
@@ -82,6 +87,8 @@ __all__ = [
     "EngineHealth",
     "LoadedModel",
     "ModelInfo",
+    "StartCallback",
+    "WaitCallback",
     "WorkerHealth",
     "default_threads",
     "default_workers",
@@ -92,12 +99,29 @@ log = logging.getLogger("ferrous.engine")
 _REQUEST_ERRORS = frozenset(
     {ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.TOO_LARGE.value}
 )
+# A waiting request's place is re-read this often (and sent when it changed).
+QUEUE_REPORT_S = 0.25
+# How much each measured gap between starts counts in a model's running estimate.
+_GAP_WEIGHT = 0.2
+
+# Awaited with (requests ahead, estimated seconds or None) while a request waits.
+WaitCallback = Callable[[int, float | None], Awaitable[None]]
+StartCallback = Callable[[], Awaitable[None]]
+
 # Sleeping readers of non-empty rings are re-checked this often even without a
 # Wake: a lost wake-up costs latency, never a hang.
 WAKE_SAFETY_S = 1.0
 # An embedding call is answered in one frame after all its inputs are read; a
 # large batch of long inputs on a small CPU can take minutes.
 EMBED_TIMEOUT_S = 600.0
+
+
+# Measured on 2 cores with SmolLM2 (bench.scheduler): aggregate tokens/s keeps
+# growing to ~8 sequences per thread and flattens beyond.
+SEQS_PER_THREAD = 8
+# The ONNX decoder's batch scaling stops at ~4 rows (onnxruntime's int8 kernels,
+# bench.onnx_ceiling); more rows only add f32 cache memory.
+ONNX_SEQS = 4
 
 
 def _cpus() -> int:
@@ -132,7 +156,14 @@ class EngineConfig:
     start_timeout: float = 60.0  # worker start-up handshake
     load_timeout: float = 600.0
     n_batch: int = 512
-    seqs_per_worker: int = 4  # sequences a worker decodes together (batched)
+    # Sequences one worker decodes together per model; 0 = chosen per model: for
+    # GGUF as many context windows as half the memory budget holds, up to
+    # SEQS_PER_THREAD per thread; ONNX_SEQS for ONNX; 1 for one-at-a-time backends.
+    seqs_per_worker: int = 0
+    # Prompt tokens a step may read while other sequences decode (engine.stepplan):
+    # the longest a running stream waits for a newcomer's prompt.
+    prefill_chunk: int = 64
+    kv_unified: bool = False  # GGUF sequences share one cache (see LoadParams)
     memory_budget: int = 0  # bytes loaded models may take; 0 = 80 % of available memory
     keep_alive: float = 300.0  # seconds an idle model stays loaded; < 0 = forever, 0 = unload
     # The watchdog: a worker that leaves a ping unanswered for health_timeout
@@ -193,6 +224,7 @@ class _ModelSpec:
     n_ctx: int
     chat_template: str | None = None
     size: int = 0
+    n_seq: int = 1  # sequences each worker runs at once
     loaded_n_ctx: int = 0
     active: int = 0
     last_used: float = 0.0  # monotonic
@@ -299,6 +331,9 @@ class EngineClient:
         self._by_request: dict[str, _Gen] = {}
         self._queues: dict[str, FairQueue[asyncio.Future[_Worker]]] = {}
         self._waiting: dict[str, tuple[str, Waiting[asyncio.Future[_Worker]]]] = {}
+        # Per model: when a waiting request last started, and the running mean gap.
+        self._last_start: dict[str, float] = {}
+        self._start_gap: dict[str, float] = {}
         self._gen_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
         self._changed: asyncio.Condition | None = None
@@ -568,17 +603,19 @@ class EngineClient:
     def _room(self, model: str) -> _Worker | None:
         """The least loaded live worker holding ``model`` with a free sequence slot."""
         best: _Worker | None = None
+        spec = self._models.get(model)
+        slots = spec.n_seq if spec is not None else 1
         for w in self._workers:
             if not w.alive or model not in w.models:
                 continue
             used = w.load.get(model, 0)
-            if used < self.config.seqs_per_worker and (
-                best is None or used < best.load.get(model, 0)
-            ):
+            if used < slots and (best is None or used < best.load.get(model, 0)):
                 best = w
         return best
 
-    async def _admit(self, request: GenerateRequest) -> _Worker:
+    async def _admit(
+        self, request: GenerateRequest, on_wait: WaitCallback | None = None
+    ) -> _Worker:
         """A worker with a slot reserved for ``request``: at once, or in fair-queue order.
 
         Dispatching only to a worker with a free slot keeps the workers' own
@@ -598,6 +635,18 @@ class EngineClient:
         self._waiting[request.request_id] = (model, entry)
         self._grant(model)
         try:
+            if on_wait is None:
+                return await granted
+            told: int | None = None
+            while not granted.done():
+                try:
+                    place = queue.position(entry)
+                except ValueError:  # granted (or stranded) a moment ago
+                    break
+                if place != told:
+                    told = place
+                    await on_wait(place, self._estimate(model, place))
+                await asyncio.wait((granted,), timeout=QUEUE_REPORT_S)
             return await granted
         except BaseException:
             if (
@@ -623,6 +672,19 @@ class EngineClient:
                 continue  # its caller already left
             w.load[model] = w.load.get(model, 0) + 1
             entry.handle.set_result(w)
+            now = time.monotonic()
+            last = self._last_start.get(model)
+            self._last_start[model] = now
+            if last is not None:
+                gap = self._start_gap.get(model)
+                self._start_gap[model] = (
+                    now - last if gap is None else gap + _GAP_WEIGHT * (now - last - gap)
+                )
+
+    def _estimate(self, model: str, place: int) -> float | None:
+        """Seconds until a request with ``place`` requests ahead starts, from recent starts."""
+        gap = self._start_gap.get(model)
+        return None if gap is None else round((place + 1) * gap, 2)
 
     def _strand(self, models: list[str], why: str) -> None:
         """Requests waiting for models that no live worker holds any more end, retryable.
@@ -687,19 +749,37 @@ class EngineClient:
         workers = max(1, len(self._workers))
         if kind == "onnx":
             check_onnx_folder(spec.path)
+            spec.n_seq = self.config.seqs_per_worker or ONNX_SEQS
             spec.size = estimate_onnx_bytes(
                 spec.path,
                 n_ctx=n_ctx,
                 workers=workers,
-                n_seq=self.config.seqs_per_worker,
+                n_seq=spec.n_seq,
                 prefix_cache=max(0, self.config.onnx.prefix_cache_mb) * 2**20
                 if self.config.onnx.prefix_reuse
                 else 0,
             )
         else:
             header = check_model_file(spec.path, kind)
+            if self.config.seqs_per_worker:
+                spec.n_seq = self.config.seqs_per_worker
+            elif kind == "llama_cpp" and self.config.kv_unified:
+                spec.n_seq = SEQS_PER_THREAD * self.config.threads_per_worker
+            elif kind == "llama_cpp":
+                spec.n_seq = sequences_for(
+                    header,
+                    n_ctx=n_ctx,
+                    workers=workers,
+                    budget=self.memory_budget,
+                    cap=SEQS_PER_THREAD * self.config.threads_per_worker,
+                )
             spec.size = estimate_model_bytes(
-                header, n_ctx=n_ctx, workers=workers, n_batch=self.config.n_batch
+                header,
+                n_ctx=n_ctx,
+                workers=workers,
+                n_batch=self.config.n_batch,
+                n_seq=spec.n_seq,
+                unified=self.config.kv_unified,
             )
         assert self._load_lock is not None
         async with self._load_lock:
@@ -768,9 +848,11 @@ class EngineClient:
             spec.n_ctx,
             self.config.threads_per_worker,
             self.config.n_batch,
-            self.config.seqs_per_worker,
+            spec.n_seq,
             spec.chat_template,
             self.config.onnx,
+            self.config.prefill_chunk,
+            self.config.kv_unified,
         )
         w.loading += 1
         try:
@@ -890,18 +972,28 @@ class EngineClient:
                     await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def generate(
-        self, request: GenerateRequest
+        self,
+        request: GenerateRequest,
+        *,
+        on_wait: WaitCallback | None = None,
+        on_start: StartCallback | None = None,
     ) -> AsyncGenerator[TokenDelta | GenerationDone, None]:
         """Stream a generation: :class:`TokenDelta` events, then one :class:`GenerationDone`.
 
         Raises :class:`~protocol.errors.FerrousError` for a request that cannot
         start (unknown model, bad prompt). Closing the iterator early, or
         cancelling the task that iterates it, cancels the generation.
+
+        When every sequence slot of the model is busy the request waits in the
+        model's fair queue: ``on_wait(ahead, seconds)`` is awaited at once and
+        whenever its place changes (``seconds`` estimates the wait from how
+        fast waiting requests have been starting; None until known), and
+        ``on_start()`` once it has a slot.
         """
         if request.request_id in self._by_request or request.request_id in self._waiting:
             raise FerrousError(f"request id {request.request_id!r} is already running")
         try:
-            worker = await self._admit(request)
+            worker = await self._admit(request, on_wait)
         except _Stranded as exc:
             error = exc.reason is FinishReason.ERROR
             yield self._done(
@@ -921,6 +1013,12 @@ class EngineClient:
                 ),
             )
             return
+        if on_start is not None:
+            try:
+                await on_start()
+            except BaseException:
+                self._leave(worker, request.model)
+                raise
         spec = self._models.get(request.model)
         if spec is None:  # unloaded while the request waited for a slot
             self._leave(worker, request.model)
@@ -959,6 +1057,7 @@ class EngineClient:
                 request.truncate,
                 request.max_prompt_tokens,
                 self.config.prepare_timeout,
+                request.priority,
             )
         )
         want_ids = request.token_ids

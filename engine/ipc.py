@@ -67,6 +67,8 @@ class LoadModel(_Frame, tag=1):
     n_seq: int
     chat_template: str | None = None
     onnx: OnnxOptions = msgspec.field(default_factory=OnnxOptions)
+    prefill_chunk: int = 64
+    kv_unified: bool = False
 
 
 class UnloadModel(_Frame, tag=2):
@@ -87,6 +89,7 @@ class Generate(_Frame, tag=3):
     truncate: bool
     max_prompt_tokens: int
     prepare_timeout: float = 2.0  # seconds to render, tokenize and truncate the prompt
+    priority: int = 0  # orders prompt reading within a step (engine.stepplan)
 
 
 class Cancel(_Frame, tag=4):

@@ -6,8 +6,13 @@ native code that would exhaust memory:
 
 * weights: the file size, counted once, because llama.cpp memory-maps the file
   and every worker shares the same page-cache pages;
-* per worker: the KV cache (K and V, f16, ``n_layer x n_ctx x n_embd_kv``),
+* per worker: the KV cache (K and V, f16, ``n_layer x n_ctx x n_embd_kv`` for
+  each of ``n_seq`` sequence windows, once when the sequences share one cache),
   the logits buffer (``n_vocab x n_batch`` floats) and a fixed compute reserve.
+
+How many sequences a worker runs at once follows from the same figures
+(:func:`sequences_for`): as many windows as fit in half of the budget, up to a
+cap that grows with the worker's threads.
 
 The default budget is 80 % of the memory the kernel reports as available when
 the engine starts (``MemAvailable``), which leaves room for the gateway, the
@@ -26,6 +31,8 @@ __all__ = [
     "default_budget",
     "estimate_model_bytes",
     "estimate_onnx_bytes",
+    "kv_bytes_per_token",
+    "sequences_for",
 ]
 
 COMPUTE_RESERVE = 32 * 1024 * 1024  # llama.cpp's compute buffers for small batches
@@ -48,21 +55,49 @@ def default_budget() -> int:
     return int(available_memory() * 0.8)
 
 
-def estimate_model_bytes(
-    header: GGUFHeader, *, n_ctx: int, workers: int, n_batch: int = 512
-) -> int:
-    """Bytes a model needs when loaded into ``workers`` workers with ``n_ctx`` context."""
+def kv_bytes_per_token(header: GGUFHeader) -> int:
+    """Bytes of f16 keys and values one position of one sequence takes."""
     arch = header.architecture
     n_layer = header.get_int(f"{arch}.block_count", 1)
     n_embd = header.get_int(f"{arch}.embedding_length", 0)
     n_head = max(1, header.get_int(f"{arch}.attention.head_count", 1))
     n_head_kv = header.get_int(f"{arch}.attention.head_count_kv", n_head) or n_head
-    n_embd_kv = n_embd * n_head_kv // n_head
-    ctx = n_ctx or min(header.context_length or 2048, _MAX_DEFAULT_CTX)
+    return 2 * n_layer * (n_embd * n_head_kv // n_head) * 2
+
+
+def window(header: GGUFHeader, n_ctx: int) -> int:
+    """The context window a sequence gets: ``n_ctx``, else the model's own capped at 4096."""
+    return n_ctx or min(header.context_length or 2048, _MAX_DEFAULT_CTX)
+
+
+def estimate_model_bytes(
+    header: GGUFHeader,
+    *,
+    n_ctx: int,
+    workers: int,
+    n_batch: int = 512,
+    n_seq: int = 1,
+    unified: bool = False,
+) -> int:
+    """Bytes a model needs in ``workers`` workers, each with ``n_seq`` sequence windows."""
+    ctx = window(header, n_ctx)
     n_vocab = header.array_lengths.get("tokenizer.ggml.tokens", 32000)
-    kv = 2 * n_layer * ctx * n_embd_kv * 2
+    kv = kv_bytes_per_token(header) * ctx * (1 if unified else max(0, n_seq))
     logits = n_vocab * min(n_batch, ctx) * 4
     return header.file_size + workers * (kv + logits + COMPUTE_RESERVE)
+
+
+def sequences_for(header: GGUFHeader, *, n_ctx: int, workers: int, budget: int, cap: int) -> int:
+    """Sequence windows per worker: as many as half of ``budget`` holds, 1 to ``cap``.
+
+    Half, so that loading this model never takes all the room another model
+    would need; the windows are what grows with concurrency, the weights are
+    shared by every worker and counted once.
+    """
+    per_seq = kv_bytes_per_token(header) * window(header, n_ctx) * max(1, workers)
+    fixed = estimate_model_bytes(header, n_ctx=n_ctx, workers=workers, n_seq=0)
+    room = budget // 2 - fixed
+    return max(1, min(cap, room // max(1, per_seq)))
 
 
 def estimate_onnx_bytes(

@@ -191,6 +191,8 @@ class Worker:
                     msg.n_seq,
                     msg.chat_template,
                     msg.onnx,
+                    msg.prefill_chunk,
+                    msg.kv_unified,
                 ),
             )
             load_ms = (time.perf_counter() - t0) * 1000
@@ -445,7 +447,7 @@ class Worker:
                 seq.t_start = time.perf_counter()
                 seq.n_prompt = len(seq.prompt)
                 try:
-                    backend.start(seq.gen, seq.prompt, seq.msg.sampling)
+                    backend.start(seq.gen, seq.prompt, seq.msg.sampling, seq.msg.priority)
                 except Exception as exc:
                     self._fail(seq, exc)
                     continue

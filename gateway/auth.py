@@ -58,6 +58,7 @@ from jwt.types import Options
 
 from gateway.scopes import ALL_SCOPES, DEFAULT_SCOPES, parse_scopes
 from protocol.errors import ErrorCode, FerrousError
+from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -105,6 +106,9 @@ class Principal(msgspec.Struct, frozen=True):
     key_id: str | None = None
     """The API key's stored prefix, for a caller (or a ticket) that came with a key:
     revoking that key ends the caller's sessions and spends its tickets."""
+    max_priority: int = 0
+    """The highest scheduling priority the caller's requests may ask for (a JWT
+    ``priority`` claim or the API key's class); higher asks are lowered to it."""
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True):
@@ -116,6 +120,7 @@ class ApiKeyInfo(msgspec.Struct, frozen=True):
     name: str
     created: float
     scopes: list[str] = msgspec.field(default_factory=lambda: sorted(DEFAULT_SCOPES))
+    priority: int = 0
 
 
 class _ApiKeyRecord(msgspec.Struct, frozen=True):
@@ -127,6 +132,7 @@ class _ApiKeyRecord(msgspec.Struct, frozen=True):
     created: float
     # Absent in key files written before scopes existed: those keys get the defaults.
     scopes: list[str] | None = None
+    priority: int = 0  # the highest scheduling priority the key's requests may ask for
 
 
 class _ApiKeyFile(msgspec.Struct):
@@ -313,6 +319,12 @@ def _parse_api_keys(data: bytes) -> list[_ApiKeyRecord]:
         return msgspec.json.decode(data, type=_ApiKeyFile).keys
     except msgspec.DecodeError as exc:
         raise ValueError(f"not an API key file: {exc}") from None
+
+
+def _checked_priority(priority: int) -> int:
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}")
+    return priority
 
 
 def _digest(credential: str) -> bytes:
@@ -555,7 +567,14 @@ class Authenticator:
             scopes = parse_scopes(raw_scopes)
         except ValueError:
             raise Unauthorized("invalid scope claim") from None
-        return Principal(sub, tenant, "jwt", exp, scopes)
+        priority = payload.get("priority", 0)
+        if (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+        ):
+            raise Unauthorized("invalid priority claim")
+        return Principal(sub, tenant, "jwt", exp, scopes, max_priority=priority)
 
     def issue_token(
         self,
@@ -566,6 +585,7 @@ class Authenticator:
         audience: str | None = None,
         issuer: str | None = None,
         scopes: frozenset[str] | None = None,
+        priority: int = 0,
     ) -> str:
         """An HS256 JWT signed with the local secret.
 
@@ -589,6 +609,8 @@ class Authenticator:
             claims[self._tenant_claim] = tenant
         if scopes is not None:
             claims["scope"] = " ".join(sorted(parse_scopes(sorted(scopes))))
+        if priority:
+            claims["priority"] = _checked_priority(priority)
         aud = audience if audience is not None else self._audience
         if aud:
             claims["aud"] = aud
@@ -686,7 +708,15 @@ class Authenticator:
             scopes = parse_scopes(found.scopes)
         except ValueError:
             raise Unauthorized("the API key's scopes are invalid") from None
-        return Principal(found.user, found.tenant, "api_key", None, scopes, found.prefix)
+        return Principal(
+            found.user,
+            found.tenant,
+            "api_key",
+            None,
+            scopes,
+            found.prefix,
+            max_priority=max(MIN_PRIORITY, min(MAX_PRIORITY, found.priority)),
+        )
 
     def key_ids(self) -> frozenset[str]:
         """The prefixes of the API keys that exist now (the key file is reread when it changed).
@@ -715,8 +745,12 @@ class Authenticator:
         tenant: str | None = None,
         name: str = "",
         scopes: frozenset[str] | None = None,
+        priority: int = 0,
     ) -> str:
-        """A new API key for ``user``; the plaintext is returned here and stored nowhere."""
+        """A new API key for ``user``; the plaintext is returned here and stored nowhere.
+
+        ``priority`` is the highest scheduling priority its requests may ask for.
+        """
         if not user:
             raise ValueError("user must not be empty")
         if tenant is not None and not tenant.strip():
@@ -731,6 +765,7 @@ class Authenticator:
             name=name,
             created=self._clock(),
             scopes=scope_list,
+            priority=_checked_priority(priority),
         )
         with self._lock:
             records = self._read_api_keys_for_update()
@@ -764,7 +799,13 @@ class Authenticator:
             records = self._api_keys.load(strict=False)
         return [
             ApiKeyInfo(
-                r.prefix, r.user, r.tenant, r.name, r.created, sorted(r.scopes or DEFAULT_SCOPES)
+                r.prefix,
+                r.user,
+                r.tenant,
+                r.name,
+                r.created,
+                sorted(r.scopes or DEFAULT_SCOPES),
+                r.priority,
             )
             for r in records
         ]

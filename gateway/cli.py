@@ -204,6 +204,11 @@ SCOPE_HELP = (
 )
 
 
+PRIORITY_HELP = (
+    "the highest scheduling priority the credential's requests may ask for (-100..100; default 0)"
+)
+
+
 def _scopes(values: list[str] | None) -> frozenset[str] | None:
     if not values:
         return None
@@ -216,7 +221,11 @@ def _scopes(values: list[str] | None) -> frozenset[str] | None:
 def _keys(args: argparse.Namespace) -> int:
     auth = build_authenticator(load_config(args.config))
     if args.key_command == "create":
-        print(auth.create_api_key(args.user, args.tenant, args.name, _scopes(args.scope)))
+        print(
+            auth.create_api_key(
+                args.user, args.tenant, args.name, _scopes(args.scope), args.priority
+            )
+        )
         return 0
     if args.key_command == "revoke":
         if auth.revoke_api_key(args.key):
@@ -267,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tenant")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds")
     p.add_argument("--scope", action="append", help=SCOPE_HELP)
+    p.add_argument("--priority", type=int, default=0, help=PRIORITY_HELP)
 
     p = sub.add_parser("key", help="manage API keys (stored hashed)")
     p.add_argument("--config")
@@ -276,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("--tenant")
     k.add_argument("--name", default="")
     k.add_argument("--scope", action="append", help=SCOPE_HELP)
+    k.add_argument("--priority", type=int, default=0, help=PRIORITY_HELP)
     k = keys.add_parser("revoke", help="revoke a key by its text or its prefix")
     k.add_argument("key")
     keys.add_parser("list", help="list keys (prefixes only)")
@@ -304,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tenant=args.tenant,
                     ttl=args.ttl,
                     scopes=_scopes(args.scope),
+                    priority=args.priority,
                 )
             )
             return 0

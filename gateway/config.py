@@ -183,7 +183,15 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     home: str = ""  # "" = $FERROUS_HOME or ~/.ferrous
     workers: NonNegative = 0  # 0 = engine default
     threads_per_worker: NonNegative = 0  # 0 = engine default
-    seqs_per_worker: Positive = 4
+    # Sequences a worker decodes together per model; 0 = by memory (GGUF: as many
+    # context windows as half the memory budget holds, up to 8 per thread).
+    seqs_per_worker: NonNegative = 0
+    # Prompt tokens a decode step may read while other streams run: the longest a
+    # running stream waits for a newcomer's prompt (chunked prefill).
+    prefill_chunk: Positive = 64
+    # GGUF sequences share one cache instead of a window each: long and short
+    # chats take what they use, at ~30 % less throughput with many streams.
+    kv_unified: bool = False
     ring_capacity: Annotated[int, msgspec.Meta(ge=4096)] = 65536
     stall_timeout: PositiveSeconds = 30.0
     # Worker watchdog: a ping every health_interval (0 = off); a worker that leaves one

@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
+from engine.client import StartCallback, WaitCallback
 from engine.requests import new_request_id
 from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
+from gateway.scopes import ADMIN
 from protocol import messages as m
 from protocol.errors import BadRequest, Overloaded
+from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -120,8 +123,13 @@ async def prepare(
     request_id: str | None = None,
     seed: bool = True,
     started: float | None = None,
+    priority: int = 0,
 ) -> Prepared:
-    """Load the model if needed and build the engine request (raises FerrousError)."""
+    """Load the model if needed and build the engine request (raises FerrousError).
+
+    ``priority`` is what the client asked for; the request gets it capped by
+    what the principal may use (:func:`effective_priority`).
+    """
     t0 = started if started is not None else time.perf_counter()
     if gateway.draining:
         raise Overloaded("the server is shutting down")
@@ -140,6 +148,7 @@ async def prepare(
             max_prompt_tokens=limits.max_prompt_tokens,
             keep_alive=keep_alive,
             tenant=fair_share_key(principal),
+            priority=effective_priority(principal, priority),
         )
     else:
         request = GenerateRequest(
@@ -151,8 +160,20 @@ async def prepare(
             max_prompt_tokens=limits.max_prompt_tokens,
             keep_alive=keep_alive,
             tenant=fair_share_key(principal),
+            priority=effective_priority(principal, priority),
         )
     return Prepared(request, resolved, t0)
+
+
+def effective_priority(principal: Principal, requested: int) -> int:
+    """The priority a request runs at: what it asked for, capped by its credential's class.
+
+    Administrators may use any class; others up to their JWT ``priority``
+    claim or API key's priority (0 unless granted). Lower classes are always
+    allowed: a client may mark its own background work.
+    """
+    cap = MAX_PRIORITY if ADMIN in principal.scopes else principal.max_priority
+    return max(MIN_PRIORITY, min(requested, cap))
 
 
 def fair_share_key(principal: Principal) -> str:
@@ -161,9 +182,17 @@ def fair_share_key(principal: Principal) -> str:
 
 
 async def run(
-    gateway: Gateway, prepared: Prepared
+    gateway: Gateway,
+    prepared: Prepared,
+    *,
+    on_wait: WaitCallback | None = None,
+    on_start: StartCallback | None = None,
 ) -> AsyncGenerator[TokenDelta | GenerationDone, None]:
     """Engine events of one generation, with metrics. Close it early to cancel.
+
+    ``on_wait(position, wait_s)`` is awaited while the request waits for room
+    and whenever its place changes; ``on_start()`` when it is admitted
+    (see :meth:`engine.client.EngineClient.generate`).
 
     The task consuming it is registered with the gateway while it runs, so a
     shutdown can cancel generations of every surface after its grace period.
@@ -175,7 +204,8 @@ async def run(
         gateway.running.add(task)
     last = 0.0
     try:
-        async with contextlib.aclosing(gateway.engine.generate(prepared.request)) as events:
+        events_of = gateway.engine.generate(prepared.request, on_wait=on_wait, on_start=on_start)
+        async with contextlib.aclosing(events_of) as events:
             async for ev in events:
                 if isinstance(ev, TokenDelta):
                     now = time.perf_counter()

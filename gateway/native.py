@@ -260,6 +260,7 @@ class GenerateBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     format: m.Format | None = None
     token_ids: bool = False
     stream: bool = False
+    priority: m.Priority = 0
 
 
 class ChatBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -275,6 +276,7 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     options: m.Options | None = None
     keep_alive: m.KeepAlive | None = None
     format: m.Format | None = None
+    priority: m.Priority = 0
     token_ids: bool = False
     stream: bool = False
 
@@ -333,6 +335,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
                 extra=extra,
                 keep_alive=keep_alive,
                 token_ids=body.token_ids,
+                priority=body.priority,
             )
             return prepared, None, lambda _text: None
         turns = [ChatMessage(x.role, x.content) for x in body.messages]
@@ -346,6 +349,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
                 extra=extra,
                 keep_alive=keep_alive,
                 token_ids=body.token_ids,
+                priority=body.priority,
             )
             return prepared, None, lambda _text: None
         principal = request.state.principal
@@ -363,6 +367,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
             extra=extra,
             keep_alive=keep_alive,
             token_ids=body.token_ids,
+            priority=body.priority,
             seed=False,
         )
 

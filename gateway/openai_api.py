@@ -27,7 +27,9 @@ messages, completion ``suffix`` and token-array prompts or inputs, and
 ``presence_penalty`` and ``frequency_penalty`` (range-checked; the engine's own
 ``repeat_penalty`` is offered instead), ``user``, ``metadata``, ``store`` and any
 field this surface does not know. Extensions: ``top_k``, ``min_p``,
-``repeat_penalty`` and ``keep_alive`` (seconds or a duration such as ``"5m"``).
+``repeat_penalty``, ``ignore_eos`` (benchmarks: keep generating past the end of
+the answer), ``priority`` (the scheduling class, -100..100, capped by the
+credential's) and ``keep_alive`` (seconds or a duration such as ``"5m"``).
 A ``seed`` is taken modulo 2**32. Sampling options the request leaves out come
 from the model's Modelfile, then the server's defaults.
 
@@ -97,6 +99,7 @@ Event = TokenDelta | GenerationDone
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 StopText = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopText | Annotated[list[StopText], Meta(max_length=16)]
+Priority = m.Priority
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -127,6 +130,8 @@ class _Sampling(msgspec.Struct, kw_only=True):
     top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     repeat_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    ignore_eos: bool | None = None
+    priority: Priority | None = None
     keep_alive: KeepAlive | None = None
 
 
@@ -276,6 +281,7 @@ def _options(body: _Sampling, max_tokens: int | None) -> m.Options:
         seed=None if body.seed is None else body.seed % 2**32,
         max_tokens=max_tokens,
         stop=stop,
+        ignore_eos=body.ignore_eos,
     )
 
 
@@ -507,6 +513,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             options=options,
             extra=extra,
             keep_alive=keep_alive,
+            priority=body.priority or 0,
             request_id=cid,
             started=started,
         )
@@ -579,6 +586,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             prompt=prompt,
             options=options,
             keep_alive=keep_alive,
+            priority=body.priority or 0,
             request_id=cid,
             started=started,
         )

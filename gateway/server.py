@@ -157,6 +157,8 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         workers=config.workers or default_workers(),
         threads_per_worker=config.threads_per_worker or default_threads(),
         seqs_per_worker=config.seqs_per_worker,
+        prefill_chunk=config.prefill_chunk,
+        kv_unified=config.kv_unified,
         ring_capacity=config.ring_capacity,
         stall_timeout=config.stall_timeout,
         prepare_timeout=config.limits.prompt_prepare_timeout,

@@ -354,6 +354,7 @@ class Session:
                         extra=format_options(msg.format),
                         keep_alive=keep_alive,
                         token_ids=msg.token_ids,
+                        priority=msg.priority,
                         request_id=self._request_id(msg.id),
                         seed=False,
                         started=t0,
@@ -368,15 +369,28 @@ class Session:
                         extra=format_options(msg.format),
                         keep_alive=keep_alive,
                         token_ids=msg.token_ids,
+                        priority=msg.priority,
                         request_id=self._request_id(msg.id),
                         started=t0,
                     )
-                await self.send(m.Started(msg.id, msg.model, conv_id))
-                log.info("generation started on %s", msg.model)
                 if msg.id in self._user_cancelled:
                     raise asyncio.CancelledError
                 self._phase[msg.id] = "engine"
-                async for ev in run(g, prepared):
+                started = False
+
+                async def on_start() -> None:
+                    """The engine admitted it: ``started`` (after any ``queued``)."""
+                    nonlocal started
+                    if not started:
+                        started = True
+                        await self.send(m.Started(msg.id, msg.model, conv_id))
+                        log.info("generation started on %s", msg.model)
+
+                async def on_wait(position: int, wait_s: float | None) -> None:
+                    await self.send(m.Queued(msg.id, position, wait_s))
+
+                async for ev in run(g, prepared, on_wait=on_wait, on_start=on_start):
+                    await on_start()
                     cancelled = msg.id in self._user_cancelled
                     if isinstance(ev, TokenDelta):
                         if cancelled:

@@ -38,6 +38,8 @@ from .errors import ErrorCode
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "SERVER_MESSAGES",
     "SUBPROTOCOL_JSON",
     "SUBPROTOCOL_MSGPACK",
@@ -61,6 +63,7 @@ __all__ = [
     "Options",
     "Progress",
     "Pull",
+    "Queued",
     "Ready",
     "ServerHeartbeat",
     "ServerMessage",
@@ -83,6 +86,12 @@ ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 KeepAlive = float | Annotated[str, Meta(max_length=32)]
 # Structured output: "json" (any JSON object) or a JSON Schema the output must satisfy.
 Format = Literal["json"] | dict[str, Any]
+# Scheduling class of a request: higher starts sooner when the model is busy. A
+# caller's class is capped by its credential (a JWT ``priority`` claim or its API
+# key's priority); asking above the cap is lowered to it.
+MIN_PRIORITY = -100
+MAX_PRIORITY = 100
+Priority = Annotated[int, Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
 ConversationId = Annotated[
     str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+(?!\n)$")
 ]
@@ -143,6 +152,7 @@ class Generate(_ClientBase, tag="generate"):
     token_ids: bool = False
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
     format: Format | None = None  # constrain the output to JSON (or to a schema)
+    priority: Priority = 0  # scheduling class (capped by the credential's)
 
 
 class Chat(_ClientBase, tag="chat"):
@@ -160,6 +170,7 @@ class Chat(_ClientBase, tag="chat"):
     token_ids: bool = False
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
     format: Format | None = None  # constrain the output to JSON (or to a schema)
+    priority: Priority = 0  # scheduling class (capped by the credential's)
 
 
 class Cancel(_ClientBase, tag="cancel"):
@@ -220,6 +231,19 @@ class Ready(_ServerBase, tag="ready"):
     models: list[str]
     limits: Limits
     flow_control: bool = False
+
+
+class Queued(_ServerBase, tag="queued"):
+    """Generation ``id`` waits for room on its model: ``position`` requests start before it.
+
+    Sent when a request has to wait and again whenever its position changes;
+    ``started`` follows when it begins. ``wait_s`` estimates the wait from how
+    fast requests have been starting (absent until that is known).
+    """
+
+    id: str
+    position: int
+    wait_s: float | None = None
 
 
 class Started(_ServerBase, tag="started"):
@@ -287,7 +311,7 @@ class Progress(_ServerBase, tag="progress"):
     completed: int | None = None
 
 
-ServerMessage = Ready | Started | Delta | Done | Error | ServerHeartbeat | Progress
+ServerMessage = Ready | Queued | Started | Delta | Done | Error | ServerHeartbeat | Progress
 
 CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Hello,
@@ -301,6 +325,7 @@ CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
 )
 SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Ready,
+    Queued,
     Started,
     Delta,
     Done,

@@ -65,8 +65,14 @@ class OnnxOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How to load a model.
 
-    ``n_ctx=0`` uses the model's own length, capped at 4096. ``n_seq`` is how
-    many sequences decode together (backends that step one at a time ignore it).
+    ``n_ctx=0`` uses the model's own length, capped at 4096: the context
+    window of each sequence. ``n_seq`` is how many sequences decode together
+    (backends that step one at a time ignore it). ``prefill_chunk`` bounds the
+    prompt tokens of a step while other sequences decode (engine.stepplan).
+    ``kv_unified`` makes llama.cpp's sequences share one cache of ``n_ctx``
+    cells instead of a window each: a long conversation and a short question
+    then take what they use, but every token attends over the cells of all
+    sequences, which measured ~30 % slower at 8 streams on SmolLM2.
     """
 
     n_ctx: int = 0
@@ -75,6 +81,8 @@ class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_seq: int = 4
     chat_template: str | None = None  # overrides the model's own (a Modelfile TEMPLATE)
     onnx: OnnxOptions = msgspec.field(default_factory=OnnxOptions)
+    prefill_chunk: int = 64
+    kv_unified: bool = False
 
 
 class Backend(abc.ABC):
@@ -106,8 +114,13 @@ class Backend(abc.ABC):
         """True for end-of-generation tokens (EOS, EOT, ...)."""
 
     @abc.abstractmethod
-    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
-        """Admit a sequence; compute happens in its first :meth:`step`."""
+    def start(
+        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+    ) -> None:
+        """Admit a sequence; compute happens in its first :meth:`step`.
+
+        ``priority`` orders prompt reading within a step (engine.stepplan).
+        """
 
     @abc.abstractmethod
     def step(self, seqs: Sequence[int]) -> dict[int, int]:

@@ -78,7 +78,9 @@ class CTransformersBackend(Backend):
     def is_end(self, token: int) -> bool:
         return bool(self._llm.is_eos_token(token))  # type: ignore[attr-defined]
 
-    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+    def start(
+        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+    ) -> None:
         self.check_sampling(sampling)  # the worker checks too; start() must never ignore it
         if self._seq is not None:
             raise RuntimeError("ctransformers backend holds one sequence at a time")

@@ -537,7 +537,9 @@ class OnnxBackend(Backend):
         if sampling.constraint() is not None:
             raise BadRequest("structured output needs the llama_cpp backend")
 
-    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+    def start(
+        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+    ) -> None:
         if len(self._seqs) >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
         rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
@@ -797,7 +799,9 @@ class OnnxEncoderBackend(Backend):
     def check_sampling(self, sampling: SamplingParams) -> None:
         raise BadRequest("this is an embedding model: it cannot generate text")
 
-    def start(self, seq: int, prompt: list[int], sampling: SamplingParams) -> None:
+    def start(
+        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+    ) -> None:
         raise BadRequest("this is an embedding model: it cannot generate text")
 
     def step(self, seqs: Sequence[int]) -> dict[int, int]:

@@ -36,6 +36,11 @@ export interface Chat {
   keep_alive?: number | string | null;
   /** @default null */
   options?: Options | null;
+  /**
+   * integer; -100 ≤ value ≤ 100
+   * @default 0
+   */
+  priority?: number;
   /** @default false */
   token_ids?: boolean;
 }
@@ -140,6 +145,11 @@ export interface Generate {
   keep_alive?: number | string | null;
   /** @default null */
   options?: Options | null;
+  /**
+   * integer; -100 ≤ value ≤ 100
+   * @default 0
+   */
+  priority?: number;
   /** @default false */
   token_ids?: boolean;
 }
@@ -276,6 +286,22 @@ export interface Pull {
   source?: string | null;
 }
 
+/**
+ * Generation `id` waits for room on its model: `position` requests start before it.
+ *
+ * Sent when a request has to wait and again whenever its position changes;
+ * `started` follows when it begins. `wait_s` estimates the wait from how
+ * fast requests have been starting (absent until that is known).
+ */
+export interface Queued {
+  type: "queued";
+  id: string;
+  /** integer */
+  position: number;
+  /** @default null */
+  wait_s?: number | null;
+}
+
 export interface Ready {
   type: "ready";
   /** integer */
@@ -297,6 +323,7 @@ export interface ServerHeartbeat {
 
 export type ServerMessage =
   | Ready
+  | Queued
   | Started
   | Delta
   | Done
@@ -305,7 +332,7 @@ export type ServerMessage =
   | Progress;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "progress" | "ready" | "started";
+export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "progress" | "queued" | "ready" | "started";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
@@ -314,6 +341,7 @@ export interface ServerMessageMap {
   error: Error;
   heartbeat: ServerHeartbeat;
   progress: Progress;
+  queued: Queued;
   ready: Ready;
   started: Started;
 }

@@ -1,0 +1,462 @@
+"""Many concurrent chats through ``ferrous serve`` and ``llama-server``, side by side in one run.
+
+    python -m bench.scheduler [--model GGUF] [--streams 1,8,16,32] [--tokens 128] [--rounds 3]
+                              [--json]
+                              [--skip-reference] [--scenarios streams,turns,fairness,priority]
+
+Both servers get the same GGUF (SmolLM2 by default), threads, prompts and
+token budget, through the same OpenAI route (``/v1/chat/completions``,
+streamed): ``ferrous serve`` with its defaults, ``llama-server -np 8`` (built
+by ``python -m bench.llama_server build``). Every figure is measured by the
+client, from the request to each streamed chunk.
+
+Scenarios:
+
+* **streams** — N chats at once, each a different question, ``--tokens``
+  greedy tokens each (end of answer ignored), ``--rounds`` times with
+  different questions: aggregate tokens/s (all tokens / wall time from the
+  first request to the last event; the median round), time to first token
+  (median, p95) and inter-token latency (p50, p99 over every gap of every
+  stream of every round).
+* **turns** — one 10-turn conversation (each turn sends the history so far):
+  time to first token per turn; the figure is turn 10 / turn 1.
+* **fairness** — tenant A keeps 32 long requests in flight (a new one as each
+  ends) while tenant B asks a short question every second: B's time to first
+  token p95 against B's p95 alone. On ``ferrous serve`` A and B hold API keys
+  of different tenants; ``llama-server`` has no tenants and serves in order.
+* **priority** — the same flood from A (one tenant) while a client sends
+  requests with ``priority`` 10 (an API key allowed priority 10): their time
+  to first token under the flood against unloaded.
+
+The table's ratio column is ferrous / llama-server (for times lower is
+better). Both servers run one at a time, never together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvloop
+
+from bench.serving import free_port, start_server, stop_server
+from engine.client import default_threads
+
+QUESTIONS = [
+    "Why is the sky blue? Explain it to a curious child.",
+    "Write a short poem about a lighthouse keeper and the sea.",
+    "What are three good habits for writing clean Python code?",
+    "Describe how a bicycle gear system works.",
+    "Give me a recipe for a simple vegetable soup.",
+    "What is the difference between weather and climate?",
+    "Tell a story about a robot who learns to paint.",
+    "How do plants turn sunlight into food?",
+    "List some tips for a first trip to the mountains.",
+    "Explain what a hash table is and when to use one.",
+    "Why do cats purr? Give a few possible reasons.",
+    "Write a friendly email inviting a neighbour to dinner.",
+    "What makes a good night's sleep, according to doctors?",
+    "Describe the water cycle in a few sentences.",
+    "How does a compass find north?",
+    "Suggest a plan for learning to play the guitar.",
+    "What was life like in a medieval village?",
+    "Explain recursion with a simple example.",
+    "Why do leaves change colour in autumn?",
+    "Write a short dialogue between a baker and a customer.",
+    "How do bees make honey?",
+    "Give advice for a student starting university.",
+    "What causes thunder and lightning?",
+    "Describe a busy market on a Saturday morning.",
+    "How does a refrigerator keep food cold?",
+    "Tell a fable about a fox and a crow.",
+    "What should I pack for a weekend camping trip?",
+    "Explain how vaccines help the body fight illness.",
+    "Why is exercise good for the brain?",
+    "Write a haiku about winter rain.",
+    "How do airplanes stay in the air?",
+    "Describe your ideal small garden.",
+]
+FOLLOW_UPS = [
+    "Tell me about the moon.",
+    "How far away is it?",
+    "Why does it change shape?",
+    "Who first walked on it?",
+    "What did they bring back?",
+    "Could people live there?",
+    "What would they need?",
+    "How long would the trip take?",
+    "What would they eat?",
+    "Summarise our conversation.",
+]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class StreamResult:
+    ttft: float = 0.0  # seconds from the request to the first content
+    gaps: list[float] = field(default_factory=list)  # between content chunks
+    tokens: int = 0
+    text: str = ""
+
+
+@dataclass
+class Target:
+    """A running server: where it answers, and the headers of each tenant."""
+
+    name: str
+    base: str
+    model: str
+    keys: dict[str, str] = field(default_factory=dict)  # tenant -> bearer key
+    priority_field: bool = False
+
+    def headers(self, who: str | None) -> dict[str, str]:
+        key = self.keys.get(who or "")
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+
+async def chat(
+    client: httpx.AsyncClient,
+    target: Target,
+    messages: list[dict[str, str]],
+    tokens: int,
+    *,
+    who: str | None = None,
+    priority: int | None = None,
+    ignore_eos: bool = True,
+) -> StreamResult:
+    body: dict[str, object] = {
+        "model": target.model,
+        "messages": messages,
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
+    if priority is not None and target.priority_field:
+        body["priority"] = priority
+    result = StreamResult()
+    t0 = last = time.perf_counter()
+    chunks = 0
+    parts: list[str] = []
+    async with client.stream(
+        "POST",
+        f"{target.base}/v1/chat/completions",
+        json=body,
+        headers=target.headers(who),
+        timeout=900,
+    ) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{target.name}: {response.status_code} {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            usage = event.get("usage")
+            if usage:
+                result.tokens = int(usage.get("completion_tokens") or 0)
+            for choice in event.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content")
+                if not text:
+                    continue
+                now = time.perf_counter()
+                if chunks == 0:
+                    result.ttft = now - t0
+                else:
+                    result.gaps.append(now - last)
+                last = now
+                chunks += 1
+                parts.append(text)
+    result.text = "".join(parts)
+    if not result.tokens:
+        result.tokens = chunks
+    return result
+
+
+def _question(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+
+
+async def streams_scenario(
+    client: httpx.AsyncClient, target: Target, n: int, tokens: int, rounds: int
+) -> dict[str, float]:
+    """``rounds`` bursts of ``n`` chats; the median round's rate, percentiles over all rounds."""
+    rates: list[float] = []
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    for r in range(rounds):
+        # A different question set each round: no round reuses another's prompts.
+        questions = [_question(i + r * n) for i in range(n)]
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(chat(client, target, q, tokens) for q in questions))
+        wall = time.perf_counter() - t0
+        rates.append(sum(x.tokens for x in results) / wall)
+        ttfts += [x.ttft * 1000 for x in results]
+        gaps += [g * 1000 for x in results for g in x.gaps]
+    return {
+        "aggregate_tok_s": round(statistics.median(rates), 1),
+        "ttft_p50_ms": round(statistics.median(ttfts), 1),
+        "ttft_p95_ms": round(_pct(ttfts, 0.95), 1),
+        "itl_p50_ms": round(_pct(gaps, 0.5), 1),
+        "itl_p99_ms": round(_pct(gaps, 0.99), 1),
+    }
+
+
+async def turns_scenario(client: httpx.AsyncClient, target: Target) -> dict[str, object]:
+    history: list[dict[str, str]] = []
+    ttfts: list[float] = []
+    for question in FOLLOW_UPS:
+        history.append({"role": "user", "content": question})
+        r = await chat(client, target, history, 48, ignore_eos=False)
+        ttfts.append(round(r.ttft * 1000, 1))
+        history.append({"role": "assistant", "content": r.text})
+    return {"ttft_ms": ttfts, "turn10_over_turn1": round(ttfts[-1] / max(ttfts[0], 1e-3), 2)}
+
+
+@contextlib.asynccontextmanager
+async def flood(
+    client: httpx.AsyncClient, target: Target, who: str, in_flight: int, tokens: int
+) -> AsyncIterator[None]:
+    """Keep ``in_flight`` long requests of ``who`` running until the block ends."""
+    stop = asyncio.Event()
+
+    async def keep(i: int) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError, RuntimeError):
+                await chat(client, target, _question(i), tokens, who=who)
+
+    tasks = [asyncio.create_task(keep(i)) for i in range(in_flight)]
+    await asyncio.sleep(3.0)  # let the flood fill every slot and the queue
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _paced(
+    n: int, every: float, ask: Callable[[int], Awaitable[StreamResult]]
+) -> list[float]:
+    async def one(i: int) -> float:
+        await asyncio.sleep(i * every)
+        return (await ask(i)).ttft * 1000
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def fairness_scenario(
+    client: httpx.AsyncClient, target: Target, *, asks: int = 8
+) -> dict[str, float]:
+    def ask(i: int) -> Awaitable[StreamResult]:
+        return chat(client, target, _question(i + 7), 8, who="b", ignore_eos=False)
+
+    alone = await _paced(asks, 1.0, ask)
+    async with flood(client, target, "a", 32, 256):
+        loaded = await _paced(asks, 1.0, ask)
+    return {
+        "b_alone_ttft_p95_ms": round(_pct(alone, 0.95), 1),
+        "b_flood_ttft_p95_ms": round(_pct(loaded, 0.95), 1),
+        "ratio": round(_pct(loaded, 0.95) / max(_pct(alone, 0.95), 1e-3), 2),
+    }
+
+
+async def priority_scenario(
+    client: httpx.AsyncClient, target: Target, *, asks: int = 6
+) -> dict[str, float]:
+    def ask(i: int) -> Awaitable[StreamResult]:
+        return chat(client, target, _question(i + 3), 8, who="vip", priority=10, ignore_eos=False)
+
+    alone = await _paced(asks, 1.0, ask)
+    async with flood(client, target, "a", 32, 256):
+        loaded = await _paced(asks, 1.0, ask)
+    return {
+        "high_alone_ttft_p50_ms": round(statistics.median(alone), 1),
+        "high_flood_ttft_p50_ms": round(statistics.median(loaded), 1),
+        "high_flood_ttft_p95_ms": round(_pct(loaded, 0.95), 1),
+        "ratio": round(statistics.median(loaded) / max(statistics.median(alone), 1e-3), 2),
+    }
+
+
+async def measure(target: Target, args: argparse.Namespace) -> dict[str, object]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    out: dict[str, object] = {}
+    async with httpx.AsyncClient(limits=limits) as client:
+        await chat(client, target, _question(0), 16)  # warm-up: pages in the weights
+        if "streams" in args.scenarios:
+            for n in args.streams:
+                out[f"streams_{n}"] = await streams_scenario(
+                    client, target, n, args.tokens, args.rounds
+                )
+                print(f"  {target.name} {n} streams: {out[f'streams_{n}']}", file=sys.stderr)
+        if "turns" in args.scenarios:
+            out["turns"] = await turns_scenario(client, target)
+            print(f"  {target.name} turns: {out['turns']}", file=sys.stderr)
+        if "fairness" in args.scenarios:
+            out["fairness"] = await fairness_scenario(client, target)
+            print(f"  {target.name} fairness: {out['fairness']}", file=sys.stderr)
+        if "priority" in args.scenarios:
+            out["priority"] = await priority_scenario(client, target)
+            print(f"  {target.name} priority: {out['priority']}", file=sys.stderr)
+    return out
+
+
+def _ferrous_keys(home: str) -> dict[str, str]:
+    """API keys of tenants a and b, and a priority-10 key: made with the CLI before start."""
+    env = {**os.environ, "FERROUS_HOME": home}
+    keys = {}
+    for who, extra in (("a", []), ("b", []), ("vip", ["--priority", "10"])):
+        command = [sys.executable, "-m", "gateway.cli", "key", "create", "--user", who]
+        command += ["--tenant", who, *extra]
+        keys[who] = subprocess.run(
+            command, env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+    return keys
+
+
+async def run_ferrous(gguf: Path, args: argparse.Namespace) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as home:
+        keys = _ferrous_keys(home)
+        proc, port = start_server(
+            gguf,
+            home=home,
+            threads=args.threads,
+            workers=args.workers,
+            auth=True,
+            ready_path="/healthz",
+            log=Path(home) / "server.log",
+        )
+        try:
+            target = Target("ferrous", f"http://127.0.0.1:{port}", "bench", keys, True)
+            return await measure(target, args)
+        finally:
+            stop_server(proc)
+
+
+async def run_llama_server(binary: Path, gguf: Path, args: argparse.Namespace) -> dict[str, object]:
+    port = free_port()
+    command = [
+        *(str(binary), "-m", str(gguf), "-np", "8", "-c", str(8 * 2048)),
+        *("-t", str(args.threads), "--host", "127.0.0.1", "--port", str(port)),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        async with httpx.AsyncClient() as probe:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get(f"{base}/health")).status_code == 200:
+                        break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("llama-server did not start")
+                await asyncio.sleep(0.2)
+        return await measure(Target("llama-server", base, "bench"), args)
+    finally:
+        stop_server(proc)
+
+
+def _ratio(a: object, b: object) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return round(a / b, 2)
+    return None
+
+
+def table(ours: dict[str, object], ref: dict[str, object]) -> list[list[str]]:
+    """Rows of (scenario, metric, ferrous, llama-server, ratio)."""
+    rows: list[list[str]] = []
+    for scenario, values in ours.items():
+        other = ref.get(scenario)
+        if not isinstance(values, dict):
+            continue
+        for metric, value in values.items():
+            if isinstance(value, list):
+                continue
+            theirs = other.get(metric) if isinstance(other, dict) else None
+            ratio = _ratio(value, theirs)
+            rows.append(
+                [
+                    scenario,
+                    metric,
+                    str(value),
+                    "" if theirs is None else str(theirs),
+                    "" if ratio is None or metric == "ratio" else f"{ratio:.2f}",
+                ]
+            )
+    return rows
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    from bench.llama_server import find_binary
+    from engine.smollm2 import fetch_smollm2
+
+    gguf = Path(args.model) if args.model else fetch_smollm2()
+    result: dict[str, object] = {
+        "model": gguf.name,
+        "threads": args.threads,
+        "tokens_each": args.tokens,
+        "cpus": os.cpu_count(),
+    }
+    print("ferrous serve …", file=sys.stderr)
+    result["ferrous"] = await run_ferrous(gguf, args)
+    if not args.skip_reference:
+        binary = find_binary(args.binary)
+        if binary is None:
+            raise SystemExit("no llama-server found: python -m bench.llama_server build")
+        print("llama-server -np 8 …", file=sys.stderr)
+        result["llama_server"] = await run_llama_server(binary, gguf, args)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench.scheduler", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2)")
+    parser.add_argument("--binary", default=None, help="llama-server (default: found or built)")
+    parser.add_argument(
+        "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32]
+    )
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="bursts per stream count")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--scenarios",
+        type=lambda s: set(s.split(",")),
+        default={"streams", "turns", "fairness", "priority"},
+    )
+    parser.add_argument("--skip-reference", action="store_true", help="ferrous serve only")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = uvloop.run(main_async(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    ours = result["ferrous"]
+    ref = result.get("llama_server", {})
+    assert isinstance(ours, dict) and isinstance(ref, dict)
+    print(f"{'scenario':<12} {'metric':<24} {'ferrous':>10} {'llama-server':>13} {'ratio':>6}")
+    for row in table(ours, ref):
+        print(f"{row[0]:<12} {row[1]:<24} {row[2]:>10} {row[3]:>13} {row[4]:>6}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""What one decode step feeds: the worker-level half of scheduling, as a pure function.
+
+Every step of a batching backend is one forward pass over a batch of tokens.
+Which tokens go in decides both latencies a chat front-end feels:
+
+* **inter-token latency** of running streams: a step that also reads a long
+  prompt makes every running stream wait for it. So decoding sequences go
+  first (one token each), and while any sequence is decoding, prompts get at
+  most ``chunk`` tokens of the step (chunked prefill, as in vLLM and
+  Sarathi-Serve): a running stream never waits for more than one chunk.
+* **time to first token** of waiting ones: within the prompt budget, the
+  prompt with the fewest tokens left goes first (shortest remaining first),
+  higher priority classes before lower ones. A burst of eight questions then
+  gets its first answers after one prompt's worth of work, not all eight's,
+  and the median wait is about half of reading them all together.
+
+Shortest-first alone could starve a long prompt behind a stream of short
+ones, so a prompt passed over ``patience`` times in a row goes first.
+
+When nothing is decoding, prompts may fill the whole batch: there is no
+stream to keep waiting, and one big pass reads prompts fastest.
+
+Pure: it sees counts, not tensors; :mod:`engine.backends.llamacpp` carries
+the plan out and keeps each sequence's ``passed`` count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+__all__ = ["Want", "plan_step"]
+
+
+class Want(NamedTuple):
+    """One sequence's claim on the next step."""
+
+    seq: int
+    pending: int
+    """Tokens it has to feed before it can sample: 1 when decoding, else the unread prompt."""
+    decoding: bool
+    priority: int = 0
+    passed: int = 0
+    """Steps in a row it wanted prompt tokens and got none."""
+
+
+def plan_step(
+    wants: Sequence[Want], *, batch: int, chunk: int, patience: int = 8
+) -> list[tuple[int, int]]:
+    """``(seq, tokens to feed)`` for one step, in batch order (decoding sequences first).
+
+    ``batch`` bounds the tokens of the step; ``chunk`` bounds the prompt tokens
+    of a step in which some sequence decodes. Sequences not listed wait.
+    """
+    if batch < 1 or chunk < 1:
+        raise ValueError("batch and chunk must be at least 1")
+    plan: list[tuple[int, int]] = []
+    decoding = [w for w in wants if w.decoding and w.pending > 0]
+    for w in sorted(decoding, key=lambda w: -w.priority)[:batch]:
+        plan.append((w.seq, 1))
+    room = batch - len(plan)
+    if plan:
+        room = min(room, chunk)
+    readers = [w for w in wants if not w.decoding and w.pending > 0]
+    readers.sort(key=lambda w: (w.passed < patience, -w.priority, w.pending, w.seq))
+    for w in readers:
+        if room <= 0:
+            break
+        take = min(w.pending, room)
+        plan.append((w.seq, take))
+        room -= take
+    return plan
