@@ -48,7 +48,7 @@ from types import TracebackType
 
 import msgspec
 
-from engine import ipc
+from engine import ipc, preemption
 from engine.backends.base import OnnxOptions
 from engine.backends.select import check_model_file, check_onnx_folder, choose_backend
 from engine.fairqueue import FairQueue, Waiting
@@ -58,6 +58,7 @@ from engine.memory import (
     estimate_onnx_bytes,
     sequences_for,
 )
+from engine.preemption import Runner
 from engine.requests import (
     Embeddings,
     ErrorInfo,
@@ -247,6 +248,16 @@ class _Stranded(Exception):
         self.reason = reason
 
 
+class _Ticket:
+    """A waiting request's place in a fair queue: the future its caller awaits."""
+
+    __slots__ = ("fut", "runner")
+
+    def __init__(self, fut: asyncio.Future[_Worker], runner: Runner) -> None:
+        self.fut = fut
+        self.runner = runner
+
+
 class _Gen:
     """Gateway-side state of one generation."""
 
@@ -286,6 +297,7 @@ class _Worker(asyncio.Protocol):
         self.models: dict[str, float] = {}
         self.gens: dict[int, _Gen] = {}
         self.load: dict[str, int] = {}  # sequence slots reserved per model (engine admission)
+        self.runners: dict[str, dict[int, Runner]] = {}  # per model: admitted requests
         self.replies: dict[int, asyncio.Future[ipc.FromWorker]] = {}
         # Watchdog state (monotonic times): the unanswered ping, if any, and loads
         # in progress, during which the worker's loop is blocked on purpose.
@@ -329,8 +341,9 @@ class EngineClient:
         self._workers: list[_Worker] = []
         self._models: dict[str, _ModelSpec] = {}
         self._by_request: dict[str, _Gen] = {}
-        self._queues: dict[str, FairQueue[asyncio.Future[_Worker]]] = {}
-        self._waiting: dict[str, tuple[str, Waiting[asyncio.Future[_Worker]]]] = {}
+        self._queues: dict[str, FairQueue[_Ticket]] = {}
+        self._waiting: dict[str, tuple[str, Waiting[_Ticket]]] = {}
+        self._orders = itertools.count(1)  # admission order: the Runner key of each request
         # Per model: when a waiting request last started, and the running mean gap.
         self._last_start: dict[str, float] = {}
         self._start_gap: dict[str, float] = {}
@@ -600,43 +613,66 @@ class EngineClient:
 
     # -- admission: who starts when every slot is busy (engine.fairqueue) ------------
 
-    def _room(self, model: str) -> _Worker | None:
-        """The least loaded live worker holding ``model`` with a free sequence slot."""
-        best: _Worker | None = None
+    def _slots(self, model: str) -> int:
         spec = self._models.get(model)
-        slots = spec.n_seq if spec is not None else 1
+        return spec.n_seq if spec is not None else 1
+
+    def _room(self, model: str, arrival: Runner | None = None) -> _Worker | None:
+        """The worker a request of ``model`` starts on now, or None when it must wait.
+
+        The least loaded live worker holding the model with a free sequence
+        slot; else, for ``arrival``, a worker where it may pause a running
+        sequence (engine.preemption: a lower priority class, or a tenant
+        holding more than its share). Such a worker is handed one request more
+        than its slots, at most twice its slots in all.
+        """
+        slots = self._slots(model)
+        best: _Worker | None = None
         for w in self._workers:
             if not w.alive or model not in w.models:
                 continue
             used = w.load.get(model, 0)
             if used < slots and (best is None or used < best.load.get(model, 0)):
                 best = w
-        return best
+        if best is not None or arrival is None:
+            return best
+        for w in self._workers:
+            if not w.alive or model not in w.models or w.load.get(model, 0) >= 2 * slots:
+                continue
+            if preemption.victim(list(w.runners.get(model, {}).values()), arrival) is not None:
+                return w
+        return None
+
+    def _take(self, w: _Worker, model: str, runner: Runner) -> None:
+        w.load[model] = w.load.get(model, 0) + 1
+        w.runners.setdefault(model, {})[runner.key] = runner
 
     async def _admit(
         self, request: GenerateRequest, on_wait: WaitCallback | None = None
-    ) -> _Worker:
+    ) -> tuple[_Worker, int]:
         """A worker with a slot reserved for ``request``: at once, or in fair-queue order.
 
-        Dispatching only to a worker with a free slot keeps the workers' own
-        queues empty, so the order requests start in is decided here, by
-        priority and then by turns between tenants, not by arrival alone.
+        Dispatching only to a worker with room keeps the workers' own queues
+        empty, so the order requests start in is decided here, by priority and
+        then by turns between tenants, not by arrival alone.
         """
         model = request.model
         await self._pick(model)  # the model is loaded somewhere (waits for a replacement)
         queue = self._queues.setdefault(model, FairQueue(self.config.max_queued))
+        order = next(self._orders)
+        runner = Runner(order, request.tenant or "", request.priority, order)
         if not len(queue):
-            w = self._room(model)
+            w = self._room(model, runner)
             if w is not None:
-                w.load[model] = w.load.get(model, 0) + 1
-                return w
+                self._take(w, model, runner)
+                return w, order
         granted: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
-        entry = queue.push(request.tenant or "", request.priority, granted)
+        entry = queue.push(request.tenant or "", request.priority, _Ticket(granted, runner))
         self._waiting[request.request_id] = (model, entry)
         self._grant(model)
         try:
             if on_wait is None:
-                return await granted
+                return await granted, order
             told: int | None = None
             while not granted.done():
                 try:
@@ -647,7 +683,7 @@ class EngineClient:
                     told = place
                     await on_wait(place, self._estimate(model, place))
                 await asyncio.wait((granted,), timeout=QUEUE_REPORT_S)
-            return await granted
+            return await granted, order
         except BaseException:
             if (
                 not queue.remove(entry)
@@ -655,23 +691,27 @@ class EngineClient:
                 and not granted.cancelled()
                 and granted.exception() is None
             ):
-                self._leave(granted.result(), model)  # granted as the caller gave up
+                self._leave(granted.result(), model, runner.key)  # granted as the caller left
             raise
         finally:
             self._waiting.pop(request.request_id, None)
 
     def _grant(self, model: str) -> None:
-        """Hand free slots of ``model`` to waiting requests, in fair-queue order."""
+        """Hand room on ``model``'s workers to waiting requests, in fair-queue order."""
         queue = self._queues.get(model)
         while queue is not None and len(queue):
-            w = self._room(model)
+            head = queue.peek()
+            assert head is not None
+            if head.handle.fut.done():
+                queue.remove(head)  # its caller already left
+                continue
+            w = self._room(model, head.handle.runner)
             if w is None:
                 return
-            entry = queue.pop()
-            if entry is None or entry.handle.done():
-                continue  # its caller already left
-            w.load[model] = w.load.get(model, 0) + 1
-            entry.handle.set_result(w)
+            taken = queue.pop()  # the head: pop also passes the turn to the next tenant
+            assert taken is head
+            self._take(w, model, head.handle.runner)
+            head.handle.fut.set_result(w)
             now = time.monotonic()
             last = self._last_start.get(model)
             self._last_start[model] = now
@@ -698,12 +738,13 @@ class EngineClient:
             if queue is None or any(w.alive and model in w.models for w in self._workers):
                 continue
             while (entry := queue.pop()) is not None:
-                if not entry.handle.done():
-                    entry.handle.set_exception(_Stranded(why))
+                if not entry.handle.fut.done():
+                    entry.handle.fut.set_exception(_Stranded(why))
 
-    def _leave(self, w: _Worker, model: str) -> None:
-        """A generation on ``w`` ended (or never started): its slot goes to the next waiter."""
+    def _leave(self, w: _Worker, model: str, key: int) -> None:
+        """A generation on ``w`` ended (or never started): its room goes to the next waiter."""
         w.load[model] = max(0, w.load.get(model, 0) - 1)
+        w.runners.get(model, {}).pop(key, None)
         self._grant(model)
 
     def queued(self, model: str) -> int:
@@ -882,8 +923,8 @@ class EngineClient:
         await asyncio.gather(*(self._unload_on(w, name) for w in self._workers if w.alive))
         queue = self._queues.pop(name, None)
         while queue is not None and (entry := queue.pop()) is not None:
-            if not entry.handle.done():
-                entry.handle.set_exception(ModelNotFound(f"model {name!r} was unloaded"))
+            if not entry.handle.fut.done():
+                entry.handle.fut.set_exception(ModelNotFound(f"model {name!r} was unloaded"))
         await self._notify()
 
     def loaded(self) -> list[LoadedModel]:
@@ -993,7 +1034,7 @@ class EngineClient:
         if request.request_id in self._by_request or request.request_id in self._waiting:
             raise FerrousError(f"request id {request.request_id!r} is already running")
         try:
-            worker = await self._admit(request, on_wait)
+            worker, key = await self._admit(request, on_wait)
         except _Stranded as exc:
             error = exc.reason is FinishReason.ERROR
             yield self._done(
@@ -1017,11 +1058,11 @@ class EngineClient:
             try:
                 await on_start()
             except BaseException:
-                self._leave(worker, request.model)
+                self._leave(worker, request.model, key)
                 raise
         spec = self._models.get(request.model)
         if spec is None:  # unloaded while the request waited for a slot
-            self._leave(worker, request.model)
+            self._leave(worker, request.model, key)
             raise ModelNotFound(f"model {request.model!r} is not loaded")
         spec.active += 1
         spec.last_used = time.monotonic()
@@ -1031,14 +1072,14 @@ class EngineClient:
             # Out of file descriptors (EMFILE) or of /dev/shm (ENOSPC): the
             # server is out of a resource, not broken, and the caller may retry.
             self._release(spec, request.keep_alive)
-            self._leave(worker, request.model)
+            self._leave(worker, request.model, key)
             log.error("cannot create a ring for %s: %s", request.request_id, exc)
             raise Overloaded(
                 f"the server cannot allocate a token ring now ({exc.strerror or exc})"
             ) from None
         except BaseException:
             self._release(spec, request.keep_alive)
-            self._leave(worker, request.model)
+            self._leave(worker, request.model, key)
             raise
         g = _Gen(next(self._gen_ids), request.request_id, ring, worker)
         worker.gens[g.gen] = g
@@ -1058,6 +1099,7 @@ class EngineClient:
                 request.max_prompt_tokens,
                 self.config.prepare_timeout,
                 request.priority,
+                request.tenant or "",
             )
         )
         want_ids = request.token_ids
@@ -1093,7 +1135,7 @@ class EngineClient:
             self._by_request.pop(g.request_id, None)
             ring.close()
             self._release(spec, request.keep_alive)
-            self._leave(worker, request.model)
+            self._leave(worker, request.model, key)
 
     def _release(self, spec: _ModelSpec, keep_alive: float | None) -> None:
         spec.active -= 1
@@ -1182,8 +1224,8 @@ class EngineClient:
         if waiting is not None:  # still waiting for a slot: it never starts
             model, entry = waiting
             queue = self._queues.get(model)
-            if queue is not None and queue.remove(entry) and not entry.handle.done():
-                entry.handle.set_exception(_Stranded("cancelled", FinishReason.CANCELLED))
+            if queue is not None and queue.remove(entry) and not entry.handle.fut.done():
+                entry.handle.fut.set_exception(_Stranded("cancelled", FinishReason.CANCELLED))
                 return True
         g = self._by_request.get(request_id)
         if g is None or g.finished is not None:

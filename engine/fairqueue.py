@@ -81,6 +81,13 @@ class FairQueue(Generic[T]):
         self._size -= 1
         return entry
 
+    def peek(self) -> Waiting[T] | None:
+        """The request :meth:`pop` would return, left in the queue."""
+        if not self._size:
+            return None
+        tenants = self._classes[max(self._classes)]
+        return next(iter(tenants.values()))[0]
+
     def remove(self, entry: Waiting[T]) -> bool:
         """Take a request out (its caller gave up); False when it is no longer queued."""
         tenants = self._classes.get(entry.priority)

@@ -90,6 +90,7 @@ class Generate(_Frame, tag=3):
     max_prompt_tokens: int
     prepare_timeout: float = 2.0  # seconds to render, tokenize and truncate the prompt
     priority: int = 0  # orders prompt reading within a step (engine.stepplan)
+    tenant: str = ""  # with priority: who may pause whom (engine.preemption)
 
 
 class Cancel(_Frame, tag=4):

@@ -38,6 +38,7 @@ from itertools import chain
 from engine import ipc
 from engine.backends import Backend, LoadParams, available_backends, backend_class, choose_backend
 from engine.backends.base import EmbedJob
+from engine.preemption import Runner, victim
 from engine.requests import ChatMessage, FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
@@ -77,12 +78,14 @@ class _Seq:
         "msg",
         "n_out",
         "n_prompt",
+        "order",
         "outbox",
         "paused_since",
         "prompt",
         "ring",
         "started",
         "stream",
+        "suspended",
         "t_accept",
         "t_end",
         "t_first",
@@ -101,6 +104,8 @@ class _Seq:
         self.outbox: deque[tuple[list[int], bytes]] = deque()
         self.ending: FinishReason | None = None
         self.started = False
+        self.suspended = False  # paused for another sequence (engine.preemption)
+        self.order = 0  # when it started, for the preemption rule
         self.paused_since: float | None = None
         self.n_prompt = 0
         self.n_out = 0
@@ -119,6 +124,7 @@ class Worker:
         self._running: dict[int, _Seq] = {}
         self._embeds: deque[tuple[ipc.Embed, EmbedJob]] = deque()  # oldest first
         self._stopping = False
+        self._order = 0  # sequences started so far
         self._tokens_generated = 0
         self._handlers: dict[type, Callable[..., None]] = {
             ipc.LoadModel: self._on_load,
@@ -164,7 +170,7 @@ class Worker:
             backend.free()
 
     def _timeout(self) -> float | None:
-        if self._embeds or any(not s.outbox for s in self._running.values()):
+        if self._embeds or any(not s.outbox and not s.suspended for s in self._running.values()):
             return 0.0
         if self._admissible():
             return 0.0
@@ -427,22 +433,48 @@ class Worker:
     # -- the decode loop ------------------------------------------------------------
 
     def _admissible(self) -> bool:
-        """True when some queued sequence has a free backend slot (and room) to start in."""
-        for model, queue in self._queued.items():
-            if queue:
-                backend = self._models[model][0]
-                busy = sum(1 for s in self._running.values() if s.model == model)
-                if busy < backend.max_sequences and backend.has_room(len(queue[0].prompt)):
-                    return True
+        """True when a queued sequence can start, or a suspended one resume."""
+        for model, (backend, _) in self._models.items():
+            queue = self._queued.get(model)
+            active = [s for s in self._running.values() if s.model == model and not s.suspended]
+            waiting = len(active) < len(
+                [s for s in self._running.values() if s.model == model]
+            ) or bool(queue)
+            if not waiting:
+                continue
+            if len(active) < backend.max_sequences and backend.has_room(
+                len(queue[0].prompt) if queue else 0
+            ):
+                return True
+            if queue and backend.can_suspend and self._victim(active, queue[0]) is not None:
+                return True
         return False
+
+    @staticmethod
+    def _victim(active: list[_Seq], arrival: _Seq) -> _Seq | None:
+        """The running sequence ``arrival`` may pause (engine.preemption), if any."""
+        chosen = victim(
+            [Runner(s.gen, s.msg.tenant, s.msg.priority, s.order) for s in active],
+            Runner(arrival.gen, arrival.msg.tenant, arrival.msg.priority, 0),
+        )
+        return None if chosen is None else next(s for s in active if s.gen == chosen.key)
 
     def _admit(self) -> None:
         for model, queue in self._queued.items():
-            if not queue:
-                continue
             backend = self._models[model][0]
-            busy = sum(1 for s in self._running.values() if s.model == model)
-            while queue and busy < backend.max_sequences and backend.has_room(len(queue[0].prompt)):
+            active = [s for s in self._running.values() if s.model == model and not s.suspended]
+            while queue:
+                if len(active) >= backend.max_sequences or not backend.has_room(
+                    len(queue[0].prompt)
+                ):
+                    # No room: the newcomer may pause a running sequence (a lower
+                    # class, or a tenant over its share), else it waits.
+                    paused = self._victim(active, queue[0]) if backend.can_suspend else None
+                    if paused is None:
+                        break
+                    backend.suspend(paused.gen)
+                    paused.suspended = True
+                    active.remove(paused)
                 seq = queue.popleft()
                 seq.t_start = time.perf_counter()
                 seq.n_prompt = len(seq.prompt)
@@ -452,15 +484,36 @@ class Worker:
                     self._fail(seq, exc)
                     continue
                 seq.started = True
+                self._order += 1
+                seq.order = self._order
                 self._running[seq.gen] = seq
-                busy += 1
+                active.append(seq)
+        self._resume()
+
+    def _resume(self) -> None:
+        """Suspended sequences continue, oldest first, as slots free up."""
+        for seq in sorted(
+            (s for s in self._running.values() if s.suspended), key=lambda s: s.order
+        ):
+            backend = seq.backend
+            busy = sum(
+                1 for s in self._running.values() if s.model == seq.model and not s.suspended
+            )
+            if busy >= backend.max_sequences or not backend.has_room(0):
+                continue
+            try:
+                backend.resume(seq.gen)
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            seq.suspended = False
 
     def _step(self) -> None:
         """One decode step per model: every runnable sequence advances together."""
         groups: dict[str, list[_Seq]] = {}
         for seq in list(self._running.values()):
-            if seq.outbox or seq.ending is not None:
-                continue  # paused on a full ring, or finishing
+            if seq.outbox or seq.ending is not None or seq.suspended:
+                continue  # paused on a full ring, finishing, or suspended for another
             if seq.n_out and seq.backend.context_used(seq.gen) >= seq.backend.n_ctx:
                 self._end(seq, FinishReason.LENGTH)
                 continue

@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from engine import EngineClient
 from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
+from gateway.generation import fair_share_key
 from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
@@ -43,6 +44,7 @@ from gateway.native import generation_routes, model_routes
 from gateway.ollama import ollama_routes
 from gateway.openai_api import openai_routes
 from gateway.origins import BrowserGuard, BrowserPolicy
+from gateway.quotas import Quota, QuotaBook
 from gateway.runtime import GcTuner
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, ConversationStore, Session
 from protocol.codec import SUBPROTOCOLS, codec_for
@@ -123,6 +125,7 @@ class Gateway:
         self.version = __version__
         self.metrics = Metrics()
         self.conversations = ConversationStore(config.limits.max_conversations)
+        self.quotas = QuotaBook()
         self.sessions: set[Session] = set()
         self.draining = False
         self.started_at = time.time()
@@ -162,6 +165,21 @@ class Gateway:
         self.app = BrowserGuard(routes, self.browser)
 
     # -- models ---------------------------------------------------------------------------
+
+    def quota_for(self, principal: Principal) -> tuple[str, Quota]:
+        """Whose quota a request of ``principal`` counts against, and its limits."""
+        key = fair_share_key(principal)
+        if principal.quota is not None:
+            return key, principal.quota
+        quotas = self.config.quotas
+        own = quotas.tenants.get(principal.tenant) if principal.tenant else None
+        if own is not None:
+            return key, own
+        return key, Quota(
+            concurrent=quotas.concurrent,
+            requests_per_minute=quotas.requests_per_minute,
+            tokens_per_minute=quotas.tokens_per_minute,
+        )
 
     def models_for(self, principal: Principal) -> ModelView:
         """``principal``'s view of the models: scopes, tenant namespace, what it may see."""

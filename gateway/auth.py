@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
+from gateway.quotas import Quota
 from gateway.scopes import ALL_SCOPES, DEFAULT_SCOPES, parse_scopes
 from protocol.errors import ErrorCode, FerrousError
 from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
@@ -109,6 +110,8 @@ class Principal(msgspec.Struct, frozen=True):
     max_priority: int = 0
     """The highest scheduling priority the caller's requests may ask for (a JWT
     ``priority`` claim or the API key's class); higher asks are lowered to it."""
+    quota: Quota | None = None
+    """Limits from a JWT ``quota`` claim, over the configured ones (gateway.quotas)."""
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True):
@@ -574,7 +577,13 @@ class Authenticator:
             or not MIN_PRIORITY <= priority <= MAX_PRIORITY
         ):
             raise Unauthorized("invalid priority claim")
-        return Principal(sub, tenant, "jwt", exp, scopes, max_priority=priority)
+        quota = payload.get("quota")
+        if quota is not None:
+            try:
+                quota = msgspec.convert(quota, Quota)
+            except msgspec.ValidationError:
+                raise Unauthorized("invalid quota claim") from None
+        return Principal(sub, tenant, "jwt", exp, scopes, max_priority=priority, quota=quota)
 
     def issue_token(
         self,
@@ -586,6 +595,7 @@ class Authenticator:
         issuer: str | None = None,
         scopes: frozenset[str] | None = None,
         priority: int = 0,
+        quota: Quota | None = None,
     ) -> str:
         """An HS256 JWT signed with the local secret.
 
@@ -611,6 +621,8 @@ class Authenticator:
             claims["scope"] = " ".join(sorted(parse_scopes(sorted(scopes))))
         if priority:
             claims["priority"] = _checked_priority(priority)
+        if quota is not None:
+            claims["quota"] = msgspec.to_builtins(quota)
         aud = audience if audience is not None else self._audience
         if aud:
             claims["aud"] = aud

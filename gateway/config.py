@@ -33,6 +33,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from engine.store.sources import CatalogEntry
+from gateway.quotas import Quota
 from protocol.durations import parse_duration
 from protocol.errors import ErrorCode, FerrousError
 
@@ -156,6 +157,19 @@ class SourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     partial_max_age: float | str = "168h"  # untouched partial downloads are removed after this
 
 
+class QuotasConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Every tenant's quota (gateway.quotas), and tenants' own under ``tenants``; 0 = unlimited.
+
+    Users without a tenant count as a tenant each. A JWT ``quota`` claim with
+    the same fields overrides both for its bearer.
+    """
+
+    concurrent: NonNegative = 0  # generations running or waiting at once
+    requests_per_minute: NonNegative = 0
+    tokens_per_minute: NonNegative = 0  # prompt + completion tokens
+    tenants: dict[str, Quota] = msgspec.field(default_factory=dict)
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: LogLevel = "info"
     format: LogFormat = "text"
@@ -213,6 +227,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     browser: BrowserConfig = msgspec.field(default_factory=BrowserConfig)
     sources: SourcesConfig = msgspec.field(default_factory=SourcesConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    quotas: QuotasConfig = msgspec.field(default_factory=QuotasConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     onnx: OnnxConfig = msgspec.field(default_factory=OnnxConfig)
 

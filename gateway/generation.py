@@ -25,9 +25,10 @@ from engine.client import StartCallback, WaitCallback
 from engine.requests import new_request_id
 from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
+from gateway.quotas import Quota
 from gateway.scopes import ADMIN
 from protocol import messages as m
-from protocol.errors import BadRequest, Overloaded
+from protocol.errors import BadRequest, FerrousError, Overloaded
 from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class Prepared(msgspec.Struct, frozen=True):
     request: GenerateRequest
     resolved: ResolvedModel
     started: float  # perf_counter when the surface received the request
+    quota_key: str = ""  # whose quota it counts against (gateway.quotas)
+    quota: Quota = Quota()
 
 
 def sampling_for(
@@ -162,7 +165,8 @@ async def prepare(
             tenant=fair_share_key(principal),
             priority=effective_priority(principal, priority),
         )
-    return Prepared(request, resolved, t0)
+    quota_key, quota = gateway.quota_for(principal)
+    return Prepared(request, resolved, t0, quota_key, quota)
 
 
 def effective_priority(principal: Principal, requested: int) -> int:
@@ -198,6 +202,12 @@ async def run(
     shutdown can cancel generations of every surface after its grace period.
     """
     metrics = gateway.metrics
+    try:
+        lease = gateway.quotas.admit(prepared.quota_key, prepared.quota)
+    except FerrousError as exc:
+        metrics.refusals.labels(exc.code.value).inc()
+        raise
+    used = 0
     metrics.generations.inc()
     task = asyncio.current_task()
     if task is not None:
@@ -217,8 +227,10 @@ async def run(
                 else:
                     metrics.tokens.inc(ev.usage.completion_tokens)
                     metrics.cached_tokens.inc(ev.usage.cached_tokens)
+                    used = ev.usage.prompt_tokens + ev.usage.completion_tokens
                 yield ev
     finally:
+        lease.release(used)
         metrics.generations.dec()
         if task is not None:
             gateway.running.discard(task)

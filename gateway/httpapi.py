@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
@@ -266,7 +267,8 @@ def guarded(
             response = render(exc)
             if exc.code in _RETRY_LATER:
                 # Full queues and limits clear in seconds: say when to try again.
-                response.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+                wait = exc.retry_after or RETRY_AFTER_SECONDS
+                response.headers.setdefault("Retry-After", str(max(1, math.ceil(wait))))
             return response
         except Exception:
             # A bug, not the client's fault: log it, answer in the surface's shape.

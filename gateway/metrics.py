@@ -54,6 +54,20 @@ class Metrics:
         self.errors = Counter(
             "ferrous_errors", "Errors sent to clients, by code.", ["code"], registry=r
         )
+        self.refusals = Counter(
+            "ferrous_generation_refusals",
+            "Generations refused before they ran, by reason (rate_limited: a tenant's "
+            "quota; overloaded: the model's queue is full).",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ferrous_queue_wait_seconds",
+            "Time a generation waited for a sequence slot of its model, by model.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
         self.pauses = Counter(
             "ferrous_backpressure_pauses",
             "Times a generation waited for the client (credits or a full socket).",

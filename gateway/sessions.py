@@ -139,7 +139,7 @@ class Session:
     async def send_error(self, exc: FerrousError, gen_id: str | None = None) -> None:
         self.gateway.metrics.errors.labels(exc.code.value).inc()
         with contextlib.suppress(Exception):
-            await self.send(m.Error(exc.code, exc.message, gen_id, exc.retryable))
+            await self.send(m.Error(exc.code, exc.message, gen_id, exc.retryable, exc.retry_after))
 
     async def close(self, code: int, reason: str = "") -> None:
         async with self._send_lock:

@@ -295,6 +295,7 @@ class Error(_ServerBase, tag="error"):
     message: str
     id: str | None = None
     retryable: bool = False
+    retry_after: float | None = None  # seconds until a retry can succeed (rate_limited)
 
 
 class ServerHeartbeat(_ServerBase, tag="heartbeat"):

@@ -94,20 +94,27 @@ async def test_a_flood_from_one_tenant_does_not_hold_back_another(slow_model: Pa
         while engine.queued("m") < 5:
             await asyncio.sleep(0.01)
         late = asyncio.create_task(run(_req("b0", "B", 3)))
+        while engine.queued("m") < 6:
+            await asyncio.sleep(0.01)
+        # A higher class does not queue: it pauses a0 and starts at once.
         urgent = asyncio.create_task(run(_req("c0", "C", 3, priority=1)))
+        while "c0" not in started:
+            await asyncio.sleep(0.01)
         doomed = asyncio.create_task(run(_req("a9", "A", 3)))
+        extra = asyncio.create_task(run(_req("a10", "A", 3)))
         while engine.queued("m") < 8:
             await asyncio.sleep(0.01)
         # The queue is full: the next request is refused at once, typed.
         with pytest.raises(Overloaded):
             await run(_req("x", "D", 3))
         doomed.cancel()
-        await asyncio.gather(first, *flood, late, urgent)
+        await asyncio.gather(first, *flood, late, urgent, extra)
         with pytest.raises(asyncio.CancelledError):
             await doomed
-        # The urgent request first, then B's turn before A's second queued request.
+        # The urgent request first, then (a0 resumed and done) A's and B's turns.
         assert started[:4] == ["a0", "c0", "a1", "b0"]
-        assert sorted(started) == sorted(["a0", "a1", "a2", "a3", "a4", "a5", "b0", "c0"])
+        everyone = ["a0", "a1", "a2", "a3", "a4", "a5", "a10", "b0", "c0"]
+        assert sorted(started) == sorted(everyone)
         assert "a9" not in started  # cancelled while waiting: never started
         assert engine.queued("m") == 0
 
@@ -159,3 +166,66 @@ async def test_a_full_queue_is_refused_with_retry_after(tmp_path: Path, slow_mod
             await a.send(m.Cancel("g1"))
             _, done, _ = await b.until_done("g2")  # the queued one starts once the slot frees
             assert done.finish_reason == "length"
+
+
+# -- preemption ----------------------------------------------------------------------------
+
+
+async def _text(engine: EngineClient, req: GenerateRequest, order: list[str]) -> str:
+    parts = []
+    async for ev in engine.generate(req):
+        if isinstance(ev, TokenDelta):
+            if ev.seq == 0:
+                order.append(f"start {req.request_id}")
+            parts.append(ev.text)
+        else:
+            assert ev.error is None, ev.error
+            order.append(f"done {req.request_id}")
+    return "".join(parts)
+
+
+def _sampled(rid: str, tenant: str, priority: int = 0) -> GenerateRequest:
+    return GenerateRequest(
+        model="m",
+        prompt="Once upon a time",
+        sampling=SamplingParams(temperature=0.9, seed=42, max_tokens=300, ignore_eos=True),
+        request_id=rid,
+        tenant=tenant,
+        priority=priority,
+    )
+
+
+async def test_a_preempted_sequence_resumes_without_losing_or_repeating_a_token(
+    random_model: Path,
+) -> None:
+    """One slot: a higher class pauses a running seeded generation, which resumes
+    once it is done; its text is the same seed's uninterrupted text."""
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
+    async with EngineClient(config) as engine:
+        await engine.load("m", random_model)
+        alone = await _text(engine, _sampled("ref", "A"), [])
+        order: list[str] = []
+        long = asyncio.create_task(_text(engine, _sampled("low", "A"), order))
+        while "start low" not in order:
+            await asyncio.sleep(0.005)
+        urgent = await _text(engine, _req("high", "B", 5, priority=3), order)
+        assert await long == alone
+    assert urgent
+    # The urgent one ran to its end while the long one was paused.
+    assert order == ["start low", "start high", "done high", "done low"]
+
+
+async def test_a_tenant_over_its_share_gives_a_slot_to_another(slow_model: Path) -> None:
+    """Two slots, both held by tenant A: tenant B's request pauses one of A's
+    (A holds two, B none) and starts before either ends."""
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=2)
+    async with EngineClient(config) as engine:
+        await engine.load("m", slow_model)
+        order: list[str] = []
+        a = [asyncio.create_task(_text(engine, _req(f"a{i}", "A", 300), order)) for i in range(2)]
+        while sum(x.startswith("start a") for x in order) < 2:
+            await asyncio.sleep(0.005)
+        await _text(engine, _req("b", "B", 3), order)
+        texts = await asyncio.gather(*a)
+    assert order[:4] == ["start a0", "start a1", "start b", "done b"]
+    assert all(t == texts[0] and len(t) > 0 for t in texts)  # nothing lost or repeated

@@ -149,6 +149,22 @@ class Backend(abc.ABC):
     def free(self) -> None:
         """Release the model's memory. The backend is unusable afterwards."""
 
+    can_suspend: bool = False
+    """Whether :meth:`suspend` and :meth:`resume` work (engine.preemption)."""
+
+    def suspend(self, seq: int) -> None:
+        """Pause a running sequence and give its slot up; :meth:`resume` continues it.
+
+        Nothing it generated is lost or repeated: its tokens (and sampler state)
+        are kept, and its cache is either still in its old slot on resume or
+        recomputed from those tokens.
+        """
+        raise NotImplementedError
+
+    def resume(self, seq: int) -> None:
+        """Continue a suspended sequence in a free slot."""
+        raise NotImplementedError
+
     def prompt_reused(self, seq: int) -> int:
         """How many of ``seq``'s prompt tokens were copied from a cached prefix, not read."""
         return 0

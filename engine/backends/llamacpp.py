@@ -314,6 +314,8 @@ class _SeqState:
         "recent",
         "sampler",
         "slot",
+        "suspended",
+        "tokens",
     )
 
     def __init__(
@@ -327,6 +329,8 @@ class _SeqState:
         priority: int = 0,
     ) -> None:
         self.priority = priority
+        self.suspended = False
+        self.tokens: list[int] = []  # while suspended: what it had read, then its pending
         # The greedy path's repeat penalty, over the last PENALTY_LAST_N tokens
         # (prompt included), as llama.cpp's penalty sampler keeps them.
         self.penalty = 1.0
@@ -571,6 +575,10 @@ class LlamaCppBackend(Backend):
         free = [s for s in self._slots if not s.busy]
         if not free:
             raise RuntimeError("no free sequence slot")
+        # Leave suspended sequences' slots alone while others are free: their
+        # caches let them resume without reading anything again.
+        held = {id(st.slot) for st in self._seqs.values() if st.suspended}
+        free = [s for s in free if id(s) not in held] or free
         sampler = self._sampler(sampling, prompt)  # first: a BadRequest leaves no state behind
 
         def shared(slot: _Slot) -> int:
@@ -605,6 +613,50 @@ class LlamaCppBackend(Backend):
             state = self._seqs[seq]
             state.penalty = sampling.repeat_penalty
             state.recent.extend(prompt[-PENALTY_LAST_N:])
+
+    can_suspend = True
+
+    def suspend(self, seq: int) -> None:
+        st = self._seqs[seq]
+        slot = st.slot
+        # What the sequence has read so far (its slot's cache holds exactly these),
+        # then what it still has to feed (a prompt's rest, or its last sampled token).
+        st.tokens = slot.history[: st.n_past] + st.pending
+        slot.busy = False
+        st.suspended = True
+
+    def resume(self, seq: int) -> None:
+        st = self._seqs[seq]
+        free = [s for s in self._slots if not s.busy]
+        if not free or not st.suspended:
+            raise RuntimeError("no free sequence slot to resume in")
+        tokens = st.tokens
+
+        def shared(slot: _Slot) -> int:
+            n = 0
+            for a, b in zip(slot.history, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        # Its old slot, when no one took it, still holds its whole cache.
+        counts = [shared(x) for x in free]
+        best = max(range(len(free)), key=lambda i: (counts[i], free[i] is st.slot))
+        slot = free[best]
+        keep = min(counts[best], len(tokens) - 1)
+        if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
+            keep = 0
+        del slot.history[keep:]
+        slot.busy = True
+        st.slot = slot
+        st.n_past = keep
+        st.pending = tokens[keep:]
+        st.decoding = False  # reads the rest first; its next sample is a new token
+        st.passed = 0
+        st.suspended = False
+        st.tokens = []
 
     def context_used(self, seq: int) -> int:
         return self._seqs[seq].n_past
@@ -799,7 +851,8 @@ class LlamaCppBackend(Backend):
         st = self._seqs.pop(seq, None)
         if st is None:
             return
-        st.slot.busy = False
+        if not st.suspended:
+            st.slot.busy = False
         if st.sampler is not None:
             llama_cpp.llama_sampler_free(st.sampler)
 

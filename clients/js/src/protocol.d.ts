@@ -112,6 +112,8 @@ export interface Error {
   message: string;
   /** @default null */
   id?: string | null;
+  /** @default null */
+  retry_after?: number | null;
   /** @default false */
   retryable?: boolean;
 }
