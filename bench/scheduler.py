@@ -153,6 +153,19 @@ async def chat(
     }
     if priority is not None and target.priority_field:
         body["priority"] = priority
+    for attempt in range(2):
+        try:
+            return await _chat_once(client, target, body, who)
+        except httpx.RemoteProtocolError:
+            # A keep-alive connection the server closed while idle: one retry.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _chat_once(
+    client: httpx.AsyncClient, target: Target, body: dict[str, object], who: str | None = None
+) -> StreamResult:
     result = StreamResult()
     t0 = last = time.perf_counter()
     chunks = 0

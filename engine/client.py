@@ -705,11 +705,21 @@ class EngineClient:
             if head.handle.fut.done():
                 queue.remove(head)  # its caller already left
                 continue
-            w = self._room(model, head.handle.runner)
-            if w is None:
-                return
-            taken = queue.pop()  # the head: pop also passes the turn to the next tenant
-            assert taken is head
+            w = self._room(model)
+            if w is not None:
+                taken = queue.pop()  # the head: pop also passes the turn to the next tenant
+                assert taken is head
+            else:
+                # No free slot: the first waiting request, in queue order, that may
+                # pause a running one (a higher class, a tenant below its share).
+                for head in queue.ordered():
+                    if not head.handle.fut.done():
+                        w = self._room(model, head.handle.runner)
+                        if w is not None:
+                            break
+                if w is None:
+                    return
+                queue.remove(head)
             self._take(w, model, head.handle.runner)
             head.handle.fut.set_result(w)
             now = time.monotonic()

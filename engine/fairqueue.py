@@ -103,6 +103,19 @@ class FairQueue(Generic[T]):
         self._size -= 1
         return True
 
+    def ordered(self) -> list[Waiting[T]]:
+        """Every waiting request in the order :meth:`pop` would return them."""
+        copy: FairQueue[T] = FairQueue(self.limit)
+        copy._classes = {
+            p: OrderedDict((t, deque(q)) for t, q in tenants.items())
+            for p, tenants in self._classes.items()
+        }
+        copy._size = self._size
+        out = []
+        while (nxt := copy.pop()) is not None:
+            out.append(nxt)
+        return out
+
     def position(self, entry: Waiting[T]) -> int:
         """How many requests start before ``entry`` if nothing else arrives (0: next).
 

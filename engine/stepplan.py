@@ -12,7 +12,10 @@ Which tokens go in decides both latencies a chat front-end feels:
   prompt with the fewest tokens left goes first (shortest remaining first),
   higher priority classes before lower ones. A burst of eight questions then
   gets its first answers after one prompt's worth of work, not all eight's,
-  and the median wait is about half of reading them all together.
+  and the median wait is about half of reading them all together. A prompt
+  of a higher class than every decoding sequence gets a step of its own
+  (its class only): the others wait one step, and it answers after its own
+  prompt rather than after sixteen other streams' tokens as well.
 
 Shortest-first alone could starve a long prompt behind a stream of short
 ones, so a prompt passed over ``patience`` times in a row goes first.
@@ -56,12 +59,19 @@ def plan_step(
         raise ValueError("batch and chunk must be at least 1")
     plan: list[tuple[int, int]] = []
     decoding = [w for w in wants if w.decoding and w.pending > 0]
+    readers = [w for w in wants if not w.decoding and w.pending > 0]
+    top = max((w.priority for w in readers), default=None)
+    if top is not None and decoding and top > max(w.priority for w in decoding):
+        # A prompt of a higher class than everything running: the step is its
+        # class's alone (the rest wait one step), so its first token comes after
+        # its own prompt, not after a batch of other streams' tokens too.
+        decoding = []
+        readers = [w for w in readers if w.priority == top]
     for w in sorted(decoding, key=lambda w: -w.priority)[:batch]:
         plan.append((w.seq, 1))
     room = batch - len(plan)
     if plan:
         room = min(room, chunk)
-    readers = [w for w in wants if not w.decoding and w.pending > 0]
     readers.sort(key=lambda w: (w.passed < patience, -w.priority, w.pending, w.seq))
     for w in readers:
         if room <= 0:

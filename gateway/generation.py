@@ -214,7 +214,14 @@ async def run(
         gateway.running.add(task)
     last = 0.0
     try:
-        events_of = gateway.engine.generate(prepared.request, on_wait=on_wait, on_start=on_start)
+        asked = time.perf_counter()
+
+        async def admitted() -> None:
+            metrics.queue_wait.labels(prepared.request.model).observe(time.perf_counter() - asked)
+            if on_start is not None:
+                await on_start()
+
+        events_of = gateway.engine.generate(prepared.request, on_wait=on_wait, on_start=admitted)
         async with contextlib.aclosing(events_of) as events:
             async for ev in events:
                 if isinstance(ev, TokenDelta):

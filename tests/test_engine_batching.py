@@ -197,3 +197,30 @@ async def test_the_greedy_repeat_penalty_matches_llama_cpps_penalty_sampler(
     plain = await answers(smollm2, config, greedy(max_tokens=48))
     assert fast == chain
     assert fast != plain  # the penalty did change something
+
+
+async def test_a_follow_up_turn_reads_only_the_new_turn(smollm2: Path) -> None:
+    """The next turn repeats the model's answer as text; where that text spells the
+    answer's own tokens the cache is reused, so only the new messages are read."""
+    config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=2)
+    history = [ChatMessage("user", "Tell me a short story about a lighthouse keeper.")]
+    async with EngineClient(config) as client:
+        await client.load("m", smollm2)
+        cached: list[int] = []
+        for question in ("Who was his friend?", "What happened in the storm?"):
+            deltas, done = await collect(
+                client,
+                GenerateRequest(model="m", messages=history, sampling=greedy(max_tokens=60)),
+            )
+            answer = "".join(d.text for d in deltas)
+            turn = done.usage.prompt_tokens + done.usage.completion_tokens
+            history += [ChatMessage("assistant", answer), ChatMessage("user", question)]
+            deltas, done = await collect(
+                client,
+                GenerateRequest(model="m", messages=history, sampling=greedy(max_tokens=1)),
+            )
+            # All but the last generated token (never fed) and the few template tokens.
+            assert done.usage.cached_tokens >= turn - 2, (turn, done.usage)
+            assert done.usage.prompt_tokens - done.usage.cached_tokens < 30
+            cached.append(done.usage.cached_tokens)
+        assert cached[1] > cached[0]

@@ -32,7 +32,11 @@ def test_the_shortest_remaining_prompt_is_read_first() -> None:
 
 
 def test_a_higher_priority_prompt_goes_before_a_shorter_one() -> None:
-    wants = [Want(1, 10, False, priority=0), Want(2, 60, False, priority=5), Want(3, 1, True)]
+    wants = [
+        Want(1, 10, False, priority=0),
+        Want(2, 60, False, priority=5),
+        Want(3, 1, True, priority=5),
+    ]
     assert plan_step(wants, batch=512, chunk=64) == [(3, 1), (2, 60), (1, 4)]
 
 
@@ -86,10 +90,29 @@ def test_every_plan_respects_the_budgets(wants: list[Want], batch: int, chunk: i
     kinds = [by_seq[seq].decoding for seq, _ in plan]
     assert kinds == sorted(kinds, reverse=True)
     waiting_decodes = [w for w in wants if w.decoding and w.pending]
+    readers = [w for w in wants if not w.decoding and w.pending]
+    top = max((w.priority for w in readers), default=None)
+    if top is not None and waiting_decodes and top > max(w.priority for w in waiting_decodes):
+        # An urgent prompt's step: only its class reads, nothing decodes.
+        assert not decodes
+        assert {by_seq[seq].priority for seq, _ in plan} <= {top}
+        return
     assert len(decodes) == min(len(waiting_decodes), batch)
     # Work is never left undone while there is budget for it.
-    readers = [w for w in wants if not w.decoding and w.pending]
     room = batch - len(decodes)
     if decodes:
         room = min(room, chunk)
     assert prompt_tokens == min(room, sum(w.pending for w in readers))
+
+
+def test_a_prompt_above_every_running_class_gets_the_step_alone() -> None:
+    wants = [
+        Want(1, 1, True),
+        Want(2, 1, True),
+        Want(3, 40, False, priority=5),
+        Want(4, 10, False),
+    ]
+    assert plan_step(wants, batch=512, chunk=64) == [(3, 40)]
+    # Once it decodes, everyone decodes together again.
+    wants[2] = Want(3, 1, True, priority=5)
+    assert plan_step(wants, batch=512, chunk=64) == [(3, 1), (1, 1), (2, 1), (4, 10)]

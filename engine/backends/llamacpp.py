@@ -312,6 +312,7 @@ class _SeqState:
         "pending",
         "priority",
         "recent",
+        "reused",
         "sampler",
         "slot",
         "suspended",
@@ -329,6 +330,7 @@ class _SeqState:
         priority: int = 0,
     ) -> None:
         self.priority = priority
+        self.reused = 0  # prompt tokens taken from the slot's cache
         self.suspended = False
         self.tokens: list[int] = []  # while suspended: what it had read, then its pending
         # The greedy path's repeat penalty, over the last PENALTY_LAST_N tokens
@@ -590,6 +592,7 @@ class LlamaCppBackend(Backend):
             return n
 
         slot = _pick_slot(free, [shared(x) for x in free], self._unified)
+        prompt = self._spliced(slot.history, prompt, shared(slot))
         keep = min(shared(slot), len(prompt) - 1)  # read at least one token to get logits
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
@@ -609,10 +612,50 @@ class LlamaCppBackend(Backend):
             ),
             priority=priority,
         )
+        self._seqs[seq].reused = keep
         if sampler is None and sampling.repeat_penalty != 1.0:
             state = self._seqs[seq]
             state.penalty = sampling.repeat_penalty
             state.recent.extend(prompt[-PENALTY_LAST_N:])
+
+    def _spliced(self, history: list[int], prompt: list[int], same: int) -> list[int]:
+        """``prompt`` with a cached answer's own tokens where it spells the same text.
+
+        A conversation's next turn repeats the model's last answer as text, and
+        tokenizing that text need not give back the tokens the model generated
+        ("Paris" may have come out as "Par" + "is"): the prompt then parts from
+        the slot's cache inside that answer, and everything after is read again
+        (each turn slower than the last). Where the prompt, from the first
+        differing token, spells exactly the bytes of the cached tokens, those
+        tokens are used instead: the model sees what it said, and only the new
+        turn is read. Token boundaries must meet; otherwise nothing changes.
+        """
+        if same < REUSE_MIN or same >= len(history) or same >= len(prompt):
+            return prompt
+        cached = history[same:]
+        a = b = 0  # bytes spelled so far by cached[:i] and prompt[same:same + j]
+        i = j = 0
+        meet = (0, 0)
+        while i < len(cached) and same + j < len(prompt):
+            if a <= b:
+                a += len(self.token_bytes(cached[i]))
+                i += 1
+            else:
+                b += len(self.token_bytes(prompt[same + j]))
+                j += 1
+            if a == b:
+                meet = (i, j)
+        if meet == (0, 0):
+            return prompt
+        i, j = meet
+        if self.detokenize(cached[:i]) != self.detokenize(prompt[same : same + j]):
+            return prompt
+        spliced = history[: same + i] + prompt[same + j :]
+        return spliced if len(spliced) < self.n_ctx else prompt
+
+    def prompt_reused(self, seq: int) -> int:
+        st = self._seqs.get(seq)
+        return st.reused if st is not None else 0
 
     can_suspend = True
 

@@ -8,6 +8,7 @@ import type {
   ErrorCode,
   ErrorMessage,
   Options,
+  Queued,
   Ready,
   Started,
 } from "./protocol.js";
@@ -30,6 +31,7 @@ export type {
   Hello,
   Limits,
   Options,
+  Queued,
   Ready,
   ServerHeartbeat,
   ServerMessage,
@@ -118,6 +120,8 @@ interface RequestBase {
   id?: string;
   /** Ask for `token_ids` on every delta. */
   tokenIds?: boolean;
+  /** Scheduling class, -100..100 (default 0), capped by the credential's class. */
+  priority?: number;
 }
 
 export interface ChatParams extends RequestBase {
@@ -204,6 +208,8 @@ export declare class Generation implements AsyncIterable<Delta> {
   readonly conversation: string | null;
   /** The Started message, once it arrived. */
   readonly started: Started | null;
+  /** Its place while it waits for room on the model; null once started. */
+  readonly queued: Queued | null;
   /** The Done message once finished: finish_reason, usage, timings. */
   readonly done: Done | null;
   /** The error that ended this generation, if any. */

@@ -17,6 +17,7 @@
 /** @typedef {import("./protocol.js").Options} Options */
 /** @typedef {import("./protocol.js").Ready} Ready */
 /** @typedef {import("./protocol.js").Started} Started */
+/** @typedef {import("./protocol.js").Queued} Queued */
 /** @typedef {import("./protocol.js").Chat} ChatRequest */
 /** @typedef {import("./protocol.js").Generate} GenerateRequest */
 
@@ -369,6 +370,14 @@ function checkModel(id, model) {
   return model;
 }
 
+/** @param {string} id @param {unknown} priority */
+function checkPriority(id, priority) {
+  if (typeof priority !== "number" || !Number.isInteger(priority) || priority < -100 || priority > 100) {
+    throw new BadRequestError("priority must be an integer from -100 to 100", { id });
+  }
+  return priority;
+}
+
 /** @param {Generation} gen */
 function cancelledDone(gen) {
   /** @type {Done} */
@@ -414,6 +423,8 @@ export class Generation {
     this.conversation = conversation;
     /** @type {Started | null} */
     this.started = null;
+    /** Its place while it waits for room on the model (null once started). @type {Queued | null} */
+    this.queued = null;
     /** @type {Done | null} */
     this.done = null;
     /** @type {FerrousError | null} */
@@ -523,6 +534,7 @@ export class Generation {
 
   /** @param {Started} msg */
   _onStarted(msg) {
+    this.queued = null;
     this.started = msg;
     if (msg.conversation) this.conversation = msg.conversation;
   }
@@ -762,6 +774,11 @@ class Session {
     }
     if (!msg || typeof msg !== "object") return;
     switch (msg.type) {
+      case "queued": {
+        const gen = this.gens.get(msg.id);
+        if (gen) gen.queued = msg;
+        break;
+      }
       case "started": {
         const gen = this.gens.get(msg.id);
         if (gen) gen._onStarted(msg);
@@ -998,7 +1015,7 @@ export class FerrousClient extends EventTarget {
 
   /**
    * Continue (or start) a conversation the server keeps.
-   * @param {{ model: string, messages: string | ChatMessage[], conversation?: string | null, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean }} params
+   * @param {{ model: string, messages: string | ChatMessage[], conversation?: string | null, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean, priority?: number }} params
    */
   chat(params) {
     const p = params ?? /** @type {any} */ ({});
@@ -1014,13 +1031,14 @@ export class FerrousClient extends EventTarget {
       const options = cleanOptions(id, p.options);
       if (options) msg.options = options;
       if (p.tokenIds) msg.token_ids = true;
+      if (p.priority !== undefined && p.priority !== 0) msg.priority = checkPriority(id, p.priority);
       return msg;
     });
   }
 
   /**
    * Complete a raw prompt (no chat template, nothing remembered).
-   * @param {{ model: string, prompt: string, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean }} params
+   * @param {{ model: string, prompt: string, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean, priority?: number }} params
    */
   generate(params) {
     const p = params ?? /** @type {any} */ ({});
@@ -1031,6 +1049,7 @@ export class FerrousClient extends EventTarget {
       const options = cleanOptions(id, p.options);
       if (options) msg.options = options;
       if (p.tokenIds) msg.token_ids = true;
+      if (p.priority !== undefined && p.priority !== 0) msg.priority = checkPriority(id, p.priority);
       return msg;
     });
   }

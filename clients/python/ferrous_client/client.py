@@ -283,6 +283,7 @@ class FerrousClient:
         options: OptionsLike = None,
         id: str | None = None,
         token_ids: bool = False,
+        priority: int = 0,
     ) -> Generation:
         """Start a chat turn in ``conversation`` (a new one when None); iterate the result.
 
@@ -296,6 +297,7 @@ class FerrousClient:
             conversation=conversation,
             options=to_options(options),
             token_ids=token_ids,
+            priority=priority,
         )
         return self._start(msg, conversation)
 
@@ -307,6 +309,7 @@ class FerrousClient:
         options: OptionsLike = None,
         id: str | None = None,
         token_ids: bool = False,
+        priority: int = 0,
     ) -> Generation:
         """Complete a raw prompt (no chat template); iterate the result."""
         msg = m.Generate(
@@ -315,6 +318,7 @@ class FerrousClient:
             prompt=prompt,
             options=to_options(options),
             token_ids=token_ids,
+            priority=priority,
         )
         return self._start(msg, None)
 
@@ -454,9 +458,14 @@ class FerrousClient:
                 gen._deliver(msg)
                 if self._waiting:
                     self._check_starved()
+            case m.Queued():
+                gen = self._gens.get(msg.id)
+                if gen is not None:
+                    gen.queued = msg
             case m.Started():
                 gen = self._gens.get(msg.id)
                 if gen is not None:
+                    gen.queued = None
                     gen.started = msg
                     gen.conversation = msg.conversation or gen.conversation
             case m.Done():

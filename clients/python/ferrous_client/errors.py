@@ -74,6 +74,8 @@ class FerrousClientError(Exception):
         self.generation_id = generation_id
         self.retryable = self.default_retryable if retryable is None else retryable
         self.code: ErrorCode | None = code if code is not None else self.default_code
+        # Seconds after which a retry can succeed, when the server said (rate_limited).
+        self.retry_after: float | None = None
 
     def __str__(self) -> str:
         where = f" [generation {self.generation_id}]" if self.generation_id else ""

@@ -57,6 +57,8 @@ class Generation:
         self.model = model
         self.conversation = conversation
         self.started: m.Started | None = None
+        # While it waits for room on the model: its place (None once started).
+        self.queued: m.Queued | None = None
         self.done: m.Done | None = None
         self.error: FerrousClientError | None = None
         self._client = client

@@ -70,6 +70,8 @@ class SyncGeneration:
         self.model = model
         self.conversation = conversation
         self.started: m.Started | None = None
+        # While it waits for room on the model: its place (None once started).
+        self.queued: m.Queued | None = None
         self.done: m.Done | None = None
         self.error: FerrousClientError | None = None
         self._client = client
@@ -338,6 +340,7 @@ class SyncFerrousClient:
         options: OptionsLike = None,
         id: str | None = None,
         token_ids: bool = False,
+        priority: int = 0,
     ) -> SyncGeneration:
         """Start a chat turn in ``conversation`` (a new one when None); iterate the result."""
         msg = m.Chat(
@@ -347,6 +350,7 @@ class SyncFerrousClient:
             conversation=conversation,
             options=to_options(options),
             token_ids=token_ids,
+            priority=priority,
         )
         return self._start(msg, conversation)
 
@@ -358,6 +362,7 @@ class SyncFerrousClient:
         options: OptionsLike = None,
         id: str | None = None,
         token_ids: bool = False,
+        priority: int = 0,
     ) -> SyncGeneration:
         """Complete a raw prompt (no chat template); iterate the result."""
         msg = m.Generate(
@@ -366,6 +371,7 @@ class SyncFerrousClient:
             prompt=prompt,
             options=to_options(options),
             token_ids=token_ids,
+            priority=priority,
         )
         return self._start(msg, None)
 
@@ -505,7 +511,10 @@ class SyncFerrousClient:
                 if msg.id == gen.id and not gen._abandoned:
                     return msg
                 self._consumed(n)  # a generation left early: drop its text
+            case m.Queued() if msg.id == gen.id:
+                gen.queued = msg
             case m.Started() if msg.id == gen.id:
+                gen.queued = None
                 gen.started = msg
                 gen.conversation = msg.conversation or gen.conversation
             case m.Done():

@@ -89,9 +89,11 @@ def decode_server(codec: Codec, data: bytes | str) -> m.ServerMessage:
 
 
 def error_from_message(msg: m.Error) -> FerrousClientError:
-    return error_from_code(
+    err = error_from_code(
         msg.code.value, msg.message, generation_id=msg.id, retryable=msg.retryable
     )
+    err.retry_after = msg.retry_after
+    return err
 
 
 def utf8_len(text: str) -> int:
