@@ -15,7 +15,9 @@ Which tokens go in decides both latencies a chat front-end feels:
   and the median wait is about half of reading them all together. A prompt
   of a higher class than every decoding sequence gets a step of its own
   (its class only): the others wait one step, and it answers after its own
-  prompt rather than after sixteen other streams' tokens as well.
+  prompt rather than after sixteen other streams' tokens as well. So does a
+  prompt that paused another sequence to start (``urgent``: its tenant was
+  below its fair share).
 
 Shortest-first alone could starve a long prompt behind a stream of short
 ones, so a prompt passed over ``patience`` times in a row goes first.
@@ -45,6 +47,8 @@ class Want(NamedTuple):
     priority: int = 0
     passed: int = 0
     """Steps in a row it wanted prompt tokens and got none."""
+    urgent: bool = False
+    """It paused another sequence to start (engine.preemption): its prompt goes first."""
 
 
 def plan_step(
@@ -67,6 +71,11 @@ def plan_step(
         # its own prompt, not after a batch of other streams' tokens too.
         decoding = []
         readers = [w for w in readers if w.priority == top]
+    elif decoding and any(w.urgent for w in readers):
+        # Likewise for prompts that paused someone to start (a tenant below its
+        # fair share): they were owed a slot, so they are owed a quick answer.
+        decoding = []
+        readers = [w for w in readers if w.urgent]
     for w in sorted(decoding, key=lambda w: -w.priority)[:batch]:
         plan.append((w.seq, 1))
     room = batch - len(plan)

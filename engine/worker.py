@@ -464,6 +464,7 @@ class Worker:
             backend = self._models[model][0]
             active = [s for s in self._running.values() if s.model == model and not s.suspended]
             while queue:
+                urgent = False
                 if len(active) >= backend.max_sequences or not backend.has_room(
                     len(queue[0].prompt)
                 ):
@@ -475,11 +476,12 @@ class Worker:
                     backend.suspend(paused.gen)
                     paused.suspended = True
                     active.remove(paused)
+                    urgent = True
                 seq = queue.popleft()
                 seq.t_start = time.perf_counter()
                 seq.n_prompt = len(seq.prompt)
                 try:
-                    backend.start(seq.gen, seq.prompt, seq.msg.sampling, seq.msg.priority)
+                    backend.start(seq.gen, seq.prompt, seq.msg.sampling, seq.msg.priority, urgent)
                 except Exception as exc:
                     self._fail(seq, exc)
                     continue

@@ -216,14 +216,14 @@ async def test_a_preempted_sequence_resumes_without_losing_or_repeating_a_token(
 
 
 async def test_a_tenant_over_its_share_gives_a_slot_to_another(slow_model: Path) -> None:
-    """Two slots, both held by tenant A: tenant B's request pauses one of A's
-    (A holds two, B none) and starts before either ends."""
+    """Two slots, both held by tenant A, and more of A's requests waiting: tenant B's
+    request pauses one of A's (A holds two, B none) and starts before any ends."""
     config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=2)
     async with EngineClient(config) as engine:
         await engine.load("m", slow_model)
         order: list[str] = []
-        a = [asyncio.create_task(_text(engine, _req(f"a{i}", "A", 300), order)) for i in range(2)]
-        while sum(x.startswith("start a") for x in order) < 2:
+        a = [asyncio.create_task(_text(engine, _req(f"a{i}", "A", 300), order)) for i in range(4)]
+        while engine.queued("m") < 2:
             await asyncio.sleep(0.005)
         await _text(engine, _req("b", "B", 3), order)
         texts = await asyncio.gather(*a)

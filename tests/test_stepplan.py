@@ -53,6 +53,11 @@ def test_equal_prompts_go_in_arrival_order() -> None:
     assert plan_step(wants, batch=512, chunk=40) == [(1, 1), (4, 20), (5, 20)]
 
 
+def test_a_prompt_that_paused_someone_gets_the_step_alone() -> None:
+    wants = [Want(1, 1, True), Want(2, 30, False, urgent=True), Want(3, 5, False)]
+    assert plan_step(wants, batch=512, chunk=64) == [(2, 30)]
+
+
 def test_bad_budgets_are_refused() -> None:
     with pytest.raises(ValueError):
         plan_step([], batch=0, chunk=1)
@@ -96,6 +101,11 @@ def test_every_plan_respects_the_budgets(wants: list[Want], batch: int, chunk: i
         # An urgent prompt's step: only its class reads, nothing decodes.
         assert not decodes
         assert {by_seq[seq].priority for seq, _ in plan} <= {top}
+        return
+    if waiting_decodes and any(w.urgent for w in readers):
+        # A prompt that paused someone to start: its step is for such prompts only.
+        assert not decodes
+        assert all(by_seq[seq].urgent for seq, _ in plan) and plan
         return
     assert len(decodes) == min(len(waiting_decodes), batch)
     # Work is never left undone while there is budget for it.

@@ -115,11 +115,17 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def start(
-        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+        self,
+        seq: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        priority: int = 0,
+        urgent: bool = False,
     ) -> None:
         """Admit a sequence; compute happens in its first :meth:`step`.
 
-        ``priority`` orders prompt reading within a step (engine.stepplan).
+        ``priority`` and ``urgent`` (it paused another sequence to start) order
+        prompt reading within a step (engine.stepplan).
         """
 
     @abc.abstractmethod

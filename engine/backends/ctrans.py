@@ -79,7 +79,12 @@ class CTransformersBackend(Backend):
         return bool(self._llm.is_eos_token(token))  # type: ignore[attr-defined]
 
     def start(
-        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+        self,
+        seq: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        priority: int = 0,
+        urgent: bool = False,
     ) -> None:
         self.check_sampling(sampling)  # the worker checks too; start() must never ignore it
         if self._seq is not None:

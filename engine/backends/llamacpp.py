@@ -317,6 +317,7 @@ class _SeqState:
         "slot",
         "suspended",
         "tokens",
+        "urgent",
     )
 
     def __init__(
@@ -331,6 +332,7 @@ class _SeqState:
     ) -> None:
         self.priority = priority
         self.reused = 0  # prompt tokens taken from the slot's cache
+        self.urgent = False  # paused another sequence to start: its prompt goes first
         self.suspended = False
         self.tokens: list[int] = []  # while suspended: what it had read, then its pending
         # The greedy path's repeat penalty, over the last PENALTY_LAST_N tokens
@@ -572,7 +574,12 @@ class LlamaCppBackend(Backend):
         return cast(object, chain)
 
     def start(
-        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+        self,
+        seq: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        priority: int = 0,
+        urgent: bool = False,
     ) -> None:
         free = [s for s in self._slots if not s.busy]
         if not free:
@@ -583,17 +590,15 @@ class LlamaCppBackend(Backend):
         free = [s for s in free if id(s) not in held] or free
         sampler = self._sampler(sampling, prompt)  # first: a BadRequest leaves no state behind
 
-        def shared(slot: _Slot) -> int:
-            n = 0
-            for a, b in zip(slot.history, prompt, strict=False):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        slot = _pick_slot(free, [shared(x) for x in free], self._unified)
-        prompt = self._spliced(slot.history, prompt, shared(slot))
-        keep = min(shared(slot), len(prompt) - 1)  # read at least one token to get logits
+        # Each free slot's cache as this prompt could use it: the exact common
+        # prefix, extended over the model's own answer tokens where the prompt
+        # spells the same text (see _spliced).
+        fits = [self._spliced(x.history, prompt) for x in free]
+        slot = _pick_slot(free, [n for _, n in fits], self._unified)
+        spliced, same = fits[free.index(slot)]
+        if same:
+            prompt = spliced
+        keep = min(same, len(prompt) - 1)  # read at least one token to get logits
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
             keep = 0
@@ -613,13 +618,15 @@ class LlamaCppBackend(Backend):
             priority=priority,
         )
         self._seqs[seq].reused = keep
+        self._seqs[seq].urgent = urgent
         if sampler is None and sampling.repeat_penalty != 1.0:
             state = self._seqs[seq]
             state.penalty = sampling.repeat_penalty
             state.recent.extend(prompt[-PENALTY_LAST_N:])
 
-    def _spliced(self, history: list[int], prompt: list[int], same: int) -> list[int]:
-        """``prompt`` with a cached answer's own tokens where it spells the same text.
+    def _spliced(self, history: list[int], prompt: list[int]) -> tuple[list[int], int]:
+        """``prompt`` with a cached answer's own tokens where it spells the same text,
+        and how many of its first tokens ``history`` (a slot's cache) holds.
 
         A conversation's next turn repeats the model's last answer as text, and
         tokenizing that text need not give back the tokens the model generated
@@ -630,8 +637,13 @@ class LlamaCppBackend(Backend):
         tokens are used instead: the model sees what it said, and only the new
         turn is read. Token boundaries must meet; otherwise nothing changes.
         """
-        if same < REUSE_MIN or same >= len(history) or same >= len(prompt):
-            return prompt
+        same = 0
+        for x, y in zip(history, prompt, strict=False):
+            if x != y:
+                break
+            same += 1
+        if same == 0 or same >= len(history) or same >= len(prompt):
+            return prompt, same
         cached = history[same:]
         a = b = 0  # bytes spelled so far by cached[:i] and prompt[same:same + j]
         i = j = 0
@@ -646,12 +658,14 @@ class LlamaCppBackend(Backend):
             if a == b:
                 meet = (i, j)
         if meet == (0, 0):
-            return prompt
+            return prompt, same
         i, j = meet
         if self.detokenize(cached[:i]) != self.detokenize(prompt[same : same + j]):
-            return prompt
+            return prompt, same
         spliced = history[: same + i] + prompt[same + j :]
-        return spliced if len(spliced) < self.n_ctx else prompt
+        if len(spliced) >= self.n_ctx:
+            return prompt, same
+        return spliced, same + i
 
     def prompt_reused(self, seq: int) -> int:
         st = self._seqs.get(seq)
@@ -753,6 +767,7 @@ class LlamaCppBackend(Backend):
                 del st.pending[:take]
                 continue
             st.decoding = True
+            st.urgent = False
             if st.sampler is None:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
                 logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
@@ -790,7 +805,8 @@ class LlamaCppBackend(Backend):
         n = 0
         by_seq = dict(states)
         wants = [
-            Want(seq, len(st.pending), st.decoding, st.priority, st.passed) for seq, st in states
+            Want(seq, len(st.pending), st.decoding, st.priority, st.passed, st.urgent)
+            for seq, st in states
         ]
         plan: list[tuple[int, _SeqState, int, int]] = []
         for seq, take in plan_step(wants, batch=self._n_batch, chunk=self._chunk):

@@ -538,7 +538,12 @@ class OnnxBackend(Backend):
             raise BadRequest("structured output needs the llama_cpp backend")
 
     def start(
-        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+        self,
+        seq: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        priority: int = 0,
+        urgent: bool = False,
     ) -> None:
         if len(self._seqs) >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
@@ -800,7 +805,12 @@ class OnnxEncoderBackend(Backend):
         raise BadRequest("this is an embedding model: it cannot generate text")
 
     def start(
-        self, seq: int, prompt: list[int], sampling: SamplingParams, priority: int = 0
+        self,
+        seq: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        priority: int = 0,
+        urgent: bool = False,
     ) -> None:
         raise BadRequest("this is an embedding model: it cannot generate text")
 
