@@ -1,7 +1,7 @@
 """Many concurrent chats through ``ferrous serve`` and ``llama-server``, side by side in one run.
 
     python -m bench.scheduler [--model GGUF] [--streams 1,8,16,32] [--tokens 128] [--rounds 3]
-                              [--json]
+                              [--json | --markdown] [--from-json RUN.json]
                               [--skip-reference] [--scenarios streams,turns,fairness,priority]
 
 Both servers get the same GGUF (SmolLM2 by default), threads, prompts and
@@ -458,14 +458,25 @@ def main() -> None:
     )
     parser.add_argument("--skip-reference", action="store_true", help="ferrous serve only")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="the table as Markdown")
+    parser.add_argument("--from-json", type=Path, help="print the table of an earlier --json run")
     args = parser.parse_args()
-    result = uvloop.run(main_async(args))
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        result = uvloop.run(main_async(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return
     ours = result["ferrous"]
     ref = result.get("llama_server", {})
     assert isinstance(ours, dict) and isinstance(ref, dict)
+    if args.markdown:
+        print("| scenario | metric | ferrous serve | llama-server -np 8 | ratio |")
+        print("|---|---|---|---|---|")
+        for row in table(ours, ref):
+            print("| " + " | ".join(row) + " |")
+        return
     print(f"{'scenario':<12} {'metric':<24} {'ferrous':>10} {'llama-server':>13} {'ratio':>6}")
     for row in table(ours, ref):
         print(f"{row[0]:<12} {row[1]:<24} {row[2]:>10} {row[3]:>13} {row[4]:>6}")

@@ -47,6 +47,7 @@ WaitCallback = Callable[[int, float | None], Awaitable[None]]
 class Seat(Protocol):
     """What admission needs to know of a worker."""
 
+    index: int
     alive: bool
     models: dict[str, float]
     load: dict[str, int]  # requests admitted per model (running, paused or starting)
@@ -68,11 +69,12 @@ class Stranded(Exception):
 class _Ticket(Generic[W]):
     """A waiting request's place in a fair queue: the future its caller awaits."""
 
-    __slots__ = ("fut", "runner")
+    __slots__ = ("fut", "prefer", "runner")
 
-    def __init__(self, fut: asyncio.Future[W], runner: Runner) -> None:
+    def __init__(self, fut: asyncio.Future[W], runner: Runner, prefer: int | None) -> None:
         self.fut = fut
         self.runner = runner
+        self.prefer = prefer
 
 
 class Admission(Generic[W]):
@@ -99,11 +101,15 @@ class Admission(Generic[W]):
         queue = self._queues.get(model)
         return len(queue) if queue is not None else 0
 
-    def room(self, model: str, arrival: Runner | None = None) -> W | None:
+    def room(
+        self, model: str, arrival: Runner | None = None, prefer: int | None = None
+    ) -> W | None:
         """The worker a request of ``model`` starts on now, or None when it must wait.
 
-        The least loaded live worker holding the model with a free sequence
-        slot; else, for ``arrival``, a worker where it may pause a running
+        Worker ``prefer`` (the one holding the request's prefix,
+        engine.placement) when it has a free sequence slot, else the least
+        loaded live worker holding the model with a free slot; else, for
+        ``arrival``, a worker where it may pause a running
         sequence (engine.preemption: a lower priority class, or a tenant
         holding more than its share). Such a worker is handed one request more
         than its slots, at most twice its slots in all.
@@ -114,6 +120,8 @@ class Admission(Generic[W]):
             if not w.alive or model not in w.models:
                 continue
             used = w.load.get(model, 0)
+            if used < slots and w.index == prefer:
+                return w
             if used < slots and (best is None or used < best.load.get(model, 0)):
                 best = w
         if best is not None or arrival is None:
@@ -126,7 +134,10 @@ class Admission(Generic[W]):
         return None
 
     async def admit(
-        self, request: GenerateRequest, on_wait: WaitCallback | None = None
+        self,
+        request: GenerateRequest,
+        on_wait: WaitCallback | None = None,
+        prefer: int | None = None,
     ) -> tuple[W, int]:
         """A worker with room reserved for ``request``, and the key to :meth:`leave` with.
 
@@ -138,12 +149,12 @@ class Admission(Generic[W]):
         order = next(self._orders)
         runner = Runner(order, request.tenant or "", request.priority, order)
         if not len(queue):
-            w = self.room(model, runner)
+            w = self.room(model, runner, prefer)
             if w is not None:
                 self._take(w, model, runner)
                 return w, order
         granted: asyncio.Future[W] = asyncio.get_running_loop().create_future()
-        entry = queue.push(request.tenant or "", request.priority, _Ticket(granted, runner))
+        entry = queue.push(request.tenant or "", request.priority, _Ticket(granted, runner, prefer))
         self._waiting[request.request_id] = (model, entry)
         self.grant(model)
         try:
@@ -180,7 +191,7 @@ class Admission(Generic[W]):
             if head.handle.fut.done():
                 queue.remove(head)  # its caller already left
                 continue
-            w = self.room(model)
+            w = self.room(model, prefer=head.handle.prefer)
             if w is not None:
                 taken = queue.pop()  # the head: pop also passes the turn to the next tenant
                 assert taken is head

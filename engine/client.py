@@ -42,6 +42,7 @@ import msgspec
 
 from engine import ipc
 from engine.admission import Admission, Stranded, WaitCallback
+from engine.placement import Affinity
 from engine.pool import Gen, Worker, WorkerPool
 from engine.requests import (
     Embeddings,
@@ -125,6 +126,7 @@ class EngineClient:
             on_replaced=self._reload,
         )
         self._residency = Residency(self.config, self._pool, self._notify)
+        self._affinity = Affinity()
         self._admission: Admission[Worker] = Admission(
             lambda: self._workers, self._residency.slots, self.config.max_queued
         )
@@ -306,7 +308,9 @@ class EngineClient:
             raise FerrousError(f"request id {request.request_id!r} is already running")
         try:
             await self._pick(request.model)  # loaded somewhere (waits for a replacement)
-            worker, key = await self._admission.admit(request, on_wait)
+            worker, key = await self._admission.admit(
+                request, on_wait, self._affinity.preferred(request)
+            )
         except Stranded as exc:
             error = exc.reason is FinishReason.ERROR
             yield self._done(
@@ -354,6 +358,7 @@ class EngineClient:
             self._admission.leave(worker, request.model, key)
             raise
         g = Gen(next(self._gen_ids), request.request_id, ring, worker)
+        self._affinity.served(request, worker.index)
         worker.gens[g.gen] = g
         self._by_request[g.request_id] = g
         worker.send(

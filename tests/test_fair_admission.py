@@ -10,6 +10,7 @@ request cancelled while waiting never starting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -223,9 +224,70 @@ async def test_a_tenant_over_its_share_gives_a_slot_to_another(slow_model: Path)
         await engine.load("m", slow_model)
         order: list[str] = []
         a = [asyncio.create_task(_text(engine, _req(f"a{i}", "A", 300), order)) for i in range(4)]
-        while engine.queued("m") < 2:
+        while engine.queued("m") < 2 or sum(x.startswith("start a") for x in order) < 2:
             await asyncio.sleep(0.005)
         await _text(engine, _req("b", "B", 3), order)
         texts = await asyncio.gather(*a)
     assert order[:4] == ["start a0", "start a1", "start b", "done b"]
     assert all(t == texts[0] and len(t) > 0 for t in texts)  # nothing lost or repeated
+
+
+# -- placement -----------------------------------------------------------------------------
+
+
+async def test_a_follow_up_turn_goes_to_the_worker_holding_its_conversation(
+    script_model: Path,
+) -> None:
+    """Two workers: the next turn of a conversation goes where its history is cached,
+    though the least loaded worker is the other one."""
+    from engine import ChatMessage
+
+    config = EngineConfig(workers=2, threads_per_worker=1, seqs_per_worker=2)
+    async with EngineClient(config) as engine:
+        await engine.load("m", script_model)
+        pids: dict[str, int] = {}
+
+        async def hold(rid: str) -> asyncio.Task[str]:
+            task = asyncio.create_task(_text(engine, _req(rid, "X", 100000), []))
+            while rid not in engine.placements():
+                await asyncio.sleep(0.005)
+            pids[rid] = engine.placements()[rid]
+            return task
+
+        def turn(rid: str, messages: list[ChatMessage]) -> GenerateRequest:
+            return GenerateRequest(
+                model="m",
+                messages=messages,
+                sampling=SamplingParams(temperature=0.0, max_tokens=3),
+                request_id=rid,
+            )
+
+        long0 = await hold("L0")  # takes the first worker
+        history = [ChatMessage("user", "hello " * 40)]
+        first = asyncio.create_task(_text(engine, turn("c1", history), []))
+        while "c1" not in engine.placements():
+            await asyncio.sleep(0.005)
+        home = engine.placements()["c1"]
+        assert home != pids["L0"]  # the least loaded: the other worker
+        answer = await first
+        long0.cancel()
+        long1 = await hold("L1")  # both idle: the first worker again
+        long2 = await hold("L2")  # the least loaded: the conversation's worker
+        assert pids["L2"] == home and pids["L1"] != home
+        long1.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await long1
+        # Now the other worker is idle and the conversation's worker runs L2; the
+        # follow-up still goes home (it has a free slot) and reuses its cache.
+        history += [ChatMessage("assistant", answer), ChatMessage("user", "and then?")]
+        events = []
+        async for ev in engine.generate(turn("c2", history)):
+            events.append(ev)
+            if not isinstance(ev, TokenDelta):
+                assert ev.usage.cached_tokens > 40
+            elif ev.seq == 0:
+                assert engine.placements()["c2"] == home
+        long2.cancel()
+        for task in (long0, long2):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

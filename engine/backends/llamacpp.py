@@ -292,13 +292,17 @@ def _pick_slot(free: list[_Slot], shared: list[int], unified: bool) -> _Slot:
     slots 0-7 decoded at 38 ms a step, the same eight spread over slots 0-14
     at 57-68 ms (SmolLM2, 2 threads). So streams are packed low, and a cached
     prefix must save ``REUSE_MIN`` tokens (a follow-up turn, a long shared
-    context) to pull a sequence elsewhere. In one shared cache the place costs
-    nothing and the longest prefix wins.
+    context) to pull a sequence elsewhere; a newcomer with nothing to reuse
+    leaves such a cache alone while a slot without one is free. In one shared
+    cache the place costs nothing and the longest prefix wins.
     """
     best = max(range(len(free)), key=lambda i: (shared[i], -free[i].index))
     if unified or shared[best] >= REUSE_MIN:
         return free[best]
-    return min(free, key=lambda x: x.index)
+    # The lowest free slot whose cache is not worth keeping (a conversation's
+    # history may come back for its next turn), else the lowest free slot.
+    spare = [x for x in free if len(x.history) < REUSE_MIN]
+    return min(spare or free, key=lambda x: x.index)
 
 
 class _SeqState:
