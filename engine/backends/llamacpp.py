@@ -279,30 +279,29 @@ class _Slot:
         self.history: list[int] = []  # tokens whose KV this slot holds, positions 0..n-1
 
 
-# A free slot whose cached prefix saves at least this many prompt tokens is worth
-# taking over the lowest free one (see _pick_slot).
-REUSE_MIN = 64
+# A cached prefix shorter than this is not worth a slot's other contents.
+SHARE_MIN = 16
 
 
 def _pick_slot(free: list[_Slot], shared: list[int], unified: bool) -> _Slot:
-    """The slot a new sequence takes: the lowest free one, unless another's cache saves more.
+    """The slot a new sequence takes: the one whose cache saves it the most reading.
 
-    With a window per sequence llama.cpp attends over the span of windows from
-    the lowest to the highest slot in a step, used or not: eight streams in
-    slots 0-7 decoded at 38 ms a step, the same eight spread over slots 0-14
-    at 57-68 ms (SmolLM2, 2 threads). So streams are packed low, and a cached
-    prefix must save ``REUSE_MIN`` tokens (a follow-up turn, a long shared
-    context) to pull a sequence elsewhere; a newcomer with nothing to reuse
-    leaves such a cache alone while a slot without one is free. In one shared
-    cache the place costs nothing and the longest prefix wins.
+    A prefix of ``SHARE_MIN`` tokens or more (a system prompt, a conversation's
+    history) wins, the longest first. Otherwise the newcomer takes the free
+    slot with the least cached (an empty one first): a finished
+    conversation's history may come back for its next turn. Ties go to the
+    lowest slot: with a window per sequence llama.cpp attends over the span
+    of windows from the lowest to the highest slot in a step, used or not
+    (eight streams in slots 0-7 decoded at 38 ms a step, spread over 0-14 at
+    57-68 ms; SmolLM2, 2 threads).
     """
-    best = max(range(len(free)), key=lambda i: (shared[i], -free[i].index))
-    if unified or shared[best] >= REUSE_MIN:
-        return free[best]
-    # The lowest free slot whose cache is not worth keeping (a conversation's
-    # history may come back for its next turn), else the lowest free slot.
-    spare = [x for x in free if len(x.history) < REUSE_MIN]
-    return min(spare or free, key=lambda x: x.index)
+
+    def key(i: int) -> tuple[int, int, int]:
+        score = shared[i] if shared[i] >= SHARE_MIN or unified else 0
+        loss = 0 if score else len(free[i].history)
+        return (score, -loss, -free[i].index)
+
+    return free[max(range(len(free)), key=key)]
 
 
 class _SeqState:
