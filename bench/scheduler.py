@@ -29,7 +29,10 @@ Scenarios:
   to first token under the flood against unloaded.
 
 The table's ratio column is ferrous / llama-server (for times lower is
-better). Both servers run one at a time, never together.
+better). Both servers are up at once but only one is asked at a time: stream
+rounds alternate between them (and which goes first), so that a machine
+whose speed drifts during the run weighs on both alike; the other scenarios
+run on one, then the other.
 """
 
 from __future__ import annotations
@@ -208,29 +211,48 @@ def _question(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
+class _Pooled:
+    """Rates and latencies of one target over several rounds of one stream count."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.ttfts: list[float] = []
+        self.gaps: list[float] = []
+
+    def add(self, results: list[StreamResult], wall: float) -> None:
+        self.rates.append(sum(x.tokens for x in results) / wall)
+        self.ttfts += [x.ttft * 1000 for x in results]
+        self.gaps += [g * 1000 for x in results for g in x.gaps]
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "aggregate_tok_s": round(statistics.median(self.rates), 1),
+            "ttft_p50_ms": round(statistics.median(self.ttfts), 1),
+            "ttft_p95_ms": round(_pct(self.ttfts, 0.95), 1),
+            "itl_p50_ms": round(_pct(self.gaps, 0.5), 1),
+            "itl_p99_ms": round(_pct(self.gaps, 0.99), 1),
+        }
+
+
 async def streams_scenario(
-    client: httpx.AsyncClient, target: Target, n: int, tokens: int, rounds: int
-) -> dict[str, float]:
-    """``rounds`` bursts of ``n`` chats; the median round's rate, percentiles over all rounds."""
-    rates: list[float] = []
-    ttfts: list[float] = []
-    gaps: list[float] = []
+    client: httpx.AsyncClient, targets: list[Target], n: int, tokens: int, rounds: int
+) -> list[dict[str, float]]:
+    """``rounds`` bursts of ``n`` chats on each target, alternating targets round by round
+    (and which goes first), so that a machine's drift hits both alike."""
+    pooled = [_Pooled() for _ in targets]
     for r in range(rounds):
         # A different question set each round: no round reuses another's prompts.
         questions = [_question(i + r * n) for i in range(n)]
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(chat(client, target, q, tokens) for q in questions))
-        wall = time.perf_counter() - t0
-        rates.append(sum(x.tokens for x in results) / wall)
-        ttfts += [x.ttft * 1000 for x in results]
-        gaps += [g * 1000 for x in results for g in x.gaps]
-    return {
-        "aggregate_tok_s": round(statistics.median(rates), 1),
-        "ttft_p50_ms": round(statistics.median(ttfts), 1),
-        "ttft_p95_ms": round(_pct(ttfts, 0.95), 1),
-        "itl_p50_ms": round(_pct(gaps, 0.5), 1),
-        "itl_p99_ms": round(_pct(gaps, 0.99), 1),
-    }
+        order = list(range(len(targets)))
+        if r % 2:
+            order.reverse()
+        for k in order:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(
+                *(chat(client, targets[k], q, tokens) for q in questions)
+            )
+            pooled[k].add(list(results), time.perf_counter() - t0)
+    return [p.summary() for p in pooled]
 
 
 async def turns_scenario(client: httpx.AsyncClient, target: Target) -> dict[str, object]:
@@ -265,6 +287,9 @@ async def flood(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Closed streams end their generations at the server's next step; let it
+        # settle so the next measurement starts on an idle machine.
+        await asyncio.sleep(5.0)
 
 
 async def _paced(
@@ -310,26 +335,30 @@ async def priority_scenario(
     }
 
 
-async def measure(target: Target, args: argparse.Namespace) -> dict[str, object]:
+async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[str, object]]:
+    """Every scenario on every target; stream rounds alternate between targets."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    out: dict[str, object] = {}
+    out: list[dict[str, object]] = [{} for _ in targets]
     async with httpx.AsyncClient(limits=limits) as client:
-        await chat(client, target, _question(0), 16)  # warm-up: pages in the weights
+        for target in targets:
+            await chat(client, target, _question(0), 16)  # warm-up: pages in the weights
         if "streams" in args.scenarios:
             for n in args.streams:
-                out[f"streams_{n}"] = await streams_scenario(
-                    client, target, n, args.tokens, args.rounds
-                )
-                print(f"  {target.name} {n} streams: {out[f'streams_{n}']}", file=sys.stderr)
-        if "turns" in args.scenarios:
-            out["turns"] = await turns_scenario(client, target)
-            print(f"  {target.name} turns: {out['turns']}", file=sys.stderr)
-        if "fairness" in args.scenarios:
-            out["fairness"] = await fairness_scenario(client, target)
-            print(f"  {target.name} fairness: {out['fairness']}", file=sys.stderr)
-        if "priority" in args.scenarios:
-            out["priority"] = await priority_scenario(client, target)
-            print(f"  {target.name} priority: {out['priority']}", file=sys.stderr)
+                found = await streams_scenario(client, targets, n, args.tokens, args.rounds)
+                for target, result, into in zip(targets, found, out, strict=True):
+                    into[f"streams_{n}"] = result
+                    print(f"  {target.name} {n} streams: {result}", file=sys.stderr)
+        scenarios = (
+            ("turns", turns_scenario),
+            ("fairness", fairness_scenario),
+            ("priority", priority_scenario),
+        )
+        for name, scenario in scenarios:
+            if name not in args.scenarios:
+                continue
+            for target, into in zip(targets, out, strict=True):
+                into[name] = await scenario(client, target)
+                print(f"  {target.name} {name}: {into[name]}", file=sys.stderr)
     return out
 
 
@@ -346,7 +375,9 @@ def _ferrous_keys(home: str) -> dict[str, str]:
     return keys
 
 
-async def run_ferrous(gguf: Path, args: argparse.Namespace) -> dict[str, object]:
+@contextlib.asynccontextmanager
+async def ferrous_target(gguf: Path, args: argparse.Namespace) -> AsyncIterator[Target]:
+    """``ferrous serve`` with its defaults (auth on, tenants' keys made first)."""
     with tempfile.TemporaryDirectory() as home:
         keys = _ferrous_keys(home)
         proc, port = start_server(
@@ -359,13 +390,16 @@ async def run_ferrous(gguf: Path, args: argparse.Namespace) -> dict[str, object]
             log=Path(home) / "server.log",
         )
         try:
-            target = Target("ferrous", f"http://127.0.0.1:{port}", "bench", keys, True)
-            return await measure(target, args)
+            yield Target("ferrous", f"http://127.0.0.1:{port}", "bench", keys, True)
         finally:
             stop_server(proc)
 
 
-async def run_llama_server(binary: Path, gguf: Path, args: argparse.Namespace) -> dict[str, object]:
+@contextlib.asynccontextmanager
+async def llama_server_target(
+    binary: Path, gguf: Path, args: argparse.Namespace
+) -> AsyncIterator[Target]:
+    """``llama-server -np 8`` on the same GGUF and threads (2048 positions per slot)."""
     port = free_port()
     command = [
         *(str(binary), "-m", str(gguf), "-np", "8", "-c", str(8 * 2048)),
@@ -383,7 +417,7 @@ async def run_llama_server(binary: Path, gguf: Path, args: argparse.Namespace) -
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("llama-server did not start")
                 await asyncio.sleep(0.2)
-        return await measure(Target("llama-server", base, "bench"), args)
+        yield Target("llama-server", base, "bench")
     finally:
         stop_server(proc)
 
@@ -429,14 +463,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "tokens_each": args.tokens,
         "cpus": os.cpu_count(),
     }
-    print("ferrous serve …", file=sys.stderr)
-    result["ferrous"] = await run_ferrous(gguf, args)
-    if not args.skip_reference:
-        binary = find_binary(args.binary)
-        if binary is None:
-            raise SystemExit("no llama-server found: python -m bench.llama_server build")
-        print("llama-server -np 8 …", file=sys.stderr)
-        result["llama_server"] = await run_llama_server(binary, gguf, args)
+    async with contextlib.AsyncExitStack() as stack:
+        targets = [await stack.enter_async_context(ferrous_target(gguf, args))]
+        if not args.skip_reference:
+            binary = find_binary(args.binary)
+            if binary is None:
+                raise SystemExit("no llama-server found: python -m bench.llama_server build")
+            targets.append(await stack.enter_async_context(llama_server_target(binary, gguf, args)))
+        found = await measure(targets, args)
+    result["ferrous"] = found[0]
+    if len(found) > 1:
+        result["llama_server"] = found[1]
     return result
 
 
