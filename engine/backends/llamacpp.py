@@ -24,7 +24,7 @@ once and cached (a new sequence gets a clone), and are checked first for what
 would crash llama.cpp's recursive parser (very deep nesting, huge texts).
 
 Embeddings use a second context on the same weights, created on first use
-(see :meth:`LlamaCppBackend.embed`).
+(:mod:`engine.backends.llamaembed`).
 
 Each slot remembers the tokens its KV cache holds after a sequence ends; a new
 sequence takes the free slot sharing the longest prefix with its prompt and
@@ -42,7 +42,7 @@ import re
 import sys
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import llama_cpp
@@ -50,6 +50,7 @@ import llama_cpp.llama_grammar
 import numpy as np
 
 from engine.backends.base import Backend, EmbedJob, LoadParams
+from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
 from engine.backends.select import check_model_file
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
@@ -68,18 +69,6 @@ MAX_GRAMMAR_BYTES = 256 * 1024
 MAX_GRAMMAR_DEPTH = 1000
 GRAMMAR_CACHE = 16  # parsed grammars kept per model (a new sequence clones one)
 
-# Embeddings: a second context of at most EMBED_MAX_CTX positions. Each decode
-# also yields logits for every token (llama.cpp computes them for all outputs),
-# so the tokens per decode are sized to keep those under EMBED_OUTPUT_BYTES.
-EMBED_MAX_CTX = 2048
-EMBED_MAX_SEQS = 8
-EMBED_OUTPUT_BYTES = 128 * 1024 * 1024
-
-_POOLING = {
-    llama_cpp.LLAMA_POOLING_TYPE_MEAN: "mean",
-    llama_cpp.LLAMA_POOLING_TYPE_CLS: "first",
-    llama_cpp.LLAMA_POOLING_TYPE_LAST: "last",
-}
 # Strings, character classes and comments of GBNF: brackets inside them do not nest.
 _GBNF_OPAQUE = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*')
 
@@ -148,126 +137,6 @@ def _capturing_errors(fn: Callable[[], object]) -> tuple[object, str]:
     reasons = [line.split(marker, 1)[1].strip() for line in printed.splitlines() if marker in line]
     reasons += [line.strip() for line in "".join(sink).splitlines() if line.strip()]
     return result, "; ".join(dict.fromkeys(reasons))[:500]
-
-
-class _EmbeddingContext:
-    """A second llama.cpp context on the loaded weights, with embeddings switched on.
-
-    Created on the first :meth:`LlamaCppBackend.embed` so that models only used
-    for chat pay nothing. The context runs with pooling ``NONE`` and the vectors
-    are pooled here, with numpy, from the per-token hidden states (after the
-    final norm, the same values llama.cpp pools): llama.cpp's own pooling only
-    sees one micro-batch, so a pooled input would have to fit one micro-batch,
-    and every token of it also yields a row of logits (``n_vocab`` floats). For
-    SmolLM2, 2,048 tokens in one micro-batch took about 800 MB; pooling here lets
-    a long input be read in chunks of ``n_batch`` tokens instead (a causal model
-    carries the earlier chunks in its KV cache), which bounds that memory.
-    Non-causal (encoder) models need all of an input in one micro-batch; they
-    have no LM head, so their chunk is the whole context.
-    """
-
-    def __init__(self, model: object, n_ctx: int, n_threads: int, n_vocab: int) -> None:
-        self.pooling = "mean"
-        arch = self._meta(model, "general.architecture")
-        if arch:
-            declared = self._meta(model, f"{arch}.pooling_type")
-            if declared and declared.isdigit():
-                # An embedding model says how it pools; a chat model does not (mean).
-                self.pooling = _POOLING.get(int(declared), "mean")
-            causal = self._meta(model, f"{arch}.attention.causal") != "false"
-        else:
-            causal = True
-        self.n_embd = int(llama_cpp.llama_model_n_embd_out(model))
-        self.n_ctx = n_ctx
-        per_token = 8 * (n_vocab + self.n_embd)  # output rows + the graph's copy
-        chunk = max(32, min(512, EMBED_OUTPUT_BYTES // per_token) // 32 * 32)
-        self.n_batch = min(chunk, n_ctx) if causal else n_ctx
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = EMBED_MAX_SEQS
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
-        cparams.embeddings = True
-        cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
-        cparams.kv_unified = True  # one input may use the whole window
-        cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            raise RuntimeError(f"llama.cpp could not create a {n_ctx}-token embedding context")
-        self.ctx: object = ctx
-        self.mem = llama_cpp.llama_get_memory(ctx)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-
-    @staticmethod
-    def _meta(model: object, key: str) -> str:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
-
-    def run(self, inputs: list[list[int]]) -> Generator[None, None, list[list[float]]]:
-        """Pooled, L2-normalised vectors of tokenised inputs (each at most ``n_ctx`` tokens).
-
-        A generator that runs one ``llama_decode`` per step, so the worker can
-        interleave it with generation steps. Inputs go in groups of at most
-        ``EMBED_MAX_SEQS`` sequences and ``n_ctx`` tokens, one sequence id each; a
-        group is decoded ``n_batch`` tokens at a time (a non-causal model has
-        ``n_batch == n_ctx``: one decode) and the KV cache is cleared before the
-        next group. Only one run may be in progress at a time.
-        """
-        vectors: list[list[float]] = []
-        start = 0
-        while start < len(inputs):
-            end, used = start, 0
-            while (
-                end < len(inputs)
-                and end - start < EMBED_MAX_SEQS
-                and used + len(inputs[end]) <= self.n_ctx
-            ):
-                used += len(inputs[end])
-                end += 1
-            group = inputs[start:end]
-            llama_cpp.llama_memory_clear(self.mem, True)
-            sums = np.zeros((len(group), self.n_embd), dtype=np.float64)
-            work = [(seq, pos) for seq, tokens in enumerate(group) for pos in range(len(tokens))]
-            for first in range(0, len(work), self.n_batch):
-                self._decode(group, work[first : first + self.n_batch], sums)
-                yield
-            norms = np.linalg.norm(sums, axis=1, keepdims=True)
-            vectors += (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32).tolist()
-            start = end
-        return vectors
-
-    def _decode(
-        self, group: list[list[int]], items: list[tuple[int, int]], sums: np.ndarray
-    ) -> None:
-        batch = self.batch
-        for i, (seq, pos) in enumerate(items):
-            batch.token[i] = group[seq][pos]
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = 1  # every token's hidden state is pooled
-        batch.n_tokens = len(items)
-        rc = llama_cpp.llama_decode(self.ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc}) while embedding")
-        ptr = llama_cpp.llama_get_embeddings(self.ctx)
-        if not ptr:
-            raise RuntimeError("llama.cpp returned no embeddings")
-        rows = np.ctypeslib.as_array(ptr, shape=(len(items), self.n_embd))
-        seqs = np.fromiter((seq for seq, _ in items), dtype=np.intp, count=len(items))
-        if self.pooling == "mean":
-            np.add.at(sums, seqs, rows)
-            return
-        for i, (seq, pos) in enumerate(items):
-            if (pos == 0) if self.pooling == "first" else (pos == len(group[seq]) - 1):
-                sums[seq] = rows[i]
-
-    def free(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
 
 
 class _Slot:
@@ -400,7 +269,7 @@ class LlamaCppBackend(Backend):
         self._one_candidate = np.zeros(1, dtype=_TOKEN_DATA)  # for _greedy_grammar
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._grammars: OrderedDict[tuple[str, str], object] = OrderedDict()
-        self._emb: _EmbeddingContext | None = None
+        self._emb: EmbeddingContext | None = None
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
@@ -961,11 +830,11 @@ class LlamaCppBackend(Backend):
                 tokens = tokens[: limit - 1] + tokens[-1:] if add_eos else tokens[:limit]
             inputs.append(tokens)
         if self._emb is None:
-            self._emb = _EmbeddingContext(self._model, limit, self._n_threads, self._n_vocab)
+            self._emb = EmbeddingContext(self._model, limit, self._n_threads, self._n_vocab)
         return self._embed_run(self._emb, inputs)
 
     @staticmethod
-    def _embed_run(emb: _EmbeddingContext, inputs: list[list[int]]) -> EmbedJob:
+    def _embed_run(emb: EmbeddingContext, inputs: list[list[int]]) -> EmbedJob:
         vectors = yield from emb.run(inputs)
         return vectors, sum(map(len, inputs))
 
