@@ -224,3 +224,39 @@ async def test_a_follow_up_turn_reads_only_the_new_turn(smollm2: Path) -> None:
             assert done.usage.prompt_tokens - done.usage.cached_tokens < 30
             cached.append(done.usage.cached_tokens)
         assert cached[1] > cached[0]
+
+
+async def test_a_prompt_borrows_a_shared_prefix_from_a_busy_slot(random_model: Path) -> None:
+    """Two chats with the same long opening: the second copies the first's cache of it
+    (the first still running in another slot) and reads only its own question; its
+    output equals a fresh start's."""
+    opening = "You are a careful assistant who answers briefly and politely. " * 4
+    first = opening + "Tell me about foxes."
+    second = opening + "Tell me about owls."
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=2)
+
+    async def alone(prompt: str) -> str:
+        async with EngineClient(config) as fresh:
+            await fresh.load("m", random_model)
+            deltas, _ = await collect(
+                fresh, GenerateRequest(model="m", prompt=prompt, sampling=greedy(max_tokens=16))
+            )
+        return "".join(d.text for d in deltas)
+
+    expected = await alone(second)
+    async with EngineClient(config) as client:
+        await client.load("m", random_model)
+        long_run = client.generate(
+            GenerateRequest(
+                model="m", prompt=first, sampling=greedy(max_tokens=400, ignore_eos=True)
+            )
+        )
+        await anext(long_run)  # the first is running: its slot holds the opening
+        deltas, done = await collect(
+            client, GenerateRequest(model="m", prompt=second, sampling=greedy(max_tokens=16))
+        )
+        await long_run.aclose()
+    assert "".join(d.text for d in deltas) == expected
+    # The opening came from the running sequence's cache; only the question was read.
+    assert done.usage.cached_tokens >= 32, done.usage
+    assert done.usage.prompt_tokens - done.usage.cached_tokens < done.usage.prompt_tokens // 2
