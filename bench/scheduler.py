@@ -24,6 +24,8 @@ Scenarios:
   ends) while tenant B asks a short question every second: B's time to first
   token p95 against B's p95 alone. On ``ferrous serve`` A and B hold API keys
   of different tenants; ``llama-server`` has no tenants and serves in order.
+  Each of B's questions ends with a new reference number, so that no server
+  answers it from a cache: B's first token costs reading B's question.
 * **priority** — the same flood from A (one tenant) while a client sends
   requests with ``priority`` 10 (an API key allowed priority 10): their time
   to first token under the flood against unloaded.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -211,6 +214,16 @@ def _question(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
+_asked = itertools.count(100)
+
+
+def _fresh_question(i: int) -> list[dict[str, str]]:
+    """A question no server has seen before (a numbered reference at its end, always three
+    digits): its first token then costs reading it, not a cache lookup."""
+    text = QUESTIONS[i % len(QUESTIONS)]
+    return [{"role": "user", "content": f"{text} (ref {next(_asked)})"}]
+
+
 class _Pooled:
     """Rates and latencies of one target over several rounds of one stream count."""
 
@@ -303,15 +316,17 @@ async def _paced(
 
 
 async def fairness_scenario(
-    client: httpx.AsyncClient, target: Target, *, asks: int = 8
+    client: httpx.AsyncClient, target: Target, *, asks: int = 12
 ) -> dict[str, float]:
     def ask(i: int) -> Awaitable[StreamResult]:
-        return chat(client, target, _question(i + 7), 8, who="b", ignore_eos=False)
+        return chat(client, target, _fresh_question(i + 7), 8, who="b", ignore_eos=False)
 
     alone = await _paced(asks, 1.0, ask)
     async with flood(client, target, "a", 32, 256):
         loaded = await _paced(asks, 1.0, ask)
     return {
+        "b_alone_ttft_p50_ms": round(statistics.median(alone), 1),
+        "b_flood_ttft_p50_ms": round(statistics.median(loaded), 1),
         "b_alone_ttft_p95_ms": round(_pct(alone, 0.95), 1),
         "b_flood_ttft_p95_ms": round(_pct(loaded, 0.95), 1),
         "ratio": round(_pct(loaded, 0.95) / max(_pct(alone, 0.95), 1e-3), 2),
@@ -319,10 +334,12 @@ async def fairness_scenario(
 
 
 async def priority_scenario(
-    client: httpx.AsyncClient, target: Target, *, asks: int = 6
+    client: httpx.AsyncClient, target: Target, *, asks: int = 8
 ) -> dict[str, float]:
     def ask(i: int) -> Awaitable[StreamResult]:
-        return chat(client, target, _question(i + 3), 8, who="vip", priority=10, ignore_eos=False)
+        return chat(
+            client, target, _fresh_question(i + 3), 8, who="vip", priority=10, ignore_eos=False
+        )
 
     alone = await _paced(asks, 1.0, ask)
     async with flood(client, target, "a", 32, 256):
@@ -342,6 +359,8 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
     async with httpx.AsyncClient(limits=limits) as client:
         for target in targets:
             await chat(client, target, _question(0), 16)  # warm-up: pages in the weights
+            for who in target.keys:  # and each caller's first request (its key checked)
+                await chat(client, target, _question(1), 1, who=who)
         if "streams" in args.scenarios:
             for n in args.streams:
                 found = await streams_scenario(client, targets, n, args.tokens, args.rounds)

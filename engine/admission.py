@@ -255,6 +255,16 @@ class Admission(Generic[W]):
             return True
         return False
 
+    def urgent(self, w: W, model: str, key: int) -> bool:
+        """Whether admitted request ``key`` should cut ``w``'s step in progress short
+        (engine.preemption.interrupts)."""
+        runners = w.runners.get(model, {})
+        arrival = runners.get(key)
+        if arrival is None:
+            return False
+        others = [r for k, r in runners.items() if k != key]
+        return preemption.interrupts(others, arrival, self._slots(model))
+
     def _take(self, w: W, model: str, runner: Runner) -> None:
         w.load[model] = w.load.get(model, 0) + 1
         w.runners.setdefault(model, {})[runner.key] = runner

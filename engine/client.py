@@ -379,6 +379,8 @@ class EngineClient:
                 request.tenant or "",
             )
         )
+        if worker.interrupt is not None and self._admission.urgent(worker, request.model, key):
+            worker.interrupt.set()  # read it now, not after the step in progress
         want_ids = request.token_ids
         loop = asyncio.get_running_loop()
         seq = 0

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from engine import ipc
+from engine.interrupt import Interrupt
 from engine.preemption import Runner
 from engine.requests import FinishReason
 from engine.rings import Ring
@@ -88,6 +89,8 @@ class Worker(asyncio.Protocol):
         # in progress, during which the worker's loop is blocked on purpose.
         self.ping_req = 0
         self.ping_sent: float | None = None
+        # Raised to cut the worker's current step short (engine.interrupt).
+        self.interrupt: Interrupt | None = None
         self.loading = 0
         self.load_ended = 0.0
 
@@ -116,6 +119,9 @@ class Worker(asyncio.Protocol):
     def close_transport(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        if self.interrupt is not None:
+            self.interrupt.close()
+            self.interrupt = None
 
 
 class WorkerPool:
@@ -171,6 +177,7 @@ class WorkerPool:
 
     async def spawn(self, w: Worker) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        w.interrupt = Interrupt.create()
         try:
             w.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -178,7 +185,9 @@ class WorkerPool:
                 "engine.worker",
                 "--fd",
                 str(child.fileno()),
-                pass_fds=(child.fileno(),),
+                "--interrupt-fd",
+                str(w.interrupt.fd),
+                pass_fds=(child.fileno(), w.interrupt.fd),
             )
         except BaseException:
             parent.close()

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["Runner", "victim"]
+__all__ = ["Runner", "interrupts", "victim"]
 
 
 class Runner(NamedTuple):
@@ -55,3 +55,18 @@ def victim(running: Sequence[Runner], arrival: Runner) -> Runner | None:
     # Several tenants may hold the most: the one whose latest start is latest pays.
     heavy = {t for t, n in counts.items() if n == most and t != arrival.tenant}
     return max((r for r in peers if r.tenant in heavy), key=lambda r: r.order)
+
+
+def interrupts(running: Sequence[Runner], arrival: Runner, slots: int) -> bool:
+    """Whether ``arrival`` should cut its worker's step in progress short (engine.interrupt).
+
+    Those the worker reads before anything else: a class above everything
+    running (its prompt gets a step of its own, engine.stepplan), and one that
+    finds every slot taken and may pause someone. Anyone else waits for the
+    step, as its prompt would only join the next one.
+    """
+    if not running:
+        return False
+    if arrival.priority > max(r.priority for r in running):
+        return True
+    return len(running) >= slots and victim(running, arrival) is not None

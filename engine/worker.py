@@ -38,6 +38,7 @@ from itertools import chain
 from engine import ipc
 from engine.backends import Backend, LoadParams, available_backends, backend_class, choose_backend
 from engine.backends.base import EmbedJob
+from engine.interrupt import Interrupt
 from engine.preemption import Runner, victim
 from engine.requests import ChatMessage, FinishReason
 from engine.rings import Ring, RingFull
@@ -116,8 +117,9 @@ class _Seq:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, interrupt: Interrupt | None = None) -> None:
         self._sock = sock
+        self._interrupt = interrupt
         self._frames = ipc.FrameBuffer()
         self._models: dict[str, tuple[Backend, float]] = {}
         self._queued: dict[str, deque[_Seq]] = {}
@@ -157,6 +159,10 @@ class Worker:
     def run(self) -> None:
         self._send(ipc.Hello(os.getpid(), available_backends()))
         while not self._stopping:
+            if self._interrupt is not None:
+                # Raised after the client sent a request that should not wait for a
+                # step (engine.interrupt): that request is read below.
+                self._interrupt.clear()
             self._poll(self._timeout())
             if self._stopping:
                 break
@@ -227,6 +233,8 @@ class Worker:
             return
         if msg.model in self._models:
             self._drop_model(msg.model)
+        if self._interrupt is not None:
+            backend.set_interrupt(self._interrupt.address)
         self._models[msg.model] = (backend, load_ms)
         self._send(ipc.ModelLoaded(msg.req, msg.model, load_ms, backend.n_ctx))
 
@@ -644,13 +652,15 @@ class Worker:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine.worker")
     parser.add_argument("--fd", type=int, required=True, help="control socket file descriptor")
+    parser.add_argument("--interrupt-fd", type=int, help="the step interrupt flag (memfd)")
     args = parser.parse_args(argv)
     # The gateway owns Ctrl-C: it shuts workers down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     try:
-        Worker(sock).run()
+        interrupt = None if args.interrupt_fd is None else Interrupt.attach(args.interrupt_fd)
+        Worker(sock, interrupt).run()
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:

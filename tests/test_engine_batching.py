@@ -13,6 +13,9 @@ from engine import (
     GenerateRequest,
     SamplingParams,
 )
+from engine.backends.base import LoadParams
+from engine.backends.llamacpp import LlamaCppBackend
+from engine.interrupt import Interrupt
 
 from .conftest import SCRIPT, collect
 
@@ -260,3 +263,37 @@ async def test_a_prompt_borrows_a_shared_prefix_from_a_busy_slot(random_model: P
     # The opening came from the running sequence's cache; only the question was read.
     assert done.usage.cached_tokens >= 32, done.usage
     assert done.usage.prompt_tokens - done.usage.cached_tokens < done.usage.prompt_tokens // 2
+
+
+def test_an_interrupted_step_advances_nothing_and_changes_no_output(random_model: Path) -> None:
+    """With the interrupt flag up, a llama.cpp step stops and returns no token; the
+    cache keeps nothing of it, so the next steps give exactly the uninterrupted text."""
+    prompts = ["Once upon a time", "The quick brown fox", "In a hole in the ground"]
+
+    def run(interrupt_every: int) -> tuple[list[list[int]], int]:
+        backend = LlamaCppBackend.load(str(random_model), LoadParams(n_threads=1, n_seq=3))
+        flag = Interrupt.create()
+        backend.set_interrupt(flag.address)
+        out: list[list[int]] = [[] for _ in prompts]
+        stopped = 0
+        try:
+            for i, text in enumerate(prompts):
+                backend.start(i, backend.tokenize(text), greedy(max_tokens=20))
+            for n in range(40):
+                if interrupt_every and n % interrupt_every == 1:
+                    flag.set()
+                    assert backend.step([0, 1, 2]) == {}
+                    stopped += 1
+                    flag.clear()
+                for seq, token in backend.step([0, 1, 2]).items():
+                    out[seq].append(token)
+        finally:
+            backend.free()
+            flag.close()
+        return out, stopped
+
+    plain, _ = run(0)
+    interrupted, stopped = run(3)
+    assert stopped > 10
+    assert interrupted == plain
+    assert all(len(tokens) == 40 for tokens in plain)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.preemption import Runner, victim
+from engine.preemption import Runner, interrupts, victim
 from gateway.auth import Principal
 from gateway.config import QuotasConfig
 from gateway.generation import effective_priority
@@ -36,6 +36,17 @@ def test_a_lower_class_pays_first_then_the_tenant_over_its_share() -> None:
     assert victim(running, Runner(9, "A", 0, 9)) is None
     assert victim([Runner(1, "A", 5, 1)], Runner(9, "B", 0, 9)) is None  # a higher class
     assert victim([], Runner(9, "B", 9, 9)) is None
+
+
+def test_who_cuts_a_step_in_progress_short() -> None:
+    """A higher class than everyone running, or a pausing arrival on a full worker,
+    interrupts the step; a peer that will only join the next step does not."""
+    running = [Runner(1, "A", 0, 1), Runner(2, "A", 0, 2)]
+    assert interrupts(running, Runner(9, "B", 5, 9), slots=4)  # a higher class
+    assert not interrupts(running, Runner(9, "B", 0, 9), slots=4)  # a free slot: no hurry
+    assert interrupts(running, Runner(9, "B", 0, 9), slots=2)  # full: it pauses one of A's
+    assert not interrupts(running, Runner(9, "A", 0, 9), slots=2)  # A's own: it waits
+    assert not interrupts([], Runner(9, "B", 5, 9), slots=2)  # an idle worker
 
 
 def test_priority_is_capped_by_the_credential() -> None:

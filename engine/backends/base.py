@@ -171,6 +171,14 @@ class Backend(abc.ABC):
         """Continue a suspended sequence in a free slot."""
         raise NotImplementedError
 
+    def set_interrupt(self, address: int) -> None:
+        """Let :meth:`step` stop early while the flag at ``address`` is up (engine.interrupt).
+
+        A stopped step advances no sequence and returns no tokens. Backends
+        that cannot stop a step in progress ignore this.
+        """
+        return None
+
     def prompt_reused(self, seq: int) -> int:
         """How many of ``seq``'s prompt tokens were copied from a cached prefix, not read."""
         return 0

@@ -52,6 +52,7 @@ import numpy as np
 from engine.backends.base import Backend, EmbedJob, LoadParams
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
 from engine.backends.select import check_model_file
+from engine.interrupt import strlen_callback_address
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError, Overloaded
@@ -287,6 +288,7 @@ class LlamaCppBackend(Backend):
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._grammars: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._emb: EmbeddingContext | None = None
+        self._abort: object | None = None  # the interrupt callback, kept alive
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
@@ -607,6 +609,12 @@ class LlamaCppBackend(Backend):
             return prompt, same
         return spliced, same + i
 
+    def set_interrupt(self, address: int) -> None:
+        # strlen(flag) is true while the flag is up; it runs on the compute
+        # thread without the GIL (engine.interrupt).
+        self._abort = llama_cpp.ggml_abort_callback(strlen_callback_address())
+        llama_cpp.llama_set_abort_callback(self._ctx, self._abort, ctypes.c_void_p(address))
+
     def prompt_reused(self, seq: int) -> int:
         st = self._seqs.get(seq)
         return st.reused if st is not None else 0
@@ -663,6 +671,10 @@ class LlamaCppBackend(Backend):
             if not plan:
                 return {}
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            if rc == 2:
+                # Stopped by the interrupt flag: llama.cpp dropped what the step
+                # wrote to the cache, and no sequence advanced.
+                return {}
             if rc == 1 and self._release_idle():
                 rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 1 and len(plan) > 1 and self._unified:
