@@ -1,0 +1,81 @@
+"""What llama.cpp itself takes to read ``n`` prompt tokens after ``at`` cached ones.
+
+A follow-up turn's first token costs reading the new turn, whose every token
+attends over the whole conversation before it: on two cores, ten tokens after
+1,400 cached ones took 2.4x as long as after 25 (SmolLM2, flash attention as
+llama.cpp chooses it). That growth is llama.cpp's compute, not a server's: it
+is the ceiling a turn-10 / turn-1 time-to-first-token ratio can reach, and
+``bench.scheduler`` reports it beside the measured ratio.
+
+The context is built as ``ferrous serve`` builds its own (a window of
+``n_ctx`` cells per sequence for ``n_seq`` sequences, the same threads), the
+median of several reads is taken.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import llama_cpp
+
+__all__ = ["read_ms"]
+
+
+def read_ms(
+    gguf: Path,
+    reads: list[tuple[int, int]],
+    *,
+    threads: int,
+    n_ctx: int = 2048,
+    n_seq: int = 16,
+    repeats: int = 7,
+) -> list[float]:
+    """Milliseconds to read ``n`` tokens after ``at`` cached ones, for each ``(at, n)``."""
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(
+        str(gguf).encode(), llama_cpp.llama_model_default_params()
+    )
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx * n_seq
+    cparams.n_batch = cparams.n_ubatch = 512
+    cparams.n_seq_max = n_seq
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    memory = llama_cpp.llama_get_memory(ctx)
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+
+    def feed(pos: int, n: int) -> float:
+        batch.n_tokens = n
+        for i in range(n):
+            batch.token[i] = 100 + (pos + i) * 7919 % (vocab - 200)
+            batch.pos[i] = pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == n - 1
+        t0 = time.perf_counter()
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return (time.perf_counter() - t0) * 1000
+
+    try:
+        out = []
+        for at, n in reads:
+            llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+            for pos in range(0, at, 256):
+                feed(pos, min(256, at - pos))
+            times = []
+            for _ in range(repeats):
+                llama_cpp.llama_memory_seq_rm(memory, 0, at, -1)
+                times.append(feed(at, n))
+            out.append(statistics.median(times))
+        return out
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
