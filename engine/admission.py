@@ -39,6 +39,8 @@ __all__ = ["QUEUE_REPORT_S", "Admission", "Seat", "Stranded", "WaitCallback"]
 QUEUE_REPORT_S = 0.25
 # How much each measured gap between starts counts in a model's running estimate.
 _GAP_WEIGHT = 0.2
+# How much each finished generation's cost counts in its model's estimate (fairqueue).
+_COST_WEIGHT = 0.2
 
 # Awaited with (requests ahead, estimated seconds or None) while a request waits.
 WaitCallback = Callable[[int, float | None], Awaitable[None]]
@@ -89,6 +91,7 @@ class Admission(Generic[W]):
         self._queues: dict[str, FairQueue[_Ticket[W]]] = {}
         self._waiting: dict[str, tuple[str, Waiting[_Ticket[W]]]] = {}
         self._orders = itertools.count(1)  # admission order: each request's Runner key
+        self._charged: dict[int, float] = {}  # running request -> tokens its tenant was charged
         # Per model: when a waiting request last started, and the running mean gap.
         self._last_start: dict[str, float] = {}
         self._start_gap: dict[str, float] = {}
@@ -151,10 +154,13 @@ class Admission(Generic[W]):
         if not len(queue):
             w = self.room(model, runner, prefer)
             if w is not None:
-                self._take(w, model, runner)
+                queue.charge(runner.tenant, queue.estimate)
+                self._take(w, model, runner, queue.estimate)
                 return w, order
         granted: asyncio.Future[W] = asyncio.get_running_loop().create_future()
-        entry = queue.push(request.tenant or "", request.priority, _Ticket(granted, runner, prefer))
+        entry = queue.push(
+            runner.tenant, request.priority, _Ticket(granted, runner, prefer), request.weight
+        )
         self._waiting[request.request_id] = (model, entry)
         self.grant(model)
         try:
@@ -193,7 +199,7 @@ class Admission(Generic[W]):
                 continue
             w = self.room(model, prefer=head.handle.prefer)
             if w is not None:
-                taken = queue.pop()  # the head: pop also passes the turn to the next tenant
+                taken = queue.pop()  # the head (pop charges its tenant the estimate)
                 assert taken is head
             else:
                 # No free slot: the first waiting request, in queue order, that may
@@ -206,7 +212,8 @@ class Admission(Generic[W]):
                 if w is None:
                     return
                 queue.remove(head)
-            self._take(w, model, head.handle.runner)
+                queue.charge(head.tenant, queue.estimate)
+            self._take(w, model, head.handle.runner, queue.estimate)
             head.handle.fut.set_result(w)
             self._started(model)
 
@@ -215,10 +222,20 @@ class Admission(Generic[W]):
         for model in list(self._queues):
             self.grant(model)
 
-    def leave(self, w: W, model: str, key: int) -> None:
-        """A generation on ``w`` ended (or never started): its room goes to the next waiter."""
+    def leave(self, w: W, model: str, key: int, tokens: int | None = None) -> None:
+        """A generation on ``w`` ended (or never started): its room goes to the next waiter.
+
+        ``tokens`` (prompt tokens read plus tokens generated), when known,
+        replaces the estimate its tenant was charged when it started
+        (engine.fairqueue), and teaches the model's estimate.
+        """
         w.load[model] = max(0, w.load.get(model, 0) - 1)
-        w.runners.get(model, {}).pop(key, None)
+        runner = w.runners.get(model, {}).pop(key, None)
+        charged = self._charged.pop(key, None)
+        queue = self._queues.get(model)
+        if tokens is not None and runner is not None and charged is not None and queue:
+            queue.charge(runner.tenant, tokens - charged)
+            queue.estimate += _COST_WEIGHT * (max(1, tokens) - queue.estimate)
         self.grant(model)
 
     def strand(self, models: list[str], why: str) -> None:
@@ -265,9 +282,10 @@ class Admission(Generic[W]):
         others = [r for k, r in runners.items() if k != key]
         return preemption.interrupts(others, arrival, self._slots(model))
 
-    def _take(self, w: W, model: str, runner: Runner) -> None:
+    def _take(self, w: W, model: str, runner: Runner, charged: float) -> None:
         w.load[model] = w.load.get(model, 0) + 1
         w.runners.setdefault(model, {})[runner.key] = runner
+        self._charged[runner.key] = charged
 
     def _started(self, model: str) -> None:
         now = time.monotonic()

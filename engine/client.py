@@ -414,7 +414,9 @@ class EngineClient:
             self._by_request.pop(g.request_id, None)
             ring.close()
             self._residency.release(spec, request.keep_alive)
-            self._admission.leave(worker, request.model, key)
+            f = g.finished
+            work = None if f is None else f.prompt_tokens - f.cached_tokens + f.completion_tokens
+            self._admission.leave(worker, request.model, key, work)
 
     @staticmethod
     def _done(request_id: str, f: ipc.Finished) -> GenerationDone:

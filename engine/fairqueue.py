@@ -4,11 +4,21 @@ Requests that find no free slot wait here, one queue per model. The order
 they leave in is decided only by this module:
 
 1. a higher ``priority`` class first;
-2. within a class, tenants take turns (round robin): a tenant with a hundred
-   queued requests and a tenant with one each get the next free slot in
-   turn, so a flood from one tenant delays another's request by at most one
-   request per busy tenant rather than by the whole flood;
+2. within a class, the tenant that has been served least, in tokens divided
+   by its weight (weighted fair queueing, start-time fair queueing's virtual
+   clock): a tenant whose generations are long, or whose weight is small,
+   gets proportionally fewer turns; with equal weights and equal lengths it
+   is a round robin. A flood from one tenant delays another's request by at
+   most about one request per busy tenant, never by the whole flood;
 3. within a tenant, first come first served.
+
+Service is charged when a request leaves the queue, as an estimate (the
+model's mean cost per generation, :attr:`FairQueue.estimate`), and corrected
+with :meth:`FairQueue.charge` when it ends and its real count of tokens read
+and generated is known. A tenant that starts waiting after a quiet spell
+starts at the clock (the service of the last tenant served), not at its old
+count: being idle earns no credit, and a long-idle tenant cannot take every
+turn for a while either.
 
 The queue is bounded: a request beyond ``limit`` waiting ones is refused with
 ``overloaded`` (retryable), never held in memory without bound. Pure: no
@@ -48,21 +58,51 @@ class FairQueue(Generic[T]):
         # priority -> tenant -> that tenant's requests; tenant order is the turn order.
         self._classes: dict[int, OrderedDict[str, deque[Waiting[T]]]] = {}
         self._size = 0
+        self.estimate = 256.0
+        """Tokens a generation is charged when it leaves the queue, before its real count."""
+        self._served: dict[str, float] = {}  # tenant -> tokens served / weight
+        self._weights: dict[str, float] = {}
+        self._clock = 0.0  # the service of the tenant served last
 
     def __len__(self) -> int:
         return self._size
 
-    def push(self, tenant: str, priority: int, handle: T) -> Waiting[T]:
-        """Queue a request; Overloaded when ``limit`` requests already wait."""
+    def push(self, tenant: str, priority: int, handle: T, weight: float = 1.0) -> Waiting[T]:
+        """Queue a request; Overloaded when ``limit`` requests already wait.
+
+        ``weight`` is its tenant's share relative to others (1 by default).
+        """
         if self._size >= self.limit:
             raise Overloaded(
                 f"{self._size} requests are already waiting for this model; retry shortly"
             )
+        if not weight > 0:
+            raise ValueError("weight must be positive")
         entry = Waiting(tenant, priority, handle)
+        self._weights[tenant] = weight
+        if not self._waits(tenant):
+            self._served[tenant] = max(self._served.get(tenant, 0.0), self._clock)
         tenants = self._classes.setdefault(priority, OrderedDict())
         tenants.setdefault(tenant, deque()).append(entry)
         self._size += 1
         return entry
+
+    def _waits(self, tenant: str) -> bool:
+        return any(tenant in tenants for tenants in self._classes.values())
+
+    def charge(self, tenant: str, tokens: float) -> None:
+        """Count ``tokens`` (may be negative: a correction) as served to ``tenant``."""
+        served = self._served.get(tenant, self._clock) + tokens / self._weights.get(tenant, 1.0)
+        if served <= self._clock and not self._waits(tenant):
+            # It would restart at the clock anyway: forget it (bounded memory).
+            self._served.pop(tenant, None)
+            self._weights.pop(tenant, None)
+        else:
+            self._served[tenant] = served
+
+    def _next_tenant(self, tenants: OrderedDict[str, deque[Waiting[T]]]) -> str:
+        # The least served; among equals, the one whose turn came longest ago.
+        return min(tenants, key=lambda t: self._served.get(t, self._clock))
 
     def pop(self) -> Waiting[T] | None:
         """The request that starts next, removed from the queue; None when none waits."""
@@ -70,15 +110,18 @@ class FairQueue(Generic[T]):
             return None
         priority = max(self._classes)
         tenants = self._classes[priority]
-        tenant, queue = next(iter(tenants.items()))
+        tenant = self._next_tenant(tenants)
+        queue = tenants[tenant]
         entry = queue.popleft()
         if queue:
-            tenants.move_to_end(tenant)  # its next request waits for the others' turns
+            tenants.move_to_end(tenant)  # among equals, the others go first
         else:
             del tenants[tenant]
             if not tenants:
                 del self._classes[priority]
         self._size -= 1
+        self._clock = max(self._clock, self._served.get(tenant, self._clock))
+        self.charge(tenant, self.estimate)
         return entry
 
     def peek(self) -> Waiting[T] | None:
@@ -86,10 +129,14 @@ class FairQueue(Generic[T]):
         if not self._size:
             return None
         tenants = self._classes[max(self._classes)]
-        return next(iter(tenants.values()))[0]
+        return tenants[self._next_tenant(tenants)][0]
 
     def remove(self, entry: Waiting[T]) -> bool:
-        """Take a request out (its caller gave up); False when it is no longer queued."""
+        """Take a request out, charging nothing; False when it is no longer queued.
+
+        For a caller that gave up; one taken out to start out of turn is charged
+        with :meth:`charge`.
+        """
         tenants = self._classes.get(entry.priority)
         queue = tenants.get(entry.tenant) if tenants is not None else None
         if queue is None or entry not in queue:
@@ -103,14 +150,22 @@ class FairQueue(Generic[T]):
         self._size -= 1
         return True
 
-    def ordered(self) -> list[Waiting[T]]:
-        """Every waiting request in the order :meth:`pop` would return them."""
+    def _copy(self) -> FairQueue[T]:
         copy: FairQueue[T] = FairQueue(self.limit)
         copy._classes = {
             p: OrderedDict((t, deque(q)) for t, q in tenants.items())
             for p, tenants in self._classes.items()
         }
         copy._size = self._size
+        copy.estimate = self.estimate
+        copy._served = dict(self._served)
+        copy._weights = dict(self._weights)
+        copy._clock = self._clock
+        return copy
+
+    def ordered(self) -> list[Waiting[T]]:
+        """Every waiting request in the order :meth:`pop` would return them."""
+        copy = self._copy()
         out = []
         while (nxt := copy.pop()) is not None:
             out.append(nxt)
@@ -121,12 +176,7 @@ class FairQueue(Generic[T]):
 
         Found by replaying :meth:`pop` on a copy: exact, and O(n) in a bounded queue.
         """
-        copy: FairQueue[T] = FairQueue(self.limit)
-        copy._classes = {
-            p: OrderedDict((t, deque(q)) for t, q in tenants.items())
-            for p, tenants in self._classes.items()
-        }
-        copy._size = self._size
+        copy = self._copy()
         ahead = 0
         while (nxt := copy.pop()) is not None:
             if nxt is entry:

@@ -123,6 +123,7 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # busy, waiting requests start by priority, then in turns between tenants.
     tenant: str | None = None
     priority: int = 0
+    weight: float = 1.0  # the tenant's share of turns against others' (engine.fairqueue)
     # Seconds the model stays loaded after this request when idle (None = the
     # engine's default; < 0 = forever; 0 = unload as soon as nothing runs).
     keep_alive: float | None = None

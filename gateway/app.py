@@ -179,6 +179,7 @@ class Gateway:
             concurrent=quotas.concurrent,
             requests_per_minute=quotas.requests_per_minute,
             tokens_per_minute=quotas.tokens_per_minute,
+            weight=quotas.weight,
         )
 
     def models_for(self, principal: Principal) -> ModelView:

@@ -167,6 +167,7 @@ class QuotasConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     concurrent: NonNegative = 0  # generations running or waiting at once
     requests_per_minute: NonNegative = 0
     tokens_per_minute: NonNegative = 0  # prompt + completion tokens
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # share of turns when waiting
     tenants: dict[str, Quota] = msgspec.field(default_factory=dict)
 
 

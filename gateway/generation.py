@@ -139,6 +139,7 @@ async def prepare(
     resolved = await gateway.ensure_model(principal, model, keep_alive)
     sampling = sampling_for(options, resolved, extra)
     limits = gateway.config.limits
+    quota_key, quota = gateway.quota_for(principal)
     if messages is not None:
         chat = with_seeds(resolved, messages) if seed else list(messages)
         request = GenerateRequest(
@@ -152,6 +153,7 @@ async def prepare(
             keep_alive=keep_alive,
             tenant=fair_share_key(principal),
             priority=effective_priority(principal, priority),
+            weight=quota.weight,
         )
     else:
         request = GenerateRequest(
@@ -164,8 +166,8 @@ async def prepare(
             keep_alive=keep_alive,
             tenant=fair_share_key(principal),
             priority=effective_priority(principal, priority),
+            weight=quota.weight,
         )
-    quota_key, quota = gateway.quota_for(principal)
     return Prepared(request, resolved, t0, quota_key, quota)
 
 
@@ -202,10 +204,12 @@ async def run(
     shutdown can cancel generations of every surface after its grace period.
     """
     metrics = gateway.metrics
+    tenant = metrics.tenant_label(prepared.request.tenant or "")
+    model = prepared.request.model
     try:
         lease = gateway.quotas.admit(prepared.quota_key, prepared.quota)
     except FerrousError as exc:
-        metrics.refusals.labels(exc.code.value).inc()
+        metrics.refusals.labels(exc.code.value, tenant, model).inc()
         raise
     used = 0
     metrics.generations.inc()
@@ -223,19 +227,31 @@ async def run(
 
         events_of = gateway.engine.generate(prepared.request, on_wait=on_wait, on_start=admitted)
         async with contextlib.aclosing(events_of) as events:
-            async for ev in events:
-                if isinstance(ev, TokenDelta):
-                    now = time.perf_counter()
-                    if last:
-                        metrics.itl.observe(now - last)
+            seen = False
+            try:
+                async for ev in events:
+                    seen = True
+                    if isinstance(ev, TokenDelta):
+                        now = time.perf_counter()
+                        if last:
+                            metrics.itl.observe(now - last)
+                        else:
+                            metrics.ttft.observe(now - prepared.started)
+                        last = now
                     else:
-                        metrics.ttft.observe(now - prepared.started)
-                    last = now
-                else:
-                    metrics.tokens.inc(ev.usage.completion_tokens)
-                    metrics.cached_tokens.inc(ev.usage.cached_tokens)
-                    used = ev.usage.prompt_tokens + ev.usage.completion_tokens
-                yield ev
+                        u = ev.usage
+                        metrics.tokens.inc(u.completion_tokens)
+                        metrics.cached_tokens.inc(u.cached_tokens)
+                        count = metrics.tenant_tokens
+                        count.labels(tenant, model, "prompt").inc(u.prompt_tokens - u.cached_tokens)
+                        count.labels(tenant, model, "cached").inc(u.cached_tokens)
+                        count.labels(tenant, model, "completion").inc(u.completion_tokens)
+                        used = u.prompt_tokens + u.completion_tokens
+                    yield ev
+            except Overloaded as exc:
+                if not seen:  # the model's queue is full
+                    metrics.refusals.labels(exc.code.value, tenant, model).inc()
+                raise
     finally:
         lease.release(used)
         metrics.generations.dec()

@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["MAX_TENANT_LABELS", "Metrics"]
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -17,6 +17,10 @@ def _task_count() -> float:
         return float(len(asyncio.all_tasks()))
     except RuntimeError:  # scraped outside a running loop (not by the server itself)
         return -1.0
+
+
+# Distinct tenant label values; later tenants are counted as "other" (bounded series).
+MAX_TENANT_LABELS = 100
 
 
 class Metrics:
@@ -57,10 +61,18 @@ class Metrics:
         self.refusals = Counter(
             "ferrous_generation_refusals",
             "Generations refused before they ran, by reason (rate_limited: a tenant's "
-            "quota; overloaded: the model's queue is full).",
-            ["reason"],
+            "quota; overloaded: the model's queue is full), tenant and model.",
+            ["reason", "tenant", "model"],
             registry=r,
         )
+        self.tenant_tokens = Counter(
+            "ferrous_tenant_tokens",
+            "Tokens by tenant and model: kind=prompt (read), cached (prompt tokens copied "
+            "from a cached prefix), completion (generated).",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self._tenants: set[str] = set()
         self.queue_wait = Histogram(
             "ferrous_queue_wait_seconds",
             "Time a generation waited for a sequence slot of its model, by model.",
@@ -85,3 +97,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def tenant_label(self, fair_share_key: str) -> str:
+        """The ``tenant`` label of a request's fair-share key (``t:NAME`` or ``u:USER``).
+
+        Users without a tenant are not told apart (their number is unbounded):
+        they share the label ``""``. Past :data:`MAX_TENANT_LABELS` tenants,
+        new ones are counted as ``other``.
+        """
+        if not fair_share_key.startswith("t:"):
+            return ""
+        name = fair_share_key[2:]
+        if name in self._tenants:
+            return name
+        if len(self._tenants) >= MAX_TENANT_LABELS:
+            return "other"
+        self._tenants.add(name)
+        return name

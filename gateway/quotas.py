@@ -10,6 +10,9 @@ is bounded here, before any work is queued for it:
   generation ends (its real size is not known before), so a tenant may go
   into debt by one generation; new requests wait until the debt is repaid.
 
+A ``weight`` is not a limit: it is the tenant's share when requests wait for
+a model (engine.fairqueue orders them by tokens served per unit of weight).
+
 Limits come from ``[quotas]`` (defaults for every tenant) and
 ``[quotas.tenants.NAME]``, and a JWT ``quota`` claim may set them for its
 bearer's tenant; 0 means unlimited. Users without a tenant are their own
@@ -37,14 +40,18 @@ _IDLE_PRUNE_S = 300.0  # a tenant with nothing running and full buckets is forgo
 
 
 _Limit = Annotated[int, msgspec.Meta(ge=0)]
+_Weight = Annotated[float, msgspec.Meta(gt=0, le=1000)]
 
 
 class Quota(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One tenant's limits; 0 = unlimited."""
+    """One tenant's limits (0 = unlimited), and its weight in the fair share of turns."""
 
     concurrent: _Limit = 0
     requests_per_minute: _Limit = 0
     tokens_per_minute: _Limit = 0
+    # When requests wait for a model, a tenant of weight 2 is served twice the
+    # tokens of a tenant of weight 1 (engine.fairqueue).
+    weight: _Weight = 1.0
 
     def unlimited(self) -> bool:
         return not (self.concurrent or self.requests_per_minute or self.tokens_per_minute)

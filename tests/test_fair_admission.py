@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from engine import EngineClient, EngineConfig, GenerateRequest, SamplingParams, TokenDelta
@@ -37,6 +38,32 @@ def test_tenants_take_turns_and_each_keeps_its_own_order() -> None:
     q.push("C", 0, "c0")
     q.push("B", 0, "b1")
     assert _drain(q) == ["a0", "b0", "c0", "a1", "b1", "a2", "a3", "a4"]
+
+
+def test_turns_follow_weights_and_tokens_served() -> None:
+    """A tenant of weight 2 gets two turns per turn of a tenant of weight 1; a tenant
+    whose generations turned out long waits longer for its next turn; a tenant back
+    from a quiet spell starts level with the others, not with a credit."""
+    q: FairQueue[str] = FairQueue(100)
+    q.estimate = 100
+    for i in range(4):
+        q.push("A", 0, f"a{i}", weight=2.0)
+        q.push("B", 0, f"b{i}")
+    assert _drain(q) == ["a0", "b0", "a1", "b1", "a2", "a3", "b2", "b3"]
+
+    q = FairQueue(100)
+    q.estimate = 100
+    for i in range(3):
+        q.push("A", 0, f"a{i}")
+        q.push("B", 0, f"b{i}")
+    assert q.pop().handle == "a0"  # type: ignore[union-attr]
+    assert q.pop().handle == "b0"  # type: ignore[union-attr]
+    q.charge("A", 900 - 100)  # a0 read and wrote 900 tokens, not the 100 estimated
+    assert _drain(q) == ["b1", "b2", "a1", "a2"]
+
+    q.push("C", 0, "c0")  # new: starts at the clock, level with the last one served
+    q.push("B", 0, "b3")
+    assert _drain(q) == ["c0", "b3"]
 
 
 def test_higher_priority_first_and_positions_match_the_order() -> None:
@@ -112,8 +139,8 @@ async def test_a_flood_from_one_tenant_does_not_hold_back_another(slow_model: Pa
         await asyncio.gather(first, *flood, late, urgent, extra)
         with pytest.raises(asyncio.CancelledError):
             await doomed
-        # The urgent request first, then (a0 resumed and done) A's and B's turns.
-        assert started[:4] == ["a0", "c0", "a1", "b0"]
+        # The urgent request first, then B (A was already served a0), then A's.
+        assert started[:4] == ["a0", "c0", "b0", "a1"]
         everyone = ["a0", "a1", "a2", "a3", "a4", "a5", "a10", "b0", "c0"]
         assert sorted(started) == sorted(everyone)
         assert "a9" not in started  # cancelled while waiting: never started
@@ -291,3 +318,31 @@ async def test_a_follow_up_turn_goes_to_the_worker_holding_its_conversation(
         for task in (long0, long2):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_weighted_tenants_share_turns_by_weight(slow_model: Path) -> None:
+    """Two tenants flood one slot with equal generations: the one of weight 3 starts
+    three for each of the other's (asserted from the order of first tokens)."""
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1, max_queued=32)
+    async with EngineClient(config) as engine:
+        await engine.load("m", slow_model)
+        started: list[str] = []
+
+        async def run(rid: str, tenant: str, weight: float, tokens: int = 4) -> None:
+            req = msgspec.structs.replace(_req(rid, tenant, tokens), weight=weight)
+            async for ev in engine.generate(req):
+                if isinstance(ev, TokenDelta) and ev.seq == 0:
+                    started.append(rid)
+
+        # X holds the only slot while A and B queue; then it is cancelled.
+        first = asyncio.create_task(run("x", "X", 1.0, tokens=100_000))
+        while not started:
+            await asyncio.sleep(0.01)
+        tasks = [asyncio.create_task(run(f"a{i}", "A", 3.0)) for i in range(9)]
+        tasks += [asyncio.create_task(run(f"b{i}", "B", 1.0)) for i in range(9)]
+        while engine.queued("m") < 18:
+            await asyncio.sleep(0.01)
+        first.cancel()
+        await asyncio.gather(*tasks)
+    order = [rid[0] for rid in started[1:13]]
+    assert order.count("a") == 9 and order.count("b") == 3, started

@@ -172,3 +172,16 @@ async def test_tenant_quotas_refuse_typed_with_retry_after(
             await ws.send(m.Generate("g3", "okay", "hi", options=m.Options(max_tokens=1)))
             _, done, _ = await ws.until_done("g3")
             assert done.finish_reason in ("stop", "length")
+        # Per tenant and model: the refusals and the tokens each tenant used.
+        metrics = (await asyncio.to_thread(httpx.get, srv.http_url + "/metrics")).text
+        samples = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith(("ferrous_generation_refusals_total", "ferrous_tenant_tokens_total"))
+        }
+        refused_acme = (
+            'ferrous_generation_refusals_total{model="okay",reason="rate_limited",tenant="acme"}'
+        )
+        assert samples[refused_acme] == 3
+        completion = 'ferrous_tenant_tokens_total{kind="completion",model="okay",tenant="%s"}'
+        assert samples[completion % "acme"] > 0 and samples[completion % "globex"] > 0
