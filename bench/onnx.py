@@ -199,7 +199,11 @@ async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[
             "FERROUS_ONNX__PREFIX_CACHE_MB": str(args.prefix_cache_mb),
         }
         proc, port = start_server(
-            model, home=home, threads=args.threads, seqs=len(prompts), env=env
+            model,
+            home=home,
+            threads=args.threads,
+            seqs=len(prompts) if args.seqs is None else (args.seqs or None),
+            env=env,
         )
         url = f"ws://127.0.0.1:{port}/v1/ws"
         try:
@@ -305,6 +309,13 @@ def main() -> None:
         help="onnxruntime intra-op spinning (default: the engine's)",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the whole-server run")
+    parser.add_argument(
+        "--seqs",
+        type=int,
+        default=None,
+        help="sequences per worker in the whole-server runs (default: one per session; "
+        "0: the server's own default)",
+    )
     parser.add_argument(
         "--prefix-cache-mb",
         type=int,

@@ -19,9 +19,11 @@ __all__ = [
 # Measured on 2 cores with SmolLM2 (bench.scheduler): aggregate tokens/s keeps
 # growing to ~8 sequences per thread and flattens beyond.
 SEQS_PER_THREAD = 8
-# The ONNX decoder's batch scaling stops at ~4 rows (onnxruntime's int8 kernels,
-# bench.onnx_ceiling); more rows only add f32 cache memory.
-ONNX_SEQS = 4
+# The ONNX decoder's step cost grows little past ~4 rows (onnxruntime's int8
+# kernels, bench.onnx_ceiling), but a burst of 8 chats on 4 rows waits half for
+# the other half: 8 rows measured 1.72x llama-server's aggregate at 8 streams
+# against 1.32-1.44x for 4 (bench.onnx --seqs 0).
+ONNX_SEQS = 8
 
 
 def _cpus() -> int:

@@ -329,3 +329,24 @@ async def test_smollm2_fast_graph_answers_paris_alone_and_batched(
             ),
         )
     assert done.error is None and "Paris" in "".join(d.text for d in deltas)
+
+
+def test_prompts_are_read_in_the_step_plans_order(fused_twin: Path) -> None:
+    """The ONNX backend follows engine.stepplan like llama.cpp's: of two prompts that
+    arrive together the shorter is read first, and a higher class before both."""
+    backend = _load(fused_twin)
+    try:
+        long = backend.tokenize("Once upon a time there was a " * 6, add_bos=False)
+        short = backend.tokenize("The quick brown fox", add_bos=False)
+        backend.start(1, long, greedy(4))
+        backend.start(2, short, greedy(4))
+        assert list(backend.step([1, 2])) == [2]  # the short prompt's first token
+        assert sorted(backend.step([1, 2])) == [1, 2]  # then the long one, 2 decoding
+        # Prompts no cache holds (a shared prefix would be copied, not read).
+        backend.start(3, backend.tokenize("A small model says " * 5, add_bos=False), greedy(4))
+        urgent = backend.tokenize("Rain falls on the hills " * 5, add_bos=False)
+        backend.start(4, urgent, greedy(4), priority=5)
+        assert list(backend.step([1, 2, 3, 4])) == [4]  # a higher class: a step alone
+        assert sorted(backend.step([1, 2, 3, 4])) == [1, 2, 3, 4]
+    finally:
+        backend.free()

@@ -56,6 +56,7 @@ from engine.backends.base import Backend, EmbedJob, LoadParams
 from engine.backends.select import check_onnx_folder
 from engine.onnx.encoder import OnnxEncoder
 from engine.requests import SamplingParams
+from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError
 
 __all__ = ["OnnxBackend", "OnnxEncoderBackend", "session_options"]
@@ -150,6 +151,13 @@ class _Seq:
     rng: np.random.Generator | None = None
     slot: int = -1  # its row in the shared KV buffer (shared-buffer graphs only)
     reused: int = 0  # prompt tokens copied from a cached prefix
+    priority: int = 0
+    urgent: bool = False  # it paused another to start: its prompt goes first (engine.stepplan)
+    passed: int = 0  # steps in a row its prompt waited
+
+    @property
+    def decoding(self) -> bool:
+        return len(self.pending) == 1 and self.n_past > 0
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -548,7 +556,7 @@ class OnnxBackend(Backend):
         if len(self._seqs) >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
         rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
-        st = _Seq(list(prompt), sampling=sampling, rng=rng)
+        st = _Seq(list(prompt), sampling=sampling, rng=rng, priority=priority, urgent=urgent)
         if self._shared is not None:
             self._shared.take(st)
         self._seqs[seq] = st
@@ -631,13 +639,27 @@ class OnnxBackend(Backend):
         out: dict[int, int] = {}
         seen: dict[int, np.ndarray] = {}
         for _, st in states:
-            if not (len(st.pending) == 1 and st.n_past):  # prompt not read yet: an earlier
-                self._reuse(st, seen)  # one may cover (more of) it now; if all, it decodes now
-        decoding = [(s, st) for s, st in states if len(st.pending) == 1 and st.n_past > 0]
-        prefilling = [(s, st) for s, st in states if not (len(st.pending) == 1 and st.n_past)]
-        if prefilling:
-            # Prompts read alone (their lengths differ); one per step keeps streams flowing.
-            s, st = prefilling[0]
+            if not st.decoding:  # prompt not read yet: an earlier one may cover
+                self._reuse(st, seen)  # (more of) it now; if all, it decodes now
+        # The same plan as every batching backend's (engine.stepplan): which prompt
+        # is read (shortest first within a class, none starved) and whether the
+        # decoding rows run too (not when a higher class or an urgent one reads).
+        # Prompts are read one per step here: their lengths differ.
+        chunk = len(self._seqs) * PROMPT_CHUNK if self._shared is None else PROMPT_CHUNK
+        wants = [
+            Want(s, len(st.pending), st.decoding, st.priority, st.passed, st.urgent)
+            for s, st in states
+        ]
+        plan = [s for s, _ in plan_step(wants, batch=chunk + len(states), chunk=chunk)]
+        by_seq = dict(states)
+        decoding = [(s, by_seq[s]) for s in plan if by_seq[s].decoding]
+        prefilling = [(s, st) for s, st in states if not st.decoding]
+        reader = next(((s, by_seq[s]) for s in plan if not by_seq[s].decoding), None)
+        for s, st in prefilling:
+            st.passed = 0 if reader is not None and s == reader[0] else st.passed + 1
+        if reader is not None:
+            s, st = reader
+            st.urgent = False
             n_new = len(st.pending) if self._shared is None else min(len(st.pending), PROMPT_CHUNK)
             logits = self._run([st], n_new)
             if not st.pending:  # the whole prompt is read: its logits give the first token
