@@ -20,6 +20,8 @@ from pathlib import Path
 
 import llama_cpp
 
+from engine.backends.llamacpp import init_llama_cpp
+
 __all__ = ["read_ms"]
 
 
@@ -33,7 +35,7 @@ def read_ms(
     repeats: int = 7,
 ) -> list[float]:
     """Milliseconds to read ``n`` tokens after ``at`` cached ones, for each ``(at, n)``."""
-    llama_cpp.llama_backend_init()
+    init_llama_cpp()
     model = llama_cpp.llama_model_load_from_file(
         str(gguf).encode(), llama_cpp.llama_model_default_params()
     )

@@ -93,7 +93,8 @@ _log_callback = llama_cpp.llama_log_callback(_quiet_log)
 _initialised = False
 
 
-def _init_once() -> None:
+def init_llama_cpp() -> None:
+    """Initialise llama.cpp once per process, its log routed to ours (warnings and errors)."""
     global _initialised
     if not _initialised:
         llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -293,7 +294,7 @@ class LlamaCppBackend(Backend):
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
         header = check_model_file(path, cls.name)
-        _init_once()
+        init_llama_cpp()
         n_ctx = params.n_ctx or min(header.context_length or 2048, MAX_DEFAULT_CTX)
         n_batch = max(1, min(params.n_batch, n_ctx))
         mparams = llama_cpp.llama_model_default_params()
