@@ -11,26 +11,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import getpass
 import json
 import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import msgspec
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from engine.store.names import did_you_mean
 from gateway.app import __version__
 from gateway.config import ConfigError, ServerConfig, load_config, redacted, render_toml
-from gateway.modelcli import COMMANDS, add_model_commands, ensure_local_model, run_model_command
+from gateway.modelcli import (
+    COMMANDS,
+    add_model_commands,
+    ensure_local_model,
+    model_names,
+    run_model_command,
+)
+from gateway.repl import Session, parse
 from gateway.scopes import ALL_SCOPES, parse_scopes
 from gateway.server import build_authenticator, running_server, serve
 from protocol import messages as m
 from protocol.codec import codec_for
+from protocol.errors import ErrorCode, FerrousError
 
 __all__ = ["main"]
 
@@ -101,16 +111,13 @@ async def _recv(ws: ClientConnection) -> m.ServerMessage:
     return _JSON.decode_server(await ws.recv())
 
 
-async def _ask(
-    ws: ClientConnection,
-    gen_id: str,
-    model: str,
-    text: str,
-    conversation: str | None,
-    options: m.Options,
-) -> str | None:
+async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -> bool:
+    """Send one user turn and print the answer as it streams; False when it failed."""
+    messages = [m.ChatMessage("user", text)]
+    if session.system and not session.system_sent:
+        messages.insert(0, m.ChatMessage("system", session.system))
     await ws.send(
-        _JSON.encode(m.Chat(gen_id, model, [m.ChatMessage("user", text)], conversation, options))
+        _JSON.encode(m.Chat(gen_id, session.model, messages, session.conversation, session.options))
     )
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()
@@ -129,7 +136,8 @@ async def _ask(
             msg = await _recv(ws)
             match msg:
                 case m.Started():
-                    conversation = msg.conversation
+                    session.conversation = msg.conversation
+                    session.system_sent = True
                 case m.Delta():
                     sys.stdout.write(msg.text)
                     sys.stdout.flush()
@@ -139,24 +147,65 @@ async def _ask(
                         "" if msg.finish_reason in ("stop", "length") else f" [{msg.finish_reason}]"
                     )
                     print(f"{note}\n", flush=True)
+                    if msg.finish_reason == "length":
+                        print(
+                            f"(the answer stopped at the token limit, {msg.usage.completion_tokens}"
+                            " tokens: raise it with --max-tokens or /set parameter num_predict)",
+                            file=sys.stderr,
+                        )
                     print(
                         f"({msg.usage.completion_tokens} tokens, {t.decode_tok_s:.1f} tok/s, "
                         f"first token {t.ttft_ms:.0f} ms)",
                         file=sys.stderr,
                     )
-                    return conversation
+                    return msg.finish_reason in ("stop", "length", "cancelled")
                 case m.Error():
-                    print(f"\nerror: {msg.code.value}: {msg.message}", file=sys.stderr)
-                    if msg.id == gen_id and msg.code.value != "engine_error":
-                        return conversation
+                    hint = ""
+                    if msg.code is ErrorCode.MODEL_NOT_FOUND:
+                        hint = _model_hint(session.model)
+                    print(f"\nferrous: {msg.message}{hint}", file=sys.stderr)
+                    if msg.id == gen_id and msg.code is not ErrorCode.ENGINE_ERROR:
+                        return False
     finally:
         loop.remove_signal_handler(signal.SIGINT)
 
 
+def _model_hint(name: str) -> str:
+    """ " (did you mean 'x'?)" from the models this machine knows, or ""."""
+    known = set(_LOCAL_CONFIG.models) if _LOCAL_CONFIG is not None else set()
+    with contextlib.suppress(Exception):  # a hint only: a broken store must not hide the error
+        known |= set(model_names(_LOCAL_CONFIG)) if _LOCAL_CONFIG is not None else set()
+    return did_you_mean(name, sorted(known))
+
+
+_LOCAL_CONFIG: ServerConfig | None = None
+
+
+def _read_message(first: str, read: Callable[[str], str]) -> str:
+    """A line, or the lines between two \"\"\" lines (typed at "... " prompts)."""
+    if not first.strip().startswith('"""'):
+        return first
+    parts = [first.strip()[3:]]
+    while True:
+        line = read("... ")
+        if line.rstrip().endswith('"""'):
+            parts.append(line.rstrip()[:-3])
+            return "\n".join(parts).strip("\n")
+        parts.append(line)
+
+
 async def _run(args: argparse.Namespace) -> int:
-    config = _config(args)
+    global _LOCAL_CONFIG
+    config = _LOCAL_CONFIG = _config(args)
     model = await ensure_local_model(config, args.model)
     options = m.Options(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    session = Session(model, options)
+    interactive = sys.stdin.isatty()
+    prompt = " ".join(args.prompt)
+    if not interactive and args.prompt:
+        # Piped input goes with the words given (as in `cat notes.txt | ferrous run m summarise`).
+        piped = sys.stdin.read()
+        prompt = f"{prompt}\n\n{piped}" if piped.strip() else prompt
     auth = build_authenticator(config)
     # The server's own user, who can read its secret anyway: the local admin.
     token = (
@@ -177,25 +226,39 @@ async def _run(args: argparse.Namespace) -> int:
         await ws.send(_JSON.encode(m.Hello(client="ferrous-cli")))
         ready = await _recv(ws)
         if not isinstance(ready, m.Ready):
-            print(f"error: {ready}", file=sys.stderr)
+            print(f"ferrous: {getattr(ready, 'message', ready)}", file=sys.stderr)
             return 1
-        conversation: str | None = None
         if args.prompt:
-            conversation = await _ask(ws, "g1", model, " ".join(args.prompt), None, options)
-            return 0
+            return 0 if await _ask(ws, "g1", session, prompt) else 1
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+
+        def read(shown: str) -> str:
+            return input(shown if interactive else "")
+
         n = 0
+        failed = False
         while True:
             try:
-                line = await asyncio.to_thread(input, ">>> ")
+                line = await asyncio.to_thread(read, ">>> ")
+                text = await asyncio.to_thread(_read_message, line, read)
             except (EOFError, KeyboardInterrupt):
-                print()
-                return 0
-            if not line.strip():
+                if interactive:
+                    print()
+                return 1 if failed and not interactive else 0
+            if not text.strip():
                 continue
-            if line.strip() in ("/bye", "/exit"):
-                return 0
-            n += 1
-            conversation = await _ask(ws, f"g{n}", model, line, conversation, options)
+            command = parse(text, session)
+            if command.kind == "quit":
+                return 1 if failed and not interactive else 0
+            if command.kind == "message":
+                n += 1
+                failed = not await _ask(ws, f"g{n}", session, command.text) or failed
+            elif command.kind == "error":
+                print(command.text, file=sys.stderr)
+            else:
+                print(command.text)
 
 
 SCOPE_HELP = (
@@ -243,8 +306,18 @@ def _keys(args: argparse.Namespace) -> int:
 # -- entry ----------------------------------------------------------------------------------
 
 
+EXIT_CODES = """exit status: 0 success, 1 the command failed (one line on stderr says why;
+--debug shows the traceback), 2 bad usage or configuration, 130 interrupted"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ferrous", description="FerrousForge model server")
+    parser = argparse.ArgumentParser(
+        prog="ferrous",
+        description="FerrousForge model server",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the server")
@@ -265,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("run", help="chat with a model (starts a server when none runs)")
     _server_flags(p)
     p.add_argument("model", help="a model name (pulled when in the catalog) or a GGUF path")
-    p.add_argument("prompt", nargs="*")
+    p.add_argument("prompt", nargs="*", default=[], help="a one-shot prompt (else a chat)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--seed", type=int)
@@ -298,40 +371,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("version", help="print the version")
     add_model_commands(sub)
 
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    if command is not None and command not in sub.choices:
+        print(
+            f"ferrous: unknown command {command!r}{did_you_mean(command, sub.choices)}; "
+            "see ferrous --help",
+            file=sys.stderr,
+        )
+        return 2
+    args = parser.parse_args(words)
     try:
-        if args.command == "version":
-            print(f"ferrousforge {__version__}")
-            return 0
-        if args.command == "config":
-            data = redacted(load_config(args.config))
-            print(json.dumps(data, indent=2) if args.json else render_toml(data), end="")
-            return 0
-        if args.command == "token":
-            auth = build_authenticator(load_config(args.config))
-            print(
-                auth.issue_token(
-                    sub=args.sub or getpass.getuser(),
-                    tenant=args.tenant,
-                    ttl=args.ttl,
-                    scopes=_scopes(args.scope),
-                    priority=args.priority,
-                )
-            )
-            return 0
-        if args.command == "key":
-            return _keys(args)
-        if args.command in COMMANDS:
-            return run_model_command(args)
-        if args.command == "serve":
-            return uvloop.run(serve(_config(args)))
-        if args.command == "run":
-            return uvloop.run(_run(args))
+        return _dispatch(args)
     except ConfigError as exc:
         print(f"ferrous: {exc.message}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"ferrous: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, in the user's terms: no traceback, no internal class names."""
+    if isinstance(exc, FerrousError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "version":
+        print(f"ferrousforge {__version__}")
+        return 0
+    if args.command == "config":
+        data = redacted(load_config(args.config))
+        print(json.dumps(data, indent=2) if args.json else render_toml(data), end="")
+        return 0
+    if args.command == "token":
+        auth = build_authenticator(load_config(args.config))
+        print(
+            auth.issue_token(
+                sub=args.sub or getpass.getuser(),
+                tenant=args.tenant,
+                ttl=args.ttl,
+                scopes=_scopes(args.scope),
+                priority=args.priority,
+            )
+        )
+        return 0
+    if args.command == "key":
+        return _keys(args)
+    if args.command in COMMANDS:
+        return run_model_command(args)
+    if args.command == "serve":
+        config = _config(args)
+        try:
+            return uvloop.run(serve(config))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            print(
+                f"ferrous: cannot listen on {config.host}:{config.port}: the address is in use "
+                "(another server? pick one with --port)",
+                file=sys.stderr,
+            )
+            return 1
+    if args.command == "run":
+        return uvloop.run(_run(args))
     return 2
 
 

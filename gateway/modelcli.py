@@ -188,6 +188,12 @@ async def ensure_local_model(config: ServerConfig, model: str) -> str:
     return model
 
 
+def model_names(config: ServerConfig) -> list[str]:
+    """Every model name this machine knows: the store's and the catalog's."""
+    manager = _manager(config)
+    return [r.ref.short for r in manager.store.models()] + list(manager.catalog)
+
+
 def _api(config: ServerConfig, args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     from gateway.scopes import ALL_SCOPES
     from gateway.server import build_authenticator
@@ -378,4 +384,5 @@ def _stop(config: ServerConfig, args: argparse.Namespace) -> int:
     r = _call(config, args, "POST", "/v1/models/unload", {"model": args.model})
     if r.status_code != 200:
         return _fail(_api_error(r))
+    print(f"stopped {args.model}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,50 @@ def test_api_keys_are_created_listed_and_revoked(tmp_path: Path) -> None:
     assert key not in (tmp_path / "api_keys.json").read_text()
     assert ferrous(tmp_path, "key", "revoke", key).returncode == 0
     assert "erin" not in ferrous(tmp_path, "key", "list").stdout
+
+
+def test_failures_are_one_line_with_an_exit_status(tmp_path: Path) -> None:
+    """Every failure exits non-zero with one line (no traceback), naming the likely
+    intended command or model."""
+    out = ferrous(tmp_path, "lst")
+    assert out.returncode == 2 and "did you mean 'list'" in out.stderr
+    missing = ferrous(tmp_path, "run", str(tmp_path / "missing.gguf"), "hi", "--port", "1")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    unknown = ferrous(tmp_path, "run", "smollm3", "hi", "--port", "1")
+    assert unknown.returncode == 1 and "did you mean 'smollm2'" in unknown.stderr
+    assert "Traceback" not in missing.stderr + unknown.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        out = ferrous(tmp_path, "serve", "--port", port, "--no-auth")
+    assert out.returncode == 1 and "address is in use" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_chat_commands_and_piped_input(tmp_path: Path, script_model: Path) -> None:
+    """Commands are carried out, never sent to the model; piped input shows no prompt;
+    a message of several lines is one turn; a cut answer says so."""
+    lines = [
+        "/?",
+        "/set parameter temperature 0",
+        "/set parameter num_predict 13",
+        "/show parameters",
+        "/sett system x",
+        '"""',
+        "first line",
+        'second line"""',
+        "/set parameter num_predict 3",
+        "again",
+        "/bye",
+    ]
+    out = ferrous(tmp_path, "run", str(script_model), "--port", "1", stdin="\n".join(lines) + "\n")
+    assert out.returncode == 0, out.stderr
+    assert ">>>" not in out.stdout and "..." not in out.stdout
+    assert "/set parameter NAME VALUE" in out.stdout  # the help
+    assert "temperature      0.0" in out.stdout and "max_tokens       13" in out.stdout
+    assert "Unknown command '/sett' (did you mean /set?)" in out.stderr
+    # Two turns reached the model: the two-line message and "again" (3 tokens, cut).
+    assert out.stdout.count(SCRIPT) == 1
+    assert out.stderr.count("tokens, ") == 2
+    assert "stopped at the token limit" in out.stderr

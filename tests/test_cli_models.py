@@ -304,7 +304,7 @@ def test_ps_stop_and_rm_against_a_running_server(tmp_path: Path) -> None:
         assert nothing.stderr.strip() == "ferrous: model 'nothing:latest' is not loaded"
 
         stopped = _ok(ferrous(tmp_path, "stop", "served:latest", *at))
-        assert stopped.stdout == ""
+        assert stopped.stdout == "stopped served:latest\n"
         assert _rows(_ok(ferrous(tmp_path, "ps", *at)).stdout) == {}
 
         # Load it again, then remove it: `rm` asks the running server, which unloads the

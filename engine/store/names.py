@@ -8,12 +8,14 @@ restricted: a reference can never climb out of the manifests directory.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from difflib import get_close_matches
 
 import msgspec
 
 from engine.store.errors import StoreError
 
-__all__ = ["DEFAULT_TAG", "ModelRef", "looks_like_ref", "parse_ref"]
+__all__ = ["DEFAULT_TAG", "ModelRef", "did_you_mean", "looks_like_ref", "parse_ref"]
 
 DEFAULT_TAG = "latest"
 _SEGMENT = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
@@ -64,3 +66,18 @@ def looks_like_ref(text: str) -> bool:
     except StoreError:
         return False
     return True
+
+
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the known name closest to a mistyped one, else ``""``.
+
+    A model ``smolm2`` or a command ``lst`` is nearly always a typo of one the
+    user has; naming it saves a trip to the list. ``name:latest`` is matched
+    by its name too.
+    """
+    choices = {n: n for n in names}
+    for n in list(choices):
+        if n.endswith(f":{DEFAULT_TAG}"):
+            choices.setdefault(n[: -len(DEFAULT_TAG) - 1], n[: -len(DEFAULT_TAG) - 1])
+    close = get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {choices[close[0]]!r}?)" if close else ""
