@@ -60,6 +60,7 @@ class GGUFHeader:
     array_lengths: dict[str, int] = field(default_factory=dict)
     n_tensors: int = 0
     file_size: int = 0
+    n_params: int = 0  # elements over all tensors: the parameter count
 
     def get_int(self, key: str, default: int = 0) -> int:
         v = self.metadata.get(key, default)
@@ -201,4 +202,5 @@ def _parse(cur: _Cursor, size: int) -> GGUFHeader:
             raise ModelLoadError(
                 p, "truncated", f"tensor {name} ends at byte {end} but the file has {size} bytes"
             )
-    return GGUFHeader(p, version, arch, meta, arrays, n_tensors, size)
+    n_params = sum(n_el for _, n_el, _, _ in infos)
+    return GGUFHeader(p, version, arch, meta, arrays, n_tensors, size, n_params)

@@ -164,6 +164,7 @@ class Residency:
         spec = ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx, chat_template)
         # Reject bad files here, with a typed error, before any worker sees them.
         kind = choose_backend(spec.path, backend or None)
+        spec.backend = kind  # what runs it, as ps shows it (not "auto")
         workers = max(1, len(self._pool.workers))
         if kind == "onnx":
             check_onnx_folder(spec.path)
@@ -223,7 +224,7 @@ class Residency:
         return ModelInfo(
             name,
             spec.path,
-            backend or "auto",
+            spec.backend,
             loaded[0].n_ctx,
             max(r.load_ms for r in loaded),
             spec.size,
@@ -306,7 +307,7 @@ class Residency:
             LoadedModel(
                 s.name,
                 s.path,
-                s.backend or "auto",
+                s.backend,
                 s.loaded_n_ctx,
                 s.size,
                 s.active,

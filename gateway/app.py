@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import time
@@ -53,7 +54,15 @@ from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
 
 __all__ = ["Gateway", "__version__", "error_body"]
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ferrousforge")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "0.1.0"
+
+
+__version__ = _version()
 
 STATIC_DIR = Path(__file__).with_name("static")
 REVOCATION_CHECK_INTERVAL = 0.5  # seconds between checks of the API key file

@@ -295,10 +295,22 @@ def _show(config: ServerConfig, args: argparse.Namespace) -> int:
     elif args.license:
         print("\n\n".join(m.license))
     else:
+        facts = _manager(config).store.facts(record)
         print(f"  name        {record.ref}")
         print(f"  id          {record.id[:12]}")
         print(f"  format      {m.format}")
         print(f"  size        {_size(record.size)}")
+        if facts is not None:
+            for label, value in (
+                ("architecture", facts.architecture),
+                ("parameters", facts.parameter_size),
+                ("quantization", facts.quantization),
+                ("context", facts.context_length or ""),
+                ("embedding", facts.embedding_length or ""),
+                ("capabilities", " ".join(facts.capabilities)),
+            ):
+                if value:
+                    print(f"  {label:<11} {value}")
         if m.parent:
             print(f"  parent      {m.parent}")
         if m.source:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from engine import LoadedModel
+from engine.modelfacts import ModelFacts
 from engine.store.modelfile import parse_modelfile
 from engine.store.names import looks_like_ref
 from engine.store.pull import PullListener
@@ -100,6 +101,21 @@ class ModelView:
             if record is not None:
                 return record
         return await self.registry.manager.find(name)
+
+    async def facts(self, record: ModelRecord) -> ModelFacts:
+        """What ``record``'s files say it is: family, size, quantization, capabilities."""
+        stores = [self.registry.manager.store]
+        if self.tenant is not None:
+            stores.insert(0, self.registry.manager_for(self.tenant).store)
+
+        def read() -> ModelFacts:
+            for store in stores:
+                found = store.facts(record)
+                if found is not None:
+                    return found
+            return ModelFacts(format=record.manifest.format)
+
+        return await asyncio.to_thread(read)
 
     async def get(self, name: str) -> ModelRecord:
         record = await self.find(name)

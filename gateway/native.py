@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta
+from engine.modelfacts import ModelFacts
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
@@ -59,14 +60,18 @@ def native_error(exc: FerrousError) -> JSONResponse:
     return JSONResponse(body, status_code=http_status(exc), headers=headers)
 
 
-def record_json(record: ModelRecord, *, admin: bool = False) -> dict[str, Any]:
+def record_json(
+    record: ModelRecord, *, admin: bool = False, facts: ModelFacts | None = None
+) -> dict[str, Any]:
     """A stored model, in a shape that is also an OpenAI model object (``id``, ``object``…).
 
     ``source`` (a URL that may carry credentials, or a server path) is shown
-    to admins only.
+    to admins only; ``details`` is what the model's own metadata says it is.
     """
     m = record.manifest
+    details = msgspec.to_builtins(facts) if facts is not None else None
     return {
+        "details": details,
         "id": record.ref.short,
         "object": "model",
         "created": int(record.modified),
@@ -148,7 +153,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
         loaded = {x.name for x in v.loaded()}
         out = []
         for r in records:
-            item = record_json(r, admin=v.admin)
+            item = record_json(r, admin=v.admin, facts=await v.facts(r))
             item["loaded"] = r.ref.short in loaded or str(r.ref) in loaded
             out.append(item)
         out.extend(configured_json(name, v.admin) for name in gateway.config.models)
@@ -167,7 +172,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
         if name in gateway.config.models and v.key_for(name) == name:
             return JSONResponse(configured_json(name, v.admin))  # a configured file
         record = await v.get(name)
-        body = record_json(record, admin=v.admin)
+        body = record_json(record, admin=v.admin, facts=await v.facts(record))
         m = record.manifest
         body.update(
             {

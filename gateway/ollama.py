@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta
+from engine.modelfacts import ModelFacts
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.names import looks_like_ref
 from engine.store.pull import PullEvent
@@ -250,17 +251,36 @@ def _raise_if_failed(done: GenerationDone) -> None:
         raise EngineError(f"the generation was {done.finish_reason.value}")
 
 
-def _details(record: ModelRecord | None) -> dict[str, Any]:
+def _details(record: ModelRecord | None, facts: ModelFacts | None = None) -> dict[str, Any]:
+    """Ollama's ``details``: read from the model's own metadata (engine.modelfacts)."""
     if record is None:
         return {"format": "gguf", "family": "", "families": None}
+    f = facts or ModelFacts(format=record.manifest.format)
     return {
         "parent_model": record.manifest.parent or "",
         "format": record.manifest.format,
-        "family": "",
-        "families": None,
-        "parameter_size": "",
-        "quantization_level": "",
+        "family": f.family,
+        "families": [f.family] if f.family else None,
+        "parameter_size": f.parameter_size,
+        "quantization_level": f.quantization,
     }
+
+
+def _model_info(facts: ModelFacts) -> dict[str, Any]:
+    """Ollama's ``model_info``: GGUF-style keys for what the model's metadata says."""
+    arch = facts.architecture
+    info: dict[str, Any] = {"general.format": facts.format}
+    if arch:
+        info["general.architecture"] = arch
+    if facts.parameter_count:
+        info["general.parameter_count"] = facts.parameter_count
+    if facts.quantization:
+        info["general.quantization"] = facts.quantization
+    if arch and facts.context_length:
+        info[f"{arch}.context_length"] = facts.context_length
+    if arch and facts.embedding_length:
+        info[f"{arch}.embedding_length"] = facts.embedding_length
+    return info
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -480,7 +500,9 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         return gateway.models_for(request.state.principal)
 
     async def tags(request: Request) -> Response:
-        records = await view(request).records()
+        v = view(request)
+        records = await v.records()
+        facts = [await v.facts(r) for r in records]
         return JSONResponse(
             {
                 "models": [
@@ -490,9 +512,9 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                         "modified_at": _iso(r.modified),
                         "size": r.size,
                         "digest": r.id,
-                        "details": _details(r),
+                        "details": _details(r, f),
                     }
-                    for r in records
+                    for r, f in zip(records, facts, strict=True)
                 ]
             }
         )
@@ -501,6 +523,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         body = await read_body(gateway, request, NameBody)
         v = view(request)
         record = await v.get(body.target())
+        facts = await v.facts(record)
         man = record.manifest
         params = "\n".join(
             f"{k:<16}{json.dumps(v) if isinstance(v, str) else v}"
@@ -514,11 +537,11 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 "template": man.template or "",
                 "system": man.system or "",
                 "license": "\n".join(man.license),
-                "details": _details(record),
-                "model_info": {"general.format": man.format}
+                "details": _details(record, facts),
+                "model_info": _model_info(facts)
                 | ({"ferrous.source": redact_url(man.source)} if v.admin else {}),
                 "modified_at": _iso(record.modified),
-                "capabilities": ["completion"],
+                "capabilities": list(facts.capabilities) or ["completion"],
             }
         )
 
@@ -533,7 +556,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                     "model": x.name,
                     "size": x.size,
                     "digest": record.id if record else "",
-                    "details": _details(record),
+                    "details": _details(record, await v.facts(record) if record else None),
                     "expires_at": _iso(x.expires_at) or "2318-01-01T00:00:00Z",
                     "size_vram": 0,
                     "context_length": x.n_ctx,

@@ -295,7 +295,7 @@ def test_ps_stop_and_rm_against_a_running_server(tmp_path: Path) -> None:
         rows = _rows(ps.stdout)
         assert list(rows) == ["served:latest"], ps.stdout
         assert re.fullmatch(
-            rf"served:latest\s+{_SIZE}\s+512\s+auto\s+(4m \d+s|5m 0s) from now",
+            rf"served:latest\s+{_SIZE}\s+512\s+llama_cpp\s+(4m \d+s|5m 0s) from now",
             rows["served:latest"],
         ), rows  # the tiny model's 512-token context; default keep_alive 5m
 

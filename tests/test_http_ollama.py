@@ -12,6 +12,7 @@ import httpx
 import ollama
 import pytest
 
+from engine.modelfacts import facts_of
 from engine.store.pull import ModelManager
 from engine.store.sources import CatalogEntry
 from engine.store.store import ModelStore
@@ -134,6 +135,16 @@ async def test_model_management(running: RunningServer, eos_model: Path) -> None
     shown = await client.show("eos")
     assert shown.modelfile and "FROM" in shown.modelfile
     assert shown.details and shown.details.format == "gguf"
+    # What the file's own metadata says (the tiny model: a llama of ~0.3M parameters, F32).
+    facts = facts_of(eos_model)
+    assert shown.details.family == "llama" and shown.details.quantization_level == "F32"
+    assert shown.details.parameter_size == facts.parameter_size != ""
+    assert shown.capabilities == ["completion"]
+    info = shown.modelinfo or {}
+    assert info["general.architecture"] == "llama"
+    assert info["general.parameter_count"] == facts.parameter_count > 0
+    assert info["llama.context_length"] == facts.context_length > 0
+    assert tags.models[0].details and tags.models[0].details.family == "llama"
 
     await client.copy("eos", "eos2")
     await client.create(model="terse", from_="eos", system="Be terse.", parameters={"seed": 3})

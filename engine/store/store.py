@@ -40,9 +40,11 @@ from pathlib import Path
 
 import msgspec
 
+from engine.modelfacts import ModelFacts, facts_of
 from engine.store.errors import StoreError, os_error
 from engine.store.manifest import Layer, Manifest, decode_manifest, encode_manifest, manifest_digest
 from engine.store.names import ModelRef, parse_ref
+from protocol.errors import FerrousError
 
 __all__ = ["ModelRecord", "ModelStore", "hash_file"]
 
@@ -78,6 +80,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Facts of stored models by manifest digest (bounded; oldest dropped first).
+_FACTS: dict[str, ModelFacts] = {}
+_FACTS_MAX = 1024
 
 
 class ModelRecord(msgspec.Struct, frozen=True):
@@ -397,6 +404,24 @@ class ModelStore:
             return removed
 
     # -- loading ------------------------------------------------------------------------
+
+    def facts(self, record: ModelRecord) -> ModelFacts | None:
+        """What ``record``'s files say it is (engine.modelfacts); None when this store
+        lacks them. Cached by manifest digest: a stored model never changes."""
+        cached = _FACTS.get(record.id)
+        if cached is not None:
+            return cached
+        if not all(self.has_blob(f.digest) for f in record.manifest.files):
+            return None
+        try:
+            found = facts_of(self.model_path(record))
+        except FerrousError:
+            found = ModelFacts(format=record.manifest.format)
+        if len(_FACTS) >= _FACTS_MAX:
+            with contextlib.suppress(StopIteration, RuntimeError, KeyError):
+                _FACTS.pop(next(iter(_FACTS)))
+        _FACTS[record.id] = found
+        return found
 
     def model_path(self, record: ModelRecord) -> Path:
         """The path to hand to a backend: the GGUF blob, or a folder for multi-file models."""
