@@ -104,7 +104,7 @@ async def test_keep_alive_zero_unloads_after_the_request(
         pool, GenerateRequest(model="a", prompt="x", sampling=greedy(), keep_alive=0)
     )
     assert events[-1].finish_reason.value == "length"
-    await wait_until_unloaded(pool, "a", within=2.0)
+    await wait_until_unloaded(pool, "a", within=15.0)
     assert await worker_models(pool) == []
 
 
@@ -114,12 +114,14 @@ async def test_keep_alive_duration_and_forever(pool: EngineClient, script_model:
     await collect(
         pool, GenerateRequest(model="short", prompt="x", sampling=greedy(), keep_alive=1.0)
     )
+    ended = time.monotonic()
     [short] = [x for x in pool.loaded() if x.name == "short"]
-    assert short.expires_at is not None and 0.5 < short.expires_at - time.time() <= 1.0
+    assert short.expires_at is not None and 0 < short.expires_at - time.time() <= 1.0
     [kept] = [x for x in pool.loaded() if x.name == "kept"]
     assert kept.expires_at is None and kept.size > 0
-    waited = await wait_until_unloaded(pool, "short", within=4.0)
-    assert waited >= 0.5
+    await wait_until_unloaded(pool, "short", within=15.0)
+    # Never before its keep_alive (a slow machine only makes it later).
+    assert time.monotonic() - ended >= 0.9
     assert pool.models() == ["kept"]
     await asyncio.sleep(1.2)
     assert pool.models() == ["kept"]
@@ -129,7 +131,7 @@ async def test_default_keep_alive_applies_to_loads(script_model: Path) -> None:
     config = EngineConfig(workers=1, threads_per_worker=1, keep_alive=0.5)
     async with EngineClient(config) as client:
         await client.load("a", script_model)
-        await wait_until_unloaded(client, "a", within=3.0)
+        await wait_until_unloaded(client, "a", within=15.0)
         # A generation keeps it loaded while it runs, and restarts the clock after.
         await client.load("a", script_model)
         stream = client.generate(GenerateRequest(model="a", prompt="x", sampling=greedy(None)))
@@ -137,4 +139,4 @@ async def test_default_keep_alive_applies_to_loads(script_model: Path) -> None:
         await asyncio.sleep(1.5)
         assert "a" in client.models()
         await stream.aclose()
-        await wait_until_unloaded(client, "a", within=3.0)
+        await wait_until_unloaded(client, "a", within=15.0)

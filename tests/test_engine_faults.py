@@ -68,7 +68,9 @@ async def test_sigkill_ends_in_flight_generations_and_the_pool_recovers(slow_mod
                 and ev.error.code == ErrorCode.ENGINE_ERROR
                 and ev.error.retryable
             )
-        assert elapsed < 1.0
+        # Noticed by the dead control socket, not by the watchdog (health_timeout: 120 s);
+        # the bound is loose so that a loaded machine cannot flip it.
+        assert elapsed < 10.0
         assert ring_segments() == set()  # the gateway owns and unlinked the ring
 
         # A replacement starts, reloads the model, and serves.

@@ -310,7 +310,7 @@ async def test_sigkill_of_a_worker_under_load(tmp_path: Path, slow_model: Path) 
             finally:
                 await load.close()
             _check_outcomes(load, victim, on_victim, "died")
-            assert detected < 1.0
+            assert detected < 10.0  # the dead socket, not the 120 s watchdog
             assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
             _report("sigkill worker: in-flight generations ended after", detected)
             _report("sigkill worker: replacement up with the model loaded after", pool_whole)
