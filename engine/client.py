@@ -235,6 +235,10 @@ class EngineClient:
     def models(self) -> list[str]:
         return sorted(self._models)
 
+    def worker_pids(self) -> dict[int, int]:
+        """Live workers' process ids by worker index (for per-process metrics)."""
+        return {w.index: w.pid for w in self._workers if w.alive and w.pid}
+
     async def health(self) -> EngineHealth:
         async def ping(w: Worker) -> WorkerHealth:
             if w.alive:

@@ -70,6 +70,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     active: int  # running generations
     loaded_at: float  # Unix time
     expires_at: float | None  # Unix time it will be unloaded when idle; None = kept
+    load_ms: float = 0.0  # how long loading it took (the slowest worker)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ModelSpec:
     loaded_at: float = 0.0  # Unix time
     expires: float | None = None  # monotonic deadline when idle; None = never
     unloading: bool = False
+    load_ms: float = 0.0  # the slowest worker's load of it
 
     def touch(self, keep_alive: float) -> None:
         now = time.monotonic()
@@ -218,6 +220,7 @@ class Residency:
             loaded = [r for r in results if isinstance(r, ipc.ModelLoaded)]
             spec.loaded_n_ctx = loaded[0].n_ctx
             spec.loaded_at = time.time()
+            spec.load_ms = max(r.load_ms for r in loaded)
             spec.touch(self.config.keep_alive if keep_alive is None else keep_alive)
             self.models[name] = spec
         await self._notify()
@@ -226,7 +229,7 @@ class Residency:
             spec.path,
             spec.backend,
             loaded[0].n_ctx,
-            max(r.load_ms for r in loaded),
+            spec.load_ms,
             spec.size,
         )
 
@@ -313,6 +316,7 @@ class Residency:
                 s.active,
                 s.loaded_at,
                 None if s.expires is None or s.active else now + (s.expires - now_mono),
+                s.load_ms,
             )
             for s in sorted(self.models.values(), key=lambda s: -s.last_used)
         ]

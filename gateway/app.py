@@ -133,6 +133,7 @@ class Gateway:
         self.auth = auth
         self.version = __version__
         self.metrics = Metrics()
+        self.metrics.watch_engine(engine.loaded, engine.worker_pids)
         self.conversations = ConversationStore(config.limits.max_conversations)
         self.quotas = QuotaBook()
         self.sessions: set[Session] = set()

@@ -234,14 +234,16 @@ async def run(
                     if isinstance(ev, TokenDelta):
                         now = time.perf_counter()
                         if last:
-                            metrics.itl.observe(now - last)
+                            metrics.itl.labels(model).observe(now - last)
                         else:
-                            metrics.ttft.observe(now - prepared.started)
+                            metrics.ttft.labels(model).observe(now - prepared.started)
                         last = now
                     else:
                         u = ev.usage
-                        metrics.tokens.inc(u.completion_tokens)
-                        metrics.cached_tokens.inc(u.cached_tokens)
+                        metrics.tokens.labels(model).inc(u.completion_tokens)
+                        metrics.cached_tokens.labels(model).inc(u.cached_tokens)
+                        reason = ev.error.code if ev.error else ev.finish_reason.value
+                        metrics.finished.labels(model, tenant, reason).inc()
                         count = metrics.tenant_tokens
                         count.labels(tenant, model, "prompt").inc(u.prompt_tokens - u.cached_tokens)
                         count.labels(tenant, model, "cached").inc(u.cached_tokens)

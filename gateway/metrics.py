@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine import LoadedModel
 
 __all__ = ["MAX_TENANT_LABELS", "Metrics"]
 
@@ -29,24 +43,39 @@ class Metrics:
         r = self.registry
         self.ttft = Histogram(
             "ferrous_time_to_first_token_seconds",
-            "Time from a generate/chat message to its first delta sent.",
+            "Time from a generate/chat message to its first delta sent, by model.",
+            ["model"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "ferrous_inter_token_latency_seconds",
-            "Time between consecutive deltas of one generation.",
+            "Time between consecutive deltas of one generation, by model.",
+            ["model"],
             buckets=_ITL_BUCKETS,
             registry=r,
         )
         self.tokens = Counter(
-            "ferrous_tokens_generated", "Completion tokens generated.", registry=r
+            "ferrous_tokens_generated",
+            "Completion tokens generated, by model.",
+            ["model"],
+            registry=r,
         )
         self.cached_tokens = Counter(
             "ferrous_prompt_tokens_cached",
-            "Prompt tokens whose keys and values were copied from a cached prefix instead of read.",
+            "Prompt tokens whose keys and values were copied from a cached prefix instead of "
+            "read, by model.",
+            ["model"],
             registry=r,
         )
+        self.finished = Counter(
+            "ferrous_generations_finished",
+            "Generations that ended, by model, tenant and reason (stop, length, cancelled, "
+            "stalled, or the error code).",
+            ["model", "tenant", "reason"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)  # process_* series of the gateway
         self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
         self.generations = Gauge("ferrous_active_generations", "Generations in flight.", registry=r)
         # Read at scrape time, on the event loop's thread (the /metrics handler runs there):
@@ -95,6 +124,14 @@ class Metrics:
             registry=r,
         )
 
+    def watch_engine(
+        self,
+        loaded: Callable[[], list[LoadedModel]],
+        worker_pids: Callable[[], dict[int, int]],
+    ) -> None:
+        """Read the engine's loaded models and worker processes at each scrape."""
+        self.registry.register(_EngineCollector(loaded, worker_pids))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -114,3 +151,87 @@ class Metrics:
             return "other"
         self._tenants.add(name)
         return name
+
+
+class _EngineCollector(Collector):
+    """Series read at scrape time: loaded models, and each worker process's resources."""
+
+    def __init__(
+        self,
+        loaded: Callable[[], list[LoadedModel]],
+        worker_pids: Callable[[], dict[int, int]],
+    ) -> None:
+        self._loaded = loaded
+        self._worker_pids = worker_pids
+
+    def describe(self) -> list[Metric]:
+        return []  # read at each scrape (the set of models changes)
+
+    def collect(self) -> Iterator[Metric]:
+        models = self._loaded()
+        yield GaugeMetricFamily(
+            "ferrous_models_loaded", "Models in memory.", value=float(len(models))
+        )
+        memory = GaugeMetricFamily(
+            "ferrous_model_memory_bytes",
+            "Estimated memory of each loaded model (weights once, plus every worker's caches).",
+            labels=["model", "backend"],
+        )
+        load = GaugeMetricFamily(
+            "ferrous_model_load_seconds",
+            "How long loading each loaded model took (its slowest worker).",
+            labels=["model"],
+        )
+        active = GaugeMetricFamily(
+            "ferrous_model_active_generations",
+            "Generations running on each loaded model.",
+            labels=["model"],
+        )
+        for x in models:
+            memory.add_metric([x.name, x.backend], float(x.size))
+            load.add_metric([x.name], x.load_ms / 1000)
+            active.add_metric([x.name], float(x.active))
+        yield from (memory, load, active)
+        cpu = CounterMetricFamily(
+            "ferrous_worker_cpu_seconds",
+            "CPU time of each engine worker process (user + system).",
+            labels=["worker"],
+        )
+        rss = GaugeMetricFamily(
+            "ferrous_worker_resident_memory_bytes",
+            "Resident memory of each engine worker process.",
+            labels=["worker"],
+        )
+        fds = GaugeMetricFamily(
+            "ferrous_worker_open_fds",
+            "Open file descriptors of each engine worker.",
+            labels=["worker"],
+        )
+        for index, pid in sorted(self._worker_pids().items()):
+            usage = _process_usage(pid)
+            if usage is None:
+                continue  # gone between the listing and the read
+            label = [str(index)]
+            cpu.add_metric(label, usage[0])
+            rss.add_metric(label, usage[1])
+            fds.add_metric(label, usage[2])
+        yield from (cpu, rss, fds)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _process_usage(pid: int) -> tuple[float, float, float] | None:
+    """(CPU seconds, resident bytes, open fds) of ``pid`` from /proc; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            resident = int(f.read().split()[1]) * _PAGE
+        open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, IndexError, ValueError):
+        return None
+    # Fields after the command name: state is [0], utime [11], stime [12] (proc(5)).
+    cpu = (int(fields[11]) + int(fields[12])) / _TICKS
+    return cpu, float(resident), float(open_fds)

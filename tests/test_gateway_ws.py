@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import urllib.request
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -16,6 +19,8 @@ from protocol.errors import ErrorCode
 
 from .conftest import SCRIPT
 from .gateway_helpers import MSGPACK, client
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GREEDY = m.Options(temperature=0.0, repeat_penalty=1.0)
 
@@ -315,9 +320,38 @@ async def test_healthz_and_metrics(server: RunningServer, token: str) -> None:
         "ferrous_active_generations",
         'ferrous_errors_total{code="not_found"} 1.0',
         "ferrous_backpressure_pauses_total",
+        # The gateway's own process, and each worker's.
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        'ferrous_worker_cpu_seconds_total{worker="0"}',
+        'ferrous_worker_resident_memory_bytes{worker="0"}',
     ):
         assert name in text, name
-    assert "ferrous_tokens_generated_total 5.0" in text
+    # Per model: its tokens, latencies, how its generations ended, what it holds.
+    assert 'ferrous_tokens_generated_total{model="script"} 5.0' in text
+    assert 'ferrous_time_to_first_token_seconds_count{model="script"} 1.0' in text
+    assert (
+        'ferrous_generations_finished_total{model="script",reason="length",tenant=""} 1.0' in text
+    )
+    assert "ferrous_models_loaded " in text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("ferrous_model_memory_bytes{", "ferrous_model_load_seconds{"))
+    }
+    assert samples['ferrous_model_memory_bytes{backend="llama_cpp",model="script"}'] > 0
+    assert samples['ferrous_model_load_seconds{model="script"}'] > 0
+    # The dashboard under deploy/ plots only series this server exports.
+    dashboard = json.loads((ROOT / "deploy/grafana/ferrousforge.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = set(re.findall(r"\b((?:ferrous|process)_[a-z_]+)", " ".join(exprs)))
+    exported = set()
+    for line in text.splitlines():  # "# TYPE name kind": what the series are called
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+            exported.update(name + x for x in ["", *suffixes.get(kind, [])])
+    assert len(names) >= 15 and names <= exported, names - exported
 
 
 async def test_token_in_subprotocol_and_single_use_tickets(
