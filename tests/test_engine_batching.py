@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 from pathlib import Path
+
+import llama_cpp
 
 from engine import (
     ChatMessage,
@@ -297,3 +300,61 @@ def test_an_interrupted_step_advances_nothing_and_changes_no_output(random_model
     assert stopped > 10
     assert interrupted == plain
     assert all(len(tokens) == 40 for tokens in plain)
+
+
+def test_a_step_interrupted_after_part_of_its_micro_batches_leaves_no_cells(
+    random_model: Path,
+) -> None:
+    """A step of a prompt beside decoding sequences runs as several micro-batches; one
+    stopped in its last micro-batch must still leave the cache as before the step
+    (else the next step is refused: positions must follow the cache's)."""
+    prompts = ["Once upon a time", "The quick brown fox"]
+    late = "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole"
+
+    def run(stop_late: bool) -> list[list[int]]:
+        backend = LlamaCppBackend.load(str(random_model), LoadParams(n_threads=1, n_seq=3))
+        out: list[list[int]] = [[] for _ in range(3)]
+        calls = 0
+        limit = 0
+
+        def check(_: object) -> bool:
+            nonlocal calls
+            calls += 1
+            return bool(limit) and calls >= limit
+
+        callback = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p)(check)
+        llama_cpp.llama_set_abort_callback(backend._ctx, callback, None)  # type: ignore[attr-defined]
+        try:
+            for i, text in enumerate(prompts):
+                backend.start(i, backend.tokenize(text), greedy(max_tokens=20))
+            for _ in range(3):
+                for seq, token in backend.step([0, 1]).items():
+                    out[seq].append(token)
+            backend.start(2, backend.tokenize(late), greedy(max_tokens=20))
+            if stop_late:
+                # Count the checks of this uneven step, then stop the same step near its end.
+                calls = 0
+                probe = LlamaCppBackend.load(str(random_model), LoadParams(n_threads=1, n_seq=3))
+                try:
+                    llama_cpp.llama_set_abort_callback(probe._ctx, callback, None)  # type: ignore[attr-defined]
+                    for i, text in enumerate(prompts):
+                        probe.start(i, probe.tokenize(text), greedy(max_tokens=20))
+                    for _ in range(3):
+                        probe.step([0, 1])
+                    probe.start(2, probe.tokenize(late), greedy(max_tokens=20))
+                    calls = 0
+                    probe.step([0, 1, 2])
+                    per_step = calls
+                finally:
+                    probe.free()
+                calls, limit = 0, per_step - 3
+                assert backend.step([0, 1, 2]) == {}
+                limit = 0
+            for _ in range(10):
+                for seq, token in backend.step([0, 1, 2]).items():
+                    out[seq].append(token)
+        finally:
+            backend.free()
+        return out
+
+    assert run(stop_late=True) == run(stop_late=False)

@@ -673,8 +673,12 @@ class LlamaCppBackend(Backend):
                 return {}
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 2:
-                # Stopped by the interrupt flag: llama.cpp dropped what the step
-                # wrote to the cache, and no sequence advanced.
+                # Stopped by the interrupt flag. llama.cpp drops what the interrupted
+                # micro-batch wrote, but a step of uneven sequences runs as several
+                # (one per equal split): those finished before it keep their cells.
+                # No sequence advanced, so each is cut back to what it has read.
+                for _, st, _, _ in plan:
+                    llama_cpp.llama_memory_seq_rm(self._mem, st.slot.index, st.n_past, -1)
                 return {}
             if rc == 1 and self._release_idle():
                 rc = llama_cpp.llama_decode(self._ctx, self._batch)
