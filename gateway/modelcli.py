@@ -124,10 +124,11 @@ def _ago(t: float) -> str:
 
 
 class _PullView:
-    """Progress bars in a terminal, plain status lines otherwise."""
+    """Progress bars in a terminal; plain lines otherwise (a line per tenth of a download)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self.live = console.is_terminal
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -138,17 +139,33 @@ class _PullView:
             transient=False,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.tenths: dict[str, int] = {}
         self.last_status = ""
+        self.received = 0  # bytes of the download in progress
 
     def __enter__(self) -> _PullView:
-        self.progress.start()
+        if self.live:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
 
     def __call__(self, event: PullEvent) -> None:
         if event.total is not None and event.completed is not None:
+            self.received = event.completed
+            if not self.live:
+                tenth = event.completed * 10 // max(1, event.total)
+                if tenth != self.tenths.get(event.status):
+                    self.tenths[event.status] = tenth
+                    self.console.print(
+                        f"{event.status}: {tenth * 10}% ({_size(event.completed)} of "
+                        f"{_size(event.total)})",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                return
             task = self.tasks.get(event.status)
             if task is None:
                 task = self.progress.add_task(event.status, total=event.total)
@@ -157,7 +174,7 @@ class _PullView:
             return
         if event.status != self.last_status:
             self.last_status = event.status
-            self.progress.console.print(event.status)
+            self.console.print(event.status, highlight=False, soft_wrap=True)
 
 
 async def pull_with_progress(
@@ -169,10 +186,21 @@ async def pull_with_progress(
     to_onnx: str | None = None,
 ) -> ModelRecord:
     console = Console(stderr=True)
-    with _PullView(console) as view:
-        return await manager.pull(
-            model, source=source, sha256=sha256, progress=view, to_onnx=to_onnx
-        )
+    view = _PullView(console)
+    try:
+        with view:
+            return await manager.pull(
+                model, source=source, sha256=sha256, progress=view, to_onnx=to_onnx
+            )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if view.received:
+            console.print(
+                f"pull interrupted: {_size(view.received)} received are kept; "
+                "run the same command again to resume",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise
 
 
 async def ensure_local_model(config: ServerConfig, model: str) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from engine.store.modelfile import parse_modelfile
 from engine.tinymodels import write_tiny_llama
 
+from .fileserver import serve_payload
 from .gateway_helpers import free_port
 from .test_cli import ferrous
 
@@ -334,3 +335,32 @@ def test_ps_and_stop_without_a_server_name_the_port_asked_for(tmp_path: Path) ->
     for out in (ps, stop):
         assert out.returncode != 0
         assert f"no server answers on 127.0.0.1:{port}" in out.stderr, out.stderr
+
+
+def test_pull_over_http_plain_progress_interrupt_and_resume(tmp_path: Path) -> None:
+    """Piped output gets plain progress lines; Ctrl-C says how much is kept, and pulling
+    again resumes from there."""
+    payload = write_tiny_llama(tmp_path / "src.gguf", script="Okay.").read_bytes()
+    with serve_payload(payload) as srv:
+        srv.behaviour.slow_requests, srv.behaviour.slow_delay = 1, 0.2  # the first one trickles
+        env = {**os.environ, "FERROUS_HOME": str(tmp_path)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "pull", "web", srv.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        deadline = time.monotonic() + 60
+        while srv.behaviour.sent() < 3 * 64 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "pull interrupted" in err and "run the same command again to resume" in err
+        again = _ok(ferrous(tmp_path, "pull", "web", srv.url))
+        resumed = [r.range for r in srv.behaviour.requests]
+        assert resumed[0] is None and resumed[-1] is not None and resumed[-1].startswith("bytes=")
+    assert re.search(r"pulling: 100% \(\S+ \S+ of \S+ \S+\)", again.stderr), again.stderr
+    assert "━" not in again.stderr  # no progress bar drawn into a pipe
+    assert again.stdout.startswith("web  ")

@@ -246,10 +246,11 @@ async def test_wrong_bytes_are_rejected_and_nothing_is_registered(
 async def test_a_web_page_is_not_admitted_as_a_model(tmp_path: Path) -> None:
     with serve_payload(b"<html>login required</html>") as srv:
         mgr = _manager(tmp_path)
-        with pytest.raises(StoreError, match="not a usable GGUF"):
+        with pytest.raises(StoreError, match="does not serve a model file"):
             await mgr.pull("page", source=srv.url)
     assert await mgr.models() == []
     assert list(mgr.store.blobs.iterdir()) == []
+    assert list(mgr.store.partial.iterdir()) == []  # no partial, no sidecar left behind
 
 
 async def test_concurrent_pulls_of_one_model_share_one_download(

@@ -306,3 +306,28 @@ async def test_progress(server: Server, tmp_path: Path) -> None:
     assert all(p.total == len(PAYLOAD) for p in seen)
     assert seen[-1] == Progress("verifying", len(PAYLOAD), len(PAYLOAD))
     assert len(seen) < 50
+
+
+async def test_a_page_instead_of_a_model_is_refused_at_its_first_bytes(
+    server: Server, tmp_path: Path
+) -> None:
+    """A source that serves an HTML page is refused as its first bytes arrive (the 3 MB
+    body is not fetched), and nothing of it stays behind."""
+    server.behaviour.payload = b"<!DOCTYPE html><html>" + PAYLOAD
+    server.behaviour.slow_requests, server.behaviour.slow_delay = 1, 0.05  # 48 pieces, ~2.4 s
+    d = Downloader(tmp_path / "partial", retries=3)
+    with pytest.raises(StoreError) as e:
+        await d.fetch(server.url, expect_start=b"GGUF")
+    assert e.value.reason == "source" and "does not serve a model file" in e.value.message
+    assert len(server.behaviour.requests) == 1  # not retried
+    assert server.behaviour.sent() < len(server.behaviour.payload) // 2
+    assert list((tmp_path / "partial").glob("*.partial")) == []
+    assert list((tmp_path / "partial").glob("*.json")) == []
+
+
+async def test_a_host_that_does_not_resolve_is_not_retried(tmp_path: Path) -> None:
+    d = Downloader(tmp_path / "partial", retries=5, backoff=5.0)
+    with pytest.raises(StoreError) as e:
+        async with asyncio.timeout(30):  # five retries with backoff would take minutes
+            await d.fetch("http://no-such-host.invalid/model.gguf")
+    assert "does not resolve" in e.value.message

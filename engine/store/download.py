@@ -39,6 +39,7 @@ import functools
 import hashlib
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from io import FileIO
@@ -108,6 +109,7 @@ class _Job:
         self.listeners: list[ProgressFn] = []
         self.waiters = 0
         self.limit = 0  # bytes this download may write; 0 = no limit
+        self.expect_start: bytes | None = None  # the resource's first bytes (a magic)
         self._last_report = 0.0
 
     def report(self, progress: Progress, *, force: bool = False) -> None:
@@ -179,8 +181,15 @@ class Downloader:
         expected_sha256: str | None = None,
         headers: Mapping[str, str] | None = None,
         progress: ProgressFn | None = None,
+        expect_start: bytes | None = None,
     ) -> Download:
-        """Download ``url`` (or finish an earlier partial of it) and return the verified file."""
+        """Download ``url`` (or finish an earlier partial of it) and return the verified file.
+
+        ``expect_start``: the bytes the resource must begin with (a format's
+        magic, such as ``b"GGUF"``); anything else (an HTML page, an error
+        document) is refused as soon as its first bytes arrive, not after it
+        was downloaded whole, and nothing of it is kept.
+        """
         expected: str | None = None
         if expected_sha256 is not None:
             expected = expected_sha256.strip().lower().removeprefix("sha256:")
@@ -191,6 +200,7 @@ class Downloader:
         job = self._jobs.get(key)
         if job is None or job.task is None or job.task.done() or job.task.cancelling():
             job = _Job()
+            job.expect_start = expect_start
             task = asyncio.create_task(self._run(key, url, expected, dict(headers or {}), job))
             job.task = task
             self._jobs[key] = job
@@ -348,6 +358,12 @@ class Downloader:
         except httpx.TooManyRedirects as exc:
             raise StoreError("http", f"{doing}: too many redirects") from exc
         except httpx.RequestError as exc:
+            if _unresolved(exc):
+                # A host name that does not resolve will not resolve in a second either.
+                raise StoreError(
+                    "network",
+                    f"{doing}: the host name does not resolve (check the URL or the network)",
+                ) from exc
             raise _Retry(StoreError("network", f"{doing}: {_describe(exc)}")) from exc
 
     async def _consume(self, resp: httpx.Response, st: _State, url: str, job: _Job) -> bool:
@@ -419,9 +435,15 @@ class Downloader:
             raise os_error(exc, doing) from exc
         with f:
             buf = bytearray()
+            sniffing = job.expect_start if st.size == 0 else None
             try:
                 async for piece in resp.aiter_bytes():
                     buf += piece
+                    if sniffing is not None and len(buf) >= len(sniffing):
+                        if not buf.startswith(sniffing):
+                            buf.clear()
+                            raise self._not_the_format(st, doing, sniffing)
+                        sniffing = None
                     if job.limit and st.size + len(buf) > job.limit:
                         buf.clear()
                         raise self._too_large(st, doing, job.limit)
@@ -441,6 +463,17 @@ class Downloader:
                 StoreError("network", f"{doing}: got {st.size} of {total} bytes", retryable=True)
             )
         return True
+
+    def _not_the_format(self, st: _State, doing: str, magic: bytes) -> StoreError:
+        """Drop the partial and its sidecar: the source serves something else."""
+        self._restart(st, doing)
+        with contextlib.suppress(OSError):
+            st.meta_path.unlink(missing_ok=True)
+        return StoreError(
+            "source",
+            f"{doing}: the source does not serve a model file (it does not begin with "
+            f"{magic!r}; a web page instead of a download link?)",
+        )
 
     def _too_large(self, st: _State, doing: str, limit: int) -> StoreError:
         """Drop the partial and its sidecar: a download over the cap is not resumed."""
@@ -610,3 +643,14 @@ def _describe(exc: Exception) -> str:
     text = str(exc)
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+def _unresolved(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a failed host name lookup."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return "Name or service not known" in text or "nodename nor servname" in text

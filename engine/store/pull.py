@@ -311,7 +311,11 @@ class ModelManager:
                 )
 
         got = await self.downloader.fetch(
-            url, expected_sha256=expected, headers=headers, progress=on_progress
+            url,
+            expected_sha256=expected,
+            headers=headers,
+            progress=on_progress,
+            expect_start=b"GGUF",
         )
         await asyncio.to_thread(self._check_gguf, got.path, str(src))
         name = src.default_name + ".gguf"
