@@ -357,3 +357,11 @@ async def test_hf_source_uses_the_endpoint_token_and_published_digest(
         record = await mgr.pull("hf://org/repo/sub/Model.gguf@v2")
         assert str(record.ref) == "model:latest"
         assert record.manifest.source == "hf://org/repo/sub/Model.gguf@v2"
+
+
+async def test_a_mistyped_from_names_the_model_meant(tmp_path: Path) -> None:
+    mgr = _manager(tmp_path)
+    with pytest.raises(StoreError) as e:
+        await mgr.create("mine", "FROM smolm2\n", base_dir=tmp_path)
+    assert e.value.reason == "not_found"
+    assert "FROM smolm2: no model or file of that name (did you mean 'smollm2'?)" in e.value.message

@@ -42,7 +42,7 @@ from engine.store.download import Downloader, Progress
 from engine.store.errors import StoreError, os_error
 from engine.store.manifest import Format, Layer, Manifest, ManifestMessage, ParamValue
 from engine.store.modelfile import Modelfile, parse_modelfile
-from engine.store.names import ModelRef, parse_ref
+from engine.store.names import ModelRef, did_you_mean, looks_like_ref, parse_ref
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
 from engine.store.sources import parse_source as _parse_source
 from engine.store.store import ModelRecord, ModelStore
@@ -550,6 +550,13 @@ class ModelManager:
             parent_name = parent.ref.short
         else:
             src = _parse_source(base, base=base_dir)
+            if src.kind == "file" and not Path(src.location).exists() and looks_like_ref(base):
+                # A bare name that is neither a model nor a file: most likely a typo.
+                known = [r.ref.short for r in await self.models()] + list(self.catalog)
+                raise StoreError(
+                    "not_found",
+                    f"FROM {base}: no model or file of that name{did_you_mean(base, known)}",
+                )
             emit(PullEvent(f"importing {src.shown}"))
             staged, files, fmt = await self._fetch(src, emit)
             params, template, system, messages, licenses = {}, None, None, [], []
