@@ -327,7 +327,7 @@ class Session:
         t0 = time.perf_counter()
         conv = None
         conv_id = None
-        seeded = 0
+        turns: list[EngineMessage] = []
         parts: list[str] = []
         with bind(session=self.id, request=msg.id):
             try:
@@ -341,15 +341,15 @@ class Session:
                     conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
                     turns = [EngineMessage(x.role, x.content) for x in msg.messages]
                     if not conv.messages:  # a new conversation opens with the Modelfile's seeds
-                        opening = with_seeds(resolved, turns)
-                        seeded = len(opening) - len(turns)
-                        turns = opening
-                    conv.messages.extend(turns)
+                        turns = with_seeds(resolved, turns)
+                    # The turn joins the conversation only when it is answered (below):
+                    # until then it is this generation's alone, so an overlapping turn
+                    # on the same conversation that fails cannot take it out.
                     prepared = await prepare(
                         g,
                         self.principal,
                         msg.model,
-                        messages=list(conv.messages),
+                        messages=[*conv.messages, *turns],
                         options=msg.options,
                         extra=format_options(msg.format),
                         keep_alive=keep_alive,
@@ -402,8 +402,11 @@ class Session:
                         parts.append(ev.text)
                         continue
                     self._phase[msg.id] = "ending"
-                    if conv is not None and ev.finish_reason is not FinishReason.ERROR and parts:
-                        conv.messages.append(EngineMessage("assistant", "".join(parts)))
+                    answered = ev.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                    if conv is not None and (answered or (parts and ev.error is None)):
+                        # Committed at once (no await in between): the question and
+                        # its answer, or what was said of it before a cancel.
+                        conv.messages.extend([*turns, EngineMessage("assistant", "".join(parts))])
                     if ev.error is not None:
                         err = error_from_code(
                             ev.error.code, ev.error.message, retryable=ev.error.retryable
@@ -437,9 +440,6 @@ class Session:
                     )
             except FerrousError as exc:
                 log.info("generation refused: %s: %s", exc.code.value, exc.message)
-                if conv is not None:
-                    # The request never ran: do not keep messages the model did not see.
-                    del conv.messages[len(conv.messages) - len(msg.messages) - seeded :]  # type: ignore[union-attr]
                 await self.send_error(exc, msg.id)
             except asyncio.CancelledError:
                 ending = self._phase.get(msg.id) == "ending"

@@ -18,7 +18,7 @@ from protocol import messages as m
 from protocol.errors import ErrorCode
 
 from .conftest import SCRIPT
-from .gateway_helpers import MSGPACK, client
+from .gateway_helpers import MSGPACK, client, gateway, server_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -435,3 +435,42 @@ async def test_a_cancel_right_behind_its_generate_still_ends_with_done(
         await c.send(m.Generate("after", "script", "x", opts(max_tokens=2)))
         _, done, _ = await c.until_done("after")
         assert done.finish_reason == "length"
+
+
+async def test_overlapping_turns_of_one_conversation_keep_their_own_messages(
+    tmp_path: Path, slow_model: Path
+) -> None:
+    """Two turns of one conversation wait behind another chat for the only slot; the
+    first fails when it starts (its message does not fit the context), the second is
+    answered. The conversation keeps the second turn, question and answer, and nothing
+    of the failed one."""
+    config = server_config(tmp_path, {"slow": slow_model}, seqs_per_worker=1)
+    async with gateway(config) as srv:
+        token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+        async with client(srv, token) as c:
+            await c.send(
+                m.Chat("x", "slow", [m.ChatMessage("user", "hold")], None, opts(max_tokens=100_000))
+            )
+            while not isinstance(await c.recv(), m.Delta):
+                pass
+            huge = "word " * 20_000  # far beyond the 4096-token context
+            await c.send(
+                m.Chat("a", "slow", [m.ChatMessage("user", huge)], "c1", opts(max_tokens=4))
+            )
+            await c.send(
+                m.Chat("b", "slow", [m.ChatMessage("user", "short one")], "c1", opts(max_tokens=4))
+            )
+            while srv.gateway.engine.queued("slow") < 2:
+                await asyncio.sleep(0.01)
+            await c.send(m.Cancel("x"))
+            ended: dict[str, object] = {}
+            while len(ended) < 3:
+                msg = await c.recv()
+                if isinstance(msg, (m.Done, m.Error)) and msg.id in ("x", "a", "b"):
+                    ended.setdefault(msg.id, msg)
+            assert isinstance(ended["a"], m.Error)
+            assert isinstance(ended["b"], m.Done) and ended["b"].finish_reason == "length"
+        owner = (None, "alice")
+        conv = srv.gateway.conversations.get_or_create(owner, "c1", "slow")
+        assert [x.role for x in conv.messages] == ["user", "assistant"]
+        assert conv.messages[0].content == "short one"
