@@ -66,7 +66,8 @@ def start_server(
         with open(log, "ab") as out:
             proc = subprocess.Popen(command, env=full_env, stdout=out, stderr=out)
     else:
-        proc = subprocess.Popen(command, env=full_env)
+        # Its output goes to our stderr: stdout is for a benchmark's own report (--json).
+        proc = subprocess.Popen(command, env=full_env, stdout=sys.stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
