@@ -22,13 +22,21 @@ import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
 from engine.client import StartCallback, WaitCallback
-from engine.requests import new_request_id
+from engine.requests import Embeddings, FinishReason, new_request_id
 from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
 from gateway.quotas import Quota
 from gateway.scopes import ADMIN
 from protocol import messages as m
-from protocol.errors import BadRequest, FerrousError, Overloaded
+from protocol.errors import (
+    BadRequest,
+    Cancelled,
+    EngineError,
+    FerrousError,
+    Overloaded,
+    Stalled,
+    error_from_code,
+)
 from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
 
 if TYPE_CHECKING:
@@ -262,6 +270,85 @@ async def run(
             # A cancelled task's exception keeps this frame, which would keep the
             # task: a cycle holding the whole session until a full collection.
             del task
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """A whole answer: what every surface's non-streaming path returns."""
+
+    text: str
+    token_ids: list[int]
+    done: GenerationDone
+
+
+def raise_if_failed(done: GenerationDone) -> None:
+    """The one mapping from how a generation ended to the error a surface reports.
+
+    An error the engine named is raised as itself; ``cancelled`` as
+    :class:`Cancelled` (HTTP 499), ``stalled`` (its reader stopped reading) as
+    :class:`Stalled` (504), a bare ``error`` as :class:`EngineError`. ``stop``
+    and ``length`` return. Every surface answers the same way for the same end.
+    """
+    if done.error is not None:
+        raise error_from_code(done.error.code, done.error.message, retryable=done.error.retryable)
+    reason = done.finish_reason
+    if reason is FinishReason.CANCELLED:
+        raise Cancelled("the generation was cancelled")
+    if reason is FinishReason.STALLED:
+        raise Stalled("the generation stalled")
+    if reason is FinishReason.ERROR:
+        raise EngineError("the generation failed")
+
+
+async def collect(gateway: Gateway, prepared: Prepared) -> Outcome:
+    """Run a generation to its end and return the whole answer (raises how it failed)."""
+    parts: list[str] = []
+    ids: list[int] = []
+    async with contextlib.aclosing(run(gateway, prepared)) as events:
+        async for ev in events:
+            if isinstance(ev, TokenDelta):
+                parts.append(ev.text)
+                ids.extend(ev.token_ids or ())
+            else:
+                raise_if_failed(ev)
+                return Outcome("".join(parts), ids, ev)
+    raise EngineError("the generation ended without a result")
+
+
+async def embed(
+    gateway: Gateway,
+    principal: Principal,
+    model: str,
+    inputs: list[str],
+    *,
+    truncate: bool = True,
+    keep_alive: float | None = None,
+) -> tuple[Embeddings, float]:
+    """Embed ``inputs`` with ``model`` (and how long loading it took, in seconds):
+    what every surface's embedding route calls.
+
+    Like a generation: refused while the server drains, counted in the
+    metrics, and registered with the gateway so a shutdown cancels it after
+    its grace period.
+    """
+    if gateway.draining:
+        raise Overloaded("the server is shutting down")
+    task = asyncio.current_task()
+    if task is not None:
+        gateway.running.add(task)
+    try:
+        t0 = time.perf_counter()
+        resolved = await gateway.ensure_model(principal, model, keep_alive)
+        load_s = time.perf_counter() - t0
+        result = await gateway.engine.embed(
+            resolved.key, inputs, truncate=truncate, keep_alive=keep_alive
+        )
+    finally:
+        if task is not None:
+            gateway.running.discard(task)
+            del task
+    gateway.metrics.embedded.labels(resolved.key).inc(len(inputs))
+    gateway.metrics.embedding_tokens.labels(resolved.key).inc(result.prompt_tokens)
+    return result, load_s
 
 
 async def started(

@@ -75,6 +75,15 @@ class Metrics:
             ["model", "tenant", "reason"],
             registry=r,
         )
+        self.embedded = Counter(
+            "ferrous_embedding_inputs", "Texts embedded, by model.", ["model"], registry=r
+        )
+        self.embedding_tokens = Counter(
+            "ferrous_embedding_tokens",
+            "Tokens read for embeddings, by model.",
+            ["model"],
+            registry=r,
+        )
         ProcessCollector(registry=r)  # process_* series of the gateway
         self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
         self.generations = Gauge("ferrous_active_generations", "Generations in flight.", registry=r)

@@ -25,7 +25,14 @@ from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
 from engine.store.urls import redact_url
 from gateway.auth import Principal
-from gateway.generation import Prepared, format_options, prepare, run, started, with_seeds
+from gateway.generation import (
+    Prepared,
+    collect,
+    format_options,
+    prepare,
+    started,
+    with_seeds,
+)
 from gateway.httpapi import ClosingStream, Handler, http_status, read_body, unless_disconnected
 from gateway.httpapi import guarded as _guarded
 from gateway.models import pull_progress
@@ -397,33 +404,18 @@ def generation_routes(gateway: Gateway) -> list[Route]:
             return ClosingStream(_sse_generation(events, gen_id, body.model, conversation, commit))
 
         async def whole() -> GenerationResult:
-            parts: list[str] = []
-            ids: list[int] = []
-            done: GenerationDone | None = None
-            async for ev in run(gateway, prepared):
-                if isinstance(ev, TokenDelta):
-                    parts.append(ev.text)
-                    ids.extend(ev.token_ids or ())
-                else:
-                    done = ev
-            assert done is not None
-            if done.error is not None:
-                raise error_from_code(
-                    done.error.code, done.error.message, retryable=done.error.retryable
-                )
-            text = "".join(parts)
-            if done.finish_reason.value in ("stop", "length"):
-                commit(text)
-            d = _proto_done(gen_id, done, conversation)
+            outcome = await collect(gateway, prepared)  # raises how it failed
+            commit(outcome.text)
+            d = _proto_done(gen_id, outcome.done, conversation)
             return GenerationResult(
                 gen_id,
                 body.model,
-                text,
+                outcome.text,
                 d.finish_reason,
                 d.usage,
                 d.timings,
                 conversation,
-                ids if body.token_ids else None,
+                outcome.token_ids if body.token_ids else None,
             )
 
         result = await unless_disconnected(request, whole())

@@ -44,7 +44,17 @@ from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
 from engine.store.urls import redact_url
 from gateway.auth import Principal
-from gateway.generation import Prepared, format_options, prepare, run, started
+from gateway.generation import (
+    Prepared,
+    collect,
+    format_options,
+    prepare,
+    raise_if_failed,
+    started,
+)
+from gateway.generation import (
+    embed as embed_with,
+)
 from gateway.httpapi import (
     ClosingStream,
     guarded,
@@ -58,7 +68,7 @@ from gateway.namespaces import ModelView
 from gateway.native import modelfile_of
 from protocol import messages as m
 from protocol.durations import parse_duration
-from protocol.errors import BadRequest, EngineError, FerrousError, ModelNotFound, error_from_code
+from protocol.errors import BadRequest, FerrousError, ModelNotFound
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -244,13 +254,6 @@ def _refuse_unsupported(think: bool | str | None, logprobs: bool | None) -> None
         raise BadRequest("logprobs are not supported by this server")
 
 
-def _raise_if_failed(done: GenerationDone) -> None:
-    if done.error is not None:
-        raise error_from_code(done.error.code, done.error.message, retryable=done.error.retryable)
-    if done.finish_reason.value in ("cancelled", "stalled"):
-        raise EngineError(f"the generation was {done.finish_reason.value}")
-
-
 def _details(record: ModelRecord | None, facts: ModelFacts | None = None) -> dict[str, Any]:
     """Ollama's ``details``: read from the model's own metadata (engine.modelfacts)."""
     if record is None:
@@ -324,17 +327,9 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         if not stream:
 
             async def whole() -> Response:
-                parts: list[str] = []
-                done: GenerationDone | None = None
-                async for ev in run(gateway, prepared):
-                    if isinstance(ev, TokenDelta):
-                        parts.append(ev.text)
-                    else:
-                        done = ev
-                assert done is not None
-                _raise_if_failed(done)
-                body = {"model": model, "created_at": _now(), **piece("".join(parts))}
-                body.update(_done_fields(done))
+                outcome = await collect(gateway, prepared)  # raises how it failed
+                body = {"model": model, "created_at": _now(), **piece(outcome.text)}
+                body.update(_done_fields(outcome.done))
                 return JSONResponse(body)
 
             return await unless_disconnected(request, whole())
@@ -350,7 +345,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                         )
                         continue
                     try:
-                        _raise_if_failed(ev)
+                        raise_if_failed(ev)
                     except FerrousError as exc:
                         yield _line({"error": exc.message})
                         return
@@ -449,12 +444,10 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         principal: Principal, model: str, texts: list[str], truncate: bool, keep_alive: float | None
     ) -> tuple[list[list[float]], int, float, float]:
         t0 = time.perf_counter()
-        resolved = await gateway.ensure_model(principal, model, keep_alive)
-        t1 = time.perf_counter()
-        result = await gateway.engine.embed(
-            resolved.key, texts, truncate=truncate, keep_alive=keep_alive
+        result, load_s = await embed_with(
+            gateway, principal, model, texts, truncate=truncate, keep_alive=keep_alive
         )
-        return result.vectors, result.prompt_tokens, t1 - t0, time.perf_counter() - t0
+        return result.vectors, result.prompt_tokens, load_s, time.perf_counter() - t0
 
     async def embed(request: Request) -> Response:
         body = await read_body(gateway, request, EmbedBody)

@@ -55,9 +55,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta
-from engine.requests import Embeddings
 from engine.textstream import MAX_STOP_CHARS
-from gateway.generation import Prepared, format_options, prepare, run
+from gateway.generation import (
+    Prepared,
+    collect,
+    embed,
+    format_options,
+    prepare,
+    raise_if_failed,
+    run,
+)
 from gateway.httpapi import (
     ClosingStream,
     error_field,
@@ -71,12 +78,8 @@ from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import (
     BadRequest,
-    Cancelled,
     ErrorCode,
     FerrousError,
-    Overloaded,
-    Stalled,
-    error_from_code,
 )
 
 if TYPE_CHECKING:
@@ -389,29 +392,13 @@ def _inputs(body: EmbeddingsRequest) -> list[str]:
 
 def _finish(done: GenerationDone) -> str:
     """OpenAI's finish_reason, or raise the error the generation ended with."""
-    if done.error is not None:
-        raise error_from_code(done.error.code, done.error.message, retryable=done.error.retryable)
-    if done.finish_reason is FinishReason.CANCELLED:
-        raise Cancelled("the generation was cancelled")
-    if done.finish_reason is FinishReason.STALLED:
-        raise Stalled("the generation stalled")
-    if done.finish_reason is FinishReason.ERROR:
-        raise FerrousError("the generation failed")
+    raise_if_failed(done)
     return "length" if done.finish_reason is FinishReason.LENGTH else "stop"
 
 
 async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, GenerationDone]:
-    parts: list[str] = []
-    events = run(gateway, prepared)
-    try:
-        async for ev in events:
-            if isinstance(ev, TokenDelta):
-                parts.append(ev.text)
-            else:
-                return "".join(parts), ev
-    finally:
-        await events.aclose()
-    raise FerrousError("the generation ended without a result")
+    outcome = await collect(gateway, prepared)
+    return outcome.text, outcome.done
 
 
 def _usage(done: GenerationDone) -> dict[str, object]:
@@ -490,10 +477,6 @@ async def _sse_body(
 def openai_routes(gateway: Gateway) -> list[Route]:
     """The OpenAI-compatible routes, bound to ``gateway``."""
     fingerprint = f"ferrousforge-{gateway.version}"
-
-    def check_open() -> None:
-        if gateway.draining:
-            raise Overloaded("the server is shutting down")
 
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
@@ -632,17 +615,20 @@ def openai_routes(gateway: Gateway) -> list[Route]:
 
     async def embeddings(request: Request) -> Response:
         body = await read_body(gateway, request, EmbeddingsRequest)
-        check_open()
         inputs = _inputs(body)
         keep_alive = _keep_alive(body)
 
-        async def embed() -> Embeddings:
-            resolved = await gateway.ensure_model(request.state.principal, body.model, keep_alive)
-            return await gateway.engine.embed(
-                resolved.key, inputs, truncate=body.truncate, keep_alive=keep_alive
-            )
-
-        result = await _unless_disconnected(request, embed())
+        result, _ = await _unless_disconnected(
+            request,
+            embed(
+                gateway,
+                request.state.principal,
+                body.model,
+                inputs,
+                truncate=body.truncate,
+                keep_alive=keep_alive,
+            ),
+        )
         vectors = result.vectors
         size = len(vectors[0]) if vectors else 0
         if body.dimensions is not None and body.dimensions != size:

@@ -12,9 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.requests import ErrorInfo, FinishReason, GenerationDone, Timings, Usage
 from gateway.config import LimitsConfig
+from gateway.generation import raise_if_failed
+from gateway.httpapi import http_status
 from gateway.scopes import ALL_SCOPES
 from gateway.server import RunningServer
+from protocol.errors import FerrousError
 
 from .conftest import SCRIPT
 from .gateway_helpers import gateway, server_config
@@ -198,11 +202,39 @@ async def test_overload_is_a_503_on_every_surface(running: RunningServer) -> Non
             "/v1/chat/completions",
             {"model": "script", "messages": [{"role": "user", "content": "x"}]},
         )
+        # Embeddings too, on both compatible surfaces.
+        embeds = [
+            await post(running, "/api/embed", {"model": "script", "input": "x"}),
+            await post(running, "/api/embeddings", {"model": "script", "prompt": "x"}),
+            await post(running, "/v1/embeddings", {"model": "script", "input": "x"}),
+        ]
     finally:
         running.gateway.draining = False
+    assert [r.status_code for r in embeds] == [503, 503, 503]
     assert native.status_code == ollama.status_code == openai.status_code == 503
     assert native.json()["error"]["code"] == "overloaded"
     assert native.json()["error"]["retryable"] is True
     assert "shutting down" in ollama.json()["error"]
     assert openai.json()["error"]["type"] == "server_error"
     assert openai.json()["error"]["code"] == "overloaded"
+
+
+def test_every_surface_reports_an_ending_the_same_way() -> None:
+    """One mapping from how a generation ended to the error its whole answer reports
+    (gateway.generation.raise_if_failed): stalled is a 504 everywhere, cancelled a 499,
+    an unexplained failure a 500; stop and length are answers."""
+    usage, timings = Usage(1, 1), Timings(0, 0, 0, 0, 0)
+
+    def ended(reason: FinishReason, error: ErrorInfo | None = None) -> int:
+        try:
+            raise_if_failed(GenerationDone("r", reason, usage, timings, error))
+        except FerrousError as exc:
+            return http_status(exc)
+        return 200
+
+    assert ended(FinishReason.STOP) == ended(FinishReason.LENGTH) == 200
+    assert ended(FinishReason.STALLED) == 504
+    assert ended(FinishReason.CANCELLED) == 499
+    assert ended(FinishReason.ERROR) == 500
+    too_long = ErrorInfo("too_large", "the prompt does not fit", False)
+    assert ended(FinishReason.ERROR, too_long) == 413
