@@ -139,17 +139,8 @@ def _onnx_facts(folder: Path) -> ModelFacts:
         quant = {"FLOAT": "F32", "FLOAT16": "F16", "BFLOAT16": "BF16"}.get(quant, quant)
     else:
         quant = ""
-    arch = str(config.get("model_type") or "")
-    return ModelFacts(
-        format="onnx",
-        architecture=arch,
-        family=arch,
-        parameter_count=count,
-        parameter_size=size_label(count),
-        quantization=quant,
-        context_length=_int(config.get("max_position_embeddings")),
-        embedding_length=_int(config.get("hidden_size")),
-        capabilities=("embedding",) if encoder else ("completion",),
+    return _from_config(
+        "onnx", config, count, quant, ("embedding",) if encoder else ("completion",)
     )
 
 
@@ -178,17 +169,25 @@ def _safetensors_facts(folder: Path) -> ModelFacts:
                 n = _count(entry.get("shape", ()))
                 count += n
                 dtypes[str(entry.get("dtype", ""))] += n
+    quant = dtypes.most_common(1)[0][0] if dtypes else ""
+    return _from_config("safetensors", config, count, quant, ("embedding",))
+
+
+def _from_config(
+    fmt: str, config: dict[str, object], count: int, quant: str, capabilities: tuple[str, ...]
+) -> ModelFacts:
+    """Facts of a folder model: its Hugging Face ``config.json`` says the rest."""
     arch = str(config.get("model_type") or "")
     return ModelFacts(
-        format="safetensors",
+        format=fmt,
         architecture=arch,
         family=arch,
         parameter_count=count,
         parameter_size=size_label(count) if count else "",
-        quantization=dtypes.most_common(1)[0][0] if dtypes else "",
+        quantization=quant,
         context_length=_int(config.get("max_position_embeddings")),
         embedding_length=_int(config.get("hidden_size")),
-        capabilities=("embedding",),
+        capabilities=capabilities,
     )
 
 

@@ -5,13 +5,32 @@
 // page asks for one. The token is offered to the server as a WebSocket
 // subprotocol, which is how browsers authenticate without headers.
 import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
+import { renderAnswer } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   model: $("model"), status: $("status"), banner: $("banner"), auth: $("auth"), token: $("token"),
   conversation: $("conversation"), composer: $("composer"), prompt: $("prompt"),
-  send: $("send"), stop: $("stop"),
+  send: $("send"), stop: $("stop"), newChat: $("new-chat"),
+  system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
 };
+
+// Settings live in this browser: the system prompt opens each new conversation,
+// temperature and max tokens go with every request (empty: the model's defaults).
+const SETTINGS = { system: "ferrous.system", temperature: "ferrous.temperature", maxTokens: "ferrous.maxTokens" };
+for (const [field, key] of Object.entries(SETTINGS)) {
+  ui[field].value = localStorage.getItem(key) ?? "";
+  ui[field].addEventListener("change", () => localStorage.setItem(key, ui[field].value));
+}
+
+function options() {
+  const out = {};
+  const temperature = Number.parseFloat(ui.temperature.value);
+  if (Number.isFinite(temperature)) out.temperature = temperature;
+  const maxTokens = Number.parseInt(ui.maxTokens.value, 10);
+  if (Number.isInteger(maxTokens) && maxTokens > 0) out.max_tokens = maxTokens;
+  return Object.keys(out).length ? out : undefined;
+}
 
 let client = null;
 let conversationId = null;
@@ -74,7 +93,12 @@ async function connect(token) {
   }
   ui.auth.hidden = true;
   setStatus(`connected as ${client.ready.user}`);
-  ui.model.replaceChildren(...client.ready.models.map((name) => new Option(name, name)));
+  const models = client.ready.models;
+  ui.model.replaceChildren(...models.map((name) => new Option(name, name)));
+  // The model used last in this browser, else a chat model the server ships.
+  const remembered = localStorage.getItem("ferrous.model");
+  const preferred = [remembered, "smollm2", "smollm2:latest"].find((m) => m && models.includes(m));
+  if (preferred) ui.model.value = preferred;
   ui.model.disabled = false;
   setBusy(false);
   ui.prompt.focus();
@@ -96,24 +120,40 @@ async function ask(text) {
   answer.dataset.turn = String(turn);
   const body = document.createElement("span");
   body.className = "text";
-  answer.append(body);
+  const typing = document.createElement("span");
+  typing.className = "typing";
+  typing.setAttribute("aria-label", "the model is thinking");
+  const live = document.createElement("span");
+  live.className = "live";
+  answer.append(body, typing, live);
+  let said = "";
   const controller = new AbortController();
   const started = performance.now();
   let firstAt = 0;
   let deltas = 0;
+  const messages = [{ role: "user", content: text }];
+  const system = ui.system.value.trim();
+  if (!conversationId && system) messages.unshift({ role: "system", content: system });
   const gen = client.chat({
     model: ui.model.value,
-    messages: [{ role: "user", content: text }],
+    messages,
     conversation: conversationId ?? undefined,
+    options: options(),
     signal: controller.signal,
   });
   current = { gen, controller };
   setBusy(true);
   try {
     for await (const delta of gen) {
-      if (!firstAt) firstAt = performance.now();
+      if (!firstAt) {
+        firstAt = performance.now();
+        typing.remove();
+      }
       deltas += 1;
-      body.textContent += delta.text;
+      said += delta.text;
+      renderAnswer(body, said);
+      const seconds = (performance.now() - firstAt) / 1000;
+      live.textContent = seconds > 0.2 ? `${(deltas / seconds).toFixed(1)} tok/s` : "";
       answer.scrollIntoView({ block: "end" });
     }
   } catch (err) {
@@ -122,6 +162,8 @@ async function ask(text) {
     note.textContent = `error: ${err.code ?? "connection"}: ${err.message}`;
     answer.append(note);
   } finally {
+    typing.remove();
+    live.remove();
     current = null;
     setBusy(false);
   }
@@ -155,6 +197,15 @@ ui.prompt.addEventListener("keydown", (event) => {
 });
 
 ui.stop.addEventListener("click", () => current?.controller.abort());
+
+ui.newChat.addEventListener("click", () => {
+  if (current) return;
+  conversationId = null;
+  ui.conversation.replaceChildren();
+  ui.prompt.focus();
+});
+
+ui.model.addEventListener("change", () => localStorage.setItem("ferrous.model", ui.model.value));
 
 ui.auth.addEventListener("submit", (event) => {
   event.preventDefault();

@@ -67,3 +67,91 @@ test("a bad token gets a clear message", { timeout: 60_000 }, async () => {
   assert.match(await page.textContent("#banner"), /Authentication failed/);
   assert.equal(await page.isVisible("#auth"), true);
 });
+
+test("a typing indicator comes first, code blocks render as text, the model is remembered",
+  { timeout: 90_000 }, async () => {
+    const page = await browser.newPage();
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    const icon = await page.request.get(`${server.httpUrl}/favicon.svg`);
+    assert.equal(icon.status(), 200);
+    await page.selectOption("#model", "script");
+
+    // What appears, in order: the typing indicator, then the answer's text.
+    await page.evaluate(() => {
+      const seen = [];
+      window.seen = seen;
+      new MutationObserver((records) => {
+        for (const r of records) {
+          for (const n of r.addedNodes) {
+            if (n.classList?.contains("typing")) seen.push("typing");
+          }
+        }
+        const text = document.querySelector(".turn.assistant .text");
+        if (text?.textContent && !seen.includes("text")) seen.push("text");
+      }).observe(document.querySelector("#conversation"), { childList: true, subtree: true });
+    });
+    await page.fill("#prompt", "Say it");
+    await page.click("#send");
+    const answer = page.locator(".turn.assistant").first();
+    await answer.locator(".stats").waitFor();
+    assert.deepEqual(await page.evaluate(() => window.seen.slice(0, 2)), ["typing", "text"]);
+    assert.equal(await answer.locator(".typing").count(), 0);
+
+    // The page's own renderer (render.js), on an answer with code and a markup attempt.
+    const shown = await page.evaluate(async () => {
+      const { renderAnswer } = await import("/render.js");
+      const into = document.createElement("span");
+      renderAnswer(into, "Run `it`:\n```py\nprint(1)\n```\nand <img src=x onerror=alert(1)>");
+      document.querySelector(".turn.assistant").append(into);
+      return {
+        code: into.querySelector(".code pre code")?.textContent,
+        lang: into.querySelector(".code .lang")?.textContent,
+        copy: into.querySelectorAll(".code button.copy").length,
+        inline: into.querySelector("code.inline")?.textContent,
+        images: into.querySelectorAll("img").length,
+        text: into.textContent,
+      };
+    });
+    assert.deepEqual(
+      { ...shown, text: undefined },
+      { code: "print(1)", lang: "py", copy: 1, inline: "it", images: 0, text: undefined },
+    );
+    assert.ok(shown.text.endsWith("and <img src=x onerror=alert(1)>"), shown.text);
+
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: join(artifacts, "chat-page-code.png"), fullPage: true });
+    await page.setViewportSize({ width: 390, height: 780 });
+    await page.screenshot({ path: join(artifacts, "chat-page-phone.png"), fullPage: true });
+
+    await page.selectOption("#model", "slow");
+    await page.reload();
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    assert.equal(await page.inputValue("#model"), "slow");
+  });
+
+test("settings go with the request: a max-tokens limit cuts the answer; a new chat starts empty",
+  { timeout: 90_000 }, async () => {
+    const page = await browser.newPage();
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    await page.selectOption("#model", "slow");
+    await page.click("#settings summary");
+    await page.fill("#max-tokens", "3");
+    await page.dispatchEvent("#max-tokens", "change");
+    await page.fill("#system", "Be brief.");
+    await page.dispatchEvent("#system", "change");
+    await page.fill("#prompt", "Hello");
+    await page.click("#send");
+    const answer = page.locator(".turn.assistant").first();
+    await answer.locator(".stats").waitFor();
+    assert.equal(await answer.getAttribute("data-finish"), "length");
+    assert.match(await answer.locator(".stats").textContent(), /^3 tokens/);
+    await page.reload();
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    assert.equal(await page.inputValue("#max-tokens"), "3");  // kept in this browser
+    assert.equal(await page.inputValue("#system"), "Be brief.");
+    await page.click("#new-chat");
+    assert.equal(await page.locator(".turn").count(), 0);
+    await page.evaluate(() => localStorage.clear());
+  });
