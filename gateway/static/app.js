@@ -6,12 +6,13 @@
 // subprotocol, which is how browsers authenticate without headers.
 import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
 import { renderAnswer } from "./render.js";
+import * as saved from "./history.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
   model: $("model"), status: $("status"), banner: $("banner"), auth: $("auth"), token: $("token"),
   conversation: $("conversation"), composer: $("composer"), prompt: $("prompt"),
-  send: $("send"), stop: $("stop"), newChat: $("new-chat"),
+  send: $("send"), stop: $("stop"), newChat: $("new-chat"), historyList: $("history-list"),
   system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
 };
 
@@ -33,7 +34,10 @@ function options() {
 }
 
 let client = null;
+// The server's id for the conversation on screen, while this page holds one; null
+// when the next turn starts (or replays) a conversation on the server.
 let conversationId = null;
+let record = null; // the conversation on screen, as stored in this browser
 let current = null; // { gen, controller }
 let turn = 0;
 
@@ -113,8 +117,115 @@ function addTurn(role, text) {
   return div;
 }
 
+function showAssistant(text, stats, finish) {
+  const answer = addTurn("assistant", "");
+  const body = document.createElement("span");
+  body.className = "text";
+  renderAnswer(body, text);
+  answer.append(body);
+  if (stats) {
+    const line = document.createElement("span");
+    line.className = "stats";
+    line.textContent = stats;
+    answer.append(line);
+  }
+  if (finish) answer.dataset.finish = finish;
+  return answer;
+}
+
+// -- conversations kept in this browser -------------------------------------------------
+
+async function showHistory() {
+  const items = (await saved.list()).map((r) => {
+    const li = document.createElement("li");
+    li.dataset.id = r.id;
+    if (record && r.id === record.id) li.className = "current";
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "open";
+    open.textContent = r.title;
+    open.title = r.title;
+    open.addEventListener("click", () => openConversation(r.id));
+    const rename = document.createElement("button");
+    rename.type = "button";
+    rename.className = "rename";
+    rename.textContent = "✎";
+    rename.title = "rename";
+    rename.addEventListener("click", async () => {
+      const title = prompt("Rename the conversation", r.title);
+      if (title?.trim()) {
+        await saved.save({ ...r, title: title.trim() });
+        if (record?.id === r.id) record.title = title.trim();
+        await showHistory();
+      }
+    });
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "delete";
+    remove.textContent = "×";
+    remove.title = "delete";
+    remove.addEventListener("click", async () => {
+      if (!confirm(`Delete "${r.title}"?`)) return;
+      await saved.remove(r.id);
+      if (record?.id === r.id) newChat();
+      await showHistory();
+    });
+    li.append(open, rename, remove);
+    return li;
+  });
+  ui.historyList.replaceChildren(...items);
+}
+
+async function openConversation(id) {
+  if (current) return;
+  const stored = await saved.get(id);
+  if (!stored) return;
+  record = stored;
+  conversationId = null; // the next turn replays it: the server may not hold it any more
+  ui.conversation.replaceChildren();
+  for (const t of stored.turns) {
+    if (t.role === "user") addTurn("user", t.text);
+    else showAssistant(t.text, t.stats, t.finish);
+  }
+  if ([...ui.model.options].some((o) => o.value === stored.model)) ui.model.value = stored.model;
+  offerRegenerate();
+  await showHistory();
+}
+
+function newChat() {
+  record = null;
+  conversationId = null;
+  ui.conversation.replaceChildren();
+  showHistory();
+  ui.prompt.focus();
+}
+
+// The last answer may be asked for again: its turn is taken back and re-sent.
+function offerRegenerate() {
+  for (const b of ui.conversation.querySelectorAll("button.regenerate")) b.remove();
+  const answers = ui.conversation.querySelectorAll(".turn.assistant");
+  const last = answers[answers.length - 1];
+  if (!last || !record || record.turns.length < 2) return;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "regenerate";
+  button.textContent = "Regenerate";
+  button.addEventListener("click", async () => {
+    if (current || !client) return;
+    const question = record.turns[record.turns.length - 2];
+    record.turns.splice(-2, 2);
+    last.previousElementSibling?.remove();
+    last.remove();
+    conversationId = null; // the server's copy has the answer being replaced
+    await ask(question.text);
+  });
+  last.append(button);
+}
+
 async function ask(text) {
   turn += 1;
+  const earlier = record?.turns ?? [];
+  if (!record) record = { id: crypto.randomUUID(), title: saved.titleOf(text), model: ui.model.value, turns: [] };
   addTurn("user", text);
   const answer = addTurn("assistant", "");
   answer.dataset.turn = String(turn);
@@ -132,8 +243,12 @@ async function ask(text) {
   let firstAt = 0;
   let deltas = 0;
   const messages = [{ role: "user", content: text }];
-  const system = ui.system.value.trim();
-  if (!conversationId && system) messages.unshift({ role: "system", content: system });
+  if (!conversationId) {
+    // A new conversation on the server: the system prompt, and the turns so far.
+    const replay = earlier.map((t) => ({ role: t.role, content: t.text }));
+    const system = ui.system.value.trim();
+    messages.unshift(...(system ? [{ role: "system", content: system }] : []), ...replay);
+  }
   const gen = client.chat({
     model: ui.model.value,
     messages,
@@ -178,6 +293,14 @@ async function ask(text) {
       + `${done.timings.decode_tok_s.toFixed(1)} tok/s · first token ${ttft} ms`;
     answer.dataset.finish = done.finish_reason;
     answer.append(stats);
+    record.model = ui.model.value;
+    record.turns.push(
+      { role: "user", text },
+      { role: "assistant", text: said, stats: stats.textContent, finish: done.finish_reason },
+    );
+    await saved.save(record);
+    await showHistory();
+    offerRegenerate();
   }
 }
 
@@ -199,10 +322,7 @@ ui.prompt.addEventListener("keydown", (event) => {
 ui.stop.addEventListener("click", () => current?.controller.abort());
 
 ui.newChat.addEventListener("click", () => {
-  if (current) return;
-  conversationId = null;
-  ui.conversation.replaceChildren();
-  ui.prompt.focus();
+  if (!current) newChat();
 });
 
 ui.model.addEventListener("change", () => localStorage.setItem("ferrous.model", ui.model.value));
@@ -216,3 +336,4 @@ ui.auth.addEventListener("submit", (event) => {
 });
 
 connect(tokenFromFragment());
+showHistory();

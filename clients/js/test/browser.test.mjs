@@ -155,3 +155,56 @@ test("settings go with the request: a max-tokens limit cuts the answer; a new ch
     assert.equal(await page.locator(".turn").count(), 0);
     await page.evaluate(() => localStorage.clear());
   });
+
+test("conversations are kept in the browser: switched, continued, regenerated, renamed, deleted",
+  { timeout: 120_000 }, async () => {
+    const page = await browser.newPage();
+    page.on("dialog", (d) => d.accept(d.type() === "prompt" ? "Renamed chat" : undefined));
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    await page.selectOption("#model", "script");
+    const answered = async (n) => {
+      await page.waitForFunction(
+        (count) => document.querySelectorAll(".turn.assistant .stats").length === count, n);
+    };
+    const send = async (text, n) => {
+      await page.fill("#prompt", text);
+      await page.click("#send");
+      await answered(n);
+    };
+    await send("first question", 1);
+    await send("second question", 2);
+    await page.click("#new-chat");
+    await send("another topic", 1);
+    const titles = () => page.locator("#history-list li .open").allTextContents();
+    await page.waitForFunction(() => document.querySelectorAll("#history-list li").length === 2);
+    assert.deepEqual(await titles(), ["another topic", "first question"]);  // latest first
+    assert.equal(await page.locator("#history-list li.current .open").textContent(), "another topic");
+
+    // After a reload (the server's copy does not matter): open the first, continue it.
+    await page.reload();
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    await page.waitForFunction(() => document.querySelectorAll("#history-list li").length === 2);
+    await page.locator("#history-list li .open", { hasText: "first question" }).click();
+    await page.waitForFunction(() => document.querySelectorAll(".turn").length === 4);
+    assert.deepEqual(await page.locator(".turn.user").allTextContents(),
+      ["first question", "second question"]);
+    await send("third question", 3);
+    assert.equal(await page.locator(".turn").count(), 6);
+
+    // Regenerate replaces the last answer; the question stays, once.
+    await page.locator("button.regenerate").click();
+    await answered(3);
+    assert.deepEqual(await page.locator(".turn.user").allTextContents(),
+      ["first question", "second question", "third question"]);
+    assert.equal(await page.locator("button.regenerate").count(), 1);
+
+    await page.locator("#history-list li.current .rename").click();
+    await page.waitForFunction(() =>
+      document.querySelector("#history-list li.current .open")?.textContent === "Renamed chat");
+    await page.locator("#history-list li", { hasText: "another topic" }).locator(".delete").click();
+    await page.waitForFunction(() => document.querySelectorAll("#history-list li").length === 1);
+    await page.reload();
+    await page.waitForFunction(() => document.querySelectorAll("#history-list li").length === 1);
+    assert.deepEqual(await titles(), ["Renamed chat"]);
+  });
