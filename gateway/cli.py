@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 
+import httpx
 import msgspec
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
@@ -131,6 +132,7 @@ async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -
         pending.add(asyncio.ensure_future(ws.send(_JSON.encode(m.Cancel(gen_id)))))
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
+    said: list[str] = []
     try:
         while True:
             msg = await _recv(ws)
@@ -139,6 +141,7 @@ async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -
                     session.conversation = msg.conversation
                     session.system_sent = True
                 case m.Delta():
+                    said.append(msg.text)
                     sys.stdout.write(msg.text)
                     sys.stdout.flush()
                 case m.Done():
@@ -158,6 +161,8 @@ async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -
                         f"first token {t.ttft_ms:.0f} ms)",
                         file=sys.stderr,
                     )
+                    if msg.finish_reason in ("stop", "length"):
+                        session.turns.append((text, "".join(said)))
                     return msg.finish_reason in ("stop", "length", "cancelled")
                 case m.Error():
                     hint = ""
@@ -168,6 +173,25 @@ async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -
                         return False
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _save(ws_url: str, headers: dict[str, str], name: str, modelfile: str) -> bool:
+    """``/save NAME``: create the model on the server the chat runs on."""
+    base = ws_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    base = base.removesuffix("/v1/ws")
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(
+            f"{base}/v1/models/create", json={"name": name, "modelfile": modelfile}, headers=headers
+        )
+    if r.status_code != 200:
+        try:
+            why = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            why = f"HTTP {r.status_code}"
+        print(f"ferrous: could not save {name!r}: {why}", file=sys.stderr)
+        return False
+    print(f"Created new model {name!r}.")
+    return True
 
 
 def _model_hint(name: str) -> str:
@@ -255,6 +279,9 @@ async def _run(args: argparse.Namespace) -> int:
             if command.kind == "message":
                 n += 1
                 failed = not await _ask(ws, f"g{n}", session, command.text) or failed
+            elif command.kind == "save":
+                saved = await _save(url, headers, command.name, command.text)
+                failed = not saved or failed
             elif command.kind == "error":
                 print(command.text, file=sys.stderr)
             else:

@@ -11,6 +11,9 @@ follow Ollama's, since that is what people type:
   repeat_penalty, seed, num_predict or max_tokens), ``/set system TEXT``;
 * ``/show parameters``, ``/show system``, ``/show info``;
 * ``/clear`` — forget the conversation (the settings stay);
+* ``/save NAME`` — store the session as a model (FROM the model, its
+  parameters, system message and the conversation as MESSAGEs); ``/load
+  NAME`` — continue with another model, from an empty conversation;
 * ``/bye`` or ``/exit`` — leave (Ctrl-D too);
 * a line of ``\"\"\"`` starts (and another ends) a message of several lines.
 
@@ -24,6 +27,7 @@ from difflib import get_close_matches
 
 import msgspec
 
+from engine.store.modelfile import Message, Modelfile, ParamValue, render_modelfile
 from protocol import messages as m
 
 __all__ = ["HELP", "Command", "Session", "parse"]
@@ -34,6 +38,8 @@ HELP = """Available commands:
   /set system TEXT            set the system message
   /show parameters|system|info
   /clear                      start a new conversation
+  /save NAME                  save the session (settings and messages) as a model
+  /load NAME                  switch to another model, starting a new conversation
   /bye                        leave (or Ctrl-D)
   /?, /help                   this list
 
@@ -51,7 +57,9 @@ _PARAMETERS = {
     "max_tokens": "max_tokens",
 }
 _INTEGERS = {"top_k", "seed", "max_tokens"}
-_COMMANDS = ["/set", "/show", "/clear", "/bye", "/exit", "/help", "/?"]
+_COMMANDS = ["/set", "/show", "/clear", "/save", "/load", "/bye", "/exit", "/help", "/?"]
+# Options fields -> the Modelfile PARAMETER names /save writes.
+_MODELFILE_NAMES = {"max_tokens": "num_predict"}
 
 
 @dataclass
@@ -63,15 +71,18 @@ class Session:
     system: str | None = None
     system_sent: bool = False  # the system message went with the conversation's first turn
     conversation: str | None = None
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) so far
 
 
 @dataclass(frozen=True)
 class Command:
     """What a line asks for: ``kind`` is message, help, show, done (a setting changed),
-    quit or error; ``text`` is the message or what to print."""
+    save (``text`` is the Modelfile, ``name`` the model), quit or error; ``text`` is
+    the message or what to print."""
 
     kind: str
     text: str = ""
+    name: str = ""
 
 
 def parse(line: str, session: Session) -> Command:
@@ -88,7 +99,20 @@ def parse(line: str, session: Session) -> Command:
     if word == "/clear":
         session.conversation = None
         session.system_sent = False
+        session.turns = []
         return Command("done", "Cleared the conversation.")
+    if word == "/save":
+        if not rest or " " in rest:
+            return Command("error", "Usage: /save NAME")
+        return Command("save", modelfile_of(session), name=rest)
+    if word == "/load":
+        if not rest or " " in rest:
+            return Command("error", "Usage: /load NAME")
+        session.model = rest
+        session.conversation = None
+        session.system_sent = False
+        session.turns = []
+        return Command("done", f"Loading model {rest!r}: a new conversation.")
     if word == "/set":
         return _set(rest, session)
     if word == "/show":
@@ -136,3 +160,22 @@ def _show(rest: str, session: Session) -> Command:
     if rest == "info":
         return Command("show", f"model  {session.model}")
     return Command("error", "Usage: /show parameters|system|info")
+
+
+def modelfile_of(session: Session) -> str:
+    """The session as a Modelfile: what ``/save`` stores."""
+    parameters: dict[str, ParamValue | list[str]] = {}
+    for key, value in msgspec.to_builtins(session.options).items():
+        if key == "ignore_eos":
+            continue
+        parameters[_MODELFILE_NAMES.get(key, key)] = value
+    messages = [
+        Message(role, text)
+        for question, answer in session.turns
+        for role, text in (("user", question), ("assistant", answer))
+    ]
+    return render_modelfile(
+        Modelfile(
+            from_=session.model, parameters=parameters, system=session.system, messages=messages
+        )
+    )

@@ -161,3 +161,29 @@ def test_chat_commands_and_piped_input(tmp_path: Path, script_model: Path) -> No
     assert out.stdout.count(SCRIPT) == 1
     assert out.stderr.count("tokens, ") == 2
     assert "stopped at the token limit" in out.stderr
+
+
+def test_chat_save_and_load(tmp_path: Path, script_model: Path) -> None:
+    """/save stores the session as a model (its parameters, system message and the
+    conversation as MESSAGEs); /load continues with it."""
+    lines = [
+        "/set parameter temperature 0",
+        "/set parameter num_predict 13",
+        "/set system Be brief.",
+        "hello",
+        "/save mine",
+        "/load mine",
+        "again",
+        "/bye",
+    ]
+    out = ferrous(tmp_path, "run", str(script_model), "--port", "1", stdin="\n".join(lines) + "\n")
+    assert out.returncode == 0, out.stderr
+    assert "Created new model 'mine'." in out.stdout
+    assert out.stdout.count(SCRIPT) == 2  # answered before and after /load
+    shown = ferrous(tmp_path, "show", "mine", "--modelfile")
+    assert shown.returncode == 0, shown.stderr
+    modelfile = shown.stdout
+    assert "PARAMETER temperature 0" in modelfile and "PARAMETER num_predict 13" in modelfile
+    assert 'SYSTEM """Be brief."""' in modelfile, modelfile
+    assert "MESSAGE user hello" in modelfile, modelfile
+    assert f'MESSAGE assistant "{SCRIPT}"' in modelfile, modelfile
