@@ -135,23 +135,23 @@ function showAssistant(text, stats, finish) {
 
 // -- conversations kept in this browser -------------------------------------------------
 
+function button(className, text, title, onclick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = className;
+  b.textContent = text;
+  b.title = title;
+  b.addEventListener("click", onclick);
+  return b;
+}
+
 async function showHistory() {
   const items = (await saved.list()).map((r) => {
     const li = document.createElement("li");
     li.dataset.id = r.id;
     if (record && r.id === record.id) li.className = "current";
-    const open = document.createElement("button");
-    open.type = "button";
-    open.className = "open";
-    open.textContent = r.title;
-    open.title = r.title;
-    open.addEventListener("click", () => openConversation(r.id));
-    const rename = document.createElement("button");
-    rename.type = "button";
-    rename.className = "rename";
-    rename.textContent = "✎";
-    rename.title = "rename";
-    rename.addEventListener("click", async () => {
+    const open = button("open", r.title, r.title, () => openConversation(r.id));
+    const rename = button("rename", "✎", "rename", async () => {
       const title = prompt("Rename the conversation", r.title);
       if (title?.trim()) {
         await saved.save({ ...r, title: title.trim() });
@@ -159,12 +159,7 @@ async function showHistory() {
         await showHistory();
       }
     });
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "delete";
-    remove.textContent = "×";
-    remove.title = "delete";
-    remove.addEventListener("click", async () => {
+    const remove = button("delete", "×", "delete", async () => {
       if (!confirm(`Delete "${r.title}"?`)) return;
       await saved.remove(r.id);
       if (record?.id === r.id) newChat();
@@ -206,11 +201,7 @@ function offerRegenerate() {
   const answers = ui.conversation.querySelectorAll(".turn.assistant");
   const last = answers[answers.length - 1];
   if (!last || !record || record.turns.length < 2) return;
-  const button = document.createElement("button");
-  button.type = "button";
-  button.className = "regenerate";
-  button.textContent = "Regenerate";
-  button.addEventListener("click", async () => {
+  const again = button("regenerate", "Regenerate", "ask for this answer again", async () => {
     if (current || !client) return;
     const question = record.turns[record.turns.length - 2];
     record.turns.splice(-2, 2);
@@ -219,7 +210,7 @@ function offerRegenerate() {
     conversationId = null; // the server's copy has the answer being replaced
     await ask(question.text);
   });
-  last.append(button);
+  last.append(again);
 }
 
 async function ask(text) {
