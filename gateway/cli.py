@@ -118,7 +118,16 @@ async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -
     if session.system and not session.system_sent:
         messages.insert(0, m.ChatMessage("system", session.system))
     await ws.send(
-        _JSON.encode(m.Chat(gen_id, session.model, messages, session.conversation, session.options))
+        _JSON.encode(
+            m.Chat(
+                gen_id,
+                session.model,
+                messages,
+                session.conversation,
+                session.options,
+                format=session.format,
+            )
+        )
     )
     loop = asyncio.get_running_loop()
     me = asyncio.current_task()

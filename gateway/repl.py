@@ -9,7 +9,8 @@ follow Ollama's, since that is what people type:
 * ``/?`` or ``/help`` — the list;
 * ``/set parameter NAME VALUE`` (temperature, top_k, top_p, min_p,
   repeat_penalty, seed, num_predict or max_tokens), ``/set system TEXT``;
-* ``/show parameters``, ``/show system``, ``/show info``;
+* ``/set format json`` (answers are JSON), ``/set noformat``;
+* ``/show parameters``, ``/show system``, ``/show info``, ``/show modelfile``;
 * ``/clear`` — forget the conversation (the settings stay);
 * ``/save NAME`` — store the session as a model (FROM the model, its
   parameters, system message and the conversation as MESSAGEs); ``/load
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from difflib import get_close_matches
+from typing import Literal
 
 import msgspec
 
@@ -36,7 +38,8 @@ HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling parameter (temperature, top_k, top_p,
                               min_p, repeat_penalty, seed, num_predict)
   /set system TEXT            set the system message
-  /show parameters|system|info
+  /set format json            answer in JSON (/set noformat: free text)
+  /show parameters|system|info|modelfile
   /clear                      start a new conversation
   /save NAME                  save the session (settings and messages) as a model
   /load NAME                  switch to another model, starting a new conversation
@@ -71,6 +74,7 @@ class Session:
     system: str | None = None
     system_sent: bool = False  # the system message went with the conversation's first turn
     conversation: str | None = None
+    format: Literal["json"] | None = None  # answers constrained to JSON
     turns: list[tuple[str, str]] = field(default_factory=list)  # (question, answer) so far
 
 
@@ -125,6 +129,14 @@ def parse(line: str, session: Session) -> Command:
 def _set(rest: str, session: Session) -> Command:
     what, _, value = rest.partition(" ")
     value = value.strip()
+    if what == "format":
+        if value != "json":
+            return Command("error", "Usage: /set format json (or /set noformat)")
+        session.format = "json"
+        return Command("done", "Set format to 'json'.")
+    if what == "noformat":
+        session.format = None
+        return Command("done", "Cleared the format.")
     if what == "system":
         session.system = value or None
         session.system_sent = False
@@ -132,7 +144,9 @@ def _set(rest: str, session: Session) -> Command:
             "done", "Set the system message." if value else "Cleared the system message."
         )
     if what != "parameter":
-        return Command("error", "Usage: /set parameter NAME VALUE, or /set system TEXT")
+        return Command(
+            "error", "Usage: /set parameter NAME VALUE, /set system TEXT or /set format json"
+        )
     name, _, raw = value.partition(" ")
     field_name = _PARAMETERS.get(name)
     if field_name is None:
@@ -159,7 +173,9 @@ def _show(rest: str, session: Session) -> Command:
         return Command("show", session.system or "No system message set.")
     if rest == "info":
         return Command("show", f"model  {session.model}")
-    return Command("error", "Usage: /show parameters|system|info")
+    if rest == "modelfile":
+        return Command("show", modelfile_of(session).rstrip("\n"))
+    return Command("error", "Usage: /show parameters|system|info|modelfile")
 
 
 def modelfile_of(session: Session) -> str:

@@ -143,6 +143,9 @@ def test_chat_commands_and_piped_input(tmp_path: Path, script_model: Path) -> No
         "/set parameter temperature 0",
         "/set parameter num_predict 13",
         "/show parameters",
+        "/set format json",
+        "/set noformat",
+        "/show modelfile",
         "/sett system x",
         '"""',
         "first line",
@@ -156,6 +159,8 @@ def test_chat_commands_and_piped_input(tmp_path: Path, script_model: Path) -> No
     assert ">>>" not in out.stdout and "..." not in out.stdout
     assert "/set parameter NAME VALUE" in out.stdout  # the help
     assert "temperature      0.0" in out.stdout and "max_tokens       13" in out.stdout
+    assert "Set format to 'json'." in out.stdout and "Cleared the format." in out.stdout
+    assert f"FROM {script_model.stem.lower()}" in out.stdout  # /show modelfile
     assert "Unknown command '/sett' (did you mean /set?)" in out.stderr
     # Two turns reached the model: the two-line message and "again" (3 tokens, cut).
     assert out.stdout.count(SCRIPT) == 1
