@@ -13,6 +13,7 @@ const ui = {
   model: $("model"), status: $("status"), banner: $("banner"), auth: $("auth"), token: $("token"),
   conversation: $("conversation"), composer: $("composer"), prompt: $("prompt"),
   send: $("send"), stop: $("stop"), newChat: $("new-chat"), historyList: $("history-list"),
+  theme: $("theme"),
   system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
 };
 
@@ -23,6 +24,21 @@ for (const [field, key] of Object.entries(SETTINGS)) {
   ui[field].value = localStorage.getItem(key) ?? "";
   ui[field].addEventListener("change", () => localStorage.setItem(key, ui[field].value));
 }
+
+// Theme: as the system says (auto), or light or dark, remembered in this browser.
+const THEMES = ["auto", "light", "dark"];
+function applyTheme(theme) {
+  if (theme === "auto") delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = theme;
+  ui.theme.textContent = `Theme: ${theme}`;
+}
+applyTheme(localStorage.getItem("ferrous.theme") ?? "auto");
+ui.theme.addEventListener("click", () => {
+  const now = localStorage.getItem("ferrous.theme") ?? "auto";
+  const next = THEMES[(THEMES.indexOf(now) + 1) % THEMES.length];
+  localStorage.setItem("ferrous.theme", next);
+  applyTheme(next);
+});
 
 function options() {
   const out = {};
@@ -108,6 +124,28 @@ async function connect(token) {
   ui.prompt.focus();
 }
 
+// A question: its text, and a button to take it (and all after it) back into the
+// composer, edit it and send it again (the conversation continues from before it).
+function showUser(text, index) {
+  const div = addTurn("user", "");
+  const said = document.createElement("span");
+  said.className = "said";
+  said.textContent = text;
+  div.append(said, button("edit", "✎", "edit and send again", () => {
+    if (current) return;
+    const upTo = Number(div.dataset.index);
+    if (record && Number.isInteger(upTo)) record.turns = record.turns.slice(0, upTo);
+    while (div.nextElementSibling) div.nextElementSibling.remove();
+    div.remove();
+    conversationId = null; // the server's copy holds what is being replaced
+    ui.prompt.value = text;
+    ui.prompt.focus();
+    offerRegenerate();
+  }));
+  div.dataset.index = String(index);
+  return div;
+}
+
 function addTurn(role, text) {
   const div = document.createElement("div");
   div.className = `turn ${role}`;
@@ -179,7 +217,7 @@ async function openConversation(id) {
   conversationId = null; // the next turn replays it: the server may not hold it any more
   ui.conversation.replaceChildren();
   for (const t of stored.turns) {
-    if (t.role === "user") addTurn("user", t.text);
+    if (t.role === "user") showUser(t.text, stored.turns.indexOf(t));
     else showAssistant(t.text, t.stats, t.finish);
   }
   if ([...ui.model.options].some((o) => o.value === stored.model)) ui.model.value = stored.model;
@@ -217,7 +255,8 @@ async function ask(text) {
   turn += 1;
   const earlier = record?.turns ?? [];
   if (!record) record = { id: crypto.randomUUID(), title: saved.titleOf(text), model: ui.model.value, turns: [] };
-  addTurn("user", text);
+  else if (!record.turns.length) record.title = saved.titleOf(text); // its first question was edited
+  showUser(text, earlier.length);
   const answer = addTurn("assistant", "");
   answer.dataset.turn = String(turn);
   const body = document.createElement("span");

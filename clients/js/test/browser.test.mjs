@@ -187,7 +187,7 @@ test("conversations are kept in the browser: switched, continued, regenerated, r
     await page.waitForFunction(() => document.querySelectorAll("#history-list li").length === 2);
     await page.locator("#history-list li .open", { hasText: "first question" }).click();
     await page.waitForFunction(() => document.querySelectorAll(".turn").length === 4);
-    assert.deepEqual(await page.locator(".turn.user").allTextContents(),
+    assert.deepEqual(await page.locator(".turn.user .said").allTextContents(),
       ["first question", "second question"]);
     await send("third question", 3);
     assert.equal(await page.locator(".turn").count(), 6);
@@ -195,7 +195,7 @@ test("conversations are kept in the browser: switched, continued, regenerated, r
     // Regenerate replaces the last answer; the question stays, once.
     await page.locator("button.regenerate").click();
     await answered(3);
-    assert.deepEqual(await page.locator(".turn.user").allTextContents(),
+    assert.deepEqual(await page.locator(".turn.user .said").allTextContents(),
       ["first question", "second question", "third question"]);
     assert.equal(await page.locator("button.regenerate").count(), 1);
 
@@ -207,4 +207,42 @@ test("conversations are kept in the browser: switched, continued, regenerated, r
     await page.reload();
     await page.waitForFunction(() => document.querySelectorAll("#history-list li").length === 1);
     assert.deepEqual(await titles(), ["Renamed chat"]);
+  });
+
+test("a question can be edited and sent again; the theme is switched and remembered",
+  { timeout: 90_000 }, async () => {
+    const page = await browser.newPage();
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    await page.selectOption("#model", "script");
+    for (const [text, n] of [["first try", 1], ["second", 2]]) {
+      await page.fill("#prompt", text);
+      await page.click("#send");
+      await page.waitForFunction(
+        (count) => document.querySelectorAll(".turn.assistant .stats").length === count, n);
+    }
+    // Editing the first question takes it and everything after it back.
+    await page.locator(".turn.user").first().locator("button.edit").click();
+    assert.equal(await page.inputValue("#prompt"), "first try");
+    assert.equal(await page.locator(".turn").count(), 0);
+    await page.fill("#prompt", "first, edited");
+    await page.click("#send");
+    await page.waitForFunction(() => document.querySelectorAll(".turn.assistant .stats").length === 1);
+    assert.deepEqual(await page.locator(".turn.user .said").allTextContents(), ["first, edited"]);
+    await page.reload();
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    assert.deepEqual(await page.locator("#history-list li .open").allTextContents(), ["first, edited"]);
+    await page.locator("#history-list li .open").first().click();
+    await page.waitForFunction(() => document.querySelectorAll(".turn").length === 2);
+    assert.deepEqual(await page.locator(".turn.user .said").allTextContents(), ["first, edited"]);
+
+    const theme = () => page.evaluate(() => document.documentElement.dataset.theme ?? "auto");
+    assert.equal(await theme(), "auto");
+    await page.click("#theme");
+    assert.equal(await theme(), "light");
+    await page.click("#theme");
+    assert.equal(await theme(), "dark");
+    await page.reload();
+    assert.equal(await theme(), "dark");
+    await page.screenshot({ path: join(artifacts, "chat-page-dark.png"), fullPage: true });
   });
