@@ -191,6 +191,8 @@ class WorkerPool:
             )
         except BaseException:
             parent.close()
+            w.interrupt.close()
+            w.interrupt = None
             raise
         finally:
             child.close()
