@@ -111,17 +111,17 @@ async def test_keep_alive_zero_unloads_after_the_request(
 async def test_keep_alive_duration_and_forever(pool: EngineClient, script_model: Path) -> None:
     await pool.load("short", script_model)
     await pool.load("kept", script_model, keep_alive=-1)
+    asked = time.monotonic()  # before the generation ends, so before its keep-alive starts
     await collect(
-        pool, GenerateRequest(model="short", prompt="x", sampling=greedy(), keep_alive=1.0)
+        pool, GenerateRequest(model="short", prompt="x", sampling=greedy(), keep_alive=3.0)
     )
-    ended = time.monotonic()
     [short] = [x for x in pool.loaded() if x.name == "short"]
-    assert short.expires_at is not None and 0 < short.expires_at - time.time() <= 1.0
+    assert short.expires_at is not None and 0 < short.expires_at - time.time() <= 3.0
     [kept] = [x for x in pool.loaded() if x.name == "kept"]
     assert kept.expires_at is None and kept.size > 0
     await wait_until_unloaded(pool, "short", within=15.0)
     # Never before its keep_alive (a slow machine only makes it later).
-    assert time.monotonic() - ended >= 0.9
+    assert time.monotonic() - asked >= 3.0
     assert pool.models() == ["kept"]
     await asyncio.sleep(1.2)
     assert pool.models() == ["kept"]
