@@ -51,6 +51,14 @@ import numpy as np
 
 from engine.backends.base import Backend, EmbedJob, LoadParams
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
+from engine.backends.llamaslots import (
+    BORROW_MIN,
+    BORROW_SPAN,
+    Slot,
+    common_prefix,
+    pick_slot,
+    spliced,
+)
 from engine.backends.select import check_model_file
 from engine.interrupt import strlen_callback_address
 from engine.requests import SamplingParams
@@ -141,62 +149,6 @@ def _capturing_errors(fn: Callable[[], object]) -> tuple[object, str]:
     return result, "; ".join(dict.fromkeys(reasons))[:500]
 
 
-class _Slot:
-    __slots__ = ("busy", "history", "index")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.busy = False
-        self.history: list[int] = []  # tokens whose KV this slot holds, positions 0..n-1
-
-
-# A free slot whose cached prefix saves at least this many prompt tokens is worth
-# taking over the lowest free one (see _pick_slot).
-REUSE_MIN = 64
-# A prompt sharing fewer tokens than this with every cache is unrelated to them.
-SHARE_MIN = 16
-
-
-# Copy another slot's cache when it holds at least this many more prompt tokens
-# than the chosen slot (see LlamaCppBackend._borrow), and is at most BORROW_SPAN
-# times as long as what it shares.
-BORROW_MIN = 8
-BORROW_SPAN = 64
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """How many first tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _pick_slot(free: list[_Slot], shared: list[int], unified: bool) -> _Slot:
-    """The slot a new sequence takes: the lowest free one, unless a cache says otherwise.
-
-    With a window per sequence llama.cpp attends over the span of windows from
-    the lowest to the highest slot in a step, used or not: eight streams in
-    slots 0-7 decoded at 38 ms a step, the same eight spread over slots 0-14
-    at 57-68 ms (SmolLM2, 2 threads); choosing each newcomer's slot by its
-    longest shared prefix (a system prompt plus a word or two) cost ~10 % at 8
-    streams. So streams are packed low, and a cached prefix must save
-    ``REUSE_MIN`` tokens (a follow-up turn, a long shared context) to pull a
-    sequence elsewhere. A prompt that shares under ``SHARE_MIN`` tokens with
-    every cache (it is unrelated to them) takes the emptiest free slot instead,
-    so that a finished conversation's history survives for its next turn. In
-    one shared cache the place costs nothing and the longest prefix wins.
-    """
-    best = max(range(len(free)), key=lambda i: (shared[i], -free[i].index))
-    if unified or shared[best] >= REUSE_MIN:
-        return free[best]
-    if shared[best] < SHARE_MIN:
-        return min(free, key=lambda x: (len(x.history), x.index))
-    return min(free, key=lambda x: x.index)
-
-
 class _SeqState:
     __slots__ = (
         "constrained",
@@ -218,7 +170,7 @@ class _SeqState:
 
     def __init__(
         self,
-        slot: _Slot,
+        slot: Slot,
         pending: list[int],
         n_past: int,
         sampler: object | None,
@@ -280,7 +232,7 @@ class LlamaCppBackend(Backend):
         self._buf = ctypes.create_string_buffer(256)
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
-        self._slots = [_Slot(i) for i in range(n_seq)]
+        self._slots = [Slot(i) for i in range(n_seq)]
         self._seqs: dict[int, _SeqState] = {}
         self._n_threads = n_threads
         self._failed: dict[int, Exception] = {}
@@ -489,12 +441,12 @@ class LlamaCppBackend(Backend):
 
         # Each free slot's cache as this prompt could use it: the exact common
         # prefix, extended over the model's own answer tokens where the prompt
-        # spells the same text (see _spliced).
-        fits = [self._spliced(x.history, prompt) for x in free]
-        slot = _pick_slot(free, [n for _, n in fits], self._unified)
-        spliced, same = fits[free.index(slot)]
+        # spells the same text (engine.backends.llamaslots.spliced).
+        fits = [spliced(x.history, prompt, self.token_bytes, self.n_ctx) for x in free]
+        slot = pick_slot(free, [n for _, n in fits], self._unified)
+        joined, same = fits[free.index(slot)]
         if same:
-            prompt = spliced
+            prompt = joined
         same = self._borrow(slot, prompt, same)
         keep = min(same, len(prompt) - 1)  # read at least one token to get logits
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
@@ -522,7 +474,7 @@ class LlamaCppBackend(Backend):
             state.penalty = sampling.repeat_penalty
             state.recent.extend(prompt[-PENALTY_LAST_N:])
 
-    def _borrow(self, slot: _Slot, prompt: list[int], same: int) -> int:
+    def _borrow(self, slot: Slot, prompt: list[int], same: int) -> int:
         """Give ``slot`` the longest prefix of ``prompt`` any other slot holds; the tokens it now has.
 
         Chats through one server mostly begin alike (the same system prompt,
@@ -538,7 +490,7 @@ class LlamaCppBackend(Backend):
         for other in self._slots:
             if other is slot or len(other.history) <= most:
                 continue
-            n = _common(other.history, prompt)
+            n = common_prefix(other.history, prompt)
             # A donor far longer than what it shares costs more to copy than it saves.
             if n >= most + BORROW_MIN and len(other.history) <= n * BORROW_SPAN:
                 donor, most = other, n
@@ -561,54 +513,6 @@ class LlamaCppBackend(Backend):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, most, -1)
         slot.history = donor.history[:most]
         return most
-
-    def _spliced(self, history: list[int], prompt: list[int]) -> tuple[list[int], int]:
-        """``prompt`` with a cached answer's own tokens where it spells the same text,
-        and how many of its first tokens ``history`` (a slot's cache) holds.
-
-        A conversation's next turn repeats the model's last answer as text, and
-        tokenizing that text need not give back the tokens the model generated
-        ("Paris" may have come out as "Par" + "is"): the prompt then parts from
-        the slot's cache inside that answer, and everything after is read again
-        (each turn slower than the last). Where the prompt, from the first
-        differing token, spells exactly the bytes of the cached tokens, those
-        tokens are used instead: the model sees what it said, and only the new
-        turn is read. Token boundaries must meet; otherwise nothing changes.
-        """
-        same = 0
-        for x, y in zip(history, prompt, strict=False):
-            if x != y:
-                break
-            same += 1
-        if same == 0 or same >= len(history) or same >= len(prompt):
-            return prompt, same
-        cached = history[same:]
-        # Spell both sides byte by byte; stop where they part. Wherever both have
-        # spelled the same bytes so far and a token ends on each side, they meet.
-        ours, theirs = bytearray(), bytearray()  # cached[:i], prompt[same:same + j]
-        i = j = 0
-        meet = (0, 0)
-        while i < len(cached) and same + j < len(prompt):
-            if len(ours) <= len(theirs):
-                start = len(ours)
-                ours += self.token_bytes(cached[i])
-                i += 1
-            else:
-                start = len(theirs)
-                theirs += self.token_bytes(prompt[same + j])
-                j += 1
-            end = min(len(ours), len(theirs))
-            if ours[start:end] != theirs[start:end]:
-                break
-            if len(ours) == len(theirs):
-                meet = (i, j)
-        if meet == (0, 0):
-            return prompt, same
-        i, j = meet
-        spliced = history[: same + i] + prompt[same + j :]
-        if len(spliced) >= self.n_ctx:
-            return prompt, same
-        return spliced, same + i
 
     def set_interrupt(self, address: int) -> None:
         # strlen(flag) is true while the flag is up; it runs on the compute
@@ -638,7 +542,7 @@ class LlamaCppBackend(Backend):
             raise RuntimeError("no free sequence slot to resume in")
         tokens = st.tokens
         # Its old slot, when no one took it, still holds its whole cache.
-        counts = [_common(x.history, tokens) for x in free]
+        counts = [common_prefix(x.history, tokens) for x in free]
         best = max(range(len(free)), key=lambda i: (counts[i], free[i] is st.slot))
         slot = free[best]
         keep = min(self._borrow(slot, tokens, counts[best]), len(tokens) - 1)
