@@ -322,15 +322,18 @@ async function ask(text) {
     stats.textContent = `${reason}${done.usage.completion_tokens} tokens · `
       + `${done.timings.decode_tok_s.toFixed(1)} tok/s · first token ${ttft} ms`;
     answer.dataset.finish = done.finish_reason;
-    answer.append(stats);
-    record.model = ui.model.value;
-    record.turns.push(
+    const kept = record;
+    kept.model = ui.model.value;
+    kept.turns.push(
       { role: "user", text },
       { role: "assistant", text: said, stats: stats.textContent, finish: done.finish_reason },
     );
-    await saved.save(record);
+    await saved.save(kept);
+    // The answer is finished once it is stored: its stats and the Regenerate
+    // button appear together, after that.
+    answer.append(stats);
+    if (record === kept) offerRegenerate();
     await showHistory();
-    offerRegenerate();
   }
 }
 
