@@ -53,7 +53,7 @@ from websockets.typing import Subprotocol
 
 from bench.serving import start_server, stop_server
 from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
-from gateway.runtime import raise_fd_limit
+from gateway.process_tuning import raise_fd_limit
 from protocol import messages as m
 from protocol.codec import codec_for
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import logging
 import time
@@ -35,34 +34,28 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from engine import EngineClient
 from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
+from gateway.conversations import ConversationStore
+from gateway.generate_routes import generation_routes
 from gateway.generation import fair_share_key
 from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
+from gateway.model_routes import model_routes
 from gateway.models import ModelRegistry, ResolvedModel
 from gateway.namespaces import ModelView
-from gateway.native import generation_routes, model_routes
 from gateway.ollama import ollama_routes
 from gateway.openai_api import openai_routes
 from gateway.origins import BrowserGuard, BrowserPolicy
+from gateway.process_tuning import GcTuner
 from gateway.quotas import Quota, QuotaBook
-from gateway.runtime import GcTuner
-from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, ConversationStore, Session
+from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
+from gateway.version import __version__
 from protocol.codec import SUBPROTOCOLS, codec_for
 from protocol.errors import BadRequest, ErrorCode, FerrousError
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
 
-__all__ = ["Gateway", "__version__", "error_body"]
+__all__ = ["GatewayApp", "error_body"]
 
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("ferrousforge")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return "0.1.0"
-
-
-__version__ = _version()
 
 STATIC_DIR = Path(__file__).with_name("static")
 REVOCATION_CHECK_INTERVAL = 0.5  # seconds between checks of the API key file
@@ -119,7 +112,7 @@ class _FairWebSocket:
         return getattr(self._ws, name)
 
 
-class Gateway:
+class GatewayApp:
     """Holds the engine, the authenticator, sessions and metrics; ``app`` is the ASGI app."""
 
     def __init__(
@@ -149,7 +142,7 @@ class Gateway:
         )
         self._closing: set[asyncio.Task[None]] = set()
         # ``ferrous serve`` sets this: it freezes the GC after bursts of accepts and sweeps
-        # after bursts of closes (see gateway.runtime).
+        # after bursts of closes (see gateway.process_tuning).
         self.gc_tuner: GcTuner | None = None
         self._openapi: bytes | None = None
         self.models = ModelRegistry(config, engine)

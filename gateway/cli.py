@@ -27,7 +27,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from engine.store.names import did_you_mean
-from gateway.app import __version__
 from gateway.config import ConfigError, ServerConfig, load_config, redacted, render_toml
 from gateway.modelcli import (
     COMMANDS,
@@ -39,6 +38,7 @@ from gateway.modelcli import (
 from gateway.repl import Session, parse
 from gateway.scopes import ALL_SCOPES, parse_scopes
 from gateway.server import build_authenticator, running_server, serve
+from gateway.version import __version__
 from protocol import messages as m
 from protocol.codec import codec_for
 from protocol.errors import ErrorCode, FerrousError

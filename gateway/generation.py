@@ -40,7 +40,7 @@ from protocol.errors import (
 from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.interface import Gateway
 
 __all__ = [
     "Prepared",

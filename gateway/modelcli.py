@@ -37,7 +37,7 @@ from engine.store.pull import ModelManager, PullEvent
 from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
 from gateway.config import ServerConfig, ferrous_home, load_config
-from gateway.native import modelfile_of
+from gateway.model_routes import modelfile_of
 from protocol.durations import format_duration
 from protocol.errors import FerrousError
 

@@ -55,7 +55,7 @@ from gateway.generation import (
 from gateway.generation import (
     embed as embed_with,
 )
-from gateway.httpapi import (
+from gateway.http_common import (
     ClosingStream,
     guarded,
     http_status,
@@ -63,15 +63,15 @@ from gateway.httpapi import (
     read_body,
     unless_disconnected,
 )
+from gateway.model_routes import modelfile_of
 from gateway.models import pull_progress
 from gateway.namespaces import ModelView
-from gateway.native import modelfile_of
 from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import BadRequest, FerrousError, ModelNotFound
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.interface import Gateway
 
 __all__ = ["ollama_error", "ollama_routes"]
 

@@ -65,7 +65,7 @@ from gateway.generation import (
     raise_if_failed,
     run,
 )
-from gateway.httpapi import (
+from gateway.http_common import (
     ClosingStream,
     error_field,
     guarded,
@@ -73,7 +73,7 @@ from gateway.httpapi import (
     loopback_without_token,
     read_body,
 )
-from gateway.httpapi import unless_disconnected as _unless_disconnected
+from gateway.http_common import unless_disconnected as _unless_disconnected
 from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import (
@@ -83,7 +83,7 @@ from protocol.errors import (
 )
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.interface import Gateway
 
 __all__ = [
     "ChatCompletionRequest",

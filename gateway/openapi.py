@@ -13,15 +13,8 @@ from typing import Any
 
 import msgspec
 
-from gateway.native import (
-    ChatBody,
-    CopyBody,
-    CreateBody,
-    GenerateBody,
-    GenerationResult,
-    ModelBody,
-    PullBody,
-)
+from gateway.generate_routes import ChatBody, GenerateBody, GenerationResult
+from gateway.model_routes import CopyBody, CreateBody, ModelBody, PullBody
 from gateway.openai_api import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from protocol import messages as m
 

@@ -41,11 +41,11 @@ from websockets.streams import StreamReader
 from engine import EngineClient, EngineConfig
 from engine.backends.base import OnnxOptions
 from engine.client import default_threads, default_workers
-from gateway.app import Gateway, error_body
+from gateway.app import GatewayApp, error_body
 from gateway.auth import Authenticator
 from gateway.config import ConfigError, ServerConfig, ferrous_home, parse_size
 from gateway.logs import configure_logging
-from gateway.runtime import GcTuner, raise_fd_limit
+from gateway.process_tuning import GcTuner, raise_fd_limit
 from gateway.scopes import ALL_SCOPES
 from protocol.durations import parse_duration
 from protocol.errors import ErrorCode
@@ -92,7 +92,7 @@ def _is_loopback(host: str) -> bool:
 class _Server(uvicorn.Server):
     """uvicorn's server with our shutdown order instead of its immediate one."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, gateway: GatewayApp, grace: float) -> None:
         super().__init__(config)
         self.gateway = gateway
         self.grace = grace
@@ -131,7 +131,7 @@ class _Server(uvicorn.Server):
 
 @dataclass
 class RunningServer:
-    gateway: Gateway
+    gateway: GatewayApp
     host: str
     port: int
     task: asyncio.Task[None]  # ends when the server has stopped
@@ -380,7 +380,7 @@ class _LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         old.close()
 
 
-def _uvicorn_config(config: ServerConfig, gateway: Gateway) -> uvicorn.Config:
+def _uvicorn_config(config: ServerConfig, gateway: GatewayApp) -> uvicorn.Config:
     timeouts = gateway.metrics.timeouts.labels("handshake")
     return uvicorn.Config(
         gateway.app,
@@ -407,7 +407,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     _check_bind(config)
     auth = build_authenticator(config)
     async with EngineClient(_engine_config(config)) as engine:
-        gateway = Gateway(config, engine, auth)
+        gateway = GatewayApp(config, engine, auth)
         for name in config.models:  # configured models stay loaded (keep_alive -1)
             await gateway.models.ensure(name, keep_alive=-1)
         server = _Server(_uvicorn_config(config, gateway), gateway, config.grace_period)

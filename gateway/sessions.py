@@ -7,9 +7,9 @@ after the previous delta went out (and, with flow control on, only while the
 client has credit), so a slow client pauses its generations in the worker
 rather than piling text up in memory here.
 
-Conversations live in a :class:`ConversationStore` keyed by (tenant, user,
-conversation id): a user who reconnects continues a conversation, and another
-user naming the same id gets their own, empty one.
+Conversations live in a :class:`gateway.conversations.ConversationStore`
+keyed by (tenant, user, conversation id): a user who reconnects continues a
+conversation, and another user naming the same id gets their own, empty one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
@@ -52,47 +51,15 @@ from protocol.errors import (
 )
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.interface import Gateway
 
-__all__ = ["ConversationStore", "Session"]
+__all__ = ["CLOSE_GOING_AWAY", "CLOSE_POLICY", "Session"]
 
 log = logging.getLogger("ferrous.session")
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
-
-
-class _Conversation:
-    __slots__ = ("messages", "model")
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.messages: list[EngineMessage] = []
-
-
-class ConversationStore:
-    """Conversations per (tenant, user), least recently used dropped beyond a bound."""
-
-    def __init__(self, max_per_user: int) -> None:
-        self._max = max_per_user
-        self._by_owner: dict[tuple[str | None, str], OrderedDict[str, _Conversation]] = {}
-
-    def get_or_create(
-        self, owner: tuple[str | None, str], conv_id: str, model: str
-    ) -> _Conversation:
-        convs = self._by_owner.setdefault(owner, OrderedDict())
-        conv = convs.get(conv_id)
-        if conv is None:
-            conv = _Conversation(model)
-            convs[conv_id] = conv
-            while len(convs) > self._max:
-                convs.popitem(last=False)
-        convs.move_to_end(conv_id)
-        return conv
-
-    def forget(self, owner: tuple[str | None, str], conv_id: str) -> bool:
-        return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None
 
 
 class Session:

@@ -37,7 +37,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gateway import native, ollama, openai_api
+from gateway import generate_routes, model_routes, ollama, openai_api
 from gateway.auth import load_or_create_secret
 from gateway.config import LimitsConfig
 from gateway.server import RunningServer
@@ -53,12 +53,12 @@ REQUESTS_PER_EXAMPLE = 4  # variations (body kind, headers) of one drawn body
 CONCURRENCY = 16
 
 ROUTES: dict[str, type[msgspec.Struct] | None] = {
-    "/v1/generate": native.GenerateBody,
-    "/v1/chat": native.ChatBody,
-    "/v1/models/pull": native.PullBody,
-    "/v1/models/copy": native.CopyBody,
-    "/v1/models/create": native.CreateBody,
-    "/v1/models/unload": native.ModelBody,
+    "/v1/generate": generate_routes.GenerateBody,
+    "/v1/chat": generate_routes.ChatBody,
+    "/v1/models/pull": model_routes.PullBody,
+    "/v1/models/copy": model_routes.CopyBody,
+    "/v1/models/create": model_routes.CreateBody,
+    "/v1/models/unload": model_routes.ModelBody,
     "/v1/tickets": None,  # no body; credentials only
     "/v1/chat/completions": openai_api.ChatCompletionRequest,
     "/v1/completions": openai_api.CompletionRequest,

@@ -30,7 +30,7 @@ from websockets.typing import Subprotocol
 
 from gateway.config import LimitsConfig
 from gateway.limits import AdmissionControl, Lease, Refusal, TokenBuckets
-from gateway.runtime import GC_THRESHOLDS, GcTuner, raise_fd_limit
+from gateway.process_tuning import GC_THRESHOLDS, GcTuner, raise_fd_limit
 from gateway.server import RunningServer
 from protocol import messages as m
 
@@ -330,7 +330,7 @@ async def test_a_closed_session_leaves_no_reference_cycles(
     """The GC freezes of ``ferrous serve`` rely on closed sessions being freed by refcounting.
 
     (A frozen object in a cycle is not collected until the next sweep: see
-    gateway.runtime.) The clients are raw sockets. The test loop is asyncio's
+    gateway.process_tuning.) The clients are raw sockets. The test loop is asyncio's
     own, whose selector transports do form a cycle per connection; uvloop's,
     which ``ferrous serve`` runs, do not. So the check is that no object of
     the server's stack (gateway, uvicorn, Starlette, websockets, httptools)

@@ -15,7 +15,7 @@ import pytest
 from engine.requests import ErrorInfo, FinishReason, GenerationDone, Timings, Usage
 from gateway.config import LimitsConfig
 from gateway.generation import raise_if_failed
-from gateway.httpapi import http_status
+from gateway.http_common import http_status
 from gateway.scopes import ALL_SCOPES
 from gateway.server import RunningServer
 from protocol.errors import FerrousError

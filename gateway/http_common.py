@@ -38,7 +38,7 @@ from gateway.scopes import LOOPBACK_SCOPES
 from protocol.errors import BadRequest, Cancelled, ErrorCode, FerrousError, TooLarge
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.interface import Gateway
 
 __all__ = [
     "SSE_HEADERS",

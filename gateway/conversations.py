@@ -1,0 +1,49 @@
+"""Conversations kept by the server: their messages, per (tenant, user), bounded.
+
+A conversation belongs to the user who started it: the key includes the tenant
+and the user, so another user naming the same id gets their own, empty one,
+and a user who reconnects continues where they left off. Each owner keeps at
+most ``limits.max_conversations``; the least recently used goes first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from engine import ChatMessage as EngineMessage
+
+__all__ = ["Conversation", "ConversationStore"]
+
+
+class Conversation:
+    """One conversation: its model and the messages of its committed turns."""
+
+    __slots__ = ("messages", "model")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.messages: list[EngineMessage] = []
+
+
+class ConversationStore:
+    """Conversations per (tenant, user), least recently used dropped beyond a bound."""
+
+    def __init__(self, max_per_user: int) -> None:
+        self._max = max_per_user
+        self._by_owner: dict[tuple[str | None, str], OrderedDict[str, Conversation]] = {}
+
+    def get_or_create(
+        self, owner: tuple[str | None, str], conv_id: str, model: str
+    ) -> Conversation:
+        convs = self._by_owner.setdefault(owner, OrderedDict())
+        conv = convs.get(conv_id)
+        if conv is None:
+            conv = Conversation(model)
+            convs[conv_id] = conv
+            while len(convs) > self._max:
+                convs.popitem(last=False)
+        convs.move_to_end(conv_id)
+        return conv
+
+    def forget(self, owner: tuple[str | None, str], conv_id: str) -> bool:
+        return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None

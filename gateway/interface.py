@@ -1,0 +1,70 @@
+"""The gateway as its surfaces see it: a small interface, not the application.
+
+The HTTP surfaces (native, Ollama, OpenAI), the WebSocket sessions and the
+generation service need a handful of things from the gateway: its
+configuration, the engine, credentials, metrics, models, conversations and
+quotas, and whether it is draining. They depend on :class:`Gateway`, this
+protocol, rather than on :mod:`gateway.app`, which builds the routes from
+them; so the modules import in one direction only, and a surface can be
+exercised with any object that provides these members (a second node sharing
+state elsewhere, for one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from engine import EngineClient
+    from gateway.auth import Authenticator, Principal
+    from gateway.config import ServerConfig
+    from gateway.conversations import ConversationStore
+    from gateway.metrics import Metrics
+    from gateway.models import ModelRegistry, ResolvedModel
+    from gateway.namespaces import ModelView
+    from gateway.quotas import Quota, QuotaBook
+
+__all__ = ["Gateway"]
+
+
+class Gateway(Protocol):
+    """What every surface may use of the running gateway."""
+
+    config: ServerConfig
+    engine: EngineClient
+    auth: Authenticator
+    metrics: Metrics
+    models: ModelRegistry
+    conversations: ConversationStore
+    quotas: QuotaBook
+    version: str
+    started_at: float
+    #: True once shutdown began: surfaces refuse new work with ``overloaded``.
+    draining: bool
+    #: Tasks consuming a generation for an HTTP request; shutdown cancels them.
+    running: set[asyncio.Task[object]]
+
+    def quota_for(self, principal: Principal) -> tuple[str, Quota]:
+        """Whose quota a request of ``principal`` counts against, and its limits."""
+        ...
+
+    def models_for(self, principal: Principal) -> ModelView:
+        """``principal``'s view of the models (scopes, tenant namespace)."""
+        ...
+
+    async def model_names(self, principal: Principal) -> list[str]:
+        """The names ``principal`` may use."""
+        ...
+
+    async def ensure_model(
+        self, principal: Principal, name: str, keep_alive: float | None = None
+    ) -> ResolvedModel:
+        """``name`` resolved for ``principal`` and loaded."""
+        ...
+
+    def http_principal(self, request: Request) -> Principal:
+        """The credential of an HTTP request, checked (raises ``Unauthorized``)."""
+        ...
