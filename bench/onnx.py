@@ -1,6 +1,7 @@
 """The ONNX backend against llama.cpp on the same weights, in one run.
 
     python -m bench.onnx [--tokens 96] [--runs 5] [--graph fast|f32] [--no-server]
+                         [--tiny-only] [--server-tokens 128]
                          [--prefix-cache-mb N] [--llama-server PATH] [--json]
 
 For two model pairs — SmolLM2-135M-Instruct (its Q4_1 GGUF, and that GGUF
@@ -33,7 +34,8 @@ ONNX graph and its GGUF twin, same weights) — it reports:
   recorded on these machines, and named ``onnx_vs_recorded_llama_server``
   (``llama_server_measured: false``), never ``onnx_vs_llama_server``.
 
-``--graph fast`` (default) converts to the 4-bit fused graph
+``--tiny-only`` runs the tiny pair alone (and the whole-server comparison on
+it), a quick check that everything still runs. ``--graph fast`` (default) converts to the 4-bit fused graph
 (``--q4 --fused``), ``f32`` to the exact float32 graph. ``--prefix-cache-mb``
 sets the ONNX backend's store of finished sequences' keys and values (0:
 none; prefixes are still shared between running sequences).
@@ -188,8 +190,9 @@ async def compare(
 
 
 def server_rounds(args: argparse.Namespace) -> int:
-    """Rounds of the whole-server runs: the first one reads the prompts cold, so at least 3."""
-    return max(3, int(args.runs) // 2)
+    """Rounds of the whole-server runs: the first one reads the prompts cold, so at least 3
+    (a smoke run with ``--runs 1`` takes one)."""
+    return 1 if args.runs <= 1 else max(3, int(args.runs) // 2)
 
 
 async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[str]) -> float:
@@ -213,7 +216,7 @@ async def server_aggregate(model: Path, args: argparse.Namespace, prompts: list[
             for _ in range(server_rounds(args)):
                 t0 = time.perf_counter()
                 results = await asyncio.gather(
-                    *(ws_stream(url, SERVER_TOKENS, f"s{i}", p) for i, p in enumerate(prompts))
+                    *(ws_stream(url, args.server_tokens, f"s{i}", p) for i, p in enumerate(prompts))
                 )
                 rates.append(sum(n for _, _, n in results) / (time.perf_counter() - t0))
             return round(statistics.median(rates), 1)
@@ -226,7 +229,7 @@ async def servers(onnx: Path, gguf: Path, args: argparse.Namespace) -> dict[str,
     binary = llama_server.find_binary(args.llama_server)
     out: dict[str, object] = {
         "streams": len(DISTINCT_PROMPTS),
-        "tokens_each": SERVER_TOKENS,
+        "tokens_each": args.server_tokens,
         "llama_server_measured": binary is not None,
     }
     for label, prompts in (
@@ -242,7 +245,7 @@ async def servers(onnx: Path, gguf: Path, args: argparse.Namespace) -> dict[str,
                 binary,
                 gguf,
                 prompts,
-                SERVER_TOKENS,
+                args.server_tokens,
                 threads=args.threads,
                 rounds=server_rounds(args),
             )
@@ -277,6 +280,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         root = Path(tmp)
         tiny = write_tiny_decoder(root / "tiny", quantize=quantize, fused=fast)
         result["tiny"] = await compare(tiny, tiny / "model.gguf", "The small town sat", args)
+        if args.tiny_only:
+            if not args.no_server:
+                result["server"] = await servers(tiny, tiny / "model.gguf", args)
+            return result
         gguf = fetch_smollm2()
         t0 = time.perf_counter()
         smol = convert_gguf(gguf, root / "smollm2-onnx", quantize=quantize, fused=fast)
@@ -311,6 +318,17 @@ def main() -> None:
         help="onnxruntime intra-op spinning (default: the engine's)",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the whole-server run")
+    parser.add_argument(
+        "--tiny-only",
+        action="store_true",
+        help="only the tiny model pair (the whole-server run on it too): a quick check",
+    )
+    parser.add_argument(
+        "--server-tokens",
+        type=int,
+        default=SERVER_TOKENS,
+        help="completion tokens per stream in the whole-server runs",
+    )
     parser.add_argument(
         "--seqs",
         type=int,

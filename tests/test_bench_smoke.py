@@ -87,3 +87,72 @@ def test_bench_readcost(script_model: Path) -> None:
 
     first, later = read_ms(script_model, [(8, 4), (200, 4)], threads=1, n_seq=2, repeats=2)
     assert first > 0 and later > 0
+
+
+def test_bench_onnx_tiny_pair_and_whole_server() -> None:
+    r = bench(
+        "onnx",
+        *("--tiny-only", "--runs", "1", "--tokens", "8", "--server-tokens", "8"),
+        *("--threads", "1"),
+        timeout=300,
+    )
+    tiny = r["tiny"]
+    assert isinstance(tiny, dict)
+    onnx, llama = tiny["onnx_tok_s"], tiny["llama_cpp_tok_s"]
+    assert onnx > 0 and llama > 0
+    assert tiny["ratio_vs_llama_cpp"] == round(onnx / llama, 3)
+    assert set(tiny["onnx_aggregate_tok_s"]) == {"1", "2", "4", "8"}
+    server = r["server"]
+    assert isinstance(server, dict) and server["tokens_each"] == 8
+    for workload in ("same_prompt", "distinct_prompts"):
+        row = server[workload]
+        assert row["onnx_tok_s"] > 0 and row["llama_cpp_backend_tok_s"] > 0
+        if server["llama_server_measured"]:
+            assert row["onnx_vs_llama_server"] == round(
+                row["onnx_tok_s"] / row["llama_server_tok_s"], 2
+            )
+        else:  # the recorded figure never passes for a measured one
+            assert "onnx_vs_llama_server" not in row and "llama_server_tok_s" not in row
+    if not server["llama_server_measured"]:
+        same = server["same_prompt"]
+        recorded = server["llama_server_np8_reference_tok_s"]
+        assert same["onnx_vs_recorded_llama_server"] == round(same["onnx_tok_s"] / recorded, 2)
+
+
+def test_bench_onnx_ceiling(tmp_path: Path) -> None:
+    from engine.onnx.tinydecoder import write_tiny_decoder
+
+    folder = write_tiny_decoder(tmp_path / "fast", quantize="q4", fused=True)
+    r = bench("onnx_ceiling", str(folder), "--rounds", "2", "--threads", "1")
+    graph, kernel = r["graph"], r["matmul_nbits"]
+    assert isinstance(graph, dict) and isinstance(kernel, dict)
+    rates = graph["aggregate_tok_s"]
+    assert set(rates) == {"1", "2", "4", "8"}
+    # Ratios of the unrounded figures: within rounding of the reported ones.
+    assert graph["batch4_speedup"] == pytest.approx(rates["4"] / rates["1"], abs=0.011)
+    run_ms = kernel["run_ms"]
+    assert kernel["m4_over_m1"] == pytest.approx(run_ms["4"] / run_ms["1"], rel=0.03, abs=0.011)
+
+
+def test_bench_llama_server(script_model: Path) -> None:
+    """Measures llama-server when a binary is here; otherwise says how to build one."""
+    from bench.llama_server import find_binary
+
+    args = ("run", "--model", str(script_model), "--streams", "2", "--tokens", "8")
+    args += ("--rounds", "1", "--threads", "1")
+    if find_binary(None) is None:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.llama_server", *args, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+        assert out.returncode != 0
+        assert "python -m bench.llama_server build" in out.stderr
+        return
+    r = bench("llama_server", *args)
+    assert r["streams"] == 2 and r["tokens_each"] == 8
+    assert isinstance(r["aggregate_tok_s"], float) and r["aggregate_tok_s"] > 0
