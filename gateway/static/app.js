@@ -5,7 +5,7 @@
 // page asks for one. The token is offered to the server as a WebSocket
 // subprotocol, which is how browsers authenticate without headers.
 import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
-import { renderAnswer } from "./render.js";
+import { liveAnswer, renderAnswer } from "./render.js";
 import * as saved from "./history.js";
 
 const $ = (id) => document.getElementById(id);
@@ -157,7 +157,7 @@ function addTurn(role, text) {
 
 function showAssistant(text, stats, finish) {
   const answer = addTurn("assistant", "");
-  const body = document.createElement("span");
+  const body = document.createElement("div");
   body.className = "text";
   renderAnswer(body, text);
   answer.append(body);
@@ -259,8 +259,9 @@ async function ask(text) {
   showUser(text, earlier.length);
   const answer = addTurn("assistant", "");
   answer.dataset.turn = String(turn);
-  const body = document.createElement("span");
+  const body = document.createElement("div");
   body.className = "text";
+  const view = liveAnswer(body); // re-rendered at most once a frame while it streams
   const typing = document.createElement("span");
   typing.className = "typing";
   typing.setAttribute("aria-label", "the model is thinking");
@@ -296,7 +297,7 @@ async function ask(text) {
       }
       deltas += 1;
       said += delta.text;
-      renderAnswer(body, said);
+      view.update(said);
       const seconds = (performance.now() - firstAt) / 1000;
       live.textContent = seconds > 0.2 ? `${(deltas / seconds).toFixed(1)} tok/s` : "";
       answer.scrollIntoView({ block: "end" });
@@ -307,6 +308,7 @@ async function ask(text) {
     note.textContent = `error: ${err.code ?? "connection"}: ${err.message}`;
     answer.append(note);
   } finally {
+    view.done(said);
     typing.remove();
     live.remove();
     current = null;

@@ -1,5 +1,7 @@
 // The chat page in a real headless Chromium (Debian's package, driven by
-// playwright-core): load it from a real server, stream an answer, stop one.
+// playwright-core): load it from a real server, stream an answer, stop one,
+// render answers as markdown (and hostile markup as inert text). Screenshots,
+// at a desktop and a phone size, go to the repository's artifacts/ folder.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
@@ -68,7 +70,7 @@ test("a bad token gets a clear message", { timeout: 60_000 }, async () => {
   assert.equal(await page.isVisible("#auth"), true);
 });
 
-test("a typing indicator comes first, code blocks render as text, the model is remembered",
+test("a typing indicator comes first, code blocks render with a copy button, the model is remembered",
   { timeout: 90_000 }, async () => {
     const page = await browser.newPage();
     await page.goto(`${server.httpUrl}/#token=${server.token}`);
@@ -245,4 +247,218 @@ test("a question can be edited and sent again; the theme is switched and remembe
     await page.reload();
     assert.equal(await theme(), "dark");
     await page.screenshot({ path: join(artifacts, "chat-page-dark.png"), fullPage: true });
+  });
+
+// An answer in markdown, with every element the page renders, and markup a
+// model might be made to write: each payload would set window.pwned.
+const MARKDOWN = [
+  "## A heading",
+  "",
+  "Some **bold**, *emphasis*, ~~struck~~ and `inline code`; a link to "
+    + "[the docs](https://example.com/docs \"docs\") and a bare one: https://example.org/x.",
+  "",
+  "- first item",
+  "- second item with `code`",
+  "  1. nested, numbered",
+  "- [x] a task done",
+  "",
+  "> A quotation",
+  "> over two lines.",
+  "",
+  "| Model | Tokens/s | Note |",
+  "|:------|---------:|:----:|",
+  "| tiny  | 1234.5   | fast |",
+  "| small | 56.7     | `q8` |",
+  "",
+  "```python",
+  "def greet(name: str) -> str:",
+  "    # Say hello.",
+  "    return f\"Hello, {name}!\"",
+  "```",
+  "",
+  "---",
+  "",
+  "Hostile: <img src=x onerror=\"window.pwned='img'\"> and <script>window.pwned='script'</script>",
+  "",
+  "<script>window.pwned = 'block script'</script>",
+  "",
+  "<svg onload=\"window.pwned='svg'\"><circle r=9></circle></svg>",
+  "",
+  "<iframe src=\"javascript:window.pwned='iframe'\"></iframe>",
+  "",
+  "[x](javascript:alert(1)) [click me](javascript:window.pwned='link') "
+    + "<a href=\"javascript:window.pwned='raw link'\">raw link</a> "
+    + "[data](data:text/html,<script>window.pwned='data'</script>) "
+    + "![a picture](javascript:window.pwned='image') "
+    + "<details open ontoggle=\"window.pwned='details'\">x</details> "
+    + "<style>body { display: none }</style>",
+].join("\n");
+
+const PYTHON_SOURCE = "def greet(name: str) -> str:\n    # Say hello.\n    return f\"Hello, {name}!\"";
+
+test("answers render as markdown: elements, highlighted code with a copy button, hostile markup inert",
+  { timeout: 90_000 }, async () => {
+    const context = await browser.newContext({
+      permissions: ["clipboard-read", "clipboard-write"],
+      viewport: { width: 1280, height: 900 },
+    });
+    const page = await context.newPage();
+    const dialogs = [];
+    page.on("dialog", (d) => {
+      dialogs.push(d.message());
+      d.dismiss();
+    });
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    // A stored conversation, opened from the list as a person would: the page
+    // renders its answer the same way as one it has just streamed.
+    await page.evaluate(async ({ text }) => {
+      const saved = await import("/history.js");
+      await saved.save({
+        id: "markdown", title: "Markdown", model: "script",
+        turns: [{ role: "user", text: "Show me markdown" }, { role: "assistant", text, stats: "42 tokens" }],
+      });
+    }, { text: MARKDOWN });
+    await page.reload();
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    await page.locator("#history-list li .open", { hasText: "Markdown" }).click();
+    const answer = page.locator(".turn.assistant .text");
+    await answer.locator("h2").waitFor();
+
+    const shown = await answer.evaluate((el) => {
+      const text = (selector) => [...el.querySelectorAll(selector)].map((n) => n.textContent.trim());
+      return {
+        heading: text("h2"),
+        items: text("ul > li").length,
+        nested: text("ul ol > li"),
+        task: el.querySelector("li input[type=checkbox]")?.checked,
+        bold: text("strong"),
+        em: text("em"),
+        del: text("del"),
+        inline: text("p code.inline"),
+        quote: [...el.querySelectorAll("blockquote")].map((n) => n.innerText.trim()), // a line break: <br>
+        headers: text("table th"),
+        cells: text("table td"),
+        links: [...el.querySelectorAll("a[href]")].map((a) => [a.textContent, a.href, a.target, a.rel]),
+      };
+    });
+    assert.deepEqual(shown.heading, ["A heading"]);
+    assert.equal(shown.items, 3);
+    assert.deepEqual(shown.nested, ["nested, numbered"]);
+    assert.equal(shown.task, true);
+    assert.deepEqual(shown.bold, ["bold"]);
+    assert.deepEqual(shown.em, ["emphasis"]);
+    assert.deepEqual(shown.del, ["struck"]);
+    assert.deepEqual(shown.inline, ["inline code"]);
+    assert.deepEqual(shown.quote, ["A quotation\nover two lines."]);
+    assert.deepEqual(shown.headers, ["Model", "Tokens/s", "Note"]);
+    assert.deepEqual(shown.cells, ["tiny", "1234.5", "fast", "small", "56.7", "q8"]);
+    assert.deepEqual(shown.links, [
+      ["the docs", "https://example.com/docs", "_blank", "noopener noreferrer"],
+      ["https://example.org/x", "https://example.org/x", "_blank", "noopener noreferrer"],
+    ]);
+
+    // The fenced block: highlighted as Python, labelled, copied as its source.
+    const block = answer.locator(".code").first();
+    assert.equal(await block.locator(".lang").textContent(), "python");
+    const code = block.locator("pre code");
+    assert.match(await code.getAttribute("class"), /\bhljs\b.*\blanguage-python\b/);
+    assert.equal(await code.textContent(), PYTHON_SOURCE);
+    assert.ok(await code.locator(".hljs-keyword").count() >= 2); // def, return
+    assert.ok(await code.locator(".hljs-comment").count() >= 1);
+    assert.ok(await code.locator(".hljs-string").count() >= 1);
+    const colour = (selector) => code.locator(selector).first().evaluate((n) => getComputedStyle(n).color);
+    assert.notEqual(await colour(".hljs-keyword"), await colour(".hljs-comment"));
+    await block.locator("button.copy").click();
+    await page.waitForFunction(() => document.querySelector(".code button.copy")?.textContent === "Copied");
+    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), PYTHON_SOURCE);
+    await page.waitForFunction(() => document.querySelector(".code button.copy")?.textContent === "Copy");
+
+    // Hostile markup is shown as text and does nothing, even when clicked.
+    await page.locator(".turn.assistant p", { hasText: "click me" }).click();
+    await page.waitForTimeout(300); // time for an image's error or a frame's load to fire
+    const inert = await page.evaluate(() => {
+      const root = document.querySelector("#conversation");
+      const all = [...root.querySelectorAll("*")];
+      return {
+        pwned: window.pwned ?? null,
+        handlers: all.flatMap((el) => [...el.attributes].filter((a) => /^on/i.test(a.name)).map((a) => a.name)),
+        dangerous: root.querySelectorAll("script, img, svg, iframe, style, details, object, embed, form").length,
+        styled: root.querySelectorAll("[style]").length,
+        hrefs: [...root.querySelectorAll("[href], [src]")].map((el) => el.getAttribute("href") ?? el.getAttribute("src")),
+        links: [...root.querySelectorAll("a")].map((a) => a.textContent),
+        text: root.querySelector(".turn.assistant .text").textContent,
+        hidden: getComputedStyle(document.body).display,
+      };
+    });
+    assert.equal(inert.pwned, null);
+    assert.deepEqual(dialogs, []);
+    assert.deepEqual(inert.handlers, []);
+    assert.equal(inert.dangerous, 0);
+    assert.equal(inert.styled, 0);
+    for (const href of inert.hrefs) assert.match(href, /^https:\/\//, href);
+    assert.deepEqual(inert.links, ["the docs", "https://example.org/x"]); // the others: text
+    for (const shown of ["x click me", "data a picture"]) assert.ok(inert.text.includes(shown), shown);
+    assert.notEqual(inert.hidden, "none");
+    for (const literal of ["<img src=x onerror=", "<script>window.pwned='script'</script>",
+      "<svg onload=", "<a href=\"javascript:", "<style>body { display: none }</style>"]) {
+      assert.ok(inert.text.includes(literal), `${literal} is shown as text`);
+    }
+    assert.equal(page.url().startsWith(server.httpUrl), true);
+
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: join(artifacts, "chat-page-markdown.png"), fullPage: true });
+    await page.click("#theme"); // auto, light, dark
+    await page.click("#theme");
+    await page.screenshot({ path: join(artifacts, "chat-page-markdown-dark.png"), fullPage: true });
+    await page.click("#theme");
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.screenshot({ path: join(artifacts, "chat-page-markdown-phone.png"), fullPage: true });
+    await context.close();
+  });
+
+test("a streaming answer renders at most once a frame; an unclosed fence is a code block in progress",
+  { timeout: 60_000 }, async () => {
+    const page = await browser.newPage();
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    const seen = await page.evaluate(async () => {
+      const { liveAnswer } = await import("/render.js");
+      const into = document.createElement("div");
+      into.className = "text";
+      document.querySelector("#conversation").append(into);
+      let renders = 0;
+      new MutationObserver(() => { renders += 1; }).observe(into, { childList: true });
+      const frame = () => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)));
+      const view = liveAnswer(into);
+      const text = "Here:\n```python\ndef f():\n    return 1\n```\nDone, **really**.";
+      const cut = text.indexOf("1\n```");
+      // Token by token, all within one frame: nothing is rendered until the frame.
+      for (let i = 1; i <= cut; i += 1) view.update(text.slice(0, i));
+      const before = renders;
+      await frame();
+      await frame();
+      const midway = {
+        renders: renders - before,
+        code: into.querySelector(".code pre code")?.textContent,
+        lang: into.querySelector(".code .lang")?.textContent,
+        keyword: into.querySelectorAll(".code .hljs-keyword").length,
+        copy: into.querySelectorAll(".code button.copy").length,
+        after: into.querySelector(".code")?.nextElementSibling?.outerHTML ?? null,
+      };
+      for (let i = cut + 1; i <= text.length; i += 1) view.update(text.slice(0, i));
+      view.done(text);
+      const final = {
+        code: into.querySelector(".code pre code")?.textContent,
+        strong: into.querySelector(".code + p strong")?.textContent,
+      };
+      await frame();
+      return { before, midway, final, last: into.querySelector("p:last-child")?.textContent };
+    });
+    assert.equal(seen.before, 0);
+    assert.deepEqual(seen.midway, {
+      renders: 1, code: "def f():\n    return ", lang: "python", keyword: 2, copy: 1, after: null,
+    });
+    assert.deepEqual(seen.final, { code: "def f():\n    return 1", strong: "really" });
+    assert.equal(seen.last, "Done, really.");
   });
