@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine.backends.base import LoadParams, OnnxOptions
-from engine.backends.onnxrt import session_options
+from engine.backends.onnxsession import session_options
 
 __all__ = ["LEVELS", "ffn_shape", "graph_ceiling", "matmul_nbits_scaling"]
 

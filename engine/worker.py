@@ -36,7 +36,16 @@ from collections.abc import Callable
 from itertools import chain
 
 from engine import ipc
-from engine.backends import Backend, LoadParams, available_backends, backend_class, choose_backend
+from engine.backends import (
+    Backend,
+    LoadParams,
+    TextGenerator,
+    available_backends,
+    backend_class,
+    choose_backend,
+    embedder_of,
+    generator_of,
+)
 from engine.backends.base import EmbedJob
 from engine.interrupt import Interrupt
 from engine.preemption import Runner, victim
@@ -93,7 +102,7 @@ class _Seq:
         "t_start",
     )
 
-    def __init__(self, msg: ipc.Generate, ring: Ring, backend: Backend, model: str) -> None:
+    def __init__(self, msg: ipc.Generate, ring: Ring, backend: TextGenerator, model: str) -> None:
         self.msg = msg
         self.gen = msg.gen
         self.ring = ring
@@ -233,7 +242,7 @@ class Worker:
             return
         if msg.model in self._models:
             self._drop_model(msg.model)
-        if self._interrupt is not None:
+        if self._interrupt is not None and isinstance(backend, TextGenerator):
             backend.set_interrupt(self._interrupt.address)
         self._models[msg.model] = (backend, load_ms)
         self._send(ipc.ModelLoaded(msg.req, msg.model, load_ms, backend.n_ctx))
@@ -266,10 +275,11 @@ class Worker:
         except (OSError, ValueError) as exc:
             self._reject(msg.gen, FerrousError(f"cannot attach ring: {exc}"))
             return
-        seq = _Seq(msg, ring, entry[0], msg.model)
         try:
+            backend = generator_of(entry[0])  # an embedding model is refused here
             # Before queueing: a bad grammar or schema fails now, not after a wait for a slot.
-            entry[0].check_sampling(msg.sampling)
+            backend.check_sampling(msg.sampling)
+            seq = _Seq(msg, ring, backend, msg.model)
             seq.prompt = self._prompt_tokens(seq)
         except FerrousError as exc:
             ring.close()
@@ -335,7 +345,7 @@ class Worker:
         )
 
     @staticmethod
-    def _tokenize(backend: Backend, text: str) -> list[int]:
+    def _tokenize(backend: TextGenerator, text: str) -> list[int]:
         add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
         return backend.tokenize(text, add_bos=add_bos)
 
@@ -397,7 +407,8 @@ class Worker:
         try:
             if entry is None:
                 raise ModelNotFound(f"model {msg.model!r} is not loaded")
-            job = entry[0].embed_job(msg.inputs, msg.truncate)  # bad inputs fail here, at once
+            # A runtime that cannot embed, or bad inputs, fail here, at once.
+            job = embedder_of(entry[0]).embed_job(msg.inputs, msg.truncate)
         except Exception as exc:
             self._send(self._embed_error(msg, exc))
             return
@@ -443,6 +454,8 @@ class Worker:
     def _admissible(self) -> bool:
         """True when a queued sequence can start, or a suspended one resume."""
         for model, (backend, _) in self._models.items():
+            if not isinstance(backend, TextGenerator):
+                continue  # it only embeds: no sequence is ever queued for it
             queue = self._queued.get(model)
             active = [s for s in self._running.values() if s.model == model and not s.suspended]
             waiting = len(active) < len(
@@ -469,7 +482,9 @@ class Worker:
 
     def _admit(self) -> None:
         for model, queue in self._queued.items():
-            backend = self._models[model][0]
+            if not queue:
+                continue
+            backend = queue[0].backend
             active = [s for s in self._running.values() if s.model == model and not s.suspended]
             while queue:
                 urgent = False
@@ -545,7 +560,7 @@ class Worker:
                 if token is not None:
                     self._on_token(seq, backend, token)
 
-    def _on_token(self, seq: _Seq, backend: Backend, token: int) -> None:
+    def _on_token(self, seq: _Seq, backend: TextGenerator, token: int) -> None:
         if not seq.n_out:
             seq.t_first = time.perf_counter()
         if backend.is_end(token) and not seq.msg.sampling.ignore_eos:

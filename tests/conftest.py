@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +60,45 @@ def smollm2() -> Path:
     from engine.smollm2 import fetch_smollm2
 
     return fetch_smollm2()
+
+
+# SmolLM2's ONNX graphs, by name: convert_gguf's options for each.
+SMOLLM2_GRAPHS: dict[str, dict[str, Any]] = {
+    "fast": {"quantize": "q4", "fused": True},  # what `ferrous pull --onnx` writes
+    "f32": {},  # float32 weights, the plain decoder graph: comparable with llama.cpp
+    "fast-shared-embedding": {"quantize": "q4", "fused": True, "share_embedding": True},
+}
+
+
+class SmolLM2Onnx:
+    """SmolLM2 converted from its GGUF to ONNX at most once per test run and graph.
+
+    A conversion takes seconds and hundreds of megabytes, so every test reads
+    the same folder: the fast graph unless a test is about another one. The
+    folders are shared; a test that needs to change one works on its own copy.
+    """
+
+    def __init__(self, gguf: Path, root: Path) -> None:
+        self._gguf = gguf
+        self._root = root
+        self._done: dict[str, Path] = {}
+
+    def __call__(self, graph: str = "fast") -> Path:
+        folder = self._done.get(graph)
+        if folder is None:
+            from engine.onnx.convert import convert_gguf
+
+            start = time.perf_counter()
+            folder = convert_gguf(self._gguf, self._root / graph, **SMOLLM2_GRAPHS[graph])
+            print(f"\nSmolLM2 GGUF -> ONNX ({graph}): {time.perf_counter() - start:.1f} s")
+            self._done[graph] = folder
+        return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> SmolLM2Onnx:
+    """SmolLM2's ONNX folders, each converted once for the whole run (see :class:`SmolLM2Onnx`)."""
+    return SmolLM2Onnx(smollm2, tmp_path_factory.mktemp("smollm2-onnx"))
 
 
 def ring_segments() -> set[str]:

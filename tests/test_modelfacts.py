@@ -6,8 +6,8 @@ from pathlib import Path
 
 from engine.gguf_header import read_gguf_header
 from engine.modelfacts import facts_of, size_label
-from engine.onnx.encoder import write_tiny_bert
 from engine.onnx.tinydecoder import write_tiny_decoder
+from engine.tinybert import write_tiny_bert
 
 
 def test_size_labels() -> None:

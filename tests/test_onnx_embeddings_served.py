@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from engine import EngineClient, EngineConfig, GenerateRequest
-from engine.onnx.encoder import OnnxEncoder, convert_bert, write_tiny_bert
+from engine.onnx.bert_convert import convert_bert
+from engine.onnx.encoder import OnnxEncoder
+from engine.tinybert import write_tiny_bert
 from protocol.errors import BadRequest
 
 from .conftest import collect

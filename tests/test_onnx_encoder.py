@@ -17,17 +17,13 @@ import numpy as np
 import onnx
 import pytest
 
-from engine.onnx.encoder import (
-    ENCODER_FORMAT,
-    MINILM_DIR,
-    MINILM_SHA256,
-    OnnxEncoder,
-    convert_bert,
-    fetch_minilm,
-    numpy_bert_forward,
-    write_tiny_bert,
-)
+from engine.minilm import MINILM_DIR, MINILM_SHA256, fetch_minilm
+from engine.onnx.bert import ENCODER_FORMAT
+from engine.onnx.bert_convert import convert_bert
+from engine.onnx.bert_reference import numpy_bert_forward
+from engine.onnx.encoder import OnnxEncoder
 from engine.smollm2 import sha256_file
+from engine.tinybert import write_tiny_bert
 from protocol.errors import BadRequest, ModelLoadError
 
 LONG = "the quick brown fox jumps over the lazy dog near the river bank " * 8  # > 64 tokens

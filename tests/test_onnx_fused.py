@@ -26,21 +26,16 @@ import onnxruntime as ort
 import pytest
 
 from engine import ChatMessage, EngineClient, EngineConfig, GenerateRequest, SamplingParams
-from engine.backends import onnxrt
+from engine.backends import onnxkv, onnxrt
 from engine.backends.base import LoadParams, OnnxOptions
 from engine.backends.onnxrt import OnnxBackend
 from engine.onnx.convert import convert_gguf, main
+from engine.onnx.decoder import TinyDecoderSpec, build_decoder_onnx
 from engine.onnx.fused import build_fused_decoder
-from engine.onnx.tinydecoder import (
-    TinyDecoderSpec,
-    build_decoder_onnx,
-    decoder_weights,
-    dequantize_q4,
-    quantize_q4,
-    write_tiny_decoder,
-)
+from engine.onnx.quant import dequantize_q4, quantize_q4
+from engine.onnx.tinydecoder import decoder_weights, write_tiny_decoder
 
-from .conftest import collect
+from .conftest import SmolLM2Onnx, collect
 from .test_onnx_quant import _last_logits as _plain_logits
 from .test_onnx_quant import _session
 
@@ -203,7 +198,7 @@ def test_shared_buffer_rows_paused_moved_and_grown(
     fused_twin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A small first capacity makes the buffer grow (twice) within these generations.
-    monkeypatch.setattr(onnxrt, "_INITIAL_CAPACITY", 8)
+    monkeypatch.setattr(onnxkv, "INITIAL_CAPACITY", 8)
     backend = _load(fused_twin)
     assert backend._shared is not None and backend._shared.capacity == 8
     n = 24
@@ -286,11 +281,9 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 
 @pytest.mark.smollm2
 async def test_smollm2_fast_graph_answers_paris_alone_and_batched(
-    smollm2: Path, tmp_path_factory: pytest.TempPathFactory
+    smollm2_onnx: SmolLM2Onnx,
 ) -> None:
-    folder = convert_gguf(
-        smollm2, tmp_path_factory.mktemp("smolfast") / "smol", quantize="q4", fused=True
-    )
+    folder = smollm2_onnx("fast")
     size = sum(p.stat().st_size for p in folder.iterdir())
     assert size < 220_000_000, size
     sampling = SamplingParams(temperature=0.0, repeat_penalty=1.0, max_tokens=24)
@@ -311,13 +304,7 @@ async def test_smollm2_fast_graph_answers_paris_alone_and_batched(
         results = await asyncio.gather(*(collect(client, request()) for _ in range(4)))
     for deltas, done in results:
         assert done.error is None and "Paris" in "".join(d.text for d in deltas)
-    small = convert_gguf(
-        smollm2,
-        tmp_path_factory.mktemp("smolshared") / "smol",
-        quantize="q4",
-        fused=True,
-        share_embedding=True,
-    )
+    small = smollm2_onnx("fast-shared-embedding")
     size = sum(p.stat().st_size for p in small.iterdir())
     assert size < 100_000_000, size
     async with EngineClient(config) as client:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from engine.backends.base import LoadParams, OnnxOptions
-from engine.backends.onnxrt import MIN_REUSE, OnnxBackend, _PrefixStore
+from engine.backends.onnxkv import PrefixStore
+from engine.backends.onnxrt import MIN_REUSE, OnnxBackend
 from engine.onnx.tinydecoder import write_tiny_decoder
 from engine.requests import SamplingParams
 from gateway.config import AuthConfig, OnnxConfig
@@ -110,7 +111,7 @@ def test_the_store_keeps_to_its_budget_and_drops_covered_entries() -> None:
     def kv(n: int) -> list[np.ndarray]:
         return [np.zeros((2, n, 8), dtype=np.float32) for _ in range(4)]  # 256 bytes a token
 
-    store = _PrefixStore(budget=256 * 100)
+    store = PrefixStore(budget=256 * 100)
     a = np.arange(40, dtype=np.int64)
     store.add(a[:20], kv(20))
     store.add(a, kv(40))  # covers the first: it goes

@@ -5,12 +5,12 @@
 point 8, ``accuracy_level=4`` = int8 activations). The packing is checked
 against a numpy dequantisation and against onnxruntime itself; the tiny
 decoder's 4-bit graph must stay close to its float32 graph, and the 4-bit
-SmolLM2 conversion must still answer the capital question in a real pool.
+SmolLM2 conversion (the run's shared fast graph, whose projections are all
+4-bit) must still answer the capital question in a real pool.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,18 +25,11 @@ from tokenizers import Tokenizer
 
 from engine import ChatMessage, EngineClient, EngineConfig, GenerateRequest, SamplingParams
 from engine.onnx.convert import convert_gguf, main
-from engine.onnx.tinydecoder import (
-    LINEAR_WEIGHTS,
-    Q4_BLOCK,
-    TinyDecoderSpec,
-    build_decoder_onnx,
-    decoder_weights,
-    dequantize_q4,
-    quantize_q4,
-    write_tiny_decoder,
-)
+from engine.onnx.decoder import TinyDecoderSpec, build_decoder_onnx
+from engine.onnx.quant import LINEAR_WEIGHTS, Q4_BLOCK, dequantize_q4, quantize_q4
+from engine.onnx.tinydecoder import decoder_weights, write_tiny_decoder
 
-from .conftest import collect
+from .conftest import SmolLM2Onnx, collect
 
 F32 = npt.NDArray[np.float32]
 SPEC = TinyDecoderSpec()
@@ -254,14 +247,16 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 @pytest.mark.smollm2
-async def test_smollm2_q4_answers_paris(
-    smollm2: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    start = time.perf_counter()
-    folder = convert_gguf(smollm2, tmp_path_factory.mktemp("smolq4") / "smol-q4", quantize="q4")
+async def test_smollm2_q4_answers_paris(smollm2_onnx: SmolLM2Onnx) -> None:
+    folder = smollm2_onnx()  # converted with quantize="q4" (and the fused ops)
     size = sum(p.stat().st_size for p in folder.iterdir())
-    print(f"\nSmolLM2 GGUF -> ONNX q4: {time.perf_counter() - start:.1f} s, {size / 1e6:.0f} MB")
+    print(f"\nSmolLM2 ONNX q4: {size / 1e6:.0f} MB")
     assert size < 250_000_000
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    n_layer = 30
+    linear = n_layer * (len(LINEAR_WEIGHTS) - 2) + 1  # q/k/v packed into one; the LM head
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == linear
+    assert not any(n.op_type == "MatMul" for n in graph.node)
     sampling = SamplingParams(temperature=0.0, repeat_penalty=1.0, max_tokens=32)
     async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
         await client.load("smol-q4", folder)

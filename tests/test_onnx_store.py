@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from engine import EngineClient, EngineConfig, GenerateRequest, SamplingParams
-from engine.onnx.encoder import OnnxEncoder, convert_bert, write_tiny_bert
+from engine.onnx.bert_convert import convert_bert
+from engine.onnx.encoder import OnnxEncoder
 from engine.onnx.tinydecoder import write_tiny_decoder
 from engine.store.errors import StoreError
 from engine.store.pull import ModelManager, PullEvent
 from engine.store.store import ModelStore
+from engine.tinybert import write_tiny_bert
 
 from .conftest import collect
 from .test_cli import ferrous

@@ -28,13 +28,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from engine.gguf_header import read_gguf_header
-from engine.onnx.tinydecoder import (
-    SPECIAL_TOKENS,
-    TinyDecoderSpec,
-    build_decoder_onnx,
-    decoder_weights,
-    write_tiny_decoder,
-)
+from engine.onnx.decoder import TinyDecoderSpec, build_decoder_onnx
+from engine.onnx.tinydecoder import SPECIAL_TOKENS, decoder_weights, write_tiny_decoder
 from engine.tinymodels import CHATML_TEMPLATE
 
 SPEC = TinyDecoderSpec()

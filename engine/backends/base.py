@@ -1,8 +1,23 @@
-"""The backend interface: the one class a model runtime implements.
+"""The backend interfaces: what a model runtime implements, one small interface per job.
 
-A backend owns one loaded model and the sequences decoding on it. The worker
-drives it from one OS thread (llama.cpp's CPU thread pool follows the calling
-thread; changing threads per token costs ~3x), in this cycle::
+A backend owns one loaded model. Every backend is a :class:`Backend`: it is
+loaded (:meth:`Backend.load`), has a context length, and is freed. What it
+can do with its model is a separate interface:
+
+* :class:`TextGenerator` generates text: a tokenizer, a chat template and
+  the sequence cycle below;
+* :class:`Embedder` turns texts into sentence vectors.
+
+A runtime implements the ones its model supports (llama.cpp: both; an ONNX
+decoder and ctransformers: generation; an ONNX BERT encoder: embeddings), so
+no backend carries methods it cannot honour. The worker asks which
+interface a loaded model has through :func:`generator_of` and
+:func:`embedder_of`, which refuse a request the model cannot serve with
+``bad_request`` before anything is queued.
+
+The worker drives a generator from one OS thread (llama.cpp's CPU thread pool
+follows the calling thread; changing threads per token costs ~3x), in this
+cycle::
 
     start(seq, prompt_tokens, sampling)      # admit; no compute yet
     step([seq, ...]) -> {seq: token}         # one token per sequence; the first
@@ -12,9 +27,8 @@ thread; changing threads per token costs ~3x), in this cycle::
 ``step`` takes a list so a batching backend can advance many sequences in one
 forward pass; ``max_sequences`` says how many it holds at once. A backend that
 decodes one sequence at a time sets it to 1 and the worker queues the rest.
-
-Optional abilities have defaults that refuse with ``bad_request``:
-:meth:`check_sampling` (structured output) and :meth:`embed_job` (embeddings).
+Structured output is optional: :meth:`TextGenerator.check_sampling` refuses it
+unless a backend has a grammar sampler.
 """
 
 from __future__ import annotations
@@ -29,7 +43,16 @@ from engine.chat import render_chat
 from engine.requests import ChatMessage, SamplingParams
 from protocol.errors import BadRequest
 
-__all__ = ["Backend", "EmbedJob", "LoadParams", "OnnxOptions"]
+__all__ = [
+    "Backend",
+    "EmbedJob",
+    "Embedder",
+    "LoadParams",
+    "OnnxOptions",
+    "TextGenerator",
+    "embedder_of",
+    "generator_of",
+]
 
 # One forward pass per next(); returns (unit-length vectors, tokens read).
 EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
@@ -86,20 +109,35 @@ class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Backend(abc.ABC):
-    """One loaded model. Construct with :meth:`load`; release with :meth:`free`."""
+    """One loaded model, whatever it serves. Construct with :meth:`load`; release with :meth:`free`.
+
+    What the model can do is a second interface the concrete class also
+    implements: :class:`TextGenerator`, :class:`Embedder`, or both.
+    """
 
     name: ClassVar[str]
-    max_sequences: int = 1
 
     n_ctx: int
-    chat_template: str | None
-    bos_text: str
-    eos_text: str
+    """The most tokens one sequence (or one input to embed) may hold."""
 
     @classmethod
     @abc.abstractmethod
     def load(cls, path: str, params: LoadParams) -> Backend:
         """Load the model at ``path``; raise ModelLoadError on failure."""
+
+    @abc.abstractmethod
+    def free(self) -> None:
+        """Release the model's memory. The backend is unusable afterwards."""
+
+
+class TextGenerator(Backend):
+    """A model that generates text, one token per sequence per :meth:`step`."""
+
+    max_sequences: int = 1
+
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
 
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -151,10 +189,6 @@ class Backend(abc.ABC):
     def finish(self, seq: int) -> None:
         """Retire a sequence; its slot is free for the next one."""
 
-    @abc.abstractmethod
-    def free(self) -> None:
-        """Release the model's memory. The backend is unusable afterwards."""
-
     can_suspend: bool = False
     """Whether :meth:`suspend` and :meth:`resume` work (engine.preemption)."""
 
@@ -204,6 +238,21 @@ class Backend(abc.ABC):
         if sampling.constraint() is not None:
             raise BadRequest("structured output needs the llama_cpp backend")
 
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """Render messages with the model's chat template (from its metadata)."""
+        return render_chat(
+            self.chat_template, messages, bos_token=self.bos_text, eos_token=self.eos_text
+        )
+
+    def token_bytes(self, token: int) -> bytes:
+        """Bytes of one generated token (backends may cache this)."""
+        return self.detokenize([token])
+
+
+class Embedder(Backend):
+    """A model that turns texts into sentence vectors."""
+
+    @abc.abstractmethod
     def embed_job(self, texts: Sequence[str], truncate: bool) -> EmbedJob:
         """Check ``texts`` now (BadRequest), and return a job that embeds them step by step.
 
@@ -212,9 +261,7 @@ class Backend(abc.ABC):
         worker advances it between generation steps, so a large request delays
         running streams by one pass at a time, not by all of it. ``truncate``
         cuts inputs longer than the embedding context instead of refusing them.
-        The default refuses: not every runtime exposes hidden states.
         """
-        raise BadRequest("embeddings need the llama_cpp backend")
 
     def embed(self, texts: Sequence[str], truncate: bool) -> tuple[list[list[float]], int]:
         """Run :meth:`embed_job` to the end: ``(unit-length vectors, tokens read)``."""
@@ -226,12 +273,16 @@ class Backend(abc.ABC):
                 result: tuple[list[list[float]], int] = done.value
                 return result
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """Render messages with the model's chat template (from its metadata)."""
-        return render_chat(
-            self.chat_template, messages, bos_token=self.bos_text, eos_token=self.eos_text
-        )
 
-    def token_bytes(self, token: int) -> bytes:
-        """Bytes of one generated token (backends may cache this)."""
-        return self.detokenize([token])
+def generator_of(backend: Backend) -> TextGenerator:
+    """``backend`` as a :class:`TextGenerator`; BadRequest if its model only embeds."""
+    if isinstance(backend, TextGenerator):
+        return backend
+    raise BadRequest("this is an embedding model: it cannot generate text")
+
+
+def embedder_of(backend: Backend) -> Embedder:
+    """``backend`` as an :class:`Embedder`; BadRequest if its runtime cannot embed."""
+    if isinstance(backend, Embedder):
+        return backend
+    raise BadRequest("embeddings need the llama_cpp backend or an ONNX encoder model")

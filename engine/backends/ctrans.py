@@ -4,8 +4,10 @@ ctransformers ships prebuilt libraries and installs in seconds, which makes it
 a fallback where llama-cpp-python cannot be built. It serialises concurrent
 generation and cannot load every model (SmolLM2's GPT-2 style vocabulary, for
 one); it has no min-p sampling, so ``min_p`` is ignored here. It has no grammar
-sampler and no embeddings either: structured output and :meth:`embed` requests
-fail with ``bad_request`` (the defaults of :class:`~engine.backends.base.Backend`).
+sampler and no embeddings either: structured output fails with ``bad_request``
+(the default of :meth:`~engine.backends.base.TextGenerator.check_sampling`),
+and it is no :class:`~engine.backends.base.Embedder`, so the worker refuses
+embedding requests with ``bad_request``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 
 from ctransformers import AutoModelForCausalLM
 
-from engine.backends.base import Backend, LoadParams
+from engine.backends.base import LoadParams, TextGenerator
 from engine.backends.select import check_model_file
 from engine.requests import SamplingParams
 from protocol.errors import ModelLoadError
@@ -23,7 +25,7 @@ from protocol.errors import ModelLoadError
 __all__ = ["CTransformersBackend"]
 
 
-class CTransformersBackend(Backend):
+class CTransformersBackend(TextGenerator):
     name = "ctransformers"
 
     def __init__(self, llm: object, n_ctx: int, chat_template: str | None, n_threads: int) -> None:

@@ -49,7 +49,7 @@ import llama_cpp
 import llama_cpp.llama_grammar
 import numpy as np
 
-from engine.backends.base import Backend, EmbedJob, LoadParams
+from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
 from engine.backends.llamaslots import (
     BORROW_MIN,
@@ -201,7 +201,7 @@ class _SeqState:
         self.sampler = sampler  # llama_sampler pointer, or None for the greedy fast path
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(TextGenerator, Embedder):
     name = "llama_cpp"
 
     def __init__(

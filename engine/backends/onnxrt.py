@@ -17,7 +17,7 @@ are the ones it would get alone. A sequence still reading its prompt runs
 alone (its first step is its prefill), because its input length differs.
 Graphs with ``GroupQueryAttention`` (see :mod:`engine.onnx.fused`) instead
 keep one KV buffer per layer that the graph appends to in place through
-IOBinding (:class:`_SharedKV`): rows are right-padded and nothing is copied
+IOBinding (:class:`~engine.backends.onnxkv.SharedKV`): rows are right-padded and nothing is copied
 per token. There a prompt is read at most ``PROMPT_CHUNK`` tokens per step,
 so a long prompt does not stall the running streams for its whole length
 (the attention op reads several new tokens of one row with a past, not of
@@ -26,44 +26,44 @@ several rows, so prompts are still read one at a time).
 
 Prefix reuse: when a sequence is about to read its prompt, the longest run of
 leading tokens it shares with a running sequence or with a recently finished
-one (kept in :class:`_PrefixStore`, bounded by ``prefix_cache_mb``) has its
-keys and values copied instead of computed, so only the rest of the prompt is
-read. A copy of a few megabytes replaces a prefill of tens of milliseconds per
+one (kept in :class:`~engine.backends.onnxkv.PrefixStore`, bounded by
+``prefix_cache_mb``) has its keys and values copied instead of computed, so
+only the rest of the prompt is read. A copy of a few megabytes replaces a prefill of tens of milliseconds per
 token block: sessions sharing a system prompt, the next turn of a
 conversation and retried requests start sooner. At least one prompt token is
 always read, since its logits give the first completion token.
 
-Sampling is numpy: greedy argmax, or repeat penalty, top-k, top-p, min-p and
-temperature with a seeded generator. There is no grammar sampler here, so
+Sampling is numpy (:mod:`engine.backends.numpysampler`): greedy argmax, or
+repeat penalty, top-k, top-p, min-p and temperature with a seeded generator. There is no grammar sampler here, so
 structured output is refused (``bad_request``) as on ctransformers.
+
+A folder holding ``pooling.json`` is a BERT encoder instead: :meth:`OnnxBackend.load`
+returns :class:`~engine.backends.onnxembed.OnnxEncoderBackend` for it, which
+serves embeddings only.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from engine.backends.base import Backend, EmbedJob, LoadParams
+from engine.backends.base import Backend, LoadParams, TextGenerator
+from engine.backends.numpysampler import sample_token
+from engine.backends.onnxembed import OnnxEncoderBackend
+from engine.backends.onnxkv import PrefixStore, SeqState, SharedKV, common_prefix
+from engine.backends.onnxsession import graph_opsets, has_op, read_json, session_options
 from engine.backends.select import check_onnx_folder
-from engine.onnx.encoder import OnnxEncoder
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError
 
-__all__ = ["OnnxBackend", "OnnxEncoderBackend", "session_options"]
+__all__ = ["MIN_REUSE", "PROMPT_CHUNK", "OnnxBackend"]
 
 MAX_DEFAULT_CTX = 4096
-_INITIAL_CAPACITY = 256  # KV positions per row before the shared buffer first grows
-PENALTY_LAST_N = 64
 MIN_REUSE = 8  # the shortest shared prefix worth copying
 PROMPT_CHUNK = 256  # prompt tokens read per step (shared-buffer graphs)
 
@@ -85,251 +85,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(str(path), "corrupt", f"cannot read it: {exc}") from None
-    return data if isinstance(data, dict) else {}
+class OnnxBackend(TextGenerator):
+    """An ONNX decoder folder (see the module docstring): text generation, batched."""
 
-
-def _opsets(path: Path) -> str:
-    """The operator sets a graph imports, for error messages (weights are not read)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # a graph that does not parse: say nothing more precise
-        return "an operator set"
-    return ", ".join(f"{e.domain or 'ai.onnx'} opset {e.version}" for e in model.opset_import)
-
-
-def _has_op(path: Path, op_type: str) -> bool:
-    """Whether the graph (weights not read) holds a node of ``op_type``."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(node.op_type == op_type for node in model.graph.node)
-
-
-_OPT_LEVELS = {
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-}
-
-
-def session_options(params: LoadParams) -> ort.SessionOptions:
-    """Session options from the load parameters (threads) and the ONNX settings."""
-    o = params.onnx
-    if o.graph_optimization not in _OPT_LEVELS:
-        raise BadRequest(
-            f"onnx graph_optimization must be one of {', '.join(_OPT_LEVELS)}, "
-            f"not {o.graph_optimization!r}"
-        )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = params.n_threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = _OPT_LEVELS[o.graph_optimization]
-    opts.enable_cpu_mem_arena = o.memory_arena
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if o.spinning else "0")
-    opts.log_severity_level = 3
-    return opts
-
-
-@dataclass
-class _Seq:
-    pending: list[int]  # tokens to feed next: the prompt, then the last sampled token
-    past: list[np.ndarray] = field(default_factory=list)  # per layer K, V: [kv, len, hd]
-    n_past: int = 0
-    history: list[int] = field(default_factory=list)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    rng: np.random.Generator | None = None
-    slot: int = -1  # its row in the shared KV buffer (shared-buffer graphs only)
-    reused: int = 0  # prompt tokens copied from a cached prefix
-    priority: int = 0
-    urgent: bool = False  # it paused another to start: its prompt goes first (engine.stepplan)
-    passed: int = 0  # steps in a row its prompt waited
-
-    @property
-    def decoding(self) -> bool:
-        return len(self.pending) == 1 and self.n_past > 0
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the common leading part of two token arrays."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if differ.size else n
-
-
-class _PrefixStore:
-    """Keys and values of finished sequences, least recently used dropped first beyond ``budget`` bytes.
-
-    An entry holds the tokens a sequence had in its cache and, per layer and
-    kind, a [kv_heads, n, head_dim] array of their keys or values. An entry
-    whose tokens begin another's adds nothing and is not kept.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.bytes = 0
-        self._entries: OrderedDict[int, tuple[np.ndarray, list[np.ndarray]]] = OrderedDict()
-        self._next = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add(self, tokens: np.ndarray, kv: list[np.ndarray]) -> None:
-        size = sum(a.nbytes for a in kv)
-        if size > self.budget:
-            return
-        for key, (have, _) in list(self._entries.items()):
-            common = _common_prefix(tokens, have)
-            if common == len(tokens):  # already covered by a longer entry
-                self._entries.move_to_end(key)
-                return
-            if common == len(have):  # the new entry covers this one
-                self._drop(key)
-        while self._entries and self.bytes + size > self.budget:
-            self._drop(next(iter(self._entries)))
-        self._entries[self._next] = (tokens, kv)
-        self._next += 1
-        self.bytes += size
-
-    def best(self, prompt: np.ndarray) -> tuple[int, list[np.ndarray] | None]:
-        """(shared length, the entry's arrays) of the entry sharing most leading tokens with ``prompt``."""
-        best_n, best_key = 0, None
-        for key, (tokens, _) in self._entries.items():
-            n = _common_prefix(prompt, tokens)
-            if n > best_n:
-                best_n, best_key = n, key
-        if best_key is None:
-            return 0, None
-        self._entries.move_to_end(best_key)
-        return best_n, self._entries[best_key][1]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
-    def _drop(self, key: int) -> None:
-        _, kv = self._entries.pop(key)
-        self.bytes -= sum(a.nbytes for a in kv)
-
-
-class _SharedKV:
-    """One KV buffer per layer and kind, [slots, kv_heads, capacity, head_dim], bound as past and present.
-
-    Graphs with ``GroupQueryAttention`` (see :mod:`engine.onnx.fused`) append
-    each run's keys and values in place when the same memory is bound as
-    ``past_key_values.*`` and ``present.*``, so nothing is copied per token.
-    A run covers a contiguous block of rows; sequences take the lowest free
-    row, and when one leaves, the highest is moved into its row so decoding
-    rows stay packed at the top. Capacity starts small and doubles (up to
-    ``n_ctx``) as sequences grow, so memory follows the longest sequence
-    rather than the context limit.
-    """
-
-    def __init__(
-        self,
-        slots: int,
-        n_layer: int,
-        kv_heads: int,
-        head_dim: int,
-        n_ctx: int,
-        vocab: int | None = None,
-    ) -> None:
-        self.slots = slots
-        self.n_ctx = n_ctx
-        self._shape = (kv_heads, head_dim)
-        self._n = 2 * n_layer
-        self.capacity = 0
-        self.buffers: list[np.ndarray] = []
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        self.owner: list[_Seq | None] = [None] * slots
-        # Graphs whose logits are [batch, 1, vocab] (the LM head on the last position only)
-        # write them into this buffer: no output objects to fetch and wrap per step.
-        self.logits = np.zeros((slots, 1, vocab), dtype=np.float32) if vocab is not None else None
-        self.reserve(min(n_ctx, _INITIAL_CAPACITY))
-
-    def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions per row (doubling, at most ``n_ctx``)."""
-        if length <= self.capacity:
-            return
-        if length > self.n_ctx:
-            raise RuntimeError(f"{length} positions exceed the context of {self.n_ctx}")
-        cap = max(self.capacity, 1)
-        while cap < length:
-            cap *= 2
-        cap = min(cap, self.n_ctx)
-        kv, hd = self._shape
-        grown = [np.zeros((self.slots, kv, cap, hd), dtype=np.float32) for _ in range(self._n)]
-        for new, old in zip(grown, self.buffers, strict=False):
-            new[:, :, : self.capacity] = old
-        self.buffers, self.capacity = grown, cap
-        self._bindings.clear()
-
-    def binding(
-        self,
-        session: ort.InferenceSession,
-        past: list[str],
-        present: list[str],
-        first: int,
-        rows: int,
-    ) -> ort.IOBinding:
-        """An IOBinding with rows ``first .. first+rows-1`` of every buffer bound as past and present.
-
-        Built once per row block and capacity (the buffers are views, not
-        copies); the caller binds the step's inputs and ``logits`` on it.
-        """
-        key = (first, rows)
-        io = self._bindings.get(key)
-        if io is None:
-            io = session.io_binding()
-            if self.logits is not None:
-                view = ort.OrtValue.ortvalue_from_numpy(self.logits[first : first + rows])
-                io.bind_ortvalue_output("logits", view)
-            else:
-                io.bind_output("logits", "cpu")  # first: outputs come back in binding order
-            for name_in, name_out, buf in zip(past, present, self.buffers, strict=True):
-                value = ort.OrtValue.ortvalue_from_numpy(buf[first : first + rows])
-                io.bind_ortvalue_input(name_in, value)
-                io.bind_ortvalue_output(name_out, value)
-            self._bindings[key] = io
-        return io
-
-    def take(self, seq: _Seq) -> None:
-        row = self.owner.index(None)
-        self.owner[row] = seq
-        seq.slot = row
-
-    def release(self, seq: _Seq) -> None:
-        """Free ``seq``'s row; the highest occupied row moves into it (its used part only)."""
-        row = seq.slot
-        if row < 0 or self.owner[row] is not seq:
-            return
-        self.owner[row] = None
-        seq.slot = -1
-        top = max((i for i, o in enumerate(self.owner) if o is not None), default=-1)
-        if top > row:
-            moved = self.owner[top]
-            assert moved is not None
-            n = moved.n_past
-            for b in self.buffers:
-                b[row, :, :n] = b[top, :, :n]
-            self.owner[row], self.owner[top] = moved, None
-            moved.slot = row
-
-    def used_rows(self) -> int:
-        return 1 + max((i for i, o in enumerate(self.owner) if o is not None), default=-1)
-
-
-class OnnxBackend(Backend):
     name = "onnx"
 
     def __init__(
@@ -364,7 +122,7 @@ class OnnxBackend(Backend):
         self.bos_text = tokenizer.id_to_token(bos_id) or "" if bos_id is not None else ""
         eos_first = min(eos_ids) if eos_ids else None
         self.eos_text = (tokenizer.id_to_token(eos_first) or "") if eos_first is not None else ""
-        self._seqs: dict[int, _Seq] = {}
+        self._seqs: dict[int, SeqState] = {}
         self._pieces: dict[int, bytes] = {}
         self._byte_level = self._decoder_type() == "ByteLevel"
         self._special = {
@@ -378,7 +136,7 @@ class OnnxBackend(Backend):
         vocab = logits_shape[2] if len(logits_shape) == 3 else None
         static_logits = logits_shape[1] == 1 and isinstance(vocab, int)
         self._shared = (
-            _SharedKV(
+            SharedKV(
                 self.max_sequences,
                 n_layer,
                 kv_heads,
@@ -390,7 +148,7 @@ class OnnxBackend(Backend):
             else None
         )
         self._reuse_on = prefix_reuse
-        self._store = _PrefixStore(prefix_cache_bytes if prefix_reuse else 0)
+        self._store = PrefixStore(prefix_cache_bytes if prefix_reuse else 0)
         self._token_bytes = 2 * n_layer * kv_heads * head_dim * 4  # keys and values, float32
         self.reused_tokens = 0  # prompt tokens copied instead of read, since loading
 
@@ -401,9 +159,9 @@ class OnnxBackend(Backend):
         folder = check_onnx_folder(path)
         if (folder / "pooling.json").is_file():
             return OnnxEncoderBackend.load(path, params)
-        config = _read_json(folder / "config.json")
-        gen_config = _read_json(folder / "generation_config.json")
-        tok_config = _read_json(folder / "tokenizer_config.json")
+        config = read_json(folder / "config.json")
+        gen_config = read_json(folder / "generation_config.json")
+        tok_config = read_json(folder / "tokenizer_config.json")
         try:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the tokenizers package raises plain Exceptions
@@ -418,7 +176,7 @@ class OnnxBackend(Backend):
                 raise ModelLoadError(
                     str(folder),
                     "unsupported_opset",
-                    f"the graph uses {_opsets(folder / 'model.onnx')}, which onnxruntime "
+                    f"the graph uses {graph_opsets(folder / 'model.onnx')}, which onnxruntime "
                     f"{ort.__version__} does not support",
                 ) from None
             raise ModelLoadError(str(folder), "backend", f"onnxruntime: {exc}") from None
@@ -497,7 +255,7 @@ class OnnxBackend(Backend):
             bos_id=bos if isinstance(bos, int) and add_bos else None,
             chat_template=template if isinstance(template, str) else None,
             has_positions="position_ids" in inputs,
-            shared_kv=_has_op(folder / "model.onnx", "GroupQueryAttention"),
+            shared_kv=has_op(folder / "model.onnx", "GroupQueryAttention"),
             prefix_cache_bytes=max(0, params.onnx.prefix_cache_mb) * 2**20,
             prefix_reuse=params.onnx.prefix_reuse,
         )
@@ -556,7 +314,7 @@ class OnnxBackend(Backend):
         if len(self._seqs) >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
         rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
-        st = _Seq(list(prompt), sampling=sampling, rng=rng, priority=priority, urgent=urgent)
+        st = SeqState(list(prompt), sampling=sampling, rng=rng, priority=priority, urgent=urgent)
         if self._shared is not None:
             self._shared.take(st)
         self._seqs[seq] = st
@@ -584,17 +342,17 @@ class OnnxBackend(Backend):
 
     # -- prefix reuse -------------------------------------------------------------------
 
-    def _kv_of(self, st: _Seq) -> list[np.ndarray]:
+    def _kv_of(self, st: SeqState) -> list[np.ndarray]:
         """Views of ``st``'s keys and values, per layer and kind: [kv_heads, n_past, head_dim]."""
         if self._shared is not None:
             return [b[st.slot, :, : st.n_past] for b in self._shared.buffers]
         return st.past
 
-    def _keep(self, st: _Seq) -> None:
+    def _keep(self, st: SeqState) -> None:
         kv = [np.array(a) for a in self._kv_of(st)] if self._shared is not None else st.past
         self._store.add(np.array(st.history[: st.n_past], dtype=np.int64), kv)
 
-    def _reuse(self, st: _Seq, seen: dict[int, np.ndarray]) -> None:
+    def _reuse(self, st: SeqState, seen: dict[int, np.ndarray]) -> None:
         """Copy the keys and values of the longest known prefix of ``st``'s prompt into it.
 
         ``st`` may have read (or copied) part of its prompt already; only a
@@ -613,7 +371,7 @@ class OnnxBackend(Backend):
             tokens = seen.get(id(other))
             if tokens is None:
                 tokens = seen[id(other)] = np.array(other.history[: other.n_past], dtype=np.int64)
-            n = _common_prefix(wanted, tokens)
+            n = common_prefix(wanted, tokens)
             if n > best:
                 best, source = n, self._kv_of(other)
         n, kept = self._store.best(wanted)
@@ -683,13 +441,13 @@ class OnnxBackend(Backend):
                 out[s] = self._sample(st, logits[row])
         return out
 
-    def _run(self, batch: list[_Seq], n_new: int) -> np.ndarray:
+    def _run(self, batch: list[SeqState], n_new: int) -> np.ndarray:
         """One forward pass feeding the next ``n_new`` pending tokens of every row of ``batch``."""
         if self._shared is not None:
             return self._run_shared(batch, n_new)
         return self._run_copied(batch)
 
-    def _run_shared(self, batch: list[_Seq], n_new: int) -> np.ndarray:
+    def _run_shared(self, batch: list[SeqState], n_new: int) -> np.ndarray:
         """A run over adjacent rows of the shared buffer, which the graph appends to in place."""
         kv = self._shared
         assert kv is not None
@@ -715,7 +473,7 @@ class OnnxBackend(Backend):
             st.n_past += n_new
         return logits
 
-    def _run_copied(self, batch: list[_Seq]) -> np.ndarray:
+    def _run_copied(self, batch: list[SeqState]) -> np.ndarray:
         """A run with each row's cache copied in (left-padded) and the new one copied out."""
         n_new = len(batch[0].pending)
         longest = max(st.n_past for st in batch)
@@ -753,114 +511,7 @@ class OnnxBackend(Backend):
             st.n_past += n_new
         return logits
 
-    def _sample(self, st: _Seq, logits: np.ndarray) -> int:
-        s = st.sampling
-        if s.temperature == 0.0 and s.repeat_penalty == 1.0:
-            token = int(logits.argmax())
-        else:
-            x = logits.astype(np.float64, copy=True)
-            if s.repeat_penalty != 1.0 and st.history:
-                recent = np.unique(np.array(st.history[-PENALTY_LAST_N:], dtype=np.int64))
-                vals = x[recent]
-                x[recent] = np.where(vals > 0, vals / s.repeat_penalty, vals * s.repeat_penalty)
-            if s.temperature == 0.0 or st.rng is None:
-                token = int(x.argmax())
-            else:
-                token = self._draw(x, s, st.rng)
+    def _sample(self, st: SeqState, logits: np.ndarray) -> int:
+        token = sample_token(logits, st.sampling, st.history, st.rng)
         st.pending = [token]
         return token
-
-    @staticmethod
-    def _draw(x: np.ndarray, s: SamplingParams, rng: np.random.Generator) -> int:
-        order = np.argsort(-x)
-        if s.top_k > 0:
-            order = order[: s.top_k]
-        z = x[order] / s.temperature
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if s.min_p > 0.0:
-            keep = p >= s.min_p * p[0]
-            order, p = order[keep], p[keep] / p[keep].sum()
-        if s.top_p < 1.0:
-            cut = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
-            order, p = order[:cut], p[:cut] / p[:cut].sum()
-        return int(order[rng.choice(len(order), p=p)])
-
-
-def onnx_model_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of a model folder's files (weights are read into memory, once per worker)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-class OnnxEncoderBackend(Backend):
-    """A BERT-style ONNX encoder (``pooling.json`` in its folder): embeddings only.
-
-    Generation requests are refused with ``bad_request``; ``embed_job`` runs the
-    encoder in batches (one batch per step of the worker loop, so running
-    streams on the same worker keep moving).
-    """
-
-    name = "onnx"
-    max_sequences = 1
-
-    def __init__(self, encoder: OnnxEncoder) -> None:
-        self._enc = encoder
-        self.n_ctx = encoder.max_length
-        self.chat_template = None
-        self.bos_text = ""
-        self.eos_text = ""
-
-    @classmethod
-    def load(cls, path: str, params: LoadParams) -> OnnxEncoderBackend:
-        return cls(OnnxEncoder(Path(path), threads=params.n_threads))
-
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return self._enc.tokenize([text])[0]
-
-    def detokenize(self, tokens: Sequence[int]) -> bytes:
-        return b""
-
-    def is_end(self, token: int) -> bool:
-        return True
-
-    def check_sampling(self, sampling: SamplingParams) -> None:
-        raise BadRequest("this is an embedding model: it cannot generate text")
-
-    def start(
-        self,
-        seq: int,
-        prompt: list[int],
-        sampling: SamplingParams,
-        priority: int = 0,
-        urgent: bool = False,
-    ) -> None:
-        raise BadRequest("this is an embedding model: it cannot generate text")
-
-    def step(self, seqs: Sequence[int]) -> dict[int, int]:
-        return {}
-
-    def context_used(self, seq: int) -> int:
-        return 0
-
-    def finish(self, seq: int) -> None:
-        pass
-
-    def free(self) -> None:
-        pass
-
-    def embed_job(self, texts: Sequence[str], truncate: bool) -> EmbedJob:
-        for i, text in enumerate(texts):
-            if not text:
-                raise BadRequest(f"input {i} is empty")
-        tokens = self._enc.tokenize(texts, truncate=truncate)  # BadRequest when too long
-        batch = max(1, self._enc.batch_size)
-
-        def job() -> EmbedJob:
-            vectors: list[list[float]] = []
-            for start in range(0, len(texts), batch):
-                part = self._enc.embed(list(texts[start : start + batch]), truncate=truncate)
-                vectors.extend(part.tolist())
-                yield
-            return vectors, sum(len(t) for t in tokens)
-
-        return job()

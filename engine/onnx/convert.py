@@ -6,7 +6,7 @@ turns every weight into float32 and writes a folder that
 :class:`engine.backends.onnxrt.OnnxBackend` loads:
 
 * ``model.onnx`` + ``model.onnx.data`` — the decoder graph of
-  :func:`engine.onnx.tinydecoder.build_decoder_onnx` (native
+  :func:`engine.onnx.decoder.build_decoder_onnx` (native
   ``RMSNormalization`` / ``RotaryEmbedding`` / ``Attention`` at opset 23-24,
   plain ops at 17-22), weights as ONNX external data (SmolLM2-135M in f32 is
   ~650 MB, more than a protobuf should carry);
@@ -38,7 +38,7 @@ Errors are :class:`protocol.errors.ModelLoadError` (``path``, ``reason``,
 With ``quantize="q4"`` (command flag ``--q4``) every linear projection (q, k,
 v, o, gate, up, down and the LM head, tied or not) becomes a 4-bit
 ``com.microsoft`` ``MatMulNBits`` node (symmetric blocks of 32 along K,
-``accuracy_level=4``; see :func:`engine.onnx.tinydecoder.quantize_q4`); the
+``accuracy_level=4``; see :func:`engine.onnx.quant.quantize_q4`); the
 embedding table and the norms stay float32. The GGUF's weights are
 dequantized to float32 first and then requantized, so a Q4_1 source loses a
 little more precision than it had.
@@ -69,14 +69,9 @@ import onnx
 from onnx import numpy_helper
 
 from engine.gguf_header import read_gguf_header
+from engine.onnx.decoder import TinyDecoderSpec, build_decoder_onnx, hf_config
 from engine.onnx.fused import build_fused_decoder
-from engine.onnx.tinydecoder import (
-    LINEAR_WEIGHTS,
-    QUANTIZE_MODES,
-    TinyDecoderSpec,
-    build_decoder_onnx,
-    hf_config,
-)
+from engine.onnx.quant import LINEAR_WEIGHTS, QUANTIZE_MODES
 from protocol.errors import ModelLoadError
 
 __all__ = ["EOG_TOKEN_TEXTS", "convert_gguf", "main"]

@@ -1,7 +1,7 @@
 """The fast decoder graph: onnxruntime's fused CPU contrib ops and a KV cache shared in place.
 
 :func:`build_fused_decoder` writes the same Llama decoder as
-:func:`engine.onnx.tinydecoder.build_decoder_onnx` (same weights, same
+:func:`engine.onnx.decoder.build_decoder_onnx` (same weights, same
 logits up to float rounding) with the ops onnxruntime-genai's model builder
 emits for CPU, because they are what makes a small decoder fast on
 onnxruntime:
@@ -39,22 +39,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper
 
-from engine.onnx.tinydecoder import (
-    F32,
-    MS_DOMAIN,
-    Q4_BLOCK,
-    QUANTIZE_MODES,
-    TinyDecoderSpec,
-    _Graph,
-    _matmul_q4,
-    _rope_tables,
-    quantize_q4,
-)
+from engine.onnx.decoder import TinyDecoderSpec, rope_tables
+from engine.onnx.graph import MS_DOMAIN, GraphBuilder
+from engine.onnx.quant import Q4_BLOCK, QUANTIZE_MODES, matmul_q4, quantize_q4
 
 __all__ = ["FUSED_OPSET", "build_fused_decoder", "packed_qkv"]
+
+F32 = npt.NDArray[np.float32]
 
 FUSED_OPSET = 21  # any opset works: the heavy ops are com.microsoft ones
 
@@ -95,19 +90,16 @@ def build_fused_decoder(
         raise ValueError(f"quantize must be None or 'q4', not {quantize!r}")
     h, kv, d = spec.n_head, spec.n_kv_head, spec.head_dim
     eps = spec.rms_eps
-    g = _Graph(FUSED_OPSET)
-    cos, sin = _rope_tables(spec)
+    g = GraphBuilder(FUSED_OPSET)
+    cos, sin = rope_tables(spec)
     g.const("rope.cos_cache", cos, np.float32)
     g.const("rope.sin_cache", sin, np.float32)
 
     def linear(x: str, name: str, w: F32, output: str | None = None) -> str:
         if quantize == "q4":
-            return _matmul_q4(g, x, name, w, output)
+            return matmul_q4(g, x, name, w, output)
         init = g.const(name.removesuffix(".weight") + ".weight_t", w.T, np.float32)
-        if output is None:
-            return g.op("MatMul", [x, init])
-        g.out("MatMul", [x, init], [output])
-        return output
+        return g.op("MatMul", [x, init], output=output)
 
     def vec(name: str) -> str:
         return g.const(name, weights[name], np.float32)
@@ -184,7 +176,7 @@ def build_fused_decoder(
             outputs.append(
                 helper.make_tensor_value_info(f"present.{i}.{kind}", f32, [_B, kv, _C, d])
             )
-    graph = helper.make_graph(g.nodes, "llama_decoder_fused", inputs, outputs, g.inits)
+    graph = g.graph("llama_decoder_fused", inputs, outputs)
     opsets = [helper.make_opsetid("", FUSED_OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     return helper.make_model(
         graph,
@@ -194,7 +186,7 @@ def build_fused_decoder(
     )
 
 
-def _quantized_embedding(g: _Graph, head: F32, spec: TinyDecoderSpec) -> str:
+def _quantized_embedding(g: GraphBuilder, head: F32, spec: TinyDecoderSpec) -> str:
     """Rows of the 4-bit LM head weight as the embedding lookup, [B, S, n_embd].
 
     The packed bytes are the ``output.weight_q4`` initializer the LM head's
@@ -216,9 +208,9 @@ def _quantized_embedding(g: _Graph, head: F32, spec: TinyDecoderSpec) -> str:
     return g.op("Reshape", [rows, g.ints(0, 0, spec.n_embd)])
 
 
-def _skip_norm(g: _Graph, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
+def _skip_norm(g: GraphBuilder, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
     """``norm(x + skip)`` and ``x + skip`` (the next residual) from one fused node."""
-    name = f"SkipSimplifiedLayerNormalization_{g._count}"
+    name = g.next_name("SkipSimplifiedLayerNormalization")
     normed, summed = f"{name}/out", f"{name}/sum"
     attrs: dict[str, Any] = {"epsilon": eps, "domain": MS_DOMAIN}
     g.out("SkipSimplifiedLayerNormalization", [x, skip, gamma], [normed, "", "", summed], **attrs)

@@ -482,7 +482,7 @@ class ModelManager:
                 return self._stage_folder(path)
             if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
                 # A sentence-transformers BERT folder: convert it to an ONNX encoder.
-                from engine.onnx.encoder import convert_bert
+                from engine.onnx.bert_convert import convert_bert
 
                 try:
                     return self._converted(lambda out: convert_bert(path, out))

@@ -1,0 +1,78 @@
+"""Opening ONNX model folders: onnxruntime session options and what a graph or config says.
+
+Shared by the ONNX decoder backend (:mod:`engine.backends.onnxrt`) and the
+benchmarks that time its graphs: :func:`session_options` turns the load
+parameters and ``[onnx]`` settings into onnxruntime's options;
+:func:`read_json` reads a folder's optional JSON files; :func:`graph_opsets`
+and :func:`has_op` read a graph's header without its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from engine.backends.base import LoadParams
+from protocol.errors import BadRequest, ModelLoadError
+
+__all__ = ["graph_opsets", "has_op", "read_json", "session_options"]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A folder's JSON file as a dict ({} when absent); ModelLoadError ``corrupt`` if unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(str(path), "corrupt", f"cannot read it: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def graph_opsets(path: Path) -> str:
+    """The operator sets a graph imports, for error messages (weights are not read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a graph that does not parse: say nothing more precise
+        return "an operator set"
+    return ", ".join(f"{e.domain or 'ai.onnx'} opset {e.version}" for e in model.opset_import)
+
+
+def has_op(path: Path, op_type: str) -> bool:
+    """Whether the graph (weights not read) holds a node of ``op_type``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.op_type == op_type for node in model.graph.node)
+
+
+_OPT_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def session_options(params: LoadParams) -> ort.SessionOptions:
+    """Session options from the load parameters (threads) and the ONNX settings."""
+    o = params.onnx
+    if o.graph_optimization not in _OPT_LEVELS:
+        raise BadRequest(
+            f"onnx graph_optimization must be one of {', '.join(_OPT_LEVELS)}, "
+            f"not {o.graph_optimization!r}"
+        )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = params.n_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = _OPT_LEVELS[o.graph_optimization]
+    opts.enable_cpu_mem_arena = o.memory_arena
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if o.spinning else "0")
+    opts.log_severity_level = 3
+    return opts
