@@ -244,7 +244,7 @@ class EngineClient:
             if w.alive:
                 req = self._pool.next_req()
                 try:
-                    p = await self._pool.request(w, ipc.Ping(req), req, 5.0)
+                    p = await self._pool.request(w, ipc.Ping(req=req), req, 5.0)
                     assert isinstance(p, ipc.Pong)
                     return WorkerHealth(
                         w.index,
@@ -320,17 +320,17 @@ class EngineClient:
             yield self._done(
                 request.request_id,
                 ipc.Finished(
-                    0,
-                    exc.reason.value,
-                    0,
-                    0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    0.0,
-                    ErrorCode.ENGINE_ERROR.value if error else None,
-                    str(exc) if error else None,
+                    gen=0,
+                    reason=exc.reason.value,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    load_ms=0.0,
+                    queue_ms=0.0,
+                    ttft_ms=0.0,
+                    total_ms=0.0,
+                    decode_tok_s=0.0,
+                    error_code=ErrorCode.ENGINE_ERROR.value if error else None,
+                    error_message=str(exc) if error else None,
                 ),
             )
             return
@@ -367,20 +367,20 @@ class EngineClient:
         self._by_request[g.request_id] = g
         worker.send(
             ipc.Generate(
-                g.gen,
-                request.request_id,
-                request.model,
-                ring.name,
-                request.prompt,
-                request.messages,
-                request.sampling,
-                request.token_ids,
-                self.config.stall_timeout,
-                request.truncate,
-                request.max_prompt_tokens,
-                self.config.prepare_timeout,
-                request.priority,
-                request.tenant or "",
+                gen=g.gen,
+                request_id=request.request_id,
+                model=request.model,
+                ring=ring.name,
+                prompt=request.prompt,
+                messages=request.messages,
+                sampling=request.sampling,
+                token_ids=request.token_ids,
+                stall_timeout=self.config.stall_timeout,
+                truncate=request.truncate,
+                max_prompt_tokens=request.max_prompt_tokens,
+                prepare_timeout=self.config.prepare_timeout,
+                priority=request.priority,
+                tenant=request.tenant or "",
             )
         )
         if worker.interrupt is not None and self._admission.urgent(worker, request.model, key):
@@ -393,7 +393,7 @@ class EngineClient:
                 finished = g.finished  # read before the ring: data precedes Finished
                 records, resume = ring.read()
                 if resume:
-                    worker.send(ipc.Resume(g.gen))
+                    worker.send(ipc.Resume(gen=g.gen))
                 for ids, text in records:
                     yield TokenDelta(text.decode("utf-8"), seq, ids if want_ids else None)
                     seq += 1
@@ -414,7 +414,7 @@ class EngineClient:
         finally:
             if g.finished is None:
                 worker.gens.pop(g.gen, None)
-                worker.send(ipc.Cancel(g.gen))
+                worker.send(ipc.Cancel(gen=g.gen))
             self._by_request.pop(g.request_id, None)
             ring.close()
             self._residency.release(spec, request.keep_alive)
@@ -462,7 +462,7 @@ class EngineClient:
         if not inputs:
             raise BadRequest("no inputs to embed")
         req = self._pool.next_req()
-        msg = ipc.Embed(req, model, list(inputs), truncate)
+        msg = ipc.Embed(req=req, model=model, inputs=list(inputs), truncate=truncate)
         # A frame the worker cannot read would end its connection: refuse it here.
         if sum(map(len, inputs)) * 4 + 16 * len(inputs) > ipc.MAX_FRAME:
             size = len(ipc.encode(msg))
@@ -504,5 +504,5 @@ class EngineClient:
         g = self._by_request.get(request_id)
         if g is None or g.finished is not None:
             return False
-        g.worker.send(ipc.Cancel(g.gen))
+        g.worker.send(ipc.Cancel(gen=g.gen))
         return True

@@ -56,7 +56,7 @@ class _Frame(msgspec.Struct, array_like=True, tag_field="t", omit_defaults=False
 # -- gateway -> worker ---------------------------------------------------------------
 
 
-class LoadModel(_Frame, tag=1):
+class LoadModel(_Frame, tag=1, kw_only=True):
     req: int
     model: str
     path: str
@@ -71,12 +71,12 @@ class LoadModel(_Frame, tag=1):
     kv_unified: bool = False
 
 
-class UnloadModel(_Frame, tag=2):
+class UnloadModel(_Frame, tag=2, kw_only=True):
     req: int
     model: str
 
 
-class Generate(_Frame, tag=3):
+class Generate(_Frame, tag=3, kw_only=True):
     gen: int
     request_id: str
     model: str
@@ -93,23 +93,23 @@ class Generate(_Frame, tag=3):
     tenant: str = ""  # with priority: who may pause whom (engine.preemption)
 
 
-class Cancel(_Frame, tag=4):
+class Cancel(_Frame, tag=4, kw_only=True):
     gen: int
 
 
-class Resume(_Frame, tag=5):
+class Resume(_Frame, tag=5, kw_only=True):
     gen: int
 
 
-class Ping(_Frame, tag=6):
+class Ping(_Frame, tag=6, kw_only=True):
     req: int
 
 
-class Shutdown(_Frame, tag=7):
+class Shutdown(_Frame, tag=7, kw_only=True):
     pass
 
 
-class Embed(_Frame, tag=8):
+class Embed(_Frame, tag=8, kw_only=True):
     """Embed ``inputs`` with ``model``; answered by :class:`Embedded` or :class:`WorkerError`."""
 
     req: int
@@ -121,19 +121,19 @@ class Embed(_Frame, tag=8):
 # -- worker -> gateway ---------------------------------------------------------------
 
 
-class Hello(_Frame, tag=20):
+class Hello(_Frame, tag=20, kw_only=True):
     pid: int
     backends: list[str]
 
 
-class ModelLoaded(_Frame, tag=21):
+class ModelLoaded(_Frame, tag=21, kw_only=True):
     req: int
     model: str
     load_ms: float
     n_ctx: int
 
 
-class WorkerError(_Frame, tag=22):
+class WorkerError(_Frame, tag=22, kw_only=True):
     """A request (load, unload, embed, generate before it started) failed."""
 
     req: int
@@ -145,15 +145,15 @@ class WorkerError(_Frame, tag=22):
     detail: str | None = None
 
 
-class Ack(_Frame, tag=26):
+class Ack(_Frame, tag=26, kw_only=True):
     req: int
 
 
-class Wake(_Frame, tag=23):
+class Wake(_Frame, tag=23, kw_only=True):
     gen: int
 
 
-class Finished(_Frame, tag=24):
+class Finished(_Frame, tag=24, kw_only=True):
     gen: int
     reason: str
     prompt_tokens: int
@@ -168,7 +168,7 @@ class Finished(_Frame, tag=24):
     cached_tokens: int = 0  # prompt tokens copied from a cached prefix
 
 
-class Embedded(_Frame, tag=27):
+class Embedded(_Frame, tag=27, kw_only=True):
     """Unit-length vectors, row after row, as native float32 (``dim`` floats each).
 
     Raw float32 is a third the size of MessagePack floats and becomes a list
@@ -181,7 +181,7 @@ class Embedded(_Frame, tag=27):
     prompt_tokens: int
 
 
-class Pong(_Frame, tag=25):
+class Pong(_Frame, tag=25, kw_only=True):
     req: int
     models: list[str]
     active: int

@@ -297,7 +297,7 @@ class WorkerPool:
                 if w.ping_sent is None:
                     w.ping_req = self.next_req()
                     w.ping_sent = now
-                    w.send(ipc.Ping(w.ping_req))
+                    w.send(ipc.Ping(req=w.ping_req))
                 elif now - max(w.ping_sent, w.load_ended) > timeout:
                     self.hung(w, now - w.ping_sent)
 
@@ -326,17 +326,17 @@ class WorkerPool:
         self._on_failed(held, why)
         for g in w.gens.values():
             g.finished = ipc.Finished(
-                g.gen,
-                FinishReason.ERROR.value,
-                0,
-                0,
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                ErrorCode.ENGINE_ERROR.value,
-                why,
+                gen=g.gen,
+                reason=FinishReason.ERROR.value,
+                prompt_tokens=0,
+                completion_tokens=0,
+                load_ms=0.0,
+                queue_ms=0.0,
+                ttft_ms=0.0,
+                total_ms=0.0,
+                decode_tok_s=0.0,
+                error_code=ErrorCode.ENGINE_ERROR.value,
+                error_message=why,
             )
             g.wake()
         w.gens.clear()

@@ -263,18 +263,18 @@ class Residency:
     async def _load_on(self, w: Worker, spec: ModelSpec) -> ipc.ModelLoaded:
         req = self._pool.next_req()
         msg = ipc.LoadModel(
-            req,
-            spec.name,
-            spec.path,
-            spec.backend,
-            spec.n_ctx,
-            self.config.threads_per_worker,
-            self.config.n_batch,
-            spec.n_seq,
-            spec.chat_template,
-            self.config.onnx,
-            self.config.prefill_chunk,
-            self.config.kv_unified,
+            req=req,
+            model=spec.name,
+            path=spec.path,
+            backend=spec.backend,
+            n_ctx=spec.n_ctx,
+            n_threads=self.config.threads_per_worker,
+            n_batch=self.config.n_batch,
+            n_seq=spec.n_seq,
+            chat_template=spec.chat_template,
+            onnx=self.config.onnx,
+            prefill_chunk=self.config.prefill_chunk,
+            kv_unified=self.config.kv_unified,
         )
         w.loading += 1
         try:
@@ -333,7 +333,7 @@ class Residency:
     async def _unload_on(self, w: Worker, name: str) -> None:
         req = self._pool.next_req()
         with contextlib.suppress(EngineError):
-            await self._pool.request(w, ipc.UnloadModel(req, name), req, 60.0)
+            await self._pool.request(w, ipc.UnloadModel(req=req, model=name), req, 60.0)
         w.models.pop(name, None)
 
     def _unload_soon(self, spec: ModelSpec, why: str) -> None:

@@ -166,7 +166,7 @@ class Worker:
             self._handlers[type(msg)](msg)
 
     def run(self) -> None:
-        self._send(ipc.Hello(os.getpid(), available_backends()))
+        self._send(ipc.Hello(pid=os.getpid(), backends=available_backends()))
         while not self._stopping:
             if self._interrupt is not None:
                 # Raised after the client sent a request that should not wait for a
@@ -220,23 +220,33 @@ class Worker:
         except ModelLoadError as exc:
             self._send(
                 ipc.WorkerError(
-                    msg.req, exc.code.value, exc.message, False, exc.path, exc.reason, exc.detail
+                    req=msg.req,
+                    code=exc.code.value,
+                    message=exc.message,
+                    retryable=False,
+                    path=exc.path,
+                    reason=exc.reason,
+                    detail=exc.detail,
                 )
             )
             return
         except FerrousError as exc:
-            self._send(ipc.WorkerError(msg.req, exc.code.value, exc.message, exc.retryable))
+            self._send(
+                ipc.WorkerError(
+                    req=msg.req, code=exc.code.value, message=exc.message, retryable=exc.retryable
+                )
+            )
             return
         except Exception as exc:
             self._send(
                 ipc.WorkerError(
-                    msg.req,
-                    ErrorCode.ENGINE_ERROR.value,
-                    str(exc),
-                    False,
-                    msg.path,
-                    "backend",
-                    f"{type(exc).__name__}: {exc}",
+                    req=msg.req,
+                    code=ErrorCode.ENGINE_ERROR.value,
+                    message=str(exc),
+                    retryable=False,
+                    path=msg.path,
+                    reason="backend",
+                    detail=f"{type(exc).__name__}: {exc}",
                 )
             )
             return
@@ -245,7 +255,9 @@ class Worker:
         if self._interrupt is not None and isinstance(backend, TextGenerator):
             backend.set_interrupt(self._interrupt.address)
         self._models[msg.model] = (backend, load_ms)
-        self._send(ipc.ModelLoaded(msg.req, msg.model, load_ms, backend.n_ctx))
+        self._send(
+            ipc.ModelLoaded(req=msg.req, model=msg.model, load_ms=load_ms, n_ctx=backend.n_ctx)
+        )
 
     def _drop_model(self, model: str) -> None:
         for seq in [s for s in self._running.values() if s.model == model] + list(
@@ -263,7 +275,7 @@ class Worker:
     def _on_unload(self, msg: ipc.UnloadModel) -> None:
         if msg.model in self._models:
             self._drop_model(msg.model)
-        self._send(ipc.Ack(msg.req))
+        self._send(ipc.Ack(req=msg.req))
 
     def _on_generate(self, msg: ipc.Generate) -> None:
         entry = self._models.get(msg.model)
@@ -359,17 +371,17 @@ class Worker:
     def _reject(self, gen: int, exc: FerrousError) -> None:
         self._send(
             ipc.Finished(
-                gen,
-                FinishReason.ERROR.value,
-                0,
-                0,
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                exc.code.value,
-                exc.message,
+                gen=gen,
+                reason=FinishReason.ERROR.value,
+                prompt_tokens=0,
+                completion_tokens=0,
+                load_ms=0.0,
+                queue_ms=0.0,
+                ttft_ms=0.0,
+                total_ms=0.0,
+                decode_tok_s=0.0,
+                error_code=exc.code.value,
+                error_message=exc.message,
             )
         )
 
@@ -393,12 +405,12 @@ class Worker:
         rss = _rss_bytes()
         self._send(
             ipc.Pong(
-                msg.req,
-                sorted(self._models),
-                len(self._running),
-                sum(len(q) for q in self._queued.values()),
-                rss,
-                self._tokens_generated,
+                req=msg.req,
+                models=sorted(self._models),
+                active=len(self._running),
+                queued=sum(len(q) for q in self._queued.values()),
+                rss_bytes=rss,
+                tokens_generated=self._tokens_generated,
             )
         )
 
@@ -417,9 +429,14 @@ class Worker:
     @staticmethod
     def _embed_error(msg: ipc.Embed, exc: Exception) -> ipc.WorkerError:
         if isinstance(exc, FerrousError):
-            return ipc.WorkerError(msg.req, exc.code.value, exc.message, exc.retryable)
+            return ipc.WorkerError(
+                req=msg.req, code=exc.code.value, message=exc.message, retryable=exc.retryable
+            )
         return ipc.WorkerError(
-            msg.req, ErrorCode.ENGINE_ERROR.value, f"{type(exc).__name__}: {exc}", False
+            req=msg.req,
+            code=ErrorCode.ENGINE_ERROR.value,
+            message=f"{type(exc).__name__}: {exc}",
+            retryable=False,
         )
 
     def _embed_step(self) -> None:
@@ -440,7 +457,7 @@ class Worker:
                 )
                 reply: ipc.FromWorker = self._embed_error(msg, err)
             else:
-                reply = ipc.Embedded(msg.req, dim, data, n_tokens)
+                reply = ipc.Embedded(req=msg.req, dim=dim, data=data, prompt_tokens=n_tokens)
         except Exception as exc:
             reply = self._embed_error(msg, exc)
         self._embeds.popleft()
@@ -596,7 +613,7 @@ class Worker:
                 return
             seq.outbox.popleft()
             if wake:
-                self._send(ipc.Wake(seq.gen))
+                self._send(ipc.Wake(gen=seq.gen))
         seq.paused_since = None
         if seq.ending is not None:
             self._finalize(seq, seq.ending)
@@ -647,18 +664,18 @@ class Worker:
         if notify:
             self._send(
                 ipc.Finished(
-                    seq.gen,
-                    reason.value,
-                    seq.n_prompt,
-                    seq.n_out,
-                    self._models.get(seq.model, (None, 0.0))[1],
-                    ((seq.t_start or now) - seq.t_accept) * 1000,
-                    (first - seq.t_accept) * 1000 if seq.t_first else 0.0,
-                    (end - seq.t_accept) * 1000,
-                    tok_s,
-                    error.code.value if error else None,
-                    error.message if error else None,
-                    cached,
+                    gen=seq.gen,
+                    reason=reason.value,
+                    prompt_tokens=seq.n_prompt,
+                    completion_tokens=seq.n_out,
+                    load_ms=self._models.get(seq.model, (None, 0.0))[1],
+                    queue_ms=((seq.t_start or now) - seq.t_accept) * 1000,
+                    ttft_ms=(first - seq.t_accept) * 1000 if seq.t_first else 0.0,
+                    total_ms=(end - seq.t_accept) * 1000,
+                    decode_tok_s=tok_s,
+                    error_code=error.code.value if error else None,
+                    error_message=error.message if error else None,
+                    cached_tokens=cached,
                 )
             )
         seq.ring.close()
