@@ -18,7 +18,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench(module: str, *args: str, timeout: float = 240) -> dict[str, object]:
+def bench(
+    module: str, *args: str, timeout: float = 240, judges_targets: bool = False
+) -> dict[str, object]:
+    """Run ``python -m bench.<module> ... --json`` and return its JSON.
+
+    A benchmark that judges its own targets exits 1 when one is missed; one
+    round on a loaded machine may miss, which is not what a smoke run checks,
+    so for those (``judges_targets``) exit 1 is accepted with the verdicts present.
+    """
     out = subprocess.run(
         [sys.executable, "-m", f"bench.{module}", *args, "--json"],
         capture_output=True,
@@ -28,9 +36,15 @@ def bench(module: str, *args: str, timeout: float = 240) -> dict[str, object]:
         env={**os.environ, "PYTHONPATH": str(REPO)},
         check=False,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    allowed = (0, 1) if judges_targets else (0,)
+    assert out.returncode in allowed, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert isinstance(result, dict)
+    if judges_targets:
+        targets = result["targets"]
+        assert isinstance(targets, dict) and targets
+        assert all(isinstance(v, bool) for v in targets.values())
+        assert (out.returncode == 0) == all(targets.values())
     return result
 
 
@@ -60,7 +74,9 @@ def test_bench_idle_and_slow_clients() -> None:
     assert idle["sessions"] == 20 and idle["handshake_p99_ms"] > 0  # type: ignore[operator]
     ratio = idle["itl_p99_ms_loaded"] / idle["itl_p99_ms_idle_server"]  # type: ignore[operator]
     assert idle["itl_p99_ratio"] == pytest.approx(ratio, abs=2e-3)
-    slow = bench("slowclients", "--clients", "10", "--tokens", "10", "--runs", "1")
+    slow = bench(
+        "slowclients", "--clients", "10", "--tokens", "10", "--runs", "1", judges_targets=True
+    )
     ratio = slow["itl_p99_ms_loaded"] / slow["itl_p99_ms_baseline"]  # type: ignore[operator]
     assert slow["itl_p99_ratio"] == pytest.approx(ratio, abs=2e-3)
 
