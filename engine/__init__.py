@@ -23,6 +23,8 @@ from engine.requests import (
     SamplingParams,
     Timings,
     TokenDelta,
+    ToolCall,
+    ToolFunction,
     Usage,
 )
 
@@ -41,6 +43,8 @@ __all__ = [
     "SamplingParams",
     "Timings",
     "TokenDelta",
+    "ToolCall",
+    "ToolFunction",
     "Usage",
     "WorkerHealth",
 ]

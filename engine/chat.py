@@ -27,7 +27,13 @@ import jinja2
 import msgspec
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.requests import ChatMessage
+from engine.requests import ChatMessage, ToolFunction
+from engine.tools import (
+    generic_messages,
+    template_knows_tools,
+    template_message,
+    tools_for_template,
+)
 from protocol.errors import BadRequest
 
 __all__ = ["PLAIN_TEMPLATE", "TemplateLimits", "check_template", "render_chat"]
@@ -153,15 +159,30 @@ def render_chat(
     template: str | None,
     messages: Sequence[ChatMessage],
     *,
+    tools: Sequence[ToolFunction] | None = None,
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
     limits: TemplateLimits = DEFAULT_LIMITS,
 ) -> str:
-    """Render ``messages`` with ``template`` (or :data:`PLAIN_TEMPLATE`) within ``limits``."""
+    """Render ``messages`` with ``template`` (or :data:`PLAIN_TEMPLATE`) within ``limits``.
+
+    With ``tools`` (or tool calls and results in the conversation), a template
+    that knows tools gets them its way; any other gets the conversation in
+    :func:`engine.tools.generic_messages`' plain form.
+    """
     compiled = _compile(template or PLAIN_TEMPLATE)
+    uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+    turns: list[dict[str, Any]]
+    if uses_tools and template_knows_tools(template):
+        turns = [template_message(m) for m in messages]
+    elif uses_tools:
+        turns = [{"role": m.role, "content": m.content} for m in generic_messages(messages, tools)]
+    else:
+        turns = [{"role": m.role, "content": m.content} for m in messages]
     variables = {
-        "messages": [{"role": m.role, "content": m.content} for m in messages],
+        "messages": turns,
+        "tools": tools_for_template(tools) if tools and template_knows_tools(template) else None,
         "add_generation_prompt": add_generation_prompt,
         "bos_token": bos_token,
         "eos_token": eos_token,

@@ -381,6 +381,10 @@ class EngineClient:
                 prepare_timeout=self.config.prepare_timeout,
                 priority=request.priority,
                 tenant=request.tenant or "",
+                tools=request.tools,
+                tool_choice=request.tool_choice,
+                tool_name=request.tool_name,
+                parallel_tool_calls=request.parallel_tool_calls,
             )
         )
         if worker.interrupt is not None and self._admission.urgent(worker, request.model, key):

@@ -17,7 +17,7 @@ import struct
 import msgspec
 
 from engine.backends.base import OnnxOptions
-from engine.requests import ChatMessage, SamplingParams
+from engine.requests import ChatMessage, SamplingParams, ToolFunction
 
 __all__ = [
     "MAX_FRAME",
@@ -91,6 +91,12 @@ class Generate(_Frame, tag=3, kw_only=True):
     prepare_timeout: float = 2.0  # seconds to render, tokenize and truncate the prompt
     priority: int = 0  # orders prompt reading within a step (engine.stepplan)
     tenant: str = ""  # with priority: who may pause whom (engine.preemption)
+    # Chat with tools (engine.tools): rendered into the prompt; the worker turns
+    # the choice into the grammar the answer follows.
+    tools: list[ToolFunction] | None = None
+    tool_choice: str = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
 
 
 class Cancel(_Frame, tag=4, kw_only=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -29,6 +29,8 @@ __all__ = [
     "SamplingParams",
     "Timings",
     "TokenDelta",
+    "ToolCall",
+    "ToolFunction",
     "Usage",
     "new_request_id",
 ]
@@ -55,13 +57,14 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     ``temperature=0`` is greedy decoding. ``seed=None`` draws a fresh seed.
     ``max_tokens=None`` generates until an end token or the context is full.
 
-    Structured output (at most one of the three; the llama_cpp backend only):
+    Structured output (at most one of these):
     ``grammar`` is a GBNF grammar (rule ``root``) the output must follow;
     ``json_schema`` is a JSON Schema, as JSON text, the output must match;
     ``json=True`` asks for any JSON *object* (Ollama's ``format: "json"`` has an
-    object root too). The worker compiles them, so the gateway never needs
-    llama.cpp; an invalid grammar or schema fails the request with
-    ``bad_request`` before any text is produced.
+    object root too); ``lark`` is a grammar in llguidance's Lark dialect (the
+    worker sets it for tool calls, see :mod:`engine.tools`). The worker compiles
+    them, so the gateway never needs a grammar engine; an invalid grammar or
+    schema fails the request with ``bad_request`` before any text is produced.
     """
 
     temperature: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.8
@@ -78,6 +81,7 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     grammar: str | None = None
     json_schema: str | None = None
     json: bool = False
+    lark: str | None = None
 
     def constraint(self) -> tuple[str, str] | None:
         """The output constraint as ``(kind, source)``, kind ``grammar``/``json_schema``/``json``.
@@ -92,18 +96,40 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
                 ("grammar", self.grammar),
                 ("json_schema", self.json_schema),
                 ("json", "" if self.json else None),
+                ("lark", self.lark),
             )
             if source is not None
         ]
         if len(given) > 1:
             names = " and ".join(kind for kind, _ in given)
-            raise BadRequest(f"set at most one of grammar, json_schema and json (got {names})")
+            raise BadRequest(f"set at most one output format (got {names})")
         return given[0] if given else None
 
 
-class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+class ToolCall(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A call the model made: the function's name and its arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class ToolFunction(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A function the model may call; ``parameters`` is its JSON Schema as JSON text."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    parameters: str = ""  # "" = any JSON object
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A chat turn. Assistant turns may carry ``tool_calls``; ``tool`` turns answer one
+    call, named by ``tool_call_id``."""
+
     role: Annotated[str, Meta(min_length=1, max_length=64)]
     content: str
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -127,6 +153,13 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # Seconds the model stays loaded after this request when idle (None = the
     # engine's default; < 0 = forever; 0 = unload as soon as nothing runs).
     keep_alive: float | None = None
+    # Chat only: functions the model may call (rendered by the chat template, or
+    # by engine.tools' generic format), and whether it may (``auto``), must
+    # (``required``, or ``tool_name`` for one function) or may not (``none``).
+    tools: list[ToolFunction] | None = None
+    tool_choice: Literal["auto", "required", "none"] = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
 
 
 class TokenDelta(msgspec.Struct, frozen=True, gc=False):

@@ -35,6 +35,8 @@ from collections import deque
 from collections.abc import Callable
 from itertools import chain
 
+import msgspec
+
 from engine import ipc
 from engine.backends import (
     Backend,
@@ -49,9 +51,10 @@ from engine.backends import (
 from engine.backends.base import EmbedJob
 from engine.interrupt import Interrupt
 from engine.preemption import Runner, victim
-from engine.requests import ChatMessage, FinishReason
+from engine.requests import ChatMessage, FinishReason, ToolFunction
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
+from engine.tools import tool_grammar
 from engine.truncation import droppable, estimated_cut, settle_cut
 from protocol.errors import (
     BadRequest,
@@ -65,6 +68,22 @@ from protocol.errors import (
 __all__ = ["Worker", "main"]
 
 PAUSED_RECHECK_S = 0.25  # safety net only: Resume frames normally end a pause
+
+
+def _with_tool_grammar(msg: ipc.Generate) -> ipc.Generate:
+    """``msg`` with the grammar its tools and tool choice call for (engine.tools)."""
+    if not msg.tools or msg.tool_choice == "none":
+        if msg.tool_name is not None or msg.tool_choice == "required":
+            raise BadRequest("tool_choice needs tools")
+        return msg
+    if msg.messages is None:
+        raise BadRequest("tools need chat messages, not a raw prompt")
+    if msg.sampling.constraint() is not None:
+        raise BadRequest("tools cannot be combined with an output format (json, schema, grammar)")
+    grammar = tool_grammar(msg.tools, msg.tool_choice, msg.tool_name, msg.parallel_tool_calls)
+    return msgspec.structs.replace(
+        msg, sampling=msgspec.structs.replace(msg.sampling, lark=grammar)
+    )
 
 
 def _rss_bytes() -> int:
@@ -289,6 +308,7 @@ class Worker:
             return
         try:
             backend = generator_of(entry[0])  # an embedding model is refused here
+            msg = _with_tool_grammar(msg)
             # Before queueing: a bad grammar or schema fails now, not after a wait for a slot.
             backend.check_sampling(msg.sampling)
             seq = _Seq(msg, ring, backend, msg.model)
@@ -306,7 +326,7 @@ class Worker:
             messages = list(msg.messages)
             if not messages:
                 raise BadRequest("a chat needs at least one message")
-            tokens = self._tokenize(backend, backend.render_chat(messages))
+            tokens = self._tokenize(backend, backend.render_chat(messages, self._tools(msg)))
             if msg.truncate and not self._prompt_fits(seq, len(tokens)):
                 tokens = self._truncated(seq, messages, len(tokens), deadline)
         elif msg.prompt is not None:
@@ -346,15 +366,22 @@ class Worker:
             return [m for i, m in enumerate(messages) if i not in gone]
 
         def fits(k: int) -> bool:
-            rendered[k] = self._tokenize(backend, backend.render_chat(without(k)))
+            rendered[k] = self._tokenize(
+                backend, backend.render_chat(without(k), self._tools(seq.msg))
+            )
             return len(rendered[k]) <= limit
 
         cut = settle_cut(estimated_cut(full, costs, limit), len(drop), fits, deadline=deadline)
         return (
             rendered[cut]
             if cut in rendered
-            else self._tokenize(backend, backend.render_chat(without(cut)))
+            else self._tokenize(backend, backend.render_chat(without(cut), self._tools(seq.msg)))
         )
+
+    @staticmethod
+    def _tools(msg: ipc.Generate) -> list[ToolFunction] | None:
+        """The tools the prompt describes: none with ``tool_choice: none``."""
+        return msg.tools if msg.tool_choice != "none" else None
 
     @staticmethod
     def _tokenize(backend: TextGenerator, text: str) -> list[int]:

@@ -16,13 +16,13 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
 from engine.client import StartCallback, WaitCallback
-from engine.requests import Embeddings, FinishReason, new_request_id
+from engine.requests import Embeddings, FinishReason, ToolFunction, new_request_id
 from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
 from gateway.quotas import Quota
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Prepared",
+    "ToolUse",
     "format_options",
     "prepare",
     "run",
@@ -63,6 +64,20 @@ _MODELFILE_SAMPLING = {
     "stop": "stop",
     "num_predict": "max_tokens",
 }
+
+
+class ToolUse(msgspec.Struct, frozen=True):
+    """The tools of a chat request and how the model may use them (see engine.tools)."""
+
+    tools: list[ToolFunction]
+    choice: Literal["auto", "required", "none"] = "auto"
+    name: str | None = None  # a call of this one tool is required
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        """The answer may hold calls (so surfaces read them out of the text)."""
+        return bool(self.tools) and self.choice != "none"
 
 
 class Prepared(msgspec.Struct, frozen=True):
@@ -135,6 +150,7 @@ async def prepare(
     seed: bool = True,
     started: float | None = None,
     priority: int = 0,
+    tools: ToolUse | None = None,
 ) -> Prepared:
     """Load the model if needed and build the engine request (raises FerrousError).
 
@@ -148,6 +164,8 @@ async def prepare(
     sampling = sampling_for(options, resolved, extra)
     limits = gateway.config.limits
     quota_key, quota = gateway.quota_for(principal)
+    if tools is not None and messages is None:
+        raise BadRequest("tools need chat messages")
     if messages is not None:
         chat = with_seeds(resolved, messages) if seed else list(messages)
         request = GenerateRequest(
@@ -163,6 +181,14 @@ async def prepare(
             priority=effective_priority(principal, priority),
             weight=quota.weight,
         )
+        if tools is not None:
+            request = msgspec.structs.replace(
+                request,
+                tools=tools.tools or None,
+                tool_choice=tools.choice,
+                tool_name=tools.name,
+                parallel_tool_calls=tools.parallel,
+            )
     else:
         request = GenerateRequest(
             model=resolved.key,

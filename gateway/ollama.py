@@ -10,7 +10,10 @@ What differs from Ollama, on purpose:
 
 * ``template`` per request is refused (400): templates are Jinja2 chat
   templates set at load time; create a model with a ``TEMPLATE`` line instead.
-* ``images``, ``tools`` and ``suffix`` are refused (400) rather than ignored.
+* ``images`` and ``suffix`` are refused (400) rather than ignored.
+* ``tools``: any model may call them (the generic format of :mod:`engine.tools`
+  where its template has none), and a call's arguments always match the
+  tool's schema; streamed calls arrive whole, one chunk per call.
 * ``options.num_ctx`` applies when the request loads the model; a model that
   is already loaded keeps its context.
 * Options we do not use (``mirostat``, ``num_gpu``…) are accepted and ignored,
@@ -36,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine import ChatMessage, GenerationDone, TokenDelta
+from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
 from engine.modelfacts import ModelFacts
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.names import looks_like_ref
@@ -46,6 +49,7 @@ from engine.store.urls import redact_url
 from gateway.auth import Principal
 from gateway.generation import (
     Prepared,
+    ToolUse,
     collect,
     format_options,
     prepare,
@@ -66,6 +70,7 @@ from gateway.http_common import (
 from gateway.model_routes import modelfile_of
 from gateway.models import pull_progress
 from gateway.namespaces import ModelView
+from gateway.toolcalls import ReadCall, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import BadRequest, FerrousError, ModelNotFound
@@ -114,10 +119,46 @@ class GenerateBody(msgspec.Struct):
     logprobs: bool | None = None
 
 
+class OllamaFunctionCall(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    index: int | None = None
+
+
+class OllamaToolCall(msgspec.Struct):
+    function: OllamaFunctionCall
+    id: str | None = None
+
+
 class ChatTurn(msgspec.Struct):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: Annotated[list[OllamaToolCall], msgspec.Meta(max_length=128)] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+    def engine_message(self, n: int) -> ChatMessage:
+        """This turn for the engine (``n`` numbers calls that came without an id)."""
+        calls = None
+        if self.tool_calls:
+            calls = [
+                ToolCall(c.id or f"call_{n}_{i}", c.function.name, json.dumps(c.function.arguments))
+                for i, c in enumerate(self.tool_calls)
+            ]
+        call_id = self.tool_call_id or self.tool_name if self.role == "tool" else None
+        return ChatMessage(self.role, self.content, tool_calls=calls, tool_call_id=call_id)
+
+
+class OllamaFunction(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+
+class OllamaTool(msgspec.Struct):
+    function: OllamaFunction
+    type: Literal["function"] = "function"
 
 
 class ChatBody(msgspec.Struct):
@@ -127,9 +168,32 @@ class ChatBody(msgspec.Struct):
     options: Options | None = None
     stream: bool = True
     keep_alive: KeepAlive = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[OllamaTool], msgspec.Meta(max_length=128)] | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+
+    def tool_use(self) -> ToolUse | None:
+        """Ollama has no tool choice: with tools the model decides (``auto``)."""
+        if not self.tools:
+            return None
+        return ToolUse(
+            [
+                ToolFunction(
+                    t.function.name,
+                    t.function.description,
+                    "" if t.function.parameters is None else json.dumps(t.function.parameters),
+                )
+                for t in self.tools
+            ]
+        )
+
+
+def _ollama_calls(calls: list[ReadCall]) -> list[dict[str, Any]]:
+    """Calls as Ollama sends them: arguments as an object."""
+    return [
+        {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.arguments_object()}}
+        for i, c in enumerate(calls)
+    ]
 
 
 class EmbedBody(msgspec.Struct):
@@ -317,18 +381,31 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse(body)
 
     async def respond(
-        request: Request, prepared: Prepared, model: str, stream: bool, chat: bool
+        request: Request,
+        prepared: Prepared,
+        model: str,
+        stream: bool,
+        chat: bool,
+        reader: ToolCallReader | None = None,
     ) -> Response:
-        def piece(text: str) -> dict[str, Any]:
+        def piece(text: str, calls: list[ReadCall] | None = None) -> dict[str, Any]:
             if chat:
-                return {"message": {"role": "assistant", "content": text}}
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if calls:
+                    message["tool_calls"] = _ollama_calls(calls)
+                return {"message": message}
             return {"response": text}
 
         if not stream:
 
             async def whole() -> Response:
                 outcome = await collect(gateway, prepared)  # raises how it failed
-                body = {"model": model, "created_at": _now(), **piece(outcome.text)}
+                text, calls = outcome.text, None
+                if reader is not None:
+                    reader.feed(text)
+                    reader.finish()
+                    text, calls = reader.text, reader.calls
+                body = {"model": model, "created_at": _now(), **piece(text, calls)}
                 body.update(_done_fields(outcome.done))
                 return JSONResponse(body)
 
@@ -340,10 +417,22 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             try:
                 async for ev in events:
                     if isinstance(ev, TokenDelta):
-                        yield _line(
-                            {"model": model, "created_at": _now(), **piece(ev.text), "done": False}
-                        )
+                        if reader is None:
+                            yield _line(
+                                {
+                                    "model": model,
+                                    "created_at": _now(),
+                                    **piece(ev.text),
+                                    "done": False,
+                                }
+                            )
+                        else:
+                            for line in tool_lines(reader, reader.feed(ev.text)):
+                                yield line
                         continue
+                    if reader is not None:
+                        for line in tool_lines(reader, reader.finish()):
+                            yield line
                     try:
                         raise_if_failed(ev)
                     except FerrousError as exc:
@@ -357,6 +446,25 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             finally:
                 await events.aclose()
 
+        def tool_lines(reader: ToolCallReader, pieces: list[Any]) -> list[bytes]:
+            """Text as it comes; each call in one chunk once it is complete."""
+            out = []
+            for p in pieces:
+                if isinstance(p, TextPiece):
+                    out.append(
+                        _line(
+                            {"model": model, "created_at": _now(), **piece(p.text), "done": False}
+                        )
+                    )
+            while reader.calls[len(sent) :]:
+                call = reader.calls[len(sent)]
+                sent.append(call)
+                line = {"model": model, "created_at": _now(), **piece("", [call]), "done": False}
+                line["message"]["tool_calls"][0]["function"]["index"] = len(sent) - 1
+                out.append(_line(line))
+            return out
+
+        sent: list[ReadCall] = []
         return ClosingStream(lines(), media_type=NDJSON)
 
     async def generate(request: Request) -> Response:
@@ -405,8 +513,6 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
         body = await read_body(gateway, request, ChatBody)
-        if body.tools:
-            raise BadRequest(f"{body.model} does not support tools on this server")
         if any(t.images for t in body.messages):
             raise BadRequest("images are not supported by this server")
         _refuse_unsupported(body.think, body.logprobs)
@@ -414,18 +520,23 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         if not body.messages:
             return await load_only(request.state.principal, body.model, keep_alive, "message")
         options, extra = _sampling(body.options, body.format)
+        tools = body.tool_use()
+        if tools is not None and extra:
+            raise BadRequest("tools cannot be combined with format")
         await _load_with_ctx(request.state.principal, body.model, body.options, keep_alive)
         prepared = await prepare(
             gateway,
             request.state.principal,
             body.model,
-            messages=[ChatMessage(t.role, t.content) for t in body.messages],
+            messages=[t.engine_message(i) for i, t in enumerate(body.messages)],
             options=options,
             extra=extra,
             keep_alive=keep_alive,
             started=t0,
+            tools=tools,
         )
-        return await respond(request, prepared, body.model, body.stream, chat=True)
+        reader = ToolCallReader() if tools is not None else None
+        return await respond(request, prepared, body.model, body.stream, chat=True, reader=reader)
 
     async def _load_with_ctx(
         principal: Principal, model: str, options: Options | None, keep_alive: float | None

@@ -42,6 +42,7 @@ sent as a ``data: {"error": …}`` event followed by ``data: [DONE]``.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -54,10 +55,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta
+from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta, ToolCall, ToolFunction
 from engine.textstream import MAX_STOP_CHARS
 from gateway.generation import (
     Prepared,
+    ToolUse,
     collect,
     embed,
     format_options,
@@ -74,6 +76,7 @@ from gateway.http_common import (
     read_body,
 )
 from gateway.http_common import unless_disconnected as _unless_disconnected
+from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import (
@@ -145,13 +148,55 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCallBody(msgspec.Struct):
+    """A call's function: its name and its arguments as JSON text (as OpenAI sends them)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    arguments: str = "{}"
+
+
+class ToolCallBody(msgspec.Struct):
+    """A call an assistant message made (sent back with the conversation)."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    function: FunctionCallBody
+    type: Literal["function"] = "function"
+
+
 class ChatCompletionMessage(msgspec.Struct):
-    """A chat message: role system, developer (as system), user or assistant."""
+    """A chat message: role system, developer (as system), user, assistant or tool."""
 
     role: str
     content: str | list[ContentPart] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: Annotated[list[ToolCallBody], Meta(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Meta(max_length=128)] | None = None
+    name: str | None = None
     function_call: Any | None = None
+
+
+class FunctionDef(msgspec.Struct):
+    """A function the model may call; ``parameters`` is a JSON Schema object."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: Annotated[str, Meta(max_length=16_384)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    """``{"type": "function", "function": {"name": ...}}``: call this function."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(msgspec.Struct):
@@ -177,8 +222,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any | None = None
+    tools: Annotated[list[ToolDef], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
 
 
@@ -304,16 +350,51 @@ def _chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
     for i, msg in enumerate(body.messages):
         where = f"messages[{i}]"
         role = "system" if msg.role == "developer" else msg.role
-        if role in ("tool", "function"):
-            raise _InvalidParam(f"{where}.role", "tool calling is not supported yet")
-        if role not in ("system", "user", "assistant"):
+        if role == "function" or msg.function_call is not None:
             raise _InvalidParam(
-                f"{where}.role", f"unknown role {msg.role!r}: use system, user or assistant"
+                f"{where}.role", "the legacy function-calling fields are not supported: use tools"
             )
-        if msg.tool_calls or msg.function_call is not None:
-            raise _InvalidParam(f"{where}.tool_calls", "tool calling is not supported yet")
-        out.append(ChatMessage(role, _content(msg, where)))
+        if role not in ("system", "user", "assistant", "tool"):
+            raise _InvalidParam(
+                f"{where}.role", f"unknown role {msg.role!r}: use system, user, assistant or tool"
+            )
+        if role == "tool":
+            if not msg.tool_call_id:
+                raise _InvalidParam(f"{where}.tool_call_id", "a tool message needs tool_call_id")
+            out.append(ChatMessage("tool", _content(msg, where), tool_call_id=msg.tool_call_id))
+            continue
+        calls = None
+        if msg.tool_calls:
+            if role != "assistant":
+                raise _InvalidParam(f"{where}.tool_calls", "only assistant messages make calls")
+            calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls]
+        out.append(ChatMessage(role, _content(msg, where), tool_calls=calls))
     return out
+
+
+def _tool_use(body: ChatCompletionRequest) -> ToolUse | None:
+    """The request's tools and tool choice, for the engine (None: no tools)."""
+    choice = body.tool_choice
+    if not body.tools:
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            raise _InvalidParam("tool_choice", "tool_choice needs tools")
+        return None
+    tools = [
+        ToolFunction(
+            t.function.name,
+            t.function.description or "",
+            json.dumps(t.function.parameters) if t.function.parameters is not None else "",
+        )
+        for t in body.tools
+    ]
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if named is not None and named not in {t.name for t in tools}:
+        raise _InvalidParam("tool_choice", f"no tool is named {named!r}")
+    mode: Literal["auto", "required", "none"] = (
+        "auto" if choice is None or isinstance(choice, NamedToolChoice) else choice
+    )
+    parallel = body.parallel_tool_calls is not False
+    return ToolUse(tools, mode, named, parallel)
 
 
 def _content(msg: ChatCompletionMessage, where: str) -> str:
@@ -347,12 +428,10 @@ def _refuse_chat_extras(body: ChatCompletionRequest) -> None:
         raise _InvalidParam("logprobs", "logprobs are not supported")
     if body.top_logprobs:
         raise _InvalidParam("top_logprobs", "logprobs are not supported")
-    if body.tools:
-        raise _InvalidParam("tools", "tool calling is not supported yet")
     if body.functions:
-        raise _InvalidParam("functions", "function calling is not supported yet")
-    if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
-        raise _InvalidParam("tool_choice", "tool calling is not supported yet")
+        raise _InvalidParam("functions", "the legacy functions field is not supported: use tools")
+    if body.tools and body.response_format is not None and body.response_format.type != "text":
+        raise _InvalidParam("response_format", "tools cannot be combined with response_format")
 
 
 def _prompt(body: CompletionRequest) -> str:
@@ -390,10 +469,33 @@ def _inputs(body: EmbeddingsRequest) -> list[str]:
 # -- generation -----------------------------------------------------------------------
 
 
-def _finish(done: GenerationDone) -> str:
+def _finish(done: GenerationDone, reader: ToolCallReader | None = None) -> str:
     """OpenAI's finish_reason, or raise the error the generation ended with."""
     raise_if_failed(done)
-    return "length" if done.finish_reason is FinishReason.LENGTH else "stop"
+    if done.finish_reason is FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if reader is not None and reader.calls else "stop"
+
+
+def _tool_calls_json(reader: ToolCallReader) -> list[dict[str, object]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in reader.calls
+    ]
+
+
+def _tool_delta(ev: CallStarted | CallArguments) -> dict[str, object]:
+    """A streamed ``delta`` for a piece of a call: its id and name first, then arguments."""
+    if isinstance(ev, CallStarted):
+        call: dict[str, object] = {
+            "index": ev.index,
+            "id": ev.id,
+            "type": "function",
+            "function": {"name": ev.name, "arguments": ""},
+        }
+    else:
+        call = {"index": ev.index, "function": {"arguments": ev.text}}
+    return {"tool_calls": [call]}
 
 
 async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, GenerationDone]:
@@ -435,7 +537,8 @@ async def _start(request: Request, gateway: Gateway, prepared: Prepared) -> _Str
     return _Stream(events, ev)
 
 
-ChunkMaker = Callable[[str | None, str | None], dict[str, object]]
+Piece = str | TextPiece | CallStarted | CallArguments
+ChunkMaker = Callable[[Piece | None, str | None], dict[str, object]]
 
 
 async def _sse_body(
@@ -445,8 +548,13 @@ async def _sse_body(
     lead: bytes | None,
     include_usage: bool,
     usage_chunk: Callable[[dict[str, object]], dict[str, object]],
+    reader: ToolCallReader | None = None,
 ) -> AsyncIterator[bytes]:
-    """The events of one streamed generation: ``lead``, text chunks, finish, usage, [DONE]."""
+    """The events of one streamed generation: ``lead``, text chunks, finish, usage, [DONE].
+
+    With ``reader`` (a chat with tools) the text goes through it, and calls go
+    out as ``delta.tool_calls`` pieces.
+    """
     try:
         if lead is not None:
             yield lead
@@ -457,11 +565,18 @@ async def _sse_body(
                 done = ev
                 break
             if ev.text:
-                yield _sse(chunk(ev.text, None))
+                if reader is None:
+                    yield _sse(chunk(ev.text, None))
+                else:
+                    for piece in reader.feed(ev.text):
+                        yield _sse(chunk(piece, None))
             ev = await anext(stream.events, None)
         if done is None:
             raise FerrousError("the generation ended without a result")
-        yield _sse(chunk(None, _finish(done)))
+        if reader is not None:
+            for piece in reader.finish():
+                yield _sse(chunk(piece, None))
+        yield _sse(chunk(None, _finish(done, reader)))
         if include_usage:
             yield _sse(usage_chunk(_usage(done)))
     except FerrousError as exc:
@@ -483,6 +598,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         body = await read_body(gateway, request, ChatCompletionRequest)
         _refuse_chat_extras(body)
         messages = _chat_messages(body)
+        tools = _tool_use(body)
         options = _options(body, body.max_completion_tokens or body.max_tokens)
         extra = _format(body)
         keep_alive = _keep_alive(body)
@@ -499,9 +615,18 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             priority=body.priority or 0,
             request_id=cid,
             started=started,
+            tools=tools,
         )
+        reader = ToolCallReader() if tools is not None and tools.active else None
         if not body.stream:
             text, done = await _unless_disconnected(request, _collect(gateway, prepared))
+            message: dict[str, object] = {"role": "assistant", "content": text}
+            if reader is not None:
+                reader.feed(text)
+                reader.finish()
+                message["content"] = reader.text if reader.text or not reader.calls else None
+                if reader.calls:
+                    message["tool_calls"] = _tool_calls_json(reader)
             return _json(
                 {
                     "id": cid,
@@ -511,8 +636,8 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": _finish(done),
+                            "message": message,
+                            "finish_reason": _finish(done, reader),
                             "logprobs": None,
                         }
                     ],
@@ -521,8 +646,14 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 }
             )
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, object]:
-            delta = {} if text is None else {"content": text}
+        def chunk(piece: Piece | None, finish: str | None) -> dict[str, object]:
+            delta: dict[str, object]
+            if piece is None:
+                delta = {}
+            elif isinstance(piece, str | TextPiece):
+                delta = {"content": piece if isinstance(piece, str) else piece.text}
+            else:
+                delta = _tool_delta(piece)
             return base([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
         def base(choices: list[dict[str, object]]) -> dict[str, object]:
@@ -549,6 +680,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 lead=_sse(lead),
                 include_usage=_include_usage(body),
                 usage_chunk=usage_chunk,
+                reader=reader,
             )
         )
 
@@ -595,8 +727,9 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             }
             return _json({**base([choice]), "usage": _usage(done)})
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, object]:
-            choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+        def chunk(piece: Piece | None, finish: str | None) -> dict[str, object]:
+            text = piece if isinstance(piece, str) else ""
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
             return base([choice])
 
         def usage_chunk(usage: dict[str, object]) -> dict[str, object]:

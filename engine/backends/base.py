@@ -40,7 +40,7 @@ from typing import ClassVar, TypeAlias
 import msgspec
 
 from engine.chat import render_chat
-from engine.requests import ChatMessage, SamplingParams
+from engine.requests import ChatMessage, SamplingParams, ToolFunction
 from protocol.errors import BadRequest
 
 __all__ = [
@@ -238,10 +238,16 @@ class TextGenerator(Backend):
         if sampling.constraint() is not None:
             raise BadRequest("structured output needs the llama_cpp backend")
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """Render messages with the model's chat template (from its metadata)."""
+    def render_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolFunction] | None = None
+    ) -> str:
+        """Render messages (and tools) with the model's chat template (from its metadata)."""
         return render_chat(
-            self.chat_template, messages, bos_token=self.bos_text, eos_token=self.eos_text
+            self.chat_template,
+            messages,
+            tools=tools,
+            bos_token=self.bos_text,
+            eos_token=self.eos_text,
         )
 
     def token_bytes(self, token: int) -> bytes:

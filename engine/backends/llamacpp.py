@@ -60,6 +60,7 @@ from engine.backends.llamaslots import (
     spliced,
 )
 from engine.backends.select import check_model_file
+from engine.guidance import Guide, GuideFactory
 from engine.interrupt import strlen_callback_address
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
@@ -154,6 +155,7 @@ class _SeqState:
         "constrained",
         "decoding",
         "greedy_grammar",
+        "guide",
         "n_past",
         "passed",
         "penalty",
@@ -177,8 +179,11 @@ class _SeqState:
         constrained: bool = False,
         greedy_grammar: bool = False,
         priority: int = 0,
+        guide: Guide | None = None,
     ) -> None:
         self.priority = priority
+        # A grammar run by llguidance (tool calls): masks the logits before sampling.
+        self.guide = guide
         self.reused = 0  # prompt tokens taken from the slot's cache
         self.urgent = False  # paused another sequence to start: its prompt goes first
         self.suspended = False
@@ -242,6 +247,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self._grammars: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._emb: EmbeddingContext | None = None
         self._abort: object | None = None  # the interrupt callback, kept alive
+        self._guides: GuideFactory | None = None  # made on the first tool call
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
@@ -327,8 +333,18 @@ class LlamaCppBackend(TextGenerator, Embedder):
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         constraint = sampling.constraint()
-        if constraint is not None:
+        if constraint is None:
+            return
+        if constraint[0] == "lark":
+            self._guide_factory().grammar(*constraint)
+        else:
             self._grammar(*constraint)
+
+    def _guide_factory(self) -> GuideFactory:
+        """llguidance's view of this vocabulary, built on first use (~0.3 s)."""
+        if self._guides is None:
+            self._guides = GuideFactory.from_llama_vocab(self._vocab, self._n_vocab)
+        return self._guides
 
     def _grammar(self, kind: str, source: str) -> object:
         """The parsed grammar sampler for a constraint (cached; callers clone it)."""
@@ -389,6 +405,8 @@ class LlamaCppBackend(TextGenerator, Embedder):
 
     def _sampler(self, s: SamplingParams, prompt: list[int]) -> object | None:
         constraint = s.constraint()
+        if constraint is not None and constraint[0] == "lark":
+            constraint = None  # applied as a mask on the logits (see step), not a sampler
         if constraint is None and s.temperature == 0.0:
             return None  # numpy argmax (with the repeat penalty applied there)
         grammar = None if constraint is None else self._grammar(*constraint)
@@ -438,6 +456,11 @@ class LlamaCppBackend(TextGenerator, Embedder):
         held = {id(st.slot) for st in self._seqs.values() if st.suspended}
         free = [s for s in free if id(s) not in held] or free
         sampler = self._sampler(sampling, prompt)  # first: a BadRequest leaves no state behind
+        constraint = sampling.constraint()
+        guide = None
+        if constraint is not None and constraint[0] == "lark":
+            guide = self._guide_factory().guide(*constraint)
+            constraint = None
 
         # Each free slot's cache as this prompt could use it: the exact common
         # prefix, extended over the model's own answer tokens where the prompt
@@ -459,13 +482,14 @@ class LlamaCppBackend(TextGenerator, Embedder):
             prompt[keep:],
             keep,
             sampler,
-            constrained=sampling.constraint() is not None,
+            constrained=constraint is not None,
             greedy_grammar=(
-                sampling.constraint() is not None
+                constraint is not None
                 and sampling.temperature == 0.0
                 and sampling.repeat_penalty == 1.0
             ),
             priority=priority,
+            guide=guide,
         )
         self._seqs[seq].reused = keep
         self._seqs[seq].urgent = urgent
@@ -620,6 +644,16 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 continue
             st.decoding = True
             st.urgent = False
+            if st.guide is not None and not st.guide.mask(
+                np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
+                )
+            ):
+                st.pending = []
+                self._failed[seq] = BadRequest(
+                    f"the output cannot continue its grammar: {st.guide.error() or 'no token fits'}"
+                )
+                continue
             if st.sampler is None:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
                 logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
@@ -647,6 +681,10 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 token = sampled
             else:
                 token = int(llama_cpp.llama_sampler_sample(st.sampler, self._ctx, idx))
+            if st.guide is not None and not st.guide.accept(token):
+                st.pending = []
+                self._failed[seq] = BadRequest(f"the grammar refused a token: {st.guide.error()}")
+                continue
             st.pending = [token]
             out[seq] = token
         return out
