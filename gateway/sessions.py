@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -29,12 +30,15 @@ from engine import (
 from engine import (
     FinishReason,
     TokenDelta,
+    ToolCall,
+    ToolFunction,
 )
 from engine.store.pull import PullEvent
 from gateway.auth import Principal
-from gateway.generation import format_options, prepare, run, with_seeds
+from gateway.generation import ToolUse, format_options, prepare, run, with_seeds
 from gateway.logs import bind
 from gateway.models import pull_progress
+from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.codec import Codec
 from protocol.durations import parse_duration
@@ -62,6 +66,27 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 
 
+def _engine_message(x: m.ChatMessage) -> EngineMessage:
+    calls = None
+    if x.tool_calls:
+        calls = [ToolCall(c.id, c.name, c.arguments) for c in x.tool_calls]
+    return EngineMessage(x.role, x.content, tool_calls=calls, tool_call_id=x.tool_call_id)
+
+
+def _tool_use(msg: m.Chat) -> ToolUse | None:
+    if not msg.tools:
+        if msg.tool_choice == "required" or msg.tool_name is not None:
+            raise BadRequest("tool_choice needs tools")
+        return None
+    tools = [
+        ToolFunction(
+            t.name, t.description, "" if t.parameters is None else json.dumps(t.parameters)
+        )
+        for t in msg.tools
+    ]
+    return ToolUse(tools, msg.tool_choice, msg.tool_name, msg.parallel_tool_calls)
+
+
 class Session:
     """One WebSocket connection after a successful handshake."""
 
@@ -77,6 +102,7 @@ class Session:
         self._user_cancelled: set[str] = set()
         # queued (task not started) -> prep (model, conversation) -> engine -> ending (done received)
         self._phase: dict[str, str] = {}
+        self._calls_sent: dict[str, int] = {}  # tool_call events sent, per generation
         self._send_lock = asyncio.Lock()
         self._credits: int | None = None  # None: flow control off
         # Created when a generation first waits for credit: idle sessions (thousands of
@@ -258,6 +284,7 @@ class Session:
         def forget(_t: asyncio.Task[None]) -> None:
             self.gens.pop(gen_id, None)
             self._phase.pop(gen_id, None)
+            self._calls_sent.pop(gen_id, None)
 
         self._phase[gen_id] = "queued"
         task.add_done_callback(forget)
@@ -276,6 +303,28 @@ class Session:
 
     def _request_id(self, gen_id: str) -> str:
         return f"{self.id}:{gen_id}"
+
+    async def _send_pieces(
+        self,
+        gen_id: str,
+        reader: ToolCallReader,
+        pieces: list[TextPiece | CallStarted | CallArguments],
+        seq: int,
+        parts: list[str],
+    ) -> int:
+        """Text as ``delta`` (numbered from ``seq``), each call complete as ``tool_call``."""
+        for piece in pieces:
+            if isinstance(piece, TextPiece):
+                await self._take_credit(len(piece.text.encode("utf-8")))
+                await self.send(m.Delta(gen_id, seq, piece.text))
+                parts.append(piece.text)
+                seq += 1
+        while len(reader.calls) > self._calls_sent.get(gen_id, 0):
+            i = self._calls_sent.get(gen_id, 0)
+            call = reader.calls[i]
+            self._calls_sent[gen_id] = i + 1
+            await self.send(m.ToolCallEvent(gen_id, i, call.id, call.name, call.arguments))
+        return seq
 
     async def _take_credit(self, n: int) -> None:
         if self._credits is None:
@@ -296,6 +345,8 @@ class Session:
         conv_id = None
         turns: list[EngineMessage] = []
         parts: list[str] = []
+        reader: ToolCallReader | None = None
+        out_seq = 0  # deltas sent (with tools, text held back while it may open a call)
         with bind(session=self.id, request=msg.id):
             try:
                 self._phase[msg.id] = "prep"
@@ -306,7 +357,12 @@ class Session:
                     resolved = await g.ensure_model(self.principal, msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
                     conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
-                    turns = [EngineMessage(x.role, x.content) for x in msg.messages]
+                    turns = [_engine_message(x) for x in msg.messages]
+                    tools = _tool_use(msg)
+                    if tools is not None and msg.format is not None:
+                        raise BadRequest("tools cannot be combined with format")
+                    if tools is not None and tools.active:
+                        reader = ToolCallReader()
                     if not conv.messages:  # a new conversation opens with the Modelfile's seeds
                         turns = with_seeds(resolved, turns)
                     # The turn joins the conversation only when it is answered (below):
@@ -325,6 +381,7 @@ class Session:
                         request_id=self._request_id(msg.id),
                         seed=False,
                         started=t0,
+                        tools=tools,
                     )
                 else:
                     prepared = await prepare(
@@ -364,16 +421,31 @@ class Session:
                             # Text the worker made before the cancel reached it: the
                             # client asked for no more, so none is sent.
                             continue
-                        await self._take_credit(len(ev.text.encode("utf-8")))
-                        await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids))
-                        parts.append(ev.text)
+                        if reader is None:
+                            await self._take_credit(len(ev.text.encode("utf-8")))
+                            await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids))
+                            parts.append(ev.text)
+                        else:
+                            out_seq = await self._send_pieces(
+                                msg.id, reader, reader.feed(ev.text), out_seq, parts
+                            )
                         continue
+                    if reader is not None and not cancelled:
+                        out_seq = await self._send_pieces(
+                            msg.id, reader, reader.finish(), out_seq, parts
+                        )
                     self._phase[msg.id] = "ending"
                     answered = ev.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                    calls = reader.calls if reader is not None else []
                     if conv is not None and (answered or (parts and ev.error is None)):
                         # Committed at once (no await in between): the question and
                         # its answer, or what was said of it before a cancel.
-                        conv.messages.extend([*turns, EngineMessage("assistant", "".join(parts))])
+                        said = EngineMessage(
+                            "assistant",
+                            "".join(parts),
+                            tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in calls] or None,
+                        )
+                        conv.messages.extend([*turns, said])
                     if ev.error is not None:
                         err = error_from_code(
                             ev.error.code, ev.error.message, retryable=ev.error.retryable
@@ -392,10 +464,13 @@ class Session:
                         # It ended on its own while the cancel was on its way: the
                         # client stopped reading at its cancel, so it was cancelled.
                         reason = FinishReason.CANCELLED
+                    finish = reason.value
+                    if calls and reason is FinishReason.STOP:
+                        finish = "tool_calls"
                     await self.send(
                         m.Done(
                             msg.id,
-                            reason.value,
+                            finish,
                             m.Usage(
                                 ev.usage.prompt_tokens,
                                 ev.usage.completion_tokens,

@@ -69,6 +69,9 @@ __all__ = [
     "ServerMessage",
     "Started",
     "Timings",
+    "Tool",
+    "ToolCallEvent",
+    "ToolCallPart",
     "Usage",
 ]
 
@@ -122,9 +125,34 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     ignore_eos: bool | None = None  # keep generating past end-of-generation tokens (benchmarks)
 
 
-class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
-    role: Literal["system", "user", "assistant"]
+ToolName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+CallId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class ToolCallPart(msgspec.Struct, forbid_unknown_fields=True):
+    """A call an assistant turn made: ``arguments`` is JSON text (an object)."""
+
+    id: CallId
+    name: ToolName
+    arguments: Annotated[str, Meta(max_length=1_000_000)]
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A turn. An ``assistant`` turn may carry the ``tool_calls`` it made; a ``tool``
+    turn answers the call named by ``tool_call_id`` with its result as ``content``."""
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: Annotated[str, Meta(max_length=1_000_000)]
+    tool_calls: Annotated[list[ToolCallPart], Meta(max_length=128)] | None = None
+    tool_call_id: CallId | None = None
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A function the model may call; ``parameters`` is its arguments' JSON Schema."""
+
+    name: ToolName
+    description: Annotated[str, Meta(max_length=16_384)] = ""
+    parameters: dict[str, Any] | None = None
 
 
 # -- client -> server -------------------------------------------------------------------
@@ -171,6 +199,13 @@ class Chat(_ClientBase, tag="chat"):
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
     format: Format | None = None  # constrain the output to JSON (or to a schema)
     priority: Priority = 0  # scheduling class (capped by the credential's)
+    # Functions the model may call (each call arrives as a ``tool_call`` event):
+    # ``auto`` lets it choose, ``required`` makes it call one (``tool_name``: that
+    # one), ``none`` leaves the tools out.
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: Literal["auto", "required", "none"] = "auto"
+    tool_name: ToolName | None = None
+    parallel_tool_calls: bool = True
 
 
 class Cancel(_ClientBase, tag="cancel"):
@@ -261,6 +296,18 @@ class Delta(_ServerBase, tag="delta"):
     token_ids: list[int] | None = None
 
 
+class ToolCallEvent(_ServerBase, tag="tool_call"):
+    """A call the model made, once complete: ``arguments`` is JSON text matching the
+    tool's schema. ``index`` counts the generation's calls from 0. The generation
+    ends with ``finish_reason: "tool_calls"``; answer with ``tool`` turns."""
+
+    id: str
+    index: int
+    call_id: str
+    name: str
+    arguments: str
+
+
 class Usage(msgspec.Struct):
     """Token counts. ``cached_tokens``: prompt tokens whose keys and values were
     reused from an earlier sequence instead of being read (0 when absent)."""
@@ -312,7 +359,9 @@ class Progress(_ServerBase, tag="progress"):
     completed: int | None = None
 
 
-ServerMessage = Ready | Queued | Started | Delta | Done | Error | ServerHeartbeat | Progress
+ServerMessage = (
+    Ready | Queued | Started | Delta | ToolCallEvent | Done | Error | ServerHeartbeat | Progress
+)
 
 CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Hello,
@@ -329,6 +378,7 @@ SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Queued,
     Started,
     Delta,
+    ToolCallEvent,
     Done,
     Error,
     ServerHeartbeat,

@@ -395,3 +395,52 @@ async def _ollama_round_trip(c: ollama.AsyncClient) -> None:
     for part in chunks:
         for call in part.message.tool_calls or []:
             jsonschema.validate(dict(call.function.arguments), SCHEMAS[call.function.name])
+
+
+async def test_websocket_tool_calls_and_results_within_a_conversation(
+    running: RunningServer,
+) -> None:
+    from ferrous_client import FerrousClient
+
+    token = running.gateway.auth.issue_token(sub="alice", ttl=600)
+    tools = [
+        {"name": n, "description": f"{n} of a place", "parameters": s} for n, s in SCHEMAS.items()
+    ]
+    options = {"temperature": 0, "repeat_penalty": 1.0, "max_tokens": 120}
+    async with FerrousClient(running.ws_url, token=token) as client:
+        gen = client.chat(
+            "smol",
+            "What is the weather in Paris?",
+            options=options,
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+        )
+        text = await gen.collect()
+        assert gen.finish_reason == "tool_calls" and text == ""
+        assert [c.index for c in gen.tool_calls] == [0]
+        call = gen.tool_calls[0]
+        _valid(call.name, call.arguments)
+        # The result goes back into the same conversation the server keeps.
+        answer = client.chat(
+            "smol",
+            [{"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature": 21}'}],
+            conversation=gen.conversation,
+            options=options,
+            tools=tools,
+            tool_choice="none",
+        )
+        assert await answer.collect()
+        assert answer.finish_reason in ("stop", "length") and answer.tool_calls == []
+        owners = running.gateway.conversations._by_owner
+        conv = owners[(None, "alice")][gen.conversation or ""]
+        roles = [(m.role, bool(m.tool_calls)) for m in conv.messages]
+        assert roles[-4:] == [
+            ("user", False),
+            ("assistant", True),
+            ("tool", False),
+            ("assistant", False),
+        ]
+        refused = client.chat("smol", "hi", tool_choice="required")
+        with pytest.raises(Exception, match="tool_choice needs tools"):
+            await refused.collect()

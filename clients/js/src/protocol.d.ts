@@ -36,6 +36,8 @@ export interface Chat {
   keep_alive?: number | string | null;
   /** @default null */
   options?: Options | null;
+  /** @default true */
+  parallel_tool_calls?: boolean;
   /**
    * integer; -100 ≤ value ≤ 100
    * @default 0
@@ -43,12 +45,38 @@ export interface Chat {
   priority?: number;
   /** @default false */
   token_ids?: boolean;
+  /** @default "auto" */
+  tool_choice?: "auto" | "none" | "required";
+  /**
+   * length 1..64; pattern `^[A-Za-z0-9_.-]+$`
+   * @default null
+   */
+  tool_name?: string | null;
+  /**
+   * items 0..128
+   * @default null
+   */
+  tools?: Tool[] | null;
 }
 
+/**
+ * A turn. An `assistant` turn may carry the `tool_calls` it made; a `tool`
+ * turn answers the call named by `tool_call_id` with its result as `content`.
+ */
 export interface ChatMessage {
-  role: "assistant" | "system" | "user";
+  role: "assistant" | "system" | "tool" | "user";
   /** length 0..1000000 */
   content: string;
+  /**
+   * length 1..128
+   * @default null
+   */
+  tool_call_id?: string | null;
+  /**
+   * items 0..128
+   * @default null
+   */
+  tool_calls?: ToolCallPart[] | null;
 }
 
 export type ClientMessage =
@@ -328,13 +356,14 @@ export type ServerMessage =
   | Queued
   | Started
   | Delta
+  | ToolCallEvent
   | Done
   | Error
   | ServerHeartbeat
   | Progress;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "progress" | "queued" | "ready" | "started";
+export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "progress" | "queued" | "ready" | "started" | "tool_call";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
@@ -346,6 +375,7 @@ export interface ServerMessageMap {
   queued: Queued;
   ready: Ready;
   started: Started;
+  tool_call: ToolCallEvent;
 }
 
 export interface Started {
@@ -362,6 +392,45 @@ export interface Timings {
   ttft_ms: number;
   total_ms: number;
   decode_tok_s: number;
+}
+
+/** A function the model may call; `parameters` is its arguments' JSON Schema. */
+export interface Tool {
+  /** length 1..64; pattern `^[A-Za-z0-9_.-]+$` */
+  name: string;
+  /**
+   * length 0..16384
+   * @default ""
+   */
+  description?: string;
+  /** @default null */
+  parameters?: {
+  } | null;
+}
+
+/**
+ * A call the model made, once complete: `arguments` is JSON text matching the
+ * tool's schema. `index` counts the generation's calls from 0. The generation
+ * ends with `finish_reason: "tool_calls"`; answer with `tool` turns.
+ */
+export interface ToolCallEvent {
+  type: "tool_call";
+  id: string;
+  /** integer */
+  index: number;
+  call_id: string;
+  name: string;
+  arguments: string;
+}
+
+/** A call an assistant turn made: `arguments` is JSON text (an object). */
+export interface ToolCallPart {
+  /** length 1..128 */
+  id: string;
+  /** length 1..64; pattern `^[A-Za-z0-9_.-]+$` */
+  name: string;
+  /** length 0..1000000 */
+  arguments: string;
 }
 
 /**

@@ -26,7 +26,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -43,11 +43,13 @@ from ferrous_client.wire import (
     IdSource,
     MessagesLike,
     OptionsLike,
+    ToolsLike,
     checked_frame,
     decode_server,
     error_from_message,
     to_chat_messages,
     to_options,
+    to_tools,
     utf8_len,
 )
 
@@ -284,11 +286,19 @@ class FerrousClient:
         id: str | None = None,
         token_ids: bool = False,
         priority: int = 0,
+        tools: ToolsLike = None,
+        tool_choice: Literal["auto", "required", "none"] = "auto",
+        tool_name: str | None = None,
+        parallel_tool_calls: bool = True,
     ) -> Generation:
         """Start a chat turn in ``conversation`` (a new one when None); iterate the result.
 
         ``messages``: a user message (str), or ChatMessage / ``{"role", "content"}``
-        items appended to the conversation the server keeps.
+        items appended to the conversation the server keeps. ``tools``: functions
+        the model may call (Tool or ``{"name", "description", "parameters"}``);
+        the calls it makes are in ``Generation.tool_calls`` when it is done, and
+        its ``finish_reason`` is ``"tool_calls"``; answer each with a
+        ``{"role": "tool", "tool_call_id": ..., "content": ...}`` turn.
         """
         msg = m.Chat(
             id=id or self._ids.next(),
@@ -298,6 +308,10 @@ class FerrousClient:
             options=to_options(options),
             token_ids=token_ids,
             priority=priority,
+            tools=to_tools(tools),
+            tool_choice=tool_choice,
+            tool_name=tool_name,
+            parallel_tool_calls=parallel_tool_calls,
         )
         return self._start(msg, conversation)
 
@@ -468,6 +482,10 @@ class FerrousClient:
                     gen.queued = None
                     gen.started = msg
                     gen.conversation = msg.conversation or gen.conversation
+            case m.ToolCallEvent():
+                gen = self._gens.get(msg.id)
+                if gen is not None:
+                    gen.tool_calls.append(msg)
             case m.Done():
                 gen = self._gens.pop(msg.id, None)
                 if gen is None:

@@ -61,6 +61,8 @@ class Generation:
         self.queued: m.Queued | None = None
         self.done: m.Done | None = None
         self.error: FerrousClientError | None = None
+        # The calls the model made (tools), each once complete, in order.
+        self.tool_calls: list[m.ToolCallEvent] = []
         self._client = client
         self._queue: asyncio.Queue[GenerationItem] = asyncio.Queue()
         self._ended = False  # nothing more will come from the server

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -40,11 +40,13 @@ from ferrous_client.wire import (
     IdSource,
     MessagesLike,
     OptionsLike,
+    ToolsLike,
     checked_frame,
     decode_server,
     error_from_message,
     to_chat_messages,
     to_options,
+    to_tools,
     utf8_len,
 )
 
@@ -74,6 +76,8 @@ class SyncGeneration:
         self.queued: m.Queued | None = None
         self.done: m.Done | None = None
         self.error: FerrousClientError | None = None
+        # The calls the model made (tools), each once complete, in order.
+        self.tool_calls: list[m.ToolCallEvent] = []
         self._client = client
         self._ended = False
         self._exhausted = False
@@ -341,8 +345,15 @@ class SyncFerrousClient:
         id: str | None = None,
         token_ids: bool = False,
         priority: int = 0,
+        tools: ToolsLike = None,
+        tool_choice: Literal["auto", "required", "none"] = "auto",
+        tool_name: str | None = None,
+        parallel_tool_calls: bool = True,
     ) -> SyncGeneration:
-        """Start a chat turn in ``conversation`` (a new one when None); iterate the result."""
+        """Start a chat turn in ``conversation`` (a new one when None); iterate the result.
+
+        ``tools`` as for :meth:`FerrousClient.chat`; calls land in ``tool_calls``.
+        """
         msg = m.Chat(
             id=id or self._ids.next(),
             model=model,
@@ -351,6 +362,10 @@ class SyncFerrousClient:
             options=to_options(options),
             token_ids=token_ids,
             priority=priority,
+            tools=to_tools(tools),
+            tool_choice=tool_choice,
+            tool_name=tool_name,
+            parallel_tool_calls=parallel_tool_calls,
         )
         return self._start(msg, conversation)
 
@@ -513,6 +528,8 @@ class SyncFerrousClient:
                 self._consumed(n)  # a generation left early: drop its text
             case m.Queued() if msg.id == gen.id:
                 gen.queued = msg
+            case m.ToolCallEvent() if msg.id == gen.id:
+                gen.tool_calls.append(msg)
             case m.Started() if msg.id == gen.id:
                 gen.queued = None
                 gen.started = msg

@@ -25,19 +25,24 @@ __all__ = [
     "IdSource",
     "MessagesLike",
     "OptionsLike",
+    "ToolsLike",
     "checked_frame",
     "decode_server",
     "error_from_message",
     "to_chat_messages",
     "to_options",
+    "to_tools",
     "utf8_len",
 ]
 
-MessagesLike = str | Sequence[m.ChatMessage | Mapping[str, str]]
+MessagesLike = str | Sequence[m.ChatMessage | Mapping[str, Any]]
 """A user message (str), or a list of ChatMessage / ``{"role", "content"}`` dicts."""
 
 OptionsLike = m.Options | Mapping[str, Any] | None
 """Options, a dict of the same fields, or None for the server's defaults."""
+
+ToolsLike = Sequence[m.Tool | Mapping[str, Any]] | None
+"""Functions the model may call: Tool, or ``{"name", "description", "parameters"}`` dicts."""
 
 
 def to_chat_messages(messages: MessagesLike) -> list[m.ChatMessage]:
@@ -52,6 +57,21 @@ def to_chat_messages(messages: MessagesLike) -> list[m.ChatMessage]:
             out.append(msgspec.convert(msg, m.ChatMessage))
         except msgspec.ValidationError as exc:
             raise BadRequest(f"messages[{i}]: {exc}") from None
+    return out
+
+
+def to_tools(tools: ToolsLike) -> list[m.Tool] | None:
+    if tools is None:
+        return None
+    out: list[m.Tool] = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, m.Tool):
+            out.append(tool)
+            continue
+        try:
+            out.append(msgspec.convert(tool, m.Tool))
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"tools[{i}]: {exc}") from None
     return out
 
 
