@@ -8,6 +8,12 @@ Routes (all need the usual credential; the OpenAI SDKs send their ``api_key`` as
   Text content only: a content part list is joined with newlines, other part
   types (images, audio) are refused. ``response_format`` ``json_object`` /
   ``json_schema`` constrain the output to JSON (a schema when one is given).
+  ``tools`` with ``tool_choice`` (``auto``, ``none``, ``required`` or a named
+  function) and ``parallel_tool_calls``: calls come back as
+  ``message.tool_calls`` (streamed: ``delta.tool_calls``, id and name first,
+  then argument pieces) with ``finish_reason: "tool_calls"``; their arguments
+  always match the function's ``parameters`` schema (see :mod:`engine.tools`).
+  ``tool`` messages with ``tool_call_id`` carry results back.
 * ``POST /v1/completions`` — a raw prompt, no chat template. ``max_tokens``
   defaults to 16, as in OpenAI's API. ``echo`` puts the prompt before the text.
 * ``POST /v1/embeddings`` — ``encoding_format`` ``float`` or ``base64``
@@ -21,8 +27,8 @@ adds a last chunk with ``usage`` and no choices. A client that goes away cancels
 its generation, streaming or not.
 
 Refused with a 400 that names the parameter, rather than silently ignored: ``n``
-(or ``best_of``) other than 1, ``logprobs``, tools and function calling, tool
-messages, completion ``suffix`` and token-array prompts or inputs, and
+(or ``best_of``) other than 1, ``logprobs``, the legacy ``functions`` and
+``function_call`` fields, tools together with ``response_format``, completion ``suffix`` and token-array prompts or inputs, and
 ``dimensions`` other than the model's own size. Accepted and ignored:
 ``presence_penalty`` and ``frequency_penalty`` (range-checked; the engine's own
 ``repeat_penalty`` is offered instead), ``user``, ``metadata``, ``store`` and any
