@@ -34,11 +34,37 @@ from protocol.errors import BadRequest
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-__all__ = ["Guide", "GuideFactory", "compile_constraint"]
+__all__ = ["Guide", "GuideFactory", "closed_objects", "compile_constraint"]
 
 # Whitespace inside JSON is fixed (no free spaces or newlines between tokens): a
 # small model allowed free whitespace can fill its whole budget with it.
+_INT_BOUND = 10**16 - 1
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` wherever an object lists its
+    ``properties`` and says nothing about others.
+
+    JSON Schema allows undeclared properties by default; llama.cpp's schema
+    grammars do not, and neither do clients asking for a shape (OpenAI's strict
+    mode requires it). Both backends follow this rule, so the same schema gives
+    the same kind of answer whichever runs the model. Integers without bounds
+    get llama.cpp's (16 digits).
+    """
+    if isinstance(schema, list):
+        return [closed_objects(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    if out.get("type") == "integer":
+        # At most 16 digits, as llama.cpp's integers: a small model may otherwise
+        # repeat a digit until its token budget runs out.
+        out.setdefault("minimum", -_INT_BOUND)
+        out.setdefault("maximum", _INT_BOUND)
+    return out
 
 
 def compile_constraint(kind: str, source: str) -> str:
@@ -60,7 +86,9 @@ def compile_constraint(kind: str, source: str) -> str:
                 raise BadRequest(f"the JSON schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict):
                 raise BadRequest("the JSON schema must be an object")
-            return llg.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            return llg.LLMatcher.grammar_from_json_schema(
+                closed_objects(schema), defaults=_JSON_OPTIONS
+            )
         if kind == "grammar":
             return llg.LLMatcher.grammar_from_lark(any_to_lark(source))
         if kind == "lark":

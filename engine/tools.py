@@ -30,6 +30,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from engine.guidance import closed_objects
 from engine.requests import ChatMessage, ToolFunction
 from protocol.errors import BadRequest
 
@@ -93,7 +94,7 @@ def tool_grammar(
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": _schema(t)},
+                "properties": {"name": {"const": t.name}, "arguments": closed_objects(_schema(t))},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }

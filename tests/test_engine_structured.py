@@ -28,7 +28,7 @@ from engine import (
 from engine.backends import available_backends
 from protocol.errors import BadRequest
 
-from .conftest import SCRIPT, collect
+from .conftest import SCRIPT, SmolLM2Onnx, collect
 
 PERSON_SCHEMA = json.dumps(
     {
@@ -150,7 +150,7 @@ async def test_a_repeat_penalty_does_not_feed_the_prompt_to_the_grammar(
         (greedy(grammar="   "), "the grammar is empty"),
         (greedy(grammar="root ::= " + "(" * 5000 + '"a"' + ")" * 5000), "nests groups"),
         (greedy(json_schema='{"type": "string", "maxLength": 100000}'), "lower maxLength"),
-        (greedy(json=True, grammar='root ::= "a"'), "at most one of grammar, json_schema and json"),
+        (greedy(json=True, grammar='root ::= "a"'), "at most one output format"),
     ],
     ids=[
         "schema-type",
@@ -216,7 +216,9 @@ async def test_constrained_and_free_generations_share_a_batch(smol: EngineClient
 async def test_ctransformers_refuses_structured_output(script_model: Path) -> None:
     async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         await client.load("ct", script_model, backend="ctransformers")
-        with pytest.raises(BadRequest, match="structured output needs the llama_cpp backend"):
+        with pytest.raises(
+            BadRequest, match="structured output needs the llama_cpp or onnx backend"
+        ):
             await collect(
                 client, GenerateRequest(model="ct", prompt="x", sampling=greedy(json=True))
             )
@@ -311,3 +313,58 @@ async def test_greedy_grammar_shortcut_picks_what_full_masking_picks(smol: Engin
         b, _ = await answer(smol, GenerateRequest(model="smollm2", messages=prompt, sampling=full))
         assert a == b
         check_person(a)
+
+
+@pytest.mark.smollm2
+async def test_the_onnx_backend_honours_schemas_json_grammars_and_tools(
+    smollm2_onnx: SmolLM2Onnx,
+) -> None:
+    """The ONNX fast graph: the same constraints as llama.cpp, several sequences at once."""
+    from engine import ToolFunction
+
+    folder = smollm2_onnx("fast")
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+        await client.load("onnx", folder, backend="onnx")
+        weather = json.dumps(
+            {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        )
+        requests = [
+            GenerateRequest(
+                model="onnx",
+                messages=ASK_PERSON,
+                sampling=greedy(json_schema=PERSON_SCHEMA, max_tokens=96),
+            ),
+            GenerateRequest(
+                model="onnx", messages=ASK_PERSON, sampling=greedy(json=True, max_tokens=96)
+            ),
+            GenerateRequest(
+                model="onnx", prompt="Yes or no?", sampling=greedy(grammar='root ::= "yes" | "no"')
+            ),
+            GenerateRequest(
+                model="onnx",
+                messages=[ChatMessage("user", "What is the weather in Paris?")],
+                sampling=greedy(max_tokens=96),
+                tools=[ToolFunction("get_weather", "", weather)],
+                tool_choice="required",
+                parallel_tool_calls=False,
+            ),
+        ]
+        (person, _), (obj, _), (yes_no, _), (call, done) = await asyncio.gather(
+            *(answer(client, r) for r in requests)
+        )
+        check_person(person)
+        assert isinstance(json.loads(obj), dict)
+        assert yes_no in ("yes", "no")
+        assert call.startswith("<tool_call>") and call.rstrip().endswith("</tool_call>")
+        body = json.loads(call.strip()[len("<tool_call>") : -len("</tool_call>")])
+        assert body["name"] == "get_weather" and isinstance(body["arguments"]["city"], str)
+        assert done.finish_reason is FinishReason.STOP
+        with pytest.raises(BadRequest, match="JSON schema"):
+            await answer(
+                client, GenerateRequest(model="onnx", prompt="x", sampling=greedy(json_schema="{"))
+            )

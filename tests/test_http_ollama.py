@@ -196,6 +196,7 @@ async def test_errors_have_the_ollama_shape(running: RunningServer) -> None:
             model="script",
             messages=[{"role": "user", "content": "hi"}],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            format="json",
         )
     assert e.value.status_code == 400 and "tools" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:

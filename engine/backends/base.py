@@ -233,10 +233,10 @@ class TextGenerator(Backend):
 
         The worker calls it before queueing a request, so a bad grammar fails at
         once instead of after waiting for a free slot. The default refuses
-        structured output, which needs a backend with a grammar sampler.
+        structured output, which needs a backend with a grammar engine.
         """
         if sampling.constraint() is not None:
-            raise BadRequest("structured output needs the llama_cpp backend")
+            raise BadRequest("structured output needs the llama_cpp or onnx backend")
 
     def render_chat(
         self, messages: Sequence[ChatMessage], tools: Sequence[ToolFunction] | None = None

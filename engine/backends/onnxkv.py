@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from engine.guidance import Guide
 from engine.requests import SamplingParams
 
 __all__ = ["INITIAL_CAPACITY", "PrefixStore", "SeqState", "SharedKV", "common_prefix"]
@@ -42,6 +43,7 @@ class SeqState:
     priority: int = 0
     urgent: bool = False  # it paused another to start: its prompt goes first (engine.stepplan)
     passed: int = 0  # steps in a row its prompt waited
+    guide: Guide | None = None  # structured output or tool calls: masks its logits
 
     @property
     def decoding(self) -> bool:

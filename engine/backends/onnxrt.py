@@ -57,6 +57,7 @@ from engine.backends.onnxembed import OnnxEncoderBackend
 from engine.backends.onnxkv import PrefixStore, SeqState, SharedKV, common_prefix
 from engine.backends.onnxsession import graph_opsets, has_op, read_json, session_options
 from engine.backends.select import check_onnx_folder
+from engine.guidance import GuideFactory
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError
@@ -107,9 +108,13 @@ class OnnxBackend(TextGenerator):
         shared_kv: bool = False,
         prefix_cache_bytes: int = 0,
         prefix_reuse: bool = True,
+        tokenizer_json: str = "",
     ) -> None:
         self._session = session
         self._tok = tokenizer
+        self._tokenizer_json = tokenizer_json  # for the grammar engine, built on first use
+        self._guides: GuideFactory | None = None
+        self._failed: dict[int, Exception] = {}
         self.n_ctx = n_ctx
         self.max_sequences = max(1, n_seq)
         self._n_layer = n_layer
@@ -135,6 +140,9 @@ class OnnxBackend(TextGenerator):
         logits_shape = next(o.shape for o in session.get_outputs() if o.name == "logits")
         vocab = logits_shape[2] if len(logits_shape) == 3 else None
         static_logits = logits_shape[1] == 1 and isinstance(vocab, int)
+        self._n_vocab = (
+            vocab if isinstance(vocab, int) else tokenizer.get_vocab_size(with_added_tokens=True)
+        )
         self._shared = (
             SharedKV(
                 self.max_sequences,
@@ -258,6 +266,7 @@ class OnnxBackend(TextGenerator):
             shared_kv=has_op(folder / "model.onnx", "GroupQueryAttention"),
             prefix_cache_bytes=max(0, params.onnx.prefix_cache_mb) * 2**20,
             prefix_reuse=params.onnx.prefix_reuse,
+            tokenizer_json=(folder / "tokenizer.json").read_text(encoding="utf-8"),
         )
 
     def _decoder_type(self) -> str:
@@ -300,8 +309,22 @@ class OnnxBackend(TextGenerator):
     # -- sequences ----------------------------------------------------------------------
 
     def check_sampling(self, sampling: SamplingParams) -> None:
-        if sampling.constraint() is not None:
-            raise BadRequest("structured output needs the llama_cpp backend")
+        constraint = sampling.constraint()
+        if constraint is not None:
+            self._guide_factory().grammar(*constraint)
+
+    def _guide_factory(self) -> GuideFactory:
+        """The grammar engine over this tokenizer (structured output, tool calls)."""
+        if self._guides is None:
+            eos = sorted(self._eos) or None
+            self._guides = GuideFactory.from_tokenizer_json(
+                self._tokenizer_json, self._n_vocab, eos
+            )
+        return self._guides
+
+    def failed(self) -> dict[int, Exception]:
+        failed, self._failed = self._failed, {}
+        return failed
 
     def start(
         self,
@@ -314,7 +337,11 @@ class OnnxBackend(TextGenerator):
         if len(self._seqs) >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
         rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
-        st = SeqState(list(prompt), sampling=sampling, rng=rng, priority=priority, urgent=urgent)
+        constraint = sampling.constraint()
+        guide = None if constraint is None else self._guide_factory().guide(*constraint)
+        st = SeqState(
+            list(prompt), sampling=sampling, rng=rng, priority=priority, urgent=urgent, guide=guide
+        )
         if self._shared is not None:
             self._shared.take(st)
         self._seqs[seq] = st
@@ -421,7 +448,7 @@ class OnnxBackend(TextGenerator):
             n_new = len(st.pending) if self._shared is None else min(len(st.pending), PROMPT_CHUNK)
             logits = self._run([st], n_new)
             if not st.pending:  # the whole prompt is read: its logits give the first token
-                out[s] = self._sample(st, logits[0])
+                self._emit(out, s, st, logits[0])
         if decoding and self._shared is not None:
             # One run per block of adjacent rows: rows are packed, so this is one run
             # unless a paused (unstepped) sequence sits between decoding ones.
@@ -433,13 +460,18 @@ class OnnxBackend(TextGenerator):
                 run = rows[first:end]
                 logits = self._run([st for _, st in run], 1)
                 for row, (s, st) in enumerate(run):
-                    out[s] = self._sample(st, logits[row])
+                    self._emit(out, s, st, logits[row])
                 first = end
         elif decoding:
             logits = self._run([st for _, st in decoding], 1)
             for row, (s, st) in enumerate(decoding):
-                out[s] = self._sample(st, logits[row])
+                self._emit(out, s, st, logits[row])
         return out
+
+    def _emit(self, out: dict[int, int], seq: int, st: SeqState, logits: np.ndarray) -> None:
+        token = self._sample(seq, st, logits)
+        if token is not None:
+            out[seq] = token
 
     def _run(self, batch: list[SeqState], n_new: int) -> np.ndarray:
         """One forward pass feeding the next ``n_new`` pending tokens of every row of ``batch``."""
@@ -511,7 +543,17 @@ class OnnxBackend(TextGenerator):
             st.n_past += n_new
         return logits
 
-    def _sample(self, st: SeqState, logits: np.ndarray) -> int:
+    def _sample(self, seq: int, st: SeqState, logits: np.ndarray) -> int | None:
+        if st.guide is not None and not st.guide.mask(logits):
+            self._failed[seq] = BadRequest(
+                f"the output cannot continue its grammar: {st.guide.error() or 'no token fits'}"
+            )
+            st.pending = []
+            return None
         token = sample_token(logits, st.sampling, st.history, st.rng)
+        if st.guide is not None and not st.guide.accept(token):
+            self._failed[seq] = BadRequest(f"the grammar refused a token: {st.guide.error()}")
+            st.pending = []
+            return None
         st.pending = [token]
         return token
