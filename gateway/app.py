@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from engine import EngineClient
 from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
-from gateway.conversations import ConversationStore
+from gateway.conversations import ConversationStore, ResponseStore
 from gateway.generate_routes import generation_routes
 from gateway.generation import fair_share_key
 from gateway.limits import AdmissionControl, Lease, Refusal
@@ -48,6 +48,7 @@ from gateway.openai_api import openai_routes
 from gateway.origins import BrowserGuard, BrowserPolicy
 from gateway.process_tuning import GcTuner
 from gateway.quotas import Quota, QuotaBook
+from gateway.responses_api import responses_routes
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from gateway.version import __version__
 from protocol.codec import SUBPROTOCOLS, codec_for
@@ -128,6 +129,7 @@ class GatewayApp:
         self.metrics = Metrics()
         self.metrics.watch_engine(engine.loaded, engine.worker_pids)
         self.conversations = ConversationStore(config.limits.max_conversations)
+        self.responses = ResponseStore(config.limits.max_stored_responses)
         self.quotas = QuotaBook()
         self.sessions: set[Session] = set()
         self.draining = False
@@ -155,6 +157,7 @@ class GatewayApp:
                 *generation_routes(self),
                 *model_routes(self),
                 *openai_routes(self),
+                *responses_routes(self),
                 *ollama_routes(self),
                 WebSocketRoute("/v1/ws", self.websocket),
                 # The chat page and the JS client it uses (static, no build step).

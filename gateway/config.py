@@ -103,6 +103,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrent_generations: Positive = 8  # per session
     max_prompt_tokens: Positive = 8192
     max_conversations: Positive = 64  # kept per user (and tenant); least recently used dropped
+    max_stored_responses: Positive = (
+        256  # Responses API answers kept per user, for previous_response_id
+    )
     heartbeat_interval: PositiveSeconds = 20.0
     max_sessions: Positive = 10000
     max_body_bytes: Positive = 8 * 1024 * 1024  # HTTP request bodies

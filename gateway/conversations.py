@@ -9,10 +9,11 @@ most ``limits.max_conversations``; the least recently used goes first.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from engine import ChatMessage as EngineMessage
 
-__all__ = ["Conversation", "ConversationStore"]
+__all__ = ["Conversation", "ConversationStore", "ResponseStore", "StoredResponse"]
 
 
 class Conversation:
@@ -47,3 +48,43 @@ class ConversationStore:
 
     def forget(self, owner: tuple[str | None, str], conv_id: str) -> bool:
         return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None
+
+
+class StoredResponse:
+    """A Responses API answer kept for ``previous_response_id`` and ``GET``.
+
+    ``messages`` is the whole conversation up to and including this answer
+    (its text and calls), without the request's ``instructions``, which do not
+    carry over to the next response.
+    """
+
+    __slots__ = ("body", "messages")
+
+    def __init__(self, body: dict[str, Any], messages: list[EngineMessage]) -> None:
+        self.body = body
+        self.messages = messages
+
+
+class ResponseStore:
+    """Stored responses per (tenant, user), least recently used dropped beyond a bound."""
+
+    def __init__(self, max_per_user: int) -> None:
+        self._max = max_per_user
+        self._by_owner: dict[tuple[str | None, str], OrderedDict[str, StoredResponse]] = {}
+
+    def put(self, owner: tuple[str | None, str], response_id: str, entry: StoredResponse) -> None:
+        kept = self._by_owner.setdefault(owner, OrderedDict())
+        kept[response_id] = entry
+        kept.move_to_end(response_id)
+        while len(kept) > self._max:
+            kept.popitem(last=False)
+
+    def get(self, owner: tuple[str | None, str], response_id: str) -> StoredResponse | None:
+        kept = self._by_owner.get(owner)
+        entry = kept.get(response_id) if kept is not None else None
+        if entry is not None and kept is not None:
+            kept.move_to_end(response_id)
+        return entry
+
+    def delete(self, owner: tuple[str | None, str], response_id: str) -> bool:
+        return self._by_owner.get(owner, OrderedDict()).pop(response_id, None) is not None

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from engine import EngineClient
     from gateway.auth import Authenticator, Principal
     from gateway.config import ServerConfig
-    from gateway.conversations import ConversationStore
+    from gateway.conversations import ConversationStore, ResponseStore
     from gateway.metrics import Metrics
     from gateway.models import ModelRegistry, ResolvedModel
     from gateway.namespaces import ModelView
@@ -39,6 +39,8 @@ class Gateway(Protocol):
     metrics: Metrics
     models: ModelRegistry
     conversations: ConversationStore
+    #: Responses API answers kept for ``previous_response_id`` (per user, bounded).
+    responses: ResponseStore
     quotas: QuotaBook
     version: str
     started_at: float

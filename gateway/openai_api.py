@@ -98,6 +98,8 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "EmbeddingsRequest",
+    "InvalidParam",
+    "error_json",
     "openai_error",
     "openai_routes",
 ]
@@ -260,7 +262,7 @@ class EmbeddingsRequest(msgspec.Struct):
 # -- errors ---------------------------------------------------------------------------
 
 
-class _InvalidParam(BadRequest):
+class InvalidParam(BadRequest):
     """A 400 that names the offending request parameter."""
 
     def __init__(self, param: str, message: str) -> None:
@@ -286,7 +288,7 @@ def _param(exc: FerrousError) -> str | None:
     return field
 
 
-def _error_json(exc: FerrousError) -> dict[str, object]:
+def error_json(exc: FerrousError) -> dict[str, object]:
     status = http_status(exc)
     return {
         "error": {
@@ -301,7 +303,7 @@ def _error_json(exc: FerrousError) -> dict[str, object]:
 def openai_error(exc: FerrousError) -> Response:
     """``exc`` as an OpenAI error response."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.code is ErrorCode.UNAUTHORIZED else None
-    return _json(_error_json(exc), status=http_status(exc), headers=headers)
+    return _json(error_json(exc), status=http_status(exc), headers=headers)
 
 
 def _json(body: object, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -325,7 +327,7 @@ _DONE = b"data: [DONE]\n\n"
 
 def _options(body: _Sampling, max_tokens: int | None) -> m.Options:
     if body.n is not None and body.n != 1:
-        raise _InvalidParam("n", "only n=1 is supported")
+        raise InvalidParam("n", "only n=1 is supported")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return m.Options(
         temperature=body.temperature,
@@ -346,33 +348,33 @@ def _keep_alive(body: _Sampling | EmbeddingsRequest) -> float | None:
     try:
         return parse_duration(body.keep_alive)
     except BadRequest as exc:
-        raise _InvalidParam("keep_alive", exc.message) from None
+        raise InvalidParam("keep_alive", exc.message) from None
 
 
 def _chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
     if not body.messages:
-        raise _InvalidParam("messages", "messages must hold at least one message")
+        raise InvalidParam("messages", "messages must hold at least one message")
     out: list[ChatMessage] = []
     for i, msg in enumerate(body.messages):
         where = f"messages[{i}]"
         role = "system" if msg.role == "developer" else msg.role
         if role == "function" or msg.function_call is not None:
-            raise _InvalidParam(
+            raise InvalidParam(
                 f"{where}.role", "the legacy function-calling fields are not supported: use tools"
             )
         if role not in ("system", "user", "assistant", "tool"):
-            raise _InvalidParam(
+            raise InvalidParam(
                 f"{where}.role", f"unknown role {msg.role!r}: use system, user, assistant or tool"
             )
         if role == "tool":
             if not msg.tool_call_id:
-                raise _InvalidParam(f"{where}.tool_call_id", "a tool message needs tool_call_id")
+                raise InvalidParam(f"{where}.tool_call_id", "a tool message needs tool_call_id")
             out.append(ChatMessage("tool", _content(msg, where), tool_call_id=msg.tool_call_id))
             continue
         calls = None
         if msg.tool_calls:
             if role != "assistant":
-                raise _InvalidParam(f"{where}.tool_calls", "only assistant messages make calls")
+                raise InvalidParam(f"{where}.tool_calls", "only assistant messages make calls")
             calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls]
         out.append(ChatMessage(role, _content(msg, where), tool_calls=calls))
     return out
@@ -383,7 +385,7 @@ def _tool_use(body: ChatCompletionRequest) -> ToolUse | None:
     choice = body.tool_choice
     if not body.tools:
         if isinstance(choice, NamedToolChoice) or choice == "required":
-            raise _InvalidParam("tool_choice", "tool_choice needs tools")
+            raise InvalidParam("tool_choice", "tool_choice needs tools")
         return None
     tools = [
         ToolFunction(
@@ -395,7 +397,7 @@ def _tool_use(body: ChatCompletionRequest) -> ToolUse | None:
     ]
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     if named is not None and named not in {t.name for t in tools}:
-        raise _InvalidParam("tool_choice", f"no tool is named {named!r}")
+        raise InvalidParam("tool_choice", f"no tool is named {named!r}")
     mode: Literal["auto", "required", "none"] = (
         "auto" if choice is None or isinstance(choice, NamedToolChoice) else choice
     )
@@ -409,11 +411,11 @@ def _content(msg: ChatCompletionMessage, where: str) -> str:
     if msg.content is None:
         if msg.role == "assistant":
             return ""
-        raise _InvalidParam(f"{where}.content", "content is required")
+        raise InvalidParam(f"{where}.content", "content is required")
     texts: list[str] = []
     for part in msg.content:
         if part.type != "text" or part.text is None:
-            raise _InvalidParam(
+            raise InvalidParam(
                 f"{where}.content", f"content parts of type {part.type!r} are not supported"
             )
         texts.append(part.text)
@@ -431,13 +433,13 @@ def _format(body: ChatCompletionRequest) -> dict[str, object]:
 
 def _refuse_chat_extras(body: ChatCompletionRequest) -> None:
     if body.logprobs:
-        raise _InvalidParam("logprobs", "logprobs are not supported")
+        raise InvalidParam("logprobs", "logprobs are not supported")
     if body.top_logprobs:
-        raise _InvalidParam("top_logprobs", "logprobs are not supported")
+        raise InvalidParam("top_logprobs", "logprobs are not supported")
     if body.functions:
-        raise _InvalidParam("functions", "the legacy functions field is not supported: use tools")
+        raise InvalidParam("functions", "the legacy functions field is not supported: use tools")
     if body.tools and body.response_format is not None and body.response_format.type != "text":
-        raise _InvalidParam("response_format", "tools cannot be combined with response_format")
+        raise InvalidParam("response_format", "tools cannot be combined with response_format")
 
 
 def _prompt(body: CompletionRequest) -> str:
@@ -447,28 +449,28 @@ def _prompt(body: CompletionRequest) -> str:
     if len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0]
     if prompt and all(isinstance(x, str) for x in prompt):
-        raise _InvalidParam("prompt", "send one prompt per request (a batch is not supported)")
-    raise _InvalidParam("prompt", "prompt must be a string (token arrays are not supported)")
+        raise InvalidParam("prompt", "send one prompt per request (a batch is not supported)")
+    raise InvalidParam("prompt", "prompt must be a string (token arrays are not supported)")
 
 
 def _refuse_completion_extras(body: CompletionRequest) -> None:
     if body.suffix:
-        raise _InvalidParam("suffix", "suffix (fill-in-the-middle) is not supported")
+        raise InvalidParam("suffix", "suffix (fill-in-the-middle) is not supported")
     if body.best_of is not None and body.best_of != 1:
-        raise _InvalidParam("best_of", "only best_of=1 is supported")
+        raise InvalidParam("best_of", "only best_of=1 is supported")
     if body.logprobs:
-        raise _InvalidParam("logprobs", "logprobs are not supported")
+        raise InvalidParam("logprobs", "logprobs are not supported")
 
 
 def _inputs(body: EmbeddingsRequest) -> list[str]:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs:
-        raise _InvalidParam("input", "input must not be empty")
+        raise InvalidParam("input", "input must not be empty")
     for x in inputs:
         if not isinstance(x, str):
-            raise _InvalidParam("input", "input must be text (token arrays are not supported)")
+            raise InvalidParam("input", "input must be text (token arrays are not supported)")
         if not x:
-            raise _InvalidParam("input", "input must not hold empty strings")
+            raise InvalidParam("input", "input must not hold empty strings")
     return [x for x in inputs if isinstance(x, str)]
 
 
@@ -586,7 +588,7 @@ async def _sse_body(
         if include_usage:
             yield _sse(usage_chunk(_usage(done)))
     except FerrousError as exc:
-        yield _sse(_error_json(exc))
+        yield _sse(error_json(exc))
     finally:
         await stream.events.aclose()
     yield _DONE
@@ -771,7 +773,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         vectors = result.vectors
         size = len(vectors[0]) if vectors else 0
         if body.dimensions is not None and body.dimensions != size:
-            raise _InvalidParam(
+            raise InvalidParam(
                 "dimensions",
                 f"this model's embeddings have {size} dimensions, not {body.dimensions}",
             )
