@@ -45,10 +45,13 @@ if TYPE_CHECKING:
 __all__ = [
     "Prepared",
     "ToolUse",
+    "drain",
     "format_options",
     "prepare",
     "run",
+    "samples",
     "sampling_for",
+    "start_samples",
     "started",
     "with_seeds",
 ]
@@ -402,3 +405,61 @@ async def started(
             await events.aclose()
 
     return chained()
+
+
+MAX_SAMPLES = 16  # ``n`` on the OpenAI surface
+
+
+def samples(prepared: Prepared, n: int) -> list[Prepared]:
+    """``n`` samples of one request: ids ``<id>-<i>``, seeds ``seed + i`` when one is set."""
+    if n == 1:
+        return [prepared]
+    out = []
+    for i in range(n):
+        sampling = prepared.request.sampling
+        if sampling.seed is not None:
+            sampling = msgspec.structs.replace(sampling, seed=(sampling.seed + i) % 2**32)
+        request = msgspec.structs.replace(
+            prepared.request, request_id=f"{prepared.request.request_id}-{i}", sampling=sampling
+        )
+        out.append(msgspec.structs.replace(prepared, request=request))
+    return out
+
+
+async def start_samples(
+    gateway: Gateway, prepared: Sequence[Prepared]
+) -> list[AsyncGenerator[TokenDelta | GenerationDone, None]]:
+    """Start several samples of one prompt so that the prompt is read once.
+
+    The first starts alone; once it has produced its first token (its prompt
+    is read), the others start, and the engine gives each a copy of the
+    first one's keys and values for the shared prompt instead of reading it
+    again (engine prefix sharing). Raises how any of them failed to start,
+    leaving none running.
+    """
+    first = await started(gateway, prepared[0])
+    results = await asyncio.gather(
+        *(started(gateway, p) for p in prepared[1:]), return_exceptions=True
+    )
+    gens = [first, *(r for r in results if not isinstance(r, BaseException))]
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        for gen in gens:
+            await gen.aclose()
+        raise failed
+    return gens
+
+
+async def drain(events: AsyncGenerator[TokenDelta | GenerationDone, None]) -> Outcome:
+    """Read a started generation to its end (raises how it failed)."""
+    parts: list[str] = []
+    ids: list[int] = []
+    async with contextlib.aclosing(events):
+        async for ev in events:
+            if isinstance(ev, TokenDelta):
+                parts.append(ev.text)
+                ids.extend(ev.token_ids or ())
+            else:
+                raise_if_failed(ev)
+                return Outcome("".join(parts), ids, ev)
+    raise EngineError("the generation ended without a result")

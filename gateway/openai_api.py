@@ -26,8 +26,12 @@ Both generation routes stream Server-Sent Events with ``"stream": true``
 adds a last chunk with ``usage`` and no choices. A client that goes away cancels
 its generation, streaming or not.
 
-Refused with a 400 that names the parameter, rather than silently ignored: ``n``
-(or ``best_of``) other than 1, ``logprobs``, the legacy ``functions`` and
+``n`` (up to 16) gives that many choices: the first sample reads the prompt,
+the others start once it has and copy its keys and values instead of reading
+it again; with a ``seed``, sample ``i`` uses ``seed + i``.
+
+Refused with a 400 that names the parameter, rather than silently ignored:
+``best_of`` other than 1, ``logprobs``, the legacy ``functions`` and
 ``function_call`` fields, tools together with ``response_format``, completion ``suffix`` and token-array prompts or inputs, and
 ``dimensions`` other than the model's own size. Accepted and ignored:
 ``presence_penalty`` and ``frequency_penalty`` (range-checked; the engine's own
@@ -47,6 +51,7 @@ sent as a ``data: {"error": …}`` event followed by ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
@@ -64,14 +69,19 @@ from starlette.routing import Route
 from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta, ToolCall, ToolFunction
 from engine.textstream import MAX_STOP_CHARS
 from gateway.generation import (
+    MAX_SAMPLES,
+    Outcome,
     Prepared,
     ToolUse,
     collect,
+    drain,
     embed,
     format_options,
     prepare,
     raise_if_failed,
     run,
+    samples,
+    start_samples,
 )
 from gateway.http_common import (
     ClosingStream,
@@ -326,8 +336,8 @@ _DONE = b"data: [DONE]\n\n"
 
 
 def _options(body: _Sampling, max_tokens: int | None) -> m.Options:
-    if body.n is not None and body.n != 1:
-        raise InvalidParam("n", "only n=1 is supported")
+    if body.n is not None and not 1 <= body.n <= MAX_SAMPLES:
+        raise InvalidParam("n", f"n must be between 1 and {MAX_SAMPLES}")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return m.Options(
         temperature=body.temperature,
@@ -506,19 +516,81 @@ def _tool_delta(ev: CallStarted | CallArguments) -> dict[str, object]:
     return {"tool_calls": [call]}
 
 
-async def _collect(gateway: Gateway, prepared: Prepared) -> tuple[str, GenerationDone]:
-    outcome = await collect(gateway, prepared)
-    return outcome.text, outcome.done
-
-
-def _usage(done: GenerationDone) -> dict[str, object]:
+def _usage(done: GenerationDone, *more: GenerationDone) -> dict[str, object]:
+    """Usage of a generation, or of several samples of one prompt (counted once)."""
     u = done.usage
+    completion = u.completion_tokens + sum(d.usage.completion_tokens for d in more)
     return {
         "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "completion_tokens": completion,
+        "total_tokens": u.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     }
+
+
+async def _collect_all(gateway: Gateway, prepared: list[Prepared]) -> list[Outcome]:
+    """Every sample to its end; if one fails, the others are cancelled and it raises."""
+    if len(prepared) == 1:
+        return [await collect(gateway, prepared[0])]
+    gens = await start_samples(gateway, prepared)
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(drain(g)) for g in gens]
+    return [t.result() for t in tasks]
+
+
+async def _sse_samples(
+    gens: list[AsyncGenerator[Event, None]],
+    chunk: Callable[[Piece | None, str | None, int], dict[str, object]],
+    *,
+    include_usage: bool,
+    usage_chunk: Callable[[dict[str, object]], dict[str, object]],
+    readers: list[ToolCallReader | None],
+    lead: Callable[[int], bytes | None],
+) -> AsyncIterator[bytes]:
+    """Several streamed samples as one SSE stream, each chunk naming its choice ``index``."""
+    queue: asyncio.Queue[tuple[int, Event | FerrousError]] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncGenerator[Event, None]) -> None:
+        try:
+            async for ev in gen:
+                await queue.put((i, ev))
+        except FerrousError as exc:
+            await queue.put((i, exc))
+        finally:
+            await gen.aclose()
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    dones: dict[int, GenerationDone] = {}
+    try:
+        for i in range(len(gens)):
+            first = lead(i)
+            if first is not None:
+                yield first
+        while len(dones) < len(gens):
+            i, ev = await queue.get()
+            if isinstance(ev, FerrousError):
+                raise ev
+            reader = readers[i]
+            if isinstance(ev, GenerationDone):
+                if reader is not None:
+                    for piece in reader.finish():
+                        yield _sse(chunk(piece, None, i))
+                yield _sse(chunk(None, _finish(ev, reader), i))
+                dones[i] = ev
+            elif ev.text:
+                pieces: list[Piece] = [ev.text] if reader is None else [*reader.feed(ev.text)]
+                for text_or_call in pieces:
+                    yield _sse(chunk(text_or_call, None, i))
+        if include_usage:
+            ordered = [dones[i] for i in range(len(gens))]
+            yield _sse(usage_chunk(_usage(*ordered)))
+    except FerrousError as exc:
+        yield _sse(error_json(exc))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    yield _DONE
 
 
 class _Stream(msgspec.Struct):
@@ -625,36 +697,44 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             started=started,
             tools=tools,
         )
-        reader = ToolCallReader() if tools is not None and tools.active else None
+        use_tools = tools is not None and tools.active
+        reader = ToolCallReader() if use_tools else None
+        n = body.n or 1
         if not body.stream:
-            text, done = await _unless_disconnected(request, _collect(gateway, prepared))
-            message: dict[str, object] = {"role": "assistant", "content": text}
-            if reader is not None:
-                reader.feed(text)
-                reader.finish()
-                message["content"] = reader.text if reader.text or not reader.calls else None
-                if reader.calls:
-                    message["tool_calls"] = _tool_calls_json(reader)
+            outcomes = await _unless_disconnected(
+                request, _collect_all(gateway, samples(prepared, n))
+            )
+            choices = []
+            for i, outcome in enumerate(outcomes):
+                said = ToolCallReader() if use_tools else None
+                message: dict[str, object] = {"role": "assistant", "content": outcome.text}
+                if said is not None:
+                    said.feed(outcome.text)
+                    said.finish()
+                    message["content"] = said.text if said.text or not said.calls else None
+                    if said.calls:
+                        message["tool_calls"] = _tool_calls_json(said)
+                choices.append(
+                    {
+                        "index": i,
+                        "message": message,
+                        "finish_reason": _finish(outcome.done, said),
+                        "logprobs": None,
+                    }
+                )
             return _json(
                 {
                     "id": cid,
                     "object": "chat.completion",
                     "created": created,
                     "model": body.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": message,
-                            "finish_reason": _finish(done, reader),
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": _usage(done),
+                    "choices": choices,
+                    "usage": _usage(*(o.done for o in outcomes)),
                     "system_fingerprint": fingerprint,
                 }
             )
 
-        def chunk(piece: Piece | None, finish: str | None) -> dict[str, object]:
+        def chunk(piece: Piece | None, finish: str | None, index: int = 0) -> dict[str, object]:
             delta: dict[str, object]
             if piece is None:
                 delta = {}
@@ -662,7 +742,9 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 delta = {"content": piece if isinstance(piece, str) else piece.text}
             else:
                 delta = _tool_delta(piece)
-            return base([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+            return base(
+                [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            )
 
         def base(choices: list[dict[str, object]]) -> dict[str, object]:
             return {
@@ -677,9 +759,23 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         def usage_chunk(usage: dict[str, object]) -> dict[str, object]:
             return {**base([]), "usage": usage}
 
-        stream = await _start(request, gateway, prepared)
-        # The first chunk carries the role; the others content, then the finish.
+        # The first chunk of a choice carries the role; the others content, then the finish.
         role = {"role": "assistant", "content": ""}
+        if n > 1:
+            gens = await _unless_disconnected(request, start_samples(gateway, samples(prepared, n)))
+            return ClosingStream(
+                _sse_samples(
+                    gens,
+                    chunk,
+                    include_usage=_include_usage(body),
+                    usage_chunk=usage_chunk,
+                    readers=[ToolCallReader() if use_tools else None for _ in gens],
+                    lead=lambda i: _sse(
+                        base([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
+                    ),
+                )
+            )
+        stream = await _start(request, gateway, prepared)
         lead = base([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}])
         return ClosingStream(
             _sse_body(
@@ -725,24 +821,42 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 "choices": choices,
             }
 
+        n = body.n or 1
         if not body.stream:
-            text, done = await _unless_disconnected(request, _collect(gateway, prepared))
-            choice = {
-                "text": prefix + text,
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": _finish(done),
-            }
-            return _json({**base([choice]), "usage": _usage(done)})
+            outcomes = await _unless_disconnected(
+                request, _collect_all(gateway, samples(prepared, n))
+            )
+            choices: list[dict[str, object]] = [
+                {
+                    "text": prefix + outcome.text,
+                    "index": i,
+                    "logprobs": None,
+                    "finish_reason": _finish(outcome.done),
+                }
+                for i, outcome in enumerate(outcomes)
+            ]
+            return _json({**base(choices), "usage": _usage(*(o.done for o in outcomes))})
 
-        def chunk(piece: Piece | None, finish: str | None) -> dict[str, object]:
+        def chunk(piece: Piece | None, finish: str | None, index: int = 0) -> dict[str, object]:
             text = piece if isinstance(piece, str) else ""
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
             return base([choice])
 
         def usage_chunk(usage: dict[str, object]) -> dict[str, object]:
             return {**base([]), "usage": usage}
 
+        if n > 1:
+            gens = await _unless_disconnected(request, start_samples(gateway, samples(prepared, n)))
+            return ClosingStream(
+                _sse_samples(
+                    gens,
+                    chunk,
+                    include_usage=_include_usage(body),
+                    usage_chunk=usage_chunk,
+                    readers=[None for _ in gens],
+                    lead=lambda i: _sse(chunk(prefix, None, i)) if prefix else None,
+                )
+            )
         stream = await _start(request, gateway, prepared)
         return ClosingStream(
             _sse_body(

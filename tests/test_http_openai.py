@@ -245,7 +245,7 @@ async def test_completions_refuse_what_they_cannot_do(client: openai.AsyncOpenAI
         ({"prompt": [[1, 2]]}, "prompt"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
-        ({"prompt": "x", "n": 3}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "logprobs": 2}, "logprobs"),
         ({"prompt": "x", "best_of": 2}, "best_of"),
     ]
@@ -360,7 +360,7 @@ async def test_bad_parameters_are_400s_that_name_them(client: openai.AsyncOpenAI
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["a"] * 17}, "stop"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "f f"}}]}, "tools[0].function.name"),
