@@ -175,3 +175,17 @@ def test_bench_llama_server(script_model: Path) -> None:
     r = bench("llama_server", *args)
     assert r["streams"] == 2 and r["tokens_each"] == 8
     assert isinstance(r["aggregate_tok_s"], float) and r["aggregate_tok_s"] > 0
+
+
+@pytest.mark.smollm2
+def test_bench_grammar() -> None:
+    r = bench("grammar", "--tokens", "6", "--runs", "1", "--threads", "1", timeout=400)
+    for backend in ("llama_cpp", "onnx"):
+        rates = r[backend]
+        assert isinstance(rates, dict)
+        for streams in (1, 8):
+            free = rates[f"free_{streams}"]
+            assert free > 0
+            for kind in ("json_schema", "tools_auto"):
+                ratio = rates[f"{kind}_vs_free_{streams}"]
+                assert ratio == pytest.approx(rates[f"{kind}_{streams}"] / free, abs=2e-3)
