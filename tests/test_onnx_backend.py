@@ -98,10 +98,10 @@ async def test_chat_template_sampling_and_refusals(pool: EngineClient) -> None:
     x, _ = await text_of(pool, GenerateRequest(model="onnx", prompt="Once", sampling=seeded))
     y, _ = await text_of(pool, GenerateRequest(model="onnx", prompt="Once", sampling=seeded))
     assert x == y
-    with pytest.raises(BadRequest, match="structured output"):
+    with pytest.raises(BadRequest, match="JSON schema"):
         await collect(
             pool,
-            GenerateRequest(model="onnx", prompt="x", sampling=SamplingParams(json=True)),
+            GenerateRequest(model="onnx", prompt="x", sampling=SamplingParams(json_schema="{")),
         )
     # The pool still serves after a refusal; cancellation works as on GGUF.
     stream = pool.generate(GenerateRequest(model="onnx", prompt="x", sampling=greedy(200)))
