@@ -42,6 +42,7 @@ import msgspec
 
 from engine import ipc
 from engine.admission import Admission, Stranded, WaitCallback
+from engine.logprobs import TokenLogprob
 from engine.placement import Affinity
 from engine.pool import Gen, Worker, WorkerPool
 from engine.requests import (
@@ -83,6 +84,7 @@ __all__ = [
 
 log = logging.getLogger("ferrous.engine")
 
+_LOGPROBS = msgspec.msgpack.Decoder(list[TokenLogprob])  # a record's extra bytes
 _REQUEST_ERRORS = frozenset(
     {ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.TOO_LARGE.value}
 )
@@ -398,8 +400,9 @@ class EngineClient:
                 records, resume = ring.read()
                 if resume:
                     worker.send(ipc.Resume(gen=g.gen))
-                for ids, text in records:
-                    yield TokenDelta(text.decode("utf-8"), seq, ids if want_ids else None)
+                for ids, text, extra in records:
+                    logprobs = _LOGPROBS.decode(extra) if extra else None
+                    yield TokenDelta(text.decode("utf-8"), seq, ids if want_ids else None, logprobs)
                     seq += 1
                 if finished is not None:
                     if records:

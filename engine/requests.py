@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from engine.logprobs import TokenLogprob
 from engine.textstream import MAX_STOP_CHARS
 from protocol.errors import BadRequest
 
@@ -82,6 +83,9 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     json_schema: str | None = None
     json: bool = False
     lark: str | None = None
+    # Log-probabilities of the sampled tokens (and this many alternatives each)
+    # in the deltas; None: not computed.
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
 
     def constraint(self) -> tuple[str, str] | None:
         """The output constraint as ``(kind, source)``, kind ``grammar``/``json_schema``/``json``.
@@ -168,6 +172,7 @@ class TokenDelta(msgspec.Struct, frozen=True, gc=False):
     text: str
     seq: int
     token_ids: list[int] | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of this delta, when asked
 
 
 class Usage(msgspec.Struct, frozen=True, gc=False):

@@ -27,8 +27,9 @@ full memory barrier between the two (x86 may otherwise satisfy the load before
 the store is visible): :func:`_fence` provides one. Both sides also re-check
 now and then while asleep, so a lost wake-up could only cost latency.
 
-A record is ``u32 text_len, u32 n_ids, i32 ids[n_ids], text`` and may wrap
-around the end of the data area.
+A record is ``u32 text_len, u32 n_ids, u32 extra_len, i32 ids[n_ids], text,
+extra`` and may wrap around the end of the data area; ``extra`` carries what
+some generations add to their text (log-probabilities, encoded by the worker).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ SHM_PREFIX = "ferrous-ring-"
 HEADER_SIZE = 64
 DEFAULT_CAPACITY = 64 * 1024
 MIN_CAPACITY = 4 * 1024
-_REC = struct.Struct("<II")
+_REC = struct.Struct("<III")
 
 
 _fence_lock = threading.Lock()
@@ -84,8 +85,8 @@ class _Header(ctypes.Structure):
     )
 
 
-def record_size(text: bytes, n_ids: int) -> int:
-    return _REC.size + 4 * n_ids + len(text)
+def record_size(text: bytes, n_ids: int, extra: int = 0) -> int:
+    return _REC.size + 4 * n_ids + len(text) + extra
 
 
 class Ring:
@@ -173,7 +174,7 @@ class Ring:
 
     # -- producer -----------------------------------------------------------------
 
-    def write(self, token_ids: list[int], text: bytes) -> bool:
+    def write(self, token_ids: list[int], text: bytes, extra: bytes = b"") -> bool:
         """Append one record or raise :class:`RingFull`.
 
         Returns True when the consumer was waiting (the caller must wake it).
@@ -181,7 +182,7 @@ class Ring:
         sends a resume frame after it frees space.
         """
         h = self._h
-        size = record_size(text, len(token_ids))
+        size = record_size(text, len(token_ids), len(extra))
         if size > self._cap:
             raise ValueError(f"record of {size} bytes exceeds ring capacity {self._cap}")
         head = int(h.head)
@@ -193,10 +194,12 @@ class Ring:
                 raise RingFull
             h.producer_waiting = 0
         buf = bytearray(size)
-        _REC.pack_into(buf, 0, len(text), len(token_ids))
+        _REC.pack_into(buf, 0, len(text), len(token_ids), len(extra))
         if token_ids:
             struct.pack_into(f"<{len(token_ids)}i", buf, _REC.size, *token_ids)
-        buf[_REC.size + 4 * len(token_ids) :] = text
+        start = _REC.size + 4 * len(token_ids)
+        buf[start : start + len(text)] = text
+        buf[start + len(text) :] = extra
         self._put(head, buf)
         h.head = head + size
         _fence()
@@ -214,7 +217,7 @@ class Ring:
 
     # -- consumer -----------------------------------------------------------------
 
-    def read(self) -> tuple[list[tuple[list[int], bytes]], bool]:
+    def read(self) -> tuple[list[tuple[list[int], bytes, bytes]], bool]:
         """Take every complete record. Returns (records, producer_was_waiting).
 
         When the second item is True the caller must send the producer a resume
@@ -223,17 +226,18 @@ class Ring:
         h = self._h
         tail = int(h.tail)
         avail = int(h.head) - tail
-        records: list[tuple[list[int], bytes]] = []
+        records: list[tuple[list[int], bytes, bytes]] = []
         if avail:
             data = self._get(tail, avail)  # one copy of everything readable
             pos = 0
             while pos < avail:
-                text_len, n_ids = _REC.unpack_from(data, pos)
+                text_len, n_ids, extra_len = _REC.unpack_from(data, pos)
                 pos += _REC.size
                 ids = list(struct.unpack_from(f"<{n_ids}i", data, pos)) if n_ids else []
                 pos += 4 * n_ids
-                records.append((ids, data[pos : pos + text_len]))
-                pos += text_len
+                end = pos + text_len
+                records.append((ids, data[pos:end], data[end : end + extra_len]))
+                pos = end + extra_len
             h.tail = tail + avail
         _fence()
         if h.producer_waiting:

@@ -50,6 +50,7 @@ from engine.backends import (
 )
 from engine.backends.base import EmbedJob
 from engine.interrupt import Interrupt
+from engine.logprobs import TokenLogprob, TopLogprob
 from engine.preemption import Runner, victim
 from engine.requests import ChatMessage, FinishReason, ToolFunction
 from engine.rings import Ring, RingFull
@@ -68,6 +69,9 @@ from protocol.errors import (
 __all__ = ["Worker", "main"]
 
 PAUSED_RECHECK_S = 0.25  # safety net only: Resume frames normally end a pause
+
+
+_LP_ENCODER = msgspec.msgpack.Encoder()
 
 
 def _with_tool_grammar(msg: ipc.Generate) -> ipc.Generate:
@@ -103,6 +107,7 @@ class _Seq:
         "ending",
         "gen",
         "ids",
+        "lps",
         "model",
         "msg",
         "n_out",
@@ -130,7 +135,8 @@ class _Seq:
         self.stream = TextStream(msg.sampling.stop)
         self.prompt: list[int] = []
         self.ids: list[int] = []
-        self.outbox: deque[tuple[list[int], bytes]] = deque()
+        self.lps: list[TokenLogprob] = []  # log-probabilities of the tokens in ``ids``
+        self.outbox: deque[tuple[list[int], bytes, bytes]] = deque()  # ids, text, extra
         self.ending: FinishReason | None = None
         self.started = False
         self.suspended = False  # paused for another sequence (engine.preemption)
@@ -607,12 +613,23 @@ class Worker:
     def _on_token(self, seq: _Seq, backend: TextGenerator, token: int) -> None:
         if not seq.n_out:
             seq.t_first = time.perf_counter()
+        lp = backend.take_logprobs(seq.gen)
         if backend.is_end(token) and not seq.msg.sampling.ignore_eos:
             self._end(seq, FinishReason.STOP)
             return
         seq.n_out += 1
         self._tokens_generated += 1
         seq.ids.append(token)
+        if lp is not None:
+            chosen, top = lp
+            seq.lps.append(
+                TokenLogprob(
+                    token,
+                    backend.token_bytes(token),
+                    chosen,
+                    [TopLogprob(i, backend.token_bytes(i), p) for i, p in top],
+                )
+            )
         text = seq.stream.feed(backend.token_bytes(token))
         if text or (seq.msg.token_ids and seq.stream.stopped):
             self._emit(seq, text)
@@ -625,15 +642,24 @@ class Worker:
     def _emit(self, seq: _Seq, text: str) -> None:
         ids = seq.ids if seq.msg.token_ids else []
         seq.ids = []
-        seq.outbox.append((ids, text.encode("utf-8")))
+        seq.outbox.append((ids, text.encode("utf-8"), self._take_lps(seq)))
         self._drain(seq)
+
+    @staticmethod
+    def _take_lps(seq: _Seq) -> bytes:
+        """The log-probabilities gathered since the last record, encoded for the ring."""
+        if not seq.lps:
+            return b""
+        data = _LP_ENCODER.encode(seq.lps)
+        seq.lps = []
+        return data
 
     def _drain(self, seq: _Seq) -> None:
         """Move queued records into the ring; pause the sequence if it is full."""
         while seq.outbox:
-            ids, data = seq.outbox[0]
+            ids, data, extra = seq.outbox[0]
             try:
-                wake = seq.ring.write(ids, data)
+                wake = seq.ring.write(ids, data, extra)
             except RingFull:
                 if seq.paused_since is None:
                     seq.paused_since = time.perf_counter()
@@ -658,9 +684,9 @@ class Worker:
         """Normal end: release held text, then finish once the ring took everything."""
         seq.t_end = time.perf_counter()
         tail = seq.stream.flush()
-        if tail or (seq.ids and seq.msg.token_ids):
+        if tail or (seq.ids and seq.msg.token_ids) or seq.lps:
             ids = seq.ids if seq.msg.token_ids else []
-            seq.outbox.append((ids, tail.encode("utf-8")))
+            seq.outbox.append((ids, tail.encode("utf-8"), self._take_lps(seq)))
         seq.ids = []
         seq.ending = reason
         self._drain(seq)

@@ -22,6 +22,7 @@ import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
 from engine.client import StartCallback, WaitCallback
+from engine.logprobs import TokenLogprob
 from engine.requests import Embeddings, FinishReason, ToolFunction, new_request_id
 from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
@@ -47,6 +48,7 @@ __all__ = [
     "ToolUse",
     "drain",
     "format_options",
+    "logprob_json",
     "prepare",
     "run",
     "samples",
@@ -307,6 +309,24 @@ class Outcome(msgspec.Struct, frozen=True):
     text: str
     token_ids: list[int]
     done: GenerationDone
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
+
+
+def logprob_json(lp: TokenLogprob) -> dict[str, object]:
+    """One token's log-probability as OpenAI and Ollama write it (``token``, ``bytes``…)."""
+    return {
+        "token": lp.piece.decode("utf-8", "replace"),
+        "logprob": lp.logprob,
+        "bytes": list(lp.piece),
+        "top_logprobs": [
+            {
+                "token": t.piece.decode("utf-8", "replace"),
+                "logprob": t.logprob,
+                "bytes": list(t.piece),
+            }
+            for t in lp.top
+        ],
+    }
 
 
 def raise_if_failed(done: GenerationDone) -> None:
@@ -330,17 +350,7 @@ def raise_if_failed(done: GenerationDone) -> None:
 
 async def collect(gateway: Gateway, prepared: Prepared) -> Outcome:
     """Run a generation to its end and return the whole answer (raises how it failed)."""
-    parts: list[str] = []
-    ids: list[int] = []
-    async with contextlib.aclosing(run(gateway, prepared)) as events:
-        async for ev in events:
-            if isinstance(ev, TokenDelta):
-                parts.append(ev.text)
-                ids.extend(ev.token_ids or ())
-            else:
-                raise_if_failed(ev)
-                return Outcome("".join(parts), ids, ev)
-    raise EngineError("the generation ended without a result")
+    return await drain(run(gateway, prepared))
 
 
 async def embed(
@@ -454,12 +464,15 @@ async def drain(events: AsyncGenerator[TokenDelta | GenerationDone, None]) -> Ou
     """Read a started generation to its end (raises how it failed)."""
     parts: list[str] = []
     ids: list[int] = []
+    lps: list[TokenLogprob] | None = None
     async with contextlib.aclosing(events):
         async for ev in events:
             if isinstance(ev, TokenDelta):
                 parts.append(ev.text)
                 ids.extend(ev.token_ids or ())
+                if ev.logprobs is not None:
+                    lps = [*(lps or []), *ev.logprobs]
             else:
                 raise_if_failed(ev)
-                return Outcome("".join(parts), ids, ev)
+                return Outcome("".join(parts), ids, ev, lps)
     raise EngineError("the generation ended without a result")

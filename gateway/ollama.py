@@ -52,6 +52,7 @@ from gateway.generation import (
     ToolUse,
     collect,
     format_options,
+    logprob_json,
     prepare,
     raise_if_failed,
     started,
@@ -117,6 +118,7 @@ class GenerateBody(msgspec.Struct):
     context: list[int] | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
 
 class OllamaFunctionCall(msgspec.Struct):
@@ -171,6 +173,7 @@ class ChatBody(msgspec.Struct):
     tools: Annotated[list[OllamaTool], msgspec.Meta(max_length=128)] | None = None
     think: bool | str | None = None
     logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
     def tool_use(self) -> ToolUse | None:
         """Ollama has no tool choice: with tools the model decides (``auto``)."""
@@ -311,11 +314,20 @@ def _done_fields(done: GenerationDone) -> dict[str, Any]:
     }
 
 
-def _refuse_unsupported(think: bool | str | None, logprobs: bool | None) -> None:
+def _refuse_unsupported(think: bool | str | None) -> None:
     if think not in (None, False, ""):
         raise BadRequest("this model does not support thinking")
-    if logprobs:
-        raise BadRequest("logprobs are not supported by this server")
+
+
+def _with_logprobs(
+    options: m.Options | None, logprobs: bool | None, top: int | None
+) -> m.Options | None:
+    """``logprobs`` (and ``top_logprobs`` alternatives) into the request's options."""
+    if not logprobs:
+        if top:
+            raise BadRequest("top_logprobs needs logprobs: true")
+        return options
+    return msgspec.structs.replace(options or m.Options(), logprobs=top or 0)
 
 
 def _details(record: ModelRecord | None, facts: ModelFacts | None = None) -> dict[str, Any]:
@@ -348,6 +360,12 @@ def _model_info(facts: ModelFacts) -> dict[str, Any]:
     if arch and facts.embedding_length:
         info[f"{arch}.embedding_length"] = facts.embedding_length
     return info
+
+
+def _logprobs_field(ev: TokenDelta) -> dict[str, Any]:
+    if ev.logprobs is None:
+        return {}
+    return {"logprobs": [logprob_json(lp) for lp in ev.logprobs]}
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -406,6 +424,8 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                     reader.finish()
                     text, calls = reader.text, reader.calls
                 body = {"model": model, "created_at": _now(), **piece(text, calls)}
+                if outcome.logprobs is not None:
+                    body["logprobs"] = [logprob_json(lp) for lp in outcome.logprobs]
                 body.update(_done_fields(outcome.done))
                 return JSONResponse(body)
 
@@ -423,6 +443,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                                     "model": model,
                                     "created_at": _now(),
                                     **piece(ev.text),
+                                    **_logprobs_field(ev),
                                     "done": False,
                                 }
                             )
@@ -478,11 +499,12 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             raise BadRequest("images are not supported by this server")
         if body.suffix:
             raise BadRequest("suffix (fill-in-the-middle) is not supported by this server")
-        _refuse_unsupported(body.think, body.logprobs)
+        _refuse_unsupported(body.think)
         keep_alive = _keep_alive(body.keep_alive)
         if not body.prompt and body.system is None:
             return await load_only(request.state.principal, body.model, keep_alive, "response")
         options, extra = _sampling(body.options, body.format)
+        options = _with_logprobs(options, body.logprobs, body.top_logprobs)
         await _load_with_ctx(request.state.principal, body.model, body.options, keep_alive)
         if body.raw:
             prepared = await prepare(
@@ -515,11 +537,12 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         body = await read_body(gateway, request, ChatBody)
         if any(t.images for t in body.messages):
             raise BadRequest("images are not supported by this server")
-        _refuse_unsupported(body.think, body.logprobs)
+        _refuse_unsupported(body.think)
         keep_alive = _keep_alive(body.keep_alive)
         if not body.messages:
             return await load_only(request.state.principal, body.model, keep_alive, "message")
         options, extra = _sampling(body.options, body.format)
+        options = _with_logprobs(options, body.logprobs, body.top_logprobs)
         tools = body.tool_use()
         if tools is not None and extra:
             raise BadRequest("tools cannot be combined with format")

@@ -30,8 +30,12 @@ its generation, streaming or not.
 the others start once it has and copy its keys and values instead of reading
 it again; with a ``seed``, sample ``i`` uses ``seed + i``.
 
+``logprobs`` / ``top_logprobs`` (chat: up to 20 alternatives) and ``logprobs``
+(completions: up to 5, the legacy parallel lists) give each generated token's
+log-probability under the model, streamed with the token's chunk.
+
 Refused with a 400 that names the parameter, rather than silently ignored:
-``best_of`` other than 1, ``logprobs``, the legacy ``functions`` and
+``best_of`` other than 1, the legacy ``functions`` and
 ``function_call`` fields, tools together with ``response_format``, completion ``suffix`` and token-array prompts or inputs, and
 ``dimensions`` other than the model's own size. Accepted and ignored:
 ``presence_penalty`` and ``frequency_penalty`` (range-checked; the engine's own
@@ -67,6 +71,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta, ToolCall, ToolFunction
+from engine.logprobs import TokenLogprob
 from engine.textstream import MAX_STOP_CHARS
 from gateway.generation import (
     MAX_SAMPLES,
@@ -77,6 +82,7 @@ from gateway.generation import (
     drain,
     embed,
     format_options,
+    logprob_json,
     prepare,
     raise_if_failed,
     run,
@@ -335,7 +341,7 @@ _DONE = b"data: [DONE]\n\n"
 # -- translating requests -------------------------------------------------------------
 
 
-def _options(body: _Sampling, max_tokens: int | None) -> m.Options:
+def _options(body: _Sampling, max_tokens: int | None, logprobs: int | None = None) -> m.Options:
     if body.n is not None and not 1 <= body.n <= MAX_SAMPLES:
         raise InvalidParam("n", f"n must be between 1 and {MAX_SAMPLES}")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
@@ -349,6 +355,7 @@ def _options(body: _Sampling, max_tokens: int | None) -> m.Options:
         max_tokens=max_tokens,
         stop=stop,
         ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
     )
 
 
@@ -442,10 +449,10 @@ def _format(body: ChatCompletionRequest) -> dict[str, object]:
 
 
 def _refuse_chat_extras(body: ChatCompletionRequest) -> None:
-    if body.logprobs:
-        raise InvalidParam("logprobs", "logprobs are not supported")
-    if body.top_logprobs:
-        raise InvalidParam("top_logprobs", "logprobs are not supported")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidParam("top_logprobs", "top_logprobs needs logprobs: true")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise InvalidParam("top_logprobs", "top_logprobs must be between 0 and 20")
     if body.functions:
         raise InvalidParam("functions", "the legacy functions field is not supported: use tools")
     if body.tools and body.response_format is not None and body.response_format.type != "text":
@@ -468,8 +475,34 @@ def _refuse_completion_extras(body: CompletionRequest) -> None:
         raise InvalidParam("suffix", "suffix (fill-in-the-middle) is not supported")
     if body.best_of is not None and body.best_of != 1:
         raise InvalidParam("best_of", "only best_of=1 is supported")
-    if body.logprobs:
-        raise InvalidParam("logprobs", "logprobs are not supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+        raise InvalidParam("logprobs", "logprobs must be between 0 and 5")
+
+
+def _chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, object] | None:
+    """A choice's ``logprobs`` on chat completions (``content``: one entry per token)."""
+    if lps is None:
+        return None
+    return {"content": [logprob_json(lp) for lp in lps], "refusal": None}
+
+
+def _legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, object] | None:
+    """A choice's ``logprobs`` on the legacy completions API (parallel lists)."""
+    if lps is None:
+        return None
+    tokens = [lp.piece.decode("utf-8", "replace") for lp in lps]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [
+            {t.piece.decode("utf-8", "replace"): t.logprob for t in lp.top} for lp in lps
+        ],
+        "text_offset": offsets,
+    }
 
 
 def _inputs(body: EmbeddingsRequest) -> list[str]:
@@ -578,7 +611,7 @@ async def _sse_samples(
                 yield _sse(chunk(None, _finish(ev, reader), i))
                 dones[i] = ev
             elif ev.text:
-                pieces: list[Piece] = [ev.text] if reader is None else [*reader.feed(ev.text)]
+                pieces: list[Piece] = [ev] if reader is None else [*reader.feed(ev.text)]
                 for text_or_call in pieces:
                     yield _sse(chunk(text_or_call, None, i))
         if include_usage:
@@ -617,7 +650,7 @@ async def _start(request: Request, gateway: Gateway, prepared: Prepared) -> _Str
     return _Stream(events, ev)
 
 
-Piece = str | TextPiece | CallStarted | CallArguments
+Piece = str | TokenDelta | TextPiece | CallStarted | CallArguments
 ChunkMaker = Callable[[Piece | None, str | None], dict[str, object]]
 
 
@@ -646,7 +679,7 @@ async def _sse_body(
                 break
             if ev.text:
                 if reader is None:
-                    yield _sse(chunk(ev.text, None))
+                    yield _sse(chunk(ev, None))
                 else:
                     for piece in reader.feed(ev.text):
                         yield _sse(chunk(piece, None))
@@ -679,7 +712,8 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         _refuse_chat_extras(body)
         messages = _chat_messages(body)
         tools = _tool_use(body)
-        options = _options(body, body.max_completion_tokens or body.max_tokens)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        options = _options(body, body.max_completion_tokens or body.max_tokens, logprobs)
         extra = _format(body)
         keep_alive = _keep_alive(body)
         cid = "chatcmpl-" + secrets.token_hex(12)
@@ -719,7 +753,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                         "index": i,
                         "message": message,
                         "finish_reason": _finish(outcome.done, said),
-                        "logprobs": None,
+                        "logprobs": None if said is not None else _chat_logprobs(outcome.logprobs),
                     }
                 )
             return _json(
@@ -736,14 +770,18 @@ def openai_routes(gateway: Gateway) -> list[Route]:
 
         def chunk(piece: Piece | None, finish: str | None, index: int = 0) -> dict[str, object]:
             delta: dict[str, object]
+            logprobs = None
             if piece is None:
                 delta = {}
+            elif isinstance(piece, TokenDelta):
+                delta = {"content": piece.text}
+                logprobs = _chat_logprobs(piece.logprobs)
             elif isinstance(piece, str | TextPiece):
                 delta = {"content": piece if isinstance(piece, str) else piece.text}
             else:
                 delta = _tool_delta(piece)
             return base(
-                [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
             )
 
         def base(choices: list[dict[str, object]]) -> dict[str, object]:
@@ -794,7 +832,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         _refuse_completion_extras(body)
         prompt = _prompt(body)
         # OpenAI's default for the legacy completions API is 16 tokens.
-        options = _options(body, body.max_tokens or 16)
+        options = _options(body, body.max_tokens or 16, body.logprobs)
         keep_alive = _keep_alive(body)
         cid = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
@@ -830,16 +868,22 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 {
                     "text": prefix + outcome.text,
                     "index": i,
-                    "logprobs": None,
+                    "logprobs": _legacy_logprobs(outcome.logprobs, len(prefix)),
                     "finish_reason": _finish(outcome.done),
                 }
                 for i, outcome in enumerate(outcomes)
             ]
             return _json({**base(choices), "usage": _usage(*(o.done for o in outcomes))})
 
+        offsets = [len(prefix)] * n  # text_offset of each choice's next token
+
         def chunk(piece: Piece | None, finish: str | None, index: int = 0) -> dict[str, object]:
-            text = piece if isinstance(piece, str) else ""
-            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+            text, logprobs = piece if isinstance(piece, str) else "", None
+            if isinstance(piece, TokenDelta):
+                text = piece.text
+                logprobs = _legacy_logprobs(piece.logprobs, offsets[index])
+                offsets[index] += len(text)
+            choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
             return base([choice])
 
         def usage_chunk(usage: dict[str, object]) -> dict[str, object]:

@@ -22,6 +22,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from engine import (
@@ -33,9 +34,17 @@ from engine import (
     ToolCall,
     ToolFunction,
 )
+from engine.logprobs import TokenLogprob
 from engine.store.pull import PullEvent
 from gateway.auth import Principal
-from gateway.generation import ToolUse, format_options, prepare, run, with_seeds
+from gateway.generation import (
+    ToolUse,
+    format_options,
+    logprob_json,
+    prepare,
+    run,
+    with_seeds,
+)
 from gateway.logs import bind
 from gateway.models import pull_progress
 from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
@@ -64,6 +73,10 @@ log = logging.getLogger("ferrous.session")
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+
+
+def _logprobs(lps: list[TokenLogprob]) -> list[m.Logprob]:
+    return [msgspec.convert(logprob_json(lp), m.Logprob) for lp in lps]
 
 
 def _engine_message(x: m.ChatMessage) -> EngineMessage:
@@ -423,7 +436,8 @@ class Session:
                             continue
                         if reader is None:
                             await self._take_credit(len(ev.text.encode("utf-8")))
-                            await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids))
+                            lps = None if ev.logprobs is None else _logprobs(ev.logprobs)
+                            await self.send(m.Delta(msg.id, ev.seq, ev.text, ev.token_ids, lps))
                             parts.append(ev.text)
                         else:
                             out_seq = await self._send_pieces(

@@ -60,6 +60,7 @@ __all__ = [
     "Hello",
     "KeepAlive",
     "Limits",
+    "Logprob",
     "Options",
     "Progress",
     "Pull",
@@ -72,6 +73,7 @@ __all__ = [
     "Tool",
     "ToolCallEvent",
     "ToolCallPart",
+    "TopLogprob",
     "Usage",
 ]
 
@@ -123,6 +125,8 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         | None
     ) = None
     ignore_eos: bool | None = None  # keep generating past end-of-generation tokens (benchmarks)
+    # Log-probabilities in the deltas: each token's, and this many alternatives (0-20).
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
 
 
 ToolName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -294,6 +298,7 @@ class Delta(_ServerBase, tag="delta"):
     seq: int
     text: str
     token_ids: list[int] | None = None
+    logprobs: list[Logprob] | None = None  # with options.logprobs: one per token of this delta
 
 
 class ToolCallEvent(_ServerBase, tag="tool_call"):
@@ -306,6 +311,21 @@ class ToolCallEvent(_ServerBase, tag="tool_call"):
     call_id: str
     name: str
     arguments: str
+
+
+class TopLogprob(msgspec.Struct):
+    token: str  # the token's text (bytes that are not whole UTF-8 characters replaced)
+    logprob: float
+    bytes: list[int]
+
+
+class Logprob(msgspec.Struct):
+    """A generated token's log-probability under the model, with the likeliest others."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
 
 
 class Usage(msgspec.Struct):

@@ -246,7 +246,7 @@ async def test_completions_refuse_what_they_cannot_do(client: openai.AsyncOpenAI
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
         ({"prompt": "x", "n": 0}, "n"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
         ({"prompt": "x", "best_of": 2}, "best_of"),
     ]
     for args, param in cases:
@@ -361,7 +361,7 @@ async def test_bad_parameters_are_400s_that_name_them(client: openai.AsyncOpenAI
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["a"] * 17}, "stop"),
         ({"n": 17}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "f f"}}]}, "tools[0].function.name"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),

@@ -11,10 +11,11 @@ def test_records_round_trip_across_the_wrap_point() -> None:
     consumer = Ring.create(MIN_CAPACITY)
     producer = Ring.attach(consumer.name)
     try:
-        sent: list[tuple[list[int], bytes]] = []
-        received: list[tuple[list[int], bytes]] = []
+        sent: list[tuple[list[int], bytes, bytes]] = []
+        received: list[tuple[list[int], bytes, bytes]] = []
         for i in range(2000):  # many times the capacity: wraps repeatedly
-            rec = ([i, -i], f"token {i} é".encode())
+            # Every third record carries extra bytes (what log-probabilities travel in).
+            rec = ([i, -i], f"token {i} é".encode(), bytes(range(i % 3 * 5)))
             producer.write(*rec)
             sent.append(rec)
             if i % 7 == 0:

@@ -173,6 +173,11 @@ class TextGenerator(Backend):
         A sequence still reading a long prompt may produce none in a step.
         """
 
+    def take_logprobs(self, seq: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """The log-probability of the token the last :meth:`step` gave ``seq``, and the
+        most likely tokens with theirs (``sampling.logprobs`` of them), if it asked."""
+        return None
+
     def failed(self) -> dict[int, Exception]:
         """Sequences the last :meth:`step` could not advance, with the reason.
 

@@ -62,6 +62,7 @@ from engine.backends.llamaslots import (
 from engine.backends.select import check_model_file
 from engine.guidance import Guide, GuideFactory
 from engine.interrupt import strlen_callback_address
+from engine.logprobs import token_logprobs
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError, Overloaded
@@ -156,6 +157,7 @@ class _SeqState:
         "decoding",
         "greedy_grammar",
         "guide",
+        "logprobs",
         "n_past",
         "passed",
         "penalty",
@@ -184,6 +186,7 @@ class _SeqState:
         self.priority = priority
         # A grammar run by llguidance (tool calls): masks the logits before sampling.
         self.guide = guide
+        self.logprobs: int | None = None  # alternatives wanted with each token's logprob
         self.reused = 0  # prompt tokens taken from the slot's cache
         self.urgent = False  # paused another sequence to start: its prompt goes first
         self.suspended = False
@@ -248,6 +251,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self._emb: EmbeddingContext | None = None
         self._abort: object | None = None  # the interrupt callback, kept alive
         self._guides: GuideFactory | None = None  # made on the first tool call
+        self._lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
@@ -493,6 +497,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         )
         self._seqs[seq].reused = keep
         self._seqs[seq].urgent = urgent
+        self._seqs[seq].logprobs = sampling.logprobs
         if sampler is None and sampling.repeat_penalty != 1.0:
             state = self._seqs[seq]
             state.penalty = sampling.repeat_penalty
@@ -681,6 +686,11 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 token = sampled
             else:
                 token = int(llama_cpp.llama_sampler_sample(st.sampler, self._ctx, idx))
+            if st.logprobs is not None:
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
+                )
+                self._lps[seq] = token_logprobs(logits, token, st.logprobs)
             if st.guide is not None and not st.guide.accept(token):
                 st.pending = []
                 self._failed[seq] = BadRequest(f"the grammar refused a token: {st.guide.error()}")
@@ -722,6 +732,9 @@ class LlamaCppBackend(TextGenerator, Embedder):
     def failed(self) -> dict[int, Exception]:
         failed, self._failed = self._failed, {}
         return failed
+
+    def take_logprobs(self, seq: int) -> tuple[float, list[tuple[int, float]]] | None:
+        return self._lps.pop(seq, None)
 
     def _sample_checked(self, chain: object, idx: int) -> int | None:
         """Sample through a grammar chain; None when the grammar allows no token at all.

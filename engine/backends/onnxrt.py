@@ -58,6 +58,7 @@ from engine.backends.onnxkv import PrefixStore, SeqState, SharedKV, common_prefi
 from engine.backends.onnxsession import graph_opsets, has_op, read_json, session_options
 from engine.backends.select import check_onnx_folder
 from engine.guidance import GuideFactory
+from engine.logprobs import token_logprobs
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError
@@ -115,6 +116,7 @@ class OnnxBackend(TextGenerator):
         self._tokenizer_json = tokenizer_json  # for the grammar engine, built on first use
         self._guides: GuideFactory | None = None
         self._failed: dict[int, Exception] = {}
+        self._lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         self.n_ctx = n_ctx
         self.max_sequences = max(1, n_seq)
         self._n_layer = n_layer
@@ -325,6 +327,9 @@ class OnnxBackend(TextGenerator):
     def failed(self) -> dict[int, Exception]:
         failed, self._failed = self._failed, {}
         return failed
+
+    def take_logprobs(self, seq: int) -> tuple[float, list[tuple[int, float]]] | None:
+        return self._lps.pop(seq, None)
 
     def start(
         self,
@@ -551,6 +556,8 @@ class OnnxBackend(TextGenerator):
             st.pending = []
             return None
         token = sample_token(logits, st.sampling, st.history, st.rng)
+        if st.sampling.logprobs is not None:
+            self._lps[seq] = token_logprobs(logits, token, st.sampling.logprobs)
         if st.guide is not None and not st.guide.accept(token):
             self._failed[seq] = BadRequest(f"the grammar refused a token: {st.guide.error()}")
             st.pending = []

@@ -119,6 +119,8 @@ export interface Delta {
   seq: number;
   text: string;
   /** @default null */
+  logprobs?: Logprob[] | null;
+  /** @default null */
   token_ids?: number[] | null;
 }
 
@@ -226,10 +228,23 @@ export interface Limits {
   heartbeat_interval: number;
 }
 
+/** A generated token's log-probability under the model, with the likeliest others. */
+export interface Logprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+  top_logprobs: TopLogprob[];
+}
+
 /** Sampling options; every field is optional and the server's defaults apply. */
 export interface Options {
   /** @default null */
   ignore_eos?: boolean | null;
+  /**
+   * integer; 0 ≤ value ≤ 20
+   * @default null
+   */
+  logprobs?: number | null;
   /**
    * integer; 1 ≤ value ≤ 1000000
    * @default null
@@ -431,6 +446,12 @@ export interface ToolCallPart {
   name: string;
   /** length 0..1000000 */
   arguments: string;
+}
+
+export interface TopLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
 }
 
 /**
