@@ -11,12 +11,14 @@ same GGUF converted; llguidance for everything), decode tokens/s of:
   so the grammar is active for every one of the ``--tokens`` tokens;
 * ``tools_auto`` — a chat with two tools and ``tool_choice: auto``: the
   lazily triggered tool grammar watching free text (what every tool-using
-  chat pays while the model talks).
+  chat pays while the model talks); compared with ``tools_prompt``, the same
+  prompt (the tools described in the system message) without the grammar,
+  since a longer prompt alone makes every decode step slower.
 
 Each figure is the median over ``--runs`` rounds of the mean per-stream
 ``decode_tok_s`` (tokens after the first over the time after the first), at 1
 and 8 streams on one worker; ``*_vs_free`` are the ratios to ``free`` at the
-same concurrency (1.0 = no overhead).
+same concurrency (``tools_auto`` to ``tools_prompt``; 1.0 = no overhead).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from engine import (
     ToolFunction,
 )
 from engine.client import default_threads
+from engine.tools import generic_messages
 
 LONG_TEXT = json.dumps(
     {
@@ -69,6 +72,12 @@ def _request(kind: str, i: int, tokens: int) -> GenerateRequest:
     if kind == "free":
         return GenerateRequest(
             model="m", messages=messages, sampling=SamplingParams(**base, ignore_eos=True)
+        )
+    if kind == "tools_prompt":
+        return GenerateRequest(
+            model="m",
+            messages=generic_messages(messages, TOOLS),
+            sampling=SamplingParams(**base, ignore_eos=True),
         )
     if kind == "json_schema":
         return GenerateRequest(
@@ -104,15 +113,17 @@ async def _backend(model: Path, backend: str, args: argparse.Namespace) -> dict[
         await _round(engine, "json_schema", 1, 8)  # warm-up: grammar engines, caches
         await _round(engine, "tools_auto", 1, 8)
         for streams in (1, 8):
-            for kind in ("free", "json_schema", "tools_auto"):
+            for kind in ("free", "json_schema", "tools_prompt", "tools_auto"):
                 rounds = [
                     await _round(engine, kind, streams, args.tokens) for _ in range(args.runs)
                 ]
                 out[f"{kind}_{streams}"] = round(statistics.median(rounds), 1)
-            for kind in ("json_schema", "tools_auto"):
-                out[f"{kind}_vs_free_{streams}"] = round(
-                    out[f"{kind}_{streams}"] / out[f"free_{streams}"], 3
-                )
+            out[f"json_schema_vs_free_{streams}"] = round(
+                out[f"json_schema_{streams}"] / out[f"free_{streams}"], 3
+            )
+            out[f"tools_auto_vs_free_{streams}"] = round(
+                out[f"tools_auto_{streams}"] / out[f"tools_prompt_{streams}"], 3
+            )
     return out
 
 
