@@ -321,18 +321,11 @@ class EngineClient:
             error = exc.reason is FinishReason.ERROR
             yield self._done(
                 request.request_id,
-                ipc.Finished(
-                    gen=0,
-                    reason=exc.reason.value,
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    load_ms=0.0,
-                    queue_ms=0.0,
-                    ttft_ms=0.0,
-                    total_ms=0.0,
-                    decode_tok_s=0.0,
-                    error_code=ErrorCode.ENGINE_ERROR.value if error else None,
-                    error_message=str(exc) if error else None,
+                ipc.Finished.ended(
+                    0,
+                    exc.reason.value,
+                    ErrorCode.ENGINE_ERROR.value if error else None,
+                    str(exc) if error else None,
                 ),
             )
             return

@@ -173,6 +173,25 @@ class Finished(_Frame, tag=24, kw_only=True):
     error_message: str | None
     cached_tokens: int = 0  # prompt tokens copied from a cached prefix
 
+    @classmethod
+    def ended(
+        cls, gen: int, reason: str, code: str | None = None, message: str | None = None
+    ) -> Finished:
+        """A generation that ended before producing anything: no tokens, no timings."""
+        return cls(
+            gen=gen,
+            reason=reason,
+            prompt_tokens=0,
+            completion_tokens=0,
+            load_ms=0.0,
+            queue_ms=0.0,
+            ttft_ms=0.0,
+            total_ms=0.0,
+            decode_tok_s=0.0,
+            error_code=code,
+            error_message=message,
+        )
+
 
 class Embedded(_Frame, tag=27, kw_only=True):
     """Unit-length vectors, row after row, as native float32 (``dim`` floats each).

@@ -325,18 +325,8 @@ class WorkerPool:
         w.models.clear()
         self._on_failed(held, why)
         for g in w.gens.values():
-            g.finished = ipc.Finished(
-                gen=g.gen,
-                reason=FinishReason.ERROR.value,
-                prompt_tokens=0,
-                completion_tokens=0,
-                load_ms=0.0,
-                queue_ms=0.0,
-                ttft_ms=0.0,
-                total_ms=0.0,
-                decode_tok_s=0.0,
-                error_code=ErrorCode.ENGINE_ERROR.value,
-                error_message=why,
+            g.finished = ipc.Finished.ended(
+                g.gen, FinishReason.ERROR.value, ErrorCode.ENGINE_ERROR.value, why
             )
             g.wake()
         w.gens.clear()

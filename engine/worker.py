@@ -402,21 +402,7 @@ class Worker:
         return n <= limit
 
     def _reject(self, gen: int, exc: FerrousError) -> None:
-        self._send(
-            ipc.Finished(
-                gen=gen,
-                reason=FinishReason.ERROR.value,
-                prompt_tokens=0,
-                completion_tokens=0,
-                load_ms=0.0,
-                queue_ms=0.0,
-                ttft_ms=0.0,
-                total_ms=0.0,
-                decode_tok_s=0.0,
-                error_code=exc.code.value,
-                error_message=exc.message,
-            )
-        )
+        self._send(ipc.Finished.ended(gen, FinishReason.ERROR.value, exc.code.value, exc.message))
 
     def _on_cancel(self, msg: ipc.Cancel) -> None:
         seq = self._running.get(msg.gen)
