@@ -1,6 +1,7 @@
 """What constrained decoding costs, per backend, at 1 and 8 concurrent streams.
 
-    python -m bench.grammar [--model GGUF] [--tokens 96] [--runs 3] [--threads N] [--json]
+    python -m bench.grammar [--model GGUF] [--onnx FOLDER] [--tokens 96] [--runs 3]
+                            [--threads N] [--skip-onnx] [--json]
 
 For SmolLM2 through the llama.cpp backend (GBNF grammars for JSON schemas,
 llguidance for tool calls) and through the ONNX backend (the fast graph, the
@@ -134,7 +135,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     gguf = Path(args.model) if args.model else fetch_smollm2()
     result: dict[str, object] = {"tokens": args.tokens, "runs": args.runs, "threads": args.threads}
     result["llama_cpp"] = await _backend(gguf, "llama_cpp", args)
-    if not args.skip_onnx:
+    if args.onnx is not None:
+        result["onnx"] = await _backend(Path(args.onnx), "onnx", args)
+    elif not args.skip_onnx:
         with tempfile.TemporaryDirectory() as tmp:
             folder = convert_gguf(gguf, Path(tmp) / "onnx", quantize="q4", fused=True)
             result["onnx"] = await _backend(folder, "onnx", args)
@@ -148,6 +151,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--skip-onnx", action="store_true", help="the llama.cpp backend only")
+    parser.add_argument(
+        "--onnx", default=None, help="an ONNX folder of the same model (default: convert the GGUF)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = uvloop.run(main_async(args))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import SmolLM2Onnx
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -178,8 +180,13 @@ def test_bench_llama_server(script_model: Path) -> None:
 
 
 @pytest.mark.smollm2
-def test_bench_grammar() -> None:
-    r = bench("grammar", "--tokens", "6", "--runs", "1", "--threads", "1", timeout=400)
+def test_bench_grammar(smollm2_onnx: SmolLM2Onnx) -> None:
+    folder = smollm2_onnx("fast")  # the run's shared conversion
+    r = bench(
+        "grammar",
+        *("--onnx", str(folder), "--tokens", "6", "--runs", "1", "--threads", "1"),
+        timeout=400,
+    )
     for backend in ("llama_cpp", "onnx"):
         rates = r[backend]
         assert isinstance(rates, dict)

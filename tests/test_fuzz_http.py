@@ -37,7 +37,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gateway import generate_routes, model_routes, ollama, openai_api
+from gateway import generate_routes, model_routes, ollama, openai_api, responses_api
 from gateway.auth import load_or_create_secret
 from gateway.config import LimitsConfig
 from gateway.server import RunningServer
@@ -63,6 +63,7 @@ ROUTES: dict[str, type[msgspec.Struct] | None] = {
     "/v1/chat/completions": openai_api.ChatCompletionRequest,
     "/v1/completions": openai_api.CompletionRequest,
     "/v1/embeddings": openai_api.EmbeddingsRequest,
+    "/v1/responses": responses_api.ResponsesRequest,
     "/api/generate": ollama.GenerateBody,
     "/api/chat": ollama.ChatBody,
     "/api/embed": ollama.EmbedBody,
