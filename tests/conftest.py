@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import AsyncIterator
@@ -75,7 +76,10 @@ class SmolLM2Onnx:
 
     A conversion takes seconds and hundreds of megabytes, so every test reads
     the same folder: the fast graph unless a test is about another one. The
-    folders are shared; a test that needs to change one works on its own copy.
+    folders are shared by all the run's test processes (pytest-xdist workers
+    share the parent of their temporary directories): the first to need a
+    graph converts it under a file lock, the others wait and read it. A test
+    that needs to change a folder works on its own copy.
     """
 
     def __init__(self, gguf: Path, root: Path) -> None:
@@ -85,20 +89,32 @@ class SmolLM2Onnx:
 
     def __call__(self, graph: str = "fast") -> Path:
         folder = self._done.get(graph)
-        if folder is None:
-            from engine.onnx.convert import convert_gguf
+        if folder is not None:
+            return folder
+        self._root.mkdir(parents=True, exist_ok=True)
+        folder = self._root / graph
+        marker = self._root / f"{graph}.done"
+        with open(self._root / f"{graph}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not marker.exists():
+                from engine.onnx.convert import convert_gguf
 
-            start = time.perf_counter()
-            folder = convert_gguf(self._gguf, self._root / graph, **SMOLLM2_GRAPHS[graph])
-            print(f"\nSmolLM2 GGUF -> ONNX ({graph}): {time.perf_counter() - start:.1f} s")
-            self._done[graph] = folder
+                start = time.perf_counter()
+                convert_gguf(self._gguf, folder, **SMOLLM2_GRAPHS[graph])
+                marker.write_text(str(os.getpid()))
+                print(f"\nSmolLM2 GGUF -> ONNX ({graph}): {time.perf_counter() - start:.1f} s")
+        self._done[graph] = folder
         return folder
 
 
 @pytest.fixture(scope="session")
 def smollm2_onnx(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> SmolLM2Onnx:
     """SmolLM2's ONNX folders, each converted once for the whole run (see :class:`SmolLM2Onnx`)."""
-    return SmolLM2Onnx(smollm2, tmp_path_factory.mktemp("smollm2-onnx"))
+    # Under pytest-xdist each worker has its own base temporary directory; their
+    # parent is the run's, shared by all of them.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return SmolLM2Onnx(smollm2, shared / "smollm2-onnx")
 
 
 def ring_segments() -> set[str]:
