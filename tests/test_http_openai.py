@@ -421,6 +421,20 @@ async def test_credentials_are_required_on_a_shared_machine(
         )
         _assert_openai_error(r, 401, "unauthorized", None)
         assert r.headers["www-authenticate"] == "Bearer"
+        # The Responses API too: creating, reading and deleting all need a credential.
+        r = await _post(
+            srv, "/v1/responses", json_body={"model": "script", "input": "hi"}, token=None
+        )
+        _assert_openai_error(r, 401, "unauthorized", None)
+        async with httpx.AsyncClient(base_url=srv.http_url, timeout=30) as http:
+            for method in ("GET", "DELETE"):
+                r = await http.request(method, "/v1/responses/resp_x")
+                _assert_openai_error(r, 401, "unauthorized", None)
+        # Oversized and malformed bodies are refused before anything runs.
+        token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+        huge = {"model": "script", "input": "x" * (2 * 1024 * 1024)}
+        r = await _post(srv, "/v1/responses", json_body=huge, token=token)
+        _assert_openai_error(r, 413, "too_large", None)
 
 
 async def test_malformed_and_oversized_bodies(running: RunningServer) -> None:
