@@ -61,18 +61,15 @@ import json
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 import numpy as np
-from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine import ChatMessage, FinishReason, GenerationDone, TokenDelta, ToolCall, ToolFunction
-from engine.logprobs import TokenLogprob
-from engine.textstream import MAX_STOP_CHARS
+from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
 from gateway.generation import (
     MAX_SAMPLES,
     Outcome,
@@ -82,28 +79,45 @@ from gateway.generation import (
     drain,
     embed,
     format_options,
-    logprob_json,
     prepare,
-    raise_if_failed,
     run,
     samples,
     start_samples,
 )
 from gateway.http_common import (
     ClosingStream,
-    error_field,
     guarded,
-    http_status,
     loopback_without_token,
     read_body,
 )
 from gateway.http_common import unless_disconnected as _unless_disconnected
+from gateway.openai_types import (
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    NamedToolChoice,
+    SamplingBody,
+)
+from gateway.openai_wire import (
+    DONE,
+    InvalidParam,
+    chat_logprobs,
+    error_json,
+    finish_reason,
+    json_response,
+    legacy_logprobs,
+    openai_error,
+    sse,
+    tool_calls_json,
+    tool_delta,
+    usage_json,
+)
 from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
 from protocol.errors import (
     BadRequest,
-    ErrorCode,
     FerrousError,
 )
 
@@ -122,226 +136,13 @@ __all__ = [
 
 Event = TokenDelta | GenerationDone
 
-# -- request bodies ---------------------------------------------------------------------
-# Unknown fields are ignored (clients send ``user``, ``metadata``, ``store``…); the
-# fields read here are type- and range-checked, so a wrong one is a 400 naming it.
-
-ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
-StopText = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
-Stop = StopText | Annotated[list[StopText], Meta(max_length=16)]
-Priority = m.Priority
-Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
-MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
-KeepAlive = float | Annotated[str, Meta(max_length=32)]
-
-
-class StreamOptions(msgspec.Struct):
-    """Streaming options: ``include_usage`` adds a last chunk with the usage."""
-
-    include_usage: bool | None = None
-
-
-class _Sampling(msgspec.Struct, kw_only=True):
-    """What both generation routes share."""
-
-    model: ModelName
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    stop: Stop | None = None
-    seed: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    # Extensions (llama.cpp's names), and the model's keep-alive as on the other surfaces.
-    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    repeat_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
-    ignore_eos: bool | None = None
-    priority: Priority | None = None
-    keep_alive: KeepAlive | None = None
-
-
-class ContentPart(msgspec.Struct):
-    """A part of a message's content; only ``text`` parts are accepted."""
-
-    type: str
-    text: str | None = None
-
-
-class FunctionCallBody(msgspec.Struct):
-    """A call's function: its name and its arguments as JSON text (as OpenAI sends them)."""
-
-    name: Annotated[str, Meta(min_length=1, max_length=64)]
-    arguments: str = "{}"
-
-
-class ToolCallBody(msgspec.Struct):
-    """A call an assistant message made (sent back with the conversation)."""
-
-    id: Annotated[str, Meta(min_length=1, max_length=128)]
-    function: FunctionCallBody
-    type: Literal["function"] = "function"
-
-
-class ChatCompletionMessage(msgspec.Struct):
-    """A chat message: role system, developer (as system), user, assistant or tool."""
-
-    role: str
-    content: str | list[ContentPart] | None = None
-    tool_calls: Annotated[list[ToolCallBody], Meta(max_length=128)] | None = None
-    tool_call_id: Annotated[str, Meta(max_length=128)] | None = None
-    name: str | None = None
-    function_call: Any | None = None
-
-
-class FunctionDef(msgspec.Struct):
-    """A function the model may call; ``parameters`` is a JSON Schema object."""
-
-    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    description: Annotated[str, Meta(max_length=16_384)] | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolDef(msgspec.Struct):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class NamedFunction(msgspec.Struct):
-    name: str
-
-
-class NamedToolChoice(msgspec.Struct):
-    """``{"type": "function", "function": {"name": ...}}``: call this function."""
-
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class JsonSchemaFormat(msgspec.Struct):
-    """The JSON Schema the answer must match (without one: any JSON object)."""
-
-    name: str | None = None
-    schema: dict[str, Any] | None = None
-
-
-class ResponseFormat(msgspec.Struct):
-    """Structured output: ``json_object`` or ``json_schema``."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class ChatCompletionRequest(_Sampling, kw_only=True):
-    """A stateless chat: the whole conversation comes with every request."""
-
-    messages: list[ChatCompletionMessage]
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-    response_format: ResponseFormat | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: Annotated[list[ToolDef], Meta(max_length=128)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[Any] | None = None
-
-
-class CompletionRequest(_Sampling, kw_only=True):
-    """A raw prompt (no chat template); ``max_tokens`` defaults to 16."""
-
-    prompt: str | list[Any]
-    max_tokens: MaxTokens | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
-
-
-class EmbeddingsRequest(msgspec.Struct):
-    """Texts to embed; vectors are unit length, ``float`` or ``base64`` float32."""
-
-    model: ModelName
-    input: str | Annotated[list[Any], Meta(max_length=2048)]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Meta(ge=1)] | None = None
-    # Extensions: cut inputs longer than the model's context (else a 400), keep-alive.
-    truncate: bool = True
-    keep_alive: KeepAlive | None = None
-
-
 # -- errors ---------------------------------------------------------------------------
-
-
-class InvalidParam(BadRequest):
-    """A 400 that names the offending request parameter."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-_TYPES = {
-    400: "invalid_request_error",
-    404: "invalid_request_error",
-    409: "invalid_request_error",
-    413: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    429: "rate_limit_error",
-}
-
-
-def _param(exc: FerrousError) -> str | None:
-    field = error_field(exc)
-    if field is None and exc.code is ErrorCode.MODEL_NOT_FOUND:
-        field = "model"
-    return field
-
-
-def error_json(exc: FerrousError) -> dict[str, object]:
-    status = http_status(exc)
-    return {
-        "error": {
-            "message": exc.message,
-            "type": _TYPES.get(status, "server_error"),
-            "param": _param(exc),
-            "code": exc.code.value,
-        }
-    }
-
-
-def openai_error(exc: FerrousError) -> Response:
-    """``exc`` as an OpenAI error response."""
-    headers = {"WWW-Authenticate": "Bearer"} if exc.code is ErrorCode.UNAUTHORIZED else None
-    return _json(error_json(exc), status=http_status(exc), headers=headers)
-
-
-def _json(body: object, *, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        msgspec.json.encode(body),
-        status_code=status,
-        headers=headers,
-        media_type="application/json",
-    )
-
-
-def _sse(body: object) -> bytes:
-    return b"data: " + msgspec.json.encode(body) + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
 
 
 # -- translating requests -------------------------------------------------------------
 
 
-def _options(body: _Sampling, max_tokens: int | None, logprobs: int | None = None) -> m.Options:
+def _options(body: SamplingBody, max_tokens: int | None, logprobs: int | None = None) -> m.Options:
     if body.n is not None and not 1 <= body.n <= MAX_SAMPLES:
         raise InvalidParam("n", f"n must be between 1 and {MAX_SAMPLES}")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
@@ -359,7 +160,7 @@ def _options(body: _Sampling, max_tokens: int | None, logprobs: int | None = Non
     )
 
 
-def _keep_alive(body: _Sampling | EmbeddingsRequest) -> float | None:
+def _keep_alive(body: SamplingBody | EmbeddingsRequest) -> float | None:
     if body.keep_alive is None:
         return None
     try:
@@ -479,32 +280,6 @@ def _refuse_completion_extras(body: CompletionRequest) -> None:
         raise InvalidParam("logprobs", "logprobs must be between 0 and 5")
 
 
-def _chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, object] | None:
-    """A choice's ``logprobs`` on chat completions (``content``: one entry per token)."""
-    if lps is None:
-        return None
-    return {"content": [logprob_json(lp) for lp in lps], "refusal": None}
-
-
-def _legacy_logprobs(lps: list[TokenLogprob] | None, offset: int) -> dict[str, object] | None:
-    """A choice's ``logprobs`` on the legacy completions API (parallel lists)."""
-    if lps is None:
-        return None
-    tokens = [lp.piece.decode("utf-8", "replace") for lp in lps]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [
-            {t.piece.decode("utf-8", "replace"): t.logprob for t in lp.top} for lp in lps
-        ],
-        "text_offset": offsets,
-    }
-
-
 def _inputs(body: EmbeddingsRequest) -> list[str]:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs:
@@ -518,47 +293,6 @@ def _inputs(body: EmbeddingsRequest) -> list[str]:
 
 
 # -- generation -----------------------------------------------------------------------
-
-
-def _finish(done: GenerationDone, reader: ToolCallReader | None = None) -> str:
-    """OpenAI's finish_reason, or raise the error the generation ended with."""
-    raise_if_failed(done)
-    if done.finish_reason is FinishReason.LENGTH:
-        return "length"
-    return "tool_calls" if reader is not None and reader.calls else "stop"
-
-
-def _tool_calls_json(reader: ToolCallReader) -> list[dict[str, object]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in reader.calls
-    ]
-
-
-def _tool_delta(ev: CallStarted | CallArguments) -> dict[str, object]:
-    """A streamed ``delta`` for a piece of a call: its id and name first, then arguments."""
-    if isinstance(ev, CallStarted):
-        call: dict[str, object] = {
-            "index": ev.index,
-            "id": ev.id,
-            "type": "function",
-            "function": {"name": ev.name, "arguments": ""},
-        }
-    else:
-        call = {"index": ev.index, "function": {"arguments": ev.text}}
-    return {"tool_calls": [call]}
-
-
-def _usage(done: GenerationDone, *more: GenerationDone) -> dict[str, object]:
-    """Usage of a generation, or of several samples of one prompt (counted once)."""
-    u = done.usage
-    completion = u.completion_tokens + sum(d.usage.completion_tokens for d in more)
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": u.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    }
 
 
 async def _collect_all(gateway: Gateway, prepared: list[Prepared]) -> list[Outcome]:
@@ -607,23 +341,23 @@ async def _sse_samples(
             if isinstance(ev, GenerationDone):
                 if reader is not None:
                     for piece in reader.finish():
-                        yield _sse(chunk(piece, None, i))
-                yield _sse(chunk(None, _finish(ev, reader), i))
+                        yield sse(chunk(piece, None, i))
+                yield sse(chunk(None, finish_reason(ev, reader), i))
                 dones[i] = ev
             elif ev.text:
                 pieces: list[Piece] = [ev] if reader is None else [*reader.feed(ev.text)]
                 for text_or_call in pieces:
-                    yield _sse(chunk(text_or_call, None, i))
+                    yield sse(chunk(text_or_call, None, i))
         if include_usage:
             ordered = [dones[i] for i in range(len(gens))]
-            yield _sse(usage_chunk(_usage(*ordered)))
+            yield sse(usage_chunk(usage_json(*ordered)))
     except FerrousError as exc:
-        yield _sse(error_json(exc))
+        yield sse(error_json(exc))
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    yield _DONE
+    yield DONE
 
 
 class _Stream(msgspec.Struct):
@@ -643,7 +377,7 @@ async def _start(request: Request, gateway: Gateway, prepared: Prepared) -> _Str
     try:
         ev = await _unless_disconnected(request, first())
         if isinstance(ev, GenerationDone):
-            _finish(ev)  # raises when it failed before producing anything
+            finish_reason(ev)  # raises when it failed before producing anything
     except BaseException:
         await events.aclose()
         raise
@@ -679,24 +413,24 @@ async def _sse_body(
                 break
             if ev.text:
                 if reader is None:
-                    yield _sse(chunk(ev, None))
+                    yield sse(chunk(ev, None))
                 else:
                     for piece in reader.feed(ev.text):
-                        yield _sse(chunk(piece, None))
+                        yield sse(chunk(piece, None))
             ev = await anext(stream.events, None)
         if done is None:
             raise FerrousError("the generation ended without a result")
         if reader is not None:
             for piece in reader.finish():
-                yield _sse(chunk(piece, None))
-        yield _sse(chunk(None, _finish(done, reader)))
+                yield sse(chunk(piece, None))
+        yield sse(chunk(None, finish_reason(done, reader)))
         if include_usage:
-            yield _sse(usage_chunk(_usage(done)))
+            yield sse(usage_chunk(usage_json(done)))
     except FerrousError as exc:
-        yield _sse(error_json(exc))
+        yield sse(error_json(exc))
     finally:
         await stream.events.aclose()
-    yield _DONE
+    yield DONE
 
 
 # -- routes ---------------------------------------------------------------------------
@@ -747,23 +481,23 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                     said.finish()
                     message["content"] = said.text if said.text or not said.calls else None
                     if said.calls:
-                        message["tool_calls"] = _tool_calls_json(said)
+                        message["tool_calls"] = tool_calls_json(said)
                 choices.append(
                     {
                         "index": i,
                         "message": message,
-                        "finish_reason": _finish(outcome.done, said),
-                        "logprobs": None if said is not None else _chat_logprobs(outcome.logprobs),
+                        "finish_reason": finish_reason(outcome.done, said),
+                        "logprobs": None if said is not None else chat_logprobs(outcome.logprobs),
                     }
                 )
-            return _json(
+            return json_response(
                 {
                     "id": cid,
                     "object": "chat.completion",
                     "created": created,
                     "model": body.model,
                     "choices": choices,
-                    "usage": _usage(*(o.done for o in outcomes)),
+                    "usage": usage_json(*(o.done for o in outcomes)),
                     "system_fingerprint": fingerprint,
                 }
             )
@@ -775,11 +509,11 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 delta = {}
             elif isinstance(piece, TokenDelta):
                 delta = {"content": piece.text}
-                logprobs = _chat_logprobs(piece.logprobs)
+                logprobs = chat_logprobs(piece.logprobs)
             elif isinstance(piece, str | TextPiece):
                 delta = {"content": piece if isinstance(piece, str) else piece.text}
             else:
-                delta = _tool_delta(piece)
+                delta = tool_delta(piece)
             return base(
                 [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
             )
@@ -808,7 +542,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                     include_usage=_include_usage(body),
                     usage_chunk=usage_chunk,
                     readers=[ToolCallReader() if use_tools else None for _ in gens],
-                    lead=lambda i: _sse(
+                    lead=lambda i: sse(
                         base([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
                     ),
                 )
@@ -819,7 +553,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             _sse_body(
                 stream,
                 chunk,
-                lead=_sse(lead),
+                lead=sse(lead),
                 include_usage=_include_usage(body),
                 usage_chunk=usage_chunk,
                 reader=reader,
@@ -868,12 +602,14 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 {
                     "text": prefix + outcome.text,
                     "index": i,
-                    "logprobs": _legacy_logprobs(outcome.logprobs, len(prefix)),
-                    "finish_reason": _finish(outcome.done),
+                    "logprobs": legacy_logprobs(outcome.logprobs, len(prefix)),
+                    "finish_reason": finish_reason(outcome.done),
                 }
                 for i, outcome in enumerate(outcomes)
             ]
-            return _json({**base(choices), "usage": _usage(*(o.done for o in outcomes))})
+            return json_response(
+                {**base(choices), "usage": usage_json(*(o.done for o in outcomes))}
+            )
 
         offsets = [len(prefix)] * n  # text_offset of each choice's next token
 
@@ -881,7 +617,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             text, logprobs = piece if isinstance(piece, str) else "", None
             if isinstance(piece, TokenDelta):
                 text = piece.text
-                logprobs = _legacy_logprobs(piece.logprobs, offsets[index])
+                logprobs = legacy_logprobs(piece.logprobs, offsets[index])
                 offsets[index] += len(text)
             choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
             return base([choice])
@@ -898,7 +634,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                     include_usage=_include_usage(body),
                     usage_chunk=usage_chunk,
                     readers=[None for _ in gens],
-                    lead=lambda i: _sse(chunk(prefix, None, i)) if prefix else None,
+                    lead=lambda i: sse(chunk(prefix, None, i)) if prefix else None,
                 )
             )
         stream = await _start(request, gateway, prepared)
@@ -906,7 +642,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             _sse_body(
                 stream,
                 chunk,
-                lead=_sse(chunk(prefix, None)) if prefix else None,
+                lead=sse(chunk(prefix, None)) if prefix else None,
                 include_usage=_include_usage(body),
                 usage_chunk=usage_chunk,
             )
@@ -940,7 +676,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             for i, v in enumerate(vectors)
         ]
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return _json({"object": "list", "data": data, "model": body.model, "usage": usage})
+        return json_response({"object": "list", "data": data, "model": body.model, "usage": usage})
 
     def route(path: str, fn: Callable[[Request], Awaitable[Response]]) -> Route:
         loopback = loopback_without_token(gateway)
@@ -955,7 +691,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
     ]
 
 
-def _include_usage(body: _Sampling) -> bool:
+def _include_usage(body: SamplingBody) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 

@@ -47,7 +47,7 @@ from gateway.http_common import (
     read_body,
     unless_disconnected,
 )
-from gateway.openai_api import InvalidParam, openai_error
+from gateway.openai_wire import InvalidParam, openai_error
 from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
