@@ -305,6 +305,31 @@ async def _collect_all(gateway: Gateway, prepared: list[Prepared]) -> list[Outco
     return [t.result() for t in tasks]
 
 
+async def _stream_samples(
+    request: Request,
+    gateway: Gateway,
+    prepared: list[Prepared],
+    chunk: Callable[[Piece | None, str | None, int], dict[str, object]],
+    *,
+    include_usage: bool,
+    usage_chunk: Callable[[dict[str, object]], dict[str, object]],
+    tools: bool,
+    lead: Callable[[int], bytes | None],
+) -> Response:
+    """Start the samples (a refusal is still a plain HTTP error) and stream them as one."""
+    gens = await _unless_disconnected(request, start_samples(gateway, prepared))
+    return ClosingStream(
+        _sse_samples(
+            gens,
+            chunk,
+            include_usage=include_usage,
+            usage_chunk=usage_chunk,
+            readers=[ToolCallReader() if tools else None for _ in gens],
+            lead=lead,
+        )
+    )
+
+
 async def _sse_samples(
     gens: list[AsyncGenerator[Event, None]],
     chunk: Callable[[Piece | None, str | None, int], dict[str, object]],
@@ -534,18 +559,17 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         # The first chunk of a choice carries the role; the others content, then the finish.
         role = {"role": "assistant", "content": ""}
         if n > 1:
-            gens = await _unless_disconnected(request, start_samples(gateway, samples(prepared, n)))
-            return ClosingStream(
-                _sse_samples(
-                    gens,
-                    chunk,
-                    include_usage=_include_usage(body),
-                    usage_chunk=usage_chunk,
-                    readers=[ToolCallReader() if use_tools else None for _ in gens],
-                    lead=lambda i: sse(
-                        base([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
-                    ),
-                )
+            return await _stream_samples(
+                request,
+                gateway,
+                samples(prepared, n),
+                chunk,
+                include_usage=_include_usage(body),
+                usage_chunk=usage_chunk,
+                tools=use_tools,
+                lead=lambda i: sse(
+                    base([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
+                ),
             )
         stream = await _start(request, gateway, prepared)
         lead = base([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}])
@@ -626,16 +650,15 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             return {**base([]), "usage": usage}
 
         if n > 1:
-            gens = await _unless_disconnected(request, start_samples(gateway, samples(prepared, n)))
-            return ClosingStream(
-                _sse_samples(
-                    gens,
-                    chunk,
-                    include_usage=_include_usage(body),
-                    usage_chunk=usage_chunk,
-                    readers=[None for _ in gens],
-                    lead=lambda i: sse(chunk(prefix, None, i)) if prefix else None,
-                )
+            return await _stream_samples(
+                request,
+                gateway,
+                samples(prepared, n),
+                chunk,
+                include_usage=_include_usage(body),
+                usage_chunk=usage_chunk,
+                tools=False,
+                lead=lambda i: sse(chunk(prefix, None, i)) if prefix else None,
             )
         stream = await _start(request, gateway, prepared)
         return ClosingStream(
