@@ -49,6 +49,7 @@ from gateway.origins import BrowserGuard, BrowserPolicy
 from gateway.process_tuning import GcTuner
 from gateway.quotas import Quota, QuotaBook
 from gateway.responses_api import responses_routes
+from gateway.resume import DetachedSessions
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from gateway.version import __version__
 from protocol.codec import SUBPROTOCOLS, codec_for
@@ -131,7 +132,10 @@ class GatewayApp:
         self.conversations = ConversationStore(config.limits.max_conversations)
         self.responses = ResponseStore(config.limits.max_stored_responses)
         self.quotas = QuotaBook()
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session] = set()  # attached and detached ones
+        self.resumable = DetachedSessions(
+            config.limits.resume_window, config.limits.max_detached_sessions
+        )
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
@@ -308,6 +312,7 @@ class GatewayApp:
         session = Session(
             self, _FairWebSocket(ws), principal, codec_for(chosen or SUBPROTOCOL_JSON)
         )
+        session.on_end = self._session_ended
         self.sessions.add(session)
         self.metrics.sessions.inc()
         hello_timeout = self.config.limits.hello_timeout
@@ -315,21 +320,44 @@ class GatewayApp:
             # Not cancelled when the session ends: the callback checks, and a handle that
             # is not kept is freed once it has run instead of living as long as the session.
             asyncio.get_running_loop().call_later(hello_timeout, self._no_hello, session)
+        try:
+            await self._serve(session, principal)
+        finally:
+            if self.gc_tuner is not None:
+                self.gc_tuner.note_close()
+
+    async def _serve(self, session: Session, principal: Principal) -> None:
+        """Run sessions over one connection: the one it opened, or the one its hello resumed."""
+        how = "closed"
         with bind(session=session.id):
             log.info("session opened for %s (%s)", principal.user, principal.method)
             try:
-                await session.run()
+                how = await session.run()
+                if how == "resumed" and session.taken_over_by is not None:
+                    await session.end()  # this connection's own session never started
+                    session = session.taken_over_by
+                    with bind(session=session.id):
+                        how = await session.run()
             except WebSocketDisconnect:
-                pass  # the client left while a reply was being sent: an ordinary close
+                how = "dropped"  # the client left while a reply was being sent
             except Exception:
                 log.exception("session failed")
+                how = "closed"
                 await session.close(1011)
             finally:
-                self.sessions.discard(session)
-                self.metrics.sessions.dec()
-                if self.gc_tuner is not None:
-                    self.gc_tuner.note_close()
-                log.info("session closed")
+                if how == "dropped" and not self.draining:
+                    log.info("connection dropped: session kept for a resume")
+                    session.detach()
+                    self.metrics.detached.set(len(self.resumable))
+                elif how != "superseded":
+                    await asyncio.shield(session.end())
+                    log.info("session closed")
+
+    def _session_ended(self, session: Session) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.metrics.sessions.dec()
+        self.metrics.detached.set(len(self.resumable))
 
     def _no_hello(self, session: Session) -> None:
         """``hello_timeout`` passed since the upgrade: close a session that never said hello."""
@@ -356,7 +384,7 @@ class GatewayApp:
         """
         while True:
             await asyncio.sleep(interval)
-            keyed = [s for s in self.sessions if s.principal.key_id is not None and not s.closed]
+            keyed = [s for s in self.sessions if s.principal.key_id is not None and not s.ended]
             if not keyed:
                 continue
             try:
@@ -385,3 +413,6 @@ class GatewayApp:
         for s in list(self.sessions):
             with contextlib.suppress(FerrousError, OSError):
                 await s.close(CLOSE_GOING_AWAY, "server shutting down")
+        for s in list(self.sessions):
+            if s.closed:  # detached: nobody will resume it now
+                await s.end()

@@ -129,6 +129,15 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # handshake_burst); more are refused with 429 and Retry-After. 0 = unlimited.
     handshake_rate: PerSecond = 0.0
     handshake_burst: Positive = 100
+    # Session resume: after a dropped connection (not a close the client asked for)
+    # the session, its generations and a replay buffer of what it was sent are kept
+    # this long for a client to reconnect with its resume token. 0 turns resume off.
+    resume_window: NonNegativeSeconds = 30.0
+    # Bytes of sent messages kept per generation for a resume (finished generations
+    # share one more such budget); a generation nobody reads pauses when it is full.
+    resume_buffer_bytes: Positive = 256 * 1024
+    # Sessions one user (in a tenant) may leave detached at once; the oldest goes first.
+    max_detached_sessions: Positive = 16
 
 
 class BrowserConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -69,6 +69,7 @@ _STATUS = {
     ErrorCode.CANCELLED: 499,
     ErrorCode.STALLED: 504,
     ErrorCode.ENGINE_ERROR: 500,
+    ErrorCode.RESUME_EXPIRED: 410,
     ErrorCode.INTERNAL: 500,
 }
 # Store failures caused by the model's source, or by the disk.

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from gateway.models import ModelRegistry, ResolvedModel
     from gateway.namespaces import ModelView
     from gateway.quotas import Quota, QuotaBook
+    from gateway.resume import DetachedSessions
 
 __all__ = ["Gateway"]
 
@@ -42,6 +43,8 @@ class Gateway(Protocol):
     #: Responses API answers kept for ``previous_response_id`` (per user, bounded).
     responses: ResponseStore
     quotas: QuotaBook
+    #: Sessions that may be resumed after a dropped connection, by token.
+    resumable: DetachedSessions
     version: str
     started_at: float
     #: True once shutdown began: surfaces refuse new work with ``overloaded``.

@@ -86,6 +86,17 @@ class Metrics:
         )
         ProcessCollector(registry=r)  # process_* series of the gateway
         self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
+        self.detached = Gauge(
+            "ferrous_detached_sessions",
+            "Sessions whose connection dropped, kept for a resume.",
+            registry=r,
+        )
+        self.resumes = Counter(
+            "ferrous_session_resumes",
+            "Resume attempts by outcome (resumed, expired, refused).",
+            ["outcome"],
+            registry=r,
+        )
         self.generations = Gauge("ferrous_active_generations", "Generations in flight.", registry=r)
         # Read at scrape time, on the event loop's thread (the /metrics handler runs there):
         # a number that only grows under a steady load is a leak.

@@ -10,6 +10,15 @@ rather than piling text up in memory here.
 Conversations live in a :class:`gateway.conversations.ConversationStore`
 keyed by (tenant, user, conversation id): a user who reconnects continues a
 conversation, and another user naming the same id gets their own, empty one.
+
+Resume: with ``limits.resume_window`` above 0, every message about a
+generation is numbered and kept in a :class:`gateway.replay.ReplayLog` after
+it is written, and a connection that drops without the client closing it
+*detaches* the session instead of ending it (:mod:`gateway.resume`). Its
+generations run on into the log (one whose budget is full waits, which
+pauses it in the worker) until a new connection of the same user presents
+the token: :meth:`Session.adopt` then writes what the client missed and the
+live stream goes on, in one order, under the send lock.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from gateway.generation import (
 )
 from gateway.logs import bind
 from gateway.models import pull_progress
+from gateway.replay import ReplayLog
 from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.codec import Codec
@@ -59,6 +69,7 @@ from protocol.errors import (
     NotFound,
     Overloaded,
     RateLimited,
+    ResumeExpired,
     TooLarge,
     error_from_code,
 )
@@ -66,13 +77,30 @@ from protocol.errors import (
 if TYPE_CHECKING:
     from gateway.interface import Gateway
 
-__all__ = ["CLOSE_GOING_AWAY", "CLOSE_POLICY", "Session"]
+__all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_TAKEN_OVER", "Session"]
 
 log = logging.getLogger("ferrous.session")
 
-# Close codes (RFC 6455 section 7.4.1).
+# Close codes (RFC 6455 section 7.4.1), and one of the private range for a
+# connection whose session another connection resumed.
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_TAKEN_OVER = 4000
+
+CLOSE_ABNORMAL = 1006  # no close frame: the connection was lost
+# Disconnects that leave a session for a resume: going away, and a connection that
+# ended without a close frame (the server reports 1005 or 1006 for that).
+_DROPPED = frozenset({CLOSE_GOING_AWAY, 1005, CLOSE_ABNORMAL})
+
+# Messages numbered for resume: those about one generation.
+_NUMBERED = (m.Queued, m.Started, m.Delta, m.ToolCallEvent, m.Done, m.Error, m.Progress)
+
+
+def _ends_generation(msg: m.ServerMessage) -> bool:
+    return isinstance(msg, m.Done | m.Error) or (
+        isinstance(msg, m.Progress) and msg.status == "success"
+    )
 
 
 def _logprobs(lps: list[TokenLogprob]) -> list[m.Logprob]:
@@ -106,6 +134,7 @@ class Session:
     def __init__(self, gateway: Gateway, ws: Any, principal: Principal, codec: Codec) -> None:
         self.gateway = gateway
         self.ws = ws
+        self.conn = 0  # which connection carries the session (one more per resume)
         self.principal = principal
         self.codec = codec
         self.id = "s-" + secrets.token_hex(6)
@@ -122,30 +151,76 @@ class Session:
         # them) do not pay for an Event, nor for a task per session timing the token.
         self._credit_event: asyncio.Event | None = None
         self._expiry: asyncio.Task[None] | None = None
-        self.closed = False
+        self.closed = False  # the current connection is closed (the session may live on)
+        self.ended = False  # the session is over: generations cancelled, token forgotten
+        # Resume (set at hello when the server keeps dropped sessions).
+        self.resume_token: str | None = None
+        self._log: ReplayLog[m.ServerMessage] | None = None
+        self._log_keys: dict[str, str] = {}  # generation id -> its key in the log
+        self._runs = 0
+        self._attached: asyncio.Event | None = None  # set while a connection is attached
+        self.taken_over_by: Session | None = None  # a hello that resumed another session
+        self.on_end: Any = None  # called once the session has ended (the gateway's books)
 
     # -- sending ----------------------------------------------------------------------
 
-    async def send(self, msg: m.ServerMessage) -> None:
-        data = self.codec.encode(msg)
-        async with self._send_lock:
-            if self.closed:
-                return
-            try:
-                if isinstance(data, str):
-                    await self.ws.send_text(data)
-                else:
-                    await self.ws.send_bytes(data)
-            except (WebSocketDisconnect, WebSocketDisconnected):
-                # The peer left (or broke the framing and was closed) while we answered:
-                # nothing can reach it any more. Not a session failure: the receive loop
-                # sees the disconnect next and cancels the session's generations.
-                self.closed = True
+    async def send(self, msg: m.ServerMessage, *, apart: bool = False) -> None:
+        """Write ``msg``; numbered and kept for a resume when it is about a generation.
 
-    async def send_error(self, exc: FerrousError, gen_id: str | None = None) -> None:
+        ``apart``: an answer to a client message that names a generation but is
+        not part of its stream (a refused start, a cancel of nothing): kept on
+        its own rather than with a running generation of the same id.
+        """
+        log_ = self._log
+        key = None
+        if log_ is not None and isinstance(msg, _NUMBERED) and msg.id is not None:
+            key = f"{msg.id}!" if apart else self._log_keys.get(msg.id, msg.id)
+            if not _ends_generation(msg):
+                await self._room(log_, key)
+        async with self._send_lock:
+            if log_ is not None and key is not None:
+                assert isinstance(msg, _NUMBERED)
+                msg.n = log_.next_number()
+                data = self.codec.encode(msg)
+                log_.add(msg.n, key, msg, len(data), final=_ends_generation(msg))
+            else:
+                data = self.codec.encode(msg)
+            await self._write(data)
+
+    async def _write(self, data: str | bytes) -> None:
+        """One frame to the current connection (under the send lock)."""
+        if self.closed:
+            return
+        try:
+            if isinstance(data, str):
+                await self.ws.send_text(data)
+            else:
+                await self.ws.send_bytes(data)
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            # The peer left (or broke the framing and was closed) while we answered:
+            # nothing can reach it on this connection. Not a session failure: the
+            # receive loop sees the disconnect next and ends or detaches the session.
+            self.closed = True
+
+    async def _room(self, log_: ReplayLog[m.ServerMessage], key: str) -> None:
+        """Wait while nobody reads and this generation's replay budget is full.
+
+        The generation stops pulling from the engine meanwhile, so its worker
+        pauses it, as it pauses one whose reader is slow.
+        """
+        while self.closed and not log_.has_room(key) and self._attached is not None:
+            self._attached.clear()
+            await self._attached.wait()
+
+    async def send_error(
+        self, exc: FerrousError, gen_id: str | None = None, *, apart: bool = False
+    ) -> None:
         self.gateway.metrics.errors.labels(exc.code.value).inc()
         with contextlib.suppress(Exception):
-            await self.send(m.Error(exc.code, exc.message, gen_id, exc.retryable, exc.retry_after))
+            await self.send(
+                m.Error(exc.code, exc.message, gen_id, exc.retryable, exc.retry_after),
+                apart=apart,
+            )
 
     async def close(self, code: int, reason: str = "") -> None:
         async with self._send_lock:
@@ -155,10 +230,33 @@ class Session:
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, reason=reason)
 
+    async def end(self) -> None:
+        """The session is over: cancel its generations, forget its token (idempotent)."""
+        if self.ended:
+            return
+        self.ended = True
+        self.gateway.resumable.unregister(self)
+        if self._attached is not None:
+            self._attached.set()  # generations waiting for room see the cancel next
+        try:
+            await self.cancel_all()
+        finally:
+            if self.on_end is not None:
+                self.on_end(self)
+
     # -- the receive loop ---------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> str:
+        """Read the current connection until it ends; say how.
+
+        ``"closed"``: the client closed it (or the server ended the session);
+        ``"dropped"``: it went away without a close the client asked for (the
+        session may be detached); ``"superseded"``: another connection resumed
+        the session; ``"resumed"``: this connection's hello resumed another
+        session (in ``taken_over_by``), which the caller continues with.
+        """
         limits = self.gateway.config.limits
+        ws, conn = self.ws, self.conn
         timer = None
         if self.principal.expires_at is not None:
             # The same leeway the handshake allowed applies for the rest of the session.
@@ -166,10 +264,15 @@ class Session:
             timer = asyncio.get_running_loop().call_later(
                 max(0.0, expires - time.time()), self._expired
             )
+        how = "dropped"
         try:
             while True:
-                frame = await self.ws.receive()
+                frame = await ws.receive()
                 if frame["type"] == "websocket.disconnect":
+                    # A close the client asked for, or one for a protocol breach, ends
+                    # the session; a lost connection (or a page going away) keeps it.
+                    if frame.get("code", CLOSE_ABNORMAL) not in _DROPPED:
+                        how = "closed"
                     break
                 data: str | bytes | None = frame.get("text")
                 if data is None:
@@ -186,13 +289,19 @@ class Session:
                     msg = self.codec.decode_client(data)
                     await self._handle(msg)
                 except FerrousError as exc:
-                    await self.send_error(exc, getattr(exc, "gen_id", None))
+                    await self.send_error(exc, getattr(exc, "gen_id", None), apart=True)
+                if self.taken_over_by is not None:
+                    return "resumed"
         finally:
             if timer is not None:
                 timer.cancel()
-            if self._expiry is not None:
+            if self._expiry is not None and self.conn == conn:
                 self._expiry.cancel()
-            await self.cancel_all()
+        if self.conn != conn:
+            return "superseded"
+        if self.ended or self._log is None:
+            return "closed"
+        return how
 
     async def cancel_all(self) -> None:
         tasks = list(self.gens.values())
@@ -214,16 +323,16 @@ class Session:
 
     def revoked(self) -> None:
         """The API key behind this session was revoked: end it as an expired token ends it."""
-        if self.closed or (self._expiry is not None and not self._expiry.done()):
+        if self.ended or (self._expiry is not None and not self._expiry.done()):
             return
         self._expiry = asyncio.create_task(self._expire("API key revoked"))
 
     async def _expire(self, reason: str) -> None:
-        """The credential is no longer valid: say so, cancel, close (policy violation)."""
+        """The credential is no longer valid: say so, end the session, close (policy violation)."""
         from gateway.auth import Unauthorized
 
         await self.send_error(Unauthorized(reason))
-        await self.cancel_all()
+        await self.end()
         await self.close(CLOSE_POLICY, reason)
 
     async def _handle(self, msg: m.ClientMessage) -> None:
@@ -238,6 +347,9 @@ class Session:
                 self._start(msg)
             case m.Cancel():
                 await self._cancel(msg.id)
+            case m.Ack():
+                if self._log is not None:
+                    self._log.ack(msg.n)
             case m.Credit():
                 if self._credits is None:
                     raise BadRequest("flow control is off: set credits in hello to use it")
@@ -255,27 +367,105 @@ class Session:
             raise BadRequest(
                 f"protocol version {msg.protocol} is not supported; this server speaks 1"
             )
+        g = self.gateway
+        if msg.resume is not None:
+            try:
+                await self._resume(msg)
+                return
+            except FerrousError as exc:
+                # Refused: say why, then open a new session on this connection
+                # (``ready.resumed`` false tells the client its generations are lost).
+                outcome = "refused" if exc.code.value == "forbidden" else "expired"
+                g.metrics.resumes.labels(outcome).inc()
+                log.info("resume refused: %s", exc.message)
+                await self.send_error(exc)
         self.helloed = True
         self._credits = msg.credits
+        if g.resumable.enabled:
+            self.resume_token = secrets.token_urlsafe(24)
+            self._log = ReplayLog(g.config.limits.resume_buffer_bytes)
+            self._attached = asyncio.Event()
+            self._attached.set()
+            g.resumable.register(self)
+        await self.send(await self._ready(resumed=False))
+
+    async def _ready(self, *, resumed: bool) -> m.Ready:
         g = self.gateway
         lim = g.config.limits
-        await self.send(
-            m.Ready(
-                protocol=1,
-                server="ferrousforge",
-                version=g.version,
-                session=self.id,
-                user=self.principal.user,
-                models=await g.model_names(self.principal),
-                limits=m.Limits(
-                    lim.max_frame_bytes,
-                    lim.max_concurrent_generations,
-                    lim.max_prompt_tokens,
-                    lim.heartbeat_interval,
-                ),
-                flow_control=msg.credits is not None,
-            )
+        return m.Ready(
+            protocol=1,
+            server="ferrousforge",
+            version=g.version,
+            session=self.id,
+            user=self.principal.user,
+            models=await g.model_names(self.principal),
+            limits=m.Limits(
+                lim.max_frame_bytes,
+                lim.max_concurrent_generations,
+                lim.max_prompt_tokens,
+                lim.heartbeat_interval,
+            ),
+            flow_control=self._credits is not None,
+            resume_token=self.resume_token,
+            resume_window=g.resumable.window if self.resume_token else 0.0,
+            resumed=resumed,
         )
+
+    async def _resume(self, msg: m.Hello) -> None:
+        """This connection's hello resumes another session: hand the connection over."""
+        assert msg.resume is not None
+        g = self.gateway
+        target = g.resumable.claim(msg.resume, self.owner)
+        assert isinstance(target, Session)
+        try:
+            await target.adopt(self.ws, self.principal, self.codec, msg)
+        except ResumeExpired:
+            await target.end()
+            raise
+        except BaseException:
+            g.resumable.detach(target)  # claimed but not attached: it may still be resumed
+            raise
+        g.metrics.resumes.labels("resumed").inc()
+        self.helloed = True
+        self.closed = True  # this object's part is over; the connection is the target's now
+        self.taken_over_by = target
+
+    async def adopt(self, ws: Any, principal: Principal, codec: Codec, hello: m.Hello) -> None:
+        """Carry on over ``ws``: ``ready``, what the client missed after ``hello.last``, then live.
+
+        Raises :class:`ResumeExpired` when the messages after ``last`` are no
+        longer all kept; the caller ends the session then.
+        """
+        assert self._log is not None and self._attached is not None
+        async with self._send_lock:
+            missed = self._log.since(hello.last)
+            if missed is None:
+                raise ResumeExpired(
+                    f"the messages after n={hello.last} are no longer kept "
+                    f"(kept from n={self._log.lost + 1})"
+                )
+            old_ws, old_open = self.ws, not self.closed
+            self.ws, self.codec, self.principal = ws, codec, principal
+            self.conn += 1
+            self.closed = False
+            self._credits = hello.credits
+            if self._credit_event is not None:
+                self._credit_event.set()
+            await self._write(self.codec.encode(await self._ready(resumed=True)))
+            for item in missed:
+                await self._write(self.codec.encode(item))
+            self._attached.set()
+        log.info("session resumed: %d messages after n=%d sent again", len(missed), hello.last)
+        if old_open:
+            # The old connection still looked alive (a half-open socket, or a client
+            # that reconnected early): it carries nothing of this session any more.
+            with contextlib.suppress(Exception):
+                await old_ws.close(code=CLOSE_TAKEN_OVER, reason="session resumed elsewhere")
+
+    def detach(self) -> None:
+        """The connection dropped: keep the session for the resume window."""
+        self.closed = True
+        self.gateway.resumable.detach(self)
 
     # -- generations --------------------------------------------------------------------
 
@@ -293,11 +483,15 @@ class Session:
         task = asyncio.create_task(work, name=f"gen-{self.id}-{msg.id}")
         self.gens[msg.id] = task
         gen_id = msg.id
+        # Ids are unique among running generations only: the log keys each run apart.
+        self._runs += 1
+        self._log_keys[gen_id] = f"{gen_id}#{self._runs}"
 
         def forget(_t: asyncio.Task[None]) -> None:
             self.gens.pop(gen_id, None)
             self._phase.pop(gen_id, None)
             self._calls_sent.pop(gen_id, None)
+            self._log_keys.pop(gen_id, None)
 
         self._phase[gen_id] = "queued"
         task.add_done_callback(forget)
@@ -499,7 +693,7 @@ class Session:
                 await self.send_error(exc, msg.id)
             except asyncio.CancelledError:
                 ending = self._phase.get(msg.id) == "ending"
-                if msg.id in self._user_cancelled and not self.closed and not ending:
+                if msg.id in self._user_cancelled and not self.ended and not ending:
                     with contextlib.suppress(Exception):
                         await self.send(
                             m.Done(
@@ -536,7 +730,7 @@ class Session:
                 log.info("pull failed: %s: %s", exc.code.value, exc.message)
                 await self.send_error(exc, msg.id)
             except asyncio.CancelledError:
-                if msg.id in self._user_cancelled and not self.closed:
+                if msg.id in self._user_cancelled and not self.ended:
                     with contextlib.suppress(Exception):
                         await self.send_error(Cancelled("pull cancelled"), msg.id)
                 raise

@@ -15,6 +15,7 @@ shape without guessing::
     ├── Conflict                 conflict
     ├── NotFound                 not_found
     ├── Forbidden                forbidden
+    ├── ResumeExpired            resume_expired
     └── EngineError              engine_error (worker died, backend failed)
         └── ModelLoadError       engine_error, names the file and the reason
 
@@ -39,6 +40,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "RateLimited",
+    "ResumeExpired",
     "Stalled",
     "TooLarge",
     "error_from_code",
@@ -60,6 +62,7 @@ class ErrorCode(enum.StrEnum):
     CANCELLED = "cancelled"
     STALLED = "stalled"
     ENGINE_ERROR = "engine_error"
+    RESUME_EXPIRED = "resume_expired"
     INTERNAL = "internal"
 
 
@@ -121,6 +124,13 @@ class Forbidden(FerrousError):
     code = ErrorCode.FORBIDDEN
 
 
+class ResumeExpired(FerrousError):
+    """A session could not be resumed: its window passed, or the messages after the
+    client's ``last`` are no longer kept. The client starts over (a new session)."""
+
+    code = ErrorCode.RESUME_EXPIRED
+
+
 class RateLimited(FerrousError):
     code = ErrorCode.RATE_LIMITED
     retryable = True
@@ -163,6 +173,7 @@ ERRORS_BY_CODE: dict[ErrorCode, type[FerrousError]] = {
     ErrorCode.FORBIDDEN: Forbidden,
     ErrorCode.RATE_LIMITED: RateLimited,
     ErrorCode.ENGINE_ERROR: EngineError,
+    ErrorCode.RESUME_EXPIRED: ResumeExpired,
 }
 
 

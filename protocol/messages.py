@@ -18,6 +18,7 @@ A session::
           ◀───────────────────────────── delta      ...
           ◀───────────────────────────── done       {id: "g1", finish_reason, usage, timings}
     credit {bytes} ────────────────────▶            (only with flow control on)
+    ack {n} ───────────────────────────▶            (frees the server's replay buffer)
     cancel {id} ───────────────────────▶
     heartbeat ─────────────────────────▶
           ◀───────────────────────────── heartbeat
@@ -25,6 +26,14 @@ A session::
     pull {id, model} ──────────────────▶
           ◀───────────────────────────── progress   {id, status, total?, completed?} ...
           ◀───────────────────────────── progress   {id, status: "success"}  (or error {id})
+
+Every message about a generation (queued, started, delta, tool_call, done,
+error with an id, progress) carries ``n``, its number in the session (1, 2,
+3, ...). After a dropped connection a client opens a new one and sends
+``hello {resume: <ready.resume_token>, last: <highest n seen>}``: the server
+answers ``ready {resumed: true}``, sends every numbered message after ``last``
+again, then the live stream, with the session's generations and
+conversations as they were (see docs/protocol.md, "Resuming a session").
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ __all__ = [
     "SUBPROTOCOL_JSON",
     "SUBPROTOCOL_MSGPACK",
     "TOKEN_SUBPROTOCOL_PREFIX",
+    "Ack",
     "Cancel",
     "Chat",
     "ChatMessage",
@@ -167,11 +177,16 @@ class Hello(_ClientBase, tag="hello"):
 
     ``credits``: when set, flow control is on: the server sends at most this
     many bytes of delta text before the client grants more with ``credit``.
+    ``resume``: the ``resume_token`` of a session whose connection dropped,
+    and ``last`` the highest ``n`` received on it: the session continues on
+    this connection from the message after ``last``.
     """
 
     protocol: int = 1
     client: Annotated[str, Meta(max_length=128)] = ""
     credits: Annotated[int, Meta(ge=1)] | None = None
+    resume: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    last: Annotated[int, Meta(ge=0)] = 0
 
 
 class Generate(_ClientBase, tag="generate"):
@@ -222,6 +237,17 @@ class Credit(_ClientBase, tag="credit"):
     bytes: Annotated[int, Meta(ge=1, le=2**31)]
 
 
+class Ack(_ClientBase, tag="ack"):
+    """Every message up to number ``n`` arrived: the server may drop them from its replay buffer.
+
+    Optional: without acks the buffer keeps the latest messages of each
+    generation up to the server's limit, which may leave an older gap
+    unresumable after a drop.
+    """
+
+    n: Annotated[int, Meta(ge=0)]
+
+
 class Forget(_ClientBase, tag="forget"):
     """Delete a conversation the server keeps."""
 
@@ -248,7 +274,7 @@ class Pull(_ClientBase, tag="pull"):
     sha256: Annotated[str, Meta(pattern=r"^(sha256:)?[0-9a-f]{64}(?!\n)$")] | None = None
 
 
-ClientMessage = Hello | Generate | Chat | Cancel | Credit | Forget | Heartbeat | Pull
+ClientMessage = Hello | Generate | Chat | Cancel | Credit | Ack | Forget | Heartbeat | Pull
 
 
 # -- server -> client -------------------------------------------------------------------
@@ -262,6 +288,10 @@ class Limits(msgspec.Struct, omit_defaults=True):
 
 
 class Ready(_ServerBase, tag="ready"):
+    """The session is open: ``resume_token`` (when the server keeps sessions over a
+    dropped connection) resumes it within ``resume_window`` seconds; ``resumed``
+    says this ready continues an earlier connection's session."""
+
     protocol: int
     server: str
     version: str
@@ -270,6 +300,9 @@ class Ready(_ServerBase, tag="ready"):
     models: list[str]
     limits: Limits
     flow_control: bool = False
+    resume_token: str | None = None
+    resume_window: float = 0.0
+    resumed: bool = False
 
 
 class Queued(_ServerBase, tag="queued"):
@@ -283,12 +316,14 @@ class Queued(_ServerBase, tag="queued"):
     id: str
     position: int
     wait_s: float | None = None
+    n: int | None = None  # the message's number in the session (resume)
 
 
 class Started(_ServerBase, tag="started"):
     id: str
     model: str
     conversation: str | None = None
+    n: int | None = None  # the message's number in the session (resume)
 
 
 class Delta(_ServerBase, tag="delta"):
@@ -299,6 +334,7 @@ class Delta(_ServerBase, tag="delta"):
     text: str
     token_ids: list[int] | None = None
     logprobs: list[Logprob] | None = None  # with options.logprobs: one per token of this delta
+    n: int | None = None  # the message's number in the session (resume)
 
 
 class ToolCallEvent(_ServerBase, tag="tool_call"):
@@ -311,6 +347,7 @@ class ToolCallEvent(_ServerBase, tag="tool_call"):
     call_id: str
     name: str
     arguments: str
+    n: int | None = None  # the message's number in the session (resume)
 
 
 class TopLogprob(msgspec.Struct):
@@ -353,6 +390,7 @@ class Done(_ServerBase, tag="done"):
     usage: Usage
     timings: Timings
     conversation: str | None = None
+    n: int | None = None  # the message's number in the session (resume)
 
 
 class Error(_ServerBase, tag="error"):
@@ -363,6 +401,7 @@ class Error(_ServerBase, tag="error"):
     id: str | None = None
     retryable: bool = False
     retry_after: float | None = None  # seconds until a retry can succeed (rate_limited)
+    n: int | None = None  # the message's number in the session (resume)
 
 
 class ServerHeartbeat(_ServerBase, tag="heartbeat"):
@@ -377,6 +416,7 @@ class Progress(_ServerBase, tag="progress"):
     digest: str | None = None
     total: int | None = None
     completed: int | None = None
+    n: int | None = None  # the message's number in the session (resume)
 
 
 ServerMessage = (
@@ -389,6 +429,7 @@ CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Chat,
     Cancel,
     Credit,
+    Ack,
     Forget,
     Heartbeat,
     Pull,

@@ -17,6 +17,7 @@ handle (``except RateLimited``) instead of comparing strings::
     ├── Cancelled                cancelled
     ├── Stalled                  stalled
     ├── EngineError              engine_error
+    ├── ResumeExpired            resume_expired (a dropped session could not be resumed)
     ├── InternalError            internal, and codes this client does not know
     └── ConnectionLost           no code: the connection failed or closed (retryable)
 
@@ -44,6 +45,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "RateLimited",
+    "ResumeExpired",
     "Stalled",
     "TooLarge",
     "Unauthorized",
@@ -136,6 +138,13 @@ class EngineError(FerrousClientError):
     default_code = ErrorCode.ENGINE_ERROR
 
 
+class ResumeExpired(FerrousClientError):
+    """The session could not be resumed after a dropped connection (its window passed,
+    or the messages missed are no longer kept): its generations are lost."""
+
+    default_code = ErrorCode.RESUME_EXPIRED
+
+
 class InternalError(FerrousClientError):
     default_code = ErrorCode.INTERNAL
 
@@ -176,6 +185,7 @@ ERRORS_BY_CODE: dict[ErrorCode, type[FerrousClientError]] = {
     ErrorCode.CANCELLED: Cancelled,
     ErrorCode.STALLED: Stalled,
     ErrorCode.ENGINE_ERROR: EngineError,
+    ErrorCode.RESUME_EXPIRED: ResumeExpired,
     ErrorCode.INTERNAL: InternalError,
 }
 
