@@ -61,8 +61,15 @@ class ReplayLog(Generic[T]):
         self.last_n += 1
         return self.last_n
 
-    def add(self, n: int, gen: str, msg: T, size: int, *, final: bool = False) -> None:
-        """Keep message ``n`` of generation ``gen``; ``final`` when it ends the generation."""
+    def add(
+        self, n: int, gen: str, msg: T, size: int, *, final: bool = False, trim: bool = True
+    ) -> None:
+        """Keep message ``n`` of generation ``gen``; ``final`` when it ends the generation.
+
+        ``trim``: drop the generation's oldest messages past its budget. Off while
+        nobody reads (the session waits for :meth:`has_room` instead), so a detached
+        session loses nothing.
+        """
         entry = _Entry(n, gen, size, msg)
         self._order.append(entry)
         q = self._by_gen.get(gen)
@@ -75,9 +82,13 @@ class ReplayLog(Generic[T]):
             self._finished.append(gen)
             self._finished_bytes += self._gen_bytes[gen]
             self._trim_finished()
-        else:
+        elif trim:
             while self._gen_bytes[gen] > self.per_generation and len(q) > 1:
                 self._drop(q.popleft())
+
+    def generations(self) -> list[str]:
+        """The keys of the generations with messages kept."""
+        return list(self._by_gen)
 
     def has_room(self, gen: str) -> bool:
         """Whether ``gen`` may add a message without pushing an older one out."""

@@ -182,7 +182,9 @@ class Session:
                 assert isinstance(msg, _NUMBERED)
                 msg.n = log_.next_number()
                 data = self.codec.encode(msg)
-                log_.add(msg.n, key, msg, len(data), final=_ends_generation(msg))
+                log_.add(
+                    msg.n, key, msg, len(data), final=_ends_generation(msg), trim=not self.closed
+                )
             else:
                 data = self.codec.encode(msg)
             await self._write(data)
@@ -451,7 +453,11 @@ class Session:
             self._credits = hello.credits
             if self._credit_event is not None:
                 self._credit_event.set()
-            await self._write(self.codec.encode(await self._ready(resumed=True)))
+            ready = await self._ready(resumed=True)
+            # Log keys are "<id>#<run>" (a generation's stream) or "<id>!" (a refusal).
+            kept = {k.rsplit("#", 1)[0].removesuffix("!") for k in self._log.generations()}
+            ready.generations = sorted(kept | set(self.gens))
+            await self._write(self.codec.encode(ready))
             for item in missed:
                 await self._write(self.codec.encode(item))
             self._attached.set()

@@ -303,6 +303,10 @@ class Ready(_ServerBase, tag="ready"):
     resume_token: str | None = None
     resume_window: float = 0.0
     resumed: bool = False
+    # On a resumed ready: the generation ids the session knows (running, or with
+    # messages to send again). A start the client sent that is not listed never
+    # arrived: the client sends it again.
+    generations: list[str] | None = None
 
 
 class Queued(_ServerBase, tag="queued"):

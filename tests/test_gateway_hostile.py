@@ -41,6 +41,8 @@ from .gateway_helpers import JSON, client, gateway, server_config
 async def _gateway(
     tmp_path: Path, script_model: Path, **limits: object
 ) -> AsyncIterator[RunningServer]:
+    # Dropped sessions are kept for a resume: briefly here, so tests see them released.
+    limits.setdefault("resume_window", 0.2)
     config = server_config(tmp_path, {"script": script_model}, limits=LimitsConfig(**limits))  # type: ignore[arg-type]
     async with gateway(config) as running:
         yield running

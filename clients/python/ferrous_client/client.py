@@ -16,6 +16,13 @@ bound holds end to end (see :mod:`ferrous_client.credits`).
 
 Leaving an ``async for`` early (``break``, an exception, ``aclose()``) sends
 ``cancel`` for that generation, and whatever it still sends is dropped.
+
+Resume: when the server offers it (``ready.resume_token``) and the connection
+drops, the client reconnects within the server's ``resume_window`` and resumes
+the session (see :mod:`ferrous_client.resume`): generations in flight go on
+as one uninterrupted stream, each delta exactly once. When the session cannot
+be resumed they fail with :class:`ResumeExpired`; when the server cannot be
+reached in the window, with :class:`ConnectionLost`.
 """
 
 from __future__ import annotations
@@ -24,21 +31,29 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from ferrous_client.backoff import Backoff, should_retry
 from ferrous_client.credits import CreditWindow
-from ferrous_client.errors import BadRequest, Conflict, ConnectionLost, FerrousClientError
+from ferrous_client.errors import (
+    BadRequest,
+    Conflict,
+    ConnectionLost,
+    FerrousClientError,
+    ResumeExpired,
+)
 from ferrous_client.generation import Generation, GenerationItem
 from ferrous_client.handshake import CLIENT_NAME, Handshake, first_ready, transport_error
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
+from ferrous_client.resume import ResumeState, may_resume
 from ferrous_client.wire import (
     IdSource,
     MessagesLike,
@@ -80,6 +95,8 @@ class FerrousClient:
     ``on_error``: called with server errors that belong to no running generation
     (e.g. ``forget`` of an unknown conversation); they are logged when it is None.
     ``backoff``: retry opening the session (see :meth:`connect_with_retry`).
+    ``resume``: resume the session after a dropped connection when the server
+    offers it (on by default).
 
     Use as ``async with FerrousClient(...) as client`` or ``await client.connect()``
     followed by ``await client.close()``.
@@ -99,6 +116,7 @@ class FerrousClient:
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
         max_size: int | None = 2**24,
+        resume: bool = True,
     ) -> None:
         self._handshake = Handshake.build(
             url,
@@ -127,6 +145,15 @@ class FerrousClient:
         self._lost: ConnectionLost | None = ConnectionLost("not connected")
         self._closing = False
         self._last_error: FerrousClientError | None = None
+        self._resume = resume
+        self._state = ResumeState()
+        self._resuming: asyncio.Task[None] | None = None
+        self._unsent: list[_Outgoing] = []  # taken by the writer, not written: the link died
+        # Start frames of generations in flight, to send again when a resume shows
+        # that the server never got them.
+        self._starts: dict[str, bytes | str] = {}
+        #: How many times the session was resumed after a dropped connection.
+        self.resumes = 0
 
     # -- the session --------------------------------------------------------------------
 
@@ -139,6 +166,7 @@ class FerrousClient:
 
     @property
     def connected(self) -> bool:
+        """True while the session is usable (also while it resumes after a drop)."""
         return self._lost is None
 
     @property
@@ -210,6 +238,30 @@ class FerrousClient:
         return await self.connect()
 
     async def _open(self) -> None:
+        ws, ready = await self._dial(self._handshake.hello())
+        self._ready = ready
+        self._lost = None
+        self._closing = False
+        self._last_error = None
+        self._gens = {}
+        self._starts = {}
+        self._waiting = set()
+        self._state = ResumeState()
+        self._window = CreditWindow(self._handshake.credits) if self._handshake.credits else None
+        self._outgoing = asyncio.Queue()
+        self._run(ws)
+
+    def _run(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._reader = asyncio.create_task(self._read(ws), name="ferrous-client-reader")
+        self._writer = asyncio.create_task(
+            self._write(ws, self._outgoing), name="ferrous-client-writer"
+        )
+
+    async def _dial(
+        self, hello: m.Hello, refusals: list[FerrousClientError] | None = None
+    ) -> tuple[ClientConnection, m.Ready]:
+        """A new connection and its ``ready``; errors before it go to ``refusals`` when given."""
         hs = self._handshake
         try:
             ws = await connect(
@@ -226,32 +278,34 @@ class FerrousClient:
         try:
             if ws.subprotocol != hs.subprotocol:
                 raise BadRequest(f"the server did not accept subprotocol {hs.subprotocol}")
-            await ws.send(self._codec.encode(hs.hello()))
+            await ws.send(self._codec.encode(hello))
             async with asyncio.timeout(self._open_timeout):
-                while (ready := first_ready(self._codec, await ws.recv())) is None:
-                    pass
+                while True:
+                    try:
+                        ready = first_ready(self._codec, await ws.recv())
+                    except FerrousClientError as exc:
+                        if refusals is None:
+                            raise
+                        refusals.append(exc)  # a refused resume: a fresh ready follows
+                        continue
+                    if ready is not None:
+                        break
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await ws.close()
+            if isinstance(exc, FerrousClientError):
+                raise
             if isinstance(exc, Exception):
                 raise transport_error(exc) from exc
             raise
-        self._ws = ws
-        self._ready = ready
-        self._lost = None
-        self._closing = False
-        self._last_error = None
-        self._gens = {}
-        self._waiting = set()
-        self._window = CreditWindow(hs.credits) if hs.credits is not None else None
-        self._outgoing = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read(ws), name="ferrous-client-reader")
-        self._writer = asyncio.create_task(
-            self._write(ws, self._outgoing), name="ferrous-client-writer"
-        )
+        return ws, ready
 
     async def close(self) -> None:
         """Close the connection; generations still running end with :class:`ConnectionLost`."""
+        if self._resuming is not None:
+            self._closing = True
+            self._resuming.cancel()
+            await asyncio.gather(self._resuming, return_exceptions=True)
         ws, reader, writer = self._ws, self._reader, self._writer
         if ws is None or reader is None or writer is None:
             return
@@ -359,6 +413,7 @@ class FerrousClient:
         data = checked_frame(self._codec, msg, self.ready.limits.max_frame_bytes)
         gen = Generation(self, msg.id, msg.model, conversation)
         self._gens[msg.id] = gen
+        self._starts[msg.id] = data
         self._recent.pop(msg.id, None)
         self._outgoing.put_nowait((data, None))
         return gen
@@ -398,25 +453,18 @@ class FerrousClient:
             self._outgoing.put_nowait((self._codec.encode(m.Credit(n)), None))
 
     async def _write(self, ws: ClientConnection, outgoing: asyncio.Queue[_Outgoing | None]) -> None:
-        error: BaseException | None = None
-        try:
-            while (item := await outgoing.get()) is not None:
-                data, fut = item
-                try:
-                    await ws.send(data)
-                except ConnectionClosed as exc:
-                    error = transport_error(exc)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(error)
-                    return
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-        finally:
-            # Nothing queued will be sent: wake whoever waits for it.
-            while not outgoing.empty():
-                rest = outgoing.get_nowait()
-                if rest is not None and rest[1] is not None and not rest[1].done():
-                    rest[1].set_exception(error or ConnectionLost("the connection closed"))
+        # What is left unsent when the link dies stays queued (and the frame in
+        # hand goes to _unsent): a resume sends it on the next connection, and
+        # _give_up fails whoever waits for it otherwise.
+        while (item := await outgoing.get()) is not None:
+            data, fut = item
+            try:
+                await ws.send(data)
+            except ConnectionClosed:
+                self._unsent.append(item)
+                return
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     # -- flow control ---------------------------------------------------------------------
 
@@ -460,6 +508,12 @@ class FerrousClient:
             self._connection_lost(ws)
 
     def _dispatch(self, msg: m.ServerMessage) -> None:
+        n = getattr(msg, "n", None)
+        if n is not None:
+            if not self._state.receive(n):
+                return  # already had it (a resume sends only what came after, but be sure)
+            if self._state.should_ack(isinstance(msg, m.Done)):
+                self._outgoing.put_nowait((self._codec.encode(m.Ack(n)), None))
         match msg:
             case m.Delta():
                 n = utf8_len(msg.text)
@@ -487,6 +541,7 @@ class FerrousClient:
                 if gen is not None:
                     gen.tool_calls.append(msg)
             case m.Done():
+                self._starts.pop(msg.id, None)
                 gen = self._gens.pop(msg.id, None)
                 if gen is None:
                     gen = self._recent.get(msg.id)
@@ -503,6 +558,8 @@ class FerrousClient:
 
     def _error(self, msg: m.Error) -> None:
         err = error_from_message(msg)
+        if msg.id is not None:
+            self._starts.pop(msg.id, None)
         gen = self._gens.pop(msg.id, None) if msg.id is not None else None
         if gen is not None:
             # A done may still follow (an engine error): keep the id to match it.
@@ -531,6 +588,113 @@ class FerrousClient:
             self._recent.popitem(last=False)
 
     def _connection_lost(self, ws: ClientConnection) -> None:
+        if ws is not self._ws:
+            return  # a connection a resume already replaced
+        ready = self._ready
+        if (
+            not self._closing
+            and self._resume
+            and ready is not None
+            and ready.resume_token is not None
+            and may_resume(_received_close(ws))
+        ):
+            # Stop the writer; what the application sends meanwhile waits for the resume.
+            old, self._outgoing = self._outgoing, asyncio.Queue()
+            old.put_nowait(None)
+            self._resuming = asyncio.create_task(
+                self._resume_session(ws, old, ready), name="ferrous-client-resume"
+            )
+            return
+        self._give_up(ws)
+
+    async def _resume_session(
+        self, ws: ClientConnection, old: asyncio.Queue[_Outgoing | None], ready: m.Ready
+    ) -> None:
+        """Reconnect and resume within the window; give up as a lost connection otherwise."""
+        assert ready.resume_token is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready.resume_window
+        delays = Backoff(attempts=1_000_000, initial=0.05, maximum=1.0).delays()
+        await asyncio.gather(*(t for t in (self._writer,) if t is not None), return_exceptions=True)
+        # Frames the dead link did not take, oldest first: the one in the writer's hand,
+        # then the rest of its queue.
+        pending = [x for x in (*self._unsent, *_drain(old)) if x is not None]
+        self._unsent = []
+        refusals: list[FerrousClientError] = []
+        window = self._window
+        hello = msgspec.structs.replace(
+            self._handshake.hello(), resume=ready.resume_token, last=self._state.last
+        )
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                        new_ws, new_ready = await self._dial(hello, refusals)
+                    break
+                except (FerrousClientError, TimeoutError) as exc:
+                    if (
+                        loop.time() >= deadline
+                        or (isinstance(exc, FerrousClientError) and not should_retry(exc))
+                        # Nothing listens: the server is gone, and its sessions with it.
+                        or isinstance(exc.__cause__, ConnectionRefusedError)
+                    ):
+                        raise
+                    await asyncio.sleep(min(next(delays), max(0.0, deadline - loop.time())))
+        except asyncio.CancelledError:
+            self._fail_frames(pending, ConnectionLost("the client closed the connection"))
+            raise
+        except Exception as exc:
+            log.info("the session could not be resumed: %r", exc)
+            self._fail_frames(pending, ConnectionLost(f"the connection was lost: {exc}"))
+            self._resuming = None
+            self._give_up(ws)
+            return
+        self._resuming = None
+        self._ready = new_ready
+        if window is not None:
+            # The server counts a full window again from this hello; text still
+            # queued here is given back as it is read, as before.
+            fresh = CreditWindow(window.window)
+            fresh.buffered = window.buffered
+            self._window = fresh
+        queue: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
+        if new_ready.resumed:
+            self.resumes += 1
+            self._state.resumed()
+            known = set(new_ready.generations or ())
+            queued = {id(data) for data, _ in pending}
+            for gen_id, data in self._starts.items():
+                if gen_id not in known and id(data) not in queued:
+                    queue.put_nowait((data, None))  # the start never reached the server
+            for item in pending:
+                queue.put_nowait(item)
+            log.info("session %s resumed after n=%d", new_ready.session, hello.last)
+        else:
+            why = refusals[0] if refusals else None
+            message = why.message if why is not None else "the server did not resume the session"
+            self._fail_frames(pending, ResumeExpired(message))
+            self._state = ResumeState()
+            gens, self._gens = self._gens, {}
+            self._starts = {}
+            for gen in gens.values():
+                gen._deliver(ResumeExpired(message, generation_id=gen.id))
+        for later in _drain(self._outgoing):
+            if later is not None:
+                queue.put_nowait(later)
+        self._outgoing = queue
+        self._run(new_ws)
+
+    def _fail_frames(self, items: Sequence[_Outgoing | None], error: FerrousClientError) -> None:
+        for item in items:
+            if item is not None and item[1] is not None and not item[1].done():
+                item[1].set_exception(error)
+
+    def _give_up(self, ws: ClientConnection) -> None:
+        """The connection is gone for good: fail what was in flight."""
+        self._fail_frames(
+            [*self._unsent, *_drain(self._outgoing)], ConnectionLost("the connection closed")
+        )
+        self._unsent = []
         if self._closing:
             lost = ConnectionLost("the client closed the connection")
         else:
@@ -554,5 +718,19 @@ class FerrousClient:
             )
             err.__cause__ = lost.__cause__
             gen._deliver(err)
+        self._starts = {}
         # A writer blocked on a dead socket stops too.
         self._outgoing.put_nowait(None)
+
+
+def _received_close(ws: ClientConnection) -> int | None:
+    """The code of the close frame the server sent, None when none arrived."""
+    frame = ws.protocol.close_rcvd
+    return frame.code if frame is not None else None
+
+
+def _drain(queue: asyncio.Queue[_Outgoing | None]) -> list[_Outgoing | None]:
+    items: list[_Outgoing | None] = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items

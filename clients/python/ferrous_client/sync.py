@@ -10,8 +10,11 @@ Frames are read while the application iterates a generation, so nothing
 piles up in the client beyond what the socket buffers (with ``credits``, the
 server also stops after that many unread bytes). Semantics match the async
 client: errors of the generation are raised from the iteration, leaving a
-``for`` early cancels the generation, and server errors that belong to no
-generation go to ``on_error`` (they are seen while a generation is read).
+``for`` early cancels the generation, server errors that belong to no
+generation go to ``on_error`` (they are seen while a generation is read), and
+a dropped connection is resumed within the server's window (the generation
+read meanwhile goes on, each delta once; :class:`ResumeExpired` when the
+session could not be resumed).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import msgspec
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
@@ -31,11 +35,18 @@ from websockets.typing import Subprotocol
 from ferrous_client.backoff import Backoff, should_retry
 from ferrous_client.client import DEFAULT_URL, ErrorHandler
 from ferrous_client.credits import CreditWindow
-from ferrous_client.errors import BadRequest, Conflict, ConnectionLost, FerrousClientError
+from ferrous_client.errors import (
+    BadRequest,
+    Conflict,
+    ConnectionLost,
+    FerrousClientError,
+    ResumeExpired,
+)
 from ferrous_client.generation import finish_error
 from ferrous_client.handshake import CLIENT_NAME, Handshake, first_ready, transport_error
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
+from ferrous_client.resume import ResumeState, may_resume
 from ferrous_client.wire import (
     IdSource,
     MessagesLike,
@@ -185,7 +196,13 @@ class SyncFerrousClient:
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
         max_size: int | None = 2**24,
+        resume: bool = True,
     ) -> None:
+        self._resume = resume
+        self._state = ResumeState()
+        self._current_start: bytes | str | None = None
+        #: How many times the session was resumed after a dropped connection.
+        self.resumes = 0
         self._handshake = Handshake.build(
             url,
             token=token,
@@ -273,6 +290,20 @@ class SyncFerrousClient:
         return self.connect()
 
     def _open(self) -> None:
+        ws, ready = self._dial(self._handshake.hello())
+        self._ws = ws
+        self._ready = ready
+        self._lost = None
+        self._last_error = None
+        self._current = None
+        self._state = ResumeState()
+        hs = self._handshake
+        self._window = CreditWindow(hs.credits) if hs.credits is not None else None
+
+    def _dial(
+        self, hello: m.Hello, refusals: list[FerrousClientError] | None = None
+    ) -> tuple[ClientConnection, m.Ready]:
+        """A new connection and its ``ready``; errors before it go to ``refusals`` when given."""
         hs = self._handshake
         try:
             ws = connect(
@@ -290,26 +321,86 @@ class SyncFerrousClient:
         try:
             if ws.subprotocol != hs.subprotocol:
                 raise BadRequest(f"the server did not accept subprotocol {hs.subprotocol}")
-            ws.send(self._codec.encode(hs.hello()))
+            ws.send(self._codec.encode(hello))
             deadline = time.monotonic() + self._open_timeout
-            while (
-                ready := first_ready(
-                    self._codec, ws.recv(timeout=max(0.0, deadline - time.monotonic()))
-                )
-            ) is None:
-                pass
+            while True:
+                data = ws.recv(timeout=max(0.0, deadline - time.monotonic()))
+                try:
+                    ready = first_ready(self._codec, data)
+                except FerrousClientError as exc:
+                    if refusals is None:
+                        raise
+                    refusals.append(exc)  # a refused resume: a fresh ready follows
+                    continue
+                if ready is not None:
+                    break
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 ws.close()
+            if isinstance(exc, FerrousClientError):
+                raise
             if isinstance(exc, Exception):
                 raise transport_error(exc) from exc
             raise
-        self._ws = ws
-        self._ready = ready
-        self._lost = None
-        self._last_error = None
-        self._current = None
-        self._window = CreditWindow(hs.credits) if hs.credits is not None else None
+        return ws, ready
+
+    def _try_resume(self, dead: ClientConnection) -> bool:
+        """The link died: resume the session on a new one; False when that cannot be done.
+
+        True also when the server refused the resume and opened a new session:
+        the generation in flight then ends with :class:`ResumeExpired`.
+        """
+        ready = self._ready
+        frame = dead.protocol.close_rcvd
+        if (
+            not self._resume
+            or ready is None
+            or ready.resume_token is None
+            or not may_resume(frame.code if frame is not None else None)
+        ):
+            return False
+        deadline = time.monotonic() + ready.resume_window
+        delays = Backoff(attempts=1_000_000, initial=0.05, maximum=1.0).delays()
+        hello = msgspec.structs.replace(
+            self._handshake.hello(), resume=ready.resume_token, last=self._state.last
+        )
+        refusals: list[FerrousClientError] = []
+        while True:
+            try:
+                ws, new = self._dial(hello, refusals)
+                break
+            except FerrousClientError as exc:
+                if (
+                    time.monotonic() >= deadline
+                    or not should_retry(exc)
+                    or isinstance(exc.__cause__, ConnectionRefusedError)
+                ):
+                    log.info("the session could not be resumed: %r", exc)
+                    return False
+                time.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+        with contextlib.suppress(Exception):
+            dead.close()
+        self._ws, self._ready = ws, new
+        if self._window is not None:
+            fresh = CreditWindow(self._window.window)
+            fresh.buffered = self._window.buffered
+            self._window = fresh
+        gen = self._current
+        if not new.resumed:
+            self._state = ResumeState()
+            why = refusals[0].message if refusals else "the server did not resume the session"
+            if gen is not None and not gen.finished:
+                gen.error = ResumeExpired(why, generation_id=gen.id)
+                gen._ended = True
+            return True
+        self.resumes += 1
+        if gen is not None and not gen.finished:
+            with contextlib.suppress(ConnectionClosed):
+                if gen.id not in (new.generations or ()) and self._current_start is not None:
+                    ws.send(self._current_start)  # the start never reached the server
+                elif gen._abandoned:
+                    ws.send(self._codec.encode(m.Cancel(gen.id)))  # the cancel may not have
+        return True
 
     def close(self) -> None:
         """Close the connection; a running generation ends with :class:`ConnectionLost`."""
@@ -414,8 +505,8 @@ class SyncFerrousClient:
         data = checked_frame(self._codec, msg, self.ready.limits.max_frame_bytes)
         gen = SyncGeneration(self, msg.id, msg.model, conversation)
         self._recent.pop(msg.id, None)
+        self._current, self._current_start = gen, data
         self._send(data)
-        self._current = gen
         return gen
 
     # -- the connection -----------------------------------------------------------------
@@ -433,6 +524,10 @@ class SyncFerrousClient:
         try:
             ws.send(data)
         except ConnectionClosed as exc:
+            if self._try_resume(ws):
+                if data is not self._current_start:  # a start is sent again by the resume
+                    self._send(data)
+                return
             self._fail(exc)
             raise self._check_open_error() from exc
 
@@ -504,7 +599,8 @@ class SyncFerrousClient:
             try:
                 data = ws.recv()
             except ConnectionClosed as exc:
-                self._fail(exc)
+                if not self._try_resume(ws):
+                    self._fail(exc)
                 continue
             try:
                 msg = decode_server(self._codec, data)
@@ -518,6 +614,13 @@ class SyncFerrousClient:
     def _dispatch(
         self, msg: m.ServerMessage, gen: SyncGeneration
     ) -> m.Delta | m.Done | FerrousClientError | None:
+        n = getattr(msg, "n", None)
+        if n is not None:
+            if not self._state.receive(n):
+                return None  # already delivered before a resume
+            if self._state.should_ack(isinstance(msg, m.Done)):
+                with contextlib.suppress(ConnectionLost):
+                    self._send(self._codec.encode(m.Ack(n)))
         match msg:
             case m.Delta():
                 n = utf8_len(msg.text)
