@@ -136,6 +136,7 @@ class GatewayApp:
         self.resumable = DetachedSessions(
             config.limits.resume_window, config.limits.max_detached_sessions
         )
+        self.metrics.detached.set_function(lambda: len(self.resumable))
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
@@ -348,7 +349,6 @@ class GatewayApp:
                 if how == "dropped" and not self.draining:
                     log.info("connection dropped: session kept for a resume")
                     session.detach()
-                    self.metrics.detached.set(len(self.resumable))
                 elif how != "superseded":
                     await asyncio.shield(session.end())
                     log.info("session closed")
@@ -357,7 +357,6 @@ class GatewayApp:
         if session in self.sessions:
             self.sessions.discard(session)
             self.metrics.sessions.dec()
-        self.metrics.detached.set(len(self.resumable))
 
     def _no_hello(self, session: Session) -> None:
         """``hello_timeout`` passed since the upgrade: close a session that never said hello."""

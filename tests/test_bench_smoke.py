@@ -198,3 +198,10 @@ def test_bench_grammar(smollm2_onnx: SmolLM2Onnx) -> None:
             ratio = rates[f"tools_auto_vs_free_{streams}"]
             base = rates[f"tools_prompt_{streams}"]
             assert ratio == pytest.approx(rates[f"tools_auto_{streams}"] / base, abs=2e-3)
+
+
+def test_bench_resume() -> None:
+    r = bench("resume", "--trials", "2", "--tokens", "40")
+    assert r["trials"] == 2 and r["resume_p50_ms"] > 0  # type: ignore[operator]
+    ratio = r["resume_p50_ms"] / r["fresh_p50_ms"]  # type: ignore[operator]
+    assert r["resume_over_fresh"] == pytest.approx(ratio, rel=0.01)
