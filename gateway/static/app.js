@@ -54,7 +54,7 @@ let client = null;
 // when the next turn starts (or replays) a conversation on the server.
 let conversationId = null;
 let record = null; // the conversation on screen, as stored in this browser
-let current = null; // { gen, controller }
+let current = null; // { gen, controller, live }
 let turn = 0;
 
 function wsUrl() {
@@ -69,6 +69,22 @@ function showBanner(text) {
 
 function setStatus(text) {
   ui.status.textContent = text;
+}
+
+// The connection dropped: the client resumes the session by itself, and an
+// answer being written goes on in its bubble, each piece once. Meanwhile the
+// header and the answer say so; a session that could not be resumed is a new
+// one (the answer in flight then ends with an error note).
+function showConnection(event) {
+  if (event.state === "reconnecting") {
+    setStatus("reconnecting…");
+    if (current) current.live.textContent = "reconnecting…";
+  } else if (event.state === "open") {
+    setStatus(`connected as ${client.ready.user}`);
+    if (current) current.live.textContent = "";
+  } else if (event.state === "closed") {
+    setStatus("offline: reload the page to connect again");
+  }
 }
 
 function setBusy(busy) {
@@ -91,11 +107,7 @@ async function connect(token) {
   showBanner("");
   setStatus("connecting…");
   try {
-    client = await FerrousClient.connect({
-      url: wsUrl(),
-      token,
-      onstatechange: (state) => setStatus(state),
-    });
+    client = await FerrousClient.connect({ url: wsUrl(), token });
   } catch (err) {
     client = null;
     setBusy(false);
@@ -112,6 +124,7 @@ async function connect(token) {
     return;
   }
   ui.auth.hidden = true;
+  client.addEventListener("statechange", showConnection);
   setStatus(`connected as ${client.ready.user}`);
   const models = client.ready.models;
   ui.model.replaceChildren(...models.map((name) => new Option(name, name)));
@@ -287,7 +300,7 @@ async function ask(text) {
     options: options(),
     signal: controller.signal,
   });
-  current = { gen, controller };
+  current = { gen, controller, live };
   setBusy(true);
   try {
     for await (const delta of gen) {
@@ -299,7 +312,7 @@ async function ask(text) {
       said += delta.text;
       view.update(said);
       const seconds = (performance.now() - firstAt) / 1000;
-      live.textContent = seconds > 0.2 ? `${(deltas / seconds).toFixed(1)} tok/s` : "";
+      if (client.state === "open") live.textContent = seconds > 0.2 ? `${(deltas / seconds).toFixed(1)} tok/s` : "";
       answer.scrollIntoView({ block: "end" });
     }
   } catch (err) {

@@ -14,6 +14,7 @@ import type {
 } from "./protocol.js";
 
 export type {
+  Ack,
   Cancel,
   Chat,
   ChatMessage,
@@ -97,6 +98,13 @@ export interface ConnectOptions {
   /** Reconnection after a dropped connection (and retries of the first one); false turns it off. */
   reconnect?: Partial<ReconnectPolicy> | boolean;
   /**
+   * Resume the session after a dropped connection when the server offers it
+   * (`ready.resume_token`), within its `ready.resume_window`: generations in
+   * flight go on as if nothing happened. Tried even with `reconnect: false`
+   * (the window bounds it). Default true.
+   */
+  resume?: boolean;
+  /**
    * Interval of protocol heartbeats sent while the connection is idle; with no
    * message for two intervals the connection counts as dead. Default: the
    * server's `limits.heartbeat_interval`; 0 turns it off.
@@ -138,7 +146,9 @@ export interface GenerateParams extends RequestBase {
 export declare class StateChangeEvent extends Event {
   readonly state: ConnectionState;
   readonly error: FerrousError | null;
-  constructor(state: ConnectionState, error: FerrousError | null);
+  /** True when "open" continues the session that was open before (it was resumed). */
+  readonly resumed: boolean;
+  constructor(state: ConnectionState, error: FerrousError | null, resumed?: boolean);
 }
 
 export declare class FerrousErrorEvent extends Event {
@@ -158,7 +168,11 @@ export declare class FerrousClient extends EventTarget {
   private constructor(options?: ConnectOptions);
   /** The WebSocket URL in use. */
   readonly url: string;
-  /** The Ready message of the current (or last) session: session, user, models, limits, flow_control. */
+  /**
+   * The Ready message of the current (or last) session: session, user, models,
+   * limits, flow_control, resume_token, resume_window; `resumed` is true after
+   * a reconnection that resumed the session.
+   */
   readonly ready: Ready;
   readonly state: ConnectionState;
   /** Bytes of delta text received and not yet read, over all generations. */
@@ -260,6 +274,11 @@ export declare class CancelledError extends FerrousError {}
 export declare class StalledError extends FerrousError {}
 export declare class EngineError extends FerrousError {}
 export declare class InternalError extends FerrousError {}
+/**
+ * The session could not be resumed after a dropped connection: the generations
+ * in flight are lost (retryable: the client goes on with a new session).
+ */
+export declare class ResumeExpiredError extends FerrousError {}
 /** The transport failed: unreachable server, dropped connection, timeout, closed client. */
 export declare class ConnectionError extends FerrousError {
   code: "connection";

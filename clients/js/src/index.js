@@ -20,6 +20,7 @@
 /** @typedef {import("./protocol.js").Queued} Queued */
 /** @typedef {import("./protocol.js").Chat} ChatRequest */
 /** @typedef {import("./protocol.js").Generate} GenerateRequest */
+/** @typedef {import("./protocol.js").Hello} Hello */
 
 /** @typedef {"connecting" | "open" | "reconnecting" | "closed"} ConnectionState */
 /** @typedef {{ attempts: number, minDelayMs: number, maxDelayMs: number }} ReconnectPolicy */
@@ -34,6 +35,16 @@ const CLIENT_NAME = `ferrous-client-js/${VERSION}`;
 const DEFAULT_PORT = 11480;
 /** @type {ReconnectPolicy} */
 const DEFAULT_RECONNECT = Object.freeze({ attempts: 5, minDelayMs: 200, maxDelayMs: 5000 });
+// Waits between resume attempts when reconnection is off: the server's resume
+// window bounds the attempts, not their number.
+/** @type {ReconnectPolicy} */
+const RESUME_BACKOFF = Object.freeze({ attempts: Infinity, minDelayMs: 100, maxDelayMs: 1000 });
+// Close codes after which the session may still be resumed: the connection was
+// lost without a close frame (1006), or the server's side went away (1001).
+// Any other close the server sent is deliberate: 1008 (an expired or revoked
+// credential), 4000 (another connection resumed the session), ...
+const RESUMABLE_CLOSE = new Set([1001, 1006]);
+const ACK_EVERY = 64; // numbered messages between acks (one also follows every end)
 const ID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 const CONVERSATION_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 const ROLES = new Set(["system", "user", "assistant"]);
@@ -115,6 +126,15 @@ export class EngineError extends FerrousError {
 export class InternalError extends FerrousError {
   /** @type {ErrorCode} */ static defaultCode = "internal";
 }
+/**
+ * The session could not be resumed after a dropped connection (its window
+ * passed, the messages missed are no longer kept, or the token is another
+ * user's): the generations in flight are lost. The client goes on with a new
+ * session, so the same request may be sent again.
+ */
+export class ResumeExpiredError extends FerrousError {
+  /** @type {ErrorCode} */ static defaultCode = "resume_expired";
+}
 /** The transport failed: unreachable server, dropped connection, timeout, closed client. */
 export class ConnectionError extends FerrousError {
   /** @type {"connection"} */ static defaultCode = "connection";
@@ -136,6 +156,7 @@ const ERROR_CLASSES = {
   stalled: StalledError,
   engine_error: EngineError,
   internal: InternalError,
+  resume_expired: ResumeExpiredError,
 };
 
 /**
@@ -436,6 +457,9 @@ export class Generation {
     this._buffered = 0;
     this._ended = false;
     this._cancelRequested = false;
+    // The server is known to have read the request (a message about it, or the
+    // heartbeat sent after it, came back).
+    this._reached = false;
     this._abandoned = false;
     this._iterating = false;
     this._exhausted = false;
@@ -614,10 +638,19 @@ export class Generation {
 /**
  * @typedef {{ gen?: Generation | null, forget?: { resolve: () => void, reject: (e: FerrousError) => void } | null }} Fence
  */
+/**
+ * Events of a socket between its ready and the session taking it over. Some
+ * WebSocket implementations (Node's) dispatch every frame of a network read
+ * at once, so what follows ready (a resume's replay) can arrive before the
+ * code awaiting the handshake runs.
+ * @typedef {Event[]} Backlog
+ */
 
 /**
- * A successful handshake: the socket, its Ready, and the per-session state
- * (generations by id, credit window, heartbeat fences).
+ * A session the server opened: its socket, its Ready, and the per-session
+ * state (generations by id, credit window, heartbeat fences, the highest
+ * message number received). A resumed session keeps this object and carries
+ * on over a new socket (see `suspend` and `resumed`).
  */
 class Session {
   /**
@@ -649,10 +682,20 @@ class Session {
     this.lastRx = Date.now();
     /** @type {ReturnType<typeof setInterval> | null} */
     this.timer = null;
+    // Resume: the highest `n` received (offered as `last`), numbered messages
+    // since the last ack, and the requests of the generations in flight (sent
+    // again when a resume shows that the server never read them).
+    this.last = 0;
+    this.unacked = 0;
+    /** @type {Map<string, string>} */
+    this.starts = new Map();
   }
 
-  /** @param {number} heartbeatMs */
-  attach(heartbeatMs) {
+  /**
+   * Take the socket's events over, starting with those that came after ready.
+   * @param {number} heartbeatMs @param {Backlog} backlog
+   */
+  attach(heartbeatMs, backlog) {
     const ws = this.ws;
     ws.onmessage = (ev) => this.onMessage(ev);
     ws.onclose = (ev) => this.onClose(ev);
@@ -661,6 +704,10 @@ class Session {
     if (heartbeatMs > 0) {
       this.timer = setInterval(() => this.tick(heartbeatMs), heartbeatMs);
       /** @type {any} */ (this.timer).unref?.();
+    }
+    for (const ev of backlog) {
+      if (ev.type === "close") this.onClose(/** @type {CloseEvent} */ (ev));
+      else this.onMessage(/** @type {MessageEvent} */ (ev));
     }
   }
 
@@ -697,6 +744,7 @@ class Session {
     }
     gen._session = this;
     this.gens.set(gen.id, gen);
+    this.starts.set(gen.id, text);
     this.sendRaw(text);
     this.fence({ gen });
   }
@@ -704,6 +752,7 @@ class Session {
   /** @param {Generation} gen */
   remember(gen) {
     this.gens.delete(gen.id);
+    this.starts.delete(gen.id);
     this.recent.delete(gen.id);
     this.recent.set(gen.id, gen);
     if (this.recent.size > RECENT) {
@@ -773,6 +822,28 @@ class Session {
       return;
     }
     if (!msg || typeof msg !== "object") return;
+    // Messages about a generation are numbered when the server keeps them for
+    // a resume. A resume sends only those after `last`; one at or below it
+    // would be a duplicate, and is dropped all the same.
+    const numbered = typeof msg.n === "number";
+    if (numbered) {
+      if (msg.n <= this.last) return;
+      this.last = msg.n;
+      this.unacked += 1;
+      const gen = typeof msg.id === "string" ? this.gens.get(msg.id) : undefined;
+      if (gen) gen._reached = true;
+    }
+    this.dispatch(msg);
+    // An ack lets the server free its replay buffer: after every end of a
+    // generation, and every ACK_EVERY messages of long ones.
+    if (numbered && (msg.type === "done" || msg.type === "error" || this.unacked >= ACK_EVERY)) {
+      this.unacked = 0;
+      this.send({ type: "ack", n: this.last });
+    }
+  }
+
+  /** @param {any} msg */
+  dispatch(msg) {
     switch (msg.type) {
       case "queued": {
         const gen = this.gens.get(msg.id);
@@ -812,6 +883,7 @@ class Session {
         break;
       case "heartbeat": {
         const fence = this.fences.shift();
+        if (fence && fence.gen) fence.gen._reached = true;
         if (fence && fence.forget) fence.forget.resolve();
         break;
       }
@@ -861,19 +933,30 @@ class Session {
     if (this.closed) return;
     const why = `the connection closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""})`;
     this.shutdown();
-    this.client._sessionLost(this, this.fatal ?? new ConnectionError(why));
+    const resumable = !this.fatal && RESUMABLE_CLOSE.has(ev.code);
+    this.client._sessionLost(this, this.fatal ?? new ConnectionError(why), resumable);
   }
 
-  /** @param {FerrousError} error @param {number} code @param {string} reason */
+  /**
+   * The connection failed, or fell silent: give it up.
+   * @param {FerrousError} error @param {number} code @param {string} reason
+   */
   lose(error, code, reason) {
     if (this.closed) return;
     this.shutdown();
+    // While the session resumes, this socket is left as it is: a close frame
+    // from the client ends the session on the server (only a drop keeps it),
+    // and the server closes the old connection itself when a resume takes over.
+    if (!this.client._sessionLost(this, this.fatal ?? error, !this.fatal)) this.closeSocket(code, reason);
+  }
+
+  /** @param {number} code @param {string} reason */
+  closeSocket(code, reason) {
     try {
       this.ws.close(code, reason);
     } catch {
       // already closing
     }
-    this.client._sessionLost(this, error);
   }
 
   shutdown() {
@@ -883,6 +966,73 @@ class Session {
     this.ws.onmessage = null;
     this.ws.onclose = null;
     this.ws.onerror = NOOP;
+  }
+
+  /**
+   * The connection dropped and the session is to be resumed: its generations
+   * wait. Heartbeats in flight are never answered now; a `forget` among them
+   * may or may not have happened, and fails.
+   * @param {FerrousError} error
+   */
+  suspend(error) {
+    for (const fence of this.fences) if (fence.forget) fence.forget.reject(error);
+    this.fences = [];
+  }
+
+  /**
+   * The session resumed over `ws`: the server sends what it sent after `last`
+   * again, then the live stream.
+   * @param {WebSocket} ws @param {Ready} ready
+   */
+  resumed(ws, ready) {
+    this.ws = ws;
+    this.ready = ready;
+    this.closed = false;
+    this.fatal = null;
+    this.lastRx = Date.now();
+    const f = this.flow;
+    if (f) {
+      // The server counts a whole window again from this hello. The text still
+      // unread here was sent under the old one: reading it grants nothing (it
+      // is paid in advance). Text it sends again counts against the new window
+      // as it arrives, which errs on the safe side: the server never has less
+      // credit than this client believes, so neither side waits for the other.
+      f.remaining = f.window;
+      f.advance = f.buffered;
+      f.ungranted = 0;
+    }
+  }
+
+  /** After a resume (and what came with its ready): requests the server never read go again. */
+  resend() {
+    const ready = this.ready;
+    // Which requests the server has (running, or with messages to send again).
+    // One it does not list never reached it: it is sent again, once. Without
+    // the list (an older server), a request that may not have reached it
+    // fails, because it can neither be waited for nor safely sent twice.
+    const list = /** @type {{ generations?: unknown }} */ (ready).generations;
+    const known = Array.isArray(list) ? new Set(list) : null;
+    for (const gen of [...this.gens.values()]) {
+      if (known ? known.has(gen.id) : gen._reached) {
+        if (gen._cancelRequested) this.send({ type: "cancel", id: gen.id });
+        continue;
+      }
+      const text = this.starts.get(gen.id);
+      if (!known) {
+        this.remember(gen);
+        gen._fail(new ConnectionError("the connection dropped before the server confirmed the request", { id: gen.id }));
+      } else if (gen._reached) {
+        // It reached the server, which no longer lists it: never run it twice.
+        this.remember(gen);
+        gen._fail(new ResumeExpiredError("the resumed session no longer knows this generation", { id: gen.id, retryable: true }));
+      } else if (gen._cancelRequested || text === undefined) {
+        this.remember(gen);
+        gen._onDone(cancelledDone(gen)); // never ran: it ends here
+      } else {
+        this.sendRaw(text);
+        this.fence({ gen });
+      }
+    }
   }
 
   /** @param {FerrousError} error */
@@ -904,13 +1054,18 @@ function cloneError(error, id) {
 
 // -- the client -------------------------------------------------------------------------
 
-/** The `statechange` event: `state` is the new state, `error` why, when it was a failure. */
+/**
+ * The `statechange` event: `state` is the new state, `error` why, when it was
+ * a failure; `resumed` is true when "open" continues the session that was
+ * open before (its generations went on), false when it is a new one.
+ */
 export class StateChangeEvent extends Event {
-  /** @param {ConnectionState} state @param {FerrousError | null} error */
-  constructor(state, error) {
+  /** @param {ConnectionState} state @param {FerrousError | null} error @param {boolean} [resumed] */
+  constructor(state, error, resumed = false) {
     super("statechange");
     this.state = state;
     this.error = error;
+    this.resumed = resumed;
   }
 }
 
@@ -933,6 +1088,7 @@ export class FerrousErrorEvent extends Event {
  * @property {typeof fetch} [fetch] fetch (default: globalThis.fetch)
  * @property {string} [subprotocol] only "ferrous.v1.json"
  * @property {Partial<ReconnectPolicy> | boolean} [reconnect]
+ * @property {boolean} [resume] resume the session after a dropped connection when the server offers it (default true)
  * @property {number} [heartbeatMs]
  * @property {number} [openTimeoutMs]
  * @property {string} [clientName]
@@ -988,6 +1144,9 @@ export class FerrousClient extends EventTarget {
     this._credits = options.credits ?? null;
     this._subprotocol = subprotocol;
     this._reconnect = reconnectPolicy(options.reconnect);
+    this._resume = options.resume ?? true;
+    /** @type {Session | null} The session whose connection dropped, while it is being resumed. */
+    this._resuming = null;
     this._heartbeatMs = options.heartbeatMs ?? null;
     this._openTimeoutMs = options.openTimeoutMs ?? 10000;
     this._clientName = options.clientName ?? CLIENT_NAME;
@@ -1098,6 +1257,14 @@ export class FerrousClient extends EventTarget {
       }
     }
     this._failPending(error);
+    const suspended = this._resuming;
+    this._resuming = null;
+    if (suspended) {
+      // Its old socket was left open for the resume: a close frame (1000) now
+      // tells the server, if it still hears it, to end the session.
+      suspended.failAll(error);
+      suspended.closeSocket(1000, "");
+    }
     const session = this._session;
     this._session = null;
     if (session) {
@@ -1182,8 +1349,8 @@ export class FerrousClient extends EventTarget {
     if (session && !session.closed) session.send({ type: "cancel", id: gen.id });
   }
 
-  /** @param {ConnectionState} state @param {FerrousError | null} error */
-  _setState(state, error) {
+  /** @param {ConnectionState} state @param {FerrousError | null} error @param {boolean} [resumed] */
+  _setState(state, error, resumed = false) {
     if (this._state === state) return;
     this._state = state;
     if (this.onstatechange) {
@@ -1193,7 +1360,7 @@ export class FerrousClient extends EventTarget {
         rethrowLater(e);
       }
     }
-    this.dispatchEvent(new StateChangeEvent(state, error));
+    this.dispatchEvent(new StateChangeEvent(state, error, resumed));
   }
 
   /** @param {FerrousError} error */
@@ -1239,17 +1406,13 @@ export class FerrousClient extends EventTarget {
       if (!initial || attempt > 0) await this._sleep(backoffDelay(initial ? attempt - 1 : attempt, policy));
       if (this._closed) break;
       try {
-        const session = await this._handshake();
+        const { ws, ready, backlog } = await this._handshake(null);
+        const session = new Session(this, ws, ready, this._credits);
         if (this._closed) {
-          session.shutdown();
-          try {
-            session.ws.close(1000);
-          } catch {
-            // ignore
-          }
+          session.closeSocket(1000, "");
           break;
         }
-        this._install(session);
+        this._install(session, false, backlog);
         return;
       } catch (e) {
         last = e;
@@ -1267,13 +1430,15 @@ export class FerrousClient extends EventTarget {
     throw error;
   }
 
-  /** @param {Session} session */
-  _install(session) {
+  /** @param {Session} session @param {boolean} resumed @param {Backlog} backlog */
+  _install(session, resumed, backlog) {
     this._session = session;
     this.ready = session.ready;
     const hb = this._heartbeatMs ?? Math.round((session.ready.limits?.heartbeat_interval ?? 20) * 1000);
-    session.attach(hb);
-    this._setState("open", null);
+    session.attach(hb, backlog);
+    if (this._session !== session) return; // it closed right after ready
+    if (resumed) session.resend();
+    this._setState("open", null, resumed);
     const pending = this._pending;
     this._pending = [];
     for (const { gen, msg } of pending) {
@@ -1281,30 +1446,121 @@ export class FerrousClient extends EventTarget {
     }
   }
 
-  /** @param {Session} session @param {FerrousError} error */
-  _sessionLost(session, error) {
-    if (session !== this._session) return;
+  /**
+   * The connection of `session` is gone. Resume the session when the server
+   * keeps it (`resumable`: lost without a deliberate close); else fail its
+   * generations and reconnect (or close) by the reconnect policy.
+   * @param {Session} session @param {FerrousError} error @param {boolean} resumable
+   * @returns {boolean} whether a resume began (its socket is then left to it)
+   */
+  _sessionLost(session, error, resumable) {
+    if (session !== this._session) return false;
     this._session = null;
+    const ready = session.ready;
+    if (!this._closed && resumable && this._resume && ready.resume_token && (ready.resume_window ?? 0) > 0) {
+      session.suspend(error);
+      this._resuming = session;
+      this._setState("reconnecting", error);
+      this._resumeLoop(session, error).catch(NOOP);
+      return true;
+    }
     session.failAll(error);
     if (this._closed) {
       this._setState("closed", error);
-      return;
+      return false;
     }
     if (!this._reconnect) {
       this._closed = true;
       this._failPending(error);
       this._setState("closed", error);
-      return;
+      return false;
     }
     this._setState("reconnecting", error);
     this._connectLoop(false).catch(NOOP);
+    return false;
   }
 
   /**
-   * One WebSocket handshake followed by hello/ready.
-   * @returns {Promise<Session>}
+   * Reconnect and resume `session` within the server's resume window. The
+   * first attempt goes at once (most drops are brief), the next after the
+   * reconnect policy's waits, or short ones when reconnection is off: resuming
+   * continues the same session rather than opening another, and the window,
+   * not a number of attempts, bounds it. An attempt started within the window
+   * runs to its end; the server decides whether it came in time.
+   * @param {Session} session @param {FerrousError} error
    */
-  async _handshake() {
+  async _resumeLoop(session, error) {
+    const windowMs = (session.ready.resume_window ?? 0) * 1000;
+    const deadline = Date.now() + windowMs;
+    const policy = this._reconnect ?? RESUME_BACKOFF;
+    const token = /** @type {string} */ (session.ready.resume_token);
+    /** @type {unknown} */
+    let last = error;
+    for (let attempt = 0; ; attempt++) {
+      if (attempt > 0) {
+        const left = deadline - Date.now();
+        if (left <= 0) break;
+        await this._sleep(Math.min(backoffDelay(attempt - 1, policy), left));
+      }
+      if (this._resuming !== session || Date.now() >= deadline) break;
+      let opened;
+      try {
+        opened = await this._handshake({ token, last: session.last });
+      } catch (e) {
+        last = e;
+        if (this._resuming !== session || !shouldRetry(e)) break;
+        continue;
+      }
+      if (this._resuming !== session) {
+        // Closed meanwhile: a close frame ends the session on the server.
+        try {
+          opened.ws.close(1000);
+        } catch {
+          // not open
+        }
+        return;
+      }
+      this._resuming = null;
+      session.closeSocket(1000, ""); // the old connection: the server has let go of it
+      if (opened.ready.resumed) {
+        session.resumed(opened.ws, opened.ready);
+        this._install(session, true, opened.backlog);
+        return;
+      }
+      // Refused (resume_expired, or forbidden), and a new session opened on
+      // the same connection: what was in flight is lost, and fails once.
+      const why = opened.refusal?.message || "the server did not resume the session";
+      session.failAll(new ResumeExpiredError(why, { retryable: true, cause: opened.refusal ?? undefined }));
+      this._install(new Session(this, opened.ws, opened.ready, this._credits), false, opened.backlog);
+      return;
+    }
+    if (this._resuming !== session) return; // closed: close() failed what was in flight
+    this._resuming = null;
+    session.closeSocket(1000, "");
+    const lost =
+      last instanceof FerrousError && !shouldRetry(last)
+        ? last
+        : new ConnectionError(`the connection was lost and could not be resumed within ${windowMs / 1000} s`, {
+            cause: last,
+          });
+    session.failAll(lost);
+    if (!this._reconnect || !shouldRetry(lost)) {
+      this._closed = true;
+      this._failPending(lost);
+      this._setState("closed", lost);
+      return;
+    }
+    this._connectLoop(false).catch(NOOP); // a new session, by the reconnect policy
+  }
+
+  /**
+   * One WebSocket handshake followed by hello/ready. With `resume`, the hello
+   * asks to resume that session; a refusal (an error, then a new session's
+   * ready) comes back as `refusal`.
+   * @param {{ token: string, last: number } | null} resume
+   * @returns {Promise<{ ws: WebSocket, ready: Ready, refusal: FerrousError | null, backlog: Backlog }>}
+   */
+  async _handshake(resume) {
     const token = await resolveToken(this._token);
     let url = this.url;
     const protocols = [this._subprotocol];
@@ -1333,6 +1589,8 @@ export class FerrousClient extends EventTarget {
       return await new Promise((resolve, reject) => {
         let opened = false;
         let settled = false;
+        /** @type {FerrousError | null} */
+        let refusal = null;
         /** @param {FerrousError} err */
         const fail = (err) => {
           if (settled) return;
@@ -1380,9 +1638,13 @@ export class FerrousClient extends EventTarget {
         };
         ws.onopen = () => {
           opened = true;
-          /** @type {import("./protocol.js").Hello} */
+          /** @type {Hello} */
           const hello = { type: "hello", protocol: PROTOCOL_VERSION, client: this._clientName };
           if (this._credits) hello.credits = this._credits;
+          if (resume) {
+            hello.resume = resume.token;
+            hello.last = resume.last;
+          }
           try {
             ws.send(JSON.stringify(hello));
           } catch (cause) {
@@ -1403,8 +1665,16 @@ export class FerrousClient extends EventTarget {
             settled = true;
             clearTimeout(timer);
             ws.onopen = null;
-            resolve(new Session(this, ws, msg, this._credits));
+            /** @type {Backlog} */
+            const backlog = [];
+            ws.onmessage = (e) => backlog.push(e);
+            ws.onclose = (e) => backlog.push(e);
+            resolve({ ws, ready: msg, refusal, backlog });
           } else if (msg && msg.type === "error") {
+            if (resume && !msg.id && (msg.code === "resume_expired" || msg.code === "forbidden")) {
+              refusal = errorFromMessage(msg); // a new session's ready follows
+              return;
+            }
             fail(errorFromMessage(msg));
           }
         };

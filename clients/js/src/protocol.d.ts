@@ -4,6 +4,19 @@
 // FerrousForge WebSocket protocol v1
 // ClientMessage: client to server. ServerMessage: server to client.
 
+/**
+ * Every message up to number `n` arrived: the server may drop them from its replay buffer.
+ *
+ * Optional: without acks the buffer keeps the latest messages of each
+ * generation up to the server's limit, which may leave an older gap
+ * unresumable after a drop.
+ */
+export interface Ack {
+  type: "ack";
+  /** integer; 0 ≤ value */
+  n: number;
+}
+
 export interface Cancel {
   type: "cancel";
   /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
@@ -85,15 +98,17 @@ export type ClientMessage =
   | Chat
   | Cancel
   | Credit
+  | Ack
   | Forget
   | Heartbeat
   | Pull;
 
 /** The `type` values of ClientMessage. */
-export type ClientMessageType = "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello" | "pull";
+export type ClientMessageType = "ack" | "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello" | "pull";
 
 /** ClientMessage by its `type`. */
 export interface ClientMessageMap {
+  ack: Ack;
   cancel: Cancel;
   chat: Chat;
   credit: Credit;
@@ -120,6 +135,11 @@ export interface Delta {
   text: string;
   /** @default null */
   logprobs?: Logprob[] | null;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
   /** @default null */
   token_ids?: number[] | null;
 }
@@ -133,6 +153,11 @@ export interface Done {
   timings: Timings;
   /** @default null */
   conversation?: string | null;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
 }
 
 /** A request or message failed; `id` names the generation when there is one. */
@@ -142,6 +167,11 @@ export interface Error {
   message: string;
   /** @default null */
   id?: string | null;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
   /** @default null */
   retry_after?: number | null;
   /** @default false */
@@ -152,7 +182,7 @@ export interface Error {
 export type ErrorMessage = Error;
 
 /** The fixed set of error codes. Adding one is a protocol change. */
-export type ErrorCode = "bad_request" | "cancelled" | "conflict" | "engine_error" | "forbidden" | "internal" | "model_not_found" | "not_found" | "overloaded" | "rate_limited" | "stalled" | "too_large" | "unauthorized";
+export type ErrorCode = "bad_request" | "cancelled" | "conflict" | "engine_error" | "forbidden" | "internal" | "model_not_found" | "not_found" | "overloaded" | "rate_limited" | "resume_expired" | "stalled" | "too_large" | "unauthorized";
 
 /** Delete a conversation the server keeps. */
 export interface Forget {
@@ -198,6 +228,9 @@ export interface Heartbeat {
  *
  * `credits`: when set, flow control is on: the server sends at most this
  * many bytes of delta text before the client grants more with `credit`.
+ * `resume`: the `resume_token` of a session whose connection dropped,
+ * and `last` the highest `n` received on it: the session continues on
+ * this connection from the message after `last`.
  */
 export interface Hello {
   type: "hello";
@@ -212,10 +245,20 @@ export interface Hello {
    */
   credits?: number | null;
   /**
+   * integer; 0 ≤ value
+   * @default 0
+   */
+  last?: number;
+  /**
    * integer
    * @default 1
    */
   protocol?: number;
+  /**
+   * length 1..128
+   * @default null
+   */
+  resume?: string | null;
 }
 
 export interface Limits {
@@ -303,6 +346,11 @@ export interface Progress {
    * integer
    * @default null
    */
+  n?: number | null;
+  /**
+   * integer
+   * @default null
+   */
   total?: number | null;
 }
 
@@ -343,10 +391,20 @@ export interface Queued {
   id: string;
   /** integer */
   position: number;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
   /** @default null */
   wait_s?: number | null;
 }
 
+/**
+ * The session is open: `resume_token` (when the server keeps sessions over a
+ * dropped connection) resumes it within `resume_window` seconds; `resumed`
+ * says this ready continues an earlier connection's session.
+ */
 export interface Ready {
   type: "ready";
   /** integer */
@@ -359,6 +417,14 @@ export interface Ready {
   limits: Limits;
   /** @default false */
   flow_control?: boolean;
+  /** @default null */
+  generations?: string[] | null;
+  /** @default null */
+  resume_token?: string | null;
+  /** @default 0 */
+  resume_window?: number;
+  /** @default false */
+  resumed?: boolean;
 }
 
 export interface ServerHeartbeat {
@@ -399,6 +465,11 @@ export interface Started {
   model: string;
   /** @default null */
   conversation?: string | null;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
 }
 
 export interface Timings {
@@ -436,6 +507,11 @@ export interface ToolCallEvent {
   call_id: string;
   name: string;
   arguments: string;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
 }
 
 /** A call an assistant turn made: `arguments` is JSON text (an object). */

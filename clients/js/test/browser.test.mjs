@@ -1,6 +1,7 @@
 // The chat page in a real headless Chromium (Debian's package, driven by
 // playwright-core): load it from a real server, stream an answer, stop one,
-// render answers as markdown (and hostile markup as inert text). Screenshots,
+// render answers as markdown (and hostile markup as inert text), carry an
+// answer over a dropped connection (resume). Screenshots,
 // at a desktop and a phone size, go to the repository's artifacts/ folder.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -8,6 +9,8 @@ import { mkdirSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { FerrousClient } from "../src/index.js";
+import { startProxy } from "./proxy.mjs";
 import { startServer } from "./server.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -461,4 +464,65 @@ test("a streaming answer renders at most once a frame; an unclosed fence is a co
     });
     assert.deepEqual(seen.final, { code: "def f():\n    return 1", strong: "really" });
     assert.equal(seen.last, "Done, really.");
+  });
+
+test("a connection dropped mid-answer resumes: the answer goes on in its bubble, each piece once",
+  { timeout: 90_000 }, async () => {
+    // The page goes through a TCP proxy that cuts the connection as a network
+    // would (no close frame), and holds the first reconnection for a moment.
+    const proxy = await startProxy(server.port);
+    const direct = await FerrousClient.connect({ url: server.url, token: server.token });
+    try {
+      const question = "Keep going";
+      const options = { max_tokens: 600 };
+      const expected = await direct.chat({ model: "slow", messages: question, options }).text();
+
+      const page = await browser.newPage();
+      await page.goto(`http://127.0.0.1:${proxy.port}/#token=${server.token}`);
+      await page.waitForSelector("#status:has-text('connected as alice')");
+      await page.evaluate(() => {
+        window.statuses = [];
+        const status = document.querySelector("#status");
+        new MutationObserver(() => window.statuses.push(status.textContent))
+          .observe(status, { childList: true, characterData: true, subtree: true });
+      });
+      await page.selectOption("#model", "slow");
+      await page.click("#settings summary");
+      await page.fill("#max-tokens", String(options.max_tokens));
+      await page.dispatchEvent("#max-tokens", "change");
+      await page.fill("#prompt", question);
+      await page.click("#send");
+      await page.waitForFunction(() => document.querySelector(".turn.assistant .text")?.textContent.length > 20);
+
+      proxy.mode = "hold";
+      proxy.drop();
+      await page.waitForSelector("#status:has-text('reconnecting…')");
+      await page.waitForSelector(".turn.assistant .live:has-text('reconnecting…')");
+      const cut = await page.locator(".turn.assistant .text").textContent();
+      assert.equal(await page.locator(".turn.assistant .stats").count(), 0, "cut mid-answer");
+      assert.ok(cut.length < expected.length && expected.startsWith(cut), cut);
+      await page.waitForTimeout(300);
+      proxy.mode = "open";
+
+      const answer = page.locator(".turn.assistant").first();
+      await answer.locator(".stats").waitFor();
+      assert.equal(await answer.locator(".text").textContent(), expected);
+      assert.equal(await answer.getAttribute("data-finish"), "length");
+      assert.match(await answer.locator(".stats").textContent(), /^600 tokens/);
+      assert.equal(await page.locator(".turn.assistant").count(), 1);
+      assert.equal(await answer.locator(".stats.error").count(), 0);
+      const statuses = await page.evaluate(() => window.statuses);
+      assert.deepEqual(statuses, ["reconnecting…", "connected as alice"]);
+      // The page goes on: the next question is answered on the same session.
+      await page.selectOption("#model", "script");
+      await page.fill("#max-tokens", "13");
+      await page.dispatchEvent("#max-tokens", "change");
+      await page.fill("#prompt", "And again");
+      await page.click("#send");
+      await page.waitForFunction(() => document.querySelectorAll(".turn.assistant .stats").length === 2);
+      assert.ok(proxy.connections >= 2);
+    } finally {
+      await direct.close();
+      await proxy.close();
+    }
   });

@@ -27,6 +27,7 @@ async function until(cond, ms) {
   }
 }
 
+// Without resume (see resume.test.mjs for it): a new session after every drop.
 test("after the server restarts, the client reconnects; in-flight generations fail once and are never resent", { timeout: 90_000 }, async () => {
   /** @type {any[]} */
   const sent = [];
@@ -44,6 +45,7 @@ test("after the server restarts, the client reconnects; in-flight generations fa
     token: server.token,
     WebSocket: RecordingWebSocket,
     reconnect: { attempts: 60, minDelayMs: 100, maxDelayMs: 500 },
+    resume: false,
     onstatechange: (state) => states.push(state),
   });
   try {
@@ -110,6 +112,7 @@ test("with reconnect off, a dropped connection closes the client", { timeout: 90
     url: server.url,
     token: server.token,
     reconnect: false,
+    resume: false,
     onstatechange: (state) => states.push(state),
   });
   const gen = client.generate({ model: "slow", prompt: "x", options: { ...GREEDY, max_tokens: 3000 } });
@@ -128,7 +131,7 @@ test("with reconnect off, a dropped connection closes the client", { timeout: 90
   await client.close();
 });
 
-test("heartbeats detect a server that stops answering, and the client reconnects", { timeout: 60_000 }, async () => {
+test("heartbeats detect a server that stops answering, and the client resumes the session", { timeout: 60_000 }, async () => {
   /** @type {string[]} */
   const states = [];
   const client = await FerrousClient.connect({
@@ -143,6 +146,9 @@ test("heartbeats detect a server that stops answering, and the client reconnects
     await sleep(800);
     assert.equal(client.state, "open");
     const session = client.ready.session;
+    const gen = client.generate({ model: "slow", prompt: "x", options: { ...GREEDY, max_tokens: 500 } });
+    const it = gen[Symbol.asyncIterator]();
+    let text = (await it.next()).value?.text ?? "";
 
     server.pause();
     try {
@@ -151,9 +157,16 @@ test("heartbeats detect a server that stops answering, and the client reconnects
       server.resume();
     }
     await until(() => client.state === "open", 30_000);
-    assert.notEqual(client.ready.session, session);
-    const gen = client.chat({ model: "script", messages: "hi", options: { ...GREEDY, max_tokens: 13 } });
-    assert.equal(await gen.text(), SCRIPT);
+    // The silent connection was left to the server (a close frame would have
+    // ended the session there), and the session goes on where it was.
+    assert.equal(client.ready.session, session);
+    assert.equal(client.ready.resumed, true);
+    for (let r = await it.next(); !r.done; r = await it.next()) text += r.value.text;
+    assert.equal(gen.done?.usage.completion_tokens, 500);
+    const uninterrupted = client.generate({ model: "slow", prompt: "x", options: { ...GREEDY, max_tokens: 500 } });
+    assert.equal(text, await uninterrupted.text());
+    const next = client.chat({ model: "script", messages: "hi", options: { ...GREEDY, max_tokens: 13 } });
+    assert.equal(await next.text(), SCRIPT);
     assert.deepEqual(states, ["open", "reconnecting", "open"]);
   } finally {
     await client.close();

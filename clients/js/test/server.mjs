@@ -9,6 +9,9 @@
 //   server.resume();         // SIGCONT
 //   await server.stop();     // SIGTERM, then SIGKILL if it does not exit
 //
+// startServer({ env: { FERROUS_LIMITS__RESUME_WINDOW: "2" } }) sets configuration
+// through FERROUS_* variables (see gateway/config.py) for the server's commands.
+//
 // The Python interpreter is $FERROUS_PYTHON or `python` (with the project's
 // virtualenv on PATH); it runs from the repository root so `engine` and
 // `gateway` import.
@@ -101,9 +104,10 @@ async function healthy(httpUrl) {
 
 /**
  * Write the models, start the server, wait for /healthz, issue a token.
- * @param {{ slow?: boolean, logLevel?: string }} [options] slow: also serve the slower model "slow"
+ * @param {{ slow?: boolean, logLevel?: string, env?: Record<string, string> }} [options]
+ *   slow: also serve the slower model "slow"; env: FERROUS_* configuration
  */
-export async function startServer({ slow = true, logLevel = "warning" } = {}) {
+export async function startServer({ slow = true, logLevel = "warning", env: config = {} } = {}) {
   const home = mkdtempSync(join(tmpdir(), "ferrous-js-test-"));
   homes.add(home);
   const scriptPath = join(home, "script.gguf");
@@ -123,7 +127,7 @@ export async function startServer({ slow = true, logLevel = "warning" } = {}) {
     );
   }
   await Promise.all(models);
-  const env = { FERROUS_HOME: home };
+  const env = { ...config, FERROUS_HOME: home };
   const token = (await python(["-m", "gateway.cli", "token", "--sub", "alice"], { env })).trim();
   const port = await freePort();
   const httpUrl = `http://127.0.0.1:${port}`;

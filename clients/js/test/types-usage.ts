@@ -4,6 +4,8 @@ import {
   FerrousClient,
   FerrousError,
   ModelNotFoundError,
+  ResumeExpiredError,
+  type Ack,
   type ConnectionState,
   type Delta,
   type Done,
@@ -18,9 +20,12 @@ export async function usage(token: string): Promise<string> {
     token,
     credits: 65536,
     reconnect: { attempts: 3 },
+    resume: true,
     onstatechange: (state) => states.push(state),
   });
-  client.addEventListener("statechange", (ev) => states.push(ev.state));
+  client.addEventListener("statechange", (ev) => states.push(ev.resumed ? "open" : ev.state));
+  const resumed: boolean = client.ready.resumed ?? false;
+  const ack: Ack = { type: "ack", n: 1 };
   client.addEventListener("error", (ev) => console.warn(ev.error.code));
   const models: string[] = client.ready.models;
   const controller = new AbortController();
@@ -38,6 +43,7 @@ export async function usage(token: string): Promise<string> {
     }
   } catch (e) {
     if (e instanceof ModelNotFoundError) return e.id ?? "";
+    if (e instanceof ResumeExpiredError && e.retryable) return "lost in a drop";
     if (e instanceof ConnectionError && e.retryable) return "retry";
     if (e instanceof FerrousError) return `${e.code} ${e.status ?? ""}`;
     throw e;
@@ -50,5 +56,5 @@ export async function usage(token: string): Promise<string> {
   await client.forget(gen.conversation ?? "c-1");
   const msg: ServerMessage | null = null;
   await client.close();
-  return `${text}${total}${gen.bufferedBytes}${client.state}${msg === null}`;
+  return `${text}${total}${gen.bufferedBytes}${client.state}${msg === null}${resumed}${ack.n}`;
 }
