@@ -1,7 +1,7 @@
 """What constrained decoding costs, per backend, at 1 and 8 concurrent streams.
 
     python -m bench.grammar [--model GGUF] [--onnx FOLDER] [--tokens 96] [--runs 3]
-                            [--threads N] [--skip-onnx] [--json]
+                            [--streams 1,8] [--threads N] [--skip-onnx] [--json]
 
 For SmolLM2 through the llama.cpp backend (GBNF grammars for JSON schemas,
 llguidance for tool calls) and through the ONNX backend (the fast graph, the
@@ -113,7 +113,7 @@ async def _backend(model: Path, backend: str, args: argparse.Namespace) -> dict[
         await engine.load("m", model, backend=backend)
         await _round(engine, "json_schema", 1, 8)  # warm-up: grammar engines, caches
         await _round(engine, "tools_auto", 1, 8)
-        for streams in (1, 8):
+        for streams in args.streams:
             for kind in ("free", "json_schema", "tools_prompt", "tools_auto"):
                 rounds = [
                     await _round(engine, kind, streams, args.tokens) for _ in range(args.runs)
@@ -149,6 +149,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2)")
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--streams",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 8],
+        help="concurrencies to measure, comma-separated (default 1,8)",
+    )
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--skip-onnx", action="store_true", help="the llama.cpp backend only")
     parser.add_argument(

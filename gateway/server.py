@@ -411,7 +411,11 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         for name in config.models:  # configured models stay loaded (keep_alive -1)
             await gateway.models.ensure(name, keep_alive=-1)
         server = _Server(_uvicorn_config(config, gateway), gateway, config.grace_period)
-        sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off only on
+        # sockets that say so (accepted ones inherit it). Left on, a reply written
+        # in two parts (head, body) waits out the client's delayed ACK, 40 ms.
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((config.host, config.port))
         port = sock.getsockname()[1]

@@ -175,7 +175,7 @@ async def test_batched_greedy_output_equals_unbatched_for_every_slot_count(
     alone. (In one shared cache, ``kv_unified``, attention runs over other
     sequences' masked cells too, and the changed float summation order may flip
     a near tie: that layout is checked for completing, not for equal text.)"""
-    sampling = greedy(max_tokens=40)
+    sampling = greedy(max_tokens=24)
     alone = await answers(
         smollm2, EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=1), sampling
     )
@@ -194,13 +194,13 @@ async def test_the_greedy_repeat_penalty_matches_llama_cpps_penalty_sampler(
     """Greedy decoding applies the repeat penalty itself (numpy); a top-k 1 draw goes
     through llama.cpp's own sampler chain with the same penalty: same tokens."""
     config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=5)
-    fast = await answers(smollm2, config, greedy(max_tokens=48, repeat_penalty=1.5))
+    fast = await answers(smollm2, config, greedy(max_tokens=28, repeat_penalty=1.5))
     chain = await answers(
         smollm2,
         config,
-        SamplingParams(temperature=0.7, top_k=1, repeat_penalty=1.5, max_tokens=48, seed=1),
+        SamplingParams(temperature=0.7, top_k=1, repeat_penalty=1.5, max_tokens=28, seed=1),
     )
-    plain = await answers(smollm2, config, greedy(max_tokens=48))
+    plain = await answers(smollm2, config, greedy(max_tokens=28))
     assert fast == chain
     assert fast != plain  # the penalty did change something
 

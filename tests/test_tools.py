@@ -24,6 +24,7 @@ from engine.tools import generic_messages, tool_grammar
 from gateway.server import RunningServer
 from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
 
+from .conftest import SmolLM2Onnx
 from .gateway_helpers import gateway, server_config
 
 WEATHER = {
@@ -376,6 +377,38 @@ async def test_bad_tool_requests_are_refused_naming_the_parameter(
         await client.chat.completions.create(
             model="smol", messages=QUESTION, tools=bad_schema, tool_choice="required"
         )
+
+
+async def test_the_onnx_backend_gives_calls_that_validate_through_both_clients(
+    tmp_path: Path, smollm2_onnx: SmolLM2Onnx
+) -> None:
+    """The same tool requests on the ONNX backend (SmolLM2's fast graph, llguidance
+    masks over numpy logits): the official clients get calls that validate."""
+    folder = smollm2_onnx("fast")
+    async with gateway(server_config(tmp_path, {"smol": folder})) as srv:
+        token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+        async with openai.AsyncOpenAI(
+            base_url=srv.http_url + "/v1", api_key=token, max_retries=0, timeout=120
+        ) as client:
+            for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+                r = await client.chat.completions.create(
+                    model="smol",
+                    messages=QUESTION,
+                    tools=OPENAI_TOOLS,
+                    tool_choice=choice,  # type: ignore[arg-type]
+                    parallel_tool_calls=False,
+                    max_tokens=120,
+                    **GREEDY,
+                )
+                calls = r.choices[0].message.tool_calls or []
+                assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls"
+                for c in calls:
+                    _valid(c.function.name, c.function.arguments)
+        o = ollama.AsyncClient(host=srv.http_url, headers={"Authorization": f"Bearer {token}"})
+        try:
+            await _ollama_round_trip(o)
+        finally:
+            await o.close()
 
 
 async def test_ollama_tools_give_calls_with_object_arguments(running: RunningServer) -> None:

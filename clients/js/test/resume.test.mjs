@@ -10,7 +10,7 @@ import { startProxy } from "./proxy.mjs";
 import { SCRIPT, startServer } from "./server.mjs";
 
 const GREEDY = { temperature: 0, repeat_penalty: 1, seed: 7 };
-const TRIALS = Number(process.env.RESUME_TRIALS || 24);
+const TRIALS = Number(process.env.RESUME_TRIALS || 12);
 
 /** A small seeded generator (mulberry32), so that a failing trial can be run again. */
 function random(seed) {
