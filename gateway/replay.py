@@ -12,7 +12,10 @@ finished generations share one more such budget (the oldest finished one goes
 first). Whatever is dropped raises ``lost``, the number below which a resume
 can no longer be exact; ``ack`` drops what the client confirmed. The session
 (:mod:`gateway.sessions`) uses :meth:`ReplayLog.has_room` to pause a
-generation while nobody reads it, so nothing is dropped while detached.
+generation instead, while nobody reads it or while a client that acks has not
+confirmed what it got, and adds with ``trim=False`` then: nothing is dropped
+except past a hard limit on finished generations (``FINISHED_HARD`` budgets),
+which only a client that stops acking while starting more generations meets.
 
 Pure: no I/O, no clock, no asyncio.
 """
@@ -23,9 +26,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["ReplayLog"]
+__all__ = ["FINISHED_HARD", "ReplayLog"]
 
 T = TypeVar("T")
+
+FINISHED_HARD = 8  # finished generations are dropped past this many budgets, trim or not
 
 
 @dataclass(slots=True)
@@ -48,9 +53,10 @@ class ReplayLog(Generic[T]):
         self.lost = 0  # every message numbered up to this one may be gone
         self.bytes = 0  # what the kept messages weigh, all generations together
         self._order: deque[_Entry[T]] = deque()  # by number; dropped ones marked dead
+        self._dead = 0  # dropped entries still in _order (compacted when they dominate)
         self._by_gen: dict[str, deque[_Entry[T]]] = {}
         self._gen_bytes: dict[str, int] = {}
-        self._finished: deque[str] = deque()  # generations that ended, oldest first
+        self._finished: dict[str, None] = {}  # generations that ended, oldest first
         self._finished_bytes = 0
 
     def __len__(self) -> int:
@@ -78,13 +84,15 @@ class ReplayLog(Generic[T]):
         q.append(entry)
         self._gen_bytes[gen] = self._gen_bytes.get(gen, 0) + size
         self.bytes += size
-        if final:
-            self._finished.append(gen)
+        if gen in self._finished:  # more after its end (a done after an error)
+            self._finished_bytes += size
+        elif final:
+            self._finished[gen] = None
             self._finished_bytes += self._gen_bytes[gen]
-            self._trim_finished()
         elif trim:
             while self._gen_bytes[gen] > self.per_generation and len(q) > 1:
                 self._drop(q.popleft())
+        self._trim_finished(self.per_generation if trim else FINISHED_HARD * self.per_generation)
 
     def generations(self) -> list[str]:
         """The keys of the generations with messages kept."""
@@ -99,7 +107,9 @@ class ReplayLog(Generic[T]):
         n = min(n, self.last_n)
         while self._order and self._order[0].n <= n:
             entry = self._order.popleft()
-            if not entry.dead:
+            if entry.dead:
+                self._dead -= 1
+            else:
                 q = self._by_gen[entry.gen]
                 # Entries of a generation are in number order: this one is its oldest.
                 q.popleft()
@@ -115,18 +125,25 @@ class ReplayLog(Generic[T]):
 
     # -- dropping -------------------------------------------------------------------------
 
-    def _trim_finished(self) -> None:
-        while self._finished_bytes > self.per_generation and len(self._finished) > 1:
-            q = self._by_gen[self._finished[0]]
+    def _trim_finished(self, limit: int) -> None:
+        while self._finished_bytes > limit and len(self._finished) > 1:
+            oldest = next(iter(self._finished))
+            q = self._by_gen[oldest]
             while q:  # the last one leaves the generation out of _finished
                 self._drop(q.popleft())
 
     def _drop(self, entry: _Entry[T]) -> None:
         entry.dead = True
+        entry.msg = None  # type: ignore[assignment]  # the message's memory goes now
+        self._dead += 1
         self.lost = max(self.lost, entry.n)
         self._forget_bytes(entry)
         while self._order and self._order[0].dead:
             self._order.popleft()
+            self._dead -= 1
+        if self._dead > 64 and self._dead * 2 > len(self._order):
+            self._order = deque(e for e in self._order if not e.dead)
+            self._dead = 0
 
     def _forget_bytes(self, entry: _Entry[T]) -> None:
         gen = entry.gen
@@ -140,5 +157,4 @@ class ReplayLog(Generic[T]):
         # Nothing of this generation is kept any more.
         del self._by_gen[gen]
         del self._gen_bytes[gen]
-        if gen in self._finished:
-            self._finished.remove(gen)
+        self._finished.pop(gen, None)

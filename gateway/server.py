@@ -47,6 +47,7 @@ from gateway.config import ConfigError, ServerConfig, ferrous_home, parse_size
 from gateway.logs import configure_logging
 from gateway.process_tuning import GcTuner, raise_fd_limit
 from gateway.scopes import ALL_SCOPES
+from gateway.sessions import CONNECTION_EXTENSION
 from protocol.durations import parse_duration
 from protocol.errors import ErrorCode
 
@@ -358,6 +359,12 @@ class _LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     def data_received(self, data: bytes) -> None:
         self._reads += 1
         super().data_received(data)
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # the upgrade was accepted: sessions may reset the connection
+            scope["extensions"][CONNECTION_EXTENSION] = {"abort": self.transport.abort}
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)

@@ -81,6 +81,10 @@ __all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_TAKEN_OVER
 
 log = logging.getLogger("ferrous.session")
 
+# The ASGI scope extension through which the server hands a session its connection's
+# reset (gateway.server): a connection stuck writing cannot take a close frame.
+CONNECTION_EXTENSION = "ferrous.connection"
+
 # Close codes (RFC 6455 section 7.4.1), and one of the private range for a
 # connection whose session another connection resumed.
 CLOSE_NORMAL = 1000
@@ -158,7 +162,9 @@ class Session:
         self._log: ReplayLog[m.ServerMessage] | None = None
         self._log_keys: dict[str, str] = {}  # generation id -> its key in the log
         self._runs = 0
-        self._attached: asyncio.Event | None = None  # set while a connection is attached
+        # Set when a generation waiting for replay room may go on (an ack, a resume, the end).
+        self._room_event: asyncio.Event | None = None
+        self._acking = False  # the client sends acks: unacked text holds generations back
         self.taken_over_by: Session | None = None  # a hello that resumed another session
         self.on_end: Any = None  # called once the session has ended (the gateway's books)
 
@@ -182,9 +188,10 @@ class Session:
                 assert isinstance(msg, _NUMBERED)
                 msg.n = log_.next_number()
                 data = self.codec.encode(msg)
-                log_.add(
-                    msg.n, key, msg, len(data), final=_ends_generation(msg), trim=not self.closed
-                )
+                # Nothing is dropped while nobody reads, nor for a client that acks
+                # (its generations wait for acks instead, in _room).
+                trim = not self.closed and not self._acking
+                log_.add(msg.n, key, msg, len(data), final=_ends_generation(msg), trim=trim)
             else:
                 data = self.codec.encode(msg)
             await self._write(data)
@@ -198,21 +205,29 @@ class Session:
                 await self.ws.send_text(data)
             else:
                 await self.ws.send_bytes(data)
-        except (WebSocketDisconnect, WebSocketDisconnected):
-            # The peer left (or broke the framing and was closed) while we answered:
-            # nothing can reach it on this connection. Not a session failure: the
-            # receive loop sees the disconnect next and ends or detaches the session.
+        except (WebSocketDisconnect, WebSocketDisconnected, RuntimeError):
+            # The peer left (or broke the framing and was closed: sending after the
+            # close is a RuntimeError) while we answered: nothing can reach it on this
+            # connection. Not a session failure: the receive loop sees the disconnect
+            # next and ends or detaches the session.
             self.closed = True
 
     async def _room(self, log_: ReplayLog[m.ServerMessage], key: str) -> None:
-        """Wait while nobody reads and this generation's replay budget is full.
+        """Wait while this generation's replay budget is full and nobody reads it (or the
+        client, which acks, has not confirmed what it got).
 
         The generation stops pulling from the engine meanwhile, so its worker
         pauses it, as it pauses one whose reader is slow.
         """
-        while self.closed and not log_.has_room(key) and self._attached is not None:
-            self._attached.clear()
-            await self._attached.wait()
+        while not log_.has_room(key) and (self.closed or self._acking) and not self.ended:
+            if self._room_event is None:
+                self._room_event = asyncio.Event()
+            self._room_event.clear()
+            await self._room_event.wait()
+
+    def _wake_room(self) -> None:
+        if self._room_event is not None:
+            self._room_event.set()
 
     async def send_error(
         self, exc: FerrousError, gen_id: str | None = None, *, apart: bool = False
@@ -238,8 +253,7 @@ class Session:
             return
         self.ended = True
         self.gateway.resumable.unregister(self)
-        if self._attached is not None:
-            self._attached.set()  # generations waiting for room see the cancel next
+        self._wake_room()  # generations waiting for room see the cancel next
         try:
             await self.cancel_all()
         finally:
@@ -352,6 +366,8 @@ class Session:
             case m.Ack():
                 if self._log is not None:
                     self._log.ack(msg.n)
+                    self._acking = True
+                    self._wake_room()
             case m.Credit():
                 if self._credits is None:
                     raise BadRequest("flow control is off: set credits in hello to use it")
@@ -386,21 +402,20 @@ class Session:
         if g.resumable.enabled:
             self.resume_token = secrets.token_urlsafe(24)
             self._log = ReplayLog(g.config.limits.resume_buffer_bytes)
-            self._attached = asyncio.Event()
-            self._attached.set()
             g.resumable.register(self)
         await self.send(await self._ready(resumed=False))
 
-    async def _ready(self, *, resumed: bool) -> m.Ready:
+    async def _ready(self, *, resumed: bool, principal: Principal | None = None) -> m.Ready:
         g = self.gateway
+        principal = principal or self.principal
         lim = g.config.limits
         return m.Ready(
             protocol=1,
             server="ferrousforge",
             version=g.version,
             session=self.id,
-            user=self.principal.user,
-            models=await g.model_names(self.principal),
+            user=principal.user,
+            models=await g.model_names(principal),
             limits=m.Limits(
                 lim.max_frame_bytes,
                 lim.max_concurrent_generations,
@@ -424,6 +439,8 @@ class Session:
         except ResumeExpired:
             await target.end()
             raise
+        except Conflict:
+            raise  # a newer connection took the session: it is that one's now
         except BaseException:
             g.resumable.detach(target)  # claimed but not attached: it may still be resumed
             raise
@@ -436,37 +453,40 @@ class Session:
         """Carry on over ``ws``: ``ready``, what the client missed after ``hello.last``, then live.
 
         Raises :class:`ResumeExpired` when the messages after ``last`` are no
-        longer all kept; the caller ends the session then.
+        longer all kept (the caller ends the session then), :class:`Conflict`
+        when a newer connection resumed the session meanwhile.
         """
-        assert self._log is not None and self._attached is not None
+        assert self._log is not None
+        self.conn += 1  # from here the old connection's reader says "superseded"
+        conn = self.conn
+        if not self.closed:
+            # The old connection still looked alive (a half-open socket, or a client
+            # that reconnected early): it carries nothing of this session any more.
+            self.closed = True
+            await _close_or_abort(self.ws, self._send_lock.locked())
+        ready = await self._ready(resumed=True, principal=principal)
         async with self._send_lock:
+            if self.conn != conn:
+                raise Conflict("a newer connection resumed this session meanwhile")
             missed = self._log.since(hello.last)
             if missed is None:
                 raise ResumeExpired(
                     f"the messages after n={hello.last} are no longer kept "
                     f"(kept from n={self._log.lost + 1})"
                 )
-            old_ws, old_open = self.ws, not self.closed
+            # Log keys are "<id>#<run>" (a generation's stream) or "<id>!" (a refusal).
+            kept = {k.rsplit("#", 1)[0].removesuffix("!") for k in self._log.generations()}
+            ready.generations = sorted(kept | set(self.gens))
+            frames = [codec.encode(ready), *(codec.encode(item) for item in missed)]
             self.ws, self.codec, self.principal = ws, codec, principal
-            self.conn += 1
             self.closed = False
             self._credits = hello.credits
             if self._credit_event is not None:
                 self._credit_event.set()
-            ready = await self._ready(resumed=True)
-            # Log keys are "<id>#<run>" (a generation's stream) or "<id>!" (a refusal).
-            kept = {k.rsplit("#", 1)[0].removesuffix("!") for k in self._log.generations()}
-            ready.generations = sorted(kept | set(self.gens))
-            await self._write(self.codec.encode(ready))
-            for item in missed:
-                await self._write(self.codec.encode(item))
-            self._attached.set()
+            for frame in frames:
+                await self._write(frame)
+            self._wake_room()
         log.info("session resumed: %d messages after n=%d sent again", len(missed), hello.last)
-        if old_open:
-            # The old connection still looked alive (a half-open socket, or a client
-            # that reconnected early): it carries nothing of this session any more.
-            with contextlib.suppress(Exception):
-                await old_ws.close(code=CLOSE_TAKEN_OVER, reason="session resumed elsewhere")
 
     def detach(self) -> None:
         """The connection dropped: keep the session for the resume window."""
@@ -476,6 +496,8 @@ class Session:
     # -- generations --------------------------------------------------------------------
 
     def _start(self, msg: m.Generate | m.Chat | m.Pull) -> None:
+        if self.ended:
+            raise _with_id(ResumeExpired("this session has ended"), msg.id)
         limit = self.gateway.config.limits.max_concurrent_generations
         if msg.id in self.gens:
             raise _with_id(Conflict(f"generation {msg.id!r} is still running"), msg.id)
@@ -546,10 +568,11 @@ class Session:
             self.gateway.metrics.pauses.inc()
             if self._credit_event is None:
                 self._credit_event = asyncio.Event()
-            while self._credits <= 0:
+            while self._credits is not None and self._credits <= 0:
                 self._credit_event.clear()
                 await self._credit_event.wait()
-        self._credits -= n
+        if self._credits is not None:  # None: a resume turned flow control off
+            self._credits -= n
 
     async def _generate(self, msg: m.Generate | m.Chat) -> None:
         g = self.gateway
@@ -748,3 +771,16 @@ class Session:
 def _with_id(exc: FerrousError, gen_id: str) -> FerrousError:
     exc.gen_id = gen_id  # type: ignore[attr-defined]
     return exc
+
+
+async def _close_or_abort(ws: Any, busy: bool) -> None:
+    """End a connection another one replaces: a close frame (4000) when it takes one,
+    else (a write stuck on its full buffer, or no answer within a second) a reset."""
+    if not busy:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await ws.close(code=CLOSE_TAKEN_OVER, reason="session resumed elsewhere")
+                return
+    abort = ws.scope.get("extensions", {}).get(CONNECTION_EXTENSION, {}).get("abort")
+    if abort is not None:
+        abort()

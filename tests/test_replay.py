@@ -7,7 +7,7 @@ from ferrous_client.resume import ACK_EVERY, ResumeState, may_resume
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.replay import ReplayLog
+from gateway.replay import FINISHED_HARD, ReplayLog
 
 
 def fill(log: ReplayLog[str], gen: str, sizes: list[int], *, final: bool = False) -> list[int]:
@@ -104,6 +104,41 @@ def test_what_comes_back_is_exactly_the_kept_suffix(
         else:
             assert last < log.lost
     assert log.since(log.lost) == sent[log.lost :] if log.lost <= len(sent) else True
+
+
+def test_an_error_then_a_done_end_one_generation_once() -> None:
+    """An engine error is followed by the generation's done: two final messages, one end."""
+    log: ReplayLog[str] = ReplayLog(100)
+    for gen in ("a", "b"):
+        fill(log, gen, [10])
+        fill(log, gen, [10], final=True)  # the error
+        fill(log, gen, [10], final=True)  # the done
+    log.ack(log.last_n)
+    assert log.bytes == 0 and log.generations() == []
+    for gen in "cdefgh":  # more generations end and are trimmed: the books still balance
+        fill(log, gen, [40], final=True)
+    assert log.bytes <= 100 + 40 and log.since(log.lost) is not None
+
+
+def test_while_nobody_reads_finished_generations_stay_up_to_the_hard_limit() -> None:
+    log: ReplayLog[str] = ReplayLog(100)
+    for gen in "abc":
+        for _ in range(2):
+            log.add(log.next_number(), gen, gen, 45, trim=False)
+        log.add(log.next_number(), gen, gen, 5, final=True, trim=False)
+    assert log.lost == 0 and log.since(0) is not None  # 3 x 95 bytes, over one budget
+    for i in range(FINISHED_HARD * 2):
+        log.add(log.next_number(), f"z{i}", "z", 100, final=True, trim=False)
+    assert log.bytes <= FINISHED_HARD * 100 + 100 and log.lost > 0
+
+
+def test_dropped_messages_do_not_pile_up_behind_a_kept_one() -> None:
+    """One old message nobody acks stays at the head; what is dropped after it is freed."""
+    log: ReplayLog[str] = ReplayLog(100)
+    fill(log, "head", [1])
+    for _ in range(10_000):
+        fill(log, "a", [50])
+    assert len(log) <= 3 and len(log._order) < 200
 
 
 def test_replay_log_needs_a_budget() -> None:

@@ -254,6 +254,31 @@ async def test_another_users_resume_token_is_refused(server: RunningServer, toke
         assert done.usage.completion_tokens == 60 and deltas[0].seq == 0
 
 
+async def test_a_resume_that_cannot_be_honoured_ends_the_session_and_its_old_connection(
+    server: RunningServer, token: str
+) -> None:
+    """A hello naming messages never sent (or long gone) while the old connection is
+    still open: resume_expired, and the session ends there too, not half."""
+    engine = server.gateway.engine
+    async with client(server, token, hello=False) as old:
+        ready = await old.hello()
+        await old.send(m.Generate("g", "slow", "x", msgspec_replace(GREEDY, max_tokens=3000)))
+        assert isinstance(await old.recv(), m.Started)
+        async with client(server, token, hello=False) as new:
+            await new.send(m.Hello(resume=ready.resume_token, last=2**60))
+            err = await new.recv()
+            assert isinstance(err, m.Error) and err.code is ErrorCode.RESUME_EXPIRED
+            assert not (await new.recv()).resumed  # type: ignore[union-attr]
+        with pytest.raises(Exception) as closed:
+            while True:
+                await old.recv()
+        assert closed.value.rcvd.code == 4000  # type: ignore[attr-defined]
+    async with asyncio.timeout(15):
+        while sum(w.active for w in (await engine.health()).workers):
+            await asyncio.sleep(0.05)
+    assert [s for s in server.gateway.sessions if s.id == ready.session] == []
+
+
 async def test_a_close_the_client_asks_for_ends_the_session(
     server: RunningServer, token: str
 ) -> None:

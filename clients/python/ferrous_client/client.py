@@ -641,7 +641,10 @@ class FerrousClient:
                         raise
                     await asyncio.sleep(min(next(delays), max(0.0, deadline - loop.time())))
         except asyncio.CancelledError:
+            # close() while resuming: what was in flight ends as on any close.
             self._fail_frames(pending, ConnectionLost("the client closed the connection"))
+            self._resuming = None
+            self._give_up(ws)
             raise
         except Exception as exc:
             log.info("the session could not be resumed: %r", exc)
@@ -657,32 +660,59 @@ class FerrousClient:
             fresh = CreditWindow(window.window)
             fresh.buffered = window.buffered
             self._window = fresh
+        # What the application sent while the link was down comes after what the
+        # dead link did not take.
+        pending += [x for x in _drain(self._outgoing) if x is not None]
         queue: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
         if new_ready.resumed:
             self.resumes += 1
             self._state.resumed()
-            known = set(new_ready.generations or ())
-            queued = {id(data) for data, _ in pending}
-            for gen_id, data in self._starts.items():
-                if gen_id not in known and id(data) not in queued:
-                    queue.put_nowait((data, None))  # the start never reached the server
-            for item in pending:
+            for item in self._resend(pending, set(new_ready.generations or ())):
                 queue.put_nowait(item)
             log.info("session %s resumed after n=%d", new_ready.session, hello.last)
         else:
             why = refusals[0] if refusals else None
             message = why.message if why is not None else "the server did not resume the session"
+            # Nothing of the old session is sent to the new one: its generations fail
+            # (the application may start them again), and so does what waited to go.
             self._fail_frames(pending, ResumeExpired(message))
             self._state = ResumeState()
             gens, self._gens = self._gens, {}
             self._starts = {}
             for gen in gens.values():
                 gen._deliver(ResumeExpired(message, generation_id=gen.id))
-        for later in _drain(self._outgoing):
-            if later is not None:
-                queue.put_nowait(later)
         self._outgoing = queue
         self._run(new_ws)
+
+    def _resend(self, pending: list[_Outgoing], known: set[str]) -> list[_Outgoing]:
+        """After a resume: what goes on the new connection, in order.
+
+        A start the server does not list never reached it: sent (once, wherever
+        it was queued). One it lists did, even if the dead link reported its
+        frame as unsent: dropped. Cancels of generations still running go again,
+        since one written just before the drop may have been lost with it.
+        """
+        start_of = {id(data): gen_id for gen_id, data in self._starts.items()}
+        out: list[_Outgoing] = []
+        sent: set[str] = set()
+        for item in pending:
+            gen_id = start_of.get(id(item[0]))
+            if gen_id is None:
+                out.append(item)
+            elif gen_id not in known and gen_id not in sent:
+                out.append(item)
+                sent.add(gen_id)
+        missing = [
+            (data, None)
+            for gen_id, data in self._starts.items()
+            if gen_id not in known and gen_id not in sent
+        ]
+        again = [
+            (self._codec.encode(m.Cancel(gen_id)), None)
+            for gen_id in self._gens
+            if gen_id in self._recent and gen_id in known
+        ]
+        return [*missing, *out, *again]
 
     def _fail_frames(self, items: Sequence[_Outgoing | None], error: FerrousClientError) -> None:
         for item in items:
