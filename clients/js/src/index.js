@@ -1558,9 +1558,11 @@ export class FerrousClient extends EventTarget {
    * asks to resume that session; a refusal (an error, then a new session's
    * ready) comes back as `refusal`.
    * @param {{ token: string, last: number } | null} resume
+   * @param {boolean} [confirm] on a refusal while the server answers HTTP, try once more
+   *   before calling it a credential problem (see `refused` below)
    * @returns {Promise<{ ws: WebSocket, ready: Ready, refusal: FerrousError | null, backlog: Backlog }>}
    */
-  async _handshake(resume) {
+  async _handshake(resume, confirm = true) {
     const token = await resolveToken(this._token);
     let url = this.url;
     const protocols = [this._subprotocol];
@@ -1612,7 +1614,9 @@ export class FerrousClient extends EventTarget {
         );
         // Refused before the upgrade. Browsers do not expose the HTTP status:
         // if the server answers over HTTP, the refusal was about the
-        // credential (401); otherwise it cannot be reached.
+        // credential (401); otherwise it cannot be reached. A server that was
+        // starting up answers the probe but was not listening for the
+        // handshake a moment before: one more handshake tells the two apart.
         const refused = () => {
           settled = true;
           clearTimeout(timer);
@@ -1620,15 +1624,19 @@ export class FerrousClient extends EventTarget {
           ws.onmessage = null;
           ws.onclose = null;
           ws.onerror = NOOP;
-          this._probe().then((up) =>
+          this._probe().then((up) => {
+            if (up && confirm) {
+              this._handshake(resume, false).then(resolve, reject);
+              return;
+            }
             reject(
               up
                 ? new UnauthorizedError(
                     "the server refused the WebSocket handshake (missing, invalid or expired credential)",
                   )
                 : new ConnectionError(`server unreachable: ${this.url}`),
-            ),
-          );
+            );
+          });
         };
         // An error fails the connection; some implementations send no close event after it.
         ws.onerror = () => {
