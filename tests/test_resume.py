@@ -90,6 +90,7 @@ async def test_random_disconnects_lose_and_repeat_nothing(
 
     lanes = [seeds[i::4] for i in range(4)]
     cuts = sum(await asyncio.gather(*(trials(lane) for lane in lanes)))
+    print(f"\n100 generations, {cuts} cut mid-generation and resumed: all texts exact")
     assert cuts >= 60  # most trials were cut while their generation ran
 
 
