@@ -260,7 +260,6 @@ async def test_a_resume_that_cannot_be_honoured_ends_the_session_and_its_old_con
 ) -> None:
     """A hello naming messages never sent (or long gone) while the old connection is
     still open: resume_expired, and the session ends there too, not half."""
-    engine = server.gateway.engine
     async with client(server, token, hello=False) as old:
         ready = await old.hello()
         await old.send(m.Generate("g", "slow", "x", msgspec_replace(GREEDY, max_tokens=3000)))
@@ -274,23 +273,18 @@ async def test_a_resume_that_cannot_be_honoured_ends_the_session_and_its_old_con
             while True:
                 await old.recv()
         assert closed.value.rcvd.code == 4000  # type: ignore[attr-defined]
-    async with asyncio.timeout(15):
-        while sum(w.active for w in (await engine.health()).workers):
-            await asyncio.sleep(0.05)
+    await _engine_idle(server)
     assert [s for s in server.gateway.sessions if s.id == ready.session] == []
 
 
 async def test_a_close_the_client_asks_for_ends_the_session(
     server: RunningServer, token: str
 ) -> None:
-    engine = server.gateway.engine
     async with client(server, token, hello=False) as c:
         ready = await c.hello()
         await c.send(m.Generate("g", "slow", "x", msgspec_replace(GREEDY, max_tokens=3000)))
         assert isinstance(await c.recv(), m.Started)
-    async with asyncio.timeout(15):
-        while sum(w.active for w in (await engine.health()).workers):
-            await asyncio.sleep(0.05)
+    await _engine_idle(server)
     async with client(server, token, hello=False) as c2:
         await c2.send(m.Hello(resume=ready.resume_token, last=1))
         err = await c2.recv()
@@ -364,3 +358,11 @@ def msgspec_replace(options: m.Options, **changes: object) -> m.Options:
     import msgspec
 
     return msgspec.structs.replace(options, **changes)
+
+
+async def _engine_idle(server: RunningServer) -> None:
+    """Wait until no generation runs in the engine (the session's were cancelled)."""
+    engine = server.gateway.engine
+    async with asyncio.timeout(15):
+        while sum(w.active for w in (await engine.health()).workers):
+            await asyncio.sleep(0.05)

@@ -3,7 +3,7 @@ import { after, before, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 
 import { FerrousClient, utf8Length } from "../src/index.js";
-import { SCRIPT, startServer } from "./server.mjs";
+import { SCRIPT, startServer, recording } from "./server.mjs";
 
 const GREEDY = { temperature: 0, repeat_penalty: 1 };
 const T = { timeout: 30_000 };
@@ -19,20 +19,6 @@ before(async () => {
 after(async () => {
   await server?.stop();
 });
-
-/** A WebSocket that records every message the client sends. */
-function recording() {
-  /** @type {any[]} */
-  const sent = [];
-  class RecordingWebSocket extends WebSocket {
-    /** @param {string} data */
-    send(data) {
-      sent.push(JSON.parse(data));
-      super.send(data);
-    }
-  }
-  return { sent, RecordingWebSocket };
-}
 
 test("with credits, a slow consumer never holds more than the window plus one delta", T, async () => {
   const { sent, RecordingWebSocket } = recording();

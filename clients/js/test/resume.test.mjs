@@ -7,7 +7,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 
 import { ConnectionError, FerrousClient, ResumeExpiredError, utf8Length } from "../src/index.js";
 import { startProxy } from "./proxy.mjs";
-import { SCRIPT, startServer } from "./server.mjs";
+import { SCRIPT, startServer, recording } from "./server.mjs";
 
 const GREEDY = { temperature: 0, repeat_penalty: 1, seed: 7 };
 const TRIALS = Number(process.env.RESUME_TRIALS || 12);
@@ -31,20 +31,6 @@ async function until(cond, ms, what = "a condition") {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(10);
   }
-}
-
-/** A WebSocket class that records what the client sends. */
-function recording() {
-  /** @type {any[]} */
-  const sent = [];
-  class RecordingWebSocket extends WebSocket {
-    /** @param {string} data */
-    send(data) {
-      sent.push(JSON.parse(data));
-      super.send(data);
-    }
-  }
-  return { sent, RecordingWebSocket };
 }
 
 /**

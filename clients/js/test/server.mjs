@@ -228,3 +228,20 @@ export async function startServer({ slow = true, logLevel = "warning", env: conf
     },
   };
 }
+
+/**
+ * A WebSocket class that records every message the client sends (parsed), to
+ * check what went over the wire: `new FerrousClient({ WebSocket: RecordingWebSocket })`.
+ */
+export function recording() {
+  /** @type {any[]} */
+  const sent = [];
+  class RecordingWebSocket extends WebSocket {
+    /** @param {string} data */
+    send(data) {
+      sent.push(JSON.parse(data));
+      super.send(data);
+    }
+  }
+  return { sent, RecordingWebSocket };
+}

@@ -50,7 +50,7 @@ from ferrous_client.errors import (
     ResumeExpired,
 )
 from ferrous_client.generation import Generation, GenerationItem
-from ferrous_client.handshake import CLIENT_NAME, Handshake, first_ready, transport_error
+from ferrous_client.handshake import CLIENT_NAME, Handshake, ready_or_refusal, transport_error
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
 from ferrous_client.resume import ResumeState, may_resume
@@ -280,16 +280,8 @@ class FerrousClient:
                 raise BadRequest(f"the server did not accept subprotocol {hs.subprotocol}")
             await ws.send(self._codec.encode(hello))
             async with asyncio.timeout(self._open_timeout):
-                while True:
-                    try:
-                        ready = first_ready(self._codec, await ws.recv())
-                    except FerrousClientError as exc:
-                        if refusals is None:
-                            raise
-                        refusals.append(exc)  # a refused resume: a fresh ready follows
-                        continue
-                    if ready is not None:
-                        break
+                while (ready := ready_or_refusal(self._codec, await ws.recv(), refusals)) is None:
+                    pass
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await ws.close()

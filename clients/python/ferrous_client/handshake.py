@@ -41,6 +41,7 @@ __all__ = [
     "Handshake",
     "denial_error",
     "first_ready",
+    "ready_or_refusal",
     "subprotocol_name",
     "transport_error",
 ]
@@ -150,6 +151,20 @@ def transport_error(exc: BaseException) -> FerrousClientError:
         detail = str(exc) or type(exc).__name__
         return ConnectionLost(f"cannot connect: {detail}")
     return ConnectionLost(f"connection failed: {type(exc).__name__}: {exc}")
+
+
+def ready_or_refusal(
+    codec: Codec, data: bytes | str, refusals: list[FerrousClientError] | None
+) -> m.Ready | None:
+    """:func:`first_ready`, except that with ``refusals`` an error is kept there
+    instead of raised: a refused resume is followed by a new session's ready."""
+    try:
+        return first_ready(codec, data)
+    except FerrousClientError as exc:
+        if refusals is None:
+            raise
+        refusals.append(exc)
+        return None
 
 
 def first_ready(codec: Codec, data: bytes | str) -> m.Ready | None:

@@ -43,7 +43,7 @@ from ferrous_client.errors import (
     ResumeExpired,
 )
 from ferrous_client.generation import finish_error
-from ferrous_client.handshake import CLIENT_NAME, Handshake, first_ready, transport_error
+from ferrous_client.handshake import CLIENT_NAME, Handshake, ready_or_refusal, transport_error
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
 from ferrous_client.resume import ResumeState, may_resume
@@ -325,14 +325,7 @@ class SyncFerrousClient:
             deadline = time.monotonic() + self._open_timeout
             while True:
                 data = ws.recv(timeout=max(0.0, deadline - time.monotonic()))
-                try:
-                    ready = first_ready(self._codec, data)
-                except FerrousClientError as exc:
-                    if refusals is None:
-                        raise
-                    refusals.append(exc)  # a refused resume: a fresh ready follows
-                    continue
-                if ready is not None:
+                if (ready := ready_or_refusal(self._codec, data, refusals)) is not None:
                     break
         except BaseException as exc:
             with contextlib.suppress(Exception):
