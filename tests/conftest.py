@@ -38,6 +38,17 @@ def eos_model(models_dir: Path) -> Path:
     return write_tiny_llama(models_dir / "eos.gguf", script="Done.", script_eos=True)
 
 
+# The longest tests go first. Under pytest-xdist each worker starts on its share in
+# collection order, so a one-minute test collected late ends the run with one worker
+# busy and the other idle; started first, it overlaps everything else.
+_LONGEST_FIRST = ("test_soak.py", "test_bench_smoke.py", "test_engine_batching.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def okay_model(models_dir: Path) -> Path:
     """Says "Okay." then emits the end-of-sequence token."""
