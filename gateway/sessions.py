@@ -129,9 +129,11 @@ class Session(GenerationStreams):
         """
         log_ = self._log
         key = None
+        final = False
         if log_ is not None and isinstance(msg, _NUMBERED) and msg.id is not None:
             key = f"{msg.id}!" if apart else self._log_keys.get(msg.id, msg.id)
-            if not _ends_generation(msg):
+            final = _ends_generation(msg)
+            if not final:
                 await self._room(log_, key)
         async with self._send_lock:
             if log_ is not None and key is not None:
@@ -141,7 +143,7 @@ class Session(GenerationStreams):
                 # Nothing is dropped while nobody reads, nor for a client that acks
                 # (its generations wait for acks instead, in _room).
                 trim = not self.closed and not self._acking
-                log_.add(msg.n, key, msg, len(data), final=_ends_generation(msg), trim=trim)
+                log_.add(msg.n, key, msg, len(data), final=final, trim=trim)
             else:
                 data = self.codec.encode(msg)
             await self._write(data)

@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -157,6 +157,15 @@ class GenerationStreams:
                 if msg.id in self._user_cancelled:
                     raise asyncio.CancelledError
                 keep_alive = None if msg.keep_alive is None else parse_duration(msg.keep_alive)
+                common: dict[str, Any] = {
+                    "options": msg.options,
+                    "extra": format_options(msg.format),
+                    "keep_alive": keep_alive,
+                    "token_ids": msg.token_ids,
+                    "priority": msg.priority,
+                    "request_id": self._request_id(msg.id),
+                    "started": t0,
+                }
                 if isinstance(msg, m.Chat):
                     resolved = await g.ensure_model(self.principal, msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
@@ -177,29 +186,13 @@ class GenerationStreams:
                         self.principal,
                         msg.model,
                         messages=[*conv.messages, *turns],
-                        options=msg.options,
-                        extra=format_options(msg.format),
-                        keep_alive=keep_alive,
-                        token_ids=msg.token_ids,
-                        priority=msg.priority,
-                        request_id=self._request_id(msg.id),
                         seed=False,
-                        started=t0,
                         tools=tools,
+                        **common,
                     )
                 else:
                     prepared = await prepare(
-                        g,
-                        self.principal,
-                        msg.model,
-                        prompt=msg.prompt,
-                        options=msg.options,
-                        extra=format_options(msg.format),
-                        keep_alive=keep_alive,
-                        token_ids=msg.token_ids,
-                        priority=msg.priority,
-                        request_id=self._request_id(msg.id),
-                        started=t0,
+                        g, self.principal, msg.model, prompt=msg.prompt, **common
                     )
                 if msg.id in self._user_cancelled:
                     raise asyncio.CancelledError
