@@ -152,20 +152,31 @@ QUESTIONS = [
 
 
 async def answers(smollm2: Path, config: EngineConfig, sampling: SamplingParams) -> list[str]:
+    (texts,) = await answers_each(smollm2, config, [sampling])
+    return texts
+
+
+async def answers_each(
+    smollm2: Path, config: EngineConfig, samplings: list[SamplingParams]
+) -> list[list[str]]:
+    """Every question answered at once, under each sampling in turn, by one engine."""
+    out = []
     async with EngineClient(config) as client:
         await client.load("m", smollm2)
-        results = await asyncio.gather(
-            *(
-                collect(
-                    client,
-                    GenerateRequest(
-                        model="m", messages=[ChatMessage("user", q)], sampling=sampling
-                    ),
+        for sampling in samplings:
+            results = await asyncio.gather(
+                *(
+                    collect(
+                        client,
+                        GenerateRequest(
+                            model="m", messages=[ChatMessage("user", q)], sampling=sampling
+                        ),
+                    )
+                    for q in QUESTIONS
                 )
-                for q in QUESTIONS
             )
-        )
-    return ["".join(d.text for d in deltas) for deltas, _ in results]
+            out.append(["".join(d.text for d in deltas) for deltas, _ in results])
+    return out
 
 
 async def test_batched_greedy_output_equals_unbatched_for_every_slot_count(
@@ -194,13 +205,15 @@ async def test_the_greedy_repeat_penalty_matches_llama_cpps_penalty_sampler(
     """Greedy decoding applies the repeat penalty itself (numpy); a top-k 1 draw goes
     through llama.cpp's own sampler chain with the same penalty: same tokens."""
     config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=5)
-    fast = await answers(smollm2, config, greedy(max_tokens=28, repeat_penalty=1.5))
-    chain = await answers(
+    fast, chain, plain = await answers_each(
         smollm2,
         config,
-        SamplingParams(temperature=0.7, top_k=1, repeat_penalty=1.5, max_tokens=28, seed=1),
+        [
+            greedy(max_tokens=28, repeat_penalty=1.5),
+            SamplingParams(temperature=0.7, top_k=1, repeat_penalty=1.5, max_tokens=28, seed=1),
+            greedy(max_tokens=28),
+        ],
     )
-    plain = await answers(smollm2, config, greedy(max_tokens=28))
     assert fast == chain
     assert fast != plain  # the penalty did change something
 

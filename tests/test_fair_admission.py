@@ -18,6 +18,8 @@ import pytest
 
 from engine import EngineClient, EngineConfig, GenerateRequest, SamplingParams, TokenDelta
 from engine.fairqueue import FairQueue
+from engine.onnx.decoder import TinyDecoderSpec
+from engine.onnx.tinydecoder import write_tiny_decoder
 from protocol.errors import Overloaded
 
 # -- the queue -------------------------------------------------------------------------
@@ -212,11 +214,11 @@ async def _text(engine: EngineClient, req: GenerateRequest, order: list[str]) ->
     return "".join(parts)
 
 
-def _sampled(rid: str, tenant: str, priority: int = 0) -> GenerateRequest:
+def _sampled(rid: str, tenant: str, priority: int = 0, tokens: int = 300) -> GenerateRequest:
     return GenerateRequest(
         model="m",
         prompt="Once upon a time",
-        sampling=SamplingParams(temperature=0.9, seed=42, max_tokens=300, ignore_eos=True),
+        sampling=SamplingParams(temperature=0.9, seed=42, max_tokens=tokens, ignore_eos=True),
         request_id=rid,
         tenant=tenant,
         priority=priority,
@@ -240,6 +242,30 @@ async def test_a_preempted_sequence_resumes_without_losing_or_repeating_a_token(
         assert await long == alone
     assert urgent
     # The urgent one ran to its end while the long one was paused.
+    assert order == ["start low", "start high", "done high", "done low"]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["copied-kv", "shared-kv"])
+async def test_an_onnx_sequence_is_preempted_and_resumes_exactly(
+    fused: bool, tmp_path: Path
+) -> None:
+    """The same on the ONNX backend, both ways it keeps keys and values: each sequence
+    its own arrays, or one buffer the fused graph appends to (the paused sequence's
+    rows move out and back). A context of 4096 keeps the long one running for seconds."""
+    spec = TinyDecoderSpec(n_ctx=4096)
+    folder = write_tiny_decoder(tmp_path / "m", seed=3, spec=spec, fused=fused)
+    (folder / "model.gguf").unlink()  # the ONNX graph, not its GGUF twin
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1)
+    async with EngineClient(config) as engine:
+        await engine.load("m", folder)
+        alone = await _text(engine, _sampled("ref", "A", tokens=2000), [])
+        order: list[str] = []
+        long = asyncio.create_task(_text(engine, _sampled("low", "A", tokens=2000), order))
+        while "start low" not in order:
+            await asyncio.sleep(0.002)
+        urgent = await _text(engine, _req("high", "B", 5, priority=3), order)
+        assert await long == alone
+    assert urgent and len(alone) > 1000
     assert order == ["start low", "start high", "done high", "done low"]
 
 

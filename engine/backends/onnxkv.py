@@ -44,6 +44,7 @@ class SeqState:
     urgent: bool = False  # it paused another to start: its prompt goes first (engine.stepplan)
     passed: int = 0  # steps in a row its prompt waited
     guide: Guide | None = None  # structured output or tool calls: masks its logits
+    suspended: bool = False  # paused for another (engine.preemption); its cache is in ``past``
 
     @property
     def decoding(self) -> bool:

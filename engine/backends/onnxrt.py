@@ -339,7 +339,7 @@ class OnnxBackend(TextGenerator):
         priority: int = 0,
         urgent: bool = False,
     ) -> None:
-        if len(self._seqs) >= self.max_sequences:
+        if self._active() >= self.max_sequences:
             raise RuntimeError("no free sequence slot")
         rng = np.random.default_rng(sampling.seed) if sampling.temperature > 0 else None
         constraint = sampling.constraint()
@@ -350,6 +350,41 @@ class OnnxBackend(TextGenerator):
         if self._shared is not None:
             self._shared.take(st)
         self._seqs[seq] = st
+
+    def _active(self) -> int:
+        return sum(1 for st in self._seqs.values() if not st.suspended)
+
+    # -- preemption (engine.preemption) -------------------------------------------------
+
+    can_suspend = True
+
+    def suspend(self, seq: int) -> None:
+        """Pause ``seq``: its keys and values move out of the shared buffer into its own arrays.
+
+        Copied exactly, not recomputed, so the sequence continues bit for bit
+        where it stopped (a recomputed prefix may round differently and change
+        a greedy pick). In copied mode a sequence holds its own arrays anyway.
+        """
+        st = self._seqs[seq]
+        if st.suspended:
+            return
+        if self._shared is not None:
+            st.past = [np.array(a) for a in self._kv_of(st)]
+            self._shared.release(st)
+        st.suspended = True
+
+    def resume(self, seq: int) -> None:
+        st = self._seqs[seq]
+        if not st.suspended or self._active() >= self.max_sequences:
+            raise RuntimeError("no free sequence slot to resume in")
+        if self._shared is not None:
+            self._shared.take(st)
+            self._shared.reserve(st.n_past + len(st.pending))
+            for buf, kept in zip(self._shared.buffers, st.past, strict=True):
+                buf[st.slot, :, : st.n_past] = kept
+            st.past = []
+        st.suspended = False
+        st.passed = 0
 
     def context_used(self, seq: int) -> int:
         return self._seqs[seq].n_past
@@ -376,7 +411,7 @@ class OnnxBackend(TextGenerator):
 
     def _kv_of(self, st: SeqState) -> list[np.ndarray]:
         """Views of ``st``'s keys and values, per layer and kind: [kv_heads, n_past, head_dim]."""
-        if self._shared is not None:
+        if self._shared is not None and not st.suspended:
             return [b[st.slot, :, : st.n_past] for b in self._shared.buffers]
         return st.past
 
