@@ -24,7 +24,7 @@ import uvloop
 
 from bench.engine import PROMPT
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
-from engine.backends.base import OnnxOptions
+from engine.backends.onnx_entry import OnnxOptions
 from engine.client import default_threads
 
 
@@ -58,7 +58,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         workers=1,
         threads_per_worker=args.threads,
         seqs_per_worker=max(levels),
-        onnx=OnnxOptions(spinning=args.spinning),
+        options={"onnx": OnnxOptions(spinning=args.spinning)},
     )
     result: dict[str, object] = {
         "model": model.rsplit("/", 1)[-1],

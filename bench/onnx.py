@@ -59,7 +59,7 @@ from bench.gateway import ws_stream
 from bench.onnx_ceiling import LEVELS, ffn_shape, graph_ceiling, matmul_nbits_scaling
 from bench.serving import start_server, stop_server
 from engine import EngineClient, EngineConfig, GenerateRequest, GenerationDone, SamplingParams
-from engine.backends.base import OnnxOptions
+from engine.backends.onnx_entry import OnnxOptions
 from engine.client import default_threads
 from engine.requests import TokenDelta
 
@@ -146,7 +146,7 @@ async def compare(
         threads_per_worker=args.threads,
         seqs_per_worker=max(LEVELS),
         keep_alive=-1,
-        onnx=OnnxOptions(spinning=args.spinning, prefix_cache_mb=args.prefix_cache_mb),
+        options={"onnx": OnnxOptions(spinning=args.spinning, prefix_cache_mb=args.prefix_cache_mb)},
     )
     out: dict[str, object] = {}
     async with EngineClient(config) as engine:

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engine.backends.base import LoadParams, OnnxOptions
+from engine.backends.base import LoadParams
+from engine.backends.onnx_entry import OnnxOptions
 from engine.backends.onnxsession import session_options
 
 __all__ = ["LEVELS", "ffn_shape", "graph_ceiling", "matmul_nbits_scaling"]
@@ -47,8 +48,8 @@ _GQA = "GroupQueryAttention"
 
 def _session(model: str | bytes, threads: int, spinning: bool) -> ort.InferenceSession:
     """A CPU session with the options the engine's ONNX backend would give it."""
-    params = LoadParams(n_threads=threads, onnx=OnnxOptions(spinning=spinning))
-    return ort.InferenceSession(model, session_options(params), providers=["CPUExecutionProvider"])
+    opts = session_options(threads, OnnxOptions(spinning=spinning))
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _interleaved(run: dict[int, Any], rounds: int, repeats: int = 3) -> dict[int, float]:

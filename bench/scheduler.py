@@ -17,7 +17,12 @@ Scenarios:
   different questions: aggregate tokens/s (all tokens / wall time from the
   first request to the last event; the median round), time to first token
   (median, p95) and inter-token latency (p50, p99 over every gap of every
-  stream of every round).
+  stream of every round). Beside each, ``decode_ceiling_tok_s``: llama.cpp
+  alone (``bench.readcost.decode_tok_s``) decoding as many rows at once as
+  that server runs (its slots, at most N), and ``of_ceiling``, the server's
+  aggregate over it. No server streams faster than the steps it is made of,
+  so where both servers are near 1.0 of their ceilings, their ratio is the
+  machine's noise, not a difference between them (``--no-ceiling`` skips it).
 * **turns** — one 10-turn conversation (each turn sends the history so far):
   time to first token per turn; the figure is turn 10 / turn 1.
 * **fairness** — tenant A keeps 32 long requests in flight (a new one as each
@@ -57,9 +62,10 @@ from pathlib import Path
 import httpx
 import uvloop
 
-from bench.readcost import read_ms
+from bench.readcost import decode_tok_s, read_ms
 from bench.serving import free_port, start_server, stop_server
 from engine.client import default_threads
+from engine.settings import SEQS_PER_THREAD
 
 QUESTIONS = [
     "Why is the sky blue? Explain it to a curious child.",
@@ -135,6 +141,7 @@ class Target:
     model: str
     keys: dict[str, str] = field(default_factory=dict)  # tenant -> bearer key
     priority_field: bool = False
+    slots: int = 8  # sequences it decodes together at most
 
     def headers(self, who: str | None) -> dict[str, str]:
         key = self.keys.get(who or "")
@@ -387,6 +394,14 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
             for n in args.streams:
                 found = await streams_scenario(client, targets, n, args.tokens, args.rounds)
                 for target, result, into in zip(targets, found, out, strict=True):
+                    if args.gguf is not None and args.ceiling:
+                        # llama.cpp alone, decoding as many rows as this server runs at
+                        # once: no server streams faster from the same steps.
+                        ceiling = await asyncio.to_thread(
+                            decode_tok_s, args.gguf, min(n, target.slots), threads=args.threads
+                        )
+                        result["decode_ceiling_tok_s"] = round(ceiling, 1)
+                        result["of_ceiling"] = round(result["aggregate_tok_s"] / ceiling, 2)
                     into[f"streams_{n}"] = result
                     print(f"  {target.name} {n} streams: {result}", file=sys.stderr)
         scenarios = (
@@ -434,7 +449,9 @@ async def ferrous_target(gguf: Path, args: argparse.Namespace) -> AsyncIterator[
             log=Path(home) / "server.log",
         )
         try:
-            yield Target("ferrous", f"http://127.0.0.1:{port}", "bench", keys, True)
+            # Its default: SEQS_PER_THREAD a thread, as memory allows (it does for SmolLM2).
+            slots = SEQS_PER_THREAD * args.threads
+            yield Target("ferrous", f"http://127.0.0.1:{port}", "bench", keys, True, slots)
         finally:
             stop_server(proc)
 
@@ -461,7 +478,7 @@ async def llama_server_target(
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("llama-server did not start")
                 await asyncio.sleep(0.2)
-        yield Target("llama-server", base, "bench")
+        yield Target("llama-server", base, "bench", slots=8)
     finally:
         stop_server(proc)
 
@@ -539,6 +556,12 @@ def main() -> None:
         default={"streams", "turns", "fairness", "priority"},
     )
     parser.add_argument("--skip-reference", action="store_true", help="ferrous serve only")
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip llama.cpp's own decode rate beside each stream count",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="the table as Markdown")
     parser.add_argument("--from-json", type=Path, help="print the table of an earlier --json run")

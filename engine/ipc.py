@@ -16,7 +16,6 @@ import struct
 
 import msgspec
 
-from engine.backends.base import OnnxOptions
 from engine.requests import ChatMessage, SamplingParams, ToolFunction
 
 __all__ = [
@@ -66,7 +65,7 @@ class LoadModel(_Frame, tag=1, kw_only=True):
     n_batch: int
     n_seq: int
     chat_template: str | None = None
-    onnx: OnnxOptions = msgspec.field(default_factory=OnnxOptions)
+    options: bytes = b""  # the backend's options, encoded by its registry entry
     prefill_chunk: int = 64
     kv_unified: bool = False
 

@@ -29,8 +29,10 @@ __all__ = [
     "COMPUTE_RESERVE",
     "available_memory",
     "default_budget",
+    "estimate_encoder_bytes",
     "estimate_model_bytes",
     "estimate_onnx_bytes",
+    "folder_bytes",
     "kv_bytes_per_token",
     "sequences_for",
 ]
@@ -100,6 +102,18 @@ def sequences_for(header: GGUFHeader, *, n_ctx: int, workers: int, budget: int, 
     return max(1, min(cap, room // max(1, per_seq)))
 
 
+def folder_bytes(folder: str) -> int:
+    """Bytes of every file under ``folder`` (a model folder's weights, tokenizer, configs)."""
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def estimate_encoder_bytes(folder: str, *, workers: int) -> int:
+    """Bytes an ONNX encoder folder needs in ``workers`` workers: weights each, no cache."""
+    return workers * (folder_bytes(folder) + COMPUTE_RESERVE)
+
+
 def estimate_onnx_bytes(
     folder: str, *, n_ctx: int, workers: int, n_seq: int, prefix_cache: int = 0
 ) -> int:
@@ -113,9 +127,7 @@ def estimate_onnx_bytes(
     from pathlib import Path
 
     root = Path(folder)
-    weights = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    if (root / "pooling.json").is_file():  # an encoder: no cache of any kind
-        return workers * (weights + COMPUTE_RESERVE)
+    weights = folder_bytes(folder)
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

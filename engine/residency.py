@@ -25,15 +25,11 @@ from dataclasses import dataclass
 import msgspec
 
 from engine import ipc
-from engine.backends.select import check_model_file, check_onnx_folder, choose_backend
-from engine.memory import (
-    default_budget,
-    estimate_model_bytes,
-    estimate_onnx_bytes,
-    sequences_for,
-)
+from engine.backends.entry import SizingInputs
+from engine.backends.registry import find_entry
+from engine.memory import default_budget
 from engine.pool import WAKE_SAFETY_S, Worker, WorkerPool
-from engine.settings import ONNX_SEQS, SEQS_PER_THREAD, EngineConfig
+from engine.settings import EngineConfig
 from protocol.errors import (
     EngineError,
     FerrousError,
@@ -89,6 +85,8 @@ class ModelSpec:
     expires: float | None = None  # monotonic deadline when idle; None = never
     unloading: bool = False
     load_ms: float = 0.0  # the slowest worker's load of it
+    options: msgspec.Struct | None = None  # its backend's options
+    options_data: bytes = b""  # the same, encoded for the workers
 
     def touch(self, keep_alive: float) -> None:
         now = time.monotonic()
@@ -164,44 +162,27 @@ class Residency:
         ``overloaded`` (the room is held by models with running generations).
         """
         spec = ModelSpec(name, os.path.abspath(os.fspath(path)), backend, n_ctx, chat_template)
-        # Reject bad files here, with a typed error, before any worker sees them.
-        kind = choose_backend(spec.path, backend or None)
-        spec.backend = kind  # what runs it, as ps shows it (not "auto")
-        workers = max(1, len(self._pool.workers))
-        if kind == "onnx":
-            check_onnx_folder(spec.path)
-            spec.n_seq = self.config.seqs_per_worker or ONNX_SEQS
-            spec.size = estimate_onnx_bytes(
-                spec.path,
+        # Reject bad files here, with a typed error, before any worker sees them;
+        # then size the model for the budget (engine.backends.entry).
+        entry = find_entry(spec.path, backend or None)
+        found = entry.inspect(spec.path)
+        spec.backend = found.backend  # what runs it, as ps shows it (not "auto")
+        spec.options = entry.options_of(self.config.options)
+        sizing = entry.size(
+            found,
+            SizingInputs(
                 n_ctx=n_ctx,
-                workers=workers,
-                n_seq=spec.n_seq,
-                prefix_cache=max(0, self.config.onnx.prefix_cache_mb) * 2**20
-                if self.config.onnx.prefix_reuse
-                else 0,
-            )
-        else:
-            header = check_model_file(spec.path, kind)
-            if self.config.seqs_per_worker:
-                spec.n_seq = self.config.seqs_per_worker
-            elif kind == "llama_cpp" and self.config.kv_unified:
-                spec.n_seq = SEQS_PER_THREAD * self.config.threads_per_worker
-            elif kind == "llama_cpp":
-                spec.n_seq = sequences_for(
-                    header,
-                    n_ctx=n_ctx,
-                    workers=workers,
-                    budget=self.memory_budget,
-                    cap=SEQS_PER_THREAD * self.config.threads_per_worker,
-                )
-            spec.size = estimate_model_bytes(
-                header,
-                n_ctx=n_ctx,
-                workers=workers,
+                workers=max(1, len(self._pool.workers)),
+                threads=self.config.threads_per_worker,
+                seqs_cap=self.config.seqs_per_worker,
+                memory_budget=self.memory_budget,
                 n_batch=self.config.n_batch,
-                n_seq=spec.n_seq,
-                unified=self.config.kv_unified,
-            )
+                kv_unified=self.config.kv_unified,
+                options=spec.options,
+            ),
+        )
+        spec.n_seq, spec.size = sizing.n_seq, sizing.size
+        spec.options_data = entry.encode_options(spec.options)
         assert self._load_lock is not None
         async with self._load_lock:
             await self._make_room(spec)
@@ -272,7 +253,7 @@ class Residency:
             n_batch=self.config.n_batch,
             n_seq=spec.n_seq,
             chat_template=spec.chat_template,
-            onnx=self.config.onnx,
+            options=spec.options_data,
             prefill_chunk=self.config.prefill_chunk,
             kv_unified=self.config.kv_unified,
         )

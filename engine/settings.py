@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from engine.backends.base import OnnxOptions
+import msgspec
+
 from engine.rings import DEFAULT_CAPACITY
 
 __all__ = [
@@ -75,4 +76,6 @@ class EngineConfig:
     # seconds, hence the generous default. health_interval <= 0 turns it off.
     health_interval: float = 2.0  # seconds between watchdog pings of each worker
     health_timeout: float = 120.0
-    onnx: OnnxOptions = field(default_factory=OnnxOptions)  # session options of ONNX models
+    # Each backend's own options, by backend name (e.g. "onnx": OnnxOptions); a
+    # backend not listed gets its defaults (engine.backends.entry).
+    options: dict[str, msgspec.Struct] = field(default_factory=dict)

@@ -43,9 +43,8 @@ from engine.backends import (
     LoadParams,
     TextGenerator,
     available_backends,
-    backend_class,
-    choose_backend,
     embedder_of,
+    find_entry,
     generator_of,
 )
 from engine.backends.base import EmbedJob
@@ -226,7 +225,8 @@ class Worker:
 
     def _on_load(self, msg: ipc.LoadModel) -> None:
         try:
-            cls = backend_class(choose_backend(msg.path, msg.backend or None))
+            entry = find_entry(msg.path, msg.backend or None)
+            cls = entry.backend_class()
             t0 = time.perf_counter()
             backend = cls.load(
                 msg.path,
@@ -236,7 +236,7 @@ class Worker:
                     msg.n_batch,
                     msg.n_seq,
                     msg.chat_template,
-                    msg.onnx,
+                    entry.decode_options(msg.options),
                     msg.prefill_chunk,
                     msg.kv_unified,
                 ),

@@ -189,7 +189,7 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """onnxruntime session options (see engine.backends.base.OnnxOptions for the defaults' why)."""
+    """onnxruntime session options (see engine.backends.onnx_entry.OnnxOptions for the defaults' why)."""
 
     spinning: bool = False
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"

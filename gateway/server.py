@@ -39,7 +39,7 @@ from websockets.protocol import Protocol, State
 from websockets.streams import StreamReader
 
 from engine import EngineClient, EngineConfig
-from engine.backends.base import OnnxOptions
+from engine.backends.onnx_entry import OnnxOptions
 from engine.client import default_threads, default_workers
 from gateway.app import GatewayApp, error_body
 from gateway.auth import Authenticator
@@ -168,13 +168,15 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         health_timeout=config.health_timeout,
         memory_budget=parse_size(config.memory_budget),
         keep_alive=parse_duration(config.keep_alive),
-        onnx=OnnxOptions(
-            spinning=config.onnx.spinning,
-            graph_optimization=config.onnx.graph_optimization,
-            memory_arena=config.onnx.memory_arena,
-            prefix_cache_mb=config.onnx.prefix_cache_mb,
-            prefix_reuse=config.onnx.prefix_reuse,
-        ),
+        options={
+            "onnx": OnnxOptions(
+                spinning=config.onnx.spinning,
+                graph_optimization=config.onnx.graph_optimization,
+                memory_arena=config.onnx.memory_arena,
+                prefix_cache_mb=config.onnx.prefix_cache_mb,
+                prefix_reuse=config.onnx.prefix_reuse,
+            )
+        },
     )
 
 

@@ -94,6 +94,8 @@ def test_bench_scheduler(script_model: Path) -> None:
     assert set(ours) == {"streams_1", "streams_2", "turns"}
     streams = ours["streams_2"]
     assert isinstance(streams, dict) and streams["aggregate_tok_s"] > 0
+    ceiling = streams["decode_ceiling_tok_s"]
+    assert ceiling > 0 and streams["of_ceiling"] == round(streams["aggregate_tok_s"] / ceiling, 2)
     assert {"ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p99_ms"} <= set(streams)
     turns = ours["turns"]
     assert isinstance(turns, dict) and len(turns["ttft_ms"]) == 10

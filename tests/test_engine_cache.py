@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine import EngineClient, EngineConfig, GenerateRequest, SamplingParams, TokenDelta
-from engine.backends.select import check_model_file
+from engine.backends.gguf_entry import check_model_file
 from engine.memory import estimate_model_bytes
 from protocol.errors import ModelNotFound, Overloaded, TooLarge
 

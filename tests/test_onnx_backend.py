@@ -19,7 +19,7 @@ from engine import (
     GenerateRequest,
     SamplingParams,
 )
-from engine.backends.base import OnnxOptions
+from engine.backends.onnx_entry import OnnxOptions
 from engine.onnx.tinydecoder import write_tiny_decoder
 from engine.store.pull import ModelManager
 from engine.store.store import ModelStore
@@ -182,7 +182,7 @@ async def test_session_options_apply_and_are_checked(tiny_folder: Path, tmp_path
         OnnxOptions(),
         OnnxOptions(spinning=True, graph_optimization="basic", memory_arena=False),
     ):
-        config = EngineConfig(workers=1, threads_per_worker=1, onnx=options)
+        config = EngineConfig(workers=1, threads_per_worker=1, options={"onnx": options})
         async with EngineClient(config) as client:
             await client.load("m", folder)
             text, _ = await text_of(
@@ -191,7 +191,9 @@ async def test_session_options_apply_and_are_checked(tiny_folder: Path, tmp_path
             want = want or text
             assert text == want
     config = EngineConfig(
-        workers=1, threads_per_worker=1, onnx=OnnxOptions(graph_optimization="fastest")
+        workers=1,
+        threads_per_worker=1,
+        options={"onnx": OnnxOptions(graph_optimization="fastest")},
     )
     async with EngineClient(config) as client:
         with pytest.raises(BadRequest, match="graph_optimization"):

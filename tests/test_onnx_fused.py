@@ -27,7 +27,8 @@ import pytest
 
 from engine import ChatMessage, EngineClient, EngineConfig, GenerateRequest, SamplingParams
 from engine.backends import onnxkv, onnxrt
-from engine.backends.base import LoadParams, OnnxOptions
+from engine.backends.base import LoadParams
+from engine.backends.onnx_entry import OnnxOptions
 from engine.backends.onnxrt import OnnxBackend
 from engine.onnx.convert import convert_gguf, main
 from engine.onnx.decoder import TinyDecoderSpec, build_decoder_onnx
@@ -231,7 +232,7 @@ def test_shared_buffer_rows_paused_moved_and_grown(
 def test_a_long_prompt_is_read_in_chunks_while_others_decode(
     fused_twin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    params = LoadParams(n_threads=1, n_seq=4, onnx=OnnxOptions(prefix_cache_mb=0))
+    params = LoadParams(n_threads=1, n_seq=4, options=OnnxOptions(prefix_cache_mb=0))
     backend = OnnxBackend.load(str(fused_twin), params)
     assert isinstance(backend, OnnxBackend)
     long_prompt = " ".join(PROMPTS[1:] * 3)  # shares nothing with the running one

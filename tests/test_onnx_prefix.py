@@ -17,7 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from engine.backends.base import LoadParams, OnnxOptions
+from engine.backends.base import LoadParams
+from engine.backends.onnx_entry import OnnxOptions
 from engine.backends.onnxkv import PrefixStore
 from engine.backends.onnxrt import MIN_REUSE, OnnxBackend
 from engine.onnx.tinydecoder import write_tiny_decoder
@@ -44,7 +45,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def _load(folder: Path, prefix_cache_mb: int, reuse: bool = True) -> OnnxBackend:
     onnx = OnnxOptions(prefix_cache_mb=prefix_cache_mb, prefix_reuse=reuse)
-    params = LoadParams(n_threads=1, n_seq=4, onnx=onnx)
+    params = LoadParams(n_threads=1, n_seq=4, options=onnx)
     backend = OnnxBackend.load(str(folder), params)
     assert isinstance(backend, OnnxBackend)
     return backend

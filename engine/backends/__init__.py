@@ -1,4 +1,4 @@
-"""Model backends, the interfaces they implement per job, and the selector that picks one."""
+"""Model backends, the interfaces they implement per kind of job, and the registry that picks one."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ from engine.backends.base import (
     embedder_of,
     generator_of,
 )
-from engine.backends.select import available_backends, backend_class, choose_backend
+from engine.backends.entry import BackendEntry, Found, Kind
+from engine.backends.registry import available_backends, backend_names, find_entry
 
 __all__ = [
     "Backend",
+    "BackendEntry",
     "Embedder",
+    "Found",
+    "Kind",
     "LoadParams",
     "TextGenerator",
     "available_backends",
-    "backend_class",
-    "choose_backend",
+    "backend_names",
     "embedder_of",
+    "find_entry",
     "generator_of",
 ]

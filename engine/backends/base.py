@@ -48,7 +48,6 @@ __all__ = [
     "EmbedJob",
     "Embedder",
     "LoadParams",
-    "OnnxOptions",
     "TextGenerator",
     "embedder_of",
     "generator_of",
@@ -56,33 +55,6 @@ __all__ = [
 
 # One forward pass per next(); returns (unit-length vectors, tokens read).
 EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
-
-
-class OnnxOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """onnxruntime session options for ONNX models.
-
-    ``spinning`` keeps intra-op threads busy-waiting between runs. Measured
-    through the engine on 2 cores it gave no consistent gain (runs varied
-    more than the difference), while a spinning worker takes CPU from the
-    gateway and other workers (a llama.cpp worker beside it slowed by ~25 %),
-    so it is off by default; turn it on for a box that runs one ONNX model.
-
-    ``prefix_cache_mb`` bounds the keys and values a worker keeps from
-    finished sequences so that a later prompt starting with the same tokens
-    (a shared system prompt, the next turn of a conversation, a retried
-    request) copies them instead of reading that part again; 0 keeps none
-    (prefixes are still shared between running sequences, which costs no
-    memory). ``prefix_reuse = False`` turns reuse off altogether: how soon a
-    first token comes tells whether another request began the same way, which
-    a server shared by parties who must not learn of each other's prompts
-    may not want.
-    """
-
-    spinning: bool = False
-    graph_optimization: str = "all"  # all | extended | basic | disabled
-    memory_arena: bool = True
-    prefix_cache_mb: int = 128
-    prefix_reuse: bool = True
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,7 +75,7 @@ class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_batch: int = 512
     n_seq: int = 4
     chat_template: str | None = None  # overrides the model's own (a Modelfile TEMPLATE)
-    onnx: OnnxOptions = msgspec.field(default_factory=OnnxOptions)
+    options: msgspec.Struct | None = None  # the backend's own (its registry entry's ``options``)
     prefill_chunk: int = 64
     kv_unified: bool = False
 

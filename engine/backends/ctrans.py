@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from ctransformers import AutoModelForCausalLM
 
 from engine.backends.base import LoadParams, TextGenerator
-from engine.backends.select import check_model_file
+from engine.backends.gguf_entry import check_model_file
 from engine.requests import SamplingParams
 from protocol.errors import ModelLoadError
 

@@ -50,6 +50,7 @@ import llama_cpp.llama_grammar
 import numpy as np
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
+from engine.backends.gguf_entry import check_model_file
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
 from engine.backends.llamaslots import (
     BORROW_MIN,
@@ -59,7 +60,6 @@ from engine.backends.llamaslots import (
     pick_slot,
     spliced,
 )
-from engine.backends.select import check_model_file
 from engine.guidance import Guide, GuideFactory
 from engine.interrupt import strlen_callback_address
 from engine.logprobs import token_logprobs

@@ -1,8 +1,8 @@
 """Embeddings from a converted BERT encoder folder (``pooling.json``), through onnxruntime.
 
-The ``onnx`` backend loads a folder holding ``pooling.json`` (written by
-:func:`engine.onnx.bert_convert.convert_bert`) as this backend rather than as
-a decoder (:meth:`engine.backends.onnxrt.OnnxBackend.load`). An encoder has no
+The registry gives a folder holding ``pooling.json`` (written by
+:func:`engine.onnx.bert_convert.convert_bert`) to this backend rather than to
+the decoder (:mod:`engine.backends.onnx_entry`). An encoder has no
 LM head, so it is an :class:`~engine.backends.base.Embedder` only: the worker
 refuses generation requests for it before they reach the backend.
 """
@@ -10,9 +10,9 @@ refuses generation requests for it before they reach the backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams
+from engine.backends.onnx_entry import check_onnx_folder
 from engine.onnx.encoder import OnnxEncoder
 from protocol.errors import BadRequest
 
@@ -34,7 +34,7 @@ class OnnxEncoderBackend(Embedder):
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> OnnxEncoderBackend:
-        return cls(OnnxEncoder(Path(path), threads=params.n_threads))
+        return cls(OnnxEncoder(check_onnx_folder(path), threads=params.n_threads))
 
     def free(self) -> None:
         pass  # the session goes with the object

@@ -34,12 +34,13 @@ conversation and retried requests start sooner. At least one prompt token is
 always read, since its logits give the first completion token.
 
 Sampling is numpy (:mod:`engine.backends.numpysampler`): greedy argmax, or
-repeat penalty, top-k, top-p, min-p and temperature with a seeded generator. There is no grammar sampler here, so
-structured output is refused (``bad_request``) as on ctransformers.
+repeat penalty, top-k, top-p, min-p and temperature with a seeded generator;
+structured output and tool calls mask the logits through the grammar engine
+(:mod:`engine.guidance`).
 
-A folder holding ``pooling.json`` is a BERT encoder instead: :meth:`OnnxBackend.load`
-returns :class:`~engine.backends.onnxembed.OnnxEncoderBackend` for it, which
-serves embeddings only.
+A folder holding ``pooling.json`` is a BERT encoder instead, which the
+registry gives to :class:`~engine.backends.onnxembed.OnnxEncoderBackend`
+(:mod:`engine.backends.onnx_entry`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ from tokenizers import Tokenizer
 
 from engine.backends.base import Backend, LoadParams, TextGenerator
 from engine.backends.numpysampler import sample_token
-from engine.backends.onnxembed import OnnxEncoderBackend
+from engine.backends.onnx_entry import OnnxOptions, check_onnx_folder
 from engine.backends.onnxkv import PrefixStore, SeqState, SharedKV, common_prefix
 from engine.backends.onnxsession import graph_opsets, has_op, read_json, session_options
-from engine.backends.select import check_onnx_folder
 from engine.guidance import GuideFactory
 from engine.logprobs import token_logprobs
 from engine.requests import SamplingParams
@@ -167,8 +167,6 @@ class OnnxBackend(TextGenerator):
     @classmethod
     def load(cls, path: str, params: LoadParams) -> Backend:
         folder = check_onnx_folder(path)
-        if (folder / "pooling.json").is_file():
-            return OnnxEncoderBackend.load(path, params)
         config = read_json(folder / "config.json")
         gen_config = read_json(folder / "generation_config.json")
         tok_config = read_json(folder / "tokenizer_config.json")
@@ -176,10 +174,11 @@ class OnnxBackend(TextGenerator):
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the tokenizers package raises plain Exceptions
             raise ModelLoadError(str(folder), "tokenizer", f"tokenizer.json: {exc}") from None
-        opts = session_options(params)
+        opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
+        session_opts = session_options(params.n_threads, opts)
         try:
             session = ort.InferenceSession(
-                str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+                str(folder / "model.onnx"), session_opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own Exception subclasses
             if "opset" in str(exc).lower():
@@ -266,8 +265,8 @@ class OnnxBackend(TextGenerator):
             chat_template=template if isinstance(template, str) else None,
             has_positions="position_ids" in inputs,
             shared_kv=has_op(folder / "model.onnx", "GroupQueryAttention"),
-            prefix_cache_bytes=max(0, params.onnx.prefix_cache_mb) * 2**20,
-            prefix_reuse=params.onnx.prefix_reuse,
+            prefix_cache_bytes=max(0, opts.prefix_cache_mb) * 2**20,
+            prefix_reuse=opts.prefix_reuse,
             tokenizer_json=(folder / "tokenizer.json").read_text(encoding="utf-8"),
         )
 

@@ -1,8 +1,8 @@
 """Opening ONNX model folders: onnxruntime session options and what a graph or config says.
 
 Shared by the ONNX decoder backend (:mod:`engine.backends.onnxrt`) and the
-benchmarks that time its graphs: :func:`session_options` turns the load
-parameters and ``[onnx]`` settings into onnxruntime's options;
+benchmarks that time its graphs: :func:`session_options` turns the thread
+count and ``[onnx]`` settings into onnxruntime's options;
 :func:`read_json` reads a folder's optional JSON files; :func:`graph_opsets`
 and :func:`has_op` read a graph's header without its weights.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from engine.backends.base import LoadParams
+from engine.backends.onnx_entry import OnnxOptions
 from protocol.errors import BadRequest, ModelLoadError
 
 __all__ = ["graph_opsets", "has_op", "read_json", "session_options"]
@@ -59,16 +59,15 @@ _OPT_LEVELS = {
 }
 
 
-def session_options(params: LoadParams) -> ort.SessionOptions:
-    """Session options from the load parameters (threads) and the ONNX settings."""
-    o = params.onnx
+def session_options(threads: int, o: OnnxOptions) -> ort.SessionOptions:
+    """Session options for ``threads`` intra-op threads and the ``[onnx]`` settings."""
     if o.graph_optimization not in _OPT_LEVELS:
         raise BadRequest(
             f"onnx graph_optimization must be one of {', '.join(_OPT_LEVELS)}, "
             f"not {o.graph_optimization!r}"
         )
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = params.n_threads
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _OPT_LEVELS[o.graph_optimization]
