@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -261,11 +262,22 @@ class _Pooled:
 
 
 async def streams_scenario(
-    client: httpx.AsyncClient, targets: list[Target], n: int, tokens: int, rounds: int
+    client: httpx.AsyncClient,
+    targets: list[Target],
+    n: int,
+    tokens: int,
+    rounds: int,
+    ceiling: Callable[[int], float] | None = None,
 ) -> list[dict[str, float]]:
     """``rounds`` bursts of ``n`` chats on each target, alternating targets round by round
-    (and which goes first), so that a machine's drift hits both alike."""
+    (and which goes first), so that a machine's drift hits both alike.
+
+    With ``ceiling`` (tokens/s llama.cpp alone decodes with that many rows in a
+    step), each round also measures it for each target's rows, between the
+    bursts, so the ceiling drifts with the machine as the bursts do; the
+    median is reported beside each target's figures."""
     pooled = [_Pooled() for _ in targets]
+    ceilings: list[list[float]] = [[] for _ in targets]
     for r in range(rounds):
         # A different question set each round: no round reuses another's prompts.
         questions = [_question(i + r * n) for i in range(n)]
@@ -278,7 +290,20 @@ async def streams_scenario(
                 *(chat(client, targets[k], q, tokens) for q in questions)
             )
             pooled[k].add(list(results), time.perf_counter() - t0)
-    return [p.summary() for p in pooled]
+        if ceiling is not None:
+            found: dict[int, float] = {}
+            for k, target in enumerate(targets):
+                rows = min(n, target.slots)
+                if rows not in found:
+                    found[rows] = await asyncio.to_thread(ceiling, rows)
+                ceilings[k].append(found[rows])
+    out = [p.summary() for p in pooled]
+    for summary, measured in zip(out, ceilings, strict=True):
+        if measured:
+            top = statistics.median(measured)
+            summary["decode_ceiling_tok_s"] = round(top, 1)
+            summary["of_ceiling"] = round(summary["aggregate_tok_s"] / top, 2)
+    return out
 
 
 async def turns_scenario(
@@ -381,6 +406,10 @@ async def priority_scenario(
     }
 
 
+def _ceiling(gguf: Path, threads: int, rows: int) -> float:
+    return decode_tok_s(gguf, rows, threads=threads)
+
+
 async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[str, object]]:
     """Every scenario on every target; stream rounds alternate between targets."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
@@ -391,17 +420,18 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
             for who in target.keys:  # and each caller's first request (its key checked)
                 await chat(client, target, _question(1), 1, who=who)
         if "streams" in args.scenarios:
+            # llama.cpp alone, decoding as many rows as a server runs at once: no
+            # server streams faster from the same steps.
+            ceiling = (
+                functools.partial(_ceiling, args.gguf, args.threads)
+                if args.gguf is not None and args.ceiling
+                else None
+            )
             for n in args.streams:
-                found = await streams_scenario(client, targets, n, args.tokens, args.rounds)
+                found = await streams_scenario(
+                    client, targets, n, args.tokens, args.rounds, ceiling
+                )
                 for target, result, into in zip(targets, found, out, strict=True):
-                    if args.gguf is not None and args.ceiling:
-                        # llama.cpp alone, decoding as many rows as this server runs at
-                        # once: no server streams faster from the same steps.
-                        ceiling = await asyncio.to_thread(
-                            decode_tok_s, args.gguf, min(n, target.slots), threads=args.threads
-                        )
-                        result["decode_ceiling_tok_s"] = round(ceiling, 1)
-                        result["of_ceiling"] = round(result["aggregate_tok_s"] / ceiling, 2)
                     into[f"streams_{n}"] = result
                     print(f"  {target.name} {n} streams: {result}", file=sys.stderr)
         scenarios = (
