@@ -14,10 +14,11 @@ dropped, reordered or buffered beyond one step's output; the consumer's
 :class:`~engine.ipc.Resume` frame (or a periodic re-check) un-pauses it. One
 paused longer than its stall timeout ends with reason ``stalled``.
 
-Embedding requests (:class:`~engine.ipc.Embed`) run on this thread too
-(llama.cpp's thread pool follows the calling thread), one forward pass per
-cycle after the step, oldest request first: running streams wait at most one
-embedding pass per token, as they do for a chunk of a long prompt.
+Requests of other kinds, *jobs* (embeddings today, :mod:`engine.jobs`), run on
+this thread too (llama.cpp's thread pool follows the calling thread), one
+unit of work (a forward pass) per cycle after the step, oldest job first:
+running streams wait at most one unit per token, as they do for a chunk of a
+long prompt.
 """
 
 from __future__ import annotations
@@ -30,10 +31,8 @@ import signal
 import socket
 import sys
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
-from itertools import chain
 
 import msgspec
 
@@ -43,26 +42,22 @@ from engine.backends import (
     LoadParams,
     TextGenerator,
     available_backends,
-    embedder_of,
     find_entry,
     generator_of,
 )
-from engine.backends.base import EmbedJob
 from engine.interrupt import Interrupt
+from engine.jobs import JobQueue
 from engine.logprobs import TokenLogprob, TopLogprob
 from engine.preemption import Runner, victim
-from engine.requests import ChatMessage, FinishReason, ToolFunction
+from engine.prompts import prompt_tokens, with_tool_grammar
+from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
-from engine.tools import tool_grammar
-from engine.truncation import droppable, estimated_cut, settle_cut
 from protocol.errors import (
-    BadRequest,
     ErrorCode,
     FerrousError,
     ModelLoadError,
     ModelNotFound,
-    TooLarge,
 )
 
 __all__ = ["Worker", "main"]
@@ -71,22 +66,6 @@ PAUSED_RECHECK_S = 0.25  # safety net only: Resume frames normally end a pause
 
 
 _LP_ENCODER = msgspec.msgpack.Encoder()
-
-
-def _with_tool_grammar(msg: ipc.Generate) -> ipc.Generate:
-    """``msg`` with the grammar its tools and tool choice call for (engine.tools)."""
-    if not msg.tools or msg.tool_choice == "none":
-        if msg.tool_name is not None or msg.tool_choice == "required":
-            raise BadRequest("tool_choice needs tools")
-        return msg
-    if msg.messages is None:
-        raise BadRequest("tools need chat messages, not a raw prompt")
-    if msg.sampling.constraint() is not None:
-        raise BadRequest("tools cannot be combined with an output format (json, schema, grammar)")
-    grammar = tool_grammar(msg.tools, msg.tool_choice, msg.tool_name, msg.parallel_tool_calls)
-    return msgspec.structs.replace(
-        msg, sampling=msgspec.structs.replace(msg.sampling, lark=grammar)
-    )
 
 
 def _rss_bytes() -> int:
@@ -157,7 +136,7 @@ class Worker:
         self._models: dict[str, tuple[Backend, float]] = {}
         self._queued: dict[str, deque[_Seq]] = {}
         self._running: dict[int, _Seq] = {}
-        self._embeds: deque[tuple[ipc.Embed, EmbedJob]] = deque()  # oldest first
+        self._jobs = JobQueue(self._send)  # requests of every kind but text generation
         self._stopping = False
         self._order = 0  # sequences started so far
         self._tokens_generated = 0
@@ -169,8 +148,9 @@ class Worker:
             ipc.Resume: self._on_resume,
             ipc.Ping: self._on_ping,
             ipc.Shutdown: self._on_shutdown,
-            ipc.Embed: self._on_embed,
         }
+        for message in self._jobs.handles():
+            self._handlers[message] = self._on_job
 
     # -- I/O ------------------------------------------------------------------------
 
@@ -201,15 +181,16 @@ class Worker:
                 break
             self._admit()
             self._step()
-            self._embed_step()
+            self._jobs.step()
             self._unpause()
         for seq in list(self._running.values()) + [s for q in self._queued.values() for s in q]:
             self._finalize(seq, FinishReason.CANCELLED, notify=False)
+        self._jobs.close()
         for backend, _ in self._models.values():
             backend.free()
 
     def _timeout(self) -> float | None:
-        if self._embeds or any(not s.outbox and not s.suspended for s in self._running.values()):
+        if self._jobs or any(not s.outbox and not s.suspended for s in self._running.values()):
             return 0.0
         if self._admissible():
             return 0.0
@@ -289,11 +270,7 @@ class Worker:
             self._queued.pop(model, ())
         ):
             self._finalize(seq, FinishReason.CANCELLED)
-        for item in [e for e in self._embeds if e[0].model == model]:
-            self._embeds.remove(item)
-            item[1].close()
-            gone = ModelNotFound(f"model {model!r} was unloaded during the request")
-            self._send(self._embed_error(item[0], gone))
+        self._jobs.drop_model(model)
         backend, _ = self._models.pop(model)
         backend.free()
 
@@ -314,92 +291,16 @@ class Worker:
             return
         try:
             backend = generator_of(entry[0])  # an embedding model is refused here
-            msg = _with_tool_grammar(msg)
+            msg = with_tool_grammar(msg)
             # Before queueing: a bad grammar or schema fails now, not after a wait for a slot.
             backend.check_sampling(msg.sampling)
             seq = _Seq(msg, ring, backend, msg.model)
-            seq.prompt = self._prompt_tokens(seq)
+            seq.prompt = prompt_tokens(backend, msg)
         except FerrousError as exc:
             ring.close()
             self._reject(msg.gen, exc)
             return
         self._queued.setdefault(msg.model, deque()).append(seq)
-
-    def _prompt_tokens(self, seq: _Seq) -> list[int]:
-        backend, msg = seq.backend, seq.msg
-        deadline = time.perf_counter() + msg.prepare_timeout
-        if msg.messages is not None:
-            messages = list(msg.messages)
-            if not messages:
-                raise BadRequest("a chat needs at least one message")
-            tokens = self._tokenize(backend, backend.render_chat(messages, self._tools(msg)))
-            if msg.truncate and not self._prompt_fits(seq, len(tokens)):
-                tokens = self._truncated(seq, messages, len(tokens), deadline)
-        elif msg.prompt is not None:
-            tokens = self._tokenize(backend, msg.prompt)
-        else:
-            raise BadRequest("a request needs a prompt or messages")
-        if not tokens:
-            raise BadRequest("the prompt is empty")
-        if msg.max_prompt_tokens and len(tokens) > msg.max_prompt_tokens:
-            raise TooLarge(
-                f"the prompt has {len(tokens)} tokens; the limit is {msg.max_prompt_tokens}"
-            )
-        if len(tokens) >= backend.n_ctx:
-            raise BadRequest(
-                f"the prompt has {len(tokens)} tokens; the context window holds {backend.n_ctx}"
-            )
-        return tokens
-
-    def _truncated(
-        self, seq: _Seq, messages: list[ChatMessage], full: int, deadline: float
-    ) -> list[int]:
-        """The prompt without the oldest non-system messages it must drop to fit.
-
-        Each droppable message is tokenized once; the cut is estimated from
-        those counts and settled with a few renders (engine.truncation).
-        """
-        backend = seq.backend
-        drop = droppable([m.role for m in messages])
-        costs = [len(backend.tokenize(messages[i].content, add_bos=False)) for i in drop]
-        n_ctx = backend.n_ctx
-        answer = min(seq.msg.sampling.max_tokens or n_ctx // 4, n_ctx // 2)
-        limit = min(n_ctx - answer, seq.msg.max_prompt_tokens or n_ctx)
-        rendered: dict[int, list[int]] = {}
-
-        def without(k: int) -> list[ChatMessage]:
-            gone = set(drop[:k])
-            return [m for i, m in enumerate(messages) if i not in gone]
-
-        def fits(k: int) -> bool:
-            rendered[k] = self._tokenize(
-                backend, backend.render_chat(without(k), self._tools(seq.msg))
-            )
-            return len(rendered[k]) <= limit
-
-        cut = settle_cut(estimated_cut(full, costs, limit), len(drop), fits, deadline=deadline)
-        return (
-            rendered[cut]
-            if cut in rendered
-            else self._tokenize(backend, backend.render_chat(without(cut), self._tools(seq.msg)))
-        )
-
-    @staticmethod
-    def _tools(msg: ipc.Generate) -> list[ToolFunction] | None:
-        """The tools the prompt describes: none with ``tool_choice: none``."""
-        return msg.tools if msg.tool_choice != "none" else None
-
-    @staticmethod
-    def _tokenize(backend: TextGenerator, text: str) -> list[int]:
-        add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
-        return backend.tokenize(text, add_bos=add_bos)
-
-    @staticmethod
-    def _prompt_fits(seq: _Seq, n: int) -> bool:
-        n_ctx = seq.backend.n_ctx
-        answer = min(seq.msg.sampling.max_tokens or n_ctx // 4, n_ctx // 2)
-        limit = min(n_ctx - answer, seq.msg.max_prompt_tokens or n_ctx)
-        return n <= limit
 
     def _reject(self, gen: int, exc: FerrousError) -> None:
         self._send(ipc.Finished.ended(gen, FinishReason.ERROR.value, exc.code.value, exc.message))
@@ -433,54 +334,9 @@ class Worker:
             )
         )
 
-    def _on_embed(self, msg: ipc.Embed) -> None:
+    def _on_job(self, msg: ipc.Embed) -> None:
         entry = self._models.get(msg.model)
-        try:
-            if entry is None:
-                raise ModelNotFound(f"model {msg.model!r} is not loaded")
-            # A runtime that cannot embed, or bad inputs, fail here, at once.
-            job = embedder_of(entry[0]).embed_job(msg.inputs, msg.truncate)
-        except Exception as exc:
-            self._send(self._embed_error(msg, exc))
-            return
-        self._embeds.append((msg, job))
-
-    @staticmethod
-    def _embed_error(msg: ipc.Embed, exc: Exception) -> ipc.WorkerError:
-        if isinstance(exc, FerrousError):
-            return ipc.WorkerError(
-                req=msg.req, code=exc.code.value, message=exc.message, retryable=exc.retryable
-            )
-        return ipc.WorkerError(
-            req=msg.req,
-            code=ErrorCode.ENGINE_ERROR.value,
-            message=f"{type(exc).__name__}: {exc}",
-            retryable=False,
-        )
-
-    def _embed_step(self) -> None:
-        """One forward pass of the oldest embedding request, then back to the streams."""
-        if not self._embeds:
-            return
-        msg, job = self._embeds[0]
-        try:
-            next(job)
-            return
-        except StopIteration as done:
-            vectors, n_tokens = done.value
-            dim = len(vectors[0]) if vectors else 0
-            data = array("f", chain.from_iterable(vectors)).tobytes()
-            if len(data) > ipc.MAX_FRAME - 1024:
-                err = TooLarge(
-                    f"{len(vectors)} vectors of {dim} floats exceed one reply; send fewer inputs"
-                )
-                reply: ipc.FromWorker = self._embed_error(msg, err)
-            else:
-                reply = ipc.Embedded(req=msg.req, dim=dim, data=data, prompt_tokens=n_tokens)
-        except Exception as exc:
-            reply = self._embed_error(msg, exc)
-        self._embeds.popleft()
-        self._send(reply)
+        self._jobs.start(msg, None if entry is None else entry[0], msg.req, msg.model)
 
     def _on_shutdown(self, msg: ipc.Shutdown) -> None:
         self._stopping = True

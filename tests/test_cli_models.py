@@ -337,6 +337,10 @@ def test_ps_and_stop_without_a_server_name_the_port_asked_for(tmp_path: Path) ->
         assert f"no server answers on 127.0.0.1:{port}" in out.stderr, out.stderr
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_pull_over_http_plain_progress_interrupt_and_resume(tmp_path: Path) -> None:
     """Piped output gets plain progress lines; Ctrl-C says how much is kept, and pulling
     again resumes from there."""
@@ -350,6 +354,9 @@ def test_pull_over_http_plain_progress_interrupt_and_resume(tmp_path: Path) -> N
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            # Ctrl-C as a terminal delivers it: a shell running the suite in the
+            # background starts its children with SIGINT ignored, and they inherit that.
+            preexec_fn=_sigint_default,
         )
         deadline = time.monotonic() + 60
         while srv.behaviour.sent() < 3 * 64 * 1024 and time.monotonic() < deadline:

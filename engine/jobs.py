@@ -1,0 +1,160 @@
+"""Jobs: the requests of every model kind that are not token-by-token text generation.
+
+Text generation is stepped in batches by the worker's decode loop. Every
+other kind of request (embeddings today; transcription and speech next) is a
+*job*: a request message, a backend interface that turns it into bounded units
+of work, and the replies it sends. The worker runs all jobs through one loop
+(:class:`JobQueue`): one unit of the oldest job per cycle, after the decode
+step, so running streams wait at most one unit per token whatever the kind.
+
+A kind is added by one :class:`JobKind` in :data:`JOB_KINDS`: which message
+starts it, and how a loaded backend makes a :class:`Job` of it (refusing at
+once, with a typed error, a model that cannot serve it or inputs it cannot
+take). Nothing else in the worker changes.
+"""
+
+from __future__ import annotations
+
+import abc
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import msgspec
+
+from engine import ipc
+from engine.backends.base import Backend, EmbedJob, embedder_of
+from protocol.errors import ErrorCode, FerrousError, ModelNotFound, TooLarge
+
+__all__ = ["JOB_KINDS", "Job", "JobKind", "JobQueue", "error_reply"]
+
+
+def error_reply(req: int, exc: BaseException) -> ipc.WorkerError:
+    """The typed error a job (or its start) ends with."""
+    if isinstance(exc, FerrousError):
+        return ipc.WorkerError(
+            req=req, code=exc.code.value, message=exc.message, retryable=exc.retryable
+        )
+    return ipc.WorkerError(
+        req=req,
+        code=ErrorCode.ENGINE_ERROR.value,
+        message=f"{type(exc).__name__}: {exc}",
+        retryable=False,
+    )
+
+
+class Job(abc.ABC):
+    """One request of a job kind, run one bounded unit at a time."""
+
+    def __init__(self, req: int, model: str) -> None:
+        self.req = req
+        self.model = model
+
+    @abc.abstractmethod
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        """Run one unit: the messages to send now (partial results, or the reply), and
+        whether the job is done. An exception ends it with that error."""
+
+    def close(self) -> None:  # noqa: B027 (most jobs hold nothing to release)
+        """Drop the job unfinished (its model was unloaded, the worker is stopping)."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of job: the message that starts one, and how a backend makes the job."""
+
+    message: type[msgspec.Struct]
+    start: Callable[[Backend, Any], Job]
+
+
+class _Embedding(Job):
+    """Embeddings: one forward pass per unit; the vectors as raw float32 in the reply."""
+
+    def __init__(self, msg: ipc.Embed, run: EmbedJob) -> None:
+        super().__init__(msg.req, msg.model)
+        self._run = run
+
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        try:
+            next(self._run)
+            return [], False
+        except StopIteration as done:
+            vectors, n_tokens = done.value
+        dim = len(vectors[0]) if vectors else 0
+        data = array("f", chain.from_iterable(vectors)).tobytes()
+        if len(data) > ipc.MAX_FRAME - 1024:
+            raise TooLarge(
+                f"{len(vectors)} vectors of {dim} floats exceed one reply; send fewer inputs"
+            )
+        return [ipc.Embedded(req=self.req, dim=dim, data=data, prompt_tokens=n_tokens)], True
+
+    def close(self) -> None:
+        self._run.close()
+
+
+def _start_embedding(backend: Backend, msg: ipc.Embed) -> Job:
+    # A runtime that cannot embed, or bad inputs, fail here, at once.
+    return _Embedding(msg, embedder_of(backend).embed_job(msg.inputs, msg.truncate))
+
+
+JOB_KINDS: tuple[JobKind, ...] = (JobKind(ipc.Embed, _start_embedding),)
+
+
+class JobQueue:
+    """The worker's jobs of every kind, oldest first, one unit of work per :meth:`step`."""
+
+    def __init__(self, send: Callable[[ipc.FromWorker], None]) -> None:
+        self._send = send
+        self._jobs: deque[Job] = deque()
+        self._kinds = {k.message: k for k in JOB_KINDS}
+
+    def __bool__(self) -> bool:
+        return bool(self._jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._jobs)
+
+    def handles(self) -> list[type[msgspec.Struct]]:
+        """The message types that start a job."""
+        return list(self._kinds)
+
+    def start(self, msg: msgspec.Struct, backend: Backend | None, req: int, model: str) -> None:
+        """Queue the job ``msg`` asks for, or answer at once with why it cannot run."""
+        try:
+            if backend is None:
+                raise ModelNotFound(f"model {model!r} is not loaded")
+            job = self._kinds[type(msg)].start(backend, msg)
+        except Exception as exc:
+            self._send(error_reply(req, exc))
+            return
+        self._jobs.append(job)
+
+    def step(self) -> None:
+        """One unit of the oldest job; its messages sent, and it retired when done."""
+        if not self._jobs:
+            return
+        job = self._jobs[0]
+        try:
+            out, done = job.step()
+        except Exception as exc:
+            out, done = [error_reply(job.req, exc)], True
+        if done:
+            self._jobs.popleft()
+        for msg in out:
+            self._send(msg)
+
+    def drop_model(self, model: str) -> None:
+        """End every job of ``model`` (unloaded under it) with ``model_not_found``."""
+        for job in [j for j in self._jobs if j.model == model]:
+            self._jobs.remove(job)
+            job.close()
+            gone = ModelNotFound(f"model {model!r} was unloaded during the request")
+            self._send(error_reply(job.req, gone))
+
+    def close(self) -> None:
+        for job in self._jobs:
+            job.close()
+        self._jobs.clear()
