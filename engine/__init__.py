@@ -19,6 +19,9 @@ from engine.requests import (
     TokenDelta,
     ToolCall,
     ToolFunction,
+    TranscribeOptions,
+    Transcript,
+    TranscriptSegment,
     Usage,
 )
 
@@ -69,6 +72,9 @@ __all__ = [
     "TokenDelta",
     "ToolCall",
     "ToolFunction",
+    "TranscribeOptions",
+    "Transcript",
+    "TranscriptSegment",
     "Usage",
     "WorkerHealth",
 ]

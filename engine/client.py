@@ -29,12 +29,10 @@ gateway uses only its public methods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import time
-from array import array
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 
@@ -42,11 +40,11 @@ import msgspec
 
 from engine import ipc
 from engine.admission import Admission, Stranded, WaitCallback
+from engine.jobcalls import JobCalls
 from engine.logprobs import TokenLogprob
 from engine.placement import Affinity
 from engine.pool import Gen, Worker, WorkerPool
 from engine.requests import (
-    Embeddings,
     ErrorInfo,
     FinishReason,
     GenerateRequest,
@@ -59,13 +57,11 @@ from engine.residency import LoadedModel, ModelInfo, ModelSpec, Residency
 from engine.rings import Ring, sweep_orphans
 from engine.settings import EngineConfig, default_threads, default_workers
 from protocol.errors import (
-    BadRequest,
     EngineError,
     ErrorCode,
     FerrousError,
     ModelNotFound,
     Overloaded,
-    TooLarge,
     error_from_code,
 )
 
@@ -91,10 +87,6 @@ _REQUEST_ERRORS = frozenset(
 # Awaited once a request is admitted (after any WaitCallback calls).
 StartCallback = Callable[[], Awaitable[None]]
 
-# An embedding call is answered in one frame after all its inputs are read; a
-# large batch of long inputs on a small CPU can take minutes.
-EMBED_TIMEOUT_S = 600.0
-
 
 class WorkerHealth(msgspec.Struct, frozen=True):
     index: int
@@ -113,7 +105,7 @@ class EngineHealth(msgspec.Struct, frozen=True):
     restarts: int
 
 
-class EngineClient:
+class EngineClient(JobCalls):
     """Asyncio client of the worker pool. Use as an async context manager."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
@@ -269,28 +261,6 @@ class EngineClient:
 
     # -- generation -----------------------------------------------------------------
 
-    async def _pick(self, model: str) -> Worker:
-        """The least busy live worker with ``model``; waits for a replacement worker."""
-        assert self._changed is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.start_timeout
-        while True:
-            candidates = (
-                [w for w in self._workers if w.alive and model in w.models]
-                if model in self._models
-                else []
-            )
-            if candidates:
-                return min(candidates, key=lambda w: len(w.gens))
-            if model not in self._models:
-                raise ModelNotFound(f"model {model!r} is not loaded")
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise EngineError(f"no worker has model {model!r} ready", retryable=True)
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-
     async def generate(
         self,
         request: GenerateRequest,
@@ -439,52 +409,6 @@ class EngineClient:
             Timings(f.load_ms, f.queue_ms, f.ttft_ms, f.total_ms, f.decode_tok_s),
             error,
         )
-
-    # -- embeddings -----------------------------------------------------------------
-
-    async def embed(
-        self,
-        model: str,
-        inputs: list[str],
-        *,
-        truncate: bool = True,
-        keep_alive: float | None = None,
-    ) -> Embeddings:
-        """Embedding vectors of ``inputs`` (unit length, in input order) from one worker.
-
-        The least busy live worker that has ``model`` computes them between its
-        decode steps. ``truncate=False`` refuses an input longer than the
-        embedding context (BadRequest) instead of cutting it. ``keep_alive``
-        means what it means for :class:`GenerateRequest`. Raises ModelNotFound,
-        BadRequest (no inputs, an empty input, a backend without embeddings) or
-        EngineError (the worker died; retryable).
-        """
-        if not inputs:
-            raise BadRequest("no inputs to embed")
-        req = self._pool.next_req()
-        msg = ipc.Embed(req=req, model=model, inputs=list(inputs), truncate=truncate)
-        # A frame the worker cannot read would end its connection: refuse it here.
-        if sum(map(len, inputs)) * 4 + 16 * len(inputs) > ipc.MAX_FRAME:
-            size = len(ipc.encode(msg))
-            if size > ipc.MAX_FRAME:
-                raise TooLarge(f"the inputs take {size} bytes; one request takes {ipc.MAX_FRAME}")
-        worker = await self._pick(model)
-        spec = self._models[model]
-        spec.active += 1
-        spec.last_used = time.monotonic()
-        try:
-            reply = await self._pool.request(worker, msg, req, EMBED_TIMEOUT_S)
-        finally:
-            self._residency.release(spec, keep_alive)
-        if isinstance(reply, ipc.WorkerError):
-            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
-        assert isinstance(reply, ipc.Embedded)
-        floats = array("f")
-        floats.frombytes(reply.data)
-        flat = floats.tolist()
-        dim = reply.dim
-        vectors = [flat[i : i + dim] for i in range(0, len(flat), dim)] if dim else []
-        return Embeddings(vectors, reply.prompt_tokens, model)
 
     def placements(self) -> dict[str, int]:
         """Running request ids and the pid of the worker serving each.

@@ -16,12 +16,19 @@ import struct
 
 import msgspec
 
-from engine.requests import ChatMessage, SamplingParams, ToolFunction
+from engine.requests import (
+    ChatMessage,
+    SamplingParams,
+    ToolFunction,
+    TranscribeOptions,
+    TranscriptSegment,
+)
 
 __all__ = [
     "MAX_FRAME",
     "Ack",
     "Cancel",
+    "CancelJob",
     "Embed",
     "Embedded",
     "Finished",
@@ -36,6 +43,9 @@ __all__ = [
     "Resume",
     "Shutdown",
     "ToWorker",
+    "Transcribe",
+    "Transcribed",
+    "TranscriptPart",
     "UnloadModel",
     "Wake",
     "WorkerError",
@@ -123,6 +133,22 @@ class Embed(_Frame, tag=8, kw_only=True):
     truncate: bool
 
 
+class Transcribe(_Frame, tag=9, kw_only=True):
+    """Transcribe ``audio`` (a file's bytes) with ``model``: :class:`TranscriptPart` frames as
+    segments are decoded, then :class:`Transcribed` or :class:`WorkerError`."""
+
+    req: int
+    model: str
+    audio: bytes
+    options: TranscribeOptions
+
+
+class CancelJob(_Frame, tag=10, kw_only=True):
+    """Stop job ``req`` (its caller went away); it ends without a reply."""
+
+    req: int
+
+
 # -- worker -> gateway ---------------------------------------------------------------
 
 
@@ -205,6 +231,21 @@ class Embedded(_Frame, tag=27, kw_only=True):
     prompt_tokens: int
 
 
+class TranscriptPart(_Frame, tag=28, kw_only=True):
+    """Segments of a transcription in progress, final as sent."""
+
+    req: int
+    segments: list[TranscriptSegment]
+
+
+class Transcribed(_Frame, tag=29, kw_only=True):
+    """The end of a transcription: the language spoken and the audio's length in seconds."""
+
+    req: int
+    language: str
+    duration: float
+
+
 class Pong(_Frame, tag=25, kw_only=True):
     req: int
     models: list[str]
@@ -214,8 +255,30 @@ class Pong(_Frame, tag=25, kw_only=True):
     tokens_generated: int
 
 
-ToWorker = LoadModel | UnloadModel | Generate | Cancel | Resume | Ping | Shutdown | Embed
-FromWorker = Hello | ModelLoaded | WorkerError | Wake | Finished | Pong | Ack | Embedded
+ToWorker = (
+    LoadModel
+    | UnloadModel
+    | Generate
+    | Cancel
+    | Resume
+    | Ping
+    | Shutdown
+    | Embed
+    | Transcribe
+    | CancelJob
+)
+FromWorker = (
+    Hello
+    | ModelLoaded
+    | WorkerError
+    | Wake
+    | Finished
+    | Pong
+    | Ack
+    | Embedded
+    | TranscriptPart
+    | Transcribed
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker: msgspec.msgpack.Decoder[ToWorker] = msgspec.msgpack.Decoder(ToWorker)

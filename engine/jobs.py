@@ -1,7 +1,7 @@
 """Jobs: the requests of every model kind that are not token-by-token text generation.
 
 Text generation is stepped in batches by the worker's decode loop. Every
-other kind of request (embeddings today; transcription and speech next) is a
+other kind of request (embeddings, transcription; speech synthesis next) is a
 *job*: a request message, a backend interface that turns it into bounded units
 of work, and the replies it sends. The worker runs all jobs through one loop
 (:class:`JobQueue`): one unit of the oldest job per cycle, after the decode
@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from engine import ipc
-from engine.backends.base import Backend, EmbedJob, embedder_of
+from engine.backends.base import Backend, EmbedJob, TranscribeJob, embedder_of, transcriber_of
 from protocol.errors import ErrorCode, FerrousError, ModelNotFound, TooLarge
 
 __all__ = ["JOB_KINDS", "Job", "JobKind", "JobQueue", "error_reply"]
@@ -100,14 +100,45 @@ def _start_embedding(backend: Backend, msg: ipc.Embed) -> Job:
     return _Embedding(msg, embedder_of(backend).embed_job(msg.inputs, msg.truncate))
 
 
-JOB_KINDS: tuple[JobKind, ...] = (JobKind(ipc.Embed, _start_embedding),)
+class _Transcription(Job):
+    """Speech to text: the upload decoded, then a segment per unit, each sent as it comes."""
+
+    def __init__(self, msg: ipc.Transcribe, run: TranscribeJob) -> None:
+        super().__init__(msg.req, msg.model)
+        self._run = run
+
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        try:
+            segments = next(self._run)
+        except StopIteration as done:
+            language, duration = done.value
+            return [ipc.Transcribed(req=self.req, language=language, duration=duration)], True
+        if not segments:
+            return [], False
+        return [ipc.TranscriptPart(req=self.req, segments=segments)], False
+
+    def close(self) -> None:
+        self._run.close()
+
+
+def _start_transcription(backend: Backend, msg: ipc.Transcribe) -> Job:
+    return _Transcription(msg, transcriber_of(backend).transcribe_job(msg.audio, msg.options))
+
+
+JOB_KINDS: tuple[JobKind, ...] = (
+    JobKind(ipc.Embed, _start_embedding),
+    JobKind(ipc.Transcribe, _start_transcription),
+)
 
 
 class JobQueue:
     """The worker's jobs of every kind, oldest first, one unit of work per :meth:`step`."""
 
-    def __init__(self, send: Callable[[ipc.FromWorker], None]) -> None:
+    def __init__(
+        self, send: Callable[[ipc.FromWorker], None], send_raw: Callable[[bytes], None]
+    ) -> None:
         self._send = send
+        self._send_raw = send_raw
         self._jobs: deque[Job] = deque()
         self._kinds = {k.message: k for k in JOB_KINDS}
 
@@ -143,8 +174,24 @@ class JobQueue:
             out, done = [error_reply(job.req, exc)], True
         if done:
             self._jobs.popleft()
-        for msg in out:
-            self._send(msg)
+        try:
+            encoded = [ipc.encode(msg) for msg in out]
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            # A backend that hands over something that is not a plain value ends its
+            # job with an error; the worker and every other request go on.
+            if not done:
+                self._jobs.popleft()
+                job.close()
+            self._send(error_reply(job.req, exc))
+            return
+        for data in encoded:
+            self._send_raw(data)
+
+    def cancel(self, req: int) -> None:
+        """Drop job ``req`` unfinished, without a reply: its caller is gone."""
+        for job in [j for j in self._jobs if j.req == req]:
+            self._jobs.remove(job)
+            job.close()
 
     def drop_model(self, model: str) -> None:
         """End every job of ``model`` (unloaded under it) with ``model_not_found``."""

@@ -24,7 +24,7 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
@@ -85,6 +85,8 @@ class Worker(asyncio.Protocol):
         self.load: dict[str, int] = {}  # sequence slots reserved per model (engine admission)
         self.runners: dict[str, dict[int, Runner]] = {}  # per model: admitted requests
         self.replies: dict[int, asyncio.Future[ipc.FromWorker]] = {}
+        # Jobs that answer with several frames (engine.jobs): every frame of one goes here.
+        self.streams: dict[int, asyncio.Queue[ipc.FromWorker | EngineError]] = {}
         # Watchdog state (monotonic times): the unanswered ping, if any, and loads
         # in progress, during which the worker's loop is blocked on purpose.
         self.ping_req = 0
@@ -247,6 +249,10 @@ class WorkerPool:
         else:
             if msg.req == w.ping_req:
                 w.ping_sent = None  # the watchdog's ping was answered
+            queue = w.streams.get(msg.req)
+            if queue is not None:
+                queue.put_nowait(msg)
+                return
             fut = w.replies.pop(msg.req, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -334,6 +340,9 @@ class WorkerPool:
             if not fut.done():
                 fut.set_exception(EngineError(why, retryable=True))
         w.replies.clear()
+        for queue in w.streams.values():
+            queue.put_nowait(EngineError(why, retryable=True))
+        w.streams.clear()
 
     async def replace(self, old: Worker) -> None:
         if old.proc is not None:
@@ -363,3 +372,44 @@ class WorkerPool:
             raise EngineError(f"worker {w.index} did not answer within {timeout:.0f} s") from None
         finally:
             w.replies.pop(req, None)
+
+    async def stream(
+        self,
+        w: Worker,
+        msg: ipc.ToWorker,
+        req: int,
+        *,
+        last: tuple[type[msgspec.Struct], ...],
+        idle_timeout: float,
+    ) -> AsyncIterator[ipc.FromWorker]:
+        """Every frame the worker sends for job ``req``, as they come, to its last.
+
+        The job's last frame is one of the ``last`` types, or a WorkerError.
+        A caller that stops before it (its client went away) cancels the job in
+        the worker. A worker that dies raises EngineError (retryable); one silent
+        for ``idle_timeout`` seconds too.
+        """
+        queue: asyncio.Queue[ipc.FromWorker | EngineError] = asyncio.Queue()
+        w.streams[req] = queue
+        w.send(msg)
+        done = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), idle_timeout)
+                except TimeoutError:
+                    raise EngineError(
+                        f"worker {w.index} sent nothing for {idle_timeout:.0f} s"
+                    ) from None
+                if isinstance(item, EngineError):
+                    done = True
+                    raise item
+                if isinstance(item, (ipc.WorkerError, *last)):
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            w.streams.pop(req, None)
+            if not done:
+                w.send(ipc.CancelJob(req=req))

@@ -32,7 +32,11 @@ __all__ = [
     "TokenDelta",
     "ToolCall",
     "ToolFunction",
+    "TranscribeOptions",
+    "Transcript",
+    "TranscriptSegment",
     "Usage",
+    "Word",
     "new_request_id",
 ]
 
@@ -226,3 +230,45 @@ class Embeddings(msgspec.Struct, frozen=True):
     vectors: list[list[float]]
     prompt_tokens: int
     model: str
+
+
+# -- speech recognition -------------------------------------------------------------
+
+
+class TranscribeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How to transcribe: ``task`` ``translate`` gives English text from any language."""
+
+    language: str | None = None  # ISO 639-1; None = detected from the first 30 s
+    prompt: str | None = None  # earlier text or spellings to condition on
+    temperature: float = 0.0
+    task: Literal["transcribe", "translate"] = "transcribe"
+    word_timestamps: bool = False
+
+
+class Word(msgspec.Struct, frozen=True):
+    start: float  # seconds from the start of the audio
+    end: float
+    word: str
+    probability: float
+
+
+class TranscriptSegment(msgspec.Struct, frozen=True, kw_only=True):
+    """A stretch of speech and its text, as the model decoded it (final: never revised)."""
+
+    id: int
+    start: float  # seconds
+    end: float
+    text: str
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    words: list[Word] | None = None
+
+
+class Transcript(msgspec.Struct, frozen=True, kw_only=True):
+    """Result of :meth:`engine.EngineClient.transcribe`: the whole text and its segments."""
+
+    text: str
+    language: str
+    duration: float  # seconds of audio
+    segments: list[TranscriptSegment]
+    model: str = ""

@@ -14,7 +14,7 @@ dropped, reordered or buffered beyond one step's output; the consumer's
 :class:`~engine.ipc.Resume` frame (or a periodic re-check) un-pauses it. One
 paused longer than its stall timeout ends with reason ``stalled``.
 
-Requests of other kinds, *jobs* (embeddings today, :mod:`engine.jobs`), run on
+Requests of other kinds, *jobs* (embeddings, transcriptions: :mod:`engine.jobs`), run on
 this thread too (llama.cpp's thread pool follows the calling thread), one
 unit of work (a forward pass) per cycle after the step, oldest job first:
 running streams wait at most one unit per token, as they do for a chunk of a
@@ -136,7 +136,9 @@ class Worker:
         self._models: dict[str, tuple[Backend, float]] = {}
         self._queued: dict[str, deque[_Seq]] = {}
         self._running: dict[int, _Seq] = {}
-        self._jobs = JobQueue(self._send)  # requests of every kind but text generation
+        self._jobs = JobQueue(
+            self._send, self._sock.sendall
+        )  # requests of every kind but text generation
         self._stopping = False
         self._order = 0  # sequences started so far
         self._tokens_generated = 0
@@ -151,6 +153,7 @@ class Worker:
         }
         for message in self._jobs.handles():
             self._handlers[message] = self._on_job
+        self._handlers[ipc.CancelJob] = self._on_cancel_job
 
     # -- I/O ------------------------------------------------------------------------
 
@@ -334,9 +337,12 @@ class Worker:
             )
         )
 
-    def _on_job(self, msg: ipc.Embed) -> None:
+    def _on_job(self, msg: ipc.Embed | ipc.Transcribe) -> None:
         entry = self._models.get(msg.model)
         self._jobs.start(msg, None if entry is None else entry[0], msg.req, msg.model)
+
+    def _on_cancel_job(self, msg: ipc.CancelJob) -> None:
+        self._jobs.cancel(msg.req)
 
     def _on_shutdown(self, msg: ipc.Shutdown) -> None:
         self._stopping = True

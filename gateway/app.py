@@ -32,6 +32,7 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine import EngineClient
+from gateway.audio_routes import audio_routes
 from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
 from gateway.conversations import ConversationStore, ResponseStore
@@ -162,6 +163,7 @@ class GatewayApp:
                 *generation_routes(self),
                 *model_routes(self),
                 *openai_routes(self),
+                *audio_routes(self),
                 *responses_routes(self),
                 *ollama_routes(self),
                 WebSocketRoute("/v1/ws", self.websocket),

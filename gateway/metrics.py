@@ -84,6 +84,19 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.audio_seconds = Counter(
+            "ferrous_audio_seconds",
+            "Seconds of audio transcribed, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "ferrous_job_seconds",
+            "Wall time of a job (a transcription, ...) from its request to its result, by kind and model.",
+            ["kind", "model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         ProcessCollector(registry=r)  # process_* series of the gateway
         self.sessions = Gauge("ferrous_active_sessions", "Open WebSocket sessions.", registry=r)
         self.detached = Gauge(

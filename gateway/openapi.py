@@ -30,6 +30,37 @@ def _json_body(name: str) -> dict[str, Any]:
     }
 
 
+def _speech_op(summary: str, errors: Any) -> Any:
+    form = {
+        "type": "object",
+        "required": ["file", "model"],
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "model": {"type": "string"},
+            "language": {"type": "string"},
+            "prompt": {"type": "string"},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            "response_format": {"enum": ["json", "text", "srt", "vtt", "verbose_json"]},
+            "timestamp_granularities[]": {
+                "type": "array",
+                "items": {"enum": ["word", "segment"]},
+            },
+            "stream": {"type": "boolean"},
+        },
+    }
+    ok = _ok("transcription", sse=True)
+    ok["content"]["text/plain"] = {"schema": {"type": "string"}}
+    return {
+        "post": {
+            "summary": summary,
+            "tags": ["openai"],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
+            "responses": {"200": ok, **errors},
+            "security": [{"bearer": []}],
+        }
+    }
+
+
 def _ok(description: str, schema: dict[str, Any] | None = None, *, sse: bool = False) -> Any:
     content: dict[str, Any] = {"application/json": {"schema": schema or {"type": "object"}}}
     if sse:
@@ -218,6 +249,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "openai",
             )
         },
+        "/v1/audio/transcriptions": _speech_op(
+            "Speech to text (multipart: file, model, language, prompt, temperature, "
+            "response_format json|text|srt|vtt|verbose_json, timestamp_granularities[], stream)",
+            openai_err,
+        ),
+        "/v1/audio/translations": _speech_op(
+            "Speech in any language to English text (multipart, as transcriptions)", openai_err
+        ),
     }
     paths["/v1/models/{name}"]["get"]["parameters"] = paths["/v1/models/{name}"]["delete"][
         "parameters"

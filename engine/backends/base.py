@@ -40,7 +40,13 @@ from typing import ClassVar, TypeAlias
 import msgspec
 
 from engine.chat import render_chat
-from engine.requests import ChatMessage, SamplingParams, ToolFunction
+from engine.requests import (
+    ChatMessage,
+    SamplingParams,
+    ToolFunction,
+    TranscribeOptions,
+    TranscriptSegment,
+)
 from protocol.errors import BadRequest
 
 __all__ = [
@@ -49,12 +55,18 @@ __all__ = [
     "Embedder",
     "LoadParams",
     "TextGenerator",
+    "TranscribeJob",
+    "Transcriber",
     "embedder_of",
     "generator_of",
+    "transcriber_of",
 ]
 
 # One forward pass per next(); returns (unit-length vectors, tokens read).
 EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
+# One window of audio decoded per next(), yielding its segments (none for a
+# window without speech); returns (language, seconds of audio).
+TranscribeJob: TypeAlias = Generator[list[TranscriptSegment], None, tuple[str, float]]
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -258,9 +270,11 @@ class Embedder(Backend):
 
 
 def generator_of(backend: Backend) -> TextGenerator:
-    """``backend`` as a :class:`TextGenerator`; BadRequest if its model only embeds."""
+    """``backend`` as a :class:`TextGenerator`; BadRequest if its model does something else."""
     if isinstance(backend, TextGenerator):
         return backend
+    if isinstance(backend, Transcriber):
+        raise BadRequest("this is a speech recognition model: it cannot generate text")
     raise BadRequest("this is an embedding model: it cannot generate text")
 
 
@@ -269,3 +283,26 @@ def embedder_of(backend: Backend) -> Embedder:
     if isinstance(backend, Embedder):
         return backend
     raise BadRequest("embeddings need the llama_cpp backend or an ONNX encoder model")
+
+
+class Transcriber(Backend):
+    """A speech recognition model: audio in, timed text segments out, a window at a time."""
+
+    sample_rate: int
+    """The rate the model reads; uploads are decoded and resampled to it."""
+
+    @abc.abstractmethod
+    def transcribe_job(self, audio: bytes, options: TranscribeOptions) -> TranscribeJob:
+        """A job over ``audio`` (a file's bytes in any common format).
+
+        Options the model cannot honour raise BadRequest at once; the audio is
+        decoded in the job's first step (BadRequest for what cannot be decoded,
+        TooLarge past the length limit), then each step decodes one window.
+        """
+
+
+def transcriber_of(backend: Backend) -> Transcriber:
+    """``backend`` as a :class:`Transcriber`; BadRequest for a model that is not one."""
+    if isinstance(backend, Transcriber):
+        return backend
+    raise BadRequest("this model does not transcribe speech (a speech recognition model does)")

@@ -45,6 +45,7 @@ class Kind(enum.StrEnum):
 
     TEXT = "text"  # TextGenerator: sequences stepped a token at a time
     EMBED = "embed"  # Embedder: vectors for inputs, a job of bounded steps
+    ASR = "asr"  # Transcriber: speech to timed text, a job of one window per step
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class BackendEntry(abc.ABC):
     """Public name: the ``backend`` a request or a Modelfile may ask for."""
     package: ClassVar[str]
     """The Python package the backend needs (checked without importing it)."""
+    install: ClassVar[str] = ""
+    """What to install when it is missing (default: the package itself)."""
     module: ClassVar[str]
     cls: ClassVar[str]
     options: ClassVar[type[msgspec.Struct] | None] = None
@@ -107,7 +110,8 @@ class BackendEntry(abc.ABC):
 
     def backend_class(self) -> type[Backend]:
         if not self.installed():
-            raise BadRequest(f"backend {self.name!r} is not installed (pip install {self.package})")
+            hint = self.install or self.package
+            raise BadRequest(f"backend {self.name!r} is not installed (pip install {hint})")
         found: type[Backend] = getattr(importlib.import_module(self.module), self.cls)
         return found
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 from engine.backends.entry import BackendEntry
 from engine.backends.gguf_entry import CTransformersEntry, LlamaCppEntry
 from engine.backends.onnx_entry import OnnxDecoderEntry, OnnxEncoderEntry
+from engine.backends.whisper_entry import WhisperEntry
 from protocol.errors import BadRequest
 
 __all__ = ["REGISTRY", "available_backends", "backend_names", "find_entry"]
 
 REGISTRY: tuple[BackendEntry, ...] = (
+    WhisperEntry(),
     OnnxEncoderEntry(),
     OnnxDecoderEntry(),
     LlamaCppEntry(),

@@ -1,0 +1,181 @@
+"""Requests that are jobs in a worker (engine.jobs): embeddings and transcriptions.
+
+:class:`JobCalls` is the part of :class:`engine.EngineClient` that sends
+them: a job goes to the least busy live worker holding its model (no slots,
+no fair queue: jobs run one unit at a time between decode steps), holds the
+model in memory while it runs, and answers with one frame (embeddings) or a
+stream of frames (a transcription's segments as they are decoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from array import array
+from collections.abc import AsyncGenerator
+
+from engine import ipc
+from engine.pool import Worker, WorkerPool
+from engine.requests import (
+    Embeddings,
+    TranscribeOptions,
+    Transcript,
+    TranscriptSegment,
+)
+from engine.residency import Residency
+from engine.settings import EngineConfig
+from protocol.errors import BadRequest, EngineError, ModelNotFound, TooLarge, error_from_code
+
+__all__ = ["EMBED_TIMEOUT_S", "MAX_AUDIO_BYTES", "TRANSCRIBE_IDLE_S", "JobCalls"]
+
+# An embedding call is answered in one frame after all its inputs are read; a
+# large batch of long inputs on a small CPU can take minutes.
+EMBED_TIMEOUT_S = 600.0
+TRANSCRIBE_IDLE_S = 600.0  # the longest a transcription may go without a frame (one window)
+MAX_AUDIO_BYTES = 32 * 1024 * 1024  # one upload; a frame to the worker holds it whole
+
+
+class JobCalls:
+    """Sending jobs to workers (mixed into EngineClient, which sets these up)."""
+
+    config: EngineConfig
+    _pool: WorkerPool
+    _residency: Residency
+    _changed: asyncio.Condition | None
+
+    async def _pick(self, model: str) -> Worker:
+        """The least busy live worker with ``model``; waits for a replacement worker."""
+        assert self._changed is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.start_timeout
+        while True:
+            candidates = (
+                [w for w in self._pool.workers if w.alive and model in w.models]
+                if model in self._residency.models
+                else []
+            )
+            if candidates:
+                return min(candidates, key=lambda w: len(w.gens))
+            if model not in self._residency.models:
+                raise ModelNotFound(f"model {model!r} is not loaded")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise EngineError(f"no worker has model {model!r} ready", retryable=True)
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def embed(
+        self,
+        model: str,
+        inputs: list[str],
+        *,
+        truncate: bool = True,
+        keep_alive: float | None = None,
+    ) -> Embeddings:
+        """Embedding vectors of ``inputs`` (unit length, in input order) from one worker.
+
+        The least busy live worker that has ``model`` computes them between its
+        decode steps. ``truncate=False`` refuses an input longer than the
+        embedding context (BadRequest) instead of cutting it. ``keep_alive``
+        means what it means for :class:`GenerateRequest`. Raises ModelNotFound,
+        BadRequest (no inputs, an empty input, a backend without embeddings) or
+        EngineError (the worker died; retryable).
+        """
+        if not inputs:
+            raise BadRequest("no inputs to embed")
+        req = self._pool.next_req()
+        msg = ipc.Embed(req=req, model=model, inputs=list(inputs), truncate=truncate)
+        # A frame the worker cannot read would end its connection: refuse it here.
+        if sum(map(len, inputs)) * 4 + 16 * len(inputs) > ipc.MAX_FRAME:
+            size = len(ipc.encode(msg))
+            if size > ipc.MAX_FRAME:
+                raise TooLarge(f"the inputs take {size} bytes; one request takes {ipc.MAX_FRAME}")
+        worker = await self._pick(model)
+        spec = self._residency.models[model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        try:
+            reply = await self._pool.request(worker, msg, req, EMBED_TIMEOUT_S)
+        finally:
+            self._residency.release(spec, keep_alive)
+        if isinstance(reply, ipc.WorkerError):
+            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
+        assert isinstance(reply, ipc.Embedded)
+        floats = array("f")
+        floats.frombytes(reply.data)
+        flat = floats.tolist()
+        dim = reply.dim
+        vectors = [flat[i : i + dim] for i in range(0, len(flat), dim)] if dim else []
+        return Embeddings(vectors, reply.prompt_tokens, model)
+
+    async def transcribe_stream(
+        self,
+        model: str,
+        audio: bytes,
+        options: TranscribeOptions | None = None,
+        *,
+        keep_alive: float | None = None,
+    ) -> AsyncGenerator[TranscriptSegment | Transcript, None]:
+        """Each segment of ``audio``'s transcript as it is decoded, then the whole :class:`Transcript`.
+
+        ``audio`` is a file's bytes in any common format (wav, mp3, ogg/opus,
+        m4a, webm, flac). Raises ModelNotFound, BadRequest (not a speech model,
+        options it cannot honour, audio that cannot be decoded), TooLarge (an
+        upload over ``MAX_AUDIO_BYTES`` or audio over the length limit) or
+        EngineError (the worker died; retryable). Closing the iterator early
+        stops the work in the worker.
+        """
+        if len(audio) > MAX_AUDIO_BYTES:
+            raise TooLarge(
+                f"the audio takes {len(audio)} bytes; one request takes {MAX_AUDIO_BYTES}"
+            )
+        req = self._pool.next_req()
+        msg = ipc.Transcribe(
+            req=req, model=model, audio=audio, options=options or TranscribeOptions()
+        )
+        worker = await self._pick(model)
+        spec = self._residency.models[model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        segments: list[TranscriptSegment] = []
+        try:
+            async for frame in self._pool.stream(
+                worker,
+                msg,
+                req,
+                last=(ipc.Transcribed,),
+                idle_timeout=TRANSCRIBE_IDLE_S,
+            ):
+                if isinstance(frame, ipc.WorkerError):
+                    raise error_from_code(frame.code, frame.message, retryable=frame.retryable)
+                if isinstance(frame, ipc.TranscriptPart):
+                    for segment in frame.segments:
+                        segments.append(segment)
+                        yield segment
+                elif isinstance(frame, ipc.Transcribed):
+                    text = "".join(s.text for s in segments).strip()
+                    yield Transcript(
+                        text=text,
+                        language=frame.language,
+                        duration=frame.duration,
+                        segments=segments,
+                        model=model,
+                    )
+        finally:
+            self._residency.release(spec, keep_alive)
+
+    async def transcribe(
+        self,
+        model: str,
+        audio: bytes,
+        options: TranscribeOptions | None = None,
+        *,
+        keep_alive: float | None = None,
+    ) -> Transcript:
+        """The whole transcript of ``audio`` (see :meth:`transcribe_stream`)."""
+        async for item in self.transcribe_stream(model, audio, options, keep_alive=keep_alive):
+            if isinstance(item, Transcript):
+                return item
+        raise EngineError("the transcription ended without its result")

@@ -1,0 +1,283 @@
+"""OpenAI's speech-to-text routes: ``/v1/audio/transcriptions`` and ``/v1/audio/translations``.
+
+A request is a multipart form, as the official clients send it: ``file`` (the
+audio, any common format), ``model``, and optionally ``language``, ``prompt``,
+``temperature``, ``response_format`` (``json``, ``text``, ``srt``, ``vtt``,
+``verbose_json``), ``timestamp_granularities[]`` (``segment``, ``word``) and
+``stream``. The upload is read with a bound (``MAX_AUDIO_BYTES``: 413 past
+it, before the rest is read); foreign web origins never get here
+(:mod:`gateway.origins` refuses them for every route, a form post included).
+
+With ``stream=true`` the transcript comes as server-sent events while the
+model decodes it: a ``transcript.text.delta`` event per segment, then one
+``transcript.text.done`` with the whole text. Segments are final when sent.
+A translation is English text from speech in any language (a multilingual
+model; an English-only one refuses it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine import TranscribeOptions, Transcript, TranscriptSegment
+from engine.jobcalls import MAX_AUDIO_BYTES
+from gateway.auth import Principal
+from gateway.http_common import ClosingStream, guarded, loopback_without_token
+from gateway.http_common import unless_disconnected as _unless_disconnected
+from gateway.interface import Gateway
+from gateway.openai_wire import InvalidParam, json_response, openai_error, sse
+from protocol.errors import BadRequest, Overloaded, TooLarge
+
+__all__ = ["audio_routes", "srt", "vtt"]
+
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+_FIELDS = 16  # form fields one request may carry besides the file
+
+
+def audio_routes(gateway: Gateway) -> list[Route]:
+    async def transcriptions(request: Request) -> Response:
+        return await _speech_to_text(gateway, request, "transcribe")
+
+    async def translations(request: Request) -> Response:
+        return await _speech_to_text(gateway, request, "translate")
+
+    def route(path: str, fn: Callable[[Request], Awaitable[Response]]) -> Route:
+        loopback = loopback_without_token(gateway)
+        return Route(
+            path, guarded(gateway, openai_error, fn, allow_loopback=loopback), methods=["POST"]
+        )
+
+    return [
+        route("/v1/audio/transcriptions", transcriptions),
+        route("/v1/audio/translations", translations),
+    ]
+
+
+async def _speech_to_text(gateway: Gateway, request: Request, task: str) -> Response:
+    form = await _read_form(request)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidParam("file", "the request needs the audio as a file field named 'file'")
+        audio = await upload.read()
+        model = _text(form, "model")
+        if not model:
+            raise InvalidParam("model", "the request needs a model")
+        fmt = _text(form, "response_format") or "json"
+        if fmt not in FORMATS:
+            raise InvalidParam("response_format", f"response_format must be one of {FORMATS}")
+        granularities = {
+            str(v)
+            for v in form.getlist("timestamp_granularities[]")
+            + form.getlist("timestamp_granularities")
+        }
+        if granularities - {"word", "segment"}:
+            raise InvalidParam(
+                "timestamp_granularities", "timestamp_granularities are 'word' and 'segment'"
+            )
+        options = TranscribeOptions(
+            language=_text(form, "language") or None if task == "transcribe" else None,
+            prompt=_text(form, "prompt") or None,
+            temperature=_number(form, "temperature"),
+            task="translate" if task == "translate" else "transcribe",
+            word_timestamps="word" in granularities,
+        )
+        stream = _flag(form, "stream")
+    finally:
+        await form.close()
+    principal: Principal = request.state.principal
+    events = transcribe(gateway, principal, model, audio, options)
+    if stream:
+        first = await _unless_disconnected(request, anext(events))  # errors as a status
+        return ClosingStream(_sse(first, events))
+    result = await _unless_disconnected(request, _last(events))
+    return _render(result, fmt, task, options.word_timestamps)
+
+
+async def transcribe(
+    gateway: Gateway,
+    principal: Principal,
+    model: str,
+    audio: bytes,
+    options: TranscribeOptions,
+) -> AsyncGenerator[TranscriptSegment | Transcript, None]:
+    """Segments of ``audio``'s transcript as they are decoded, then the whole transcript.
+
+    Like a generation: refused while the server drains, the model resolved in
+    ``principal``'s view and loaded, and registered so a shutdown cancels it.
+    """
+    if gateway.draining:
+        raise Overloaded("the server is shutting down")
+    task = asyncio.current_task()
+    if task is not None:
+        gateway.running.add(task)
+    try:
+        resolved = await gateway.ensure_model(principal, model)
+        t0 = time.perf_counter()
+        async for item in gateway.engine.transcribe_stream(resolved.key, audio, options):
+            if isinstance(item, Transcript):
+                item = Transcript(
+                    text=item.text,
+                    language=item.language,
+                    duration=item.duration,
+                    segments=item.segments,
+                    model=model,
+                )
+                gateway.metrics.audio_seconds.labels(model).inc(item.duration)
+                gateway.metrics.job_seconds.labels("transcribe", model).observe(
+                    time.perf_counter() - t0
+                )
+            yield item
+    finally:
+        if task is not None:
+            gateway.running.discard(task)
+
+
+async def _read_form(request: Request) -> FormData:
+    """The multipart form, read with a bound on its size and on its fields."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        raise BadRequest(
+            f"this route takes a multipart form (Content-Type: multipart/form-data), got {media or 'none'}"
+        )
+    limit = MAX_AUDIO_BYTES + 64 * 1024  # the audio, and room for the other fields
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"the upload ({length} bytes) exceeds the limit of {limit} bytes")
+
+    async def capped() -> AsyncGenerator[bytes, None]:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
+            yield chunk
+
+    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=_FIELDS)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"the form could not be read: {exc.message}") from None
+
+
+def _text(form: FormData, name: str) -> str:
+    value = form.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidParam(name, f"{name} must be a text field")
+    return value.strip()
+
+
+def _number(form: FormData, name: str) -> float:
+    raw = _text(form, name)
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidParam(name, f"{name} must be a number") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidParam(name, f"{name} must be within 0..1")
+    return value
+
+
+def _flag(form: FormData, name: str) -> bool:
+    raw = _text(form, name).lower()
+    if raw in ("", "false", "0"):
+        return False
+    if raw in ("true", "1"):
+        return True
+    raise InvalidParam(name, f"{name} must be true or false")
+
+
+async def _last(events: AsyncIterator[TranscriptSegment | Transcript]) -> Transcript:
+    async for item in events:
+        if isinstance(item, Transcript):
+            return item
+    raise BadRequest("the transcription ended without a result")
+
+
+async def _sse(
+    first: TranscriptSegment | Transcript,
+    events: AsyncGenerator[TranscriptSegment | Transcript, None],
+) -> AsyncIterator[bytes]:
+    item: TranscriptSegment | Transcript | None = first
+    try:
+        while item is not None:
+            if isinstance(item, Transcript):
+                yield sse({"type": "transcript.text.done", "text": item.text})
+                return
+            yield sse({"type": "transcript.text.delta", "delta": item.text})
+            item = await anext(events, None)
+    finally:
+        await events.aclose()
+
+
+def _render(result: Transcript, fmt: str, task: str, words: bool) -> Response:
+    if fmt == "text":
+        return Response(result.text + "\n", media_type="text/plain; charset=utf-8")
+    if fmt == "srt":
+        return Response(srt(result.segments), media_type="application/x-subrip; charset=utf-8")
+    if fmt == "vtt":
+        return Response(vtt(result.segments), media_type="text/vtt; charset=utf-8")
+    if fmt == "json":
+        return json_response({"text": result.text})
+    body: dict[str, object] = {
+        "task": task,
+        "language": result.language,
+        "duration": result.duration,
+        "text": result.text,
+        "segments": [
+            {
+                "id": s.id,
+                "start": s.start,
+                "end": s.end,
+                "text": s.text,
+                "avg_logprob": s.avg_logprob,
+                "no_speech_prob": s.no_speech_prob,
+            }
+            for s in result.segments
+        ],
+    }
+    if words:
+        body["words"] = [
+            {"word": w.word.strip(), "start": w.start, "end": w.end}
+            for s in result.segments
+            for w in s.words or ()
+        ]
+    return json_response(body)
+
+
+def _stamp(seconds: float, sep: str) -> str:
+    ms = max(0, round(seconds * 1000))
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    s, ms = divmod(rest, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def srt(segments: list[TranscriptSegment]) -> str:
+    """SubRip subtitles: numbered cues from 1, ``HH:MM:SS,mmm`` times."""
+    cues = [
+        f"{i}\n{_stamp(s.start, ',')} --> {_stamp(s.end, ',')}\n{s.text.strip()}\n"
+        for i, s in enumerate(segments, 1)
+    ]
+    return "\n".join(cues)
+
+
+def vtt(segments: list[TranscriptSegment]) -> str:
+    """WebVTT subtitles: the header, then ``HH:MM:SS.mmm`` cues."""
+    cues = [
+        f"{_stamp(s.start, '.')} --> {_stamp(s.end, '.')}\n{s.text.strip()}\n" for s in segments
+    ]
+    return "WEBVTT\n\n" + "\n".join(cues)

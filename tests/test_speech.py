@@ -1,0 +1,302 @@
+"""Speech recognition: Whisper tiny.en (from its PyPI wheel) through the engine and the OpenAI routes.
+
+Speech is synthesised by the hibari TTS model (in its wheel) from known
+sentences, so every check is on real speech and a real model: the words come
+back, segments stream before the whole transcript and never change after,
+the official openai client's transcription calls work in every format, and
+bad uploads get typed errors without disturbing the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from engine import (
+    EngineClient,
+    EngineConfig,
+    GenerateRequest,
+    SamplingParams,
+    TranscribeOptions,
+    Transcript,
+    TranscriptSegment,
+)
+from engine.backends import Kind, find_entry
+from engine.jobcalls import MAX_AUDIO_BYTES
+from engine.whispertiny import fetch_whisper_tiny
+from gateway.audio_routes import srt, vtt
+from gateway.config import AuthConfig
+from gateway.server import RunningServer
+from protocol.errors import BadRequest
+
+from .gateway_helpers import gateway, server_config
+
+FOX = "The quick brown fox jumps over the lazy dog."
+APPLES = "Green apples sit on the kitchen table."
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def _wav(audio: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny() -> Path:
+    return fetch_whisper_tiny()
+
+
+@pytest.fixture(scope="session")
+def speech() -> bytes:
+    """Two sentences of synthesised speech, 24 kHz 16-bit WAV (resampled by the server)."""
+    from hibari import Hibari
+
+    tts = Hibari()
+    pause = np.zeros(int(0.6 * tts.sample_rate), dtype=np.float32)
+    audio = np.concatenate([tts(FOX), pause, tts(APPLES)])
+    return _wav(audio, tts.sample_rate)
+
+
+# -- the engine ----------------------------------------------------------------------
+
+
+def test_the_registry_takes_a_whisper_folder_as_a_speech_model(whisper_tiny: Path) -> None:
+    entry = find_entry(str(whisper_tiny))
+    assert entry.name == "whisper" and entry.inspect(str(whisper_tiny)).kinds == {Kind.ASR}
+
+
+async def test_synthesised_speech_comes_back_as_its_words_segment_by_segment(
+    whisper_tiny: Path, speech: bytes, script_model: Path
+) -> None:
+    """Segments stream before the whole transcript, which is exactly their text; word
+    timings rise; a text model beside it is refused transcription, and the speech model
+    generation, each with a clear error."""
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as engine:
+        await engine.load("asr", whisper_tiny)
+        await engine.load("text", script_model)
+        seen: list[TranscriptSegment | Transcript] = []
+        async for item in engine.transcribe_stream(
+            "asr", speech, TranscribeOptions(word_timestamps=True)
+        ):
+            seen.append(item)
+        *segments, result = seen
+        assert isinstance(result, Transcript) and segments
+        assert all(isinstance(s, TranscriptSegment) for s in segments)
+        assert result.segments == segments
+        assert result.text == "".join(s.text for s in result.segments).strip()
+        assert _words(result.text) == _words(FOX + " " + APPLES)
+        assert result.language == "en" and 5.0 < result.duration < 12.0
+        starts = [w.start for s in result.segments for w in s.words or ()]
+        assert len(starts) == len(_words(result.text)) and starts == sorted(starts)
+
+        with pytest.raises(BadRequest, match="does not transcribe"):
+            await engine.transcribe("text", speech)
+        request = GenerateRequest(model="asr", prompt="hi", sampling=SamplingParams(max_tokens=2))
+        with pytest.raises(BadRequest, match="speech recognition model"):
+            async for _ in engine.generate(request):
+                pass
+        with pytest.raises(BadRequest, match="English-only"):
+            await engine.transcribe("asr", speech, TranscribeOptions(task="translate"))
+
+
+async def test_bad_audio_is_refused_and_an_abandoned_job_stops(
+    whisper_tiny: Path, speech: bytes
+) -> None:
+    """Non-audio, a truncated file and an empty upload are bad requests; a transcription
+    whose caller stops reading is dropped in the worker, which then serves the next one."""
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as engine:
+        await engine.load("asr", whisper_tiny)
+        for bad, why in (
+            (b"not audio at all" * 64, "could not be decoded"),
+            (speech[:40], "no samples|could not be decoded"),
+            (b"", "empty"),
+        ):
+            with pytest.raises(BadRequest, match=why):
+                await engine.transcribe("asr", bad)
+        # A longer file (several windows of work), abandoned after its first segment.
+        events = engine.transcribe_stream("asr", _repeated(speech, 6))
+        first = await anext(events)
+        assert isinstance(first, TranscriptSegment)
+        await events.aclose()  # the caller went away
+        again = await engine.transcribe("asr", speech)
+        assert _words(again.text) == _words(FOX + " " + APPLES)
+        health = await engine.health()
+        assert health.ok and health.restarts == 0
+
+
+def _repeated(wav: bytes, times: int) -> bytes:
+    """``times`` copies of one WAV's audio in one WAV."""
+    with wave.open(io.BytesIO(wav)) as w:
+        rate, frames = w.getframerate(), w.readframes(w.getnframes())
+    audio = np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32767
+    return _wav(np.tile(audio, times), rate)
+
+
+# -- the OpenAI routes -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def running(
+    tmp_path: Path, whisper_tiny: Path, script_model: Path
+) -> AsyncIterator[RunningServer]:
+    models = {"whisper": whisper_tiny, "script": script_model}
+    # A shared server: every request needs a credential, loopback ones too.
+    config = server_config(tmp_path, models, auth=AuthConfig(loopback_without_token=False))
+    async with gateway(config) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(running: RunningServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    token = running.gateway.auth.issue_token(sub="alice", ttl=600)
+    c = openai.AsyncOpenAI(
+        base_url=running.http_url + "/v1", api_key=token, max_retries=0, timeout=60
+    )
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_the_official_client_transcribes_in_every_format(
+    client: openai.AsyncOpenAI, speech: bytes
+) -> None:
+    upload = ("speech.wav", speech, "audio/wav")
+    plain = await client.audio.transcriptions.create(model="whisper", file=upload)
+    assert _words(plain.text) == _words(FOX + " " + APPLES)
+
+    verbose = await client.audio.transcriptions.create(
+        model="whisper",
+        file=upload,
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    assert verbose.text == plain.text and verbose.language == "en"
+    assert verbose.segments and verbose.segments[0].start == 0.0
+    assert [w.word.lower().strip(".,") for w in verbose.words or []] == _words(plain.text)
+
+    text = await client.audio.transcriptions.create(
+        model="whisper", file=upload, response_format="text"
+    )
+    assert str(text).strip() == plain.text
+    subtitles = await client.audio.transcriptions.create(
+        model="whisper", file=upload, response_format="srt"
+    )
+    assert re.match(r"1\n00:00:00,\d{3} --> 00:00:\d\d,\d{3}\n\S", str(subtitles))
+    web = await client.audio.transcriptions.create(
+        model="whisper", file=upload, response_format="vtt"
+    )
+    assert str(web).startswith("WEBVTT\n\n00:00:00.")
+
+    deltas, done = [], None
+    stream = await client.audio.transcriptions.create(model="whisper", file=upload, stream=True)
+    async for event in stream:
+        if event.type == "transcript.text.delta":
+            assert done is None  # deltas come before the end, never after
+            deltas.append(event.delta)
+        else:
+            done = event.text
+    assert deltas and done == "".join(deltas).strip() == plain.text
+
+
+async def test_bad_uploads_get_typed_errors_and_the_next_request_works(
+    running: RunningServer, client: openai.AsyncOpenAI, speech: bytes
+) -> None:
+    upload = ("speech.wav", speech, "audio/wav")
+    cases = [
+        (
+            {"model": "whisper", "file": ("x.wav", b"\x00garbage" * 100, "audio/wav")},
+            400,
+            "decoded",
+        ),
+        ({"model": "script", "file": upload}, 400, "does not transcribe"),
+        ({"model": "nope", "file": upload}, 404, "nope"),
+        ({"model": "whisper", "file": upload, "temperature": 3}, 400, "temperature"),
+        ({"model": "whisper", "file": upload, "response_format": "xml"}, 400, "response_format"),
+    ]
+    for kwargs, status, said in cases:
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.audio.transcriptions.create(**kwargs)  # type: ignore[call-overload]
+        assert err.value.status_code == status and said in str(err.value), err.value
+
+    token = running.gateway.auth.issue_token(sub="alice", ttl=600)
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as http:
+        # Not a form; no file; an upload announced past the limit (refused before it is read).
+        r = await http.post("/v1/audio/transcriptions", headers=headers, json={"model": "whisper"})
+        assert r.status_code == 400 and "multipart" in r.text
+        r = await http.post(
+            "/v1/audio/transcriptions",
+            headers=headers,
+            data={"model": "whisper"},
+            files={"audio": upload},  # a form, but its file is not named 'file'
+        )
+        assert r.status_code == 400 and "field named 'file'" in r.text
+        reader, writer = await asyncio.open_connection(running.host, running.port)
+        writer.write(
+            (
+                "POST /v1/audio/transcriptions HTTP/1.1\r\n"
+                f"Host: {running.host}\r\nAuthorization: Bearer {token}\r\n"
+                "Content-Type: multipart/form-data; boundary=x\r\n"
+                f"Content-Length: {MAX_AUDIO_BYTES * 2}\r\n\r\n--x\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 30)
+        assert status.split()[1] == b"413", status
+        writer.close()
+        r = await http.post(
+            "/v1/audio/translations",
+            headers=headers,
+            files={"file": upload},
+            data={"model": "whisper"},
+        )
+        assert r.status_code == 400 and "English-only" in r.text
+        # No credential, no transcription.
+        r = await http.post(
+            "/v1/audio/transcriptions", files={"file": upload}, data={"model": "whisper"}
+        )
+        assert r.status_code == 401
+    ok = await client.audio.transcriptions.create(model="whisper", file=upload)
+    assert _words(ok.text) == _words(FOX + " " + APPLES)
+
+
+def test_subtitle_formats() -> None:
+    segments = [
+        TranscriptSegment(id=0, start=0.0, end=1.5, text=" Hello."),
+        TranscriptSegment(id=1, start=3661.25, end=3662.0, text=" Again."),
+    ]
+    assert srt(segments) == (
+        "1\n00:00:00,000 --> 00:00:01,500\nHello.\n\n2\n01:01:01,250 --> 01:01:02,000\nAgain.\n"
+    )
+    assert vtt(segments) == (
+        "WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello.\n\n01:01:01.250 --> 01:01:02.000\nAgain.\n"
+    )
+
+
+async def test_concurrent_transcriptions_each_get_their_own_text(
+    client: openai.AsyncOpenAI, speech: bytes
+) -> None:
+    upload = ("speech.wav", speech, "audio/wav")
+    results = await asyncio.gather(
+        *(client.audio.transcriptions.create(model="whisper", file=upload) for _ in range(3))
+    )
+    assert {r.text for r in results} == {results[0].text}
+    assert _words(results[0].text) == _words(FOX + " " + APPLES)
