@@ -25,16 +25,9 @@ from engine.backends.llamacpp import init_llama_cpp
 __all__ = ["decode_tok_s", "read_ms"]
 
 
-def read_ms(
-    gguf: Path,
-    reads: list[tuple[int, int]],
-    *,
-    threads: int,
-    n_ctx: int = 2048,
-    n_seq: int = 16,
-    repeats: int = 7,
-) -> list[float]:
-    """Milliseconds to read ``n`` tokens after ``at`` cached ones, for each ``(at, n)``."""
+def _context(gguf: Path, *, threads: int, n_ctx: int, n_seq: int) -> tuple[object, object]:
+    """The model and a context built as ``ferrous serve`` builds its own: a window of
+    ``n_ctx`` cells for each of ``n_seq`` sequences, the same threads."""
     init_llama_cpp()
     model = llama_cpp.llama_model_load_from_file(
         str(gguf).encode(), llama_cpp.llama_model_default_params()
@@ -47,7 +40,20 @@ def read_ms(
     cparams.n_seq_max = n_seq
     cparams.n_threads = cparams.n_threads_batch = threads
     cparams.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    return model, llama_cpp.llama_init_from_model(model, cparams)
+
+
+def read_ms(
+    gguf: Path,
+    reads: list[tuple[int, int]],
+    *,
+    threads: int,
+    n_ctx: int = 2048,
+    n_seq: int = 16,
+    repeats: int = 7,
+) -> list[float]:
+    """Milliseconds to read ``n`` tokens after ``at`` cached ones, for each ``(at, n)``."""
+    model, ctx = _context(gguf, threads=threads, n_ctx=n_ctx, n_seq=n_seq)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     memory = llama_cpp.llama_get_memory(ctx)
     vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
@@ -103,19 +109,7 @@ def decode_tok_s(
     """
     if not 1 <= rows <= n_seq:
         raise ValueError(f"rows must be within 1..{n_seq}")
-    init_llama_cpp()
-    model = llama_cpp.llama_model_load_from_file(
-        str(gguf).encode(), llama_cpp.llama_model_default_params()
-    )
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf}")
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = n_ctx * n_seq
-    cparams.n_batch = cparams.n_ubatch = 512
-    cparams.n_seq_max = n_seq
-    cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    model, ctx = _context(gguf, threads=threads, n_ctx=n_ctx, n_seq=n_seq)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
 

@@ -17,10 +17,9 @@ model; an English-only one refuses it).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -31,11 +30,12 @@ from starlette.routing import Route
 from engine import TranscribeOptions, Transcript, TranscriptSegment
 from engine.jobcalls import MAX_AUDIO_BYTES
 from gateway.auth import Principal
-from gateway.http_common import ClosingStream, guarded, loopback_without_token
+from gateway.generation import tracked_work
+from gateway.http_common import ClosingStream, post_route
 from gateway.http_common import unless_disconnected as _unless_disconnected
 from gateway.interface import Gateway
 from gateway.openai_wire import InvalidParam, json_response, openai_error, sse
-from protocol.errors import BadRequest, Overloaded, TooLarge
+from protocol.errors import BadRequest, TooLarge
 
 __all__ = ["audio_routes", "srt", "vtt"]
 
@@ -50,15 +50,9 @@ def audio_routes(gateway: Gateway) -> list[Route]:
     async def translations(request: Request) -> Response:
         return await _speech_to_text(gateway, request, "translate")
 
-    def route(path: str, fn: Callable[[Request], Awaitable[Response]]) -> Route:
-        loopback = loopback_without_token(gateway)
-        return Route(
-            path, guarded(gateway, openai_error, fn, allow_loopback=loopback), methods=["POST"]
-        )
-
     return [
-        route("/v1/audio/transcriptions", transcriptions),
-        route("/v1/audio/translations", translations),
+        post_route(gateway, "/v1/audio/transcriptions", transcriptions, openai_error),
+        post_route(gateway, "/v1/audio/translations", translations, openai_error),
     ]
 
 
@@ -115,12 +109,7 @@ async def transcribe(
     Like a generation: refused while the server drains, the model resolved in
     ``principal``'s view and loaded, and registered so a shutdown cancels it.
     """
-    if gateway.draining:
-        raise Overloaded("the server is shutting down")
-    task = asyncio.current_task()
-    if task is not None:
-        gateway.running.add(task)
-    try:
+    with tracked_work(gateway):
         resolved = await gateway.ensure_model(principal, model)
         t0 = time.perf_counter()
         async for item in gateway.engine.transcribe_stream(resolved.key, audio, options):
@@ -137,9 +126,6 @@ async def transcribe(
                     time.perf_counter() - t0
                 )
             yield item
-    finally:
-        if task is not None:
-            gateway.running.discard(task)
 
 
 async def _read_form(request: Request) -> FormData:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -353,6 +353,23 @@ async def collect(gateway: Gateway, prepared: Prepared) -> Outcome:
     return await drain(run(gateway, prepared))
 
 
+@contextlib.contextmanager
+def tracked_work(gateway: Gateway) -> Iterator[None]:
+    """A request's work that is not a generation (embeddings, transcriptions), held to
+    the same rules: refused while the server drains, and its task registered with the
+    gateway so a shutdown cancels it after the grace period."""
+    if gateway.draining:
+        raise Overloaded("the server is shutting down")
+    task = asyncio.current_task()
+    if task is not None:
+        gateway.running.add(task)
+    try:
+        yield
+    finally:
+        if task is not None:
+            gateway.running.discard(task)
+
+
 async def embed(
     gateway: Gateway,
     principal: Principal,
@@ -369,22 +386,13 @@ async def embed(
     metrics, and registered with the gateway so a shutdown cancels it after
     its grace period.
     """
-    if gateway.draining:
-        raise Overloaded("the server is shutting down")
-    task = asyncio.current_task()
-    if task is not None:
-        gateway.running.add(task)
-    try:
+    with tracked_work(gateway):
         t0 = time.perf_counter()
         resolved = await gateway.ensure_model(principal, model, keep_alive)
         load_s = time.perf_counter() - t0
         result = await gateway.engine.embed(
             resolved.key, inputs, truncate=truncate, keep_alive=keep_alive
         )
-    finally:
-        if task is not None:
-            gateway.running.discard(task)
-            del task
     gateway.metrics.embedded.labels(resolved.key).inc(len(inputs))
     gateway.metrics.embedding_tokens.labels(resolved.key).inc(result.prompt_tokens)
     return result, load_s

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth import Principal, Unauthorized
@@ -249,6 +250,12 @@ ErrorRenderer = Callable[[FerrousError], Response]
 RETRY_AFTER_SECONDS = 1
 _RETRY_LATER = frozenset({ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED})
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def post_route(gateway: Gateway, path: str, fn: Handler, render: ErrorRenderer) -> Route:
+    """A POST route of a compatible surface: guarded, loopback clients let in when configured."""
+    loopback = loopback_without_token(gateway)
+    return Route(path, guarded(gateway, render, fn, allow_loopback=loopback), methods=["POST"])
 
 
 def guarded(

@@ -60,7 +60,7 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -86,8 +86,7 @@ from gateway.generation import (
 )
 from gateway.http_common import (
     ClosingStream,
-    guarded,
-    loopback_without_token,
+    post_route,
     read_body,
 )
 from gateway.http_common import unless_disconnected as _unless_disconnected
@@ -701,16 +700,10 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
         return json_response({"object": "list", "data": data, "model": body.model, "usage": usage})
 
-    def route(path: str, fn: Callable[[Request], Awaitable[Response]]) -> Route:
-        loopback = loopback_without_token(gateway)
-        return Route(
-            path, guarded(gateway, openai_error, fn, allow_loopback=loopback), methods=["POST"]
-        )
-
     return [
-        route("/v1/chat/completions", chat_completions),
-        route("/v1/completions", completions),
-        route("/v1/embeddings", embeddings),
+        post_route(gateway, "/v1/chat/completions", chat_completions, openai_error),
+        post_route(gateway, "/v1/completions", completions, openai_error),
+        post_route(gateway, "/v1/embeddings", embeddings, openai_error),
     ]
 
 
