@@ -19,6 +19,7 @@ import msgspec
 from engine.requests import (
     ChatMessage,
     SamplingParams,
+    SpeechOptions,
     ToolFunction,
     TranscribeOptions,
     TranscriptSegment,
@@ -27,6 +28,7 @@ from engine.requests import (
 __all__ = [
     "MAX_FRAME",
     "Ack",
+    "AudioPart",
     "Cancel",
     "CancelJob",
     "Embed",
@@ -42,6 +44,8 @@ __all__ = [
     "Pong",
     "Resume",
     "Shutdown",
+    "Synthesize",
+    "Synthesized",
     "ToWorker",
     "Transcribe",
     "Transcribed",
@@ -141,6 +145,16 @@ class Transcribe(_Frame, tag=9, kw_only=True):
     model: str
     audio: bytes
     options: TranscribeOptions
+
+
+class Synthesize(_Frame, tag=11, kw_only=True):
+    """Speak ``text`` with ``model``: :class:`AudioPart` frames sentence by sentence, then
+    :class:`Synthesized` or :class:`WorkerError`."""
+
+    req: int
+    model: str
+    text: str
+    options: SpeechOptions
 
 
 class CancelJob(_Frame, tag=10, kw_only=True):
@@ -246,6 +260,21 @@ class Transcribed(_Frame, tag=29, kw_only=True):
     duration: float
 
 
+class AudioPart(_Frame, tag=30, kw_only=True):
+    """16-bit little-endian mono PCM of the next sentence of a synthesis."""
+
+    req: int
+    pcm: bytes
+
+
+class Synthesized(_Frame, tag=31, kw_only=True):
+    """The end of a synthesis: seconds of audio produced, at ``sample_rate``."""
+
+    req: int
+    seconds: float
+    sample_rate: int
+
+
 class Pong(_Frame, tag=25, kw_only=True):
     req: int
     models: list[str]
@@ -265,6 +294,7 @@ ToWorker = (
     | Shutdown
     | Embed
     | Transcribe
+    | Synthesize
     | CancelJob
 )
 FromWorker = (
@@ -278,6 +308,8 @@ FromWorker = (
     | Embedded
     | TranscriptPart
     | Transcribed
+    | AudioPart
+    | Synthesized
 )
 
 _encoder = msgspec.msgpack.Encoder()

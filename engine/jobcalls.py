@@ -1,4 +1,4 @@
-"""Requests that are jobs in a worker (engine.jobs): embeddings and transcriptions.
+"""Requests that are jobs in a worker (engine.jobs): embeddings, transcriptions, speech.
 
 :class:`JobCalls` is the part of :class:`engine.EngineClient` that sends
 them: a job goes to the least busy live worker holding its model (no slots,
@@ -19,6 +19,8 @@ from engine import ipc
 from engine.pool import Worker, WorkerPool
 from engine.requests import (
     Embeddings,
+    Speech,
+    SpeechOptions,
     TranscribeOptions,
     Transcript,
     TranscriptSegment,
@@ -32,7 +34,7 @@ __all__ = ["EMBED_TIMEOUT_S", "MAX_AUDIO_BYTES", "TRANSCRIBE_IDLE_S", "JobCalls"
 # An embedding call is answered in one frame after all its inputs are read; a
 # large batch of long inputs on a small CPU can take minutes.
 EMBED_TIMEOUT_S = 600.0
-TRANSCRIBE_IDLE_S = 600.0  # the longest a transcription may go without a frame (one window)
+TRANSCRIBE_IDLE_S = 600.0  # the longest a speech job may go without a frame (one window)
 MAX_AUDIO_BYTES = 32 * 1024 * 1024  # one upload; a frame to the worker holds it whole
 
 
@@ -179,3 +181,37 @@ class JobCalls:
             if isinstance(item, Transcript):
                 return item
         raise EngineError("the transcription ended without its result")
+
+    async def synthesize_stream(
+        self,
+        model: str,
+        text: str,
+        options: SpeechOptions | None = None,
+        *,
+        keep_alive: float | None = None,
+    ) -> AsyncGenerator[bytes | Speech, None]:
+        """``text`` spoken by ``model``: 16-bit mono PCM a sentence at a time, then :class:`Speech`.
+
+        Raises ModelNotFound, BadRequest (not a speech synthesis model, an empty
+        input, a speed it cannot honour), TooLarge (an input over its limit) or
+        EngineError (the worker died; retryable). Closing the iterator early
+        stops the work in the worker.
+        """
+        req = self._pool.next_req()
+        msg = ipc.Synthesize(req=req, model=model, text=text, options=options or SpeechOptions())
+        worker = await self._pick(model)
+        spec = self._residency.models[model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        try:
+            async for frame in self._pool.stream(
+                worker, msg, req, last=(ipc.Synthesized,), idle_timeout=TRANSCRIBE_IDLE_S
+            ):
+                if isinstance(frame, ipc.WorkerError):
+                    raise error_from_code(frame.code, frame.message, retryable=frame.retryable)
+                if isinstance(frame, ipc.AudioPart):
+                    yield frame.pcm
+                elif isinstance(frame, ipc.Synthesized):
+                    yield Speech(seconds=frame.seconds, sample_rate=frame.sample_rate, model=model)
+        finally:
+            self._residency.release(spec, keep_alive)

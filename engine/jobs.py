@@ -1,7 +1,7 @@
 """Jobs: the requests of every model kind that are not token-by-token text generation.
 
 Text generation is stepped in batches by the worker's decode loop. Every
-other kind of request (embeddings, transcription; speech synthesis next) is a
+other kind of request (embeddings, transcription, speech synthesis) is a
 *job*: a request message, a backend interface that turns it into bounded units
 of work, and the replies it sends. The worker runs all jobs through one loop
 (:class:`JobQueue`): one unit of the oldest job per cycle, after the decode
@@ -26,7 +26,15 @@ from typing import Any
 import msgspec
 
 from engine import ipc
-from engine.backends.base import Backend, EmbedJob, TranscribeJob, embedder_of, transcriber_of
+from engine.backends.base import (
+    Backend,
+    EmbedJob,
+    SynthesizeJob,
+    TranscribeJob,
+    embedder_of,
+    synthesizer_of,
+    transcriber_of,
+)
 from protocol.errors import ErrorCode, FerrousError, ModelNotFound, TooLarge
 
 __all__ = ["JOB_KINDS", "Job", "JobKind", "JobQueue", "error_reply"]
@@ -125,9 +133,36 @@ def _start_transcription(backend: Backend, msg: ipc.Transcribe) -> Job:
     return _Transcription(msg, transcriber_of(backend).transcribe_job(msg.audio, msg.options))
 
 
+class _Synthesis(Job):
+    """Text to speech: a sentence per unit, its PCM sent as soon as it is made."""
+
+    def __init__(self, msg: ipc.Synthesize, run: SynthesizeJob, sample_rate: int) -> None:
+        super().__init__(msg.req, msg.model)
+        self._run = run
+        self._rate = sample_rate
+
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        try:
+            pcm = next(self._run)
+        except StopIteration as done:
+            return [
+                ipc.Synthesized(req=self.req, seconds=float(done.value), sample_rate=self._rate)
+            ], True
+        return ([ipc.AudioPart(req=self.req, pcm=pcm)] if pcm else []), False
+
+    def close(self) -> None:
+        self._run.close()
+
+
+def _start_synthesis(backend: Backend, msg: ipc.Synthesize) -> Job:
+    voice = synthesizer_of(backend)
+    return _Synthesis(msg, voice.synthesize_job(msg.text, msg.options), voice.sample_rate)
+
+
 JOB_KINDS: tuple[JobKind, ...] = (
     JobKind(ipc.Embed, _start_embedding),
     JobKind(ipc.Transcribe, _start_transcription),
+    JobKind(ipc.Synthesize, _start_synthesis),
 )
 
 

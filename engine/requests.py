@@ -28,6 +28,8 @@ __all__ = [
     "GenerateRequest",
     "GenerationDone",
     "SamplingParams",
+    "Speech",
+    "SpeechOptions",
     "Timings",
     "TokenDelta",
     "ToolCall",
@@ -271,4 +273,22 @@ class Transcript(msgspec.Struct, frozen=True, kw_only=True):
     language: str
     duration: float  # seconds of audio
     segments: list[TranscriptSegment]
+    model: str = ""
+
+
+# -- speech synthesis ---------------------------------------------------------------
+
+
+class SpeechOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How to speak: ``speed`` 1.0 is the voice's own pace; ``seed`` fixes the output."""
+
+    speed: float = 1.0
+    seed: int | None = None
+
+
+class Speech(msgspec.Struct, frozen=True, kw_only=True):
+    """The end of :meth:`engine.EngineClient.synthesize_stream`: what was produced."""
+
+    seconds: float
+    sample_rate: int
     model: str = ""

@@ -337,7 +337,7 @@ class Worker:
             )
         )
 
-    def _on_job(self, msg: ipc.Embed | ipc.Transcribe) -> None:
+    def _on_job(self, msg: ipc.Embed | ipc.Transcribe | ipc.Synthesize) -> None:
         entry = self._models.get(msg.model)
         self._jobs.start(msg, None if entry is None else entry[0], msg.req, msg.model)
 

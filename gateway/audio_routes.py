@@ -1,4 +1,5 @@
-"""OpenAI's speech-to-text routes: ``/v1/audio/transcriptions`` and ``/v1/audio/translations``.
+"""OpenAI's audio routes: speech to text (``/v1/audio/transcriptions``, ``/translations``)
+and text to speech (``/v1/audio/speech``).
 
 A request is a multipart form, as the official clients send it: ``file`` (the
 audio, any common format), ``model``, and optionally ``language``, ``prompt``,
@@ -13,6 +14,13 @@ model decodes it: a ``transcript.text.delta`` event per segment, then one
 ``transcript.text.done`` with the whole text. Segments are final when sent.
 A translation is English text from speech in any language (a multilingual
 model; an English-only one refuses it).
+
+``/v1/audio/speech`` takes JSON (``model``, ``input``, ``voice``, ``speed``,
+``response_format`` ``mp3`` (the default), ``opus``, ``aac``, ``flac``,
+``wav`` or ``pcm`` (16-bit mono little-endian at the voice's rate, 24 kHz))
+and streams the audio as each sentence is synthesised and encoded. A speech
+model is one voice: ``voice`` is accepted whatever it names (OpenAI's
+clients always send one), and the model's own voice speaks.
 """
 
 from __future__ import annotations
@@ -20,18 +28,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Literal
 
+import msgspec
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine import TranscribeOptions, Transcript, TranscriptSegment
+from engine import Speech, SpeechOptions, TranscribeOptions, Transcript, TranscriptSegment
+from engine.audio import ENCODINGS, AudioEncoder, wav_header
 from engine.jobcalls import MAX_AUDIO_BYTES
 from gateway.auth import Principal
 from gateway.generation import tracked_work
-from gateway.http_common import ClosingStream, post_route
+from gateway.http_common import ClosingStream, post_route, read_body
 from gateway.http_common import unless_disconnected as _unless_disconnected
 from gateway.interface import Gateway
 from gateway.openai_wire import InvalidParam, json_response, openai_error, sse
@@ -40,6 +51,8 @@ from protocol.errors import BadRequest, TooLarge
 __all__ = ["audio_routes", "srt", "vtt"]
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+SPEECH_RATE = 24000  # the voices' rate (engine.backends.hibarivoice)
 _FIELDS = 16  # form fields one request may carry besides the file
 
 
@@ -50,10 +63,81 @@ def audio_routes(gateway: Gateway) -> list[Route]:
     async def translations(request: Request) -> Response:
         return await _speech_to_text(gateway, request, "translate")
 
+    async def speech(request: Request) -> Response:
+        body = await read_body(gateway, request, SpeechRequest)
+        fmt = body.response_format
+        if fmt not in SPEECH_FORMATS:
+            raise InvalidParam(
+                "response_format", f"response_format must be one of {SPEECH_FORMATS}"
+            )
+        if not math.isfinite(body.speed):
+            raise InvalidParam("speed", "speed must be a number")
+        options = SpeechOptions(speed=body.speed)
+        events = synthesize(gateway, request.state.principal, body.model, body.input, options)
+        first = await _unless_disconnected(request, anext(events))  # errors as a status
+        media = {"wav": "audio/wav", "pcm": "audio/pcm"}.get(fmt) or ENCODINGS[fmt][2]
+        return ClosingStream(_audio_body(first, events, fmt), media_type=media)
+
     return [
         post_route(gateway, "/v1/audio/transcriptions", transcriptions, openai_error),
         post_route(gateway, "/v1/audio/translations", translations, openai_error),
+        post_route(gateway, "/v1/audio/speech", speech, openai_error),
     ]
+
+
+class SpeechRequest(msgspec.Struct, frozen=True):
+    model: str
+    input: str
+    voice: str | dict[str, str] | None = None  # one model is one voice (see above)
+    speed: float = 1.0
+    response_format: str = "mp3"
+    instructions: str | None = None  # style steering: not something these voices take
+    stream_format: Literal["audio"] = "audio"
+
+
+async def synthesize(
+    gateway: Gateway,
+    principal: Principal,
+    model: str,
+    text: str,
+    options: SpeechOptions,
+) -> AsyncGenerator[bytes | Speech, None]:
+    """``text`` spoken by ``model``: PCM a sentence at a time, then :class:`Speech`."""
+    with tracked_work(gateway):
+        resolved = await gateway.ensure_model(principal, model)
+        t0 = time.perf_counter()
+        async for item in gateway.engine.synthesize_stream(resolved.key, text, options):
+            if isinstance(item, Speech):
+                gateway.metrics.speech_seconds.labels(model).inc(item.seconds)
+                gateway.metrics.job_seconds.labels("speech", model).observe(
+                    time.perf_counter() - t0
+                )
+            yield item
+
+
+async def _audio_body(
+    first: bytes | Speech, events: AsyncGenerator[bytes | Speech, None], fmt: str
+) -> AsyncIterator[bytes]:
+    """The response body: each sentence encoded as it comes (the header first for wav)."""
+    encoder: AudioEncoder | None = None
+    if fmt == "wav":
+        yield wav_header(SPEECH_RATE)
+    item: bytes | Speech | None = first
+    try:
+        while item is not None and not isinstance(item, Speech):
+            if fmt in ("pcm", "wav"):
+                yield item
+            else:
+                if encoder is None:
+                    encoder = AudioEncoder(fmt, SPEECH_RATE)
+                piece = encoder.encode(item)
+                if piece:
+                    yield piece
+            item = await anext(events, None)
+        if encoder is not None:
+            yield encoder.close()
+    finally:
+        await events.aclose()
 
 
 async def _speech_to_text(gateway: Gateway, request: Request, task: str) -> Response:

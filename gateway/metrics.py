@@ -90,6 +90,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.speech_seconds = Counter(
+            "ferrous_speech_seconds",
+            "Seconds of speech synthesised, by model.",
+            ["model"],
+            registry=r,
+        )
         self.job_seconds = Histogram(
             "ferrous_job_seconds",
             "Wall time of a job (a transcription, ...) from its request to its result, by kind and model.",

@@ -1,10 +1,12 @@
-"""Speech recognition: Whisper tiny.en (from its PyPI wheel) through the engine and the OpenAI routes.
+"""Speech: Whisper tiny.en and the hibari voice (both from PyPI wheels) through the engine
+and the OpenAI routes.
 
-Speech is synthesised by the hibari TTS model (in its wheel) from known
-sentences, so every check is on real speech and a real model: the words come
-back, segments stream before the whole transcript and never change after,
-the official openai client's transcription calls work in every format, and
-bad uploads get typed errors without disturbing the next request.
+Speech is synthesised by the hibari voice from known sentences, so every
+check is on real speech and real models: the words come back, segments
+stream before the whole transcript and never change after, speech comes
+sentence by sentence and round-trips through the recogniser in every audio
+format, the official openai client's calls work, and bad requests get typed
+errors without disturbing the next one.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from engine import (
     EngineConfig,
     GenerateRequest,
     SamplingParams,
+    Speech,
+    SpeechOptions,
     TranscribeOptions,
     Transcript,
     TranscriptSegment,
 )
 from engine.backends import Kind, find_entry
+from engine.hibarivoices import fetch_hibari_voice
 from engine.jobcalls import MAX_AUDIO_BYTES
 from engine.whispertiny import fetch_whisper_tiny
 from gateway.audio_routes import srt, vtt
@@ -64,6 +69,11 @@ def whisper_tiny() -> Path:
 
 
 @pytest.fixture(scope="session")
+def voice() -> Path:
+    return fetch_hibari_voice()
+
+
+@pytest.fixture(scope="session")
 def speech() -> bytes:
     """Two sentences of synthesised speech, 24 kHz 16-bit WAV (resampled by the server)."""
     from hibari import Hibari
@@ -77,9 +87,45 @@ def speech() -> bytes:
 # -- the engine ----------------------------------------------------------------------
 
 
-def test_the_registry_takes_a_whisper_folder_as_a_speech_model(whisper_tiny: Path) -> None:
+def test_the_registry_takes_speech_models_by_their_layout(whisper_tiny: Path, voice: Path) -> None:
     entry = find_entry(str(whisper_tiny))
     assert entry.name == "whisper" and entry.inspect(str(whisper_tiny)).kinds == {Kind.ASR}
+    entry = find_entry(str(voice))
+    assert entry.name == "hibari" and entry.inspect(str(voice)).kinds == {Kind.TTS}
+
+
+async def test_speech_comes_sentence_by_sentence_and_bad_requests_are_refused(
+    voice: Path, whisper_tiny: Path
+) -> None:
+    """Three sentences come as three pieces of PCM before the end, which counts their
+    length; a seed gives the same audio again; bad inputs are typed errors at once."""
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as engine:
+        await engine.load("voice", voice)
+        await engine.load("asr", whisper_tiny)
+        text = "One small step. Another small step. The last step."
+        parts: list[bytes] = []
+        end = None
+        async for item in engine.synthesize_stream("voice", text, SpeechOptions(seed=7)):
+            if isinstance(item, Speech):
+                end = item
+            else:
+                assert end is None
+                parts.append(item)
+        assert end is not None and len(parts) == 3 and all(parts)
+        assert end.sample_rate == 24000
+        assert end.seconds == pytest.approx(sum(map(len, parts)) / 2 / 24000)
+        again = [x async for x in engine.synthesize_stream("voice", text, SpeechOptions(seed=7))]
+        assert again[:-1] == parts
+        for bad, options, why in (
+            ("", SpeechOptions(), "empty"),
+            ("hi", SpeechOptions(speed=3.0), "speed"),
+        ):
+            with pytest.raises(BadRequest, match=why):
+                async for _ in engine.synthesize_stream("voice", bad, options):
+                    pass
+        with pytest.raises(BadRequest, match="does not synthesise"):
+            async for _ in engine.synthesize_stream("asr", text):
+                pass
 
 
 async def test_synthesised_speech_comes_back_as_its_words_segment_by_segment(
@@ -131,7 +177,7 @@ async def test_bad_audio_is_refused_and_an_abandoned_job_stops(
             with pytest.raises(BadRequest, match=why):
                 await engine.transcribe("asr", bad)
         # A longer file (several windows of work), abandoned after its first segment.
-        events = engine.transcribe_stream("asr", _repeated(speech, 6))
+        events = engine.transcribe_stream("asr", _repeated(speech, 4))
         first = await anext(events)
         assert isinstance(first, TranscriptSegment)
         await events.aclose()  # the caller went away
@@ -154,9 +200,9 @@ def _repeated(wav: bytes, times: int) -> bytes:
 
 @pytest.fixture
 async def running(
-    tmp_path: Path, whisper_tiny: Path, script_model: Path
+    tmp_path: Path, whisper_tiny: Path, voice: Path, script_model: Path
 ) -> AsyncIterator[RunningServer]:
-    models = {"whisper": whisper_tiny, "script": script_model}
+    models = {"whisper": whisper_tiny, "voice": voice, "script": script_model}
     # A shared server: every request needs a credential, loopback ones too.
     config = server_config(tmp_path, models, auth=AuthConfig(loopback_without_token=False))
     async with gateway(config) as srv:
@@ -190,7 +236,7 @@ async def test_the_official_client_transcribes_in_every_format(
     )
     assert verbose.text == plain.text and verbose.language == "en"
     assert verbose.segments and verbose.segments[0].start == 0.0
-    assert [w.word.lower().strip(".,") for w in verbose.words or []] == _words(plain.text)
+    assert _words(" ".join(w.word for w in verbose.words or [])) == _words(plain.text)
 
     text = await client.audio.transcriptions.create(
         model="whisper", file=upload, response_format="text"
@@ -296,7 +342,43 @@ async def test_concurrent_transcriptions_each_get_their_own_text(
 ) -> None:
     upload = ("speech.wav", speech, "audio/wav")
     results = await asyncio.gather(
-        *(client.audio.transcriptions.create(model="whisper", file=upload) for _ in range(3))
+        *(client.audio.transcriptions.create(model="whisper", file=upload) for _ in range(2))
     )
     assert {r.text for r in results} == {results[0].text}
     assert _words(results[0].text) == _words(FOX + " " + APPLES)
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "wav", "opus", "flac"])
+async def test_spoken_text_transcribes_back_to_its_words(
+    client: openai.AsyncOpenAI, fmt: str
+) -> None:
+    """The official client's streaming speech call, in each compressed format and WAV,
+    gives audio the recogniser turns back into the same words."""
+    async with client.audio.speech.with_streaming_response.create(
+        model="voice",
+        voice="alloy",
+        input=FOX,
+        response_format=fmt,  # type: ignore[arg-type]
+    ) as response:
+        assert response.headers["content-type"].startswith("audio/")
+        audio = b"".join([chunk async for chunk in response.iter_bytes()])
+    heard = await client.audio.transcriptions.create(model="whisper", file=(f"speech.{fmt}", audio))
+    assert _words(heard.text) == _words(FOX)
+
+
+async def test_speech_requests_are_checked(client: openai.AsyncOpenAI) -> None:
+    for kwargs, status, said in (
+        ({"input": ""}, 400, "empty"),
+        ({"input": "hi", "speed": 4.0}, 400, "speed"),
+        ({"input": "hi", "response_format": "ogg"}, 400, "response_format"),
+        ({"input": "x" * 4097}, 413, "4096"),
+        ({"input": "hi", "model": "script"}, 400, "does not synthesise"),
+    ):
+        args = {"model": "voice", "voice": "alloy", **kwargs}
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.audio.speech.create(**args)  # type: ignore[arg-type]
+        assert err.value.status_code == status and said in str(err.value), err.value
+    pcm = await client.audio.speech.create(
+        model="voice", voice="alloy", input="Fine.", response_format="pcm"
+    )
+    assert len(pcm.content) > 24000 // 4 and len(pcm.content) % 2 == 0

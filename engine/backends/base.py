@@ -43,6 +43,7 @@ from engine.chat import render_chat
 from engine.requests import (
     ChatMessage,
     SamplingParams,
+    SpeechOptions,
     ToolFunction,
     TranscribeOptions,
     TranscriptSegment,
@@ -54,11 +55,14 @@ __all__ = [
     "EmbedJob",
     "Embedder",
     "LoadParams",
+    "SynthesizeJob",
+    "Synthesizer",
     "TextGenerator",
     "TranscribeJob",
     "Transcriber",
     "embedder_of",
     "generator_of",
+    "synthesizer_of",
     "transcriber_of",
 ]
 
@@ -67,6 +71,9 @@ EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
 # One window of audio decoded per next(), yielding its segments (none for a
 # window without speech); returns (language, seconds of audio).
 TranscribeJob: TypeAlias = Generator[list[TranscriptSegment], None, tuple[str, float]]
+# One sentence synthesised per next(), yielding its 16-bit little-endian mono PCM;
+# returns the seconds of audio produced.
+SynthesizeJob: TypeAlias = Generator[bytes, None, float]
 
 
 class LoadParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -275,6 +282,8 @@ def generator_of(backend: Backend) -> TextGenerator:
         return backend
     if isinstance(backend, Transcriber):
         raise BadRequest("this is a speech recognition model: it cannot generate text")
+    if isinstance(backend, Synthesizer):
+        raise BadRequest("this is a speech synthesis model: it cannot generate text")
     raise BadRequest("this is an embedding model: it cannot generate text")
 
 
@@ -306,3 +315,23 @@ def transcriber_of(backend: Backend) -> Transcriber:
     if isinstance(backend, Transcriber):
         return backend
     raise BadRequest("this model does not transcribe speech (a speech recognition model does)")
+
+
+class Synthesizer(Backend):
+    """A speech synthesis model: text in, audio out a sentence at a time."""
+
+    sample_rate: int
+    """The rate of the audio it produces."""
+    voice: str
+    """The voice it speaks in (one model is one voice)."""
+
+    @abc.abstractmethod
+    def synthesize_job(self, text: str, options: SpeechOptions) -> SynthesizeJob:
+        """A job speaking ``text``; options it cannot honour raise BadRequest at once."""
+
+
+def synthesizer_of(backend: Backend) -> Synthesizer:
+    """``backend`` as a :class:`Synthesizer`; BadRequest for a model that is not one."""
+    if isinstance(backend, Synthesizer):
+        return backend
+    raise BadRequest("this model does not synthesise speech (a speech synthesis model does)")

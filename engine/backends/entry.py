@@ -46,6 +46,7 @@ class Kind(enum.StrEnum):
     TEXT = "text"  # TextGenerator: sequences stepped a token at a time
     EMBED = "embed"  # Embedder: vectors for inputs, a job of bounded steps
     ASR = "asr"  # Transcriber: speech to timed text, a job of one window per step
+    TTS = "tts"  # Synthesizer: text to speech, a job of one sentence per step
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from engine.backends.entry import BackendEntry
 from engine.backends.gguf_entry import CTransformersEntry, LlamaCppEntry
 from engine.backends.onnx_entry import OnnxDecoderEntry, OnnxEncoderEntry
+from engine.backends.tts_entry import HibariEntry
 from engine.backends.whisper_entry import WhisperEntry
 from protocol.errors import BadRequest
 
@@ -24,6 +25,7 @@ __all__ = ["REGISTRY", "available_backends", "backend_names", "find_entry"]
 
 REGISTRY: tuple[BackendEntry, ...] = (
     WhisperEntry(),
+    HibariEntry(),
     OnnxEncoderEntry(),
     OnnxDecoderEntry(),
     LlamaCppEntry(),
