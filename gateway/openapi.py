@@ -254,6 +254,40 @@ def openapi_document(version: str) -> dict[str, Any]:
             "response_format json|text|srt|vtt|verbose_json, timestamp_granularities[], stream)",
             openai_err,
         ),
+        "/v1/audio/speech": {
+            "post": {
+                "summary": "Text to speech, streamed as it is made (mp3, opus, aac, flac, wav, pcm)",
+                "tags": ["openai"],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["model", "input"],
+                                "properties": {
+                                    "model": {"type": "string"},
+                                    "input": {"type": "string", "maxLength": 4096},
+                                    "voice": {"type": "string"},
+                                    "speed": {"type": "number", "minimum": 0.5, "maximum": 2},
+                                    "response_format": {
+                                        "enum": ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "the audio",
+                        "content": {"audio/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    **openai_err,
+                },
+                "security": [{"bearer": []}],
+            }
+        },
         "/v1/audio/translations": _speech_op(
             "Speech in any language to English text (multipart, as transcriptions)", openai_err
         ),
