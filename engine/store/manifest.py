@@ -26,8 +26,9 @@ __all__ = [
     "manifest_digest",
 ]
 
-Format = Literal["gguf", "onnx"]
-FORMATS: tuple[Format, ...] = ("gguf", "onnx")
+# A GGUF file; folders: an ONNX model, a Whisper model (CTranslate2), a hibari voice.
+Format = Literal["gguf", "onnx", "whisper", "hibari"]
+FORMATS: tuple[Format, ...] = ("gguf", "onnx", "whisper", "hibari")
 ParamValue = int | float | str | bool | list[str]
 SCHEMA_VERSION = 1
 

