@@ -45,12 +45,14 @@ def start_server(
     env: dict[str, str] | None = None,
     log: Path | None = None,
     ready_path: str | None = None,
+    more: dict[str, Path] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``ferrous serve`` with ``model`` loaded as ``name``; (process, port) once it answers.
 
     It answers when its port accepts a connection, or, with ``ready_path``,
     when that path returns 200. ``log`` takes the server's output (else it
-    shares this program's); ``env`` adds to this process's environment.
+    shares this program's); ``env`` adds to this process's environment; ``more``
+    loads more models under their names.
     """
     port = free_port()
     full_env = {**os.environ, "FERROUS_HOME": home, **(env or {})}
@@ -60,6 +62,7 @@ def start_server(
         *(sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)),
         *("--workers", str(workers), "--threads", str(threads)),
         *("--model", f"{name}={model}", "--log-level", "warning"),
+        *(arg for other, path in (more or {}).items() for arg in ("--model", f"{other}={path}")),
         *(() if auth else ("--no-auth",)),
     ]
     if log is not None:

@@ -208,3 +208,11 @@ def test_bench_resume() -> None:
     assert r["trials"] == 2 and r["resume_p50_ms"] > 0  # type: ignore[operator]
     ratio = r["resume_p50_ms"] / r["fresh_p50_ms"]  # type: ignore[operator]
     assert r["resume_over_fresh"] == pytest.approx(ratio, rel=0.01)
+
+
+def test_bench_voice() -> None:
+    r = bench("voice", "--runs", "1", "--threads", "1")
+    assert r["asr_words_back"] is True
+    for key in ("tts_first_audio_ms", "tts_real_time_factor", "asr_real_time_factor"):
+        value = r[key]
+        assert isinstance(value, float) and value > 0, key

@@ -188,13 +188,13 @@ async def test_batched_greedy_output_equals_unbatched_for_every_slot_count(
     a near tie: that layout is checked for completing, not for equal text.)"""
     sampling = greedy(max_tokens=24)
     alone = await answers(
-        smollm2, EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=1), sampling
+        smollm2, EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=1), sampling
     )
     assert alone[0].startswith("The capital of France is Paris")
     for slots in (2, 3, 5):
-        config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=slots)
+        config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=slots)
         assert await answers(smollm2, config, sampling) == alone, slots
-    config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=3, kv_unified=True)
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=3, kv_unified=True)
     shared = await answers(smollm2, config, sampling)
     assert shared[0] == alone[0] and all(shared)
 
@@ -204,7 +204,7 @@ async def test_the_greedy_repeat_penalty_matches_llama_cpps_penalty_sampler(
 ) -> None:
     """Greedy decoding applies the repeat penalty itself (numpy); a top-k 1 draw goes
     through llama.cpp's own sampler chain with the same penalty: same tokens."""
-    config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=5)
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=5)
     fast, chain, plain = await answers_each(
         smollm2,
         config,
@@ -221,7 +221,7 @@ async def test_the_greedy_repeat_penalty_matches_llama_cpps_penalty_sampler(
 async def test_a_follow_up_turn_reads_only_the_new_turn(smollm2: Path) -> None:
     """The next turn repeats the model's answer as text; where that text spells the
     answer's own tokens the cache is reused, so only the new messages are read."""
-    config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=2)
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=2)
     history = [ChatMessage("user", "Tell me a short story about a lighthouse keeper.")]
     async with EngineClient(config) as client:
         await client.load("m", smollm2)

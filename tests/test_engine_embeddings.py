@@ -193,7 +193,7 @@ async def test_ctransformers_has_no_embeddings(script_model: Path) -> None:
 
 @pytest.mark.smollm2
 async def test_smollm2_embeddings_place_similar_sentences_closer(smollm2: Path) -> None:
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         await client.load("smollm2", smollm2)
         cat, sitting, stocks = (
             await client.embed(
@@ -218,7 +218,7 @@ def test_chunked_pooling_matches_llama_cpp_mean_pooling(smollm2: Path) -> None:
     cache); the result must match llama.cpp's own mean pooling of a single pass.
     """
     texts = ["The cat sat on the mat.", "A long story. " + "It went on and on. " * 120]
-    backend = LlamaCppBackend.load(str(smollm2), LoadParams(n_threads=2))
+    backend = LlamaCppBackend.load(str(smollm2), LoadParams(n_threads=1))
     try:
         # One call per text: llama.cpp's results move slightly (cosine ~0.9995 for
         # SmolLM2 Q4_1) with how many tokens share a decode, whoever pools.
@@ -229,7 +229,7 @@ def test_chunked_pooling_matches_llama_cpp_mean_pooling(smollm2: Path) -> None:
         model = backend._model  # the same weights, a reference context pooling by itself
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = 1024
-        params.n_threads = params.n_threads_batch = 2
+        params.n_threads = params.n_threads_batch = 1
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         ctx = llama_cpp.llama_init_from_model(model, params)

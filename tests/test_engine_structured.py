@@ -60,7 +60,7 @@ async def answer(client: EngineClient, request: GenerateRequest) -> tuple[str, G
 
 @pytest.fixture
 async def smol(smollm2: Path) -> AsyncIterator[EngineClient]:
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         await client.load("smollm2", smollm2)
         yield client
 
@@ -323,7 +323,7 @@ async def test_the_onnx_backend_honours_schemas_json_grammars_and_tools(
     from engine import ToolFunction
 
     folder = smollm2_onnx("fast")
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         await client.load("onnx", folder, backend="onnx")
         weather = json.dumps(
             {

@@ -200,7 +200,7 @@ def smol_onnx(smollm2_onnx: SmolLM2Onnx) -> Path:
 
 @pytest.fixture
 async def smol_pool(smollm2: Path, smol_onnx: Path) -> AsyncIterator[EngineClient]:
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         await client.load("smol-onnx", smol_onnx)
         await client.load("smol-gguf", smollm2)
         yield client

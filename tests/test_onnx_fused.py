@@ -288,7 +288,7 @@ async def test_smollm2_fast_graph_answers_paris_alone_and_batched(
     size = sum(p.stat().st_size for p in folder.iterdir())
     assert size < 220_000_000, size
     sampling = SamplingParams(temperature=0.0, repeat_penalty=1.0, max_tokens=24)
-    config = EngineConfig(workers=1, threads_per_worker=2, seqs_per_worker=4)
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=4)
     async with EngineClient(config) as client:
         await client.load("smol", folder)
 

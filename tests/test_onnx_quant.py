@@ -258,7 +258,7 @@ async def test_smollm2_q4_answers_paris(smollm2_onnx: SmolLM2Onnx) -> None:
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == linear
     assert not any(n.op_type == "MatMul" for n in graph.node)
     sampling = SamplingParams(temperature=0.0, repeat_penalty=1.0, max_tokens=32)
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         await client.load("smol-q4", folder)
         request = GenerateRequest(
             model="smol-q4", messages=[ChatMessage("user", QUESTION)], sampling=sampling

@@ -26,7 +26,7 @@ def test_the_fetched_file_is_the_verified_model(smollm2: Path) -> None:
 
 
 async def test_smollm2_answers_the_capital_of_france(smollm2: Path) -> None:
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as client:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as client:
         info = await client.load("smollm2", smollm2)
         assert info.n_ctx == 4096
         question = "What is the capital of France? Answer in one sentence."

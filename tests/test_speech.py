@@ -138,7 +138,7 @@ async def test_synthesised_speech_comes_back_as_its_words_segment_by_segment(
     """Segments stream before the whole transcript, which is exactly their text; word
     timings rise; a text model beside it is refused transcription, and the speech model
     generation, each with a clear error."""
-    async with EngineClient(EngineConfig(workers=1, threads_per_worker=2)) as engine:
+    async with EngineClient(EngineConfig(workers=1, threads_per_worker=1)) as engine:
         await engine.load("asr", whisper_tiny)
         await engine.load("text", script_model)
         seen: list[TranscriptSegment | Transcript] = []
