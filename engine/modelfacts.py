@@ -55,6 +55,19 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     capabilities: tuple[str, ...] = ()
 
 
+def kind_of(facts: ModelFacts | None) -> str:
+    """The kind of jobs a model serves, as ``list`` and ``show`` name it: ``text``,
+    ``embed``, ``asr`` (speech recognition) or ``tts`` (speech synthesis)."""
+    caps = set(facts.capabilities) if facts is not None else set()
+    if "transcription" in caps:
+        return "asr"
+    if "speech" in caps:
+        return "tts"
+    if caps and caps <= {"embedding"}:
+        return "embed"
+    return "text"
+
+
 def size_label(n: int) -> str:
     """``135M``, ``1.7B``: a parameter count as model names spell it."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):

