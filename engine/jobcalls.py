@@ -15,6 +15,8 @@ import time
 from array import array
 from collections.abc import AsyncGenerator
 
+import msgspec
+
 from engine import ipc
 from engine.pool import Worker, WorkerPool
 from engine.requests import (
@@ -29,12 +31,12 @@ from engine.residency import Residency
 from engine.settings import EngineConfig
 from protocol.errors import BadRequest, EngineError, ModelNotFound, TooLarge, error_from_code
 
-__all__ = ["EMBED_TIMEOUT_S", "MAX_AUDIO_BYTES", "TRANSCRIBE_IDLE_S", "JobCalls"]
+__all__ = ["EMBED_TIMEOUT_S", "JOB_IDLE_S", "MAX_AUDIO_BYTES", "JobCalls"]
 
 # An embedding call is answered in one frame after all its inputs are read; a
 # large batch of long inputs on a small CPU can take minutes.
 EMBED_TIMEOUT_S = 600.0
-TRANSCRIBE_IDLE_S = 600.0  # the longest a speech job may go without a frame (one window)
+JOB_IDLE_S = 600.0  # the longest a speech job may go without a frame (one window)
 MAX_AUDIO_BYTES = 32 * 1024 * 1024  # one upload; a frame to the worker holds it whole
 
 
@@ -137,21 +139,10 @@ class JobCalls:
         msg = ipc.Transcribe(
             req=req, model=model, audio=audio, options=options or TranscribeOptions()
         )
-        worker = await self._pick(model)
-        spec = self._residency.models[model]
-        spec.active += 1
-        spec.last_used = time.monotonic()
         segments: list[TranscriptSegment] = []
-        try:
-            async for frame in self._pool.stream(
-                worker,
-                msg,
-                req,
-                last=(ipc.Transcribed,),
-                idle_timeout=TRANSCRIBE_IDLE_S,
-            ):
-                if isinstance(frame, ipc.WorkerError):
-                    raise error_from_code(frame.code, frame.message, retryable=frame.retryable)
+        frames = self._job_frames(model, msg, req, ipc.Transcribed, keep_alive)
+        async with contextlib.aclosing(frames):  # closed at once when our caller stops
+            async for frame in frames:
                 if isinstance(frame, ipc.TranscriptPart):
                     for segment in frame.segments:
                         segments.append(segment)
@@ -165,8 +156,6 @@ class JobCalls:
                         segments=segments,
                         model=model,
                     )
-        finally:
-            self._residency.release(spec, keep_alive)
 
     async def transcribe(
         self,
@@ -199,19 +188,34 @@ class JobCalls:
         """
         req = self._pool.next_req()
         msg = ipc.Synthesize(req=req, model=model, text=text, options=options or SpeechOptions())
+        frames = self._job_frames(model, msg, req, ipc.Synthesized, keep_alive)
+        async with contextlib.aclosing(frames):  # closed at once when our caller stops
+            async for frame in frames:
+                if isinstance(frame, ipc.AudioPart):
+                    yield frame.pcm
+                elif isinstance(frame, ipc.Synthesized):
+                    yield Speech(seconds=frame.seconds, sample_rate=frame.sample_rate, model=model)
+
+    async def _job_frames(
+        self,
+        model: str,
+        msg: ipc.ToWorker,
+        req: int,
+        last: type[msgspec.Struct],
+        keep_alive: float | None,
+    ) -> AsyncGenerator[ipc.FromWorker, None]:
+        """The frames of a streaming job on the least busy worker holding ``model``, to the
+        ``last`` one; the model held in memory meanwhile, a WorkerError raised as its error."""
         worker = await self._pick(model)
         spec = self._residency.models[model]
         spec.active += 1
         spec.last_used = time.monotonic()
         try:
             async for frame in self._pool.stream(
-                worker, msg, req, last=(ipc.Synthesized,), idle_timeout=TRANSCRIBE_IDLE_S
+                worker, msg, req, last=(last,), idle_timeout=JOB_IDLE_S
             ):
                 if isinstance(frame, ipc.WorkerError):
                     raise error_from_code(frame.code, frame.message, retryable=frame.retryable)
-                if isinstance(frame, ipc.AudioPart):
-                    yield frame.pcm
-                elif isinstance(frame, ipc.Synthesized):
-                    yield Speech(seconds=frame.seconds, sample_rate=frame.sample_rate, model=model)
+                yield frame
         finally:
             self._residency.release(spec, keep_alive)
