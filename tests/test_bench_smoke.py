@@ -187,13 +187,13 @@ def test_bench_grammar(smollm2_onnx: SmolLM2Onnx) -> None:
     r = bench(
         "grammar",
         *("--onnx", str(folder), "--tokens", "6", "--runs", "1", "--threads", "1"),
-        *("--streams", "1,2"),
+        *("--streams", "2"),  # a batch: the case a single stream cannot show
         timeout=400,
     )
     for backend in ("llama_cpp", "onnx"):
         rates = r[backend]
         assert isinstance(rates, dict)
-        for streams in (1, 2):
+        for streams in (2,):
             free = rates[f"free_{streams}"]
             assert free > 0
             ratio = rates[f"json_schema_vs_free_{streams}"]
