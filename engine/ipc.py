@@ -265,6 +265,7 @@ class AudioPart(_Frame, tag=30, kw_only=True):
 
     req: int
     pcm: bytes
+    rate: int  # samples a second
 
 
 class Synthesized(_Frame, tag=31, kw_only=True):

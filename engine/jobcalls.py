@@ -22,6 +22,7 @@ from engine.pool import Worker, WorkerPool
 from engine.requests import (
     Embeddings,
     Speech,
+    SpeechChunk,
     SpeechOptions,
     TranscribeOptions,
     Transcript,
@@ -178,8 +179,8 @@ class JobCalls:
         options: SpeechOptions | None = None,
         *,
         keep_alive: float | None = None,
-    ) -> AsyncGenerator[bytes | Speech, None]:
-        """``text`` spoken by ``model``: 16-bit mono PCM a sentence at a time, then :class:`Speech`.
+    ) -> AsyncGenerator[SpeechChunk | Speech, None]:
+        """``text`` spoken by ``model``: a :class:`SpeechChunk` a sentence, then :class:`Speech`.
 
         Raises ModelNotFound, BadRequest (not a speech synthesis model, an empty
         input, a speed it cannot honour), TooLarge (an input over its limit) or
@@ -192,7 +193,7 @@ class JobCalls:
         async with contextlib.aclosing(frames):  # closed at once when our caller stops
             async for frame in frames:
                 if isinstance(frame, ipc.AudioPart):
-                    yield frame.pcm
+                    yield SpeechChunk(frame.pcm, frame.rate)
                 elif isinstance(frame, ipc.Synthesized):
                     yield Speech(seconds=frame.seconds, sample_rate=frame.sample_rate, model=model)
 

@@ -148,7 +148,7 @@ class _Synthesis(Job):
             return [
                 ipc.Synthesized(req=self.req, seconds=float(done.value), sample_rate=self._rate)
             ], True
-        return ([ipc.AudioPart(req=self.req, pcm=pcm)] if pcm else []), False
+        return ([ipc.AudioPart(req=self.req, pcm=pcm, rate=self._rate)] if pcm else []), False
 
     def close(self) -> None:
         self._run.close()

@@ -57,12 +57,15 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
 
 def kind_of(facts: ModelFacts | None) -> str:
     """The kind of jobs a model serves, as ``list`` and ``show`` name it: ``text``,
-    ``embed``, ``asr`` (speech recognition) or ``tts`` (speech synthesis)."""
+    ``embed``, ``asr`` (speech recognition), ``tts`` (speech synthesis) or ``vad``
+    (voice activity, for WebSocket voice)."""
     caps = set(facts.capabilities) if facts is not None else set()
     if "transcription" in caps:
         return "asr"
     if "speech" in caps:
         return "tts"
+    if "vad" in caps:
+        return "vad"
     if caps and caps <= {"embedding"}:
         return "embed"
     return "text"
@@ -85,6 +88,10 @@ def facts_of(path: str | os.PathLike[str]) -> ModelFacts:
     """The facts of a GGUF file or an ONNX model folder (ModelLoadError when unreadable)."""
     p = Path(path)
     if p.is_dir():
+        if (p / "silero_vad.onnx").is_file():
+            return ModelFacts(
+                format="vad", architecture="silero", family="silero", capabilities=("vad",)
+            )
         if (p / "voice.json").is_file():
             return _voice_facts(p)
         if (p / "model.bin").is_file():

@@ -29,6 +29,7 @@ __all__ = [
     "GenerationDone",
     "SamplingParams",
     "Speech",
+    "SpeechChunk",
     "SpeechOptions",
     "Timings",
     "TokenDelta",
@@ -284,6 +285,14 @@ class SpeechOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
     speed: float = 1.0
     seed: int | None = None
+
+
+class SpeechChunk(msgspec.Struct, frozen=True):
+    """A piece of :meth:`engine.EngineClient.synthesize_stream`: 16-bit little-endian mono
+    PCM (a sentence) at ``rate`` samples a second."""
+
+    pcm: bytes
+    rate: int
 
 
 class Speech(msgspec.Struct, frozen=True, kw_only=True):

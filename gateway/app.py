@@ -52,9 +52,10 @@ from gateway.quotas import Quota, QuotaBook
 from gateway.responses_api import responses_routes
 from gateway.resume import DetachedSessions
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
+from gateway.vad import VadModel
 from gateway.version import __version__
 from protocol.codec import SUBPROTOCOLS, codec_for
-from protocol.errors import BadRequest, ErrorCode, FerrousError
+from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelNotFound
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
 
 __all__ = ["GatewayApp", "error_body"]
@@ -154,6 +155,8 @@ class GatewayApp:
         self.gc_tuner: GcTuner | None = None
         self._openapi: bytes | None = None
         self.models = ModelRegistry(config, engine)
+        self._vad: VadModel | None = None
+        self._vad_lock = asyncio.Lock()
         routes = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
@@ -208,6 +211,26 @@ class GatewayApp:
         """Load ``name`` on first use (the caller's own models, configured ones, the
         shared store, then the catalog)."""
         return await self.models_for(principal).ensure(name, keep_alive=keep_alive)
+
+    async def voice_activity(self) -> VadModel:
+        """The voice-activity model of ``listen`` streams, loaded on first use."""
+        async with self._vad_lock:
+            if self._vad is None:
+                name = self.config.voice.vad_model
+                path = Path(name).expanduser()
+                if not path.is_absolute():
+                    manager = self.models.manager
+                    record = await manager.find(name)
+                    if record is None and self.config.auto_pull and manager.catalog_entry(name):
+                        record = await manager.pull(name)
+                    if record is None:
+                        raise ModelNotFound(
+                            f"listening needs the voice-activity model {name!r}: "
+                            f"pull it first (ferrous pull {name})"
+                        )
+                    path = manager.store.model_path(record)
+                self._vad = await asyncio.to_thread(VadModel, path)
+            return self._vad
 
     # -- HTTP -----------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ clients always send one), and the model's own voice speaks.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Literal
 
@@ -37,22 +36,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine import Speech, SpeechOptions, TranscribeOptions, Transcript, TranscriptSegment
+from engine import (
+    Speech,
+    SpeechChunk,
+    SpeechOptions,
+    TranscribeOptions,
+    Transcript,
+    TranscriptSegment,
+)
 from engine.audio import ENCODINGS, AudioEncoder, wav_header
 from engine.jobcalls import MAX_AUDIO_BYTES
 from gateway.auth import Principal
-from gateway.generation import tracked_work
 from gateway.http_common import ClosingStream, post_route, read_body
 from gateway.http_common import unless_disconnected as _unless_disconnected
 from gateway.interface import Gateway
 from gateway.openai_wire import InvalidParam, json_response, openai_error, sse
+from gateway.speech import synthesize, transcribe
 from protocol.errors import BadRequest, TooLarge
 
 __all__ = ["audio_routes", "srt", "vtt"]
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
-SPEECH_RATE = 24000  # the voices' rate (engine.backends.hibarivoice)
 _FIELDS = 16  # form fields one request may carry besides the file
 
 
@@ -95,42 +100,22 @@ class SpeechRequest(msgspec.Struct, frozen=True):
     stream_format: Literal["audio"] = "audio"
 
 
-async def synthesize(
-    gateway: Gateway,
-    principal: Principal,
-    model: str,
-    text: str,
-    options: SpeechOptions,
-) -> AsyncGenerator[bytes | Speech, None]:
-    """``text`` spoken by ``model``: PCM a sentence at a time, then :class:`Speech`."""
-    with tracked_work(gateway):
-        resolved = await gateway.ensure_model(principal, model)
-        t0 = time.perf_counter()
-        async for item in gateway.engine.synthesize_stream(resolved.key, text, options):
-            if isinstance(item, Speech):
-                gateway.metrics.speech_seconds.labels(model).inc(item.seconds)
-                gateway.metrics.job_seconds.labels("speech", model).observe(
-                    time.perf_counter() - t0
-                )
-            yield item
-
-
 async def _audio_body(
-    first: bytes | Speech, events: AsyncGenerator[bytes | Speech, None], fmt: str
+    first: SpeechChunk | Speech, events: AsyncGenerator[SpeechChunk | Speech, None], fmt: str
 ) -> AsyncIterator[bytes]:
     """The response body: each sentence encoded as it comes (the header first for wav)."""
     encoder: AudioEncoder | None = None
-    if fmt == "wav":
-        yield wav_header(SPEECH_RATE)
-    item: bytes | Speech | None = first
+    item: SpeechChunk | Speech | None = first
+    if fmt == "wav" and isinstance(item, SpeechChunk):
+        yield wav_header(item.rate)
     try:
         while item is not None and not isinstance(item, Speech):
             if fmt in ("pcm", "wav"):
-                yield item
+                yield item.pcm
             else:
                 if encoder is None:
-                    encoder = AudioEncoder(fmt, SPEECH_RATE)
-                piece = encoder.encode(item)
+                    encoder = AudioEncoder(fmt, item.rate)
+                piece = encoder.encode(item.pcm)
                 if piece:
                     yield piece
             item = await anext(events, None)
@@ -179,37 +164,6 @@ async def _speech_to_text(gateway: Gateway, request: Request, task: str) -> Resp
         return ClosingStream(_sse(first, events))
     result = await _unless_disconnected(request, _last(events))
     return _render(result, fmt, task, options.word_timestamps)
-
-
-async def transcribe(
-    gateway: Gateway,
-    principal: Principal,
-    model: str,
-    audio: bytes,
-    options: TranscribeOptions,
-) -> AsyncGenerator[TranscriptSegment | Transcript, None]:
-    """Segments of ``audio``'s transcript as they are decoded, then the whole transcript.
-
-    Like a generation: refused while the server drains, the model resolved in
-    ``principal``'s view and loaded, and registered so a shutdown cancels it.
-    """
-    with tracked_work(gateway):
-        resolved = await gateway.ensure_model(principal, model)
-        t0 = time.perf_counter()
-        async for item in gateway.engine.transcribe_stream(resolved.key, audio, options):
-            if isinstance(item, Transcript):
-                item = Transcript(
-                    text=item.text,
-                    language=item.language,
-                    duration=item.duration,
-                    segments=item.segments,
-                    model=model,
-                )
-                gateway.metrics.audio_seconds.labels(model).inc(item.duration)
-                gateway.metrics.job_seconds.labels("transcribe", model).observe(
-                    time.perf_counter() - t0
-                )
-            yield item
 
 
 async def _read_form(request: Request) -> FormData:

@@ -198,6 +198,16 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefix_reuse: bool = True
 
 
+class VoiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """WebSocket voice: the voice-activity model ``listen`` streams use.
+
+    ``vad_model``: a model name in the store (pulled from the catalog on first
+    use when ``auto_pull`` is on), or a path to a Silero VAD folder or file.
+    """
+
+    vad_model: Annotated[str, msgspec.Meta(min_length=1)] = "silero-vad"
+
+
 class ModelEntry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: Annotated[str, msgspec.Meta(min_length=1)]
     backend: str = ""  # "" = chosen by file type
@@ -243,6 +253,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quotas: QuotasConfig = msgspec.field(default_factory=QuotasConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     onnx: OnnxConfig = msgspec.field(default_factory=OnnxConfig)
+    voice: VoiceConfig = msgspec.field(default_factory=VoiceConfig)
 
 
 class ConfigError(FerrousError):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gateway.namespaces import ModelView
     from gateway.quotas import Quota, QuotaBook
     from gateway.resume import DetachedSessions
+    from gateway.vad import VadModel
 
 __all__ = ["Gateway"]
 
@@ -68,6 +69,10 @@ class Gateway(Protocol):
         self, principal: Principal, name: str, keep_alive: float | None = None
     ) -> ResolvedModel:
         """``name`` resolved for ``principal`` and loaded."""
+        ...
+
+    async def voice_activity(self) -> VadModel:
+        """The voice-activity model ``listen`` streams use (loaded, or pulled, on first use)."""
         ...
 
     def http_principal(self, request: Request) -> Principal:

@@ -28,13 +28,16 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from gateway.auth import Principal
+from gateway.listening import ListenStream
 from gateway.replay import ReplayLog
 from gateway.streams import GenerationStreams
+from gateway.voiceturn import speak
 from protocol import messages as m
 from protocol.codec import Codec
 from protocol.errors import (
@@ -72,7 +75,18 @@ CLOSE_ABNORMAL = 1006  # no close frame: the connection was lost
 _DROPPED = frozenset({CLOSE_GOING_AWAY, 1005, CLOSE_ABNORMAL})
 
 # Messages numbered for resume: those about one generation.
-_NUMBERED = (m.Queued, m.Started, m.Delta, m.ToolCallEvent, m.Done, m.Error, m.Progress)
+_NUMBERED = (
+    m.Queued,
+    m.Started,
+    m.Delta,
+    m.ToolCallEvent,
+    m.Done,
+    m.Error,
+    m.Progress,
+    m.SpeechEdge,
+    m.TranscriptEvent,
+    m.AudioOut,
+)
 
 
 def _ends_generation(msg: m.ServerMessage) -> bool:
@@ -95,6 +109,7 @@ class Session(GenerationStreams):
         self.owner = (principal.tenant, principal.user)
         self.helloed = False
         self.gens: dict[str, asyncio.Task[None]] = {}
+        self.listens: dict[str, ListenStream] = {}  # open audio streams, by generation id
         self._user_cancelled: set[str] = set()
         # queued (task not started) -> prep (model, conversation) -> engine -> ending (done received)
         self._phase: dict[str, str] = {}
@@ -245,6 +260,13 @@ class Session(GenerationStreams):
                 data: str | bytes | None = frame.get("text")
                 if data is None:
                     data = frame.get("bytes") or b""
+                    if not self.codec.binary:
+                        # Binary frames on the JSON subprotocol are raw audio samples.
+                        try:
+                            await self._raw_audio(data)
+                        except FerrousError as exc:
+                            await self.send_error(exc, getattr(exc, "gen_id", None), apart=True)
+                        continue
                 size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
                 if size > limits.max_frame_bytes:
                     await self.send_error(
@@ -311,8 +333,16 @@ class Session(GenerationStreams):
                 await self.send(m.ServerHeartbeat(time.time()))
             case _ if not self.helloed:
                 raise BadRequest("send hello first")
-            case m.Generate() | m.Chat() | m.Pull():
+            case m.Generate() | m.Chat() | m.Pull() | m.Speak():
                 self._start(msg)
+            case m.Listen():
+                vad = await self.gateway.voice_activity()
+                self._start(msg, ListenStream(self, msg, vad))
+            case m.Audio():
+                stream = self.listens.get(msg.id)
+                if stream is None:
+                    raise _with_id(NotFound(f"no open listen stream {msg.id!r}"), msg.id)
+                await stream.feed(msg.data, end=msg.end)
             case m.Cancel():
                 await self._cancel(msg.id)
             case m.Ack():
@@ -447,7 +477,24 @@ class Session(GenerationStreams):
 
     # -- generations --------------------------------------------------------------------
 
-    def _start(self, msg: m.Generate | m.Chat | m.Pull) -> None:
+    async def _raw_audio(self, data: bytes) -> None:
+        """A binary frame on ``ferrous.v1.json``: samples for the one open listen stream."""
+        limit = self.gateway.config.limits.max_frame_bytes
+        if len(data) > limit:
+            raise TooLarge(f"a frame of {len(data)} bytes exceeds the limit of {limit}")
+        if not self.helloed:
+            raise BadRequest("send hello first")
+        if len(self.listens) != 1:
+            raise BadRequest(
+                "binary frames carry audio for the one open listen stream; "
+                f"{len(self.listens)} are open (send audio messages with an id instead)"
+            )
+        [stream] = self.listens.values()
+        await stream.feed(data)
+
+    def _start(
+        self, msg: m.Generate | m.Chat | m.Pull | m.Speak | m.Listen, listen: Any = None
+    ) -> None:
         if self.ended:
             raise _with_id(ResumeExpired("this session has ended"), msg.id)
         limit = self.gateway.config.limits.max_concurrent_generations
@@ -459,7 +506,17 @@ class Session(GenerationStreams):
             )
         if self.gateway.draining:
             raise _with_id(Overloaded("the server is shutting down"), msg.id)
-        work = self._pull(msg) if isinstance(msg, m.Pull) else self._generate(msg)
+        work: Coroutine[Any, Any, None]
+        if isinstance(msg, m.Pull):
+            work = self._pull(msg)
+        elif isinstance(msg, m.Speak):
+            work = speak(self, msg)
+        elif isinstance(listen, ListenStream):
+            work = listen.run()
+            self.listens[msg.id] = listen
+        else:
+            assert isinstance(msg, m.Generate | m.Chat)
+            work = self._generate(msg)
         task = asyncio.create_task(work, name=f"gen-{self.id}-{msg.id}")
         self.gens[msg.id] = task
         gen_id = msg.id
@@ -472,13 +529,18 @@ class Session(GenerationStreams):
             self._phase.pop(gen_id, None)
             self._calls_sent.pop(gen_id, None)
             self._log_keys.pop(gen_id, None)
+            self.listens.pop(gen_id, None)
+            self._user_cancelled.discard(gen_id)
 
-        self._phase[gen_id] = "queued"
+        # Voice streams have no engine request of their own: a cancel stops their task.
+        self._phase[gen_id] = "queued" if isinstance(msg, m.Generate | m.Chat | m.Pull) else "prep"
         task.add_done_callback(forget)
 
     async def _cancel(self, gen_id: str) -> None:
         task = self.gens.get(gen_id)
         if task is None:
+            if any(stream.interrupt_turn(gen_id) for stream in self.listens.values()):
+                return
             raise _with_id(NotFound(f"no running generation {gen_id!r}"), gen_id)
         self._user_cancelled.add(gen_id)
         phase = self._phase.get(gen_id)

@@ -26,9 +26,10 @@ __all__ = [
     "manifest_digest",
 ]
 
-# A GGUF file; folders: an ONNX model, a Whisper model (CTranslate2), a hibari voice.
-Format = Literal["gguf", "onnx", "whisper", "hibari"]
-FORMATS: tuple[Format, ...] = ("gguf", "onnx", "whisper", "hibari")
+# A GGUF file; folders: an ONNX model, a Whisper model (CTranslate2), a hibari voice,
+# a voice-activity model (Silero VAD, which the gateway runs itself).
+Format = Literal["gguf", "onnx", "whisper", "hibari", "vad"]
+FORMATS: tuple[Format, ...] = ("gguf", "onnx", "whisper", "hibari", "vad")
 ParamValue = int | float | str | bool | list[str]
 SCHEMA_VERSION = 1
 

@@ -69,11 +69,17 @@ class _Broadcast:
                 log.exception("pull progress listener failed")
 
 
+# The file of a voice-activity model folder (the layout of the silero-vad wheel's data).
+VAD_FILE = "silero_vad.onnx"
+
+
 def speech_format(folder: Path) -> Format | None:
     """The format of a speech model folder, by the layout its backend claims (else None)."""
     from engine.backends.tts_entry import HibariEntry
     from engine.backends.whisper_entry import WhisperEntry
 
+    if (folder / VAD_FILE).is_file():
+        return "vad"
     if WhisperEntry().claims(str(folder)):
         return "whisper"
     if HibariEntry().claims(str(folder)):

@@ -102,6 +102,29 @@ BUILTIN_CATALOG: Mapping[str, CatalogEntry] = {
         description="Whisper tiny.en speech recognition, CTranslate2 (76 MB; the whisper backend)",
         license="MIT",
     ),
+    "silero-vad": CatalogEntry(
+        source="pypi://silero-vad==6.2.3/silero_vad/data/",
+        files={
+            "silero_vad.onnx": "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+            "silero_vad_16k_op15.onnx": (
+                "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49"
+            ),
+            "silero_vad_16k_sequence.onnx": (
+                "9ccdacc4719d8aa7e45a77536bfabec45a03ba1f2fad5e241ab4060b24238a85"
+            ),
+            "silero_vad_half.onnx": (
+                "1e0b195ad4806595ef4466f419d16fca7e4afcfc6669b8c0b5f76ea87547c769"
+            ),
+            "silero_vad_op18_ifless.onnx": (
+                "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28"
+            ),
+            "silero_vad_openvino_16k.onnx": (
+                "7776b81ad1b0350c15d7f1555943b9232eb53e9ca5d989c6d0cea9ebc8664d87"
+            ),
+        },
+        description="Silero VAD voice-activity detection, ONNX (10 MB; WebSocket voice)",
+        license="MIT",
+    ),
     "tiny": CatalogEntry(
         source="tiny://llama",
         description="a 2 MB random-weight Llama for tests and demos (prints noise)",

@@ -17,6 +17,47 @@ export interface Ack {
   n: number;
 }
 
+/**
+ * Samples for `listen` stream `id`; `end`: no more audio (speech in progress
+ * is finished and transcribed, then the stream's `done`).
+ */
+export interface Audio {
+  type: "audio";
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
+  id: string;
+  /**
+   * length 0..22369624
+   * @default ""
+   */
+  data?: string;
+  /** @default false */
+  end?: boolean;
+}
+
+/**
+ * A chunk of generation `id`'s speech; `seq` counts its chunks from 0. With
+ * `pcm16`, 16-bit little-endian mono samples at `rate`. `text`: the sentence
+ * that starts in this chunk. Counted against flow-control credits like text.
+ */
+export interface AudioOut {
+  type: "audio";
+  id: string;
+  /** integer */
+  seq: number;
+  data: string;
+  /** integer */
+  rate: number;
+  /** @default "pcm16" */
+  format?: string;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
+  /** @default null */
+  text?: string | null;
+}
+
 export interface Cancel {
   type: "cancel";
   /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
@@ -101,14 +142,18 @@ export type ClientMessage =
   | Ack
   | Forget
   | Heartbeat
-  | Pull;
+  | Pull
+  | Listen
+  | Audio
+  | Speak;
 
 /** The `type` values of ClientMessage. */
-export type ClientMessageType = "ack" | "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello" | "pull";
+export type ClientMessageType = "ack" | "audio" | "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello" | "listen" | "pull" | "speak";
 
 /** ClientMessage by its `type`. */
 export interface ClientMessageMap {
   ack: Ack;
+  audio: Audio;
   cancel: Cancel;
   chat: Chat;
   credit: Credit;
@@ -116,7 +161,9 @@ export interface ClientMessageMap {
   generate: Generate;
   heartbeat: Heartbeat;
   hello: Hello;
+  listen: Listen;
   pull: Pull;
+  speak: Speak;
 }
 
 /** Grant the server this many more bytes of delta text (flow control). */
@@ -269,6 +316,39 @@ export interface Limits {
   /** integer */
   max_prompt_tokens: number;
   heartbeat_interval: number;
+}
+
+/**
+ * Open an audio stream: speech recognised as it is heard.
+ *
+ * Audio follows as `audio` messages, or (`ferrous.v1.json` only) as
+ * binary frames of raw samples for the one open stream: 16-bit
+ * little-endian mono PCM at `rate`. Each utterance gives `speech`
+ * start and end events, `transcript` partials (`settled`: the leading
+ * words that will not change) and one final transcript.
+ */
+export interface Listen {
+  type: "listen";
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
+  id: string;
+  /** length 1..256 */
+  model: string;
+  /**
+   * length 0..16
+   * @default null
+   */
+  language?: string | null;
+  /** @default true */
+  partials?: boolean;
+  /**
+   * integer; 8000 ≤ value ≤ 48000
+   * @default 16000
+   */
+  rate?: number;
+  /** @default null */
+  reply?: Reply | null;
+  /** @default null */
+  vad?: VadOptions | null;
 }
 
 /** A generated token's log-probability under the model, with the likeliest others. */
@@ -427,6 +507,48 @@ export interface Ready {
   resumed?: boolean;
 }
 
+/**
+ * Voice conversation: answer each finished utterance with `model`, spoken by `voice`.
+ *
+ * Each answer is a generation `<listen id>.<utterance>`: `started`,
+ * `delta` text, `audio` a sentence at a time while the text streams,
+ * `done`. With `barge_in`, speech that starts while an answer is being
+ * generated or spoken cancels it (`done` with `cancelled`); the
+ * conversation keeps the sentences whose audio was sent.
+ */
+export interface Reply {
+  /** length 1..256 */
+  model: string;
+  /** length 1..256 */
+  voice: string;
+  /** @default true */
+  barge_in?: boolean;
+  /**
+   * length 1..128; pattern `^[A-Za-z0-9._:-]+(?!\n)$`
+   * @default null
+   */
+  conversation?: string | null;
+  /** @default "pcm16" */
+  format?: "aac" | "flac" | "mp3" | "opus" | "pcm16";
+  /**
+   * length 0..16384
+   * @default null
+   */
+  instructions?: string | null;
+  /** @default null */
+  options?: Options | null;
+  /**
+   * integer; -100 ≤ value ≤ 100
+   * @default 0
+   */
+  priority?: number;
+  /**
+   * 0.5 ≤ value ≤ 2
+   * @default 1
+   */
+  speed?: number;
+}
+
 export interface ServerHeartbeat {
   type: "heartbeat";
   ts: number;
@@ -441,13 +563,17 @@ export type ServerMessage =
   | Done
   | Error
   | ServerHeartbeat
-  | Progress;
+  | Progress
+  | SpeechEdge
+  | TranscriptEvent
+  | AudioOut;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "delta" | "done" | "error" | "heartbeat" | "progress" | "queued" | "ready" | "started" | "tool_call";
+export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "progress" | "queued" | "ready" | "speech" | "started" | "tool_call" | "transcript";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
+  audio: AudioOut;
   delta: Delta;
   done: Done;
   error: Error;
@@ -455,8 +581,54 @@ export interface ServerMessageMap {
   progress: Progress;
   queued: Queued;
   ready: Ready;
+  speech: SpeechEdge;
   started: Started;
   tool_call: ToolCallEvent;
+  transcript: TranscriptEvent;
+}
+
+/**
+ * Speak `text` with a speech-synthesis `model`: `audio` chunks a sentence at a
+ * time, then `done`.
+ */
+export interface Speak {
+  type: "speak";
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
+  id: string;
+  /** length 1..256 */
+  model: string;
+  /** length 1..4096 */
+  text: string;
+  /** @default "pcm16" */
+  format?: "aac" | "flac" | "mp3" | "opus" | "pcm16";
+  /**
+   * integer; 0 ≤ value < 4294967296
+   * @default null
+   */
+  seed?: number | null;
+  /**
+   * 0.5 ≤ value ≤ 2
+   * @default 1
+   */
+  speed?: number;
+}
+
+/**
+ * Utterance `utterance` of listen stream `id` started or ended, `at` seconds into
+ * the stream's audio.
+ */
+export interface SpeechEdge {
+  type: "speech";
+  id: string;
+  /** integer */
+  utterance: number;
+  event: "end" | "start";
+  at: number;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
 }
 
 export interface Started {
@@ -531,6 +703,33 @@ export interface TopLogprob {
 }
 
 /**
+ * The text of utterance `utterance` so far (`final`: never revised).
+ *
+ * A partial's `settled` is its leading words that later partials and the
+ * final transcript keep as they are; the rest may still change.
+ */
+export interface TranscriptEvent {
+  type: "transcript";
+  id: string;
+  /** integer */
+  utterance: number;
+  text: string;
+  /** @default 0 */
+  end?: number;
+  /** @default false */
+  final?: boolean;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
+  /** @default "" */
+  settled?: string;
+  /** @default 0 */
+  start?: number;
+}
+
+/**
  * Token counts. `cached_tokens`: prompt tokens whose keys and values were
  * reused from an earlier sequence instead of being read (0 when absent).
  */
@@ -544,4 +743,28 @@ export interface Usage {
    * @default 0
    */
   cached_tokens?: number;
+}
+
+/** How a `listen` stream tells speech from silence (voice-activity detection). */
+export interface VadOptions {
+  /**
+   * integer; 32 ≤ value ≤ 2000
+   * @default 96
+   */
+  min_speech_ms?: number;
+  /**
+   * integer; 0 ≤ value ≤ 1000
+   * @default 192
+   */
+  pad_ms?: number;
+  /**
+   * integer; 100 ≤ value ≤ 5000
+   * @default 400
+   */
+  silence_ms?: number;
+  /**
+   * 0.05 ≤ value ≤ 0.95
+   * @default 0.5
+   */
+  threshold?: number;
 }

@@ -1,0 +1,238 @@
+"""One spoken answer of a voice conversation: a chat turn whose text is also spoken.
+
+The finished utterance becomes a user turn of the listen stream's
+conversation; the answer streams as ``delta`` text while each sentence, once
+complete (:class:`gateway.sentences.Sentences`), is synthesised and sent as
+``audio`` chunks — so the first sentence is heard while the rest is still
+being written. Text generation and speech run side by side: a sentence
+queue joins them, and the answer's ``done`` follows its last audio.
+
+Barge-in: :meth:`VoiceTurn.interrupt` (speech starting, or a client's
+``cancel``) cancels both at once: closing the generation's and the
+synthesis's iterators stops their work in the engine. The conversation
+then keeps the question and the sentences whose audio was sent — what the
+user heard — and ``done`` says ``cancelled``. A question whose answer was
+cut before any of it was spoken is asked again with the next utterance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from engine import ChatMessage, FinishReason, SpeechChunk, SpeechOptions, TokenDelta
+from engine.audio import AudioEncoder
+from gateway.generation import prepare, run
+from gateway.sentences import Sentences
+from gateway.speech import synthesize
+from protocol import messages as m
+from protocol.errors import FerrousError, error_from_code
+
+if TYPE_CHECKING:
+    from gateway.listening import ListenStream, VoiceHost
+
+__all__ = ["VoiceTurn", "speak"]
+
+log = logging.getLogger("ferrous.voice")
+
+DEFAULT_MAX_TOKENS = 256  # a spoken answer longer than this is a lecture
+
+
+class VoiceTurn:
+    """One answer (see the module); its task starts at once."""
+
+    def __init__(self, stream: ListenStream, gen_id: str, question: str, reply: m.Reply) -> None:
+        self.stream = stream
+        self.host = stream.host
+        self.id = gen_id
+        self.question = question
+        self.reply = reply
+        self.interrupted = False
+        self.text: list[str] = []  # the answer's text as generated
+        self.spoken: list[str] = []  # sentences whose audio was sent
+        self.task = asyncio.create_task(self._run(), name=f"voice-{gen_id}")
+
+    def interrupt(self) -> None:
+        """Stop generating and speaking now (barge-in)."""
+        if not self.task.done():
+            self.interrupted = True
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        host, g, reply = self.host, self.host.gateway, self.reply
+        t0 = time.perf_counter()
+        conv = g.conversations.get_or_create(host.owner, self.stream.conversation, reply.model)
+        turns = []
+        if not conv.messages and reply.instructions:
+            turns.append(ChatMessage("system", reply.instructions))
+        turns.append(ChatMessage("user", self.question))
+        options = reply.options or m.Options()
+        if options.max_tokens is None:
+            options = msgspec.structs.replace(options, max_tokens=DEFAULT_MAX_TOKENS)
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        speaker = asyncio.create_task(self._speak(sentences))
+        done: m.Done | None = None
+        try:
+            prepared = await prepare(
+                g,
+                host.principal,
+                reply.model,
+                messages=[*conv.messages, *turns],
+                options=options,
+                request_id=host._request_id(self.id),
+                started=t0,
+                priority=reply.priority,
+            )
+            await host.send(m.Started(self.id, reply.model, self.stream.conversation))
+            cutter = Sentences()
+            seq = 0
+            async for ev in run(g, prepared):
+                if isinstance(ev, TokenDelta):
+                    await host._take_credit(len(ev.text.encode("utf-8")))
+                    await host.send(m.Delta(self.id, seq, ev.text))
+                    seq += 1
+                    self.text.append(ev.text)
+                    for piece in cutter.feed(ev.text):
+                        sentences.put_nowait(piece)
+                    continue
+                for piece in cutter.flush():
+                    sentences.put_nowait(piece)
+                sentences.put_nowait(None)
+                if ev.error is not None:
+                    err = error_from_code(ev.error.code, ev.error.message)
+                    await host.send_error(err, self.id)
+                await speaker  # the answer is over when its last sentence was sent
+                t = ev.timings
+                reason = ev.finish_reason
+                done = m.Done(
+                    self.id,
+                    reason.value,
+                    m.Usage(
+                        ev.usage.prompt_tokens, ev.usage.completion_tokens, ev.usage.cached_tokens
+                    ),
+                    m.Timings(
+                        t.load_ms,
+                        t.queue_ms,
+                        t.ttft_ms,
+                        (time.perf_counter() - t0) * 1000,
+                        t.decode_tok_s,
+                    ),
+                    self.stream.conversation,
+                )
+                if reason in (FinishReason.STOP, FinishReason.LENGTH):
+                    conv.messages.extend([*turns, ChatMessage("assistant", "".join(self.text))])
+        except FerrousError as exc:
+            await host.send_error(exc, self.id)
+        except asyncio.CancelledError:
+            self._keep_what_was_said(conv.messages, turns)
+            with contextlib.suppress(Exception):
+                await host.send(
+                    _done(self.id, FinishReason.CANCELLED.value, t0, self.stream.conversation)
+                )
+            raise
+        finally:
+            speaker.cancel()
+            await asyncio.gather(speaker, return_exceptions=True)
+        if done is not None:
+            await host.send(done)
+
+    def _keep_what_was_said(self, history: list[ChatMessage], turns: list[ChatMessage]) -> None:
+        """An interrupted answer: the conversation keeps what the user heard of it."""
+        if self.spoken:
+            history.extend([*turns, ChatMessage("assistant", " ".join(self.spoken))])
+        else:
+            self.stream.unanswered = self.question
+        log.info("answer %s interrupted after %d sentences spoken", self.id, len(self.spoken))
+
+    async def _speak(self, sentences: asyncio.Queue[str | None]) -> None:
+        """Each sentence synthesised and sent as it comes, in order."""
+        host, reply = self.host, self.reply
+        encoder: AudioEncoder | None = None
+        seq = 0
+        rate = 0
+        while (sentence := await sentences.get()) is not None:
+            first = True
+            events = synthesize(
+                host.gateway,
+                host.principal,
+                reply.voice,
+                sentence,
+                SpeechOptions(speed=reply.speed),
+            )
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    if not isinstance(item, SpeechChunk):
+                        continue
+                    rate = item.rate
+                    data = item.pcm
+                    if reply.format != "pcm16":
+                        if encoder is None:
+                            encoder = AudioEncoder(reply.format, rate)
+                        data = encoder.encode(data)
+                    if not data:
+                        continue
+                    await host._take_credit(len(data))
+                    await host.send(
+                        m.AudioOut(
+                            self.id, seq, data, rate, reply.format, sentence if first else None
+                        )
+                    )
+                    seq += 1
+                    first = False
+            self.spoken.append(sentence)
+        if encoder is not None:
+            tail = encoder.close()
+            if tail:
+                await host._take_credit(len(tail))
+                await host.send(m.AudioOut(self.id, seq, tail, rate, reply.format))
+
+
+async def speak(host: VoiceHost, msg: m.Speak) -> None:
+    """A ``speak`` request: ``started``, its audio a sentence at a time, ``done``."""
+    t0 = time.perf_counter()
+    seconds = 0.0
+    reason = FinishReason.STOP.value
+    await host.send(m.Started(msg.id, msg.model))
+    try:
+        encoder: AudioEncoder | None = None
+        seq, rate = 0, 0
+        options = SpeechOptions(speed=msg.speed, seed=msg.seed)
+        events = synthesize(host.gateway, host.principal, msg.model, msg.text, options)
+        async with contextlib.aclosing(events):
+            async for item in events:
+                if not isinstance(item, SpeechChunk):
+                    seconds = item.seconds
+                    continue
+                rate, data = item.rate, item.pcm
+                if msg.format != "pcm16":
+                    encoder = encoder or AudioEncoder(msg.format, rate)
+                    data = encoder.encode(data)
+                if data:
+                    await host._take_credit(len(data))
+                    await host.send(m.AudioOut(msg.id, seq, data, rate, msg.format))
+                    seq += 1
+        if encoder is not None and (tail := encoder.close()):
+            await host._take_credit(len(tail))
+            await host.send(m.AudioOut(msg.id, seq, tail, rate, msg.format))
+    except FerrousError as exc:
+        await host.send_error(exc, msg.id)
+        return
+    except asyncio.CancelledError:
+        reason = FinishReason.CANCELLED.value
+        raise
+    finally:
+        if reason == FinishReason.CANCELLED.value:
+            with contextlib.suppress(Exception):
+                await host.send(_done(msg.id, reason, t0))
+    log.info("spoke %.2f s of audio", seconds)
+    await host.send(_done(msg.id, reason, t0))
+
+
+def _done(gen_id: str, reason: str, t0: float, conversation: str | None = None) -> m.Done:
+    total = (time.perf_counter() - t0) * 1000
+    return m.Done(gen_id, reason, m.Usage(0, 0), m.Timings(0.0, 0.0, 0.0, total, 0.0), conversation)
