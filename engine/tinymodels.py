@@ -100,10 +100,19 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
 
 
 def script_tokens(script: str, tokens: list[str]) -> list[int]:
-    """Token ids that spell ``script``: ASCII through pieces, the rest through bytes."""
+    """Token ids that spell ``script``: ASCII through pieces (a space and the letter after
+    it as one, ``▁x``), the rest through bytes."""
     index = {t: i for i, t in enumerate(tokens)}
     ids: list[int] = []
-    for ch in script:
+    i = 0
+    while i < len(script):
+        ch = script[i]
+        pair = _SPACE + script[i + 1 : i + 2]
+        if ch == " " and len(pair) == 2 and pair[1].isascii() and pair in index:
+            ids.append(index[pair])
+            i += 2
+            continue
+        i += 1
         piece = _SPACE if ch == " " else ch
         if piece in index and ch.isascii():
             ids.append(index[piece])

@@ -217,6 +217,15 @@ class ListenStream:
         """Transcribe utterances as they come, until the audio ends (then ``done``)."""
         host, t0 = self.host, time.perf_counter()
         reason = "stop"
+        try:
+            # The models are checked (and loaded) before the stream says it started.
+            await host.gateway.ensure_model(host.principal, self.msg.model)
+            if self.msg.reply is not None:
+                await host.gateway.ensure_model(host.principal, self.msg.reply.model)
+                await host.gateway.ensure_model(host.principal, self.msg.reply.voice)
+        except FerrousError as exc:
+            await host.send_error(exc, self.id)
+            return
         await host.send(m.Started(self.id, self.msg.model))
         try:
             while True:

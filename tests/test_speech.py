@@ -36,14 +36,12 @@ from engine import (
     TranscriptSegment,
 )
 from engine.backends import Kind, find_entry
-from engine.hibarivoices import fetch_hibari_voice
 from engine.jobcalls import MAX_AUDIO_BYTES
 from engine.modelfacts import kind_of
 from engine.store.errors import StoreError
 from engine.store.pull import ModelManager
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry
 from engine.store.store import ModelStore
-from engine.whispertiny import fetch_whisper_tiny
 from gateway.audio_routes import srt, vtt
 from gateway.config import AuthConfig
 from gateway.server import RunningServer
@@ -67,16 +65,6 @@ def _wav(audio: np.ndarray, rate: int) -> bytes:
         w.setframerate(rate)
         w.writeframes((np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes())
     return buf.getvalue()
-
-
-@pytest.fixture(scope="session")
-def whisper_tiny() -> Path:
-    return fetch_whisper_tiny()
-
-
-@pytest.fixture(scope="session")
-def voice() -> Path:
-    return fetch_hibari_voice()
 
 
 @pytest.fixture(scope="session")
