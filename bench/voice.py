@@ -14,15 +14,26 @@ routes a client uses:
   factor of a transcription (target: 0.2 or less on two cores), and whether the
   words came back.
 
+* **turn** — a spoken conversation over the WebSocket (``listen`` with a
+  ``reply``: Silero VAD, Whisper tiny.en, SmolLM2 and the hibari voice): a
+  question is streamed at the pace it is spoken, in 20 ms frames, and the
+  figure is the time from the end of its speech to the first audio of the
+  answer (target: 800 ms or less). It includes the silence the server waits
+  for before it decides the speaker has finished (``silence_ms``, 400 ms by
+  default). Then the same with ``--sessions`` (4) sessions speaking at the same
+  moment: the 95th percentile of their turns (target: 1.5 s or less).
+
 Medians over ``--runs``. Speech is synthesised by the server itself, so the
-two figures also check each other: the transcript must give back the text.
+figures also check each other: the transcript must give back the text.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
+import os
 import re
 import statistics
 import sys
@@ -31,11 +42,16 @@ import time
 import wave
 
 import httpx
+from websockets.asyncio.client import ClientConnection, connect
 
 from bench.serving import start_server, stop_server
 from engine.client import default_threads
 from engine.hibarivoices import fetch_hibari_voice
+from engine.silerovad import fetch_silero_vad
+from engine.smollm2 import fetch_smollm2
 from engine.whispertiny import fetch_whisper_tiny
+from protocol import messages as m
+from protocol.codec import codec_for
 
 __all__ = ["main", "measure"]
 
@@ -101,10 +117,111 @@ def measure(base: str, runs: int) -> dict[str, object]:
     }
 
 
+QUESTION = "What is the capital of France?"
+DEBUG = bool(os.environ.get("BENCH_VOICE_DEBUG"))
+FRAME_S = 0.02  # a browser's audio worklet sends about this much at a time
+_CODEC = codec_for(m.SUBPROTOCOL_MSGPACK)
+
+
+async def _recv(ws: ClientConnection) -> m.ServerMessage:
+    return _CODEC.decode_server(await ws.recv())
+
+
+async def _spoken(ws: ClientConnection, text: str) -> bytes:
+    await ws.send(_CODEC.encode(m.Speak(id="q", model="voice", text=text)))
+    parts = []
+    while not isinstance(msg := await _recv(ws), m.Done):
+        if isinstance(msg, m.AudioOut):
+            parts.append(msg.data)
+    return b"".join(parts)
+
+
+async def _turn(ws: ClientConnection, gen_id: str, question: bytes) -> float:
+    """One voice turn: seconds from the end of the question's speech to the answer's
+    first audio."""
+    reply = m.Reply(model="chat", voice="voice", options=m.Options(max_tokens=48))
+    await ws.send(_CODEC.encode(m.Listen(id=gen_id, model="whisper", rate=RATE, reply=reply)))
+    audio = bytes(2 * int(0.3 * RATE)) + question
+    speech_end = len(audio)
+    audio += bytes(2 * int(1.5 * RATE))
+    step = 2 * int(FRAME_S * RATE)
+    ended = asyncio.get_running_loop().create_future()
+
+    async def talk() -> None:
+        start = time.perf_counter()
+        for k, i in enumerate(range(0, len(audio), step)):
+            await asyncio.sleep(max(0.0, start + k * FRAME_S - time.perf_counter()))
+            await ws.send(_CODEC.encode(m.Audio(id=gen_id, data=audio[i : i + step])))
+            if i + step >= speech_end and not ended.done():
+                ended.set_result(time.perf_counter())
+
+    talking = asyncio.create_task(talk())
+    first = None
+    marks: dict[str, float] = {}
+    while True:
+        msg = await asyncio.wait_for(_recv(ws), 120)
+        name = type(msg).__name__
+        if isinstance(msg, m.SpeechEdge | m.TranscriptEvent):
+            name += f":{getattr(msg, 'event', '')}{getattr(msg, 'final', '')}"
+        marks.setdefault(name, time.perf_counter())
+        if isinstance(msg, m.Delta):
+            marks["deltas"] = marks.get("deltas", 0) + 1
+        if isinstance(msg, m.AudioOut) and first is None:
+            first = time.perf_counter()
+            if DEBUG:
+                print(repr(msg.text), marks.get("deltas"), file=sys.stderr)
+        elif isinstance(msg, m.Error):
+            raise SystemExit(f"voice turn failed: {msg.code}: {msg.message}")
+        elif isinstance(msg, m.Done) and msg.id == f"{gen_id}.1":
+            break
+    await talking
+    await ws.send(_CODEC.encode(m.Audio(id=gen_id, end=True)))
+    while not (isinstance(msg := await _recv(ws), m.Done) and msg.id == gen_id):
+        pass
+    if first is None:
+        raise SystemExit("the answer had no audio")
+    if DEBUG:
+        print({k: round((v - ended.result()) * 1000) for k, v in marks.items()}, file=sys.stderr)
+    return float(first - ended.result())
+
+
+async def voice_turns(url: str, runs: int, sessions: int) -> dict[str, object]:
+    """End of speech -> first audio of the answer, one session alone, then ``sessions``
+    speaking at once (the first turn of each warms up and is not counted)."""
+
+    async def session(count: int, barrier: asyncio.Barrier | None) -> list[float]:
+        async with connect(url, subprotocols=[m.SUBPROTOCOL_MSGPACK], max_size=None) as ws:  # type: ignore[list-item]
+            await ws.send(_CODEC.encode(m.Hello()))
+            await _recv(ws)
+            question = await _spoken(ws, QUESTION)
+            out = []
+            for r in range(count + 1):
+                if barrier is not None:
+                    await barrier.wait()
+                took = await _turn(ws, f"t{r}", question)
+                if r:
+                    out.append(took * 1000)
+            return out
+
+    alone = await session(runs, None)
+    barrier = asyncio.Barrier(sessions)
+    together = await asyncio.gather(*(session(runs, barrier) for _ in range(sessions)))
+    loaded = sorted(x for xs in together for x in xs)
+    return {
+        "turn_first_audio_ms": round(statistics.median(alone), 1),
+        "sessions": sessions,
+        "turn_first_audio_p95_ms": round(
+            loaded[min(len(loaded) - 1, round(0.95 * (len(loaded) - 1)))], 1
+        ),
+        "turn_first_audio_p50_loaded_ms": round(statistics.median(loaded), 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.voice", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as home:
@@ -113,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             home=home,
             threads=args.threads,
             name="whisper",
-            more={"voice": fetch_hibari_voice()},
+            more={"voice": fetch_hibari_voice(), "chat": fetch_smollm2()},
             ready_path="/healthz",
+            env={"FERROUS_VOICE__VAD_MODEL": str(fetch_silero_vad())},
         )
         try:
             result = {"threads": args.threads, **measure(f"http://127.0.0.1:{port}", args.runs)}
+            turns = voice_turns(f"ws://127.0.0.1:{port}/v1/ws", args.runs, args.sessions)
+            result.update(asyncio.run(turns))
         finally:
             stop_server(proc)
     if args.json:

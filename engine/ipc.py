@@ -145,6 +145,7 @@ class Transcribe(_Frame, tag=9, kw_only=True):
     model: str
     audio: bytes
     options: TranscribeOptions
+    priority: int = 0  # the worker runs jobs of a higher priority first
 
 
 class Synthesize(_Frame, tag=11, kw_only=True):
@@ -155,6 +156,7 @@ class Synthesize(_Frame, tag=11, kw_only=True):
     model: str
     text: str
     options: SpeechOptions
+    priority: int = 0  # the worker runs jobs of a higher priority first
 
 
 class CancelJob(_Frame, tag=10, kw_only=True):

@@ -122,6 +122,7 @@ class JobCalls:
         options: TranscribeOptions | None = None,
         *,
         keep_alive: float | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[TranscriptSegment | Transcript, None]:
         """Each segment of ``audio``'s transcript as it is decoded, then the whole :class:`Transcript`.
 
@@ -130,7 +131,7 @@ class JobCalls:
         options it cannot honour, audio that cannot be decoded), TooLarge (an
         upload over ``MAX_AUDIO_BYTES`` or audio over the length limit) or
         EngineError (the worker died; retryable). Closing the iterator early
-        stops the work in the worker.
+        stops the work in the worker. A worker runs jobs of a higher ``priority`` first.
         """
         if len(audio) > MAX_AUDIO_BYTES:
             raise TooLarge(
@@ -138,7 +139,11 @@ class JobCalls:
             )
         req = self._pool.next_req()
         msg = ipc.Transcribe(
-            req=req, model=model, audio=audio, options=options or TranscribeOptions()
+            req=req,
+            model=model,
+            audio=audio,
+            options=options or TranscribeOptions(),
+            priority=priority,
         )
         segments: list[TranscriptSegment] = []
         frames = self._job_frames(model, msg, req, ipc.Transcribed, keep_alive)
@@ -179,6 +184,7 @@ class JobCalls:
         options: SpeechOptions | None = None,
         *,
         keep_alive: float | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[SpeechChunk | Speech, None]:
         """``text`` spoken by ``model``: a :class:`SpeechChunk` a sentence, then :class:`Speech`.
 
@@ -188,7 +194,9 @@ class JobCalls:
         stops the work in the worker.
         """
         req = self._pool.next_req()
-        msg = ipc.Synthesize(req=req, model=model, text=text, options=options or SpeechOptions())
+        msg = ipc.Synthesize(
+            req=req, model=model, text=text, options=options or SpeechOptions(), priority=priority
+        )
         frames = self._job_frames(model, msg, req, ipc.Synthesized, keep_alive)
         async with contextlib.aclosing(frames):  # closed at once when our caller stops
             async for frame in frames:

@@ -57,9 +57,10 @@ def error_reply(req: int, exc: BaseException) -> ipc.WorkerError:
 class Job(abc.ABC):
     """One request of a job kind, run one bounded unit at a time."""
 
-    def __init__(self, req: int, model: str) -> None:
+    def __init__(self, req: int, model: str, priority: int = 0) -> None:
         self.req = req
         self.model = model
+        self.priority = priority
 
     @abc.abstractmethod
     def step(self) -> tuple[list[ipc.FromWorker], bool]:
@@ -167,7 +168,8 @@ JOB_KINDS: tuple[JobKind, ...] = (
 
 
 class JobQueue:
-    """The worker's jobs of every kind, oldest first, one unit of work per :meth:`step`."""
+    """The worker's jobs of every kind, by priority then oldest first, one unit of work per
+    :meth:`step`."""
 
     def __init__(
         self, send: Callable[[ipc.FromWorker], None], send_raw: Callable[[bytes], None]
@@ -196,26 +198,29 @@ class JobQueue:
         except Exception as exc:
             self._send(error_reply(req, exc))
             return
+        job.priority = getattr(msg, "priority", 0)
         self._jobs.append(job)
 
     def step(self) -> None:
-        """One unit of the oldest job; its messages sent, and it retired when done."""
+        """One unit of the oldest job of the highest priority; its messages sent, and it
+        retired when done. (A live transcript's final decode goes before the partial
+        decodes queued ahead of it: someone waits for an answer on it.)"""
         if not self._jobs:
             return
-        job = self._jobs[0]
+        job = max(self._jobs, key=lambda j: j.priority)  # the first of the highest
         try:
             out, done = job.step()
         except Exception as exc:
             out, done = [error_reply(job.req, exc)], True
         if done:
-            self._jobs.popleft()
+            self._jobs.remove(job)
         try:
             encoded = [ipc.encode(msg) for msg in out]
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
             # A backend that hands over something that is not a plain value ends its
             # job with an error; the worker and every other request go on.
             if not done:
-                self._jobs.popleft()
+                self._jobs.remove(job)
                 job.close()
             self._send(error_reply(job.req, exc))
             return

@@ -246,6 +246,9 @@ class TranscribeOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     temperature: float = 0.0
     task: Literal["transcribe", "translate"] = "transcribe"
     word_timestamps: bool = False
+    # Live audio (a WebSocket listen stream): a short clip decoded greedily with the
+    # model's audio context cut to the clip, one segment, no timestamps inside it.
+    live: bool = False
 
 
 class Word(msgspec.Struct, frozen=True):

@@ -62,6 +62,8 @@ log = logging.getLogger("ferrous.voice")
 PARTIAL_EVERY_S = 0.8  # new speech between two partial transcripts
 MAX_PENDING_S = 120.0  # audio waiting for recognition before more is refused
 _KEEP_TRAILING = 6  # windows of the closing silence kept with an utterance (192 ms)
+# Job priorities in the worker: finals before answers' speech before partials.
+_FINAL, _PARTIAL = 2, -1
 
 
 class VoiceHost(Protocol):
@@ -128,6 +130,7 @@ class ListenStream:
         self._settled = SettledWords()
         self._finals: deque[_Utterance] = deque()
         self._partial: asyncio.Task[None] | None = None
+        self._partial_s = 0.0  # how long the last partial decode took
         self._wake = asyncio.Event()
         self._no_more = False  # the client sent end
         self._last_final = ""
@@ -166,9 +169,11 @@ class ListenStream:
             self._wake.set()
 
     def _partial_due(self) -> bool:
-        """Enough new speech for another partial transcript."""
+        """Enough new speech for another partial transcript: ``PARTIAL_EVERY_S``, or three
+        times what the last one took when the recogniser is busy (partials yield to load)."""
         new = len(self._current) - self._decoded if self._current is not None else 0
-        return self.msg.partials and new * WINDOW_MS >= PARTIAL_EVERY_S * 1000
+        every = max(PARTIAL_EVERY_S, 3 * self._partial_s)
+        return self.msg.partials and new * WINDOW_MS >= every * 1000
 
     def _pending_s(self) -> float:
         queued = sum(len(u.audio) for u in self._finals) / RATE
@@ -272,10 +277,16 @@ class ListenStream:
         if self._current is not None:
             self._wake.set()  # more audio may have come meanwhile
 
-    async def _decode(self, audio: np.ndarray, prompt: str | None = None) -> str:
-        options = TranscribeOptions(language=self.msg.language, prompt=prompt or None)
+    async def _decode(self, audio: np.ndarray, prompt: str | None = None, *, final: bool) -> str:
+        """The clip's text. A final decode goes before partial ones queued in the worker."""
+        options = TranscribeOptions(language=self.msg.language, prompt=prompt or None, live=True)
         events = transcribe(
-            self.host.gateway, self.host.principal, self.msg.model, wav_bytes(audio), options
+            self.host.gateway,
+            self.host.principal,
+            self.msg.model,
+            wav_bytes(audio),
+            options,
+            priority=_FINAL if final else _PARTIAL,
         )
         async with contextlib.aclosing(events):
             async for item in events:
@@ -285,8 +296,10 @@ class ListenStream:
 
     async def _partial_decode(self, audio: np.ndarray) -> None:
         utterance = self._utterance
+        t0 = time.perf_counter()
         try:
-            text = await self._decode(audio)
+            text = await self._decode(audio, final=False)
+            self._partial_s = time.perf_counter() - t0
         except FerrousError as exc:
             await self.host.send_error(exc, self.id)
             return
@@ -303,7 +316,8 @@ class ListenStream:
     async def _final(self, u: _Utterance) -> None:
         settled = self._settled if u.number == self._utterance else SettledWords()
         try:
-            text = await self._decode(u.audio, self._last_final[-200:] if u.after_cut else None)
+            prompt = self._last_final[-200:] if u.after_cut else None
+            text = await self._decode(u.audio, prompt, final=True)
         except FerrousError as exc:
             await self.host.send_error(exc, self.id)
             return

@@ -3,10 +3,10 @@
 A spoken reply starts when its first sentence is complete, not when the
 answer is: :class:`Sentences` takes text as it streams and gives back each
 sentence once its end is seen (``.``, ``!``, ``?`` or ``…`` before a space,
-or a line break). The first piece may end at a clause (a comma, colon or
-semicolon) once it is long enough to be worth saying alone, so the first
-audio comes sooner; a run-on sentence is cut at its last space before
-``max_chars``. :func:`speakable` drops what should not be read aloud
+or a line break). The first piece is cut sooner, so the first audio comes
+sooner: at a clause (a comma, colon or semicolon) once it is long enough to
+be worth saying alone, else at a space past ``first_max_chars``. A run-on
+sentence is cut at its last space before ``max_chars``. :func:`speakable` drops what should not be read aloud
 (markdown marks, code fences, URLs). Pure, no I/O.
 """
 
@@ -31,7 +31,8 @@ def speakable(text: str) -> str:
 class Sentences:
     """Cuts streamed text into speakable pieces (see the module)."""
 
-    first_clause_chars: int = 24  # the first piece may end at a clause past this length
+    first_clause_chars: int = 12  # the first piece may end at a clause past this length
+    first_max_chars: int = 28  # ... and ends at a space past this one (about five words)
     max_chars: int = 240  # a longer piece is cut at a space
     _buffer: str = ""
     _given: int = 0  # pieces given so far
@@ -69,9 +70,10 @@ class Sentences:
                     break
             if clause is not None:
                 cut = clause.end()
-        if cut is None and len(buf) > self.max_chars:
-            space = buf.rfind(" ", 0, self.max_chars)
-            cut = space if space > 0 else self.max_chars
+        limit = self.first_max_chars if self._given == 0 else self.max_chars
+        if cut is None and len(buf) > limit:
+            space = buf.rfind(" ", 0, limit)
+            cut = space if space > 0 else limit
         if cut is None:
             return None
         piece, self._buffer = buf[:cut], buf[cut:].lstrip()

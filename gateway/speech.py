@@ -32,12 +32,16 @@ async def synthesize(
     model: str,
     text: str,
     options: SpeechOptions,
+    *,
+    priority: int = 0,
 ) -> AsyncGenerator[SpeechChunk | Speech, None]:
     """``text`` spoken by ``model``: a chunk of PCM a sentence, then :class:`Speech`."""
     with tracked_work(gateway):
         resolved = await gateway.ensure_model(principal, model)
         t0 = time.perf_counter()
-        async for item in gateway.engine.synthesize_stream(resolved.key, text, options):
+        async for item in gateway.engine.synthesize_stream(
+            resolved.key, text, options, priority=priority
+        ):
             if isinstance(item, Speech):
                 gateway.metrics.speech_seconds.labels(model).inc(item.seconds)
                 gateway.metrics.job_seconds.labels("speech", model).observe(
@@ -52,6 +56,8 @@ async def transcribe(
     model: str,
     audio: bytes,
     options: TranscribeOptions,
+    *,
+    priority: int = 0,
 ) -> AsyncGenerator[TranscriptSegment | Transcript, None]:
     """Segments of ``audio``'s transcript as they are decoded, then the whole transcript.
 
@@ -61,7 +67,9 @@ async def transcribe(
     with tracked_work(gateway):
         resolved = await gateway.ensure_model(principal, model)
         t0 = time.perf_counter()
-        async for item in gateway.engine.transcribe_stream(resolved.key, audio, options):
+        async for item in gateway.engine.transcribe_stream(
+            resolved.key, audio, options, priority=priority
+        ):
             if isinstance(item, Transcript):
                 item = Transcript(
                     text=item.text,

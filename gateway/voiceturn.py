@@ -41,6 +41,7 @@ __all__ = ["VoiceTurn", "speak"]
 log = logging.getLogger("ferrous.voice")
 
 DEFAULT_MAX_TOKENS = 256  # a spoken answer longer than this is a lecture
+FIRST_SPEECH_PRIORITY = 2  # an answer's first sentence is as urgent as a final transcript
 
 
 class VoiceTurn:
@@ -163,6 +164,9 @@ class VoiceTurn:
                 reply.voice,
                 sentence,
                 SpeechOptions(speed=reply.speed),
+                # The first sentence is awaited; later ones have the time the earlier
+                # ones take to play.
+                priority=FIRST_SPEECH_PRIORITY if not self.spoken else 0,
             )
             async with contextlib.aclosing(events):
                 async for item in events:

@@ -104,7 +104,7 @@ def test_sentences_come_out_as_soon_as_they_end() -> None:
 
 
 def test_the_first_piece_may_end_at_a_clause_and_long_ones_are_cut() -> None:
-    s = Sentences(first_clause_chars=20, max_chars=60)
+    s = Sentences(first_clause_chars=20, first_max_chars=100, max_chars=60)
     assert s.feed("Well, that is a fine question, ") == ["Well, that is a fine question,"]
     # Only the first piece ends at a clause.
     assert s.feed("and here, again, ") == []
@@ -114,6 +114,10 @@ def test_the_first_piece_may_end_at_a_clause_and_long_ones_are_cut() -> None:
     # Decimal points are not sentence ends.
     t = Sentences()
     assert t.feed("Pi is 3.14 and e is 2.72. ") == ["Pi is 3.14 and e is 2.72."]
+    # A long first sentence is cut at a word past first_max_chars, the next ones are not.
+    u = Sentences(first_max_chars=20)
+    assert u.feed("The capital city of the country is Paris") == ["The capital city of"]
+    assert u.feed(" and it is a big and busy place") == []
 
 
 def test_what_is_spoken_leaves_out_markdown_code_and_links() -> None:

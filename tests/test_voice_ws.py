@@ -37,6 +37,11 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
+def _stems(text: str) -> set[str]:
+    """The words without a plural s: live decoding may hear "apple" for "apples"."""
+    return {w.removesuffix("s") for w in _words(text)}
+
+
 @pytest.fixture(scope="module")
 def answer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Answers ANSWER, over and over, whatever it is asked."""
@@ -137,8 +142,7 @@ async def test_speech_round_trips_and_settled_words_are_never_revised(
         assert _words(p.settled) == _words(p.text)[: len(_words(p.settled))]
         settled_before = _words(p.settled)
     assert _words(final.text)[: len(settled_before)] == settled_before
-    heard = set(_words(final.text))
-    assert {"fox", "dog", "apples", "table"} <= heard, final.text
+    assert {"fox", "dog", "apple", "table"} <= _stems(final.text), final.text
     assert 0.3 < final.start < final.end <= len(pcm) / 2 / RATE + 0.6
 
 
@@ -166,7 +170,7 @@ async def test_a_voice_turn_answers_in_text_and_speech(running: RunningServer) -
         "TranscriptEvent:v",
     ]
     final = next(x for x in got if isinstance(x, m.TranscriptEvent) and x.final)
-    assert {"apples", "table"} <= set(_words(final.text))
+    assert {"apple", "table"} <= _stems(final.text), final.text
     text = "".join(x.text for x in got if isinstance(x, m.Delta) and x.id == "v.1")
     audio = [x for x in got if isinstance(x, m.AudioOut) and x.id == "v.1"]
     assert text == (ANSWER * 10)[: len(text)] and len(text) >= 30
@@ -229,7 +233,7 @@ async def test_speech_over_an_answer_cancels_it_and_the_conversation_keeps_what_
     roles = [t.role for t in conv.messages]
     assert roles == ["user", "assistant", "user", "assistant"]
     assert conv.messages[1].content == "Hi."
-    assert {"fox", "dog"} <= set(_words(conv.messages[2].content))
+    assert {"fox", "dog"} <= _stems(conv.messages[2].content)
 
 
 async def test_audio_out_waits_for_credit(running: RunningServer) -> None:
