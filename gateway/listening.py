@@ -85,12 +85,27 @@ class VoiceHost(Protocol):
 
 
 @dataclass
+class _Guess:
+    """Work started at a pause in speech: the final decode, then the answer, held."""
+
+    utterance: int
+    task: asyncio.Task[str]  # the transcript
+    turn: VoiceTurn | None = None
+
+    def drop(self) -> None:
+        self.task.cancel()
+        if self.turn is not None:
+            self.turn.drop()
+
+
+@dataclass
 class _Utterance:
     number: int
     audio: np.ndarray
     start: float  # seconds into the stream
     end: float
     after_cut: bool  # the one before it was cut at the length limit
+    guess: _Guess | None = None  # the work its last pause started
 
 
 def wav_bytes(samples: np.ndarray) -> bytes:
@@ -130,6 +145,7 @@ class ListenStream:
         self._settled = SettledWords()
         self._finals: deque[_Utterance] = deque()
         self._partial: asyncio.Task[None] | None = None
+        self._guess: _Guess | None = None  # work started at the current pause
         self._partial_s = 0.0  # how long the last partial decode took
         self._wake = asyncio.Event()
         self._no_more = False  # the client sent end
@@ -198,13 +214,39 @@ class ListenStream:
             await self.host.send(m.SpeechEdge(self.id, self._utterance, "start", self._start))
         elif edge == "end":
             await self._close_utterance(trailing=self._endpointer.trailing())
+        elif edge == "pause" and self._current is not None and not self._cut:
+            task = asyncio.create_task(self._speculate())
+            task.add_done_callback(_retrieve)  # a dropped guess's failure is nobody's
+            self._guess = _Guess(self._utterance, task)
+        elif edge == "resume" and self._guess is not None:
+            self._guess.drop()  # the speaker went on: that transcript is void
+            self._guess = None
+
+    async def _speculate(self) -> str:
+        """At a pause: the utterance's final transcript, and its answer started but held,
+        so that if this silence is the end, both are (nearly) ready when it is confirmed.
+        A pause that is not the end costs the work, never a visible message."""
+        assert self._current is not None
+        audio = np.concatenate(self._current)
+        text = await self._decode(audio, final=True)
+        final = self._settled.final(text)
+        reply = self.msg.reply
+        guess = self._guess
+        if reply is not None and final and guess is not None and self.turn is None:
+            from gateway.voiceturn import VoiceTurn
+
+            question = f"{self.unanswered} {final}".strip()
+            guess.turn = VoiceTurn(self, f"{self.id}.{guess.utterance}", question, reply, held=True)
+        return text
 
     async def _close_utterance(self, trailing: int) -> None:
         assert self._current is not None
         keep = len(self._current) - max(0, trailing - _KEEP_TRAILING)
         audio = np.concatenate(self._current[:keep]) if keep > 0 else np.zeros(0, np.float32)
         end = self._start + len(audio) / RATE
-        self._finals.append(_Utterance(self._utterance, audio, self._start, end, self._cut))
+        guess, self._guess = self._guess, None
+        u = _Utterance(self._utterance, audio, self._start, end, self._cut, guess)
+        self._finals.append(u)
         self._cut = self._endpointer.cut
         if self._cut:  # the next utterance goes on from the audio just before the cut
             self._recent.extend(
@@ -264,6 +306,9 @@ class ListenStream:
                 )
 
     async def _stop(self) -> None:
+        for guess in [*(u.guess for u in self._finals), self._guess]:
+            if guess is not None:
+                guess.drop()
         tasks = list(self._turns)
         if self._partial is not None:
             tasks.append(self._partial)
@@ -315,10 +360,16 @@ class ListenStream:
 
     async def _final(self, u: _Utterance) -> None:
         settled = self._settled if u.number == self._utterance else SettledWords()
+        guess = u.guess
         try:
-            prompt = self._last_final[-200:] if u.after_cut else None
-            text = await self._decode(u.audio, prompt, final=True)
+            if guess is not None:  # decoded at the pause: the audio since is silence
+                text = await guess.task
+            else:
+                prompt = self._last_final[-200:] if u.after_cut else None
+                text = await self._decode(u.audio, prompt, final=True)
         except FerrousError as exc:
+            if guess is not None:
+                guess.drop()
             await self.host.send_error(exc, self.id)
             return
         final = settled.final(text)
@@ -328,7 +379,16 @@ class ListenStream:
         await self.host.send(
             m.TranscriptEvent(self.id, u.number, final, final=True, start=u.start, end=u.end)
         )
-        if self.msg.reply is not None and final:
+        if self.msg.reply is None or not final:
+            return
+        held = guess.turn if guess is not None else None
+        if held is not None and held.question == f"{self.unanswered} {final}".strip():
+            self.unanswered = ""
+            self._adopt(held)
+            await held.release()
+        else:
+            if held is not None:
+                held.drop()
             await self._answer(u.number, final)
 
     async def _answer(self, utterance: int, text: str) -> None:
@@ -340,7 +400,10 @@ class ListenStream:
             await asyncio.shield(self.turn.task)  # answers take turns
         question = f"{self.unanswered} {text}".strip()
         self.unanswered = ""
-        turn = VoiceTurn(self, f"{self.id}.{utterance}", question, reply)
+        self._adopt(VoiceTurn(self, f"{self.id}.{utterance}", question, reply))
+
+    def _adopt(self, turn: VoiceTurn) -> None:
+        """``turn`` is the answer now: barge-in and the stream's end apply to it."""
         self.turn = turn
         self._turns.add(turn.task)
 
@@ -357,6 +420,11 @@ class ListenStream:
             self.turn.interrupt()
             return True
         return False
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _with_id(exc: FerrousError, gen_id: str) -> FerrousError:

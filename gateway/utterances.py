@@ -7,7 +7,9 @@ without models or sockets:
   window, into the start and the end of each utterance. Speech must last
   ``min_speech_ms`` to open one (a click or a cough does not) and silence
   ``silence_ms`` to close it; two thresholds (a lower one to stay in speech)
-  keep a word's quiet tail from ending it early.
+  keep a word's quiet tail from ending it early. A shorter quiet
+  (``pause_ms``) is reported as a pause, so the work an end starts can start
+  then, and be dropped if the speaker goes on (``resume``).
 * :class:`SettledWords` is local agreement over successive transcripts of the
   same growing audio: a word is settled once two transcripts in a row agree
   on it and everything before it. Settled words are never revised: the
@@ -32,7 +34,9 @@ __all__ = [
 
 WINDOW_MS = 32  # the voice-activity model's window: 512 samples at 16 kHz
 
-Edge = Literal["start", "end"]
+# "pause": speech went quiet for ``pause_ms`` (it may be ending: work on the utterance
+# may start early); "resume": it went on after a pause (that work is void).
+Edge = Literal["start", "end", "pause", "resume"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class EndpointSettings:
     silence_ms: int = 400  # silence this long closes it
     pad_ms: int = 192  # audio kept from before the start (the first syllable's onset)
     max_utterance_s: float = 30.0  # an utterance this long is closed where it is
+    pause_ms: int = 160  # quiet this long while speaking: a "pause" (the end may be near)
 
     @property
     def low(self) -> float:
@@ -76,7 +81,11 @@ class Endpointer:
                 return "start"
             return None
         self._length += 1
+        quiet = self._run
         self._run = self._run + 1 if probability < s.low else 0
+        pause = min(s.pause_ms, s.silence_ms)
+        if self._run == 0 and quiet * WINDOW_MS >= pause:
+            return "resume"
         silent = self._run * WINDOW_MS >= s.silence_ms
         self.cut = not silent and self._length * WINDOW_MS >= s.max_utterance_s * 1000
         if silent or self.cut:
@@ -84,6 +93,8 @@ class Endpointer:
             self._silent = self._run if silent else 0
             self._run = self._length = 0
             return "end"
+        if self._run * WINDOW_MS >= pause > (self._run - 1) * WINDOW_MS:
+            return "pause"
         return None
 
     def start_window(self) -> int:

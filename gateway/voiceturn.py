@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -47,7 +48,15 @@ FIRST_SPEECH_PRIORITY = 2  # an answer's first sentence is as urgent as a final 
 class VoiceTurn:
     """One answer (see the module); its task starts at once."""
 
-    def __init__(self, stream: ListenStream, gen_id: str, question: str, reply: m.Reply) -> None:
+    def __init__(
+        self,
+        stream: ListenStream,
+        gen_id: str,
+        question: str,
+        reply: m.Reply,
+        *,
+        held: bool = False,
+    ) -> None:
         self.stream = stream
         self.host = stream.host
         self.id = gen_id
@@ -56,7 +65,51 @@ class VoiceTurn:
         self.interrupted = False
         self.text: list[str] = []  # the answer's text as generated
         self.spoken: list[str] = []  # sentences whose audio was sent
+        # A held answer (speculative: started while the speaker may not be done) keeps
+        # what it would send until :meth:`release`, or leaves no trace on :meth:`drop`.
+        self._held: list[Callable[[], Awaitable[None]]] | None = [] if held else None
+        self._released = asyncio.Event()
+        if not held:
+            self._released.set()
+        self._out_lock = asyncio.Lock()
+        self.dropped = False
         self.task = asyncio.create_task(self._run(), name=f"voice-{gen_id}")
+
+    async def _out(self, msg: m.ServerMessage, credit: int = 0) -> None:
+        """Send ``msg`` (``credit`` bytes of flow control), or keep it while held."""
+        host = self.host
+
+        async def go() -> None:
+            if credit:
+                await host._take_credit(credit)
+            await host.send(msg)
+
+        async with self._out_lock:
+            if self._held is not None:
+                self._held.append(go)
+            else:
+                await go()
+
+    async def _out_error(self, exc: FerrousError) -> None:
+        async with self._out_lock:
+            if self._held is not None:
+                self._held.append(lambda: self.host.send_error(exc, self.id))
+            else:
+                await self.host.send_error(exc, self.id)
+
+    async def release(self) -> None:
+        """The speaker was done after all: what the answer has made goes out, then the rest."""
+        async with self._out_lock:
+            held, self._held = self._held or [], None
+            for go in held:
+                await go()
+        self._released.set()
+
+    def drop(self) -> None:
+        """The speaker went on: the speculative answer ends without a trace."""
+        self.dropped = True
+        if not self.task.done():
+            self.task.cancel()
 
     def interrupt(self) -> None:
         """Stop generating and speaking now (barge-in)."""
@@ -89,13 +142,12 @@ class VoiceTurn:
                 started=t0,
                 priority=reply.priority,
             )
-            await host.send(m.Started(self.id, reply.model, self.stream.conversation))
+            await self._out(m.Started(self.id, reply.model, self.stream.conversation))
             cutter = Sentences()
             seq = 0
             async for ev in run(g, prepared):
                 if isinstance(ev, TokenDelta):
-                    await host._take_credit(len(ev.text.encode("utf-8")))
-                    await host.send(m.Delta(self.id, seq, ev.text))
+                    await self._out(m.Delta(self.id, seq, ev.text), len(ev.text.encode("utf-8")))
                     seq += 1
                     self.text.append(ev.text)
                     for piece in cutter.feed(ev.text):
@@ -105,9 +157,9 @@ class VoiceTurn:
                     sentences.put_nowait(piece)
                 sentences.put_nowait(None)
                 if ev.error is not None:
-                    err = error_from_code(ev.error.code, ev.error.message)
-                    await host.send_error(err, self.id)
+                    await self._out_error(error_from_code(ev.error.code, ev.error.message))
                 await speaker  # the answer is over when its last sentence was sent
+                await self._released.wait()  # a held answer counts once it is released
                 t = ev.timings
                 reason = ev.finish_reason
                 done = m.Done(
@@ -128,8 +180,10 @@ class VoiceTurn:
                 if reason in (FinishReason.STOP, FinishReason.LENGTH):
                     conv.messages.extend([*turns, ChatMessage("assistant", "".join(self.text))])
         except FerrousError as exc:
-            await host.send_error(exc, self.id)
+            await self._out_error(exc)
         except asyncio.CancelledError:
+            if self.dropped or self._held is not None:
+                raise  # never shown: nothing to end, nothing to keep
             self._keep_what_was_said(conv.messages, turns)
             with contextlib.suppress(Exception):
                 await host.send(
@@ -140,7 +194,7 @@ class VoiceTurn:
             speaker.cancel()
             await asyncio.gather(speaker, return_exceptions=True)
         if done is not None:
-            await host.send(done)
+            await self._out(done)
 
     def _keep_what_was_said(self, history: list[ChatMessage], turns: list[ChatMessage]) -> None:
         """An interrupted answer: the conversation keeps what the user heard of it."""
@@ -180,11 +234,9 @@ class VoiceTurn:
                         data = encoder.encode(data)
                     if not data:
                         continue
-                    await host._take_credit(len(data))
-                    await host.send(
-                        m.AudioOut(
-                            self.id, seq, data, rate, reply.format, sentence if first else None
-                        )
+                    text = sentence if first else None
+                    await self._out(
+                        m.AudioOut(self.id, seq, data, rate, reply.format, text), len(data)
                     )
                     seq += 1
                     first = False
@@ -192,8 +244,7 @@ class VoiceTurn:
         if encoder is not None:
             tail = encoder.close()
             if tail:
-                await host._take_credit(len(tail))
-                await host.send(m.AudioOut(self.id, seq, tail, rate, reply.format))
+                await self._out(m.AudioOut(self.id, seq, tail, rate, reply.format), len(tail))
 
 
 async def speak(host: VoiceHost, msg: m.Speak) -> None:
