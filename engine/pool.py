@@ -367,7 +367,8 @@ class WorkerPool:
         w.replies[req] = fut
         w.send(msg)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: see stream)
+                return await fut
         except TimeoutError:
             raise EngineError(f"worker {w.index} did not answer within {timeout:.0f} s") from None
         finally:
@@ -396,7 +397,10 @@ class WorkerPool:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(queue.get(), idle_timeout)
+                    # Not wait_for: on Python 3.11 it returns the item, and loses the
+                    # cancel, when the item and a cancel of this task arrive together.
+                    async with asyncio.timeout(idle_timeout):
+                        item = await queue.get()
                 except TimeoutError:
                     raise EngineError(
                         f"worker {w.index} sent nothing for {idle_timeout:.0f} s"

@@ -215,21 +215,22 @@ class ListenStream:
         elif edge == "end":
             await self._close_utterance(trailing=self._endpointer.trailing())
         elif edge == "pause" and self._current is not None and not self._cut:
-            task = asyncio.create_task(self._speculate())
+            # The audio and the settled words as they are now: the task runs later.
+            audio = np.concatenate(self._current)
+            settled = SettledWords(list(self._settled.settled))
+            task = asyncio.create_task(self._speculate(audio, settled))
             task.add_done_callback(_retrieve)  # a dropped guess's failure is nobody's
             self._guess = _Guess(self._utterance, task)
         elif edge == "resume" and self._guess is not None:
             self._guess.drop()  # the speaker went on: that transcript is void
             self._guess = None
 
-    async def _speculate(self) -> str:
+    async def _speculate(self, audio: np.ndarray, settled: SettledWords) -> str:
         """At a pause: the utterance's final transcript, and its answer started but held,
         so that if this silence is the end, both are (nearly) ready when it is confirmed.
         A pause that is not the end costs the work, never a visible message."""
-        assert self._current is not None
-        audio = np.concatenate(self._current)
         text = await self._decode(audio, final=True)
-        final = self._settled.final(text)
+        final = settled.final(text)
         reply = self.msg.reply
         guess = self._guess
         if reply is not None and final and guess is not None and self.turn is None:
@@ -350,6 +351,8 @@ class ListenStream:
             return
         if utterance != self._utterance or self._current is None or not text:
             return  # that utterance ended meanwhile: its final transcript says it all
+        if self._guess is not None:
+            return  # older than the pause's decode, which the final transcript will be
         settled, whole = self._settled.update(text)
         end = self._start + len(audio) / RATE
         await self.host.send(
@@ -385,7 +388,7 @@ class ListenStream:
         if held is not None and held.question == f"{self.unanswered} {final}".strip():
             self.unanswered = ""
             self._adopt(held)
-            await held.release()
+            held.release()
         else:
             if held is not None:
                 held.drop()

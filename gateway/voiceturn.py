@@ -64,16 +64,16 @@ class VoiceTurn:
         self.reply = reply
         self.interrupted = False
         self.text: list[str] = []  # the answer's text as generated
-        self.spoken: list[str] = []  # sentences whose audio was sent
+        self.spoken: list[str] = []  # sentences whose audio began to be sent
         # A held answer (speculative: started while the speaker may not be done) keeps
         # what it would send until :meth:`release`, or leaves no trace on :meth:`drop`.
         self._held: list[Callable[[], Awaitable[None]]] | None = [] if held else None
         self._released = asyncio.Event()
-        if not held:
-            self._released.set()
         self._out_lock = asyncio.Lock()
         self.dropped = False
         self.task = asyncio.create_task(self._run(), name=f"voice-{gen_id}")
+        if not held:
+            self._released.set()
 
     async def _out(self, msg: m.ServerMessage, credit: int = 0) -> None:
         """Send ``msg`` (``credit`` bytes of flow control), or keep it while held."""
@@ -83,6 +83,9 @@ class VoiceTurn:
             if credit:
                 await host._take_credit(credit)
             await host.send(msg)
+            if isinstance(msg, m.AudioOut) and msg.text is not None:
+                # Its audio has begun to reach the listener: the conversation keeps it.
+                self.spoken.append(msg.text)
 
         async with self._out_lock:
             if self._held is not None:
@@ -97,13 +100,17 @@ class VoiceTurn:
             else:
                 await self.host.send_error(exc, self.id)
 
-    async def release(self) -> None:
-        """The speaker was done after all: what the answer has made goes out, then the rest."""
-        async with self._out_lock:
-            held, self._held = self._held or [], None
-            for go in held:
-                await go()
+    def release(self) -> None:
+        """The speaker was done after all: what the answer has made goes out (from the
+        answer's own task, so that a barge-in stops that too), then the rest."""
         self._released.set()
+
+    async def _flush_when_released(self) -> None:
+        await self._released.wait()
+        async with self._out_lock:
+            while self._held:
+                await self._held.pop(0)()
+            self._held = None
 
     def drop(self) -> None:
         """The speaker went on: the speculative answer ends without a trace."""
@@ -129,7 +136,8 @@ class VoiceTurn:
         if options.max_tokens is None:
             options = msgspec.structs.replace(options, max_tokens=DEFAULT_MAX_TOKENS)
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
-        speaker = asyncio.create_task(self._speak(sentences))
+        speaker = asyncio.create_task(self._speak(sentences), name=f"voice-speak-{self.id}")
+        flusher = asyncio.create_task(self._flush_when_released(), name=f"voice-flush-{self.id}")
         done: m.Done | None = None
         try:
             prepared = await prepare(
@@ -159,7 +167,7 @@ class VoiceTurn:
                 if ev.error is not None:
                     await self._out_error(error_from_code(ev.error.code, ev.error.message))
                 await speaker  # the answer is over when its last sentence was sent
-                await self._released.wait()  # a held answer counts once it is released
+                await flusher  # a held answer counts once it is released and sent
                 t = ev.timings
                 reason = ev.finish_reason
                 done = m.Done(
@@ -182,7 +190,7 @@ class VoiceTurn:
         except FerrousError as exc:
             await self._out_error(exc)
         except asyncio.CancelledError:
-            if self.dropped or self._held is not None:
+            if self.dropped or not self._released.is_set():
                 raise  # never shown: nothing to end, nothing to keep
             self._keep_what_was_said(conv.messages, turns)
             with contextlib.suppress(Exception):
@@ -192,7 +200,8 @@ class VoiceTurn:
             raise
         finally:
             speaker.cancel()
-            await asyncio.gather(speaker, return_exceptions=True)
+            flusher.cancel()
+            await asyncio.gather(speaker, flusher, return_exceptions=True)
         if done is not None:
             await self._out(done)
 
@@ -220,7 +229,7 @@ class VoiceTurn:
                 SpeechOptions(speed=reply.speed),
                 # The first sentence is awaited; later ones have the time the earlier
                 # ones take to play.
-                priority=FIRST_SPEECH_PRIORITY if not self.spoken else 0,
+                priority=FIRST_SPEECH_PRIORITY if seq == 0 else 0,
             )
             async with contextlib.aclosing(events):
                 async for item in events:
@@ -240,7 +249,6 @@ class VoiceTurn:
                     )
                     seq += 1
                     first = False
-            self.spoken.append(sentence)
         if encoder is not None:
             tail = encoder.close()
             if tail:

@@ -124,3 +124,11 @@ def test_the_first_piece_may_end_at_a_clause_and_long_ones_are_cut() -> None:
 def test_what_is_spoken_leaves_out_markdown_code_and_links() -> None:
     text = "## Title\n**Bold** and `code` see https://example.com/x ```py\nprint(1)\n``` done"
     assert speakable(text) == "Title Bold and code see done"
+
+
+def test_a_live_decode_that_starts_over_is_cut_there() -> None:
+    from engine.backends.whisper import without_loop
+
+    text = " Green Apple sit on the kitchen table. Green Apple sit On the"
+    assert without_loop(text) == " Green Apple sit on the kitchen table."
+    assert without_loop(" The quick brown fox.") == " The quick brown fox."

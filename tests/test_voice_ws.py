@@ -100,10 +100,21 @@ async def send_audio(c: Client, pcm: bytes, *, pace: float = 0.0, frame_s: float
             await asyncio.sleep(frame_s * pace)
 
 
+def _brief(msg: m.ServerMessage) -> str:
+    if isinstance(msg, m.AudioOut):
+        return f"audio:{msg.id}:{msg.seq}:{msg.text}"
+    if isinstance(msg, m.Delta):
+        return f"delta:{msg.id}"
+    return repr(msg)
+
+
 async def until(c: Client, done_id: str, into: list[m.ServerMessage]) -> m.ServerMessage:
     """Messages into ``into`` until the ``done`` (or error) of ``done_id``; returns that one."""
     while True:
-        msg = await asyncio.wait_for(c.recv(), 120)
+        try:
+            msg = await asyncio.wait_for(c.recv(), 60)
+        except TimeoutError:
+            raise AssertionError(f"no done for {done_id}: {[_brief(x) for x in into]}") from None
         into.append(msg)
         if isinstance(msg, m.Done | m.Error) and getattr(msg, "id", None) == done_id:
             return msg

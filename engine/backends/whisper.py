@@ -176,7 +176,19 @@ class WhisperBackend(Transcriber):
             suppress_tokens=[-1],
         )
         ids = [t for t in result[0].sequences_ids[0] if t < tokenizer.eot]
-        return str(tokenizer.decode(ids)), language
+        return without_loop(str(tokenizer.decode(ids))), language
+
+
+def without_loop(text: str, run: int = 4) -> str:
+    """``text`` cut where it starts over: a clip's greedy decode that reaches the end of the
+    speech may begin it again ("Green apples sit. Green apples sit on"). Someone who
+    repeats their first ``run`` words within one utterance is rare enough to lose."""
+    words = text.split()
+    keys = [w.strip(".,!?;:'\"").lower() for w in words]
+    for k in range(run, len(words) - run + 1):
+        if keys[k : k + run] == keys[:run]:
+            return " " + " ".join(words[:k])
+    return text
 
 
 def _t(seconds: float) -> float:
