@@ -149,6 +149,9 @@ class ListenStream:
         self._partial_s = 0.0  # how long the last partial decode took
         self._wake = asyncio.Event()
         self._no_more = False  # the client sent end
+        self._started = False  # "started" was sent: audio is taken as it comes
+        self._early: list[tuple[bytes, bool]] = []
+        self._early_bytes = 0
         self._last_final = ""
         self._cut = False
         self.conversation = (msg.reply.conversation if msg.reply else None) or (
@@ -161,7 +164,20 @@ class ListenStream:
     # -- audio in (the session's receive loop) ------------------------------------------
 
     async def feed(self, pcm: bytes, *, end: bool = False) -> None:
-        """Take samples from the client; raises BadRequest or Overloaded for a bad frame."""
+        """Take samples from the client; raises BadRequest or Overloaded for a bad frame.
+
+        Audio that comes before the stream has started (its models are still being
+        checked and loaded) waits, so that ``started`` is the stream's first message.
+        """
+        if not self._started:
+            self._early_bytes += len(pcm)
+            if self._early_bytes > MAX_PENDING_S * self.msg.rate * 2:
+                raise _with_id(Overloaded("too much audio before the stream started"), self.id)
+            self._early.append((pcm, end))
+            return
+        await self._feed(pcm, end=end)
+
+    async def _feed(self, pcm: bytes, *, end: bool) -> None:
         if self._no_more:
             if pcm or not end:
                 raise _with_id(Overloaded("this stream's audio has ended"), self.id)
@@ -275,6 +291,13 @@ class ListenStream:
             await host.send_error(exc, self.id)
             return
         await host.send(m.Started(self.id, self.msg.model))
+        while self._early:  # what came while the models were checked, in order
+            pcm, end = self._early.pop(0)
+            try:
+                await self._feed(pcm, end=end)
+            except FerrousError as exc:
+                await host.send_error(exc, self.id, apart=True)
+        self._started = True
         try:
             while True:
                 await self._wake.wait()

@@ -340,3 +340,35 @@ async def test_audio_faster_than_it_can_be_transcribed_is_refused(
         await until(c, "l", got)
         errors = [x for x in got if isinstance(x, m.Error)]
     assert errors and all(e.code == "overloaded" and e.id == "l" for e in errors)
+
+
+async def test_the_python_client_holds_a_voice_conversation(running: RunningServer) -> None:
+    """The SDK's speak and listen, with flow control on a window smaller than the audio:
+    the client grants credit as the answer is read, and the turn completes."""
+    from ferrous_client import FerrousClient
+    from ferrous_client.protocol import messages as cm  # the client's own message types
+
+    token = running.gateway.auth.issue_token(sub="alice", ttl=600)
+    async with FerrousClient(
+        running.ws_url, token=token, subprotocol="msgpack", credits=32 * 1024
+    ) as client:
+        question = await client.speak("voice", APPLES).audio()
+        assert len(question) > 64 * 1024  # more than the window: credit was granted
+        reply = cm.Reply(model="answer", voice="voice", options=cm.Options(max_tokens=24))
+        stream = client.listen("whisper", rate=RATE, reply=reply)
+        await stream.send(silence(0.3) + question + silence(1.0))
+        kinds: list[str] = []
+        answer_audio = 0
+        async for event in stream:
+            kinds.append(f"{type(event).__name__}:{event.id}")
+            if isinstance(event, cm.AudioOut):
+                answer_audio += len(event.data)
+            if isinstance(event, cm.Done) and event.id == f"{stream.id}.1":
+                assert event.finish_reason == "length"
+                await stream.end()
+    assert stream.done is not None and stream.done.finish_reason == "stop"
+    assert len(stream.transcripts) == 1 and "table" in _stems(stream.transcripts[0])
+    assert answer_audio > 0 and stream.answering is None
+    sid = stream.id
+    assert kinds[0] == f"Started:{sid}" and kinds[-1] == f"Done:{sid}"
+    assert kinds.index(f"Started:{sid}.1") < kinds.index(f"AudioOut:{sid}.1")

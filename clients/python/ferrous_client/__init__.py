@@ -45,6 +45,7 @@ from ferrous_client.protocol.messages import (
     Usage,
 )
 from ferrous_client.sync import SyncFerrousClient, SyncGeneration
+from ferrous_client.voice import VoiceEvent, VoiceStream
 
 __all__ = [
     "DEFAULT_URL",
@@ -81,6 +82,8 @@ __all__ = [
     "TooLarge",
     "Unauthorized",
     "Usage",
+    "VoiceEvent",
+    "VoiceStream",
     "__version__",
 ]
 

@@ -54,6 +54,8 @@ from ferrous_client.handshake import CLIENT_NAME, Handshake, ready_or_refusal, t
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
 from ferrous_client.resume import ResumeState, may_resume
+from ferrous_client.voice import VoiceStream
+from ferrous_client.voice import route as route_voice
 from ferrous_client.wire import (
     IdSource,
     MessagesLike,
@@ -136,6 +138,7 @@ class FerrousClient:
         self._ws: ClientConnection | None = None
         self._ready: m.Ready | None = None
         self._gens: dict[str, Generation] = {}
+        self._voice: dict[str, VoiceStream] = {}  # listen and speak streams, by id
         self._recent: OrderedDict[str, Generation | None] = OrderedDict()
         self._waiting: set[Generation] = set()
         self._window: CreditWindow | None = None
@@ -382,6 +385,63 @@ class FerrousClient:
         )
         return self._start(msg, None)
 
+    def listen(
+        self,
+        model: str,
+        *,
+        rate: int = 16000,
+        reply: m.Reply | None = None,
+        vad: m.VadOptions | None = None,
+        language: str | None = None,
+        partials: bool = True,
+        id: str | None = None,
+    ) -> VoiceStream:
+        """Open a listen stream on speech-recognition ``model`` for audio at ``rate``.
+
+        Send 16-bit mono PCM with :meth:`VoiceStream.send` and iterate the stream
+        for speech edges and transcripts; with ``reply`` (a chat model and a voice)
+        each utterance is answered in text and speech (see :mod:`ferrous_client.voice`).
+        """
+        msg = m.Listen(
+            id=id or self._ids.next(),
+            model=model,
+            rate=rate,
+            language=language,
+            partials=partials,
+            vad=vad,
+            reply=reply,
+        )
+        return self._start_voice(msg, listening=True)
+
+    def speak(
+        self,
+        model: str,
+        text: str,
+        *,
+        speed: float = 1.0,
+        format: m.AudioFormat = "pcm16",
+        seed: int | None = None,
+        id: str | None = None,
+    ) -> VoiceStream:
+        """``text`` spoken by speech-synthesis ``model``: iterate its ``audio`` chunks (or
+        ``await stream.audio()`` for all of it)."""
+        msg = m.Speak(
+            id=id or self._ids.next(), model=model, text=text, speed=speed, format=format, seed=seed
+        )
+        return self._start_voice(msg, listening=False)
+
+    def _start_voice(self, msg: m.Listen | m.Speak, *, listening: bool) -> VoiceStream:
+        self._check_open()
+        if msg.id in self._gens or msg.id in self._voice:
+            raise Conflict(f"generation {msg.id!r} is still running", generation_id=msg.id)
+        stream = VoiceStream(self, msg.id, listening=listening)
+        self._voice[msg.id] = stream
+        self._outgoing.put_nowait((self._codec.encode(msg), None))
+        return stream
+
+    async def _send_message(self, msg: m.ClientMessage) -> None:
+        await self._send(self._codec.encode(msg), wait=True)
+
     async def cancel(self, id: str) -> bool:
         """Cancel generation ``id``; False when it is not running on this connection."""
         gen = self._gens.get(id)
@@ -504,8 +564,11 @@ class FerrousClient:
         if n is not None:
             if not self._state.receive(n):
                 return  # already had it (a resume sends only what came after, but be sure)
-            if self._state.should_ack(isinstance(msg, m.Done)):
+            size = len(msg.data) if isinstance(msg, m.AudioOut) else 0
+            if self._state.should_ack(isinstance(msg, m.Done), size):
                 self._outgoing.put_nowait((self._codec.encode(m.Ack(n)), None))
+        if self._voice and route_voice(self, msg):
+            return
         match msg:
             case m.Delta():
                 n = utf8_len(msg.text)

@@ -13,6 +13,9 @@ from __future__ import annotations
 __all__ = ["ACK_EVERY", "ResumeState", "may_resume"]
 
 ACK_EVERY = 64
+# ... and every this many bytes of audio: a few chunks of speech fill the server's
+# replay budget (256 KiB by default), which then waits for an ack to send more.
+ACK_BYTES = 64 * 1024
 
 
 def may_resume(close_code: int | None) -> bool:
@@ -29,6 +32,7 @@ class ResumeState:
     """The highest message number received in the session, and the acks it is owed."""
 
     def __init__(self) -> None:
+        self._unacked_bytes = 0
         self.last = 0
         self._unacked = 0
 
@@ -40,10 +44,11 @@ class ResumeState:
         self._unacked += 1
         return True
 
-    def should_ack(self, ends_generation: bool) -> bool:
-        """Whether to acknowledge ``last`` now."""
-        if ends_generation or self._unacked >= ACK_EVERY:
-            self._unacked = 0
+    def should_ack(self, ends_generation: bool, size: int = 0) -> bool:
+        """Whether to acknowledge ``last`` now (``size``: bytes of audio it carried)."""
+        self._unacked_bytes += size
+        if ends_generation or self._unacked >= ACK_EVERY or self._unacked_bytes >= ACK_BYTES:
+            self._unacked = self._unacked_bytes = 0
             return True
         return False
 
