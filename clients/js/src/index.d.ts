@@ -184,6 +184,10 @@ export declare class FerrousClient extends EventTarget {
   generate(params: GenerateParams): Generation;
   /** Delete a conversation the server keeps; rejects with NotFoundError when there is none. */
   forget(conversation: string): Promise<void>;
+  /** Open a listen stream: send 16-bit mono PCM, iterate speech edges, transcripts and spoken answers. */
+  listen(params: ListenParams): VoiceStream;
+  /** Speak `text` with a speech-synthesis model: iterate its audio chunks. */
+  speak(params: SpeakParams): VoiceStream;
   /** Close with 1000; running generations reject with a non-retryable ConnectionError. */
   close(): Promise<void>;
   addEventListener<K extends keyof FerrousClientEventMap>(
@@ -304,3 +308,44 @@ export declare function backoffDelay(n: number, policy: ReconnectPolicy): number
 
 /** The server's HTTP base URL for a WebSocket URL. */
 export declare function httpBaseUrl(wsUrl: string): string;
+
+export interface ListenParams {
+  model: string;
+  /** Samples a second of the PCM sent (8000-48000). */
+  rate?: number;
+  /** Answer each utterance: chat model, voice, and the rest of the protocol's Reply. */
+  reply?: { model: string; voice: string; conversation?: string; instructions?: string; speed?: number; format?: string; barge_in?: boolean; options?: Options };
+  vad?: { threshold?: number; silence_ms?: number; min_speech_ms?: number; pad_ms?: number };
+  language?: string;
+  partials?: boolean;
+  id?: string;
+}
+
+export interface SpeakParams {
+  model: string;
+  text: string;
+  speed?: number;
+  format?: string;
+  seed?: number;
+  id?: string;
+}
+
+/** A message of a voice stream; `data` of an audio message is decoded to bytes. */
+export type VoiceMessage = { type: string; id: string; data?: Uint8Array; [key: string]: unknown };
+
+export declare class VoiceStream implements AsyncIterable<VoiceMessage> {
+  readonly id: string;
+  readonly kind: "listen" | "speak";
+  /** Final transcripts, one per utterance. */
+  readonly transcripts: string[];
+  /** The answer being spoken (its generation id), if any. */
+  readonly answering: string | null;
+  /** The stream's own done, once it came. */
+  readonly done: Done | null;
+  send(pcm: ArrayBuffer | ArrayBufferView): void;
+  end(): void;
+  cancel(): void;
+  interrupt(): void;
+  audio(): Promise<Uint8Array>;
+  [Symbol.asyncIterator](): AsyncIterator<VoiceMessage>;
+}

@@ -45,6 +45,7 @@ const RESUME_BACKOFF = Object.freeze({ attempts: Infinity, minDelayMs: 100, maxD
 // credential), 4000 (another connection resumed the session), ...
 const RESUMABLE_CLOSE = new Set([1001, 1006]);
 const ACK_EVERY = 64; // numbered messages between acks (one also follows every end)
+const ACK_AUDIO_BYTES = 64 * 1024; // ... and bytes of audio (chunks fill the server's replay budget fast)
 const ID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 const CONVERSATION_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 const ROLES = new Set(["system", "user", "assistant"]);
@@ -687,6 +688,7 @@ class Session {
     // again when a resume shows that the server never read them).
     this.last = 0;
     this.unacked = 0;
+    this.unackedBytes = 0;
     /** @type {Map<string, string>} */
     this.starts = new Map();
   }
@@ -830,20 +832,40 @@ class Session {
       if (msg.n <= this.last) return;
       this.last = msg.n;
       this.unacked += 1;
+      if (msg.type === "audio" && typeof msg.data === "string") this.unackedBytes += (msg.data.length * 3) >> 2;
       const gen = typeof msg.id === "string" ? this.gens.get(msg.id) : undefined;
       if (gen) gen._reached = true;
     }
     this.dispatch(msg);
     // An ack lets the server free its replay buffer: after every end of a
     // generation, and every ACK_EVERY messages of long ones.
-    if (numbered && (msg.type === "done" || msg.type === "error" || this.unacked >= ACK_EVERY)) {
+    const due = this.unacked >= ACK_EVERY || this.unackedBytes >= ACK_AUDIO_BYTES;
+    if (numbered && (msg.type === "done" || msg.type === "error" || due)) {
       this.unacked = 0;
+      this.unackedBytes = 0;
       this.send({ type: "ack", n: this.last });
     }
   }
 
   /** @param {any} msg */
   dispatch(msg) {
+    if (this.client._voice.size && typeof msg.id === "string") {
+      for (const stream of this.client._voice.values()) {
+        if (!stream.owns(msg.id)) continue;
+        let n = 0;
+        if (msg.type === "delta") n = utf8Length(typeof msg.text === "string" ? msg.text : "");
+        if (msg.type === "audio") {
+          msg.data = decodeBase64(msg.data);
+          n = msg.data.length;
+        }
+        if (this.flow && n) {
+          this.flow.remaining -= n;
+          this.flow.buffered += n;
+        }
+        stream._push(msg, n, this);
+        return;
+      }
+    }
     switch (msg.type) {
       case "queued": {
         const gen = this.gens.get(msg.id);
@@ -1037,6 +1059,7 @@ class Session {
 
   /** @param {FerrousError} error */
   failAll(error) {
+    for (const stream of [...this.client._voice.values()]) stream._fail(cloneError(error, stream.id));
     for (const gen of [...this.gens.values()]) {
       this.remember(gen);
       gen._fail(cloneError(error, gen.id));
@@ -1050,6 +1073,165 @@ class Session {
 function cloneError(error, id) {
   const Cls = /** @type {typeof FerrousError} */ (error.constructor);
   return new Cls(error.message, { code: error.code, id, retryable: error.retryable, status: error.status, cause: error.cause });
+}
+
+// -- voice ------------------------------------------------------------------------------
+
+/** @param {unknown} b64 @returns {Uint8Array} */
+function decodeBase64(b64) {
+  if (typeof b64 !== "string") return new Uint8Array(0);
+  const bin = atob(b64);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+/** @param {Uint8Array} bytes @returns {string} */
+function encodeBase64(bytes) {
+  let bin = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(bin);
+}
+
+/**
+ * A listen or speak stream (see FerrousClient.listen and speak). Iterate it
+ * with `for await`: speech, transcript, started, delta, audio and done
+ * messages (audio `data` decoded to a Uint8Array), ending with the stream's
+ * own done. Audio counts against the flow-control window like text and is
+ * granted back as it is read, so a slow player pauses the server's speech.
+ */
+export class VoiceStream {
+  /** @param {FerrousClient} client @param {string} id @param {"listen" | "speak"} kind */
+  constructor(client, id, kind) {
+    this.id = id;
+    this.kind = kind;
+    /** @type {string[]} final transcripts, one per utterance */
+    this.transcripts = [];
+    /** @type {string | null} the answer being spoken (its generation id) */
+    this.answering = null;
+    /** @type {any} */
+    this.done = null;
+    this._client = client;
+    /** @type {{ msg: any, n: number, session: Session }[]} */
+    this._queue = [];
+    /** @type {FerrousError | null} */
+    this._error = null;
+    this._ended = false;
+    /** @type {(() => void) | null} */
+    this._wake = null;
+  }
+
+  /** @param {string} id */
+  owns(id) {
+    return id === this.id || id.startsWith(`${this.id}.`);
+  }
+
+  /**
+   * Samples for a listen stream: 16-bit little-endian mono PCM at its rate.
+   * Sent as a binary frame when this is the client's only listen stream, else
+   * as an audio message.
+   * @param {ArrayBuffer | ArrayBufferView} pcm
+   */
+  send(pcm) {
+    const session = this._session();
+    const bytes = pcm instanceof ArrayBuffer ? new Uint8Array(pcm) : new Uint8Array(pcm.buffer, pcm.byteOffset, pcm.byteLength);
+    const listens = [...this._client._voice.values()].filter((s) => s.kind === "listen");
+    if (listens.length === 1 && listens[0] === this) session.ws.send(bytes.slice());
+    else session.send(/** @type {any} */ ({ type: "audio", id: this.id, data: encodeBase64(bytes) }));
+  }
+
+  /** No more audio: speech in progress is finished and transcribed, then done. */
+  end() {
+    this._session().send(/** @type {any} */ ({ type: "audio", id: this.id, end: true }));
+  }
+
+  /** Close the stream now (its answer too). */
+  cancel() {
+    if (!this._ended) this._session().send({ type: "cancel", id: this.id });
+  }
+
+  /** Stop the answer being spoken, as speech over it would (barge-in). */
+  interrupt() {
+    if (this.answering) this._session().send({ type: "cancel", id: this.answering });
+  }
+
+  _session() {
+    const session = this._client._session;
+    if (!session) throw new ConnectionError("not connected", { id: this.id });
+    return session;
+  }
+
+  /** @param {any} msg @param {number} n @param {Session} session */
+  _push(msg, n, session) {
+    if (msg.type === "error") {
+      this._queue.push({ msg, n: 0, session });
+      if (msg.id === this.id) this._ended = true;
+    } else {
+      if (msg.type === "transcript" && msg.final) this.transcripts.push(msg.text);
+      if (msg.type === "started" && msg.id !== this.id) this.answering = msg.id;
+      if (msg.type === "done" && msg.id === this.answering) this.answering = null;
+      if (msg.type === "done" && msg.id === this.id) {
+        this.done = msg;
+        this._ended = true;
+      }
+      this._queue.push({ msg, n, session });
+    }
+    if (this._ended) this._client._voice.delete(this.id);
+    this._notify();
+  }
+
+  /** @param {FerrousError} error */
+  _fail(error) {
+    if (this._ended) return;
+    this._error = error;
+    this._ended = true;
+    this._client._voice.delete(this.id);
+    this._notify();
+  }
+
+  _notify() {
+    const wake = this._wake;
+    this._wake = null;
+    if (wake) wake();
+  }
+
+  /** @returns {AsyncIterator<any>} */
+  [Symbol.asyncIterator]() {
+    return {
+      next: async () => {
+        for (;;) {
+          const item = this._queue.shift();
+          if (item) {
+            item.session._consumed(item.n);
+            if (item.msg.type === "error") throw errorFromMessage(item.msg);
+            if (item.msg.type === "done" && item.msg.id === this.id) this._queue.length = 0;
+            return { done: false, value: item.msg };
+          }
+          if (this._error) throw this._error;
+          if (this._ended) return { done: true, value: undefined };
+          await new Promise((resolve) => {
+            this._wake = () => resolve(undefined);
+          });
+        }
+      },
+    };
+  }
+
+  /** Read to the end: every audio chunk's bytes, joined. */
+  async audio() {
+    /** @type {Uint8Array[]} */
+    const parts = [];
+    for await (const msg of this) if (msg.type === "audio") parts.push(msg.data);
+    const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+    let at = 0;
+    for (const p of parts) {
+      out.set(p, at);
+      at += p.length;
+    }
+    return out;
+  }
 }
 
 // -- the client -------------------------------------------------------------------------
@@ -1154,6 +1336,7 @@ export class FerrousClient extends EventTarget {
     /** @type {Session | null} */ this._session = null;
     /** @type {{ gen: Generation, msg: object }[]} */ this._pending = [];
     /** @type {Map<string, Generation>} */ this._active = new Map();
+    /** @type {Map<string, VoiceStream>} */ this._voice = new Map();
     this._closed = false;
     this._nextId = 0;
     /** @type {{ timer: ReturnType<typeof setTimeout>, resolve: () => void } | null} */ this._sleeping = null;
@@ -1193,6 +1376,64 @@ export class FerrousClient extends EventTarget {
       if (p.priority !== undefined && p.priority !== 0) msg.priority = checkPriority(id, p.priority);
       return msg;
     });
+  }
+
+  /**
+   * Open a listen stream on speech-recognition `model` for 16-bit mono PCM at
+   * `rate`: send audio with `stream.send()`, iterate the stream (`for await`)
+   * for speech edges, transcripts and, with `reply`, each spoken answer's
+   * started / delta / audio / done. It ends with the stream's own done.
+   * @param {{ model: string, rate?: number, reply?: Record<string, unknown>, vad?: Record<string, unknown>, language?: string, partials?: boolean, id?: string }} params
+   */
+  listen(params) {
+    const p = params ?? /** @type {any} */ ({});
+    /** @type {Record<string, unknown>} */
+    const msg = { type: "listen", id: this._voiceId(p.id), model: p.model, rate: p.rate ?? 16000 };
+    if (p.reply) msg.reply = p.reply;
+    if (p.vad) msg.vad = p.vad;
+    if (p.language) msg.language = p.language;
+    if (p.partials === false) msg.partials = false;
+    return this._startVoice(msg, "listen");
+  }
+
+  /**
+   * `text` spoken by speech-synthesis `model`: iterate its audio messages
+   * (`data` is a Uint8Array of 16-bit PCM at `rate` with format pcm16).
+   * @param {{ model: string, text: string, speed?: number, format?: string, seed?: number, id?: string }} params
+   */
+  speak(params) {
+    const p = params ?? /** @type {any} */ ({});
+    /** @type {Record<string, unknown>} */
+    const msg = { type: "speak", id: this._voiceId(p.id), model: p.model, text: p.text };
+    if (p.speed !== undefined) msg.speed = p.speed;
+    if (p.format !== undefined) msg.format = p.format;
+    if (p.seed !== undefined) msg.seed = p.seed;
+    return this._startVoice(msg, "speak");
+  }
+
+  /** @param {unknown} id */
+  _voiceId(id) {
+    if (typeof id === "string") return id;
+    let next;
+    do next = `v${++this._nextId}`;
+    while (this._active.has(next) || this._voice.has(next));
+    return next;
+  }
+
+  /** @param {Record<string, unknown>} msg @param {"listen" | "speak"} kind */
+  _startVoice(msg, kind) {
+    const id = String(msg.id);
+    const stream = new VoiceStream(this, id, kind);
+    const session = this._session;
+    if (!session || this._closed) {
+      stream._fail(new ConnectionError("not connected", { id, retryable: !this._closed }));
+    } else if (this._voice.has(id) || this._active.has(id)) {
+      stream._fail(new ConflictError(`generation ${id} is still running`, { id }));
+    } else {
+      this._voice.set(id, stream);
+      session.send(/** @type {any} */ (msg));
+    }
+    return stream;
   }
 
   /**

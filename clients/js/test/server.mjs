@@ -104,10 +104,12 @@ async function healthy(httpUrl) {
 
 /**
  * Write the models, start the server, wait for /healthz, issue a token.
- * @param {{ slow?: boolean, logLevel?: string, env?: Record<string, string> }} [options]
- *   slow: also serve the slower model "slow"; env: FERROUS_* configuration
+ * @param {{ slow?: boolean, voice?: boolean, logLevel?: string, env?: Record<string, string> }} [options]
+ *   slow: also serve the slower model "slow"; voice: also "whisper" (speech
+ *   recognition), "voice" (speech synthesis) and voice-activity detection, from
+ *   their wheels; env: FERROUS_* configuration
  */
-export async function startServer({ slow = true, logLevel = "warning", env: config = {} } = {}) {
+export async function startServer({ slow = true, voice = false, logLevel = "warning", env: config = {} } = {}) {
   const home = mkdtempSync(join(tmpdir(), "ferrous-js-test-"));
   homes.add(home);
   const scriptPath = join(home, "script.gguf");
@@ -127,6 +129,17 @@ export async function startServer({ slow = true, logLevel = "warning", env: conf
     );
   }
   await Promise.all(models);
+  /** @type {string[]} */
+  const voiceModels = [];
+  if (voice) {
+    const [whisper, speech, vad] = await Promise.all(
+      ["engine.whispertiny", "engine.hibarivoices", "engine.silerovad"].map(async (m) =>
+        (await python(["-m", m], { timeoutMs: 600_000 })).trim(),
+      ),
+    );
+    voiceModels.push("--model", `whisper=${whisper}`, "--model", `voice=${speech}`);
+    config = { ...config, FERROUS_VOICE__VAD_MODEL: vad };
+  }
   const env = { ...config, FERROUS_HOME: home };
   const token = (await python(["-m", "gateway.cli", "token", "--sub", "alice"], { env })).trim();
   const port = await freePort();
@@ -134,6 +147,7 @@ export async function startServer({ slow = true, logLevel = "warning", env: conf
   const args = ["-m", "gateway.cli", "serve", "--port", String(port), "--workers", "1", "--threads", "1"];
   args.push("--model", `script=${scriptPath}`);
   if (slow) args.push("--model", `slow=${slowPath}`);
+  args.push(...voiceModels);
   args.push("--log-level", logLevel);
 
   /** @type {import("node:child_process").ChildProcess | null} */
