@@ -26,6 +26,12 @@ A session::
     pull {id, model} ──────────────────▶
           ◀───────────────────────────── progress   {id, status, total?, completed?} ...
           ◀───────────────────────────── progress   {id, status: "success"}  (or error {id})
+    listen {id, model, rate, reply?} ──▶            (audio: audio {id, data} or binary frames)
+          ◀───────────────────────────── speech     {id, utterance, event: start|end}
+          ◀───────────────────────────── transcript {id, utterance, text, settled, final}
+          ◀───────────────────────────── started/delta/audio/done  {id: "<id>.<utterance>"} (reply)
+    speak {id, model, text} ───────────▶
+          ◀───────────────────────────── audio      {id, seq, data, rate} ... done
 
 Every message about a generation (queued, started, delta, tool_call, done,
 error with an id, progress) carries ``n``, its number in the session (1, 2,

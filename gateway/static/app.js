@@ -7,6 +7,7 @@
 import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
 import { liveAnswer, renderAnswer } from "./render.js";
 import * as saved from "./history.js";
+import { Microphone, Player } from "./voice.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -15,11 +16,16 @@ const ui = {
   send: $("send"), stop: $("stop"), newChat: $("new-chat"), historyList: $("history-list"),
   theme: $("theme"),
   system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
+  asrModel: $("asr-model"), voiceModel: $("voice-model"), talk: $("talk"), handsFree: $("hands-free"),
+  voiceState: $("voice-state"),
 };
 
 // Settings live in this browser: the system prompt opens each new conversation,
 // temperature and max tokens go with every request (empty: the model's defaults).
-const SETTINGS = { system: "ferrous.system", temperature: "ferrous.temperature", maxTokens: "ferrous.maxTokens" };
+const SETTINGS = {
+  system: "ferrous.system", temperature: "ferrous.temperature", maxTokens: "ferrous.maxTokens",
+  asrModel: "ferrous.asrModel", voiceModel: "ferrous.voiceModel",
+};
 for (const [field, key] of Object.entries(SETTINGS)) {
   ui[field].value = localStorage.getItem(key) ?? "";
   ui[field].addEventListener("change", () => localStorage.setItem(key, ui[field].value));
@@ -91,6 +97,7 @@ function setBusy(busy) {
   ui.send.disabled = busy || !client;
   ui.prompt.disabled = !client;
   ui.stop.disabled = !busy;
+  ui.talk.disabled = ui.handsFree.disabled = busy || !client || !navigator.mediaDevices;
 }
 
 function tokenFromFragment() {
@@ -385,3 +392,140 @@ ui.auth.addEventListener("submit", (event) => {
 
 connect(tokenFromFragment());
 showHistory();
+
+// -- voice ------------------------------------------------------------------------------
+
+const player = new Player();
+/** @type {{ stream: any, mic: Microphone, mode: string } | null} */
+let voice = null;
+
+function showVoiceState(text) {
+  ui.voiceState.hidden = !text;
+  ui.voiceState.textContent = text;
+}
+
+async function startVoice(mode) {
+  if (!client || voice || current) return;
+  const mic = new Microphone((pcm) => voice?.stream.send(pcm));
+  let rate;
+  try {
+    rate = await mic.start();
+  } catch (err) {
+    showBanner(`The microphone is not available (${err.message}).`);
+    return;
+  }
+  const reply = { model: ui.model.value, voice: ui.voiceModel.value.trim() || "voice" };
+  if (conversationId) reply.conversation = conversationId; // the typed conversation goes on
+  const system = ui.system.value.trim();
+  if (system && !conversationId) reply.instructions = system;
+  const opts = options();
+  if (opts) reply.options = opts;
+  const stream = client.listen({ model: ui.asrModel.value.trim() || "whisper", rate, reply });
+  voice = { stream, mic, mode };
+  ui.handsFree.setAttribute("aria-pressed", String(mode === "hands-free"));
+  ui.talk.classList.toggle("active", mode === "talk");
+  showVoiceState(mode === "talk" ? "listening… (let go to send)" : "listening… (hands-free)");
+  hear(stream);
+}
+
+async function stopVoice() {
+  const v = voice;
+  if (!v || v.stopping) return;
+  v.stopping = true;
+  await v.mic.stop();
+  v.stream.end(); // the last words are transcribed and answered, then the stream ends
+  showVoiceState("answering…");
+}
+
+/** The listen stream's events: the user's words as they are heard, answers as they come. */
+async function hear(stream) {
+  let heard = null; // the bubble of the utterance being heard
+  const answers = new Map(); // answer id -> { bubble, body, said, chunks, question }
+  let lastQuestion = "";
+  try {
+    for await (const msg of stream) {
+      if (msg.type === "speech" && msg.event === "start") {
+        player.stop(); // speaking over an answer: the server stops it, the page stops playing it
+        heard = addTurn("user", "…");
+        heard.classList.add("heard");
+      } else if (msg.type === "transcript") {
+        heard ??= addTurn("user", "");
+        heard.textContent = msg.text;
+        heard.dataset.final = String(Boolean(msg.final));
+        if (msg.final) {
+          lastQuestion = msg.text;
+          heard.classList.remove("heard");
+          heard = null;
+        }
+      } else if (msg.type === "started" && msg.id !== stream.id) {
+        const bubble = addTurn("assistant", "");
+        const body = document.createElement("div");
+        body.className = "text";
+        bubble.append(body);
+        bubble.dataset.voice = "true";
+        answers.set(msg.id, { bubble, body, said: "", chunks: 0, question: lastQuestion });
+      } else if (msg.type === "delta") {
+        const a = answers.get(msg.id);
+        if (a) {
+          a.said += msg.text;
+          renderAnswer(a.body, a.said);
+          a.bubble.scrollIntoView({ block: "end" });
+        }
+      } else if (msg.type === "audio") {
+        const a = answers.get(msg.id);
+        if (a) {
+          a.chunks += 1;
+          a.bubble.dataset.audioChunks = String(a.chunks);
+        }
+        player.play(msg.data, msg.rate);
+      } else if (msg.type === "done" && msg.id !== stream.id) {
+        const a = answers.get(msg.id);
+        if (!a) continue;
+        conversationId = msg.conversation ?? conversationId;
+        a.bubble.dataset.finish = msg.finish_reason;
+        const stats = document.createElement("span");
+        stats.className = "stats";
+        stats.textContent = msg.finish_reason === "cancelled"
+          ? "interrupted"
+          : `${msg.usage.completion_tokens} tokens · spoken`;
+        a.bubble.append(stats);
+        record ??= { id: crypto.randomUUID(), title: saved.titleOf(a.question), model: ui.model.value, turns: [] };
+        record.turns.push(
+          { role: "user", text: a.question },
+          { role: "assistant", text: a.said, stats: stats.textContent, finish: msg.finish_reason },
+        );
+        await saved.save(record);
+        await showHistory();
+      }
+    }
+  } catch (err) {
+    showBanner(`Voice: ${err.code ?? "connection"}: ${err.message}`);
+    await voice?.mic.stop();
+  } finally {
+    voice = null;
+    ui.handsFree.setAttribute("aria-pressed", "false");
+    ui.talk.classList.remove("active");
+    showVoiceState("");
+  }
+}
+
+ui.talk.addEventListener("pointerdown", () => startVoice("talk"));
+for (const ev of ["pointerup", "pointerleave", "pointercancel"]) {
+  ui.talk.addEventListener(ev, () => {
+    if (voice?.mode === "talk") stopVoice();
+  });
+}
+ui.handsFree.addEventListener("click", () => {
+  if (voice?.mode === "hands-free") stopVoice();
+  else if (!voice) startVoice("hands-free");
+});
+document.addEventListener("keydown", (event) => {
+  if (event.code === "Space" && !event.repeat && document.activeElement?.tagName !== "TEXTAREA"
+      && document.activeElement?.tagName !== "INPUT" && !voice) {
+    event.preventDefault();
+    startVoice("talk");
+  }
+});
+document.addEventListener("keyup", (event) => {
+  if (event.code === "Space" && voice?.mode === "talk") stopVoice();
+});
