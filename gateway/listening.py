@@ -33,7 +33,6 @@ import time
 import wave
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -47,15 +46,11 @@ from gateway.utterances import (
     without_overlap,
 )
 from gateway.vad import RATE, WINDOW, Resampler, VadModel
+from gateway.voiceturn import VoiceHost, VoiceTurn
 from protocol import messages as m
 from protocol.errors import FerrousError, Overloaded
 
-if TYPE_CHECKING:
-    from gateway.auth import Principal
-    from gateway.interface import Gateway
-    from gateway.voiceturn import VoiceTurn
-
-__all__ = ["MAX_PENDING_S", "PARTIAL_EVERY_S", "ListenStream", "VoiceHost"]
+__all__ = ["MAX_PENDING_S", "PARTIAL_EVERY_S", "ListenStream"]
 
 log = logging.getLogger("ferrous.voice")
 
@@ -64,24 +59,6 @@ MAX_PENDING_S = 120.0  # audio waiting for recognition before more is refused
 _KEEP_TRAILING = 6  # windows of the closing silence kept with an utterance (192 ms)
 # Job priorities in the worker: finals before answers' speech before partials.
 _FINAL, _PARTIAL = 2, -1
-
-
-class VoiceHost(Protocol):
-    """What a listen stream and its answers use of their session."""
-
-    gateway: Gateway
-    principal: Principal
-    owner: tuple[str | None, str]
-
-    async def send(self, msg: m.ServerMessage, *, apart: bool = False) -> None: ...
-
-    async def send_error(
-        self, exc: FerrousError, gen_id: str | None = None, *, apart: bool = False
-    ) -> None: ...
-
-    async def _take_credit(self, n: int) -> None: ...
-
-    def _request_id(self, gen_id: str) -> str: ...
 
 
 @dataclass
@@ -250,10 +227,8 @@ class ListenStream:
         reply = self.msg.reply
         guess = self._guess
         if reply is not None and final and guess is not None and self.turn is None:
-            from gateway.voiceturn import VoiceTurn
-
             question = f"{self.unanswered} {final}".strip()
-            guess.turn = VoiceTurn(self, f"{self.id}.{guess.utterance}", question, reply, held=True)
+            guess.turn = self._turn(f"{self.id}.{guess.utterance}", question, held=True)
         return text
 
     async def _close_utterance(self, trailing: int) -> None:
@@ -417,16 +392,30 @@ class ListenStream:
                 held.drop()
             await self._answer(u.number, final)
 
-    async def _answer(self, utterance: int, text: str) -> None:
-        from gateway.voiceturn import VoiceTurn
+    def _turn(self, gen_id: str, question: str, *, held: bool = False) -> VoiceTurn:
+        assert self.msg.reply is not None
 
+        def unanswered(question: str) -> None:
+            self.unanswered = question
+
+        return VoiceTurn(
+            self.host,
+            gen_id,
+            question,
+            self.msg.reply,
+            conversation=self.conversation,
+            unanswered=unanswered,
+            held=held,
+        )
+
+    async def _answer(self, utterance: int, text: str) -> None:
         reply = self.msg.reply
         assert reply is not None
         if self.turn is not None and not reply.barge_in:
             await asyncio.shield(self.turn.task)  # answers take turns
         question = f"{self.unanswered} {text}".strip()
         self.unanswered = ""
-        self._adopt(VoiceTurn(self, f"{self.id}.{utterance}", question, reply))
+        self._adopt(self._turn(f"{self.id}.{utterance}", question))
 
     def _adopt(self, turn: VoiceTurn) -> None:
         """``turn`` is the answer now: barge-in and the stream's end apply to it."""

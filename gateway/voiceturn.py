@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -35,9 +35,10 @@ from protocol import messages as m
 from protocol.errors import FerrousError, error_from_code
 
 if TYPE_CHECKING:
-    from gateway.listening import ListenStream, VoiceHost
+    from gateway.auth import Principal
+    from gateway.interface import Gateway
 
-__all__ = ["VoiceTurn", "speak"]
+__all__ = ["VoiceHost", "VoiceTurn", "speak"]
 
 log = logging.getLogger("ferrous.voice")
 
@@ -45,20 +46,45 @@ DEFAULT_MAX_TOKENS = 256  # a spoken answer longer than this is a lecture
 FIRST_SPEECH_PRIORITY = 2  # an answer's first sentence is as urgent as a final transcript
 
 
+class VoiceHost(Protocol):
+    """What voice streams and their answers use of their session."""
+
+    gateway: Gateway
+    principal: Principal
+    owner: tuple[str | None, str]
+
+    async def send(self, msg: m.ServerMessage, *, apart: bool = False) -> None: ...
+
+    async def send_error(
+        self, exc: FerrousError, gen_id: str | None = None, *, apart: bool = False
+    ) -> None: ...
+
+    async def _take_credit(self, n: int) -> None: ...
+
+    def _request_id(self, gen_id: str) -> str: ...
+
+
 class VoiceTurn:
-    """One answer (see the module); its task starts at once."""
+    """One answer (see the module); its task starts at once.
+
+    ``conversation``: the id of the conversation it joins; ``unanswered`` is told
+    the question when the answer is interrupted before any of it was said.
+    """
 
     def __init__(
         self,
-        stream: ListenStream,
+        host: VoiceHost,
         gen_id: str,
         question: str,
         reply: m.Reply,
         *,
+        conversation: str,
+        unanswered: Callable[[str], None],
         held: bool = False,
     ) -> None:
-        self.stream = stream
-        self.host = stream.host
+        self.host = host
+        self.conversation = conversation
+        self._unanswered = unanswered
         self.id = gen_id
         self.question = question
         self.reply = reply
@@ -127,7 +153,7 @@ class VoiceTurn:
     async def _run(self) -> None:
         host, g, reply = self.host, self.host.gateway, self.reply
         t0 = time.perf_counter()
-        conv = g.conversations.get_or_create(host.owner, self.stream.conversation, reply.model)
+        conv = g.conversations.get_or_create(host.owner, self.conversation, reply.model)
         turns = []
         if not conv.messages and reply.instructions:
             turns.append(ChatMessage("system", reply.instructions))
@@ -150,7 +176,7 @@ class VoiceTurn:
                 started=t0,
                 priority=reply.priority,
             )
-            await self._out(m.Started(self.id, reply.model, self.stream.conversation))
+            await self._out(m.Started(self.id, reply.model, self.conversation))
             cutter = Sentences()
             seq = 0
             async for ev in run(g, prepared):
@@ -183,7 +209,7 @@ class VoiceTurn:
                         (time.perf_counter() - t0) * 1000,
                         t.decode_tok_s,
                     ),
-                    self.stream.conversation,
+                    self.conversation,
                 )
                 if reason in (FinishReason.STOP, FinishReason.LENGTH):
                     conv.messages.extend([*turns, ChatMessage("assistant", "".join(self.text))])
@@ -194,9 +220,7 @@ class VoiceTurn:
                 raise  # never shown: nothing to end, nothing to keep
             self._keep_what_was_said(conv.messages, turns)
             with contextlib.suppress(Exception):
-                await host.send(
-                    _done(self.id, FinishReason.CANCELLED.value, t0, self.stream.conversation)
-                )
+                await host.send(_done(self.id, FinishReason.CANCELLED.value, t0, self.conversation))
             raise
         finally:
             speaker.cancel()
@@ -210,7 +234,7 @@ class VoiceTurn:
         if self.spoken:
             history.extend([*turns, ChatMessage("assistant", " ".join(self.spoken))])
         else:
-            self.stream.unanswered = self.question
+            self._unanswered(self.question)
         log.info("answer %s interrupted after %d sentences spoken", self.id, len(self.spoken))
 
     async def _speak(self, sentences: asyncio.Queue[str | None]) -> None:

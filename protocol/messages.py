@@ -549,10 +549,10 @@ class TranscriptEvent(_ServerBase, tag="transcript"):
     id: str
     utterance: int
     text: str
+    start: float  # seconds into the stream's audio
+    end: float
     final: bool = False
     settled: str = ""
-    start: float = 0.0  # seconds into the stream's audio
-    end: float = 0.0
     n: int | None = None  # the message's number in the session (resume)
 
 

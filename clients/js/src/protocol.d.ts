@@ -714,8 +714,8 @@ export interface TranscriptEvent {
   /** integer */
   utterance: number;
   text: string;
-  /** @default 0 */
-  end?: number;
+  start: number;
+  end: number;
   /** @default false */
   final?: boolean;
   /**
@@ -725,8 +725,6 @@ export interface TranscriptEvent {
   n?: number | null;
   /** @default "" */
   settled?: string;
-  /** @default 0 */
-  start?: number;
 }
 
 /**

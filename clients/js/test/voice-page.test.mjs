@@ -65,7 +65,7 @@ test("hands-free: a spoken question is transcribed and answered in text and spee
   await page.waitForSelector("#status:has-text('connected as alice')");
   await page.selectOption("#model", "script");
   await page.click("#hands-free");
-  assert.equal(await page.getAttribute("#hands-free", "aria-pressed"), "true");
+  await page.waitForSelector("#hands-free[aria-pressed='true']"); // once the microphone is open
 
   const heard = page.locator(".turn.user[data-final='true']").first();
   await heard.waitFor({ timeout: 60_000 });
