@@ -50,6 +50,30 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ErrorCode
+from .fields import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    ConversationId,
+    Format,
+    GenerationId,
+    KeepAlive,
+    ModelName,
+    Options,
+    Priority,
+    _ClientBase,
+    _ServerBase,
+)
+from .voice import (
+    Audio,
+    AudioFormat,
+    AudioOut,
+    Listen,
+    Reply,
+    Speak,
+    SpeechEdge,
+    TranscriptEvent,
+    VadOptions,
+)
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -75,13 +99,16 @@ __all__ = [
     "Forget",
     "Format",
     "Generate",
+    "GenerationId",
     "Heartbeat",
     "Hello",
     "KeepAlive",
     "Limits",
     "Listen",
     "Logprob",
+    "ModelName",
     "Options",
+    "Priority",
     "Progress",
     "Pull",
     "Queued",
@@ -107,52 +134,6 @@ SUBPROTOCOL_MSGPACK = "ferrous.v1.msgpack"
 # Browsers cannot set headers on a WebSocket: they may offer the token as a
 # second subprotocol "ferrous.token.<JWT>"; the server never echoes it back.
 TOKEN_SUBPROTOCOL_PREFIX = "ferrous.token."
-
-GenerationId = Annotated[
-    str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+(?!\n)$")
-]
-ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
-# Seconds, or a duration string ("5m", "1h"); negative keeps the model loaded, 0 unloads it.
-KeepAlive = float | Annotated[str, Meta(max_length=32)]
-# Structured output: "json" (any JSON object) or a JSON Schema the output must satisfy.
-Format = Literal["json"] | dict[str, Any]
-# Scheduling class of a request: higher starts sooner when the model is busy. A
-# caller's class is capped by its credential (a JWT ``priority`` claim or its API
-# key's priority); asking above the cap is lowered to it.
-MIN_PRIORITY = -100
-MAX_PRIORITY = 100
-Priority = Annotated[int, Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
-ConversationId = Annotated[
-    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+(?!\n)$")
-]
-
-
-class _ClientBase(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
-    pass
-
-
-class _ServerBase(msgspec.Struct, tag_field="type", omit_defaults=True):
-    pass
-
-
-class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Sampling options; every field is optional and the server's defaults apply."""
-
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
-    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
-    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    repeat_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
-    seed: Annotated[int, Meta(ge=0, lt=2**32)] | None = None
-    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
-    stop: (
-        Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)]
-        | None
-    ) = None
-    ignore_eos: bool | None = None  # keep generating past end-of-generation tokens (benchmarks)
-    # Log-probabilities in the deltas: each token's, and this many alternatives (0-20).
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-
 
 ToolName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 CallId = Annotated[str, Meta(min_length=1, max_length=128)]
@@ -287,83 +268,6 @@ class Pull(_ClientBase, tag="pull"):
     model: ModelName
     source: Annotated[str, Meta(max_length=4096)] | None = None
     sha256: Annotated[str, Meta(pattern=r"^(sha256:)?[0-9a-f]{64}(?!\n)$")] | None = None
-
-
-# -- voice ---------------------------------------------------------------------------
-
-# The encodings audio out may take: raw 16-bit PCM, or a compressed stream.
-AudioFormat = Literal["pcm16", "mp3", "opus", "aac", "flac"]
-Speed = Annotated[float, Meta(ge=0.5, le=2.0)]
-
-
-class VadOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """How a ``listen`` stream tells speech from silence (voice-activity detection)."""
-
-    threshold: Annotated[float, Meta(ge=0.05, le=0.95)] = 0.5
-    silence_ms: Annotated[int, Meta(ge=100, le=5000)] = 400  # this much silence ends speech
-    min_speech_ms: Annotated[int, Meta(ge=32, le=2000)] = 96  # this much speech starts it
-    pad_ms: Annotated[int, Meta(ge=0, le=1000)] = 192  # audio kept from before the start
-
-
-class Reply(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """Voice conversation: answer each finished utterance with ``model``, spoken by ``voice``.
-
-    Each answer is a generation ``<listen id>.<utterance>``: ``started``,
-    ``delta`` text, ``audio`` a sentence at a time while the text streams,
-    ``done``. With ``barge_in``, speech that starts while an answer is being
-    generated or spoken cancels it (``done`` with ``cancelled``); the
-    conversation keeps the sentences whose audio was sent.
-    """
-
-    model: ModelName
-    voice: ModelName
-    conversation: ConversationId | None = None
-    instructions: Annotated[str, Meta(max_length=16_384)] | None = None  # a system turn
-    options: Options | None = None
-    speed: Speed = 1.0
-    format: AudioFormat = "pcm16"
-    barge_in: bool = True
-    priority: Priority = 0
-
-
-class Listen(_ClientBase, tag="listen"):
-    """Open an audio stream: speech recognised as it is heard.
-
-    Audio follows as ``audio`` messages, or (``ferrous.v1.json`` only) as
-    binary frames of raw samples for the one open stream: 16-bit
-    little-endian mono PCM at ``rate``. Each utterance gives ``speech``
-    start and end events, ``transcript`` partials (``settled``: the leading
-    words that will not change) and one final transcript.
-    """
-
-    id: GenerationId
-    model: ModelName  # a speech-recognition model
-    rate: Annotated[int, Meta(ge=8000, le=48000)] = 16000
-    language: Annotated[str, Meta(max_length=16)] | None = None
-    partials: bool = True
-    vad: VadOptions | None = None
-    reply: Reply | None = None
-
-
-class Audio(_ClientBase, tag="audio"):
-    """Samples for ``listen`` stream ``id``; ``end``: no more audio (speech in progress
-    is finished and transcribed, then the stream's ``done``)."""
-
-    id: GenerationId
-    data: Annotated[bytes, Meta(max_length=16 * 1024 * 1024)] = b""
-    end: bool = False
-
-
-class Speak(_ClientBase, tag="speak"):
-    """Speak ``text`` with a speech-synthesis ``model``: ``audio`` chunks a sentence at a
-    time, then ``done``."""
-
-    id: GenerationId
-    model: ModelName
-    text: Annotated[str, Meta(min_length=1, max_length=4096)]
-    speed: Speed = 1.0
-    format: AudioFormat = "pcm16"
-    seed: Annotated[int, Meta(ge=0, lt=2**32)] | None = None
 
 
 ClientMessage = (
@@ -525,48 +429,6 @@ class Progress(_ServerBase, tag="progress"):
     digest: str | None = None
     total: int | None = None
     completed: int | None = None
-    n: int | None = None  # the message's number in the session (resume)
-
-
-class SpeechEdge(_ServerBase, tag="speech"):
-    """Utterance ``utterance`` of listen stream ``id`` started or ended, ``at`` seconds into
-    the stream's audio."""
-
-    id: str
-    utterance: int
-    event: Literal["start", "end"]
-    at: float
-    n: int | None = None  # the message's number in the session (resume)
-
-
-class TranscriptEvent(_ServerBase, tag="transcript"):
-    """The text of utterance ``utterance`` so far (``final``: never revised).
-
-    A partial's ``settled`` is its leading words that later partials and the
-    final transcript keep as they are; the rest may still change.
-    """
-
-    id: str
-    utterance: int
-    text: str
-    start: float  # seconds into the stream's audio
-    end: float
-    final: bool = False
-    settled: str = ""
-    n: int | None = None  # the message's number in the session (resume)
-
-
-class AudioOut(_ServerBase, tag="audio"):
-    """A chunk of generation ``id``'s speech; ``seq`` counts its chunks from 0. With
-    ``pcm16``, 16-bit little-endian mono samples at ``rate``. ``text``: the sentence
-    that starts in this chunk. Counted against flow-control credits like text."""
-
-    id: str
-    seq: int
-    data: bytes
-    rate: int
-    format: str = "pcm16"
-    text: str | None = None
     n: int | None = None  # the message's number in the session (resume)
 
 
