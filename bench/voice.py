@@ -22,6 +22,9 @@ routes a client uses:
   includes the silence the server waits for before it decides the speaker
   has finished (``silence_ms``, 400 ms by default). Then the same with ``--sessions`` (4) sessions speaking at the same
   moment: the 95th percentile of their turns (target: 1.5 s or less).
+* **barge-in** — speech over a spoken answer that the client plays (and grants
+  credit for) at real time: the time from the first sound of the new speech
+  to the answer's ``done`` with ``cancelled`` (target: 200 ms or less).
 
 Medians over ``--runs``. Speech is synthesised by the server itself, so the
 figures also check each other: the transcript must give back the text.
@@ -229,6 +232,92 @@ async def voice_turns(url: str, runs: int, sessions: int) -> dict[str, object]:
     }
 
 
+def _leading_quiet(pcm: bytes) -> int:
+    """Bytes of near-silence (below -36 dBFS) before the first sound of ``pcm``."""
+    samples = array("h")
+    samples.frombytes(pcm)
+    n = 0
+    while n < len(samples) and abs(samples[n]) < 500:
+        n += 1
+    return 2 * n
+
+
+async def _talk(
+    ws: ClientConnection, gen_id: str, pcm: bytes, onset: asyncio.Future[float] | None = None
+) -> None:
+    """``pcm`` in 20 ms frames at the pace it is spoken; ``onset`` gets the time the frame
+    with its first sound went out."""
+    start = time.perf_counter()
+    sound = _leading_quiet(pcm)
+    step = 2 * int(FRAME_S * RATE)
+    for k, i in enumerate(range(0, len(pcm), step)):
+        await asyncio.sleep(max(0.0, start + k * FRAME_S - time.perf_counter()))
+        await ws.send(_CODEC.encode(m.Audio(id=gen_id, data=pcm[i : i + step])))
+        if onset is not None and i + step > sound and not onset.done():
+            onset.set_result(time.perf_counter())
+
+
+async def barge_in(url: str, runs: int) -> dict[str, object]:
+    """Speech over a spoken answer: milliseconds from the first sound of the new speech
+    to the answer's ``done`` (cancelled). The client plays the answer as it comes and
+    grants credit at the pace it plays, so the answer is still going when it is
+    interrupted."""
+    async with connect(url, subprotocols=[m.SUBPROTOCOL_MSGPACK], max_size=None) as ws:  # type: ignore[list-item]
+        await ws.send(_CODEC.encode(m.Hello(credits=64 * 1024)))
+        await _recv(ws)
+        await ws.send(_CODEC.encode(m.Credit(bytes=1 << 30)))  # the two questions, unplayed
+        question = await _spoken(ws, QUESTION)
+        other = await _spoken(ws, "Tell me about the sea.")
+        took = []
+        for r in range(runs + 1):
+            gen_id = f"b{r}"
+            # A long answer (end of generation ignored), so there is one to interrupt.
+            long = m.Options(max_tokens=160, ignore_eos=True)
+            reply = m.Reply(model="chat", voice="voice", options=long)
+            listen = m.Listen(id=gen_id, model="whisper", rate=RATE, reply=reply)
+            await ws.send(_CODEC.encode(listen))
+            onset = asyncio.get_running_loop().create_future()
+
+            async def play_later(n: int) -> None:
+                await asyncio.sleep(n / 2 / RATE)  # granted back as it is played
+                await ws.send(_CODEC.encode(m.Credit(bytes=n)))
+
+            quiet = bytes(2 * int(0.3 * RATE))
+            talking = asyncio.create_task(_talk(ws, gen_id, quiet + question + quiet * 3))
+            playing: set[asyncio.Task[None]] = set()
+            interrupted = None
+            while True:
+                msg = await asyncio.wait_for(_recv(ws), 120)
+                if isinstance(msg, m.Delta):
+                    await ws.send(_CODEC.encode(m.Credit(bytes=len(msg.text.encode()))))
+                elif isinstance(msg, m.AudioOut):
+                    playing.add(asyncio.create_task(play_later(len(msg.data))))
+                    if msg.seq == 0 and msg.id == f"{gen_id}.1":
+                        await talking
+                        talking = asyncio.create_task(
+                            _talk(ws, gen_id, quiet + other + quiet * 3, onset)
+                        )
+                elif isinstance(msg, m.Done) and msg.id == f"{gen_id}.1":
+                    if msg.finish_reason != "cancelled":
+                        raise SystemExit("the answer ended before it was interrupted")
+                    interrupted = time.perf_counter()
+                elif isinstance(msg, m.Done) and msg.id == f"{gen_id}.2":
+                    break
+            await talking
+            await ws.send(_CODEC.encode(m.Audio(id=gen_id, end=True)))
+            while not (isinstance(msg := await _recv(ws), m.Done) and msg.id == gen_id):
+                pass
+            for task in playing:
+                task.cancel()
+            assert interrupted is not None
+            if r:
+                took.append((interrupted - onset.result()) * 1000)
+    return {
+        "barge_in_ms": round(statistics.median(took), 1),
+        "barge_in_max_ms": round(max(took), 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.voice", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -248,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             result = {"threads": args.threads, **measure(f"http://127.0.0.1:{port}", args.runs)}
-            turns = voice_turns(f"ws://127.0.0.1:{port}/v1/ws", args.runs, args.sessions)
-            result.update(asyncio.run(turns))
+            url = f"ws://127.0.0.1:{port}/v1/ws"
+            result.update(asyncio.run(voice_turns(url, args.runs, args.sessions)))
+            result.update(asyncio.run(barge_in(url, args.runs)))
         finally:
             stop_server(proc)
     if args.json:

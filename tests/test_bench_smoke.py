@@ -213,6 +213,8 @@ def test_bench_resume() -> None:
 def test_bench_voice() -> None:
     r = bench("voice", "--runs", "1", "--threads", "1")
     assert r["asr_words_back"] is True
-    for key in ("tts_first_audio_ms", "tts_real_time_factor", "asr_real_time_factor"):
+    keys = ("tts_first_audio_ms", "tts_real_time_factor", "asr_real_time_factor")
+    keys += ("turn_first_audio_ms", "turn_first_audio_p95_ms", "barge_in_ms")
+    for key in keys:
         value = r[key]
         assert isinstance(value, float) and value > 0, key
