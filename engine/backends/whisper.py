@@ -20,7 +20,7 @@ takes a shorter path. Whisper reads 30-second windows, and faster-whisper
 pads every clip to one: for tiny on two cores the encoder then takes ~430 ms
 whatever the clip, most of the time to a final transcript. Here the encoder
 reads only the clip's frames and a second of silence after them (the
-model's audio context cut to fit, as whisper.cpp's ``audio_ctx`` does), and
+model's audio context cut to fit), and
 the decoder runs greedily without timestamps: a 2-second utterance is
 transcribed in ~110 ms instead of ~520 ms, with the same words on the
 project's test speech.
