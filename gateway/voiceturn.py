@@ -283,7 +283,6 @@ async def speak(host: VoiceHost, msg: m.Speak) -> None:
     """A ``speak`` request: ``started``, its audio a sentence at a time, ``done``."""
     t0 = time.perf_counter()
     seconds = 0.0
-    reason = FinishReason.STOP.value
     await host.send(m.Started(msg.id, msg.model))
     try:
         encoder: AudioEncoder | None = None
@@ -310,14 +309,11 @@ async def speak(host: VoiceHost, msg: m.Speak) -> None:
         await host.send_error(exc, msg.id)
         return
     except asyncio.CancelledError:
-        reason = FinishReason.CANCELLED.value
+        with contextlib.suppress(Exception):
+            await host.send(_done(msg.id, FinishReason.CANCELLED.value, t0))
         raise
-    finally:
-        if reason == FinishReason.CANCELLED.value:
-            with contextlib.suppress(Exception):
-                await host.send(_done(msg.id, reason, t0))
     log.info("spoke %.2f s of audio", seconds)
-    await host.send(_done(msg.id, reason, t0))
+    await host.send(_done(msg.id, FinishReason.STOP.value, t0))
 
 
 def _done(gen_id: str, reason: str, t0: float, conversation: str | None = None) -> m.Done:
