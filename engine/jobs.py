@@ -4,8 +4,9 @@ Text generation is stepped in batches by the worker's decode loop. Every
 other kind of request (embeddings, transcription, speech synthesis) is a
 *job*: a request message, a backend interface that turns it into bounded units
 of work, and the replies it sends. The worker runs all jobs through one loop
-(:class:`JobQueue`): one unit of the oldest job per cycle, after the decode
-step, so running streams wait at most one unit per token whatever the kind.
+(:class:`JobQueue`): after the decode step, units of the most urgent job (then the
+oldest) for a slice of the cycle, so running streams wait at most about one unit
+per token whatever the kind.
 
 A kind is added by one :class:`JobKind` in :data:`JOB_KINDS`: which message
 starts it, and how a loaded backend makes a :class:`Job` of it (refusing at
@@ -16,6 +17,7 @@ take). Nothing else in the worker changes.
 from __future__ import annotations
 
 import abc
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,7 +39,12 @@ from engine.backends.base import (
 )
 from protocol.errors import ErrorCode, FerrousError, ModelNotFound, TooLarge
 
-__all__ = ["JOB_KINDS", "Job", "JobKind", "JobQueue", "error_reply"]
+__all__ = ["JOB_KINDS", "JOB_SLICE_S", "Job", "JobKind", "JobQueue", "error_reply"]
+
+# Seconds of job units one worker loop runs before the next generation step. Units
+# are bounded on their own (an encoder pass, a sentence, a decode); the slice only
+# lets the cheap ones around them ride along, at a few ms of inter-token latency.
+JOB_SLICE_S = 0.010
 
 
 def error_reply(req: int, exc: BaseException) -> ipc.WorkerError:
@@ -168,8 +175,8 @@ JOB_KINDS: tuple[JobKind, ...] = (
 
 
 class JobQueue:
-    """The worker's jobs of every kind, by priority then oldest first, one unit of work per
-    :meth:`step`."""
+    """The worker's jobs of every kind, by priority then oldest first, a slice of units
+    per :meth:`step`."""
 
     def __init__(
         self, send: Callable[[ipc.FromWorker], None], send_raw: Callable[[bytes], None]
@@ -202,12 +209,19 @@ class JobQueue:
         self._jobs.append(job)
 
     def step(self) -> None:
-        """One unit of the oldest job of the highest priority; its messages sent, and it
-        retired when done. (A live transcript's final decode goes before the partial
-        decodes queued ahead of it: someone waits for an answer on it.)"""
-        if not self._jobs:
-            return
-        job = max(self._jobs, key=lambda j: j.priority)  # the first of the highest
+        """Units of the oldest job of the highest priority, its messages sent and it retired
+        when done, until the jobs have had :data:`JOB_SLICE_S` of this loop (at least one
+        unit). A live transcript's final decode goes before the partial decodes queued
+        ahead of it: someone waits for an answer on it. The slice folds a job's cheap
+        units (reading the text, closing with its summary) into the loop that runs its
+        expensive one, so each does not cost a whole generation step of waiting."""
+        start = time.perf_counter()
+        while self._jobs:
+            self._step_one(max(self._jobs, key=lambda j: j.priority))  # first of the highest
+            if time.perf_counter() - start >= JOB_SLICE_S:
+                return
+
+    def _step_one(self, job: Job) -> None:
         try:
             out, done = job.step()
         except Exception as exc:

@@ -15,10 +15,10 @@ dropped, reordered or buffered beyond one step's output; the consumer's
 paused longer than its stall timeout ends with reason ``stalled``.
 
 Requests of other kinds, *jobs* (embeddings, transcriptions: :mod:`engine.jobs`), run on
-this thread too (llama.cpp's thread pool follows the calling thread), one
-unit of work (a forward pass) per cycle after the step, oldest job first:
-running streams wait at most one unit per token, as they do for a chunk of a
-long prompt.
+this thread too (llama.cpp's thread pool follows the calling thread), a slice
+of units of work (a forward pass each) per cycle after the step, most urgent then
+oldest job first: running streams wait about one unit per token, as they do for a
+chunk of a long prompt.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ __all__ = ["VoiceHost", "VoiceTurn", "speak"]
 log = logging.getLogger("ferrous.voice")
 
 DEFAULT_MAX_TOKENS = 256  # a spoken answer longer than this is a lecture
-FIRST_SPEECH_PRIORITY = 2  # an answer's first sentence is as urgent as a final transcript
+FIRST_SPEECH_PRIORITY = 3  # an answer's first sentence: the end of a waiting turn, and short
 
 
 class VoiceHost(Protocol):
