@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from engine.requests import (
     ChatMessage,
+    Classification,
     Embeddings,
     ErrorInfo,
     FinishReason,
     GenerateRequest,
     GenerationDone,
+    Label,
     SamplingParams,
     Speech,
     SpeechChunk,
@@ -60,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ChatMessage",
+    "Classification",
     "Embeddings",
     "EngineClient",
     "EngineConfig",
@@ -68,6 +71,7 @@ __all__ = [
     "FinishReason",
     "GenerateRequest",
     "GenerationDone",
+    "Label",
     "LoadedModel",
     "ModelInfo",
     "SamplingParams",

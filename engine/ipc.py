@@ -18,6 +18,7 @@ import msgspec
 
 from engine.requests import (
     ChatMessage,
+    Label,
     SamplingParams,
     SpeechOptions,
     ToolFunction,
@@ -31,6 +32,8 @@ __all__ = [
     "AudioPart",
     "Cancel",
     "CancelJob",
+    "Classified",
+    "Classify",
     "Embed",
     "Embedded",
     "Finished",
@@ -159,6 +162,17 @@ class Synthesize(_Frame, tag=11, kw_only=True):
     priority: int = 0  # the worker runs jobs of a higher priority first
 
 
+class Classify(_Frame, tag=32, kw_only=True):
+    """Classify ``images`` (encoded files) with ``model``: :class:`Classified` or
+    :class:`WorkerError`."""
+
+    req: int
+    model: str
+    images: list[bytes]
+    top_k: int
+    priority: int = 0
+
+
 class CancelJob(_Frame, tag=10, kw_only=True):
     """Stop job ``req`` (its caller went away); it ends without a reply."""
 
@@ -234,6 +248,13 @@ class Finished(_Frame, tag=24, kw_only=True):
         )
 
 
+class Classified(_Frame, tag=33, kw_only=True):
+    """Each image's top labels, in input order."""
+
+    req: int
+    labels: list[list[Label]]
+
+
 class Embedded(_Frame, tag=27, kw_only=True):
     """Unit-length vectors, row after row, as native float32 (``dim`` floats each).
 
@@ -298,6 +319,7 @@ ToWorker = (
     | Embed
     | Transcribe
     | Synthesize
+    | Classify
     | CancelJob
 )
 FromWorker = (
@@ -313,6 +335,7 @@ FromWorker = (
     | Transcribed
     | AudioPart
     | Synthesized
+    | Classified
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -20,6 +20,7 @@ import msgspec
 from engine import ipc
 from engine.pool import Worker, WorkerPool
 from engine.requests import (
+    Classification,
     Embeddings,
     Speech,
     SpeechChunk,
@@ -114,6 +115,41 @@ class JobCalls:
         dim = reply.dim
         vectors = [flat[i : i + dim] for i in range(0, len(flat), dim)] if dim else []
         return Embeddings(vectors, reply.prompt_tokens, model)
+
+    async def classify(
+        self,
+        model: str,
+        images: list[bytes],
+        *,
+        top_k: int = 5,
+        keep_alive: float | None = None,
+    ) -> Classification:
+        """Each image's ``top_k`` labels with probabilities, likeliest first, in input order.
+
+        ``images`` are encoded files (PNG, JPEG, WebP, GIF, BMP). Raises
+        ModelNotFound, BadRequest (not an image classifier, no images, an image
+        that cannot be read, named by its index), TooLarge (an image over the
+        byte or pixel limit, or more bytes than one request takes) or
+        EngineError (the worker died; retryable).
+        """
+        if not images:
+            raise BadRequest("no images to classify")
+        if sum(map(len, images)) + 64 * len(images) > ipc.MAX_FRAME - 1024:
+            raise TooLarge(f"the images take more than the {ipc.MAX_FRAME} bytes one request takes")
+        req = self._pool.next_req()
+        msg = ipc.Classify(req=req, model=model, images=list(images), top_k=top_k)
+        worker = await self._pick(model)
+        spec = self._residency.models[model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        try:
+            reply = await self._pool.request(worker, msg, req, EMBED_TIMEOUT_S)
+        finally:
+            self._residency.release(spec, keep_alive)
+        if isinstance(reply, ipc.WorkerError):
+            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
+        assert isinstance(reply, ipc.Classified)
+        return Classification(reply.labels, model)
 
     async def transcribe_stream(
         self,

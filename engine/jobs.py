@@ -30,9 +30,11 @@ import msgspec
 from engine import ipc
 from engine.backends.base import (
     Backend,
+    ClassifyJob,
     EmbedJob,
     SynthesizeJob,
     TranscribeJob,
+    classifier_of,
     embedder_of,
     synthesizer_of,
     transcriber_of,
@@ -167,10 +169,33 @@ def _start_synthesis(backend: Backend, msg: ipc.Synthesize) -> Job:
     return _Synthesis(msg, voice.synthesize_job(msg.text, msg.options), voice.sample_rate)
 
 
+class _Classification(Job):
+    """Images to labels: the images read in one unit, then a batch through the graph per unit."""
+
+    def __init__(self, msg: ipc.Classify, run: ClassifyJob) -> None:
+        super().__init__(msg.req, msg.model)
+        self._run = run
+
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        try:
+            next(self._run)
+        except StopIteration as done:
+            return [ipc.Classified(req=self.req, labels=done.value)], True
+        return [], False
+
+    def close(self) -> None:
+        self._run.close()
+
+
+def _start_classification(backend: Backend, msg: ipc.Classify) -> Job:
+    return _Classification(msg, classifier_of(backend).classify_job(msg.images, msg.top_k))
+
+
 JOB_KINDS: tuple[JobKind, ...] = (
     JobKind(ipc.Embed, _start_embedding),
     JobKind(ipc.Transcribe, _start_transcription),
     JobKind(ipc.Synthesize, _start_synthesis),
+    JobKind(ipc.Classify, _start_classification),
 )
 
 

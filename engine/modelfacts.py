@@ -15,8 +15,9 @@ quantizations), so they come from the model's metadata, never from its name:
 * **ONNX** folders: ``config.json`` (``model_type``, ``hidden_size``,
   ``max_position_embeddings``), the graph's initializers for the parameter
   count (a 4-bit ``MatMulNBits`` weight counts its ``K x N`` values, not its
-  packed bytes) and the quantization; a graph without a key/value cache is
-  an encoder, which embeds.
+  packed bytes) and the quantization; a folder with an image preprocessor
+  config classifies images; a graph without a key/value cache is an
+  encoder, which embeds.
 
 Reading a GGUF header takes milliseconds, an ONNX graph without its weights
 a little more; callers cache by content (a store blob never changes).
@@ -57,9 +58,11 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
 
 def kind_of(facts: ModelFacts | None) -> str:
     """The kind of jobs a model serves, as ``list`` and ``show`` name it: ``text``,
-    ``embed``, ``asr`` (speech recognition), ``tts`` (speech synthesis) or ``vad``
-    (voice activity, for WebSocket voice)."""
+    ``embed``, ``asr`` (speech recognition), ``tts`` (speech synthesis), ``vad``
+    (voice activity, for WebSocket voice) or ``image-classify``."""
     caps = set(facts.capabilities) if facts is not None else set()
+    if "classification" in caps:
+        return "image-classify"
     if "transcription" in caps:
         return "asr"
     if "speech" in caps:
@@ -178,6 +181,10 @@ def _onnx_facts(folder: Path) -> ModelFacts:
             packed.update(node.input[1:])  # the packed weight, scales, zero points
     count += sum(n for name, n in sizes.items() if name not in packed)
     encoder = not any("past_key_values" in i.name or i.name.startswith("past") for i in graph.input)
+    if (folder / "preprocessor_config.json").is_file():
+        caps: tuple[str, ...] = ("classification",)  # images in, a score per label out
+    else:
+        caps = ("embedding",) if encoder else ("completion",)
     if nbits:
         quant = "Q4 (MatMulNBits)"
     elif dtypes:
@@ -187,9 +194,7 @@ def _onnx_facts(folder: Path) -> ModelFacts:
         quant = {"FLOAT": "F32", "FLOAT16": "F16", "BFLOAT16": "BF16"}.get(quant, quant)
     else:
         quant = ""
-    return _from_config(
-        "onnx", config, count, quant, ("embedding",) if encoder else ("completion",)
-    )
+    return _from_config("onnx", config, count, quant, caps)
 
 
 def _config(folder: Path) -> dict[str, object]:

@@ -22,11 +22,13 @@ from protocol.errors import BadRequest
 
 __all__ = [
     "ChatMessage",
+    "Classification",
     "Embeddings",
     "ErrorInfo",
     "FinishReason",
     "GenerateRequest",
     "GenerationDone",
+    "Label",
     "SamplingParams",
     "Speech",
     "SpeechChunk",
@@ -304,3 +306,21 @@ class Speech(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float
     sample_rate: int
     model: str = ""
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+class Label(msgspec.Struct, frozen=True, array_like=True):
+    """One of a classifier's labels with its score (a probability, 0..1)."""
+
+    label: str
+    score: float
+
+
+class Classification(msgspec.Struct, frozen=True):
+    """Result of :meth:`engine.EngineClient.classify`: for each image, in input order, its
+    ``top_k`` labels, likeliest first."""
+
+    labels: list[list[Label]]
+    model: str

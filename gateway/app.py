@@ -38,6 +38,7 @@ from gateway.config import ServerConfig
 from gateway.conversations import ConversationStore, ResponseStore
 from gateway.generate_routes import generation_routes
 from gateway.generation import fair_share_key
+from gateway.image_routes import image_routes
 from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
@@ -167,6 +168,7 @@ class GatewayApp:
                 *model_routes(self),
                 *openai_routes(self),
                 *audio_routes(self),
+                *image_routes(self),
                 *responses_routes(self),
                 *ollama_routes(self),
                 WebSocketRoute("/v1/ws", self.websocket),

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.modelfacts import ModelFacts
+from engine.modelfacts import ModelFacts, kind_of
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
@@ -56,7 +56,9 @@ def record_json(
     """A stored model, in a shape that is also an OpenAI model object (``id``, ``object``…).
 
     ``source`` (a URL that may carry credentials, or a server path) is shown
-    to admins only; ``details`` is what the model's own metadata says it is.
+    to admins only; ``details`` is what the model's own metadata says it is, and
+    ``kind`` the jobs it serves (``text``, ``embed``, ``asr``, ``tts``, ``vad``,
+    ``image-classify``), from those details.
     """
     m = record.manifest
     details = msgspec.to_builtins(facts) if facts is not None else None
@@ -71,6 +73,7 @@ def record_json(
         "digest": record.id,
         "size": record.size,
         "format": m.format,
+        "kind": kind_of(facts) if facts is not None else None,
         "modified_at": record.modified,
         "parent": m.parent,
         "source": redact_url(m.source) if admin else None,

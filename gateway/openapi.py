@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from gateway.generate_routes import ChatBody, GenerateBody, GenerationResult
+from gateway.image_routes import ClassifyBody
 from gateway.model_routes import CopyBody, CreateBody, ModelBody, PullBody
 from gateway.openai_api import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from protocol import messages as m
@@ -126,6 +127,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         ChatCompletionRequest,
         CompletionRequest,
         EmbeddingsRequest,
+        ClassifyBody,
         m.Started,
         m.Delta,
         m.Done,
@@ -222,6 +224,15 @@ def openapi_document(version: str) -> dict[str, Any]:
             "post": op("Unload a model now", "ModelBody", _ok("unloaded"), native_err, "models")
         },
         "/v1/ps": {"get": op("Loaded models", None, _ok("loaded models"), native_err, "models")},
+        "/v1/classify": {
+            "post": op(
+                "Classify images (base64 or data URLs): each one's top labels with probabilities",
+                "ClassifyBody",
+                _ok("labels per image, in order"),
+                native_err,
+                "native",
+            )
+        },
         "/v1/chat/completions": {
             "post": op(
                 "OpenAI chat completions (JSON, or SSE ending in data: [DONE])",

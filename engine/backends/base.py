@@ -42,6 +42,7 @@ import msgspec
 from engine.chat import render_chat
 from engine.requests import (
     ChatMessage,
+    Label,
     SamplingParams,
     SpeechOptions,
     ToolFunction,
@@ -52,20 +53,25 @@ from protocol.errors import BadRequest
 
 __all__ = [
     "Backend",
+    "ClassifyJob",
     "EmbedJob",
     "Embedder",
+    "ImageClassifier",
     "LoadParams",
     "SynthesizeJob",
     "Synthesizer",
     "TextGenerator",
     "TranscribeJob",
     "Transcriber",
+    "classifier_of",
     "embedder_of",
     "generator_of",
     "synthesizer_of",
     "transcriber_of",
 ]
 
+# One batch of images read or classified per next(); returns each image's top labels.
+ClassifyJob: TypeAlias = Generator[None, None, list[list[Label]]]
 # One forward pass per next(); returns (unit-length vectors, tokens read).
 EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
 # One window of audio decoded per next(), yielding its segments (none for a
@@ -107,6 +113,8 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
+    what: ClassVar[str] = "an embedding model"
+    """What the model is, for errors when it is asked for another kind of job."""
 
     n_ctx: int
     """The most tokens one sequence (or one input to embed) may hold."""
@@ -123,6 +131,8 @@ class Backend(abc.ABC):
 
 class TextGenerator(Backend):
     """A model that generates text, one token per sequence per :meth:`step`."""
+
+    what = "a text generation model"
 
     max_sequences: int = 1
 
@@ -280,11 +290,7 @@ def generator_of(backend: Backend) -> TextGenerator:
     """``backend`` as a :class:`TextGenerator`; BadRequest if its model does something else."""
     if isinstance(backend, TextGenerator):
         return backend
-    if isinstance(backend, Transcriber):
-        raise BadRequest("this is a speech recognition model: it cannot generate text")
-    if isinstance(backend, Synthesizer):
-        raise BadRequest("this is a speech synthesis model: it cannot generate text")
-    raise BadRequest("this is an embedding model: it cannot generate text")
+    raise BadRequest(f"this is {backend.what}: it cannot generate text")
 
 
 def embedder_of(backend: Backend) -> Embedder:
@@ -296,6 +302,8 @@ def embedder_of(backend: Backend) -> Embedder:
 
 class Transcriber(Backend):
     """A speech recognition model: audio in, timed text segments out, a window at a time."""
+
+    what = "a speech recognition model"
 
     sample_rate: int
     """The rate the model reads; uploads are decoded and resampled to it."""
@@ -320,6 +328,8 @@ def transcriber_of(backend: Backend) -> Transcriber:
 class Synthesizer(Backend):
     """A speech synthesis model: text in, audio out a sentence at a time."""
 
+    what = "a speech synthesis model"
+
     sample_rate: int
     """The rate of the audio it produces."""
     voice: str
@@ -335,3 +345,24 @@ def synthesizer_of(backend: Backend) -> Synthesizer:
     if isinstance(backend, Synthesizer):
         return backend
     raise BadRequest("this model does not synthesise speech (a speech synthesis model does)")
+
+
+class ImageClassifier(Backend):
+    """An image classification model: images in, each one's likeliest labels out."""
+
+    what = "an image classification model"
+
+    labels: list[str]
+    """Every label the model knows, in the order of its output."""
+
+    @abc.abstractmethod
+    def classify_job(self, images: Sequence[bytes], top_k: int) -> ClassifyJob:
+        """A job classifying ``images`` (encoded files); each ``next()`` decodes or runs one
+        batch. Images that cannot be read raise BadRequest / TooLarge from the job."""
+
+
+def classifier_of(backend: Backend) -> ImageClassifier:
+    """``backend`` as an :class:`ImageClassifier`; BadRequest for a model that is not one."""
+    if isinstance(backend, ImageClassifier):
+        return backend
+    raise BadRequest(f"this is {backend.what}: it does not classify images")

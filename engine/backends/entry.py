@@ -47,6 +47,7 @@ class Kind(enum.StrEnum):
     EMBED = "embed"  # Embedder: vectors for inputs, a job of bounded steps
     ASR = "asr"  # Transcriber: speech to timed text, a job of one window per step
     TTS = "tts"  # Synthesizer: text to speech, a job of one sentence per step
+    IMAGE_CLASSIFY = "image-classify"  # ImageClassifier: images to labels, a batch per step
 
 
 @dataclass(frozen=True)

