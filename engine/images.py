@@ -36,6 +36,7 @@ __all__ = [
     "MAX_PIXELS",
     "Preprocess",
     "decode_image",
+    "embedding_input",
     "open_image",
     "prepare",
     "read_preprocess",
@@ -154,6 +155,12 @@ def decode_image(text: str) -> bytes:
         return base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("an image must be base64 (or a data:image/...;base64 URL)") from None
+
+
+def embedding_input(text: str) -> str | bytes:
+    """An embedding input as sent: a ``data:image/...;base64,`` URL is an image (its
+    bytes), anything else is text."""
+    return decode_image(text) if text.startswith("data:image/") else text
 
 
 def prepare(img: Any, cfg: Preprocess, layout: Literal["nchw", "nhwc"]) -> np.ndarray:

@@ -138,6 +138,7 @@ class Embed(_Frame, tag=8, kw_only=True):
     model: str
     inputs: list[str]
     truncate: bool
+    images: list[bytes] = []  # encoded image files, embedded after ``inputs``
 
 
 class Transcribe(_Frame, tag=9, kw_only=True):

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from array import array
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 import msgspec
 
@@ -79,22 +79,27 @@ class JobCalls:
         *,
         truncate: bool = True,
         keep_alive: float | None = None,
+        images: Sequence[bytes] = (),
     ) -> Embeddings:
         """Embedding vectors of ``inputs`` (unit length, in input order) from one worker.
 
         The least busy live worker that has ``model`` computes them between its
         decode steps. ``truncate=False`` refuses an input longer than the
-        embedding context (BadRequest) instead of cutting it. ``keep_alive``
+        embedding context (BadRequest) instead of cutting it. ``images`` (encoded
+        files, for an image and text embedding model) are embedded after the
+        texts, their vectors following the texts'. ``keep_alive``
         means what it means for :class:`GenerateRequest`. Raises ModelNotFound,
         BadRequest (no inputs, an empty input, a backend without embeddings) or
         EngineError (the worker died; retryable).
         """
-        if not inputs:
+        if not inputs and not images:
             raise BadRequest("no inputs to embed")
         req = self._pool.next_req()
-        msg = ipc.Embed(req=req, model=model, inputs=list(inputs), truncate=truncate)
+        msg = ipc.Embed(
+            req=req, model=model, inputs=list(inputs), truncate=truncate, images=list(images)
+        )
         # A frame the worker cannot read would end its connection: refuse it here.
-        if sum(map(len, inputs)) * 4 + 16 * len(inputs) > ipc.MAX_FRAME:
+        if sum(map(len, inputs)) * 4 + 16 * len(inputs) + sum(map(len, images)) > ipc.MAX_FRAME:
             size = len(ipc.encode(msg))
             if size > ipc.MAX_FRAME:
                 raise TooLarge(f"the inputs take {size} bytes; one request takes {ipc.MAX_FRAME}")

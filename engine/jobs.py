@@ -36,6 +36,7 @@ from engine.backends.base import (
     TranscribeJob,
     classifier_of,
     embedder_of,
+    image_embedder_of,
     synthesizer_of,
     transcriber_of,
 )
@@ -115,7 +116,19 @@ class _Embedding(Job):
 
 def _start_embedding(backend: Backend, msg: ipc.Embed) -> Job:
     # A runtime that cannot embed, or bad inputs, fail here, at once.
-    return _Embedding(msg, embedder_of(backend).embed_job(msg.inputs, msg.truncate))
+    texts = embedder_of(backend).embed_job(msg.inputs, msg.truncate) if msg.inputs else None
+    if not msg.images:
+        assert texts is not None
+        return _Embedding(msg, texts)
+    images = image_embedder_of(backend).embed_images_job(msg.images)
+    return _Embedding(msg, _texts_then_images(texts, images))
+
+
+def _texts_then_images(texts: EmbedJob | None, images: EmbedJob) -> EmbedJob:
+    """One job of both parts: the texts' vectors, then the images'."""
+    text_vectors, tokens = (yield from texts) if texts is not None else ([], 0)
+    image_vectors, _ = yield from images
+    return text_vectors + image_vectors, tokens
 
 
 class _Transcription(Job):

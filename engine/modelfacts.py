@@ -16,8 +16,8 @@ quantizations), so they come from the model's metadata, never from its name:
   ``max_position_embeddings``), the graph's initializers for the parameter
   count (a 4-bit ``MatMulNBits`` weight counts its ``K x N`` values, not its
   packed bytes) and the quantization; a folder with an image preprocessor
-  config classifies images; a graph without a key/value cache is an
-  encoder, which embeds.
+  config classifies images, one with a text and a vision graph (CLIP) embeds
+  both; a graph without a key/value cache is an encoder, which embeds.
 
 Reading a GGUF header takes milliseconds, an ONNX graph without its weights
 a little more; callers cache by content (a store blob never changes).
@@ -59,10 +59,12 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
 def kind_of(facts: ModelFacts | None) -> str:
     """The kind of jobs a model serves, as ``list`` and ``show`` name it: ``text``,
     ``embed``, ``asr`` (speech recognition), ``tts`` (speech synthesis), ``vad``
-    (voice activity, for WebSocket voice) or ``image-classify``."""
+    (voice activity, for WebSocket voice), ``image-classify`` or ``image-embed``."""
     caps = set(facts.capabilities) if facts is not None else set()
     if "classification" in caps:
         return "image-classify"
+    if "image-embedding" in caps:
+        return "image-embed"
     if "transcription" in caps:
         return "asr"
     if "speech" in caps:
@@ -99,6 +101,11 @@ def facts_of(path: str | os.PathLike[str]) -> ModelFacts:
             return _voice_facts(p)
         if (p / "model.bin").is_file():
             return _whisper_facts(p)
+        from engine.backends.image_entry import clip_graphs
+
+        graphs = clip_graphs(p)
+        if graphs is not None:
+            return _clip_facts(p, graphs)
         if not (p / "model.onnx").is_file():
             return _safetensors_facts(p)
         return _onnx_facts(p)
@@ -195,6 +202,26 @@ def _onnx_facts(folder: Path) -> ModelFacts:
     else:
         quant = ""
     return _from_config("onnx", config, count, quant, caps)
+
+
+def _clip_facts(folder: Path, graphs: tuple[Path, Path]) -> ModelFacts:
+    """A CLIP-style pair of graphs: texts and images embedded into one space."""
+    import onnx
+
+    count = sum(
+        _count(t.dims)
+        for g in graphs
+        for t in onnx.load(str(g), load_external_data=False).graph.initializer
+    )
+    config = _config(folder)
+    facts = _from_config("onnx", config, count, "", ("embedding", "image-embedding"))
+    text = config.get("text_config")
+    context = _int(text.get("max_position_embeddings")) if isinstance(text, dict) else 0
+    return msgspec.structs.replace(
+        facts,
+        context_length=context or 77,
+        embedding_length=_int(config.get("projection_dim")),
+    )
 
 
 def _config(folder: Path) -> dict[str, object]:

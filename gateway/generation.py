@@ -374,13 +374,14 @@ async def embed(
     gateway: Gateway,
     principal: Principal,
     model: str,
-    inputs: list[str],
+    inputs: Sequence[str | bytes],
     *,
     truncate: bool = True,
     keep_alive: float | None = None,
 ) -> tuple[Embeddings, float]:
     """Embed ``inputs`` with ``model`` (and how long loading it took, in seconds):
-    what every surface's embedding route calls.
+    what every surface's embedding route calls. A ``bytes`` input is an image (an
+    encoded file, for an image and text embedding model); vectors come in input order.
 
     Like a generation: refused while the server drains, counted in the
     metrics, and registered with the gateway so a shutdown cancels it after
@@ -390,9 +391,18 @@ async def embed(
         t0 = time.perf_counter()
         resolved = await gateway.ensure_model(principal, model, keep_alive)
         load_s = time.perf_counter() - t0
+        texts = [x for x in inputs if isinstance(x, str)]
+        images = [x for x in inputs if isinstance(x, bytes)]
         result = await gateway.engine.embed(
-            resolved.key, inputs, truncate=truncate, keep_alive=keep_alive
+            resolved.key, texts, truncate=truncate, keep_alive=keep_alive, images=images
         )
+    if images and texts:  # texts' vectors come first: put them back in input order
+        by_kind = {
+            str: iter(result.vectors[: len(texts)]),
+            bytes: iter(result.vectors[len(texts) :]),
+        }
+        vectors = [next(by_kind[type(x)]) for x in inputs]
+        result = Embeddings(vectors, result.prompt_tokens, result.model)
     gateway.metrics.embedded.labels(resolved.key).inc(len(inputs))
     gateway.metrics.embedding_tokens.labels(resolved.key).inc(result.prompt_tokens)
     return result, load_s

@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
+from engine.images import decode_image, embedding_input
 from engine.modelfacts import ModelFacts
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.names import looks_like_ref
@@ -202,6 +203,9 @@ def _ollama_calls(calls: list[ReadCall]) -> list[dict[str, Any]]:
 class EmbedBody(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     input: str | list[str] = ""
+    # Images (base64 or data URLs) for an image and text embedding model, embedded
+    # after ``input``; a data:image URL in ``input`` is an image too.
+    images: Annotated[list[str], msgspec.Meta(max_length=64)] = []
     truncate: bool | None = None
     dimensions: int | None = None
     options: Options | None = None
@@ -575,7 +579,11 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
     # -- embeddings -----------------------------------------------------------------------
 
     async def embed_texts(
-        principal: Principal, model: str, texts: list[str], truncate: bool, keep_alive: float | None
+        principal: Principal,
+        model: str,
+        texts: list[str | bytes],
+        truncate: bool,
+        keep_alive: float | None,
     ) -> tuple[list[list[float]], int, float, float]:
         t0 = time.perf_counter()
         result, load_s = await embed_with(
@@ -585,12 +593,15 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
 
     async def embed(request: Request) -> Response:
         body = await read_body(gateway, request, EmbedBody)
-        texts = [body.input] if isinstance(body.input, str) else body.input
+        texts = [body.input] if isinstance(body.input, str) and body.input else body.input
+        if isinstance(texts, str):  # "" with images only
+            texts = []
+        items = [embedding_input(t) for t in texts] + [decode_image(x) for x in body.images]
         truncate = body.truncate is not False
         vectors, tokens, load_s, total_s = await unless_disconnected(
             request,
             embed_texts(
-                request.state.principal, body.model, texts, truncate, _keep_alive(body.keep_alive)
+                request.state.principal, body.model, items, truncate, _keep_alive(body.keep_alive)
             ),
         )
         if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):

@@ -70,6 +70,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
+from engine.images import decode_image, embedding_input
 from gateway.generation import (
     MAX_SAMPLES,
     Outcome,
@@ -279,16 +280,20 @@ def _refuse_completion_extras(body: CompletionRequest) -> None:
         raise InvalidParam("logprobs", "logprobs must be between 0 and 5")
 
 
-def _inputs(body: EmbeddingsRequest) -> list[str]:
+def _inputs(body: EmbeddingsRequest) -> list[str | bytes]:
+    """The inputs in order: texts, and images (``data:image/...`` URLs in ``input``, then
+    the ``images`` extension's base64 or data URLs) as their bytes."""
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    if not inputs:
+    if not inputs and not body.images:
         raise InvalidParam("input", "input must not be empty")
     for x in inputs:
         if not isinstance(x, str):
             raise InvalidParam("input", "input must be text (token arrays are not supported)")
         if not x:
             raise InvalidParam("input", "input must not hold empty strings")
-    return [x for x in inputs if isinstance(x, str)]
+    return [embedding_input(x) for x in inputs if isinstance(x, str)] + [
+        decode_image(x) for x in body.images
+    ]
 
 
 # -- generation -----------------------------------------------------------------------

@@ -190,3 +190,6 @@ class EmbeddingsRequest(msgspec.Struct):
     # Extensions: cut inputs longer than the model's context (else a 400), keep-alive.
     truncate: bool = True
     keep_alive: KeepAlive | None = None
+    # Extension: images (base64 or data URLs) for an image and text embedding model,
+    # their vectors after the inputs' (a data:image URL in ``input`` is an image too).
+    images: Annotated[list[str], Meta(max_length=64)] = []

@@ -298,3 +298,116 @@ async def test_bad_images_and_requests_are_typed_errors_and_the_next_request_wor
         assert re.search(why, error["message"]), error["message"]
     r = await _classify(running, {"model": "colours", "images": [good]})
     assert r.status_code == 200 and r.json()["results"][0]["labels"][0]["label"] == "blue"
+
+
+# -- image and text embeddings (CLIP layout) --------------------------------------------
+
+
+@pytest.fixture
+async def clip_server(
+    tmp_path: Path, script_model: Path
+) -> AsyncIterator[tuple[RunningServer, Any]]:
+    from engine.tinyvision import write_tiny_clip
+
+    weights = write_tiny_clip(tmp_path / "clip")
+    models = {"clip": tmp_path / "clip", "script": script_model}
+    async with gateway(server_config(tmp_path / "home", models)) as srv:
+        yield srv, weights
+
+
+def _solid(rgb: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> bytes:
+    return _encoded(Image.new("RGB", size, rgb))
+
+
+async def test_tiny_clip_embeds_texts_and_images_into_one_space(
+    clip_server: tuple[RunningServer, Any],
+) -> None:
+    """Through the official openai client: texts and images (data URLs) in one request come
+    back in input order, equal to a numpy forward pass of the model's weights, and each
+    colour's image is nearest its own caption; the Ollama route's ``images`` agree."""
+    import openai
+
+    srv, clip = clip_server
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    captions = [f"a {name} square" for name in colours]
+    urls = ["data:image/png;base64," + _b64(_solid(rgb)) for rgb in colours.values()]
+    token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+    client = openai.AsyncOpenAI(base_url=srv.http_url + "/v1", api_key=token)
+    mixed = [captions[0], urls[0], captions[1], urls[1], captions[2], urls[2]]
+    got = await client.embeddings.create(model="clip", input=mixed)
+    vectors = np.array([d.embedding for d in got.data])
+    assert [d.index for d in got.data] == list(range(6))
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    ids = [clip.ids(c) for c in captions]
+    width = max(map(len, ids))
+    batch = np.array([row + [0] * (width - len(row)) for row in ids])
+    mask = (np.arange(width)[None] < np.array([len(r) for r in ids])[:, None]).astype(np.int64)
+    text_ref = unit(clip.text(batch, mask))
+    pixels = np.stack(
+        [
+            np.broadcast_to(
+                (np.array(rgb, np.float32)[:, None, None] / 255 - 0.5) / 0.5, (3, 32, 32)
+            )
+            for rgb in colours.values()
+        ]
+    )
+    image_ref = unit(clip.vision(pixels))
+    assert np.allclose(vectors[0::2], text_ref, atol=1e-5)
+    assert np.allclose(vectors[1::2], image_ref, atol=1e-5)
+    similarity = vectors[1::2] @ vectors[0::2].T  # image x caption
+    assert list(similarity.argmax(axis=1)) == [0, 1, 2]
+    assert got.usage.prompt_tokens == sum(map(len, ids))
+
+    async with httpx.AsyncClient(
+        base_url=srv.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ) as c:
+        r = await c.post(
+            "/api/embed",
+            json={"model": "clip", "input": captions[2], "images": [_b64(_solid((0, 0, 255)))]},
+        )
+        assert r.status_code == 200, r.text
+        both = np.array(r.json()["embeddings"])
+        assert np.allclose(both, [vectors[4], vectors[5]], atol=1e-5)
+        r = await c.post("/api/embed", json={"model": "clip", "images": [urls[0]]})
+        assert r.status_code == 200 and np.allclose(
+            r.json()["embeddings"][0], vectors[1], atol=1e-5
+        )
+
+        for path, body, why in (
+            ("/api/embed", {"model": "script", "images": [urls[0]]}, "does not embed images"),
+            ("/api/embed", {"model": "clip", "images": [_b64(b"not an image")]}, "image 0"),
+            ("/v1/embeddings", {"model": "clip", "input": ["data:image/png;base64,@@"]}, "base64"),
+            ("/v1/classify", {"model": "clip", "images": [urls[0]]}, "does not classify"),
+        ):
+            r = await c.post(path, json=body)
+            assert r.status_code == 400, (path, r.text)
+            assert why in r.text
+        r = await c.post("/v1/embeddings", json={"model": "clip", "input": "a red square"})
+        assert r.status_code == 200 and np.allclose(
+            r.json()["data"][0]["embedding"], vectors[0], atol=1e-5
+        )
+
+
+def test_the_clip_layout_is_found_under_every_export_name(tmp_path: Path) -> None:
+    from engine.backends.image_entry import clip_graphs
+    from engine.tinyvision import write_tiny_clip
+
+    folder = tmp_path / "clip"
+    write_tiny_clip(folder)
+    assert find_entry(str(folder)).inspect(str(folder)).kinds == {Kind.IMAGE_EMBED, Kind.EMBED}
+    assert kind_of(facts_of(folder)) == "image-embed"
+    for text, vision in (("text_model.onnx", "vision_model.onnx"), ("textual.onnx", "visual.onnx")):
+        moved = tmp_path / text
+        moved.mkdir()
+        for name in ("tokenizer.json", "preprocessor_config.json", "config.json"):
+            (moved / name).write_bytes((folder / name).read_bytes())
+        (moved / text).write_bytes((folder / "onnx/text_model.onnx").read_bytes())
+        (moved / vision).write_bytes((folder / "onnx/vision_model.onnx").read_bytes())
+        assert clip_graphs(moved) == (moved / text, moved / vision)
+        assert type(find_entry(str(moved))).__name__ == "OnnxClipEntry"
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        find_entry(str(folder)).inspect(str(folder))

@@ -57,6 +57,7 @@ __all__ = [
     "EmbedJob",
     "Embedder",
     "ImageClassifier",
+    "ImageEmbedder",
     "LoadParams",
     "SynthesizeJob",
     "Synthesizer",
@@ -66,6 +67,7 @@ __all__ = [
     "classifier_of",
     "embedder_of",
     "generator_of",
+    "image_embedder_of",
     "synthesizer_of",
     "transcriber_of",
 ]
@@ -366,3 +368,22 @@ def classifier_of(backend: Backend) -> ImageClassifier:
     if isinstance(backend, ImageClassifier):
         return backend
     raise BadRequest(f"this is {backend.what}: it does not classify images")
+
+
+class ImageEmbedder(Embedder):
+    """A model that embeds images and texts into one space (CLIP and its kin): a text and an
+    image that match have vectors with a high dot product."""
+
+    what = "an image and text embedding model"
+
+    @abc.abstractmethod
+    def embed_images_job(self, images: Sequence[bytes]) -> EmbedJob:
+        """A job embedding ``images`` (encoded files), like :meth:`Embedder.embed_job`: each
+        ``next()`` decodes or embeds one batch; returns ``(unit-length vectors, 0)``."""
+
+
+def image_embedder_of(backend: Backend) -> ImageEmbedder:
+    """``backend`` as an :class:`ImageEmbedder`; BadRequest for a model that is not one."""
+    if isinstance(backend, ImageEmbedder):
+        return backend
+    raise BadRequest(f"this is {backend.what}: it does not embed images")

@@ -48,6 +48,7 @@ class Kind(enum.StrEnum):
     ASR = "asr"  # Transcriber: speech to timed text, a job of one window per step
     TTS = "tts"  # Synthesizer: text to speech, a job of one sentence per step
     IMAGE_CLASSIFY = "image-classify"  # ImageClassifier: images to labels, a batch per step
+    IMAGE_EMBED = "image-embed"  # ImageEmbedder: images and texts to vectors in one space
 
 
 @dataclass(frozen=True)

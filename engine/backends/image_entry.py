@@ -1,4 +1,4 @@
-"""Registry entry of image classification models: an ONNX graph and how to prepare its input.
+"""Registry entries of image models: classifiers, and image-text embedders (CLIP).
 
 An image classifier is a folder holding ``model.onnx`` (images in, a score
 per label out), ``preprocessor_config.json`` (how an image becomes the
@@ -7,6 +7,15 @@ graph's input: :class:`engine.images.Preprocess`) and ``config.json`` whose
 onnxruntime ship. It is the ``onnx`` backend to a user and takes the same
 ``[onnx]`` options; the store's catalog writes these files for a classifier
 that ships as a bare graph (``open-nsfw``).
+
+A CLIP-style embedder is two graphs in one folder, as ONNX exports of CLIP
+ship them: a text model (token ids and an attention mask in, ``text_embeds``
+out) and a vision model (``pixel_values`` in, ``image_embeds`` out), each
+with its projection into the shared space, beside ``tokenizer.json``,
+``preprocessor_config.json`` and ``config.json``. The graphs are
+``text_model.onnx`` and ``vision_model.onnx`` (in ``onnx/`` or at the top, as
+exporters write them) or open_clip's ``textual.onnx`` and ``visual.onnx``
+(:func:`clip_graphs`).
 """
 
 from __future__ import annotations
@@ -19,7 +28,13 @@ from engine.backends.onnx_entry import OnnxOptions
 from engine.memory import COMPUTE_RESERVE, folder_bytes
 from protocol.errors import ModelLoadError
 
-__all__ = ["PREPROCESSOR", "OnnxImageClassifierEntry", "read_labels"]
+__all__ = [
+    "PREPROCESSOR",
+    "OnnxClipEntry",
+    "OnnxImageClassifierEntry",
+    "clip_graphs",
+    "read_labels",
+]
 
 PREPROCESSOR = "preprocessor_config.json"
 
@@ -37,6 +52,48 @@ def read_labels(folder: Path) -> list[str]:
     if not labels or sorted(labels) != list(range(len(labels))):
         raise ModelLoadError(str(folder), "config", "id2label must number outputs 0..n-1")
     return [labels[i] for i in range(len(labels))]
+
+
+_CLIP_NAMES = (
+    ("onnx/text_model.onnx", "onnx/vision_model.onnx"),
+    ("text_model.onnx", "vision_model.onnx"),
+    ("textual.onnx", "visual.onnx"),
+)
+
+
+def clip_graphs(folder: Path) -> tuple[Path, Path] | None:
+    """The text and vision graphs of a CLIP-style folder, or None when it is not one."""
+    for text, vision in _CLIP_NAMES:
+        if (folder / text).is_file() and (folder / vision).is_file():
+            return folder / text, folder / vision
+    return None
+
+
+class OnnxClipEntry(BackendEntry):
+    name = "onnx"
+    package = "onnxruntime"
+    options = OnnxOptions
+    module = "engine.backends.onnxclip"
+    cls = "OnnxClipEmbedder"
+
+    def claims(self, path: str) -> bool:
+        return clip_graphs(Path(path)) is not None
+
+    def inspect(self, path: str) -> Found:
+        from engine.images import read_preprocess
+
+        folder = Path(path)
+        if clip_graphs(folder) is None:
+            names = ", ".join(" + ".join(pair) for pair in _CLIP_NAMES)
+            raise ModelLoadError(path, "not_onnx", f"a CLIP folder holds {names}")
+        if not (folder / "tokenizer.json").is_file():
+            raise ModelLoadError(path, "tokenizer", "the folder has no tokenizer.json")
+        read_preprocess(folder)
+        return Found(path, self.name, frozenset({Kind.IMAGE_EMBED, Kind.EMBED}))
+
+    def size(self, found: Found, inputs: SizingInputs) -> Sizing:
+        per_worker = folder_bytes(found.path) + 4 * COMPUTE_RESERVE
+        return Sizing(1, inputs.workers * per_worker)
 
 
 class OnnxImageClassifierEntry(BackendEntry):

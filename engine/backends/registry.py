@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from engine.backends.entry import BackendEntry
 from engine.backends.gguf_entry import CTransformersEntry, LlamaCppEntry
-from engine.backends.image_entry import OnnxImageClassifierEntry
+from engine.backends.image_entry import OnnxClipEntry, OnnxImageClassifierEntry
 from engine.backends.onnx_entry import OnnxDecoderEntry, OnnxEncoderEntry
 from engine.backends.tts_entry import HibariEntry
 from engine.backends.whisper_entry import WhisperEntry
@@ -27,6 +27,7 @@ __all__ = ["REGISTRY", "available_backends", "backend_names", "find_entry"]
 REGISTRY: tuple[BackendEntry, ...] = (
     WhisperEntry(),
     HibariEntry(),
+    OnnxClipEntry(),
     OnnxImageClassifierEntry(),
     OnnxEncoderEntry(),
     OnnxDecoderEntry(),

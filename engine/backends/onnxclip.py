@@ -1,0 +1,158 @@
+"""Image and text embeddings in one space (CLIP and its kin) through onnxruntime.
+
+Two graphs (:func:`engine.backends.image_entry.clip_graphs`): texts are
+tokenized with the folder's ``tokenizer.json``, padded to the longest of a
+batch, cut at the text model's length (``text_config.max_position_embeddings``
+in ``config.json``, 77 by default, or refused with ``truncate=False``) and run
+through the text graph; images are decoded and prepared as the folder's
+``preprocessor_config.json`` says (:mod:`engine.images`) and run through the
+vision graph. Each graph's projected output (``text_embeds`` /
+``image_embeds``, else its first output) is scaled to unit length, so a dot
+product between any two vectors, text or image, is their cosine similarity.
+A job runs one batch of :data:`BATCH` inputs per worker step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from engine.backends.base import EmbedJob, ImageEmbedder, LoadParams
+from engine.backends.image_entry import clip_graphs
+from engine.backends.onnx_entry import OnnxOptions
+from engine.backends.onnxsession import read_json, session_options
+from engine.images import open_image, prepare, read_preprocess
+from protocol.errors import BadRequest, ModelLoadError, TooLarge
+
+__all__ = ["BATCH", "MAX_IMAGES", "OnnxClipEmbedder"]
+
+BATCH = 8
+MAX_IMAGES = 64
+
+
+def _session(path: Path, params: LoadParams) -> ort.InferenceSession:
+    opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
+    try:
+        return ort.InferenceSession(
+            str(path), session_options(params.n_threads, opts), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own types for bad graphs
+        raise ModelLoadError(
+            str(path), "backend", f"onnxruntime could not load it ({exc})"
+        ) from None
+
+
+def _output(session: ort.InferenceSession, name: str) -> str:
+    names = [o.name for o in session.get_outputs()]
+    return name if name in names else names[0]
+
+
+def _unit(x: np.ndarray) -> list[list[float]]:
+    x = np.asarray(x, np.float32).reshape(len(x), -1)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    out: list[list[float]] = (x / np.maximum(norm, 1e-12)).tolist()
+    return out
+
+
+class OnnxClipEmbedder(ImageEmbedder):
+    name = "onnx"
+
+    def __init__(self, folder: Path, text: ort.InferenceSession, vision: ort.InferenceSession):
+        self._text, self._vision = text, vision
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        config = read_json(folder / "config.json")
+        text_config = config.get("text_config") or {}
+        self.n_ctx = int(text_config.get("max_position_embeddings") or 77)
+        padding = self._tok.padding or {}
+        self._pad = int(padding.get("pad_id", 0)) if isinstance(padding, dict) else 0
+        self._text_inputs = {i.name for i in text.get_inputs()}
+        if "input_ids" not in self._text_inputs:
+            raise ModelLoadError(str(folder), "layout", "the text graph takes no input_ids")
+        self._text_out = _output(text, "text_embeds")
+        self._cfg = read_preprocess(folder)
+        inp = vision.get_inputs()[0]
+        self._pixels = inp.name
+        shape = list(inp.shape)
+        if len(shape) != 4 or 3 not in (shape[1], shape[3]):
+            raise ModelLoadError(
+                str(folder), "layout", f"the vision graph's input {shape} is not a batch of images"
+            )
+        self._layout: Literal["nchw", "nhwc"] = self._cfg.layout or (
+            "nchw" if shape[1] == 3 else "nhwc"
+        )
+        self._image_out = _output(vision, "image_embeds")
+
+    @classmethod
+    def load(cls, path: str, params: LoadParams) -> OnnxClipEmbedder:
+        folder = Path(path)
+        graphs = clip_graphs(folder)
+        if graphs is None:
+            raise ModelLoadError(path, "not_onnx", "not a CLIP folder (text and vision graphs)")
+        return cls(folder, _session(graphs[0], params), _session(graphs[1], params))
+
+    def free(self) -> None:
+        pass  # the sessions go with the object
+
+    # -- texts ------------------------------------------------------------------------
+
+    def embed_job(self, texts: Sequence[str], truncate: bool) -> EmbedJob:
+        ids = []
+        for i, text in enumerate(texts):
+            if not text:
+                raise BadRequest(f"input {i} is empty")
+            tokens = self._tok.encode(text).ids
+            if len(tokens) > self.n_ctx:
+                if not truncate:
+                    raise BadRequest(
+                        f"input {i} has {len(tokens)} tokens; this model reads {self.n_ctx}"
+                    )
+                tokens = tokens[: self.n_ctx - 1] + tokens[-1:]  # keep the end marker
+            ids.append(tokens)
+        return self._texts(ids)
+
+    def _texts(self, ids: list[list[int]]) -> EmbedJob:
+        vectors: list[list[float]] = []
+        for start in range(0, len(ids), BATCH):
+            part = ids[start : start + BATCH]
+            width = max(map(len, part))
+            batch = np.full((len(part), width), self._pad, np.int64)
+            mask = np.zeros((len(part), width), np.int64)
+            for row, tokens in enumerate(part):
+                batch[row, : len(tokens)] = tokens
+                mask[row, : len(tokens)] = 1
+            feed = {"input_ids": batch}
+            if "attention_mask" in self._text_inputs:
+                feed["attention_mask"] = mask
+            vectors += _unit(self._text.run([self._text_out], feed)[0])
+            yield
+        return vectors, sum(map(len, ids))
+
+    # -- images -----------------------------------------------------------------------
+
+    def embed_images_job(self, images: Sequence[bytes]) -> EmbedJob:
+        if len(images) > MAX_IMAGES:
+            raise BadRequest(f"{len(images)} images; one request takes at most {MAX_IMAGES}")
+        return self._images(list(images))
+
+    def _images(self, images: list[bytes]) -> EmbedJob:
+        tensors = []
+        for i, data in enumerate(images):
+            try:
+                tensors.append(prepare(open_image(data), self._cfg, self._layout))
+            except (BadRequest, TooLarge) as exc:
+                raise type(exc)(f"image {i}: {exc.message}") from None
+        yield  # decoding was this step's work
+        vectors: list[list[float]] = []
+        for start in range(0, len(tensors), BATCH):
+            batch = np.stack(tensors[start : start + BATCH])
+            vectors += _unit(self._vision.run([self._image_out], {self._pixels: batch})[0])
+            if start + BATCH < len(tensors):
+                yield
+        return vectors, 0
