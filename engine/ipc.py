@@ -18,6 +18,7 @@ import msgspec
 
 from engine.requests import (
     ChatMessage,
+    ImageOptions,
     Label,
     SamplingParams,
     SpeechOptions,
@@ -41,7 +42,10 @@ __all__ = [
     "FromWorker",
     "Generate",
     "Hello",
+    "ImagesMade",
+    "ImagesStep",
     "LoadModel",
+    "MakeImages",
     "ModelLoaded",
     "Ping",
     "Pong",
@@ -174,6 +178,17 @@ class Classify(_Frame, tag=32, kw_only=True):
     priority: int = 0
 
 
+class MakeImages(_Frame, tag=34, kw_only=True):
+    """Generate images for ``prompt`` with ``model``: :class:`ImagesStep` frames a sampler
+    step at a time, then :class:`ImagesMade` or :class:`WorkerError`."""
+
+    req: int
+    model: str
+    prompt: str
+    options: ImageOptions
+    priority: int = 0
+
+
 class CancelJob(_Frame, tag=10, kw_only=True):
     """Stop job ``req`` (its caller went away); it ends without a reply."""
 
@@ -256,6 +271,22 @@ class Classified(_Frame, tag=33, kw_only=True):
     labels: list[list[Label]]
 
 
+class ImagesStep(_Frame, tag=35, kw_only=True):
+    """Sampler step ``step`` of ``steps`` is done."""
+
+    req: int
+    step: int
+    steps: int
+
+
+class ImagesMade(_Frame, tag=36, kw_only=True):
+    """The images (PNG files) and the seed that makes them again."""
+
+    req: int
+    images: list[bytes]
+    seed: int
+
+
 class Embedded(_Frame, tag=27, kw_only=True):
     """Unit-length vectors, row after row, as native float32 (``dim`` floats each).
 
@@ -321,6 +352,7 @@ ToWorker = (
     | Transcribe
     | Synthesize
     | Classify
+    | MakeImages
     | CancelJob
 )
 FromWorker = (
@@ -337,6 +369,8 @@ FromWorker = (
     | AudioPart
     | Synthesized
     | Classified
+    | ImagesStep
+    | ImagesMade
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -22,6 +22,9 @@ from engine.pool import Worker, WorkerPool
 from engine.requests import (
     Classification,
     Embeddings,
+    ImageOptions,
+    Images,
+    ImageStep,
     Speech,
     SpeechChunk,
     SpeechOptions,
@@ -245,6 +248,39 @@ class JobCalls:
                     yield SpeechChunk(frame.pcm, frame.rate)
                 elif isinstance(frame, ipc.Synthesized):
                     yield Speech(seconds=frame.seconds, sample_rate=frame.sample_rate, model=model)
+
+    async def generate_images_stream(
+        self,
+        model: str,
+        prompt: str,
+        options: ImageOptions | None = None,
+        *,
+        keep_alive: float | None = None,
+        priority: int = 0,
+    ) -> AsyncGenerator[ImageStep | Images, None]:
+        """Images for ``prompt`` from ``model``: an :class:`ImageStep` per sampler step, then
+        :class:`Images` (PNG files and the seed that makes them again).
+
+        Raises ModelNotFound, BadRequest (not an image generation model; a size, a
+        number of images or of steps it does not take; a prompt a class-conditioned
+        model cannot read) or EngineError (the worker died; retryable). Closing the
+        iterator early stops the work in the worker.
+        """
+        req = self._pool.next_req()
+        msg = ipc.MakeImages(
+            req=req,
+            model=model,
+            prompt=prompt,
+            options=options or ImageOptions(),
+            priority=priority,
+        )
+        frames = self._job_frames(model, msg, req, ipc.ImagesMade, keep_alive)
+        async with contextlib.aclosing(frames):  # closed at once when our caller stops
+            async for frame in frames:
+                if isinstance(frame, ipc.ImagesStep):
+                    yield ImageStep(frame.step, frame.steps)
+                elif isinstance(frame, ipc.ImagesMade):
+                    yield Images(images=frame.images, seed=frame.seed, model=model)
 
     async def _job_frames(
         self,

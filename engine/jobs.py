@@ -32,11 +32,13 @@ from engine.backends.base import (
     Backend,
     ClassifyJob,
     EmbedJob,
+    ImagesJob,
     SynthesizeJob,
     TranscribeJob,
     classifier_of,
     embedder_of,
     image_embedder_of,
+    image_generator_of,
     synthesizer_of,
     transcriber_of,
 )
@@ -204,11 +206,35 @@ def _start_classification(backend: Backend, msg: ipc.Classify) -> Job:
     return _Classification(msg, classifier_of(backend).classify_job(msg.images, msg.top_k))
 
 
+class _Images(Job):
+    """A prompt to images: a sampler step per unit (its progress sent), the files at the end."""
+
+    def __init__(self, msg: ipc.MakeImages, run: ImagesJob) -> None:
+        super().__init__(msg.req, msg.model)
+        self._run = run
+
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        try:
+            step, steps = next(self._run)
+        except StopIteration as done:
+            images, seed = done.value
+            return [ipc.ImagesMade(req=self.req, images=images, seed=seed)], True
+        return [ipc.ImagesStep(req=self.req, step=step, steps=steps)], False
+
+    def close(self) -> None:
+        self._run.close()
+
+
+def _start_images(backend: Backend, msg: ipc.MakeImages) -> Job:
+    return _Images(msg, image_generator_of(backend).images_job(msg.prompt, msg.options))
+
+
 JOB_KINDS: tuple[JobKind, ...] = (
     JobKind(ipc.Embed, _start_embedding),
     JobKind(ipc.Transcribe, _start_transcription),
     JobKind(ipc.Synthesize, _start_synthesis),
     JobKind(ipc.Classify, _start_classification),
+    JobKind(ipc.MakeImages, _start_images),
 )
 
 

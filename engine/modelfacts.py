@@ -17,7 +17,7 @@ quantizations), so they come from the model's metadata, never from its name:
   count (a 4-bit ``MatMulNBits`` weight counts its ``K x N`` values, not its
   packed bytes) and the quantization; a folder with an image preprocessor
   config classifies images, one with a text and a vision graph (CLIP) embeds
-  both; a graph without a key/value cache is an encoder, which embeds.
+  both, one with ``diffusion.json`` generates images; a graph without a key/value cache is an encoder, which embeds.
 
 Reading a GGUF header takes milliseconds, an ONNX graph without its weights
 a little more; callers cache by content (a store blob never changes).
@@ -59,12 +59,15 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
 def kind_of(facts: ModelFacts | None) -> str:
     """The kind of jobs a model serves, as ``list`` and ``show`` name it: ``text``,
     ``embed``, ``asr`` (speech recognition), ``tts`` (speech synthesis), ``vad``
-    (voice activity, for WebSocket voice), ``image-classify`` or ``image-embed``."""
+    (voice activity, for WebSocket voice), ``image-classify``, ``image-embed`` or
+    ``image-generate``."""
     caps = set(facts.capabilities) if facts is not None else set()
     if "classification" in caps:
         return "image-classify"
     if "image-embedding" in caps:
         return "image-embed"
+    if "image-generation" in caps:
+        return "image-generate"
     if "transcription" in caps:
         return "asr"
     if "speech" in caps:
@@ -106,6 +109,8 @@ def facts_of(path: str | os.PathLike[str]) -> ModelFacts:
         graphs = clip_graphs(p)
         if graphs is not None:
             return _clip_facts(p, graphs)
+        if (p / "diffusion.json").is_file():
+            return _diffusion_facts(p)
         if not (p / "model.onnx").is_file():
             return _safetensors_facts(p)
         return _onnx_facts(p)
@@ -221,6 +226,25 @@ def _clip_facts(folder: Path, graphs: tuple[Path, Path]) -> ModelFacts:
         facts,
         context_length=context or 77,
         embedding_length=_int(config.get("projection_dim")),
+    )
+
+
+def _diffusion_facts(folder: Path) -> ModelFacts:
+    """An image generator: every graph's parameters; text-conditioned or not."""
+    import onnx
+
+    count = sum(
+        _count(t.dims)
+        for g in sorted(folder.glob("*.onnx"))
+        for t in onnx.load(str(g), load_external_data=False).graph.initializer
+    )
+    return ModelFacts(
+        format="onnx",
+        architecture="diffusion",
+        family="diffusion",
+        parameter_count=count,
+        parameter_size=size_label(count) if count else "",
+        capabilities=("image-generation",),
     )
 
 

@@ -28,6 +28,9 @@ __all__ = [
     "FinishReason",
     "GenerateRequest",
     "GenerationDone",
+    "ImageOptions",
+    "ImageStep",
+    "Images",
     "Label",
     "SamplingParams",
     "Speech",
@@ -324,3 +327,32 @@ class Classification(msgspec.Struct, frozen=True):
 
     labels: list[list[Label]]
     model: str
+
+
+class ImageOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How to generate images: ``n`` of them, ``width`` x ``height`` (0: the model's own
+    size), ``steps`` of the sampler (0: the model's default), ``seed`` (None: drawn, and
+    reported so the images can be made again)."""
+
+    n: int = 1
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    seed: int | None = None
+
+
+class ImageStep(msgspec.Struct, frozen=True):
+    """A piece of :meth:`engine.EngineClient.generate_images_stream`: ``step`` of ``steps``
+    sampler steps is done."""
+
+    step: int
+    steps: int
+
+
+class Images(msgspec.Struct, frozen=True, kw_only=True):
+    """The end of :meth:`engine.EngineClient.generate_images_stream`: PNG files, and the
+    seed that makes them again."""
+
+    images: list[bytes]
+    seed: int
+    model: str = ""

@@ -19,7 +19,11 @@ graphs use are written (``nchw`` as exported from PyTorch, ``nhwc`` as from
 Caffe or TensorFlow), with or without the softmax inside the graph, so the
 backend's layout and score handling are proven on both sides.
 
-Command: ``python -m engine.tinyvision DIR [classifier|clip]`` writes one to ``DIR``.
+:func:`write_tiny_diffusion` writes a text-to-image pipeline (text encoder,
+UNet sampled in a loop, decoder) in the ``diffusion.json`` layout, whose
+images are the colour the prompt names.
+
+Command: ``python -m engine.tinyvision DIR [classifier|clip|diffusion]`` writes one to ``DIR``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["TINY_CLIP_WORDS", "TINY_LABELS", "TinyClip", "write_tiny_classifier", "write_tiny_clip"]
+__all__ = [
+    "TINY_CLIP_WORDS",
+    "TINY_DIFFUSION_SD",
+    "TINY_LABELS",
+    "TinyClip",
+    "tiny_colour",
+    "write_tiny_classifier",
+    "write_tiny_clip",
+    "write_tiny_diffusion",
+]
 
 TINY_LABELS = ("red", "green", "blue")
 _OPSET = 17
@@ -284,14 +297,141 @@ def write_tiny_clip(folder: Path, *, seed: int = 0, max_length: int = 16) -> Tin
     return clip
 
 
+TINY_DIFFUSION_SD = 0.1  # the spread of the tiny diffusion model's "data" around its colour
+
+
+def tiny_colour(words: list[str]) -> np.ndarray:
+    """The colour (RGB in -1..1) the tiny diffusion model paints for a prompt's words: the
+    mean over its tokens (start and end markers included) of each colour word's colour."""
+    table = {"red": (1, -1, -1), "green": (-1, 1, -1), "blue": (-1, -1, 1)}
+    rows = [(0, 0, 0), *(table.get(w, (0, 0, 0)) for w in words), (0, 0, 0)]
+    return np.asarray(np.asarray(rows, np.float32).mean(axis=0), np.float32)
+
+
+def write_tiny_diffusion(folder: Path) -> Path:
+    """A tiny text-to-image pipeline at ``folder`` (created): text encoder -> UNet loop ->
+    decoder, in the ``diffusion.json`` layout.
+
+    The text encoder averages per-token colours (``tiny_colour``); the UNet is the
+    exact denoiser of images whose every pixel is that colour plus noise of spread
+    :data:`TINY_DIFFUSION_SD`, ``D(x, s) = c + sd^2 / (sd^2 + s^2) (x - c)``, on an
+    8x8 latent; the decoder scales the latent up 4x to a 32x32 RGB image. So "a red
+    square" comes out red, and a seed fixes every pixel.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    vocab = {t: i for i, t in enumerate((*_CLIP_SPECIALS, *TINY_CLIP_WORDS))}
+
+    def save(graph: onnx.GraphProto, name: str) -> None:
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="ferrousforge"
+        )
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, str(folder / name))
+
+    colours = np.zeros((len(vocab), 3), np.float32)
+    for word, rgb in (("red", (1, -1, -1)), ("green", (-1, 1, -1)), ("blue", (-1, -1, 1))):
+        colours[vocab[word]] = rgb
+    save(
+        helper.make_graph(
+            [
+                helper.make_node("Gather", ["colours", "input_ids"], ["per_token"]),
+                helper.make_node(
+                    "ReduceMean", ["per_token"], ["text_embeds"], axes=[1], keepdims=0
+                ),
+            ],
+            "tiny_text_encoder",
+            [helper.make_tensor_value_info("input_ids", i64, [1, "sequence"])],
+            [helper.make_tensor_value_info("text_embeds", f32, [1, 3])],
+            initializer=[numpy_helper.from_array(colours, "colours")],
+        ),
+        "text_encoder.onnx",
+    )
+    sd2 = np.array(TINY_DIFFUSION_SD**2, np.float32)
+    save(
+        helper.make_graph(
+            [
+                helper.make_node("Reshape", ["sigma", "shape4"], ["s4"]),
+                helper.make_node("Mul", ["s4", "s4"], ["s2"]),
+                helper.make_node("Add", ["s2", "sd2"], ["den"]),
+                helper.make_node("Div", ["sd2", "den"], ["keep"]),
+                helper.make_node("Reshape", ["encoder_hidden_states", "shape_c"], ["c4"]),
+                helper.make_node("Sub", ["sample", "c4"], ["diff"]),
+                helper.make_node("Mul", ["keep", "diff"], ["kept"]),
+                helper.make_node("Add", ["c4", "kept"], ["denoised"]),
+            ],
+            "tiny_unet",
+            [
+                helper.make_tensor_value_info("sample", f32, ["batch", 3, 8, 8]),
+                helper.make_tensor_value_info("sigma", f32, ["batch"]),
+                helper.make_tensor_value_info("encoder_hidden_states", f32, ["batch", 3]),
+            ],
+            [helper.make_tensor_value_info("denoised", f32, ["batch", 3, 8, 8])],
+            initializer=[
+                numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
+                numpy_helper.from_array(np.array([-1, 3, 1, 1], np.int64), "shape_c"),
+                numpy_helper.from_array(sd2, "sd2"),
+            ],
+        ),
+        "unet.onnx",
+    )
+    save(
+        helper.make_graph(
+            [helper.make_node("Resize", ["latent", "", "scales"], ["image"], mode="nearest")],
+            "tiny_decoder",
+            [helper.make_tensor_value_info("latent", f32, ["batch", 3, 8, 8])],
+            [helper.make_tensor_value_info("image", f32, ["batch", 3, 32, 32])],
+            initializer=[numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "scales")],
+        ),
+        "decoder.onnx",
+    )
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("removed")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<start> $A <end>",
+        special_tokens=[("<start>", vocab["<start>"]), ("<end>", vocab["<end>"])],
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "unet": "unet.onnx",
+        "sample_shape": [3, 8, 8],
+        "inputs": {"sample": "sample", "sigma": "sigma", "text": "encoder_hidden_states"},
+        "output": "denoised",
+        "sampler": "euler",
+        "steps": 4,
+        "max_steps": 16,
+        "sigma_min": 0.02,
+        "sigma_max": 10.0,
+        "text_encoder": "text_encoder.onnx",
+        "text_output": "text_embeds",
+        "decoder": "decoder.onnx",
+        "decoder_scale": 4,
+        "sizes": [[32, 32]],
+        "output_range": [-1.0, 1.0],
+    }
+    (folder / "diffusion.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in ("classifier", "clip")):
-        print("usage: python -m engine.tinyvision DIR [classifier|clip]", file=sys.stderr)
+    kinds = ("classifier", "clip", "diffusion")
+    if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in kinds):
+        print("usage: python -m engine.tinyvision DIR [classifier|clip|diffusion]", file=sys.stderr)
         return 2
     folder = Path(args[0])
     if args[1:] == ["clip"]:
         write_tiny_clip(folder)
+    elif args[1:] == ["diffusion"]:
+        write_tiny_diffusion(folder)
     else:
         write_tiny_classifier(folder)
     print(folder)

@@ -248,7 +248,8 @@ class CreateBody(msgspec.Struct):
     template: str | None = None
     system: str | None = None
     license: str | list[str] | None = None
-    parameters: dict[str, Any] | None = None
+    # What a Modelfile PARAMETER can say (anything else is a 400 naming the field).
+    parameters: dict[str, int | float | str | bool | list[str] | None] | None = None
     messages: list[ChatTurn] | None = None
     files: dict[str, str] | None = None
     adapters: dict[str, str] | None = None

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from gateway.generate_routes import ChatBody, GenerateBody, GenerationResult
-from gateway.image_routes import ClassifyBody
+from gateway.image_routes import ClassifyBody, ImagesBody
 from gateway.model_routes import CopyBody, CreateBody, ModelBody, PullBody
 from gateway.openai_api import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 from protocol import messages as m
@@ -128,6 +128,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         CompletionRequest,
         EmbeddingsRequest,
         ClassifyBody,
+        ImagesBody,
         m.Started,
         m.Delta,
         m.Done,
@@ -298,6 +299,15 @@ def openapi_document(version: str) -> dict[str, Any]:
                 },
                 "security": [{"bearer": []}],
             }
+        },
+        "/v1/images/generations": {
+            "post": op(
+                "OpenAI image generation (b64_json PNG files; seed and steps as extensions)",
+                "ImagesBody",
+                _ok("images"),
+                openai_err,
+                "openai",
+            )
         },
         "/v1/audio/translations": _speech_op(
             "Speech in any language to English text (multipart, as transcriptions)", openai_err

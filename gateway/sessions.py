@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from gateway.auth import Principal
+from gateway.drawing import draw
 from gateway.listening import ListenStream
 from gateway.replay import ReplayLog
 from gateway.streams import GenerationStreams
@@ -333,7 +334,7 @@ class Session(GenerationStreams):
                 await self.send(m.ServerHeartbeat(time.time()))
             case _ if not self.helloed:
                 raise BadRequest("send hello first")
-            case m.Generate() | m.Chat() | m.Pull() | m.Speak():
+            case m.Generate() | m.Chat() | m.Pull() | m.Speak() | m.Draw():
                 self._start(msg)
             case m.Listen():
                 vad = await self.gateway.voice_activity()
@@ -493,7 +494,7 @@ class Session(GenerationStreams):
         await stream.feed(data)
 
     def _start(
-        self, msg: m.Generate | m.Chat | m.Pull | m.Speak | m.Listen, listen: Any = None
+        self, msg: m.Generate | m.Chat | m.Pull | m.Speak | m.Draw | m.Listen, listen: Any = None
     ) -> None:
         if self.ended:
             raise _with_id(ResumeExpired("this session has ended"), msg.id)
@@ -511,6 +512,8 @@ class Session(GenerationStreams):
             work = self._pull(msg)
         elif isinstance(msg, m.Speak):
             work = speak(self, msg)
+        elif isinstance(msg, m.Draw):
+            work = draw(self, msg)
         elif isinstance(listen, ListenStream):
             work = listen.run()
             self.listens[msg.id] = listen

@@ -63,6 +63,7 @@ from .fields import (
     _ClientBase,
     _ServerBase,
 )
+from .images import Draw, ImageOut
 from .voice import (
     Audio,
     AudioFormat,
@@ -95,6 +96,7 @@ __all__ = [
     "Credit",
     "Delta",
     "Done",
+    "Draw",
     "Error",
     "Forget",
     "Format",
@@ -102,6 +104,7 @@ __all__ = [
     "GenerationId",
     "Heartbeat",
     "Hello",
+    "ImageOut",
     "KeepAlive",
     "Limits",
     "Listen",
@@ -283,6 +286,7 @@ ClientMessage = (
     | Listen
     | Audio
     | Speak
+    | Draw
 )
 
 
@@ -445,6 +449,7 @@ ServerMessage = (
     | SpeechEdge
     | TranscriptEvent
     | AudioOut
+    | ImageOut
 )
 
 CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
@@ -460,6 +465,7 @@ CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Listen,
     Audio,
     Speak,
+    Draw,
 )
 SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Ready,
@@ -474,4 +480,5 @@ SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     SpeechEdge,
     TranscriptEvent,
     AudioOut,
+    ImageOut,
 )

@@ -152,6 +152,11 @@ async def test_model_management(running: RunningServer, eos_model: Path) -> None
     assert "Be terse." in (shown.modelfile or "") and "seed" in (shown.parameters or "")
     names = {m.model for m in (await client.list()).models}
     assert names == {"eos:latest", "eos2:latest", "terse:latest"}
+    # A parameter no Modelfile can hold (an object) is a 400, not a failure on the server.
+    odd = {"model": "odd", "from": "eos", "parameters": {"stop": {"a": 1}}}
+    with pytest.raises(ollama.ResponseError) as bad:
+        await client._request_raw("POST", "/api/create", json=odd)
+    assert bad.value.status_code == 400 and "parameters" in str(bad.value)
 
     await client.generate(model="eos2", prompt="hi", keep_alive="10m")
     ps = await client.ps()

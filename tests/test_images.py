@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import re
 import struct
 import zlib
@@ -411,3 +412,193 @@ def test_the_clip_layout_is_found_under_every_export_name(tmp_path: Path) -> Non
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match="tokenizer"):
         find_entry(str(folder)).inspect(str(folder))
+
+
+# -- image generation --------------------------------------------------------------------
+
+
+def test_noise_schedules_and_sampler_steps() -> None:
+    from engine.sigmas import consistency_renoise, euler_step, karras_sigmas
+
+    sigmas = karras_sigmas(5, 0.02, 10.0)
+    assert sigmas[0] == pytest.approx(10.0) and sigmas[-1] == pytest.approx(0.02)
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
+    assert list(karras_sigmas(1, 0.002, 80.0)) == [80.0]
+    x, d = np.full(4, 3.0, np.float32), np.full(4, 1.0, np.float32)
+    assert np.allclose(euler_step(x, d, 2.0, 0.0), d)
+    assert np.allclose(euler_step(x, d, 2.0, 1.0), 2.0)  # half way along (x - d)
+    assert np.allclose(consistency_renoise(d, 0.002, 0.002, x), d)
+    with pytest.raises(ValueError):
+        karras_sigmas(0, 0.1, 1.0)
+
+
+@pytest.fixture(scope="module")
+def terrain() -> Path:
+    from engine.catalogcache import fetch_catalog_model
+
+    return fetch_catalog_model("terrain-diffusion")
+
+
+@pytest.fixture
+async def painter(
+    tmp_path: Path, terrain: Path, script_model: Path
+) -> AsyncIterator[RunningServer]:
+    from engine.tinyvision import write_tiny_diffusion
+
+    models = {
+        "paint": write_tiny_diffusion(tmp_path / "paint"),
+        "terrain": terrain,
+        "script": script_model,
+    }
+    async with gateway(server_config(tmp_path / "home", models)) as srv:
+        yield srv
+
+
+def _tiny_pipeline(words: list[str], n: int, seed: int, steps: int = 4) -> np.ndarray:
+    """The tiny text-to-image model run in numpy: Euler on Karras' schedule, then 4x up."""
+    from engine.tinyvision import TINY_DIFFUSION_SD, tiny_colour
+
+    c = tiny_colour(words).astype(np.float64)[None, :, None, None]
+    ramp = np.linspace(0, 1, steps)
+    sigmas = (10.0 ** (1 / 7) + ramp * (0.02 ** (1 / 7) - 10.0 ** (1 / 7))) ** 7
+    x = np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32) * sigmas[0]
+    for i, s in enumerate(sigmas):
+        d = c + TINY_DIFFUSION_SD**2 / (TINY_DIFFUSION_SD**2 + s**2) * (x - c)
+        nxt = sigmas[i + 1] if i + 1 < steps else 0.0
+        x = d + nxt / s * (x - d)
+    up = np.repeat(np.repeat(x, 4, axis=2), 4, axis=3)
+    return np.rint(np.clip((up + 1) / 2, 0, 1) * 255).transpose(0, 2, 3, 1)
+
+
+async def test_images_from_a_prompt_through_the_official_client(painter: RunningServer) -> None:
+    """A tiny text-to-image pipeline (text encoder, UNet loop, decoder): the official openai
+    client's images.generate gives PNGs equal to the pipeline run in numpy, the same seed
+    the same images, another seed others, and a red prompt a red picture."""
+    import openai
+
+    token = painter.gateway.auth.issue_token(sub="alice", ttl=600)
+    client = openai.AsyncOpenAI(base_url=painter.http_url + "/v1", api_key=token)
+    made = await client.images.generate(
+        model="paint",
+        prompt="A red square",
+        n=2,
+        size="32x32",
+        response_format="b64_json",
+        extra_body={"seed": 7},
+    )
+    assert made.data is not None and len(made.data) == 2
+    pixels = [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))), np.float64)
+        for d in made.data
+    ]
+    assert all(p.shape == (32, 32, 3) for p in pixels)
+    reference = _tiny_pipeline(["a", "red", "square"], 2, 7)
+    for got, ref in zip(pixels, reference, strict=True):
+        assert np.abs(got - ref).max() <= 1
+    r, g, b = pixels[0].reshape(-1, 3).mean(axis=0)
+    assert r > g + 30 and r > b + 30
+    again = await client.images.generate(
+        model="paint",
+        prompt="A red square",
+        n=2,
+        response_format="b64_json",
+        extra_body={"seed": 7},
+    )
+    assert [d.b64_json for d in again.data or []] == [d.b64_json for d in made.data]
+    other = await client.images.generate(
+        model="paint",
+        prompt="A red square",
+        n=1,
+        response_format="b64_json",
+        extra_body={"seed": 8},
+    )
+    assert (other.data or [])[0].b64_json != made.data[0].b64_json
+    blue = await client.images.generate(
+        model="paint", prompt="a blue circle", response_format="b64_json", extra_body={"seed": 7}
+    )
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode((blue.data or [])[0].b64_json or ""))))
+    r, g, b = img.reshape(-1, 3).mean(axis=0)
+    assert b > r + 30 and b > g + 30
+
+
+async def test_terrain_heightmaps_from_the_catalog_and_typed_refusals(
+    painter: RunningServer, terrain: Path
+) -> None:
+    """The catalog's one-step consistency model (completed from a bare graph in its wheel):
+    a class number as the prompt gives 128x128 grey maps, deterministic by seed; what the
+    model cannot do is refused naming what it can."""
+    assert kind_of(facts_of(terrain)) == "image-generate"
+    token = painter.gateway.auth.issue_token(sub="alice", ttl=600)
+    async with httpx.AsyncClient(
+        base_url=painter.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    ) as c:
+        body = {"model": "terrain", "prompt": "40", "n": 2, "seed": 3}
+        r = await c.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["seed"] == 3 and len(out["data"]) == 2
+        maps = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in out["data"]]
+        assert all(im.mode == "L" and im.size == (128, 128) for im in maps)
+        assert np.asarray(maps[0]).std() > 0  # a terrain, not a flat field
+        again = await c.post("/v1/images/generations", json=body)
+        assert again.json()["data"] == out["data"]
+        drawn = await c.post("/v1/images/generations", json={"model": "terrain"})
+        assert drawn.status_code == 200 and isinstance(drawn.json()["seed"], int)
+
+        for extra, param, why in (
+            ({"prompt": "a mountain"}, None, "1..100"),
+            ({"prompt": "101"}, None, "1..100"),
+            ({"size": "64x64"}, None, "128x128"),
+            ({"size": "big"}, "size", "WIDTHxHEIGHT"),
+            ({"n": 5}, None, "1..4"),
+            ({"steps": 9}, None, "1..4"),
+            ({"response_format": "url"}, "response_format", "b64_json"),
+        ):
+            r = await c.post("/v1/images/generations", json={"model": "terrain", **extra})
+            assert r.status_code == 400, (extra, r.text)
+            error = r.json()["error"]
+            assert why in error["message"] and (param is None or error["param"] == param)
+        r = await c.post("/v1/images/generations", json={"model": "script", "prompt": "x"})
+        assert r.status_code == 400 and "does not generate images" in r.text
+
+
+async def test_drawing_over_the_websocket_reports_each_step_then_the_images(
+    painter: RunningServer,
+) -> None:
+    """``draw``: started, a progress event per sampler step in order, the images (PNG), done;
+    a cancel between steps ends a long draw with done cancelled; a text model is an error."""
+    from ferrous_client.protocol import messages as cm  # noqa: F401  (the SDK's copy loads)
+
+    from protocol import messages as m
+
+    from .gateway_helpers import client
+
+    token = painter.gateway.auth.issue_token(sub="alice", ttl=600)
+    async with client(painter, token, subprotocol=m.SUBPROTOCOL_MSGPACK) as c:
+        await c.send(m.Draw(id="d1", model="paint", prompt="green", n=2, steps=6, seed=1))
+        events = []
+        while not isinstance(msg := await c.recv(), m.Done):
+            events.append(msg)
+        assert msg.id == "d1" and msg.finish_reason == "stop"
+        assert isinstance(events[0], m.Started)
+        steps = [(e.completed, e.total) for e in events if isinstance(e, m.Progress)]
+        assert steps == [(i, 6) for i in range(1, 7)]
+        images = [e for e in events if isinstance(e, m.ImageOut)]
+        assert [i.index for i in images] == [0, 1] and all(i.seed == 1 for i in images)
+        assert events.index(images[0]) > max(
+            events.index(e) for e in events if isinstance(e, m.Progress)
+        )
+        assert Image.open(io.BytesIO(images[0].data)).size == (32, 32)
+
+        await c.send(m.Draw(id="d2", model="terrain", prompt="70", n=4, steps=4, seed=2))
+        first = await c.recv()
+        assert isinstance(first, m.Started)
+        await c.send(m.Cancel(id="d2"))
+        while not isinstance(msg := await c.recv(), m.Done):
+            assert not isinstance(msg, m.ImageOut)
+        assert msg.finish_reason == "cancelled"
+
+        await c.send(m.Draw(id="d3", model="script", prompt="x"))
+        while not isinstance(msg := await c.recv(), m.Error):
+            pass
+        assert msg.id == "d3" and msg.code == "bad_request" and "does not generate" in msg.message

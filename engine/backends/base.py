@@ -42,6 +42,7 @@ import msgspec
 from engine.chat import render_chat
 from engine.requests import (
     ChatMessage,
+    ImageOptions,
     Label,
     SamplingParams,
     SpeechOptions,
@@ -58,6 +59,8 @@ __all__ = [
     "Embedder",
     "ImageClassifier",
     "ImageEmbedder",
+    "ImageGenerator",
+    "ImagesJob",
     "LoadParams",
     "SynthesizeJob",
     "Synthesizer",
@@ -68,12 +71,15 @@ __all__ = [
     "embedder_of",
     "generator_of",
     "image_embedder_of",
+    "image_generator_of",
     "synthesizer_of",
     "transcriber_of",
 ]
 
 # One batch of images read or classified per next(); returns each image's top labels.
 ClassifyJob: TypeAlias = Generator[None, None, list[list[Label]]]
+# One sampler step per next(), yielding (steps done, steps); returns (PNG files, seed).
+ImagesJob: TypeAlias = Generator[tuple[int, int], None, tuple[list[bytes], int]]
 # One forward pass per next(); returns (unit-length vectors, tokens read).
 EmbedJob: TypeAlias = Generator[None, None, tuple[list[list[float]], int]]
 # One window of audio decoded per next(), yielding its segments (none for a
@@ -387,3 +393,21 @@ def image_embedder_of(backend: Backend) -> ImageEmbedder:
     if isinstance(backend, ImageEmbedder):
         return backend
     raise BadRequest(f"this is {backend.what}: it does not embed images")
+
+
+class ImageGenerator(Backend):
+    """A model that makes images (diffusion and consistency models), a sampler step at a time."""
+
+    what = "an image generation model"
+
+    @abc.abstractmethod
+    def images_job(self, prompt: str, options: ImageOptions) -> ImagesJob:
+        """A job making ``options.n`` images for ``prompt``; options the model cannot honour
+        (a size it does not make, too many steps or images) raise BadRequest at once."""
+
+
+def image_generator_of(backend: Backend) -> ImageGenerator:
+    """``backend`` as an :class:`ImageGenerator`; BadRequest for a model that is not one."""
+    if isinstance(backend, ImageGenerator):
+        return backend
+    raise BadRequest(f"this is {backend.what}: it does not generate images")

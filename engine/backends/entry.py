@@ -49,6 +49,7 @@ class Kind(enum.StrEnum):
     TTS = "tts"  # Synthesizer: text to speech, a job of one sentence per step
     IMAGE_CLASSIFY = "image-classify"  # ImageClassifier: images to labels, a batch per step
     IMAGE_EMBED = "image-embed"  # ImageEmbedder: images and texts to vectors in one space
+    IMAGE_GENERATE = "image-generate"  # ImageGenerator: a prompt to images, a sampler step per step
 
 
 @dataclass(frozen=True)

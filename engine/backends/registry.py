@@ -14,6 +14,7 @@ backend is a typed error, not an ImportError.
 
 from __future__ import annotations
 
+from engine.backends.diffusion_entry import DiffusionEntry
 from engine.backends.entry import BackendEntry
 from engine.backends.gguf_entry import CTransformersEntry, LlamaCppEntry
 from engine.backends.image_entry import OnnxClipEntry, OnnxImageClassifierEntry
@@ -27,6 +28,7 @@ __all__ = ["REGISTRY", "available_backends", "backend_names", "find_entry"]
 REGISTRY: tuple[BackendEntry, ...] = (
     WhisperEntry(),
     HibariEntry(),
+    DiffusionEntry(),
     OnnxClipEntry(),
     OnnxImageClassifierEntry(),
     OnnxEncoderEntry(),

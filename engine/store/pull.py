@@ -391,7 +391,8 @@ class ModelManager:
                         "nothing was stored",
                     )
             await asyncio.to_thread(complete_folder, folder, entry)
-            fmt = speech_format(folder) or ("onnx" if (folder / "model.onnx").is_file() else None)
+            onnx = any(folder.rglob("*.onnx"))
+            fmt = speech_format(folder) or ("onnx" if onnx else None)
             if fmt is None:
                 raise StoreError("source", f"{src.shown} is not a model folder this server runs")
             return await asyncio.to_thread(self._stage_folder, folder, fmt)

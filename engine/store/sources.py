@@ -164,6 +164,43 @@ BUILTIN_CATALOG: Mapping[str, CatalogEntry] = {
         description="Open-NSFW image classifier (sfw/nsfw), ONNX (24 MB; image-classify)",
         license="BSD-2-Clause",
     ),
+    "terrain-diffusion": CatalogEntry(
+        source="pypi://adaptive-terrain-diffusion==0.4.2/terrain_diffusion/",
+        files={
+            "weights/terrain_consistency_unet_difficulty100.onnx": (
+                "95be54b4a39d58320e187a7ec533351c957f16a00be58773c86074828ee67887"
+            ),
+            "licenses/CONSISTENCY_MODELS_LICENSE.txt": (
+                "dcf7927ec000e0bea021baf556c82ad7ac2e96cdd8285a1c8b2a7014e8300c6d"
+            ),
+        },
+        only_listed=True,
+        rename={"weights/terrain_consistency_unet_difficulty100.onnx": "unet.onnx"},
+        extra={
+            # A one-step consistency UNet (Karras' parameterisation inside the graph):
+            # 128x128 heightmaps in -1..1, conditioned on a difficulty class 1..100.
+            "diffusion.json": json.dumps(
+                {
+                    "unet": "unet.onnx",
+                    "sample_shape": [1, 128, 128],
+                    "inputs": {"sample": "noisy", "sigma": "sigma", "class": "difficulty"},
+                    "output": "denoised",
+                    "sampler": "consistency",
+                    "steps": 1,
+                    "max_steps": 4,
+                    "sigma_min": 0.002,
+                    "sigma_max": 80.0,
+                    "classes": 100,
+                    "sizes": [[128, 128]],
+                    "output_range": [-1.0, 1.0],
+                },
+                indent=1,
+            )
+        },
+        description="terrain heightmaps from a difficulty 1-100, one-step consistency UNet "
+        "(45 MB; image-generate)",
+        license="MIT",
+    ),
     "tiny": CatalogEntry(
         source="tiny://llama",
         description="a 2 MB random-weight Llama for tests and demos (prints noise)",

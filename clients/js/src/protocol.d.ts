@@ -145,10 +145,11 @@ export type ClientMessage =
   | Pull
   | Listen
   | Audio
-  | Speak;
+  | Speak
+  | Draw;
 
 /** The `type` values of ClientMessage. */
-export type ClientMessageType = "ack" | "audio" | "cancel" | "chat" | "credit" | "forget" | "generate" | "heartbeat" | "hello" | "listen" | "pull" | "speak";
+export type ClientMessageType = "ack" | "audio" | "cancel" | "chat" | "credit" | "draw" | "forget" | "generate" | "heartbeat" | "hello" | "listen" | "pull" | "speak";
 
 /** ClientMessage by its `type`. */
 export interface ClientMessageMap {
@@ -157,6 +158,7 @@ export interface ClientMessageMap {
   cancel: Cancel;
   chat: Chat;
   credit: Credit;
+  draw: Draw;
   forget: Forget;
   generate: Generate;
   heartbeat: Heartbeat;
@@ -205,6 +207,49 @@ export interface Done {
    * @default null
    */
   n?: number | null;
+}
+
+/**
+ * Generate `n` images of `prompt` with an image generation `model`; `width` and
+ * `height` (0: the model's own size), `steps` (0: the model's default) and `seed`
+ * (none: drawn, and reported on each image).
+ */
+export interface Draw {
+  type: "draw";
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
+  id: string;
+  /** length 1..256 */
+  model: string;
+  /**
+   * integer; 0 ≤ value ≤ 8192
+   * @default 0
+   */
+  height?: number;
+  /**
+   * integer; 1 ≤ value ≤ 16
+   * @default 1
+   */
+  n?: number;
+  /**
+   * length 0..4000
+   * @default ""
+   */
+  prompt?: string;
+  /**
+   * integer; 0 ≤ value < 4294967296
+   * @default null
+   */
+  seed?: number | null;
+  /**
+   * integer; 0 ≤ value ≤ 1000
+   * @default 0
+   */
+  steps?: number;
+  /**
+   * integer; 0 ≤ value ≤ 8192
+   * @default 0
+   */
+  width?: number;
 }
 
 /** A request or message failed; `id` names the generation when there is one. */
@@ -306,6 +351,24 @@ export interface Hello {
    * @default null
    */
   resume?: string | null;
+}
+
+/** Image `index` of generation `id`: a PNG file; `seed` makes the same images again. */
+export interface ImageOut {
+  type: "image";
+  id: string;
+  /** integer */
+  index: number;
+  data: string;
+  /** integer */
+  seed: number;
+  /** @default "png" */
+  format?: string;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
 }
 
 export interface Limits {
@@ -566,10 +629,11 @@ export type ServerMessage =
   | Progress
   | SpeechEdge
   | TranscriptEvent
-  | AudioOut;
+  | AudioOut
+  | ImageOut;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "progress" | "queued" | "ready" | "speech" | "started" | "tool_call" | "transcript";
+export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "image" | "progress" | "queued" | "ready" | "speech" | "started" | "tool_call" | "transcript";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
@@ -578,6 +642,7 @@ export interface ServerMessageMap {
   done: Done;
   error: Error;
   heartbeat: ServerHeartbeat;
+  image: ImageOut;
   progress: Progress;
   queued: Queued;
   ready: Ready;
