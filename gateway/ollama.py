@@ -10,7 +10,9 @@ What differs from Ollama, on purpose:
 
 * ``template`` per request is refused (400): templates are Jinja2 chat
   templates set at load time; create a model with a ``TEMPLATE`` line instead.
-* ``images`` and ``suffix`` are refused (400) rather than ignored.
+* ``images`` on chat and generate are refused (400, saying where images do go)
+  rather than ignored: no backend here reads images inside a conversation
+  (vision language models); ``suffix`` is refused too.
 * ``tools``: any model may call them (the generic format of :mod:`engine.tools`
   where its template has none), and a call's arguments always match the
   tool's schema; streamed calls arrive whole, one chunk per call.
@@ -271,6 +273,14 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+def _no_vision(model: str) -> str:
+    return (
+        f"{model!r} cannot read images: images in chat and generate need a vision language "
+        "model, which this server does not run; an image model classifies them "
+        "(/v1/classify) or embeds them (/api/embed with images)"
+    )
+
+
 def _keep_alive(value: KeepAlive) -> float | None:
     return None if value is None else parse_duration(value)
 
@@ -501,7 +511,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 "per-request templates are not supported: create a model with a TEMPLATE line"
             )
         if body.images:
-            raise BadRequest("images are not supported by this server")
+            raise BadRequest(_no_vision(body.model))
         if body.suffix:
             raise BadRequest("suffix (fill-in-the-middle) is not supported by this server")
         _refuse_unsupported(body.think)
@@ -541,7 +551,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         t0 = time.perf_counter()
         body = await read_body(gateway, request, ChatBody)
         if any(t.images for t in body.messages):
-            raise BadRequest("images are not supported by this server")
+            raise BadRequest(_no_vision(body.model))
         _refuse_unsupported(body.think)
         keep_alive = _keep_alive(body.keep_alive)
         if not body.messages:
