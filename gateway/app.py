@@ -55,6 +55,7 @@ from gateway.resume import DetachedSessions
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from gateway.vad import VadModel
 from gateway.version import __version__
+from gateway.video import video_routes
 from protocol.codec import SUBPROTOCOLS, codec_for
 from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelNotFound
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
@@ -169,6 +170,7 @@ class GatewayApp:
                 *openai_routes(self),
                 *audio_routes(self),
                 *image_routes(self),
+                *video_routes(self),
                 *responses_routes(self),
                 *ollama_routes(self),
                 WebSocketRoute("/v1/ws", self.websocket),

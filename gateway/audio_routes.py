@@ -31,7 +31,6 @@ from typing import Literal
 
 import msgspec
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -47,26 +46,26 @@ from engine import (
 from engine.audio import ENCODINGS, AudioEncoder, wav_header
 from engine.jobcalls import MAX_AUDIO_BYTES
 from gateway.auth import Principal
+from gateway.forms import form_flag, form_text, read_form
 from gateway.http_common import ClosingStream, post_route, read_body
 from gateway.http_common import unless_disconnected as _unless_disconnected
 from gateway.interface import Gateway
 from gateway.openai_wire import InvalidParam, json_response, openai_error, sse
 from gateway.speech import synthesize, transcribe
-from protocol.errors import BadRequest, TooLarge
+from protocol.errors import BadRequest
 
 __all__ = ["audio_routes", "srt", "vtt"]
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
-_FIELDS = 16  # form fields one request may carry besides the file
 
 
 def audio_routes(gateway: Gateway) -> list[Route]:
     async def transcriptions(request: Request) -> Response:
-        return await _speech_to_text(gateway, request, "transcribe")
+        return await _speech_toform_text(gateway, request, "transcribe")
 
     async def translations(request: Request) -> Response:
-        return await _speech_to_text(gateway, request, "translate")
+        return await _speech_toform_text(gateway, request, "translate")
 
     async def speech(request: Request) -> Response:
         body = await read_body(gateway, request, SpeechRequest)
@@ -125,17 +124,17 @@ async def _audio_body(
         await events.aclose()
 
 
-async def _speech_to_text(gateway: Gateway, request: Request, task: str) -> Response:
-    form = await _read_form(request)
+async def _speech_toform_text(gateway: Gateway, request: Request, task: str) -> Response:
+    form = await read_form(request, MAX_AUDIO_BYTES + 64 * 1024)
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidParam("file", "the request needs the audio as a file field named 'file'")
         audio = await upload.read()
-        model = _text(form, "model")
+        model = form_text(form, "model")
         if not model:
             raise InvalidParam("model", "the request needs a model")
-        fmt = _text(form, "response_format") or "json"
+        fmt = form_text(form, "response_format") or "json"
         if fmt not in FORMATS:
             raise InvalidParam("response_format", f"response_format must be one of {FORMATS}")
         granularities = {
@@ -148,13 +147,13 @@ async def _speech_to_text(gateway: Gateway, request: Request, task: str) -> Resp
                 "timestamp_granularities", "timestamp_granularities are 'word' and 'segment'"
             )
         options = TranscribeOptions(
-            language=_text(form, "language") or None if task == "transcribe" else None,
-            prompt=_text(form, "prompt") or None,
+            language=form_text(form, "language") or None if task == "transcribe" else None,
+            prompt=form_text(form, "prompt") or None,
             temperature=_number(form, "temperature"),
             task="translate" if task == "translate" else "transcribe",
             word_timestamps="word" in granularities,
         )
-        stream = _flag(form, "stream")
+        stream = form_flag(form, "stream")
     finally:
         await form.close()
     principal: Principal = request.state.principal
@@ -166,44 +165,8 @@ async def _speech_to_text(gateway: Gateway, request: Request, task: str) -> Resp
     return _render(result, fmt, task, options.word_timestamps)
 
 
-async def _read_form(request: Request) -> FormData:
-    """The multipart form, read with a bound on its size and on its fields."""
-    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media != "multipart/form-data":
-        raise BadRequest(
-            f"this route takes a multipart form (Content-Type: multipart/form-data), got {media or 'none'}"
-        )
-    limit = MAX_AUDIO_BYTES + 64 * 1024  # the audio, and room for the other fields
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise TooLarge(f"the upload ({length} bytes) exceeds the limit of {limit} bytes")
-
-    async def capped() -> AsyncGenerator[bytes, None]:
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
-            yield chunk
-
-    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=_FIELDS)
-    try:
-        return await parser.parse()
-    except MultiPartException as exc:
-        raise BadRequest(f"the form could not be read: {exc.message}") from None
-
-
-def _text(form: FormData, name: str) -> str:
-    value = form.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidParam(name, f"{name} must be a text field")
-    return value.strip()
-
-
 def _number(form: FormData, name: str) -> float:
-    raw = _text(form, name)
+    raw = form_text(form, name)
     if not raw:
         return 0.0
     try:
@@ -213,15 +176,6 @@ def _number(form: FormData, name: str) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise InvalidParam(name, f"{name} must be within 0..1")
     return value
-
-
-def _flag(form: FormData, name: str) -> bool:
-    raw = _text(form, name).lower()
-    if raw in ("", "false", "0"):
-        return False
-    if raw in ("true", "1"):
-        return True
-    raise InvalidParam(name, f"{name} must be true or false")
 
 
 async def _last(events: AsyncIterator[TranscriptSegment | Transcript]) -> Transcript:

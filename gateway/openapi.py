@@ -225,6 +225,35 @@ def openapi_document(version: str) -> dict[str, Any]:
             "post": op("Unload a model now", "ModelBody", _ok("unloaded"), native_err, "models")
         },
         "/v1/ps": {"get": op("Loaded models", None, _ok("loaded models"), native_err, "models")},
+        "/v1/video/analyze": {
+            "post": {
+                "summary": "Analyse a video (multipart: file, model, task classify|embed, every, "
+                "top_k, asr_model, stream): frames and soundtrack with timestamps",
+                "tags": ["native"],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["file", "model"],
+                                "properties": {
+                                    "file": {"type": "string", "format": "binary"},
+                                    "model": {"type": "string"},
+                                    "task": {"enum": ["classify", "embed"]},
+                                    "every": {"type": "number", "minimum": 0.1},
+                                    "top_k": {"type": "integer", "minimum": 1},
+                                    "asr_model": {"type": "string"},
+                                    "stream": {"type": "boolean"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": _ok("frames and transcript", sse=True), **native_err},
+                "security": [{"bearer": []}],
+            }
+        },
         "/v1/classify": {
             "post": op(
                 "Classify images (base64 or data URLs): each one's top labels with probabilities",

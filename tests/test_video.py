@@ -1,0 +1,206 @@
+"""Video analysis on a real server: clips made here with PyAV (coloured frames, a spoken or
+tone soundtrack), frames classified or embedded by real models, the soundtrack transcribed
+by Whisper tiny.en, with timestamps; hostile videos are typed errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import pytest
+
+from engine.tinyvision import write_tiny_classifier, write_tiny_clip
+from gateway.server import RunningServer
+
+from .gateway_helpers import gateway, server_config
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # two seconds each
+SENTENCE = "Green apples sit on the kitchen table."
+
+
+def _clip(
+    seconds: int = 6, *, audio: np.ndarray | None = None, rate: int = 16000, fps: int = 10
+) -> bytes:
+    """An mp4 (H.264 + AAC): the colour changes every two seconds; ``audio`` (float, mono)
+    as its soundtrack when given."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+        sound = None
+        if audio is not None:
+            sound = out.add_stream("aac", rate=rate)
+            sound.layout = "mono"
+        for i in range(seconds * fps):
+            img = np.zeros((120, 160, 3), np.uint8)
+            img[:] = COLOURS[(i // (2 * fps)) % 3]
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        if sound is not None and audio is not None:
+            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+            for k in range(0, len(pcm), 1024):
+                chunk = av.AudioFrame.from_ndarray(
+                    pcm[None, k : k + 1024], format="s16", layout="mono"
+                )
+                chunk.sample_rate, chunk.pts = rate, k
+                for packet in sound.encode(chunk):
+                    out.mux(packet)
+            for packet in sound.encode(None):
+                out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def spoken_clip() -> bytes:
+    from hibari import Hibari
+
+    tts = Hibari()
+    speech = np.asarray(tts(SENTENCE), np.float32)
+    audio = np.zeros(6 * tts.sample_rate, np.float32)
+    start = int(1.0 * tts.sample_rate)
+    audio[start : start + len(speech)] = speech[: len(audio) - start]
+    return _clip(audio=audio, rate=tts.sample_rate)
+
+
+@pytest.fixture
+async def running(tmp_path: Path, whisper_tiny: Path) -> AsyncIterator[RunningServer]:
+    models = {
+        "colours": write_tiny_classifier(tmp_path / "colours"),
+        "clip": tmp_path / "clip",
+        "whisper": whisper_tiny,
+    }
+    write_tiny_clip(tmp_path / "clip")
+    async with gateway(server_config(tmp_path / "home", models)) as srv:
+        yield srv
+
+
+def _client(srv: RunningServer) -> httpx.AsyncClient:
+    token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+    return httpx.AsyncClient(
+        base_url=srv.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    )
+
+
+async def _analyze(c: httpx.AsyncClient, video: bytes, **fields: Any) -> httpx.Response:
+    data = {k: str(v) for k, v in fields.items()}
+    return await c.post("/v1/video/analyze", files={"file": ("clip.mp4", video)}, data=data)
+
+
+async def test_frames_are_classified_and_the_soundtrack_transcribed_with_timestamps(
+    running: RunningServer, spoken_clip: bytes
+) -> None:
+    async with _client(running) as c:
+        r = await _analyze(c, spoken_clip, model="colours", asr_model="whisper", top_k=1)
+        assert r.status_code == 200, r.text
+        body = r.json()
+    assert body["duration"] == pytest.approx(6.0, abs=0.2) and body["notices"] == []
+    frames = body["frames"]
+    assert [f["t"] for f in frames] == pytest.approx([0, 1, 2, 3, 4, 5], abs=0.05)
+    assert [f["labels"][0]["label"] for f in frames] == [
+        "red",
+        "red",
+        "green",
+        "green",
+        "blue",
+        "blue",
+    ]
+    words = re.findall(r"[a-z]+", body["transcript"]["text"].lower())
+    assert words == re.findall(r"[a-z]+", SENTENCE.lower())
+    segments = body["transcript"]["segments"]
+    assert segments and 0.5 <= segments[0]["start"] <= 1.5 and segments[-1]["end"] <= 6.2
+
+
+async def test_streamed_analysis_reports_progress_and_embeds_frames(running: RunningServer) -> None:
+    """SSE: a notice that the soundtrack needs a speech model, frames with their progress
+    in order, ``done`` last; frames embedded by a CLIP model match their colour's caption."""
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(6 * 16000) / 16000)
+    video = _clip(audio=tone.astype(np.float32))
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with _client(running) as c:
+        fields = {"model": "clip", "task": "embed", "every": "2", "stream": "true"}
+        async with c.stream(
+            "POST", "/v1/video/analyze", files={"file": ("c.mp4", video)}, data=fields
+        ) as r:
+            assert r.status_code == 200
+            name = ""
+            async for line in r.aiter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+        captions = await c.post(
+            "/v1/embeddings",
+            json={"model": "clip", "input": [f"a {n} square" for n in ("red", "green", "blue")]},
+        )
+    names = [n for n, _ in events]
+    assert names[0] == "notice" and "asr_model" in events[0][1]["message"]
+    assert names[-1] == "done" and events[-1][1]["frames"] == 3
+    frames = [d for n, d in events if n == "frame"]
+    assert [f["t"] for f in frames] == pytest.approx([0, 2, 4], abs=0.05)
+    progress = [d["done"] for n, d in events if n == "progress" and d["stage"] == "frames"]
+    assert progress == sorted(progress) and progress[-1] == 3
+    text = np.array([d["embedding"] for d in captions.json()["data"]])
+    similarity = np.array([f["embedding"] for f in frames]) @ text.T
+    assert list(similarity.argmax(axis=1)) == [0, 1, 2]
+
+
+def _four_hours() -> bytes:
+    """Two frames four hours apart: a tiny file whose header says 4 h."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        video = out.add_stream("mpeg4", rate=1)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        for pts in (0, 4 * 3600):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            frame.pts = pts
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+async def test_hostile_videos_are_typed_errors_and_the_next_request_works(
+    running: RunningServer, spoken_clip: bytes
+) -> None:
+    good = _clip(seconds=2)
+    wav = io.BytesIO()
+    with av.open(wav, mode="w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), np.int16), format="s16", layout="mono"
+        )
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    async with _client(running) as c:
+        for video, fields, status, why in (
+            (_four_hours(), {"model": "colours"}, 413, "at most 1800"),
+            (good[: len(good) // 3], {"model": "colours"}, 400, "could not"),
+            (b"this is not a video at all", {"model": "colours"}, 400, "could not be read"),
+            (wav.getvalue(), {"model": "colours"}, 400, "no video stream"),
+            (good, {}, 400, "image model"),
+            (good, {"model": "colours", "every": "0.01"}, 400, "at least 0.1"),
+            (good, {"model": "colours", "task": "draw"}, 400, "classify or embed"),
+            (good, {"model": "whisper"}, 400, "does not classify"),
+            (good, {"model": "nope"}, 404, "nope"),
+        ):
+            r = await _analyze(c, video, **fields)
+            assert r.status_code == status, (fields, r.text)
+            assert re.search(why, r.json()["error"]["message"]), r.text
+        r = await c.post("/v1/video/analyze", json={"model": "colours"})
+        assert r.status_code == 400 and "multipart" in r.text
+        r = await _analyze(c, good, model="colours")
+        assert r.status_code == 200 and len(r.json()["frames"]) == 2
