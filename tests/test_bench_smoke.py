@@ -218,3 +218,25 @@ def test_bench_voice() -> None:
     for key in keys:
         value = r[key]
         assert isinstance(value, float) and value > 0, key
+
+
+def test_bench_vision(tmp_path: Path, whisper_tiny: Path) -> None:
+    from engine.tinyvision import write_tiny_classifier, write_tiny_diffusion
+
+    r = bench(
+        "vision",
+        *("--runs", "1", "--threads", "1", "--seconds", "4"),
+        *("--classifier", str(write_tiny_classifier(tmp_path / "classifier"))),
+        *("--generator", str(write_tiny_diffusion(tmp_path / "generator"))),
+        *("--asr", str(whisper_tiny)),
+    )
+    assert r["video_frames"] == 4 and r["video_words_heard"] > 0.5  # type: ignore[operator]
+    for key in (
+        "classify_images_s_batch1",
+        "classify_images_s_batch8",
+        "generate_images_s_n1",
+        "generate_images_s_n4",
+        "video_times_real_time",
+    ):
+        value = r[key]
+        assert isinstance(value, float) and value > 0, key

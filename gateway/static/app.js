@@ -8,6 +8,7 @@ import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
 import { liveAnswer, renderAnswer } from "./render.js";
 import * as saved from "./history.js";
 import { Microphone, Player } from "./voice.js";
+import { classify, draw, picture } from "./images.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -18,6 +19,8 @@ const ui = {
   system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
   asrModel: $("asr-model"), voiceModel: $("voice-model"), talk: $("talk"), handsFree: $("hands-free"),
   voiceState: $("voice-state"),
+  imageModel: $("image-model"), drawModel: $("draw-model"), attach: $("attach"),
+  imageFile: $("image-file"), draw: $("draw"),
 };
 
 // Settings live in this browser: the system prompt opens each new conversation,
@@ -25,6 +28,7 @@ const ui = {
 const SETTINGS = {
   system: "ferrous.system", temperature: "ferrous.temperature", maxTokens: "ferrous.maxTokens",
   asrModel: "ferrous.asrModel", voiceModel: "ferrous.voiceModel",
+  imageModel: "ferrous.imageModel", drawModel: "ferrous.drawModel",
 };
 for (const [field, key] of Object.entries(SETTINGS)) {
   ui[field].value = localStorage.getItem(key) ?? "";
@@ -98,6 +102,7 @@ function setBusy(busy) {
   ui.prompt.disabled = !client;
   ui.stop.disabled = !busy;
   ui.talk.disabled = ui.handsFree.disabled = busy || !client || !navigator.mediaDevices;
+  ui.attach.disabled = ui.draw.disabled = busy || !client;
 }
 
 function tokenFromFragment() {
@@ -110,7 +115,10 @@ function tokenFromFragment() {
   return token || localStorage.getItem("ferrous.token");
 }
 
+let bearer = null; // the page's token, for the HTTP image routes
+
 async function connect(token) {
+  bearer = token || null;
   showBanner("");
   setStatus("connecting…");
   try {
@@ -528,4 +536,47 @@ document.addEventListener("keydown", (event) => {
 });
 document.addEventListener("keyup", (event) => {
   if (event.code === "Space" && voice?.mode === "talk") stopVoice();
+});
+
+// -- images -------------------------------------------------------------------------------
+
+ui.attach.addEventListener("click", () => ui.imageFile.click());
+ui.imageFile.addEventListener("change", async () => {
+  const file = ui.imageFile.files?.[0];
+  ui.imageFile.value = "";
+  if (!file) return;
+  const url = URL.createObjectURL(file);
+  addTurn("user", "").append(picture(url, file.name));
+  const answer = addTurn("assistant", "");
+  answer.dataset.kind = "classification";
+  const model = ui.imageModel.value.trim() || "open-nsfw";
+  try {
+    const labels = await classify(file, model, bearer);
+    answer.textContent = labels.map((x) => `${x.label} ${(100 * x.score).toFixed(1)} %`).join(" · ");
+    answer.dataset.top = labels[0]?.label ?? "";
+  } catch (err) {
+    answer.textContent = `The image could not be classified: ${err.message}`;
+    answer.dataset.error = "true";
+  }
+});
+
+ui.draw.addEventListener("click", async () => {
+  const prompt = ui.prompt.value.trim();
+  const model = ui.drawModel.value.trim() || "terrain-diffusion";
+  addTurn("user", `🎨 ${prompt || "(no prompt)"}`);
+  ui.prompt.value = "";
+  const answer = addTurn("assistant", "drawing…");
+  answer.dataset.kind = "drawing";
+  ui.draw.disabled = true;
+  try {
+    const made = await draw(prompt, model, bearer);
+    answer.textContent = "";
+    for (const url of made.urls) answer.append(picture(url, prompt));
+    answer.dataset.seed = String(made.seed);
+  } catch (err) {
+    answer.textContent = `Nothing was drawn: ${err.message}`;
+    answer.dataset.error = "true";
+  } finally {
+    ui.draw.disabled = !client;
+  }
 });

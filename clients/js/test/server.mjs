@@ -104,12 +104,14 @@ async function healthy(httpUrl) {
 
 /**
  * Write the models, start the server, wait for /healthz, issue a token.
- * @param {{ slow?: boolean, voice?: boolean, logLevel?: string, env?: Record<string, string> }} [options]
+ * @param {{ slow?: boolean, voice?: boolean, vision?: boolean, logLevel?: string, env?: Record<string, string> }} [options]
+ *   vision: also "colours" (a tiny image classifier) and "paint" (a tiny
+ *   text-to-image model), written by engine.tinyvision;
  *   slow: also serve the slower model "slow"; voice: also "whisper" (speech
  *   recognition), "voice" (speech synthesis) and voice-activity detection, from
  *   their wheels; env: FERROUS_* configuration
  */
-export async function startServer({ slow = true, voice = false, logLevel = "warning", env: config = {} } = {}) {
+export async function startServer({ slow = true, voice = false, vision = false, logLevel = "warning", env: config = {} } = {}) {
   const home = mkdtempSync(join(tmpdir(), "ferrous-js-test-"));
   homes.add(home);
   const scriptPath = join(home, "script.gguf");
@@ -139,6 +141,15 @@ export async function startServer({ slow = true, voice = false, logLevel = "warn
     );
     voiceModels.push("--model", `whisper=${whisper}`, "--model", `voice=${speech}`);
     config = { ...config, FERROUS_VOICE__VAD_MODEL: vad };
+  }
+  if (vision) {
+    const colours = join(home, "colours");
+    const paint = join(home, "paint");
+    await Promise.all([
+      python(["-m", "engine.tinyvision", colours, "classifier"]),
+      python(["-m", "engine.tinyvision", paint, "diffusion"]),
+    ]);
+    voiceModels.push("--model", `colours=${colours}`, "--model", `paint=${paint}`);
   }
   const env = { ...config, FERROUS_HOME: home };
   const token = (await python(["-m", "gateway.cli", "token", "--sub", "alice"], { env })).trim();

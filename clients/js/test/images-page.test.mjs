@@ -1,0 +1,84 @@
+// The chat page's images in a real headless Chromium: an attached picture is shown and
+// classified by an image model, and a prompt is drawn by an image generation model, both
+// inline in the conversation.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+import { python, startServer } from "./server.mjs";
+
+const executablePath = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
+
+let server;
+let browser;
+let redPng;
+
+before(async () => {
+  server = await startServer({ slow: false, vision: true });
+  redPng = join(mkdtempSync(join(tmpdir(), "ferrous-images-")), "red.png");
+  await python([
+    "-c",
+    `from PIL import Image; Image.new("RGB", (40, 30), (230, 20, 20)).save(${JSON.stringify(redPng)})`,
+  ]);
+  browser = await chromium.launch({
+    executablePath,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+  });
+}, { timeout: 600_000 });
+
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+test("an attached image is classified and a prompt is drawn, inline", { timeout: 120_000 }, async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (err) => errors.push(err.message));
+  await page.goto(`${server.httpUrl}/#token=${server.token}`);
+  await page.waitForSelector("#status:has-text('connected as alice')");
+  await page.click("#settings summary");
+  await page.fill("#image-model", "colours");
+  await page.fill("#draw-model", "paint");
+
+  await page.setInputFiles("#image-file", redPng);
+  const shown = page.locator(".turn.user img.picture").first();
+  await shown.waitFor();
+  const labels = page.locator(".turn.assistant[data-kind='classification'][data-top]").first();
+  await labels.waitFor();
+  assert.equal(await labels.getAttribute("data-top"), "red");
+  assert.match(await labels.textContent(), /^red \d+\.\d % · /);
+
+  await page.fill("#prompt", "a blue square");
+  await page.click("#draw");
+  const drawing = page.locator(".turn.assistant[data-kind='drawing'][data-seed] img.picture").first();
+  await drawing.waitFor();
+  const colour = await drawing.evaluate(async (img) => {
+    await img.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth;
+    canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const sum = [0, 0, 0];
+    for (let i = 0; i < data.length; i += 4) for (let c = 0; c < 3; c++) sum[c] += data[i + c];
+    return { size: [img.naturalWidth, img.naturalHeight], mean: sum.map((s) => s / (data.length / 4)) };
+  });
+  assert.deepEqual(colour.size, [32, 32]);
+  const [r, g, b] = colour.mean;
+  assert.ok(b > r + 30 && b > g + 30, JSON.stringify(colour.mean));
+
+  // A model that does not draw: the page says why, and goes on.
+  await page.fill("#draw-model", "colours");
+  await page.fill("#prompt", "anything");
+  await page.click("#draw");
+  const refused = page.locator(".turn.assistant[data-kind='drawing'][data-error='true']").first();
+  await refused.waitFor();
+  assert.match(await refused.textContent(), /does not generate images/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});

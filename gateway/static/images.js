@@ -1,0 +1,60 @@
+// Images on the chat page: an attached picture classified by an image model, and
+// pictures drawn by an image generation model, both shown inline in the conversation.
+// They go over the server's HTTP routes (/v1/classify, /v1/images/generations) with the
+// page's own token; nothing is uploaded anywhere else.
+
+/** @param {string | null} token */
+function headers(token) {
+  const h = { "Content-Type": "application/json" };
+  if (token) h.Authorization = `Bearer ${token}`;
+  return h;
+}
+
+async function post(path, body, token) {
+  const r = await fetch(path, { method: "POST", headers: headers(token), body: JSON.stringify(body) });
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    const error = data.error || {};
+    throw new Error(error.message || `${path} answered ${r.status}`);
+  }
+  return data;
+}
+
+/** A file's bytes as base64 (no data: prefix). @param {Blob} file */
+async function base64Of(file) {
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(text);
+}
+
+/**
+ * The labels an image classifier gives a picture, likeliest first.
+ * @param {Blob} file @param {string} model @param {string | null} token
+ * @returns {Promise<{label: string, score: number}[]>}
+ */
+export async function classify(file, model, token) {
+  const data = await post("/v1/classify", { model, images: [await base64Of(file)], top_k: 3 }, token);
+  return data.results[0].labels;
+}
+
+/**
+ * Pictures of `prompt` from an image generation model, as data URLs, and their seed.
+ * @param {string} prompt @param {string} model @param {string | null} token
+ * @returns {Promise<{urls: string[], seed: number}>}
+ */
+export async function draw(prompt, model, token) {
+  const data = await post("/v1/images/generations", { model, prompt, n: 1 }, token);
+  return { urls: data.data.map((d) => `data:image/png;base64,${d.b64_json}`), seed: data.seed };
+}
+
+/** An <img> for a picture in the conversation. @param {string} src @param {string} alt */
+export function picture(src, alt) {
+  const img = document.createElement("img");
+  img.className = "picture";
+  img.src = src;
+  img.alt = alt;
+  return img;
+}
