@@ -28,7 +28,7 @@ async def draw(host: VoiceHost, msg: m.Draw) -> None:
     t0 = time.perf_counter()
     await host.send(m.Started(msg.id, msg.model))
     options = ImageOptions(
-        n=msg.n, width=msg.width, height=msg.height, steps=msg.steps, seed=msg.seed
+        n=msg.count, width=msg.width, height=msg.height, steps=msg.steps, seed=msg.seed
     )
     try:
         events = generate_images(host.gateway, host.principal, msg.model, msg.prompt, options)

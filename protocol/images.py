@@ -1,6 +1,6 @@
 """Protocol v1 image messages: ``draw`` an image with a generation model, ``image`` out.
 
-``draw`` asks an image generation model for ``n`` images of ``prompt``: the
+``draw`` asks an image generation model for ``count`` images of ``prompt``: the
 server answers ``started``, a ``progress`` per sampler step (``status``
 ``"denoising"``, ``completed`` of ``total`` steps), an ``image`` per picture
 (PNG bytes, counted against flow-control credits like text), then ``done``.
@@ -19,14 +19,14 @@ __all__ = ["Draw", "ImageOut"]
 
 
 class Draw(_ClientBase, tag="draw"):
-    """Generate ``n`` images of ``prompt`` with an image generation ``model``; ``width`` and
+    """Generate ``count`` images of ``prompt`` with an image generation ``model``; ``width`` and
     ``height`` (0: the model's own size), ``steps`` (0: the model's default) and ``seed``
     (none: drawn, and reported on each image)."""
 
     id: GenerationId
     model: ModelName
     prompt: Annotated[str, Meta(max_length=4000)] = ""
-    n: Annotated[int, Meta(ge=1, le=16)] = 1
+    count: Annotated[int, Meta(ge=1, le=16)] = 1
     width: Annotated[int, Meta(ge=0, le=8192)] = 0
     height: Annotated[int, Meta(ge=0, le=8192)] = 0
     steps: Annotated[int, Meta(ge=0, le=1000)] = 0

@@ -333,9 +333,9 @@ async def test_tiny_clip_embeds_texts_and_images_into_one_space(
     captions = [f"a {name} square" for name in colours]
     urls = ["data:image/png;base64," + _b64(_solid(rgb)) for rgb in colours.values()]
     token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
-    client = openai.AsyncOpenAI(base_url=srv.http_url + "/v1", api_key=token)
     mixed = [captions[0], urls[0], captions[1], urls[1], captions[2], urls[2]]
-    got = await client.embeddings.create(model="clip", input=mixed)
+    async with openai.AsyncOpenAI(base_url=srv.http_url + "/v1", api_key=token) as client:
+        got = await client.embeddings.create(model="clip", input=mixed)
     vectors = np.array([d.embedding for d in got.data])
     assert [d.index for d in got.data] == list(range(6))
 
@@ -486,48 +486,53 @@ async def test_images_from_a_prompt_through_the_official_client(painter: Running
     import openai
 
     token = painter.gateway.auth.issue_token(sub="alice", ttl=600)
-    client = openai.AsyncOpenAI(base_url=painter.http_url + "/v1", api_key=token)
-    made = await client.images.generate(
-        model="paint",
-        prompt="A red square",
-        n=2,
-        size="32x32",
-        response_format="b64_json",
-        extra_body={"seed": 7},
-    )
-    assert made.data is not None and len(made.data) == 2
-    pixels = [
-        np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))), np.float64)
-        for d in made.data
-    ]
-    assert all(p.shape == (32, 32, 3) for p in pixels)
-    reference = _tiny_pipeline(["a", "red", "square"], 2, 7)
-    for got, ref in zip(pixels, reference, strict=True):
-        assert np.abs(got - ref).max() <= 1
-    r, g, b = pixels[0].reshape(-1, 3).mean(axis=0)
-    assert r > g + 30 and r > b + 30
-    again = await client.images.generate(
-        model="paint",
-        prompt="A red square",
-        n=2,
-        response_format="b64_json",
-        extra_body={"seed": 7},
-    )
-    assert [d.b64_json for d in again.data or []] == [d.b64_json for d in made.data]
-    other = await client.images.generate(
-        model="paint",
-        prompt="A red square",
-        n=1,
-        response_format="b64_json",
-        extra_body={"seed": 8},
-    )
-    assert (other.data or [])[0].b64_json != made.data[0].b64_json
-    blue = await client.images.generate(
-        model="paint", prompt="a blue circle", response_format="b64_json", extra_body={"seed": 7}
-    )
-    img = np.asarray(Image.open(io.BytesIO(base64.b64decode((blue.data or [])[0].b64_json or ""))))
-    r, g, b = img.reshape(-1, 3).mean(axis=0)
-    assert b > r + 30 and b > g + 30
+    async with openai.AsyncOpenAI(base_url=painter.http_url + "/v1", api_key=token) as client:
+        made = await client.images.generate(
+            model="paint",
+            prompt="A red square",
+            n=2,
+            size="32x32",
+            response_format="b64_json",
+            extra_body={"seed": 7},
+        )
+        assert made.data is not None and len(made.data) == 2
+        pixels = [
+            np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))), np.float64)
+            for d in made.data
+        ]
+        assert all(p.shape == (32, 32, 3) for p in pixels)
+        reference = _tiny_pipeline(["a", "red", "square"], 2, 7)
+        for got, ref in zip(pixels, reference, strict=True):
+            assert np.abs(got - ref).max() <= 1
+        r, g, b = pixels[0].reshape(-1, 3).mean(axis=0)
+        assert r > g + 30 and r > b + 30
+        again = await client.images.generate(
+            model="paint",
+            prompt="A red square",
+            n=2,
+            response_format="b64_json",
+            extra_body={"seed": 7},
+        )
+        assert [d.b64_json for d in again.data or []] == [d.b64_json for d in made.data]
+        other = await client.images.generate(
+            model="paint",
+            prompt="A red square",
+            n=1,
+            response_format="b64_json",
+            extra_body={"seed": 8},
+        )
+        assert (other.data or [])[0].b64_json != made.data[0].b64_json
+        blue = await client.images.generate(
+            model="paint",
+            prompt="a blue circle",
+            response_format="b64_json",
+            extra_body={"seed": 7},
+        )
+        img = np.asarray(
+            Image.open(io.BytesIO(base64.b64decode((blue.data or [])[0].b64_json or "")))
+        )
+        r, g, b = img.reshape(-1, 3).mean(axis=0)
+        assert b > r + 30 and b > g + 30
 
 
 async def test_terrain_heightmaps_from_the_catalog_and_typed_refusals(
@@ -584,7 +589,7 @@ async def test_drawing_over_the_websocket_reports_each_step_then_the_images(
 
     token = painter.gateway.auth.issue_token(sub="alice", ttl=600)
     async with client(painter, token, subprotocol=m.SUBPROTOCOL_MSGPACK) as c:
-        await c.send(m.Draw(id="d1", model="paint", prompt="green", n=2, steps=6, seed=1))
+        await c.send(m.Draw(id="d1", model="paint", prompt="green", count=2, steps=6, seed=1))
         events = []
         while not isinstance(msg := await c.recv(), m.Done):
             events.append(msg)
@@ -599,7 +604,7 @@ async def test_drawing_over_the_websocket_reports_each_step_then_the_images(
         )
         assert Image.open(io.BytesIO(images[0].data)).size == (32, 32)
 
-        await c.send(m.Draw(id="d2", model="terrain", prompt="70", n=4, steps=4, seed=2))
+        await c.send(m.Draw(id="d2", model="terrain", prompt="70", count=4, steps=4, seed=2))
         first = await c.recv()
         assert isinstance(first, m.Started)
         await c.send(m.Cancel(id="d2"))

@@ -210,7 +210,7 @@ export interface Done {
 }
 
 /**
- * Generate `n` images of `prompt` with an image generation `model`; `width` and
+ * Generate `count` images of `prompt` with an image generation `model`; `width` and
  * `height` (0: the model's own size), `steps` (0: the model's default) and `seed`
  * (none: drawn, and reported on each image).
  */
@@ -221,15 +221,15 @@ export interface Draw {
   /** length 1..256 */
   model: string;
   /**
+   * integer; 1 ≤ value ≤ 16
+   * @default 1
+   */
+  count?: number;
+  /**
    * integer; 0 ≤ value ≤ 8192
    * @default 0
    */
   height?: number;
-  /**
-   * integer; 1 ≤ value ≤ 16
-   * @default 1
-   */
-  n?: number;
   /**
    * length 0..4000
    * @default ""
