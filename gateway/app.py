@@ -55,7 +55,8 @@ from gateway.resume import DetachedSessions
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from gateway.vad import VadModel
 from gateway.version import __version__
-from gateway.video import video_routes
+from gateway.video_routes import video_routes
+from gateway.videojobs import VideoJobs
 from protocol.codec import SUBPROTOCOLS, codec_for
 from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelNotFound
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
@@ -144,6 +145,7 @@ class GatewayApp:
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
+        self.video_jobs = VideoJobs(self)
         lim = config.limits
         self.admission = AdmissionControl(
             per_ip=lim.max_connections_per_ip,
@@ -438,6 +440,7 @@ class GatewayApp:
         # HTTP generations still running: cancelling their tasks closes their streams.
         for task in list(self.running):
             task.cancel()
+        self.video_jobs.close()
         for s in list(self.sessions):
             with contextlib.suppress(FerrousError, OSError):
                 await s.close(CLOSE_GOING_AWAY, "server shutting down")

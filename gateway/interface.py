@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from gateway.quotas import Quota, QuotaBook
     from gateway.resume import DetachedSessions
     from gateway.vad import VadModel
+    from gateway.videojobs import VideoJobs
 
 __all__ = ["Gateway"]
 
@@ -50,6 +51,8 @@ class Gateway(Protocol):
     started_at: float
     #: True once shutdown began: surfaces refuse new work with ``overloaded``.
     draining: bool
+    #: Video analyses running, or kept for a client to come back to.
+    video_jobs: VideoJobs
     #: Tasks consuming a generation for an HTTP request; shutdown cancels them.
     running: set[asyncio.Task[object]]
 

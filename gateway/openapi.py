@@ -254,6 +254,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "security": [{"bearer": []}],
             }
         },
+        "/v1/video/jobs/{id}": {
+            "get": op(
+                "A video job's events as SSE, from Last-Event-ID (or ?after=N)",
+                None,
+                _ok("events", sse=True),
+                native_err,
+                "native",
+            ),
+            "delete": op(
+                "Stop a video job", None, {"description": "stopped"}, native_err, "native"
+            ),
+        },
         "/v1/classify": {
             "post": op(
                 "Classify images (base64 or data URLs): each one's top labels with probabilities",
@@ -345,6 +357,9 @@ def openapi_document(version: str) -> dict[str, Any]:
     paths["/v1/models/{name}"]["get"]["parameters"] = paths["/v1/models/{name}"]["delete"][
         "parameters"
     ] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    job = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    for method in ("get", "delete"):
+        paths["/v1/video/jobs/{id}"][method]["parameters"] = job
     return {
         "openapi": "3.1.0",
         "info": {

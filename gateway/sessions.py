@@ -38,6 +38,7 @@ from gateway.drawing import draw
 from gateway.listening import ListenStream
 from gateway.replay import ReplayLog
 from gateway.streams import GenerationStreams
+from gateway.videojobs import watch
 from gateway.voiceturn import speak
 from protocol import messages as m
 from protocol.codec import Codec
@@ -334,7 +335,7 @@ class Session(GenerationStreams):
                 await self.send(m.ServerHeartbeat(time.time()))
             case _ if not self.helloed:
                 raise BadRequest("send hello first")
-            case m.Generate() | m.Chat() | m.Pull() | m.Speak() | m.Draw():
+            case m.Generate() | m.Chat() | m.Pull() | m.Speak() | m.Draw() | m.Watch():
                 self._start(msg)
             case m.Listen():
                 vad = await self.gateway.voice_activity()
@@ -494,7 +495,9 @@ class Session(GenerationStreams):
         await stream.feed(data)
 
     def _start(
-        self, msg: m.Generate | m.Chat | m.Pull | m.Speak | m.Draw | m.Listen, listen: Any = None
+        self,
+        msg: m.Generate | m.Chat | m.Pull | m.Speak | m.Draw | m.Watch | m.Listen,
+        listen: Any = None,
     ) -> None:
         if self.ended:
             raise _with_id(ResumeExpired("this session has ended"), msg.id)
@@ -514,6 +517,8 @@ class Session(GenerationStreams):
             work = speak(self, msg)
         elif isinstance(msg, m.Draw):
             work = draw(self, msg)
+        elif isinstance(msg, m.Watch):
+            work = watch(self, msg)
         elif isinstance(listen, ListenStream):
             work = listen.run()
             self.listens[msg.id] = listen

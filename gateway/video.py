@@ -1,11 +1,15 @@
 """Video analysis: a clip's frames classified or embedded and its soundtrack transcribed.
 
+This module is the analysis (:func:`analyze`, a stream of events) and its
+request; :mod:`gateway.video_routes` serves it and :mod:`gateway.videojobs`
+keeps it running past a disconnect.
+
 ``POST /v1/video/analyze`` takes a multipart form: ``file`` (the video: mp4,
 webm, mkv, mov, ... up to :data:`MAX_VIDEO_BYTES` and :data:`MAX_VIDEO_SECONDS`),
 ``model`` (an image model), ``task`` (``classify``, the default, or
 ``embed``), ``every`` (seconds between sampled frames, 1 by default, at least
 0.1), ``top_k`` (3), ``asr_model`` (a speech recognition model for the
-soundtrack) and ``stream``. The answer::
+soundtrack), ``stream`` and ``detach`` (:mod:`gateway.video_routes`). The answer::
 
     {"duration": 60.0, "model": "open-nsfw",
      "frames": [{"t": 0.0, "labels": [{"label": "sfw", "score": 0.98}, ...]}, ...],
@@ -19,8 +23,8 @@ soundtrack and no ``asr_model`` the answer says which model to name in
 ``notices``. With ``stream=true`` the same comes as server-sent events while
 it is computed: ``progress`` (``stage`` ``transcript`` or ``frames``,
 ``done`` of ``total``), ``segment``, ``frame``, ``notice`` and a last ``done``
-with the duration; a client that goes away stops the work (its decoding
-between batches, its jobs in the workers).
+with the duration. Cancelling the analysis stops its decoding between batches
+and its jobs in the workers.
 """
 
 from __future__ import annotations
@@ -32,26 +36,28 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import msgspec
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
-
 from engine import Label, TranscribeOptions, Transcript, TranscriptSegment
 from engine.video import VideoInfo, probe, sample_frames, soundtrack
 from gateway.auth import Principal
-from gateway.forms import form_flag, form_text, read_form
+from gateway.forms import form_text
 from gateway.generation import embed
-from gateway.http_common import ClosingStream, guarded, unless_disconnected
 from gateway.image_routes import classify
 from gateway.interface import Gateway
-from gateway.model_routes import native_error
 from gateway.openai_wire import InvalidParam
 from gateway.speech import transcribe
-from protocol.errors import BadRequest, FerrousError
+from protocol.errors import BadRequest
 
-__all__ = ["MAX_VIDEO_BYTES", "MAX_VIDEO_SECONDS", "VideoRequest", "analyze", "video_routes"]
+__all__ = [
+    "MAX_VIDEO_BYTES",
+    "MAX_VIDEO_SECONDS",
+    "VideoEvent",
+    "VideoRequest",
+    "analyze",
+    "event_of",
+    "frame_json",
+    "request_of",
+    "segment_json",
+]
 
 MAX_VIDEO_BYTES = 128 * 1024 * 1024
 MAX_VIDEO_SECONDS = 1800.0  # half an hour; its soundtrack fits one speech job
@@ -135,9 +141,13 @@ async def analyze(
         data, every=req.every, max_seconds=MAX_VIDEO_SECONDS
     )
     done = 0
+    reading: asyncio.Future[list[tuple[float, bytes]]] | None = None
     try:
         while True:
-            batch = await asyncio.to_thread(lambda: list(itertools.islice(frames, _BATCH)))
+            reading = asyncio.ensure_future(
+                asyncio.to_thread(lambda: list(itertools.islice(frames, _BATCH)))
+            )
+            batch = await asyncio.shield(reading)  # a cancel leaves the thread to finish
             if not batch:
                 break
             if done + len(batch) > MAX_FRAMES:
@@ -154,17 +164,21 @@ async def analyze(
             done += len(batch)
             yield VideoProgress("frames", done, max(total, done))
     finally:
+        # A cancel does not stop the thread reading a batch: let it finish before the
+        # decoder is closed (closing a generator that is running fails).
+        if reading is not None and not reading.done():
+            await asyncio.wait([reading])
         close = getattr(frames, "close", None)
         if close is not None:
             await asyncio.to_thread(close)
     yield VideoDone(info.duration, done, transcript, notices)
 
 
-def _segment(s: TranscriptSegment) -> dict[str, Any]:
+def segment_json(s: TranscriptSegment) -> dict[str, Any]:
     return {"start": s.start, "end": s.end, "text": s.text.strip()}
 
 
-def _frame(f: VideoFrame) -> dict[str, Any]:
+def frame_json(f: VideoFrame) -> dict[str, Any]:
     out: dict[str, Any] = {"t": f.t}
     if f.labels is not None:
         out["labels"] = [{"label": x.label, "score": x.score} for x in f.labels]
@@ -173,7 +187,8 @@ def _frame(f: VideoFrame) -> dict[str, Any]:
     return out
 
 
-def _request(form: Any) -> VideoRequest:
+def request_of(form: Any) -> VideoRequest:
+    """The analysis a form asks for; InvalidParam naming a bad field."""
     model = form_text(form, "model")
     if not model:
         raise InvalidParam("model", "the request needs an image model in model")
@@ -190,80 +205,14 @@ def _request(form: Any) -> VideoRequest:
     return VideoRequest(model, task, every, top_k, form_text(form, "asr_model"))  # type: ignore[arg-type]
 
 
-def video_routes(gateway: Gateway) -> list[Route]:
-    async def analyze_route(request: Request) -> Response:
-        form = await read_form(request, MAX_VIDEO_BYTES + 64 * 1024)
-        try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise InvalidParam(
-                    "file", "the request needs the video as a file field named 'file'"
-                )
-            data = await upload.read()
-            req = _request(form)
-            stream = form_flag(form, "stream")
-        finally:
-            await form.close()
-        events = analyze(gateway, request.state.principal, data, req)
-        if stream:
-            first = await unless_disconnected(request, anext(events))  # errors as a status
-            return ClosingStream(_sse(first, events))
-        frames: list[dict[str, Any]] = []
-        last: VideoDone | None = None
-
-        async def whole() -> None:
-            nonlocal last
-            async for ev in events:
-                if isinstance(ev, VideoFrame):
-                    frames.append(_frame(ev))
-                elif isinstance(ev, VideoDone):
-                    last = ev
-
-        await unless_disconnected(request, whole())
-        assert last is not None
-        body: dict[str, Any] = {
-            "duration": last.duration,
-            "model": req.model,
-            "frames": frames,
-            "transcript": None
-            if last.transcript is None
-            else {
-                "text": last.transcript.text,
-                "segments": [_segment(s) for s in last.transcript.segments],
-            },
-            "notices": last.notices,
-        }
-        return Response(msgspec.json.encode(body), media_type="application/json")
-
-    return [
-        Route("/v1/video/analyze", guarded(gateway, native_error, analyze_route), methods=["POST"])
-    ]
-
-
-async def _sse(
-    first: VideoEvent, events: AsyncGenerator[VideoEvent, None]
-) -> AsyncGenerator[bytes, None]:
-    """The events as server-sent events; a failure after the first is an ``error`` event."""
-    ev: VideoEvent | None = first
-    try:
-        while ev is not None:
-            name, data = _event(ev)
-            yield b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
-            ev = await anext(events, None)
-    except FerrousError as exc:
-        error = {"code": exc.code.value, "message": exc.message}
-        yield b"event: error\ndata: " + msgspec.json.encode(error) + b"\n\n"
-    finally:
-        await events.aclose()
-
-
-def _event(ev: VideoEvent) -> tuple[str, dict[str, Any]]:
+def event_of(ev: VideoEvent) -> tuple[str, dict[str, Any]]:
+    """An event's name and JSON body, as SSE and the job registry carry it."""
     if isinstance(ev, VideoProgress):
         return "progress", {"stage": ev.stage, "done": ev.done, "total": ev.total}
     if isinstance(ev, VideoFrame):
-        return "frame", _frame(ev)
+        return "frame", frame_json(ev)
     if isinstance(ev, VideoNotice):
         return "notice", {"message": ev.message}
     if isinstance(ev, VideoDone):
         return "done", {"duration": ev.duration, "frames": ev.frames}
-    return "segment", _segment(ev)
+    return "segment", segment_json(ev)

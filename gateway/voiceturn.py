@@ -52,6 +52,7 @@ class VoiceHost(Protocol):
     gateway: Gateway
     principal: Principal
     owner: tuple[str | None, str]
+    closed: bool  # the connection is gone (the session may live on)
 
     async def send(self, msg: m.ServerMessage, *, apart: bool = False) -> None: ...
 

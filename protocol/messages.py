@@ -64,6 +64,7 @@ from .fields import (
     _ServerBase,
 )
 from .images import Draw, ImageOut
+from .video import LabelScore, VideoEvent, Watch
 from .voice import (
     Audio,
     AudioFormat,
@@ -106,6 +107,7 @@ __all__ = [
     "Hello",
     "ImageOut",
     "KeepAlive",
+    "LabelScore",
     "Limits",
     "Listen",
     "Logprob",
@@ -130,6 +132,8 @@ __all__ = [
     "TranscriptEvent",
     "Usage",
     "VadOptions",
+    "VideoEvent",
+    "Watch",
 ]
 
 SUBPROTOCOL_JSON = "ferrous.v1.json"
@@ -287,6 +291,7 @@ ClientMessage = (
     | Audio
     | Speak
     | Draw
+    | Watch
 )
 
 
@@ -450,6 +455,7 @@ ServerMessage = (
     | TranscriptEvent
     | AudioOut
     | ImageOut
+    | VideoEvent
 )
 
 CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
@@ -466,6 +472,7 @@ CLIENT_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Audio,
     Speak,
     Draw,
+    Watch,
 )
 SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     Ready,
@@ -481,4 +488,5 @@ SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     TranscriptEvent,
     AudioOut,
     ImageOut,
+    VideoEvent,
 )

@@ -146,10 +146,11 @@ export type ClientMessage =
   | Listen
   | Audio
   | Speak
-  | Draw;
+  | Draw
+  | Watch;
 
 /** The `type` values of ClientMessage. */
-export type ClientMessageType = "ack" | "audio" | "cancel" | "chat" | "credit" | "draw" | "forget" | "generate" | "heartbeat" | "hello" | "listen" | "pull" | "speak";
+export type ClientMessageType = "ack" | "audio" | "cancel" | "chat" | "credit" | "draw" | "forget" | "generate" | "heartbeat" | "hello" | "listen" | "pull" | "speak" | "watch";
 
 /** ClientMessage by its `type`. */
 export interface ClientMessageMap {
@@ -166,6 +167,7 @@ export interface ClientMessageMap {
   listen: Listen;
   pull: Pull;
   speak: Speak;
+  watch: Watch;
 }
 
 /** Grant the server this many more bytes of delta text (flow control). */
@@ -369,6 +371,11 @@ export interface ImageOut {
    * @default null
    */
   n?: number | null;
+}
+
+export interface LabelScore {
+  label: string;
+  score: number;
 }
 
 export interface Limits {
@@ -630,10 +637,11 @@ export type ServerMessage =
   | SpeechEdge
   | TranscriptEvent
   | AudioOut
-  | ImageOut;
+  | ImageOut
+  | VideoEvent;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "image" | "progress" | "queued" | "ready" | "speech" | "started" | "tool_call" | "transcript";
+export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "image" | "progress" | "queued" | "ready" | "speech" | "started" | "tool_call" | "transcript" | "video";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
@@ -650,6 +658,7 @@ export interface ServerMessageMap {
   started: Started;
   tool_call: ToolCallEvent;
   transcript: TranscriptEvent;
+  video: VideoEvent;
 }
 
 /**
@@ -830,4 +839,46 @@ export interface VadOptions {
    * @default 0.5
    */
   threshold?: number;
+}
+
+/**
+ * One result of watched job `id`: a `frame` (its time `t` and `labels` or
+ * `embedding`), a transcript `segment` (`t` to `end`, `text`) or a `notice`
+ * (`text`); `seq` is the job's own number for it (`after` resumes from it).
+ */
+export interface VideoEvent {
+  type: "video";
+  id: string;
+  event: "frame" | "notice" | "segment";
+  /** integer */
+  seq: number;
+  /** @default null */
+  embedding?: number[] | null;
+  /** @default null */
+  end?: number | null;
+  /** @default null */
+  labels?: LabelScore[] | null;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
+  /** @default null */
+  t?: number | null;
+  /** @default null */
+  text?: string | null;
+}
+
+/** Follow video job `job` as generation `id`, from the event after `after`. */
+export interface Watch {
+  type: "watch";
+  /** length 1..64; pattern `^[A-Za-z0-9._:-]+(?!\n)$` */
+  id: string;
+  /** length 1..64 */
+  job: string;
+  /**
+   * integer; 0 ≤ value
+   * @default 0
+   */
+  after?: number;
 }

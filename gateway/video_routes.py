@@ -1,0 +1,128 @@
+"""The video routes: ``POST /v1/video/analyze`` and the jobs it starts.
+
+``POST /v1/video/analyze`` (the form: :mod:`gateway.video`) answers in one of
+three ways: the whole result as JSON once computed (a client that goes away
+stops the work); with ``stream=true`` the events as server-sent events while
+they are computed, each with an ``id`` line, after a first ``job`` event (and
+a ``Location`` header) naming the job — which keeps running if the client
+goes away; with ``detach=true`` at once, ``202`` and the job's id. A job's
+events are then read with ``GET /v1/video/jobs/{id}`` (server-sent events
+from ``Last-Event-ID``, or ``?after=N``), or over the WebSocket (``watch``),
+and ``DELETE /v1/video/jobs/{id}`` stops it (:mod:`gateway.videojobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.forms import form_flag, read_form
+from gateway.http_common import ClosingStream, guarded, unless_disconnected
+from gateway.interface import Gateway
+from gateway.model_routes import native_error
+from gateway.openai_wire import InvalidParam
+from gateway.video import (
+    MAX_VIDEO_BYTES,
+    VideoDone,
+    VideoFrame,
+    analyze,
+    frame_json,
+    request_of,
+    segment_json,
+)
+from gateway.videojobs import VideoJob
+from protocol.errors import BadRequest
+
+__all__ = ["video_routes"]
+
+
+def _sse(job: VideoJob, after: int, *, announce: bool) -> AsyncIterator[bytes]:
+    async def events() -> AsyncIterator[bytes]:
+        if announce:
+            yield b"event: job\ndata: " + msgspec.json.encode({"id": job.id}) + b"\n\n"
+        async for n, name, data in job.follow(after):
+            body = msgspec.json.encode(data)
+            yield f"id: {n}\nevent: {name}\ndata: ".encode() + body + b"\n\n"
+
+    return events()
+
+
+def video_routes(gateway: Gateway) -> list[Route]:
+    def job_url(job: VideoJob) -> str:
+        return f"/v1/video/jobs/{job.id}"
+
+    async def analyze_route(request: Request) -> Response:
+        form = await read_form(request, MAX_VIDEO_BYTES + 64 * 1024)
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise InvalidParam(
+                    "file", "the request needs the video as a file field named 'file'"
+                )
+            data = await upload.read()
+            req = request_of(form)
+            stream = form_flag(form, "stream")
+            detach = form_flag(form, "detach")
+        finally:
+            await form.close()
+        principal = request.state.principal
+        if stream or detach:
+            job = gateway.video_jobs.start(principal, data, req)
+            headers = {"Location": job_url(job)}
+            if detach:
+                body = {"id": job.id, "events": job_url(job)}
+                return JSONResponse(body, status_code=202, headers=headers)
+            return ClosingStream(_sse(job, 0, announce=True), headers=headers)
+        frames: list[dict[str, Any]] = []
+        last: VideoDone | None = None
+
+        async def whole() -> None:
+            nonlocal last
+            async for ev in analyze(gateway, principal, data, req):
+                if isinstance(ev, VideoFrame):
+                    frames.append(frame_json(ev))
+                elif isinstance(ev, VideoDone):
+                    last = ev
+
+        await unless_disconnected(request, whole())
+        assert last is not None
+        transcript = last.transcript
+        out: dict[str, Any] = {
+            "duration": last.duration,
+            "model": req.model,
+            "frames": frames,
+            "transcript": None
+            if transcript is None
+            else {
+                "text": transcript.text,
+                "segments": [segment_json(s) for s in transcript.segments],
+            },
+            "notices": last.notices,
+        }
+        return Response(msgspec.json.encode(out), media_type="application/json")
+
+    async def follow_route(request: Request) -> Response:
+        job = gateway.video_jobs.get(request.state.principal, request.path_params["job"])
+        raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
+        if not raw.isdigit():
+            raise BadRequest("Last-Event-ID (or after) is the number of the last event seen")
+        return ClosingStream(_sse(job, int(raw), announce=False))
+
+    async def cancel_route(request: Request) -> Response:
+        gateway.video_jobs.cancel(request.state.principal, request.path_params["job"])
+        return Response(status_code=204)
+
+    def route(path: str, fn: Any, method: str) -> Route:
+        return Route(path, guarded(gateway, native_error, fn), methods=[method])
+
+    return [
+        route("/v1/video/analyze", analyze_route, "POST"),
+        route("/v1/video/jobs/{job}", follow_route, "GET"),
+        route("/v1/video/jobs/{job}", cancel_route, "DELETE"),
+    ]
