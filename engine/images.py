@@ -37,8 +37,10 @@ __all__ = [
     "Preprocess",
     "decode_image",
     "embedding_input",
+    "graph_layout",
     "open_image",
     "prepare",
+    "prepare_all",
     "read_preprocess",
 ]
 
@@ -203,3 +205,24 @@ def prepare(img: Any, cfg: Preprocess, layout: Literal["nchw", "nhwc"]) -> np.nd
     if layout == "nchw":
         arr = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def prepare_all(
+    images: list[bytes], cfg: Preprocess, layout: Literal["nchw", "nhwc"]
+) -> list[np.ndarray]:
+    """Every image decoded and prepared; an unreadable one is an error naming its index."""
+    out = []
+    for i, data in enumerate(images):
+        try:
+            out.append(prepare(open_image(data), cfg, layout))
+        except (BadRequest, TooLarge) as exc:
+            raise type(exc)(f"image {i}: {exc.message}") from None
+    return out
+
+
+def graph_layout(shape: list[Any], cfg: Preprocess, where: str) -> Literal["nchw", "nhwc"]:
+    """The image layout of a graph input of ``shape`` (the config's, else where the 3
+    colour channels are); ModelLoadError for an input that is not a batch of images."""
+    if len(shape) != 4 or 3 not in (shape[1], shape[3]):
+        raise ModelLoadError(where, "layout", f"the graph's input {shape} is not a batch of images")
+    return cfg.layout or ("nchw" if shape[1] == 3 else "nhwc")

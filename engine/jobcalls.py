@@ -106,16 +106,7 @@ class JobCalls:
             size = len(ipc.encode(msg))
             if size > ipc.MAX_FRAME:
                 raise TooLarge(f"the inputs take {size} bytes; one request takes {ipc.MAX_FRAME}")
-        worker = await self._pick(model)
-        spec = self._residency.models[model]
-        spec.active += 1
-        spec.last_used = time.monotonic()
-        try:
-            reply = await self._pool.request(worker, msg, req, EMBED_TIMEOUT_S)
-        finally:
-            self._residency.release(spec, keep_alive)
-        if isinstance(reply, ipc.WorkerError):
-            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
+        reply = await self._job_reply(model, msg, req, keep_alive)
         assert isinstance(reply, ipc.Embedded)
         floats = array("f")
         floats.frombytes(reply.data)
@@ -146,16 +137,7 @@ class JobCalls:
             raise TooLarge(f"the images take more than the {ipc.MAX_FRAME} bytes one request takes")
         req = self._pool.next_req()
         msg = ipc.Classify(req=req, model=model, images=list(images), top_k=top_k)
-        worker = await self._pick(model)
-        spec = self._residency.models[model]
-        spec.active += 1
-        spec.last_used = time.monotonic()
-        try:
-            reply = await self._pool.request(worker, msg, req, EMBED_TIMEOUT_S)
-        finally:
-            self._residency.release(spec, keep_alive)
-        if isinstance(reply, ipc.WorkerError):
-            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
+        reply = await self._job_reply(model, msg, req, keep_alive)
         assert isinstance(reply, ipc.Classified)
         return Classification(reply.labels, model)
 
@@ -281,6 +263,23 @@ class JobCalls:
                     yield ImageStep(frame.step, frame.steps)
                 elif isinstance(frame, ipc.ImagesMade):
                     yield Images(images=frame.images, seed=frame.seed, model=model)
+
+    async def _job_reply(
+        self, model: str, msg: ipc.ToWorker, req: int, keep_alive: float | None
+    ) -> ipc.FromWorker:
+        """The one reply of a job on the least busy worker holding ``model``, the model held
+        in memory meanwhile; a WorkerError raised as its error."""
+        worker = await self._pick(model)
+        spec = self._residency.models[model]
+        spec.active += 1
+        spec.last_used = time.monotonic()
+        try:
+            reply = await self._pool.request(worker, msg, req, EMBED_TIMEOUT_S)
+        finally:
+            self._residency.release(spec, keep_alive)
+        if isinstance(reply, ipc.WorkerError):
+            raise error_from_code(reply.code, reply.message, retryable=reply.retryable)
+        return reply
 
     async def _job_frames(
         self,

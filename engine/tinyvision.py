@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -50,6 +50,19 @@ TINY_LABELS = ("red", "green", "blue")
 _OPSET = 17
 
 
+def _save(graph: Any, path: Path) -> None:
+    """A graph as a checked model file (opset 17, IR 8: what onnxruntime's wheels read)."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="ferrousforge"
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def write_tiny_classifier(
     folder: Path,
     *,
@@ -63,7 +76,6 @@ def write_tiny_classifier(
     Its logits are ``gain x`` the mean of each normalised channel (values in
     -1..1), plus a fixed bias that breaks ties towards ``red``.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,12 +107,7 @@ def write_tiny_classifier(
             numpy_helper.from_array(bias, "bias"),
         ],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="ferrousforge"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(folder / "model.onnx"))
+    _save(graph, folder / "model.onnx")
     preprocess = {
         "do_resize": True,
         "size": {"height": size, "width": size},
@@ -210,12 +217,7 @@ def write_tiny_clip(folder: Path, *, seed: int = 0, max_length: int = 16) -> Tin
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
 
     def save(graph: onnx.GraphProto, name: str) -> None:
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="ferrousforge"
-        )
-        model.ir_version = 8
-        onnx.checker.check_model(model)
-        onnx.save(model, str(folder / "onnx" / name))
+        _save(graph, folder / "onnx" / name)
 
     text = helper.make_graph(
         [
@@ -327,12 +329,7 @@ def write_tiny_diffusion(folder: Path) -> Path:
     vocab = {t: i for i, t in enumerate((*_CLIP_SPECIALS, *TINY_CLIP_WORDS))}
 
     def save(graph: onnx.GraphProto, name: str) -> None:
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="ferrousforge"
-        )
-        model.ir_version = 8
-        onnx.checker.check_model(model)
-        onnx.save(model, str(folder / name))
+        _save(graph, folder / name)
 
     colours = np.zeros((len(vocab), 3), np.float32)
     for word, rgb in (("red", (1, -1, -1)), ("green", (-1, 1, -1)), ("blue", (-1, -1, 1))):

@@ -22,25 +22,12 @@ import onnxruntime as ort
 
 from engine.backends.base import ImageGenerator, ImagesJob, LoadParams
 from engine.backends.diffusion_entry import DiffusionConfig, read_diffusion
-from engine.backends.onnx_entry import OnnxOptions
-from engine.backends.onnxsession import session_options
+from engine.backends.onnxsession import open_session
 from engine.requests import ImageOptions
 from engine.sigmas import consistency_renoise, euler_step, karras_sigmas
 from protocol.errors import BadRequest, ModelLoadError
 
 __all__ = ["OnnxDiffusion"]
-
-
-def _session(path: Path, params: LoadParams) -> ort.InferenceSession:
-    opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
-    try:
-        return ort.InferenceSession(
-            str(path), session_options(params.n_threads, opts), providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own types for bad graphs
-        raise ModelLoadError(
-            str(path), "backend", f"onnxruntime could not load it ({exc})"
-        ) from None
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -60,7 +47,7 @@ class OnnxDiffusion(ImageGenerator):
     def __init__(self, folder: Path, config: DiffusionConfig, params: LoadParams) -> None:
         self.config = config
         self.n_ctx = 0
-        self._unet = _session(folder / config.unet, params)
+        self._unet = open_session(folder / config.unet, params)
         names = {i.name for i in self._unet.get_inputs()}
         missing = set(config.inputs.values()) - names
         if missing:
@@ -73,11 +60,11 @@ class OnnxDiffusion(ImageGenerator):
         if config.text_encoder:
             from tokenizers import Tokenizer
 
-            self._text = _session(folder / config.text_encoder, params)
+            self._text = open_session(folder / config.text_encoder, params)
             self._tokenizer = Tokenizer.from_file(str(folder / config.tokenizer))
             self._tokenizer.no_padding()
             self._tokenizer.no_truncation()
-        self._decoder = _session(folder / config.decoder, params) if config.decoder else None
+        self._decoder = open_session(folder / config.decoder, params) if config.decoder else None
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> OnnxDiffusion:

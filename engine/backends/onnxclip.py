@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -24,27 +23,14 @@ from tokenizers import Tokenizer
 
 from engine.backends.base import EmbedJob, ImageEmbedder, LoadParams
 from engine.backends.image_entry import clip_graphs
-from engine.backends.onnx_entry import OnnxOptions
-from engine.backends.onnxsession import read_json, session_options
-from engine.images import open_image, prepare, read_preprocess
-from protocol.errors import BadRequest, ModelLoadError, TooLarge
+from engine.backends.onnxsession import open_session, read_json
+from engine.images import graph_layout, prepare_all, read_preprocess
+from protocol.errors import BadRequest, ModelLoadError
 
 __all__ = ["BATCH", "MAX_IMAGES", "OnnxClipEmbedder"]
 
 BATCH = 8
 MAX_IMAGES = 64
-
-
-def _session(path: Path, params: LoadParams) -> ort.InferenceSession:
-    opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
-    try:
-        return ort.InferenceSession(
-            str(path), session_options(params.n_threads, opts), providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:  # onnxruntime raises its own types for bad graphs
-        raise ModelLoadError(
-            str(path), "backend", f"onnxruntime could not load it ({exc})"
-        ) from None
 
 
 def _output(session: ort.InferenceSession, name: str) -> str:
@@ -79,14 +65,7 @@ class OnnxClipEmbedder(ImageEmbedder):
         self._cfg = read_preprocess(folder)
         inp = vision.get_inputs()[0]
         self._pixels = inp.name
-        shape = list(inp.shape)
-        if len(shape) != 4 or 3 not in (shape[1], shape[3]):
-            raise ModelLoadError(
-                str(folder), "layout", f"the vision graph's input {shape} is not a batch of images"
-            )
-        self._layout: Literal["nchw", "nhwc"] = self._cfg.layout or (
-            "nchw" if shape[1] == 3 else "nhwc"
-        )
+        self._layout = graph_layout(list(inp.shape), self._cfg, str(folder))
         self._image_out = _output(vision, "image_embeds")
 
     @classmethod
@@ -95,7 +74,7 @@ class OnnxClipEmbedder(ImageEmbedder):
         graphs = clip_graphs(folder)
         if graphs is None:
             raise ModelLoadError(path, "not_onnx", "not a CLIP folder (text and vision graphs)")
-        return cls(folder, _session(graphs[0], params), _session(graphs[1], params))
+        return cls(folder, open_session(graphs[0], params), open_session(graphs[1], params))
 
     def free(self) -> None:
         pass  # the sessions go with the object
@@ -142,12 +121,7 @@ class OnnxClipEmbedder(ImageEmbedder):
         return self._images(list(images))
 
     def _images(self, images: list[bytes]) -> EmbedJob:
-        tensors = []
-        for i, data in enumerate(images):
-            try:
-                tensors.append(prepare(open_image(data), self._cfg, self._layout))
-            except (BadRequest, TooLarge) as exc:
-                raise type(exc)(f"image {i}: {exc.message}") from None
+        tensors = prepare_all(images, self._cfg, self._layout)
         yield  # decoding was this step's work
         vectors: list[list[float]] = []
         for start in range(0, len(tensors), BATCH):

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from engine.backends.base import ClassifyJob, ImageClassifier, LoadParams
 from engine.backends.image_entry import read_labels
-from engine.backends.onnx_entry import OnnxOptions
-from engine.backends.onnxsession import read_json, session_options
-from engine.images import open_image, prepare, read_preprocess
+from engine.backends.onnxsession import open_session, read_json
+from engine.images import graph_layout, prepare_all, read_preprocess
 from engine.requests import Label
-from protocol.errors import BadRequest, ModelLoadError, TooLarge
+from protocol.errors import BadRequest
 
 __all__ = ["BATCH", "MAX_IMAGES", "OnnxImageClassifier"]
 
@@ -54,14 +52,7 @@ class OnnxImageClassifier(ImageClassifier):
         self.n_ctx = 0
         inp = session.get_inputs()[0]
         self._input = inp.name
-        shape = list(inp.shape)
-        if len(shape) != 4 or 3 not in (shape[1], shape[3]):
-            raise ModelLoadError(
-                str(folder), "layout", f"the graph's input {shape} is not a batch of RGB images"
-            )
-        self._layout: Literal["nchw", "nhwc"] = self._cfg.layout or (
-            "nchw" if shape[1] == 3 else "nhwc"
-        )
+        self._layout = graph_layout(list(inp.shape), self._cfg, str(folder))
         act = _output_activation(folder / "model.onnx")
         config = read_json(folder / "config.json")
         if act in ("Softmax", "Sigmoid"):
@@ -74,17 +65,7 @@ class OnnxImageClassifier(ImageClassifier):
     @classmethod
     def load(cls, path: str, params: LoadParams) -> OnnxImageClassifier:
         folder = Path(path)
-        opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
-        try:
-            session = ort.InferenceSession(
-                str(folder / "model.onnx"),
-                session_options(params.n_threads, opts),
-                providers=["CPUExecutionProvider"],
-            )
-        except Exception as exc:  # onnxruntime raises its own types for bad graphs
-            raise ModelLoadError(
-                path, "backend", f"onnxruntime could not load it ({exc})"
-            ) from None
+        session = open_session(folder / "model.onnx", params)
         return cls(folder, session)
 
     def free(self) -> None:
@@ -100,12 +81,7 @@ class OnnxImageClassifier(ImageClassifier):
         return self._job(list(images), min(top_k, len(self.labels)))
 
     def _job(self, images: list[bytes], top_k: int) -> ClassifyJob:
-        tensors = []
-        for i, data in enumerate(images):
-            try:
-                tensors.append(prepare(open_image(data), self._cfg, self._layout))
-            except (BadRequest, TooLarge) as exc:
-                raise type(exc)(f"image {i}: {exc.message}") from None
+        tensors = prepare_all(images, self._cfg, self._layout)
         yield  # decoding was this step's work
         out: list[list[Label]] = []
         for start in range(0, len(tensors), BATCH):

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from engine.backends.onnx_entry import OnnxOptions
 from protocol.errors import BadRequest, ModelLoadError
 
-__all__ = ["graph_opsets", "has_op", "read_json", "session_options"]
+__all__ = ["graph_opsets", "has_op", "open_session", "read_json", "session_options"]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -75,3 +75,18 @@ def session_options(threads: int, o: OnnxOptions) -> ort.SessionOptions:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if o.spinning else "0")
     opts.log_severity_level = 3
     return opts
+
+
+def open_session(path: Path, params: Any) -> ort.InferenceSession:
+    """A CPU session for the graph at ``path`` with ``params``' threads and ``[onnx]``
+    options (a :class:`~engine.backends.base.LoadParams`); ModelLoadError when
+    onnxruntime cannot load it."""
+    opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
+    try:
+        return ort.InferenceSession(
+            str(path), session_options(params.n_threads, opts), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own types for bad graphs
+        raise ModelLoadError(
+            str(path), "backend", f"onnxruntime could not load it ({exc})"
+        ) from None
