@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 
 from starlette.datastructures import FormData
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from gateway.openai_wire import InvalidParam
@@ -23,9 +23,10 @@ MAX_FIELDS = 16  # form fields one request may carry besides the file
 
 
 async def read_form(request: Request, limit: int) -> FormData:
-    """The multipart form, at most ``limit`` bytes, one file and :data:`MAX_FIELDS` fields."""
+    """The form (multipart, or URL-encoded fields), at most ``limit`` bytes, one file and
+    :data:`MAX_FIELDS` fields."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media != "multipart/form-data":
+    if media not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise BadRequest(
             f"this route takes a multipart form (Content-Type: multipart/form-data), got {media or 'none'}"
         )
@@ -41,6 +42,11 @@ async def read_form(request: Request, limit: int) -> FormData:
                 raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
             yield chunk
 
+    if media == "application/x-www-form-urlencoded":  # fields only (a url, say)
+        form = await FormParser(request.headers, capped()).parse()
+        if len(form) > MAX_FIELDS:
+            raise BadRequest(f"the form has more than {MAX_FIELDS} fields")
+        return form
     parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=MAX_FIELDS)
     try:
         return await parser.parse()

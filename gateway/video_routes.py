@@ -1,6 +1,7 @@
 """The video routes: ``POST /v1/video/analyze`` and the jobs it starts.
 
-``POST /v1/video/analyze`` (the form: :mod:`gateway.video`) answers in one of
+``POST /v1/video/analyze`` (the form: :mod:`gateway.video`; the video as a
+``file``, or a ``url`` fetched as pulls are, see :func:`fetch_video`) answers in one of
 three ways: the whole result as JSON once computed (a client that goes away
 stops the work); with ``stream=true`` the events as server-sent events while
 they are computed, each with an ``id`` line, after a first ``job`` event (and
@@ -13,7 +14,10 @@ and ``DELETE /v1/video/jobs/{id}`` stops it (:mod:`gateway.videojobs`).
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,7 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.forms import form_flag, read_form
+from engine.store.download import Downloader
+from engine.store.errors import StoreError
+from engine.store.netpolicy import AddressPolicy
+from gateway.forms import form_flag, form_text, read_form
 from gateway.http_common import ClosingStream, guarded, unless_disconnected
 from gateway.interface import Gateway
 from gateway.model_routes import native_error
@@ -37,7 +44,7 @@ from gateway.video import (
     segment_json,
 )
 from gateway.videojobs import VideoJob
-from protocol.errors import BadRequest
+from protocol.errors import BadRequest, Forbidden, TooLarge
 
 __all__ = ["video_routes"]
 
@@ -53,6 +60,35 @@ def _sse(job: VideoJob, after: int, *, announce: bool) -> AsyncIterator[bytes]:
     return events()
 
 
+async def fetch_video(gateway: Gateway, url: str) -> bytes:
+    """The video at ``url``, downloaded as pulls are: only by a scheme of ``[sources]
+    schemes`` (``https``, or ``http`` where allowed), to public addresses (plus
+    ``allow_hosts``) on every redirect, at most :data:`MAX_VIDEO_BYTES`; nothing kept."""
+    sources = gateway.config.sources
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("http", "https") or scheme not in sources.schemes:
+        allowed = [x for x in sources.schemes if x in ("http", "https")]
+        raise InvalidParam("url", f"a video url must be {' or '.join(allowed) or 'https'}://")
+    scratch = gateway.models.home / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="video-") as tmp:
+        downloader = Downloader(
+            Path(tmp),
+            policy=AddressPolicy(sources.allow_hosts),
+            max_bytes=MAX_VIDEO_BYTES,
+            retries=2,
+        )
+        try:
+            got = await downloader.fetch(url)
+        except StoreError as exc:
+            if exc.reason == "too_large":
+                raise TooLarge(exc.message) from None
+            if exc.reason == "forbidden":
+                raise Forbidden(exc.message) from None
+            raise BadRequest(f"the video could not be fetched: {exc.message}") from None
+        return await asyncio.to_thread(got.path.read_bytes)
+
+
 def video_routes(gateway: Gateway) -> list[Route]:
     def job_url(job: VideoJob) -> str:
         return f"/v1/video/jobs/{job.id}"
@@ -61,17 +97,20 @@ def video_routes(gateway: Gateway) -> list[Route]:
         form = await read_form(request, MAX_VIDEO_BYTES + 64 * 1024)
         try:
             upload = form.get("file")
-            if not isinstance(upload, UploadFile):
+            url = form_text(form, "url")
+            if isinstance(upload, UploadFile) == bool(url):
                 raise InvalidParam(
-                    "file", "the request needs the video as a file field named 'file'"
+                    "file", "the request needs the video: a file field named 'file', or a url"
                 )
-            data = await upload.read()
+            data = await upload.read() if isinstance(upload, UploadFile) else b""
             req = request_of(form)
             stream = form_flag(form, "stream")
             detach = form_flag(form, "detach")
         finally:
             await form.close()
         principal = request.state.principal
+        if url:
+            data = await unless_disconnected(request, fetch_video(gateway, url))
         if stream or detach:
             job = gateway.video_jobs.start(principal, data, req)
             headers = {"Location": job_url(job)}

@@ -230,7 +230,8 @@ def test_bench_vision(tmp_path: Path, whisper_tiny: Path) -> None:
         *("--generator", str(write_tiny_diffusion(tmp_path / "generator"))),
         *("--asr", str(whisper_tiny)),
     )
-    assert r["video_frames"] == 4 and r["video_words_heard"] > 0.5  # type: ignore[operator]
+    # (Four seconds of the clip hold the first sentence only.)
+    assert r["video_frames"] == 4 and r["video_words_heard"] > 0.2  # type: ignore[operator]
     for key in (
         "classify_images_s_batch1",
         "classify_images_s_batch8",

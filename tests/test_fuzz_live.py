@@ -69,6 +69,7 @@ EXPECTED_CODES = {
     "rate_limited",
     "forbidden",
     "cancelled",
+    "resume_expired",  # a hello that names a session to resume that is not there
 }
 
 # What each fatal ending must be closed with (RFC 6455 section 7.4.1).

@@ -334,3 +334,43 @@ async def test_running_video_jobs_per_user_are_bounded(running: RunningServer) -
             assert _events(r.text)[-1][2]["code"] == "cancelled"
         r = await _analyze(c, _clip(seconds=2), model="colours", detach="true")
         assert r.status_code == 202
+
+
+async def test_a_video_is_fetched_from_a_url_as_pulls_are(tmp_path: Path) -> None:
+    """``url`` instead of a file: fetched only by an allowed scheme, to an address pulls may
+    reach (loopback only when listed in allow_hosts), within the size cap."""
+    from gateway.config import SourcesConfig
+
+    from .fileserver import serve_payload
+
+    video = _clip(seconds=2)
+    colours = write_tiny_classifier(tmp_path / "colours")
+    with serve_payload(video, "/clip.mp4") as source:
+        default = server_config(tmp_path / "a", {"colours": colours})
+        async with gateway(default) as srv, _client(srv) as c:
+            r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
+            assert r.status_code == 400 and "https://" in r.json()["error"]["message"]
+            https = source.url.replace("http://", "https://")
+            r = await c.post("/v1/video/analyze", data={"model": "colours", "url": "ftp://x/y"})
+            assert r.status_code == 400
+            r = await c.post(
+                "/v1/video/analyze",
+                data={"model": "colours", "url": https},
+                files={"file": ("c.mp4", video)},
+            )
+            assert r.status_code == 400 and "a file field named 'file', or a url" in r.text
+
+        http = SourcesConfig(schemes=["https", "http"])
+        async with gateway(
+            server_config(tmp_path / "b", {"colours": colours}, sources=http)
+        ) as srv, _client(srv) as c:
+            r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
+            assert r.status_code == 403 and "allow_hosts" in r.json()["error"]["message"]
+
+        allowed = SourcesConfig(schemes=["https", "http"], allow_hosts=["127.0.0.1"])
+        config = server_config(tmp_path / "c", {"colours": colours}, sources=allowed)
+        async with gateway(config) as srv, _client(srv) as c:
+            r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
+            assert r.status_code == 200, r.text
+            assert [f["labels"][0]["label"] for f in r.json()["frames"]] == ["red", "red"]
+            assert not any((srv.gateway.models.home / "tmp").iterdir())  # nothing kept
