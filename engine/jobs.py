@@ -20,7 +20,7 @@ import abc
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -33,6 +33,7 @@ from engine.backends.base import (
     ClassifyJob,
     EmbedJob,
     ImagesJob,
+    LiveBatches,
     SynthesizeJob,
     TranscribeJob,
     classifier_of,
@@ -42,9 +43,12 @@ from engine.backends.base import (
     synthesizer_of,
     transcriber_of,
 )
+from engine.requests import TranscriptSegment
 from protocol.errors import ErrorCode, FerrousError, ModelNotFound, TooLarge
 
 __all__ = ["JOB_KINDS", "JOB_SLICE_S", "Job", "JobKind", "JobQueue", "error_reply"]
+
+MAX_BATCH = 8  # jobs whose units run together (live clips)
 
 # Seconds of job units one worker loop runs before the next generation step. Units
 # are bounded on their own (an encoder pass, a sentence, a decode); the slice only
@@ -81,6 +85,16 @@ class Job(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 (most jobs hold nothing to release)
         """Drop the job unfinished (its model was unloaded, the worker is stopping)."""
+
+    def batch_key(self) -> Hashable | None:
+        """Jobs whose keys are equal (not None) run their next unit together, through
+        :meth:`step_together` of their class."""
+        return None
+
+    @classmethod
+    def step_together(cls, jobs: list[Job]) -> list[tuple[list[ipc.FromWorker], bool]]:
+        """One unit of each of ``jobs`` (all of this class, with equal keys) at once."""
+        return [job.step() for job in jobs]
 
 
 @dataclass(frozen=True)
@@ -154,8 +168,53 @@ class _Transcription(Job):
         self._run.close()
 
 
+class _LiveTranscription(Job):
+    """A live clip (a listen stream's utterance): encoded, then decoded, each unit with the
+    other live clips of the same model and priority queued at the same stage
+    (:class:`~engine.backends.base.LiveBatches`)."""
+
+    def __init__(self, msg: ipc.Transcribe, batches: LiveBatches, clip: Any) -> None:
+        super().__init__(msg.req, msg.model)
+        self._batches = batches
+        self._clip = clip
+        self._stage = "encode"
+
+    def batch_key(self) -> Hashable:
+        return (id(self._batches), self.priority, *self._batches.clip_key(self._clip, self._stage))
+
+    def step(self) -> tuple[list[ipc.FromWorker], bool]:
+        return self.step_together([self])[0]
+
+    @classmethod
+    def step_together(cls, jobs: list[Job]) -> list[tuple[list[ipc.FromWorker], bool]]:
+        live = [j for j in jobs if isinstance(j, _LiveTranscription)]
+        batches, stage = live[0]._batches, live[0]._stage
+        if stage == "encode":
+            batches.encode_clips([j._clip for j in live])
+            for j in live:
+                j._stage = "decode"
+            return [([], False) for _ in live]
+        out: list[tuple[list[ipc.FromWorker], bool]] = []
+        for j, (text, language, seconds) in zip(
+            live, batches.decode_clips([j._clip for j in live]), strict=True
+        ):
+            replies: list[ipc.FromWorker] = []
+            if text.strip():
+                segment = TranscriptSegment(id=0, start=0.0, end=round(seconds, 3), text=text)
+                replies.append(ipc.TranscriptPart(req=j.req, segments=[segment]))
+            replies.append(ipc.Transcribed(req=j.req, language=language, duration=seconds))
+            out.append((replies, True))
+        return out
+
+
 def _start_transcription(backend: Backend, msg: ipc.Transcribe) -> Job:
-    return _Transcription(msg, transcriber_of(backend).transcribe_job(msg.audio, msg.options))
+    transcriber = transcriber_of(backend)
+    if msg.options.live and isinstance(transcriber, LiveBatches):
+        # Read now: queued clips are then all at one stage, and go through it together.
+        clip = transcriber.live_clip(msg.audio, msg.options)
+        if clip is not None:
+            return _LiveTranscription(msg, transcriber, clip)
+    return _Transcription(msg, transcriber.transcribe_job(msg.audio, msg.options))
 
 
 class _Synthesis(Job):
@@ -281,15 +340,23 @@ class JobQueue:
         expensive one, so each does not cost a whole generation step of waiting."""
         start = time.perf_counter()
         while self._jobs:
-            self._step_one(max(self._jobs, key=lambda j: j.priority))  # first of the highest
+            job = max(self._jobs, key=lambda j: j.priority)  # the first of the highest
+            key = job.batch_key()
+            if key is None:
+                group = [job]
+            else:
+                same = [j for j in self._jobs if j is not job and type(j) is type(job)]
+                group = [job, *(j for j in same if j.batch_key() == key)][:MAX_BATCH]
+            try:
+                results = type(job).step_together(group) if len(group) > 1 else [job.step()]
+            except Exception as exc:
+                results = [([error_reply(j.req, exc)], True) for j in group]
+            for j, (out, done) in zip(group, results, strict=True):
+                self._finish_unit(j, out, done)
             if time.perf_counter() - start >= JOB_SLICE_S:
                 return
 
-    def _step_one(self, job: Job) -> None:
-        try:
-            out, done = job.step()
-        except Exception as exc:
-            out, done = [error_reply(job.req, exc)], True
+    def _finish_unit(self, job: Job, out: list[ipc.FromWorker], done: bool) -> None:
         if done:
             self._jobs.remove(job)
         try:

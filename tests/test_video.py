@@ -361,9 +361,10 @@ async def test_a_video_is_fetched_from_a_url_as_pulls_are(tmp_path: Path) -> Non
             assert r.status_code == 400 and "a file field named 'file', or a url" in r.text
 
         http = SourcesConfig(schemes=["https", "http"])
-        async with gateway(
-            server_config(tmp_path / "b", {"colours": colours}, sources=http)
-        ) as srv, _client(srv) as c:
+        async with (
+            gateway(server_config(tmp_path / "b", {"colours": colours}, sources=http)) as srv,
+            _client(srv) as c,
+        ):
             r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
             assert r.status_code == 403 and "allow_hosts" in r.json()["error"]["message"]
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Generator, Sequence
-from typing import ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
@@ -61,6 +61,7 @@ __all__ = [
     "ImageEmbedder",
     "ImageGenerator",
     "ImagesJob",
+    "LiveBatches",
     "LoadParams",
     "SynthesizeJob",
     "Synthesizer",
@@ -324,6 +325,30 @@ class Transcriber(Backend):
         decoded in the job's first step (BadRequest for what cannot be decoded,
         TooLarge past the length limit), then each step decodes one window.
         """
+
+
+class LiveBatches(abc.ABC):
+    """A recogniser that transcribes short live clips (an utterance of a listen stream) in
+    batches: when several streams' utterances end together, one encoder pass and one
+    decoding for all of them cost much less than one each, and the last of them is not
+    kept waiting behind the others. A clip is an opaque object of the backend's."""
+
+    @abc.abstractmethod
+    def live_clip(self, audio: bytes, options: TranscribeOptions) -> Any | None:
+        """``audio`` decoded and prepared as a clip (BadRequest for audio that cannot be
+        read); None for one too long to be a clip (it is then an ordinary job)."""
+
+    @abc.abstractmethod
+    def clip_key(self, clip: Any, stage: str) -> tuple[Any, ...]:
+        """What clips must share to go through ``stage`` (``encode``, ``decode``) together."""
+
+    @abc.abstractmethod
+    def encode_clips(self, clips: list[Any]) -> None:
+        """One encoder pass over ``clips`` (their results kept in them)."""
+
+    @abc.abstractmethod
+    def decode_clips(self, clips: list[Any]) -> list[tuple[str, str, float]]:
+        """The text, language and seconds of each encoded clip, in order."""
 
 
 def transcriber_of(backend: Backend) -> Transcriber:
