@@ -111,6 +111,7 @@ class CopyBody(msgspec.Struct, forbid_unknown_fields=True):
 class CreateBody(msgspec.Struct, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     modelfile: Annotated[str, msgspec.Meta(max_length=1_000_000)]
+    quantize: Annotated[str, msgspec.Meta(max_length=16)] | None = None
 
 
 class ModelBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -192,7 +193,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
     async def create(request: Request) -> Response:
         body = await read_body(gateway, request, CreateBody)
         v = view(request)
-        record = await v.create(body.name, body.modelfile)
+        record = await v.create(body.name, body.modelfile, quantize=body.quantize)
         return JSONResponse(record_json(record, admin=v.admin))
 
     async def ps(request: Request) -> Response:

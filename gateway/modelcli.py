@@ -89,6 +89,9 @@ def add_model_commands(sub: Any) -> None:
     p.add_argument("--config")
     p.add_argument("model")
     p.add_argument("-f", "--file", default="Modelfile", help="Modelfile (default ./Modelfile)")
+    p.add_argument(
+        "-q", "--quantize", help="quantize an f32/f16/bf16 GGUF: q4_K_M, q5_K_M, q8_0, ..."
+    )
 
     p = sub.add_parser("ps", help="models loaded in the running server")
     p.add_argument("--config")
@@ -404,7 +407,13 @@ def _create(config: ServerConfig, args: argparse.Namespace) -> int:
     try:
         with _PullView(console) as view:
             record = asyncio.run(
-                manager.create(args.model, mf, base_dir=path.resolve().parent, progress=view)
+                manager.create(
+                    args.model,
+                    mf,
+                    base_dir=path.resolve().parent,
+                    progress=view,
+                    quantize=args.quantize,
+                )
             )
     except FerrousError as exc:
         return _fail(f"{path}: {exc.message}")

@@ -324,7 +324,12 @@ class ModelRegistry:
         return record
 
     async def create(
-        self, name: str, modelfile: Modelfile, *, tenant: str | None = None
+        self,
+        name: str,
+        modelfile: Modelfile,
+        *,
+        tenant: str | None = None,
+        quantize: str | None = None,
     ) -> ModelRecord:
         """Build ``name`` in ``tenant``'s store; FROM a shared model links its blobs."""
         manager = self.manager_for(tenant)
@@ -336,6 +341,7 @@ class ModelRegistry:
             modelfile,
             parent=parent,
             parent_store=self.manager.store if parent is not None else None,
+            quantize=quantize,
         )
         self._changed(self.engine_key(tenant, record.ref))
         return record

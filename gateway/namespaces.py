@@ -224,7 +224,9 @@ class ModelView:
             return
         raise ModelNotFound(f"FROM {base!r}: no such model")
 
-    async def create(self, name: str, modelfile: str) -> ModelRecord:
+    async def create(
+        self, name: str, modelfile: str, *, quantize: str | None = None
+    ) -> ModelRecord:
         self._need_write("creating models")
         self._check_own_name(name)
         mf = parse_modelfile(modelfile, source="modelfile")
@@ -234,7 +236,7 @@ class ModelView:
             if not self.registry.config.allow_remote_pull:
                 raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
             mf = msgspec.structs.replace(mf, from_=self._source(mf.from_))
-        return await self.registry.create(name, mf, tenant=self.tenant)
+        return await self.registry.create(name, mf, tenant=self.tenant, quantize=quantize)
 
     async def copy(self, source: str, destination: str) -> ModelRecord:
         self._need_write("copying models")

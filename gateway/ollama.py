@@ -740,8 +740,6 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             raise BadRequest("invalid request: Object missing required field `model`")
         if body.files or body.adapters:
             raise BadRequest("creating from uploaded files is not supported; use FROM a model")
-        if body.quantize:
-            raise BadRequest("quantize is not supported")
         if body.modelfile is not None:
             text = body.modelfile
         else:
@@ -758,7 +756,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                     license=licenses,
                 )
             )
-        await view(request).create(name, text)
+        await view(request).create(name, text, quantize=body.quantize or None)
         if body.stream:
             return StreamingResponse(
                 iter([_line({"status": "writing manifest"}), _line({"status": "success"})]),

