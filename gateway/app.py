@@ -39,6 +39,7 @@ from gateway.conversations import ConversationStore, ResponseStore
 from gateway.generate_routes import generation_routes
 from gateway.generation import fair_share_key
 from gateway.image_routes import image_routes
+from gateway.joblog import JobLogs
 from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
@@ -56,7 +57,6 @@ from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
 from gateway.vad import VadModel
 from gateway.version import __version__
 from gateway.video_routes import video_routes
-from gateway.videojobs import VideoJobs
 from protocol.codec import SUBPROTOCOLS, codec_for
 from protocol.errors import BadRequest, ErrorCode, FerrousError, ModelNotFound
 from protocol.messages import SUBPROTOCOL_JSON, TOKEN_SUBPROTOCOL_PREFIX
@@ -145,7 +145,7 @@ class GatewayApp:
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
-        self.video_jobs = VideoJobs(self)
+        self.video_jobs = JobLogs(config.limits.resume_window)
         lim = config.limits
         self.admission = AdmissionControl(
             per_ip=lim.max_connections_per_ip,

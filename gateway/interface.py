@@ -22,13 +22,13 @@ if TYPE_CHECKING:
     from gateway.auth import Authenticator, Principal
     from gateway.config import ServerConfig
     from gateway.conversations import ConversationStore, ResponseStore
+    from gateway.joblog import JobLogs
     from gateway.metrics import Metrics
     from gateway.models import ModelRegistry, ResolvedModel
     from gateway.namespaces import ModelView
     from gateway.quotas import Quota, QuotaBook
     from gateway.resume import DetachedSessions
     from gateway.vad import VadModel
-    from gateway.videojobs import VideoJobs
 
 __all__ = ["Gateway"]
 
@@ -52,7 +52,7 @@ class Gateway(Protocol):
     #: True once shutdown began: surfaces refuse new work with ``overloaded``.
     draining: bool
     #: Video analyses running, or kept for a client to come back to.
-    video_jobs: VideoJobs
+    video_jobs: JobLogs
     #: Tasks consuming a generation for an HTTP request; shutdown cancels them.
     running: set[asyncio.Task[object]]
 

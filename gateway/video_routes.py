@@ -32,6 +32,7 @@ from engine.store.netpolicy import AddressPolicy
 from gateway.forms import form_flag, form_text, read_form
 from gateway.http_common import ClosingStream, guarded, unless_disconnected
 from gateway.interface import Gateway
+from gateway.joblog import JobLog
 from gateway.model_routes import native_error
 from gateway.openai_wire import InvalidParam
 from gateway.video import (
@@ -43,13 +44,13 @@ from gateway.video import (
     request_of,
     segment_json,
 )
-from gateway.videojobs import VideoJob
+from gateway.videojobs import start_video_job
 from protocol.errors import BadRequest, Forbidden, TooLarge
 
 __all__ = ["video_routes"]
 
 
-def _sse(job: VideoJob, after: int, *, announce: bool) -> AsyncIterator[bytes]:
+def _sse(job: JobLog, after: int, *, announce: bool) -> AsyncIterator[bytes]:
     async def events() -> AsyncIterator[bytes]:
         if announce:
             yield b"event: job\ndata: " + msgspec.json.encode({"id": job.id}) + b"\n\n"
@@ -90,7 +91,7 @@ async def fetch_video(gateway: Gateway, url: str) -> bytes:
 
 
 def video_routes(gateway: Gateway) -> list[Route]:
-    def job_url(job: VideoJob) -> str:
+    def job_url(job: JobLog) -> str:
         return f"/v1/video/jobs/{job.id}"
 
     async def analyze_route(request: Request) -> Response:
@@ -112,7 +113,7 @@ def video_routes(gateway: Gateway) -> list[Route]:
         if url:
             data = await unless_disconnected(request, fetch_video(gateway, url))
         if stream or detach:
-            job = gateway.video_jobs.start(principal, data, req)
+            job = start_video_job(gateway, principal, data, req)
             headers = {"Location": job_url(job)}
             if detach:
                 body = {"id": job.id, "events": job_url(job)}

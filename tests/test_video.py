@@ -295,7 +295,7 @@ async def test_a_streamed_analysis_survives_its_client_and_is_followed_again(
             if isinstance(msg, m.VideoEvent):
                 again.append(msg.seq)
         assert again == [e.seq for e in events[3:]]
-        await ws.send(m.Watch(id="w3", job="vid_nope"))
+        await ws.send(m.Watch(id="w3", job="job_nope"))
         msg = await ws.recv()
         assert isinstance(msg, m.Error) and msg.id == "w3" and msg.code == "not_found"
 
