@@ -208,6 +208,7 @@ class ModelLoaded(_Frame, tag=21, kw_only=True):
     model: str
     load_ms: float
     n_ctx: int
+    providers: list[str] = []  # the execution providers its sessions run on (ONNX)
 
 
 class WorkerError(_Frame, tag=22, kw_only=True):

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -67,6 +67,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     loaded_at: float  # Unix time
     expires_at: float | None  # Unix time it will be unloaded when idle; None = kept
     load_ms: float = 0.0  # how long loading it took (the slowest worker)
+    providers: list[str] = []  # execution providers (ONNX models), preferred first
 
 
 @dataclass
@@ -85,6 +86,7 @@ class ModelSpec:
     expires: float | None = None  # monotonic deadline when idle; None = never
     unloading: bool = False
     load_ms: float = 0.0  # the slowest worker's load of it
+    providers: list[str] = field(default_factory=list)
     options: msgspec.Struct | None = None  # its backend's options
     options_data: bytes = b""  # the same, encoded for the workers
 
@@ -202,6 +204,7 @@ class Residency:
             spec.loaded_n_ctx = loaded[0].n_ctx
             spec.loaded_at = time.time()
             spec.load_ms = max(r.load_ms for r in loaded)
+            spec.providers = list(loaded[0].providers)
             spec.touch(self.config.keep_alive if keep_alive is None else keep_alive)
             self.models[name] = spec
         await self._notify()
@@ -298,6 +301,7 @@ class Residency:
                 s.loaded_at,
                 None if s.expires is None or s.active else now + (s.expires - now_mono),
                 s.load_ms,
+                list(s.providers),
             )
             for s in sorted(self.models.values(), key=lambda s: -s.last_used)
         ]

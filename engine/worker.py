@@ -265,7 +265,13 @@ class Worker:
             backend.set_interrupt(self._interrupt.address)
         self._models[msg.model] = (backend, load_ms)
         self._send(
-            ipc.ModelLoaded(req=msg.req, model=msg.model, load_ms=load_ms, n_ctx=backend.n_ctx)
+            ipc.ModelLoaded(
+                req=msg.req,
+                model=msg.model,
+                load_ms=load_ms,
+                n_ctx=backend.n_ctx,
+                providers=list(backend.providers),
+            )
         )
 
     def _drop_model(self, model: str) -> None:

@@ -196,6 +196,13 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_arena: bool = True
     prefix_cache_mb: NonNegative = 128
     prefix_reuse: bool = True
+    # Execution providers, in order of preference: "cuda", "tensorrt", "openvino",
+    # "rocm", "directml", "coreml", "cpu" (or onnxruntime's names). Those the installed
+    # onnxruntime lacks are skipped with a warning; the CPU is always the last resort.
+    providers: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] = msgspec.field(
+        default_factory=lambda: ["cpu"]
+    )
+    tensorrt_cache: str = ""  # a directory for TensorRT's built engines ("" = none)
 
 
 class VoiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -226,11 +226,18 @@ class _EngineCollector(Collector):
             "Generations running on each loaded model.",
             labels=["model"],
         )
+        providers = GaugeMetricFamily(
+            "ferrous_model_execution_provider",
+            "1 for each execution provider a loaded ONNX model runs on (rank 0 is preferred).",
+            labels=["model", "provider", "rank"],
+        )
         for x in models:
             memory.add_metric([x.name, x.backend], float(x.size))
             load.add_metric([x.name], x.load_ms / 1000)
             active.add_metric([x.name], float(x.active))
-        yield from (memory, load, active)
+            for rank, provider in enumerate(x.providers):
+                providers.add_metric([x.name, provider, str(rank)], 1.0)
+        yield from (memory, load, active, providers)
         cpu = CounterMetricFamily(
             "ferrous_worker_cpu_seconds",
             "CPU time of each engine worker process (user + system).",

@@ -175,6 +175,8 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
                 memory_arena=config.onnx.memory_arena,
                 prefix_cache_mb=config.onnx.prefix_cache_mb,
                 prefix_reuse=config.onnx.prefix_reuse,
+                providers=list(config.onnx.providers),
+                tensorrt_cache=config.onnx.tensorrt_cache,
             )
         },
     )

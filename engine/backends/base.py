@@ -122,6 +122,8 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
+    providers: Sequence[str] = ()
+    """The execution providers its sessions run on, in order (ONNX backends; ``ps``)."""
     what: ClassVar[str] = "an embedding model"
     """What the model is, for errors when it is asked for another kind of job."""
 

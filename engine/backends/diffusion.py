@@ -48,6 +48,7 @@ class OnnxDiffusion(ImageGenerator):
         self.config = config
         self.n_ctx = 0
         self._unet = open_session(folder / config.unet, params)
+        self.providers = list(self._unet.get_providers())
         names = {i.name for i in self._unet.get_inputs()}
         missing = set(config.inputs.values()) - names
         if missing:

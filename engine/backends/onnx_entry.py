@@ -44,6 +44,12 @@ class OnnxOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
     spinning: bool = False
     graph_optimization: str = "all"  # all | extended | basic | disabled
+    # Execution providers in order of preference ("cuda", "tensorrt", "openvino",
+    # "rocm", "directml", "coreml", "cpu", or onnxruntime's own names); those the
+    # installed onnxruntime lacks are skipped with a warning, and the CPU is always
+    # the last resort. ``tensorrt_cache``: where TensorRT keeps built engines.
+    providers: list[str] = msgspec.field(default_factory=lambda: ["cpu"])
+    tensorrt_cache: str = ""
     memory_arena: bool = True
     prefix_cache_mb: int = 128
     prefix_reuse: bool = True

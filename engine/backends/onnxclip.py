@@ -50,6 +50,7 @@ class OnnxClipEmbedder(ImageEmbedder):
 
     def __init__(self, folder: Path, text: ort.InferenceSession, vision: ort.InferenceSession):
         self._text, self._vision = text, vision
+        self.providers = list(vision.get_providers())
         self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tok.no_padding()
         self._tok.no_truncation()

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams
-from engine.backends.onnx_entry import check_onnx_folder
+from engine.backends.onnx_entry import OnnxOptions, check_onnx_folder
+from engine.backends.onnxsession import providers_for
 from engine.onnx.encoder import OnnxEncoder
 from protocol.errors import BadRequest
 
@@ -31,10 +32,14 @@ class OnnxEncoderBackend(Embedder):
     def __init__(self, encoder: OnnxEncoder) -> None:
         self._enc = encoder
         self.n_ctx = encoder.max_length
+        self.providers = encoder.providers
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> OnnxEncoderBackend:
-        return cls(OnnxEncoder(check_onnx_folder(path), threads=params.n_threads))
+        opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
+        folder = check_onnx_folder(path)
+        providers = providers_for(opts, str(folder))
+        return cls(OnnxEncoder(folder, threads=params.n_threads, providers=providers))
 
     def free(self) -> None:
         pass  # the session goes with the object

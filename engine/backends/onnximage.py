@@ -47,6 +47,7 @@ class OnnxImageClassifier(ImageClassifier):
 
     def __init__(self, folder: Path, session: ort.InferenceSession) -> None:
         self._session = session
+        self.providers = list(session.get_providers())
         self._cfg = read_preprocess(folder)
         self.labels = read_labels(folder)
         self.n_ctx = 0

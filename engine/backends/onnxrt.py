@@ -56,7 +56,13 @@ from engine.backends.base import Backend, LoadParams, TextGenerator
 from engine.backends.numpysampler import sample_token
 from engine.backends.onnx_entry import OnnxOptions, check_onnx_folder
 from engine.backends.onnxkv import PrefixStore, SeqState, SharedKV, common_prefix
-from engine.backends.onnxsession import graph_opsets, has_op, read_json, session_options
+from engine.backends.onnxsession import (
+    graph_opsets,
+    has_op,
+    providers_for,
+    read_json,
+    session_options,
+)
 from engine.guidance import GuideFactory
 from engine.logprobs import token_logprobs
 from engine.requests import SamplingParams
@@ -112,6 +118,7 @@ class OnnxBackend(TextGenerator):
         tokenizer_json: str = "",
     ) -> None:
         self._session = session
+        self.providers = list(session.get_providers())
         self._tok = tokenizer
         self._tokenizer_json = tokenizer_json  # for the grammar engine, built on first use
         self._guides: GuideFactory | None = None
@@ -178,7 +185,9 @@ class OnnxBackend(TextGenerator):
         session_opts = session_options(params.n_threads, opts)
         try:
             session = ort.InferenceSession(
-                str(folder / "model.onnx"), session_opts, providers=["CPUExecutionProvider"]
+                str(folder / "model.onnx"),
+                session_opts,
+                providers=providers_for(opts, str(folder)),
             )
         except Exception as exc:  # onnxruntime raises its own Exception subclasses
             if "opset" in str(exc).lower():

@@ -10,6 +10,8 @@ and :func:`has_op` read a graph's header without its weights.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,71 @@ import onnxruntime as ort
 from engine.backends.onnx_entry import OnnxOptions
 from protocol.errors import BadRequest, ModelLoadError
 
-__all__ = ["graph_opsets", "has_op", "open_session", "read_json", "session_options"]
+__all__ = [
+    "PROVIDER_NAMES",
+    "choose_providers",
+    "graph_opsets",
+    "has_op",
+    "open_session",
+    "providers_for",
+    "read_json",
+    "session_options",
+]
+
+log = logging.getLogger("ferrous.engine")
+
+# Short names for onnxruntime's execution providers.
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+_CPU = "CPUExecutionProvider"
+
+
+def choose_providers(
+    requested: Sequence[str], available: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The providers to ask onnxruntime for, in ``requested``'s order, the CPU last; and
+    the requested ones this onnxruntime does not have (pure)."""
+    chosen: list[str] = []
+    missing: list[str] = []
+    for name in requested:
+        full = PROVIDER_NAMES.get(name.lower(), name)
+        if full in available:
+            if full not in chosen:
+                chosen.append(full)
+        else:
+            missing.append(name)
+    if _CPU in chosen:
+        chosen.remove(_CPU)
+    return [*chosen, _CPU], missing
+
+
+def providers_for(o: OnnxOptions, what: str) -> list[str | tuple[str, dict[str, Any]]]:
+    """:func:`choose_providers` for the ``[onnx]`` settings, with a warning naming what was
+    asked for and is not installed, and TensorRT's engine cache when it is set."""
+    chosen, missing = choose_providers(o.providers, ort.get_available_providers())
+    if missing:
+        log.warning(
+            "%s: execution provider %s not available in this onnxruntime (it has %s); using %s",
+            what,
+            ", ".join(missing),
+            ", ".join(ort.get_available_providers()),
+            ", ".join(chosen),
+        )
+    out: list[str | tuple[str, dict[str, Any]]] = []
+    for name in chosen:
+        if name == "TensorrtExecutionProvider" and o.tensorrt_cache:
+            cache = {"trt_engine_cache_enable": True, "trt_engine_cache_path": o.tensorrt_cache}
+            out.append((name, cache))
+        else:
+            out.append(name)
+    return out
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -82,9 +148,10 @@ def open_session(path: Path, params: Any) -> ort.InferenceSession:
     options (a :class:`~engine.backends.base.LoadParams`); ModelLoadError when
     onnxruntime cannot load it."""
     opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
+    providers = providers_for(opts, str(path))
     try:
         return ort.InferenceSession(
-            str(path), session_options(params.n_threads, opts), providers=["CPUExecutionProvider"]
+            str(path), session_options(params.n_threads, opts), providers=providers
         )
     except Exception as exc:  # onnxruntime raises its own types for bad graphs
         raise ModelLoadError(

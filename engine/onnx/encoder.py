@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +47,7 @@ class OnnxEncoder:
         threads: int = 2,
         batch_size: int = 64,
         max_batch_tokens: int = 4096,
+        providers: list[Any] | None = None,
     ) -> None:
         self.folder = Path(folder)
         spec = read_json(self.folder / "pooling.json")
@@ -78,10 +80,11 @@ class OnnxEncoder:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+                str(model_path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own exception classes
             raise ModelLoadError(str(model_path), "backend", str(exc)) from exc
+        self.providers: list[str] = list(self._session.get_providers())
 
     @property
     def max_length(self) -> int:
