@@ -19,6 +19,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import httpx
 import msgspec
@@ -405,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("version", help="print the version")
+    p = sub.add_parser("backends", help="list the backends: built-in, plugins, and skipped plugins")
+    p.add_argument("--json", action="store_true")
     add_model_commands(sub)
 
     words = list(sys.argv[1:] if argv is None else argv)
@@ -431,6 +434,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _backends(as_json: bool) -> int:
+    """Every backend entry (plugins first, as they are tried), and plugins that were skipped."""
+    from engine.backends.registry import BUILTIN, entries, plugins
+
+    builtin = {type(b) for b in BUILTIN}
+    origin = {type(e): p.distribution for p in plugins() for e in p.entries}
+    rows: list[dict[str, Any]] = [
+        {
+            "backend": e.name,
+            "kinds": sorted(k.value for k in e.kinds),
+            "layout": e.layout,
+            "from": "built-in" if type(e) in builtin else origin.get(type(e), "?"),
+            "installed": e.installed(),
+            "default": e.default,
+        }
+        for e in entries()
+    ]
+    skipped = [
+        {"plugin": p.name, "from": p.distribution, "target": p.target, "error": p.error}
+        for p in plugins()
+        if p.error
+    ]
+    if as_json:
+        print(json.dumps({"backends": rows, "skipped": skipped}, indent=2))
+        return 0
+    for r in rows:
+        note = "" if r["installed"] else f"  (not installed: pip install {r['backend']})"
+        print(f"{r['backend']:<14} {','.join(r['kinds']):<28} {r['from']:<12} {r['layout']}{note}")
+    for s in skipped:
+        print(f"skipped plugin {s['plugin']} from {s['from']} ({s['target']}): {s['error']}")
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     """What went wrong, in the user's terms: no traceback, no internal class names."""
     if isinstance(exc, FerrousError):
@@ -445,6 +481,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "version":
         print(f"ferrousforge {__version__}")
         return 0
+    if args.command == "backends":
+        return _backends(args.json)
     if args.command == "config":
         data = redacted(load_config(args.config))
         print(json.dumps(data, indent=2) if args.json else render_toml(data), end="")

@@ -107,6 +107,8 @@ def read_diffusion(folder: Path) -> DiffusionConfig:
 
 class DiffusionEntry(BackendEntry):
     name = "onnx"
+    kinds = frozenset({Kind.IMAGE_GENERATE})
+    layout = "a folder with diffusion.json and its ONNX graphs"
     package = "onnxruntime"
     options = OnnxOptions
     module = "engine.backends.diffusion"

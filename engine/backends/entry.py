@@ -96,6 +96,10 @@ class BackendEntry(abc.ABC):
     options: ClassVar[type[msgspec.Struct] | None] = None
     default: ClassVar[bool] = True
     """Whether it may be chosen when no backend is asked for (else only by name)."""
+    kinds: ClassVar[frozenset[Kind]] = frozenset()
+    """The kinds of jobs the models it takes serve (``ferrous backends`` lists them)."""
+    layout: ClassVar[str] = ""
+    """The file layout it claims, in a few words (``ferrous backends``)."""
 
     @abc.abstractmethod
     def claims(self, path: str) -> bool:

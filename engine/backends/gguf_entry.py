@@ -60,6 +60,8 @@ class _GgufEntry(BackendEntry):
 
 class LlamaCppEntry(_GgufEntry):
     name = "llama_cpp"
+    kinds = frozenset({Kind.TEXT, Kind.EMBED})
+    layout = "a GGUF file"
     package = "llama_cpp"
     module = "engine.backends.llamacpp"
     cls = "LlamaCppBackend"
@@ -83,6 +85,8 @@ class LlamaCppEntry(_GgufEntry):
 
 class CTransformersEntry(_GgufEntry):
     name = "ctransformers"
+    kinds = frozenset({Kind.TEXT})
+    layout = "a GGUF file (llama architectures with scores; by name only)"
     package = "ctransformers"
     module = "engine.backends.ctrans"
     cls = "CTransformersBackend"

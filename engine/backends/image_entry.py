@@ -71,6 +71,8 @@ def clip_graphs(folder: Path) -> tuple[Path, Path] | None:
 
 class OnnxClipEntry(BackendEntry):
     name = "onnx"
+    kinds = frozenset({Kind.IMAGE_EMBED, Kind.EMBED})
+    layout = "a folder with text and vision ONNX graphs (CLIP)"
     package = "onnxruntime"
     options = OnnxOptions
     module = "engine.backends.onnxclip"
@@ -98,6 +100,8 @@ class OnnxClipEntry(BackendEntry):
 
 class OnnxImageClassifierEntry(BackendEntry):
     name = "onnx"
+    kinds = frozenset({Kind.IMAGE_CLASSIFY})
+    layout = "a folder with model.onnx and preprocessor_config.json"
     package = "onnxruntime"
     options = OnnxOptions
     module = "engine.backends.onnximage"

@@ -76,6 +76,8 @@ class _OnnxEntry(BackendEntry):
 
 
 class OnnxEncoderEntry(_OnnxEntry):
+    kinds = frozenset({Kind.EMBED})
+    layout = "a folder with model.onnx, tokenizer.json and pooling.json"
     module = "engine.backends.onnxembed"
     cls = "OnnxEncoderBackend"
 
@@ -92,6 +94,8 @@ class OnnxEncoderEntry(_OnnxEntry):
 
 
 class OnnxDecoderEntry(_OnnxEntry):
+    kinds = frozenset({Kind.TEXT})
+    layout = "a folder with model.onnx and tokenizer.json"
     module = "engine.backends.onnxrt"
     cls = "OnnxBackend"
 

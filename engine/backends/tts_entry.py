@@ -45,6 +45,8 @@ def read_voice(path: str) -> tuple[Path, dict[str, Any]]:
 
 class HibariEntry(BackendEntry):
     name = "hibari"
+    kinds = frozenset({Kind.TTS})
+    layout = "a folder with voice.onnx and voice.json (engine hibari)"
     package = "hibari"
     install = "'ferrousforge[voice]'"
     module = "engine.backends.hibarivoice"

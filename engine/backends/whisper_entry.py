@@ -47,6 +47,8 @@ def check_whisper_folder(path: str) -> Path:
 
 class WhisperEntry(BackendEntry):
     name = "whisper"
+    kinds = frozenset({Kind.ASR})
+    layout = "a CTranslate2 Whisper folder (model.bin, config.json)"
     package = "faster_whisper"
     install = "'ferrousforge[voice]'"
     module = "engine.backends.whisper"
