@@ -21,7 +21,17 @@ from pathlib import Path
 from engine.gguf_header import read_gguf_header
 from protocol.errors import BadRequest, EngineError
 
-__all__ = ["QUANT_TYPES", "check_quantizable", "quant_type", "quantize_in_subprocess"]
+__all__ = [
+    "ONNX_Q4",
+    "QUANT_TYPES",
+    "check_quantizable",
+    "quant_type",
+    "quantize_in_subprocess",
+]
+
+# Not a llama.cpp type: the ONNX converter's 4-bit graph (MatMulNBits, fused attention),
+# for the ONNX backend, from any GGUF it can read (quantized ones are dequantized first).
+ONNX_Q4 = "onnx-q4"
 
 # Ollama's and llama.cpp's names for the types a model can be quantized to.
 QUANT_TYPES = (
@@ -34,10 +44,11 @@ _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 def quant_type(name: str) -> str:
     """The canonical spelling of quantization type ``name``; BadRequest when unknown."""
-    for known in QUANT_TYPES:
+    for known in (*QUANT_TYPES, ONNX_Q4):
         if known.lower() == name.strip().lower():
             return known
-    raise BadRequest(f"unknown quantization type {name!r}; one of {', '.join(QUANT_TYPES)}")
+    known = ", ".join((*QUANT_TYPES, ONNX_Q4))
+    raise BadRequest(f"unknown quantization type {name!r}; one of {known}")
 
 
 def check_quantizable(path: Path) -> str:

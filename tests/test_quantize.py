@@ -105,3 +105,18 @@ async def test_ollama_create_quantizes(running: RunningServer) -> None:
         assert err.value.status_code == 400 and "already quantized" in str(err.value)
     finally:
         await client.close()
+
+
+async def test_onnx_q4_converts_to_the_4bit_onnx_graph(tmp_path: Path) -> None:
+    """``onnx-q4``: the same option gives the ONNX backend's 4-bit graph (from a GGUF the
+    converter reads: a byte-level BPE vocabulary), which loads and answers."""
+    from engine.onnx.tinydecoder import write_tiny_decoder
+
+    gguf = write_tiny_decoder(tmp_path / "dec") / "model.gguf"
+    manager = ModelManager(ModelStore(tmp_path / "models"))
+    await manager.pull("base", source=str(gguf))
+    record = await manager.create("tiny-onnx", "FROM base\n", quantize="ONNX-Q4")
+    assert record.manifest.format == "onnx"
+    path = manager.store.model_path(record)
+    assert facts_of(path).quantization == "Q4 (MatMulNBits)"
+    assert await _greedy(path)

@@ -556,7 +556,7 @@ class ModelManager:
             params, template, system, messages, licenses = {}, None, None, [], []
             source, parent_name = str(src), None
         if quantize is not None:
-            files, staged = await self._quantize(list(files), fmt, staged, quantize, emit)
+            files, staged, fmt = await self._quantize(list(files), fmt, staged, quantize, emit)
         params.update(mf.parameters)
         manifest = Manifest(
             format=fmt,
@@ -582,9 +582,10 @@ class ModelManager:
         staged: dict[str, Path],
         qtype: str,
         emit: PullListener,
-    ) -> tuple[list[Layer], dict[str, Path]]:
-        """The model's one GGUF replaced by its quantization (see :meth:`create`)."""
-        from engine.quantize import check_quantizable, quant_type, quantize_in_subprocess
+    ) -> tuple[list[Layer], dict[str, Path], Format]:
+        """The model's one GGUF replaced by its quantization (see :meth:`create`); with
+        ``onnx-q4``, by the ONNX converter's 4-bit graph (for the ONNX backend)."""
+        from engine.quantize import ONNX_Q4, check_quantizable, quant_type, quantize_in_subprocess
 
         try:
             qtype = quant_type(qtype)
@@ -592,6 +593,8 @@ class ModelManager:
                 raise BadRequest("quantize takes a GGUF model (one file)")
             layer = files[0]
             src = staged.get(layer.digest) or self.store.blob_path(layer.digest)
+            if qtype == ONNX_Q4:
+                return (*await self._onnx_q4(src, staged, layer, emit), "onnx")
             was = await asyncio.to_thread(check_quantizable, src)
         except BadRequest as exc:
             raise StoreError("invalid", exc.message) from None
@@ -613,7 +616,25 @@ class ModelManager:
             old.unlink(missing_ok=True)  # imported only to be quantized
         staged[f"sha256:{digest}"] = out
         stem = re.sub(r"\.gguf$", "", layer.path, flags=re.IGNORECASE)
-        return [Layer(f"sha256:{digest}", size, f"{stem}.{qtype}.gguf")], staged
+        return [Layer(f"sha256:{digest}", size, f"{stem}.{qtype}.gguf")], staged, "gguf"
+
+    async def _onnx_q4(
+        self, src: Path, staged: dict[str, Path], layer: Layer, emit: PullListener
+    ) -> tuple[list[Layer], dict[str, Path]]:
+        """The GGUF at ``src`` as the converter's 4-bit fused ONNX graph, staged."""
+        from engine.onnx.convert import convert_gguf
+
+        emit(PullEvent("converting to ONNX, 4-bit"))
+        try:
+            folder, layers, _ = await asyncio.to_thread(
+                self._converted, lambda out: convert_gguf(src, out, quantize="q4", fused=True)
+            )
+        except FerrousError as exc:
+            raise StoreError("invalid", f"cannot convert to ONNX: {exc.message}") from None
+        old = staged.pop(layer.digest, None)
+        if old is not None:
+            old.unlink(missing_ok=True)
+        return layers, {**staged, **folder}
 
     async def copy(self, src: str, dst: str) -> ModelRecord:
         return await asyncio.to_thread(self.store.copy, src, dst)
