@@ -6,7 +6,8 @@ event it produced (numbered from 1), so anyone allowed to see it follows it
 from any point (:meth:`JobLog.follow`), and it can be cancelled.
 
 Bounds: a user runs at most :data:`MAX_RUNNING_PER_USER` jobs at once (more is
-``rate_limited``), and the registry holds :data:`MAX_JOBS`. A job nobody
+``rate_limited``), everyone together :data:`MAX_RUNNING` (more is ``overloaded``),
+and the registry holds :data:`MAX_JOBS`. A job nobody
 follows for the keeping time (the session resume window, at least a minute)
 should stop (:meth:`JobLogs.abandoned`, which the work checks between
 events; :meth:`JobLogs.sweep` cancels one that does not), and a finished one
@@ -24,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Principal
-from protocol.errors import FerrousError, NotFound, RateLimited
+from protocol.errors import FerrousError, NotFound, Overloaded, RateLimited
 
-__all__ = ["MAX_JOBS", "MAX_RUNNING_PER_USER", "JobLog", "JobLogs"]
+__all__ = ["MAX_JOBS", "MAX_RUNNING", "MAX_RUNNING_PER_USER", "JobLog", "JobLogs"]
 
 MAX_RUNNING_PER_USER = 2
+MAX_RUNNING = 8  # jobs running at once, everyone's (each may hold an upload in memory)
 MAX_JOBS = 256
 _MIN_KEEP_S = 60.0
 
@@ -97,6 +99,8 @@ class JobLogs:
                 f"{running} of your jobs are running; at most {MAX_RUNNING_PER_USER} at once",
                 retry_after=5.0,
             )
+        if sum(1 for j in self._jobs.values() if j.running) >= MAX_RUNNING:
+            raise Overloaded(f"{MAX_RUNNING} jobs are running; try again shortly", retry_after=5.0)
         if len(self._jobs) >= MAX_JOBS:
             raise RateLimited("the server holds as many jobs as it keeps", retry_after=5.0)
         job = JobLog(id="job_" + secrets.token_urlsafe(12), owner=owner)

@@ -375,3 +375,25 @@ async def test_a_video_is_fetched_from_a_url_as_pulls_are(tmp_path: Path) -> Non
             assert r.status_code == 200, r.text
             assert [f["labels"][0]["label"] for f in r.json()["frames"]] == ["red", "red"]
             assert not any((srv.gateway.models.home / "tmp").iterdir())  # nothing kept
+
+
+async def test_running_jobs_are_bounded_for_everyone(
+    running: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import joblog
+
+    monkeypatch.setattr(joblog, "MAX_RUNNING", 1)  # everyone's jobs at once
+    long = _clip(seconds=20)
+    async with _client(running) as c:
+        r = await _analyze(c, long, model="colours", every="0.1", detach="true")
+        assert r.status_code == 202
+        other = running.gateway.auth.issue_token(sub="bob", ttl=600)
+        r2 = await c.post(
+            "/v1/video/analyze",
+            files={"file": ("c.mp4", long)},
+            data={"model": "colours", "detach": "true"},
+            headers={"Authorization": f"Bearer {other}"},
+        )
+        assert r2.status_code == 503 and r2.headers.get("retry-after")
+        assert r2.json()["error"]["code"] == "overloaded"
+        assert (await c.delete(f"/v1/video/jobs/{r.json()['id']}")).status_code == 204
