@@ -397,3 +397,35 @@ async def test_running_jobs_are_bounded_for_everyone(
         assert r2.status_code == 503 and r2.headers.get("retry-after")
         assert r2.json()["error"]["code"] == "overloaded"
         assert (await c.delete(f"/v1/video/jobs/{r.json()['id']}")).status_code == 204
+
+
+async def test_image_and_video_routes_refuse_callers_without_the_right(
+    running: RunningServer,
+) -> None:
+    """No credential: 401 on the native routes; a credential that may only read models
+    (no ``generate``): 403 where a model would run. Browsers from other origins are refused
+    for every route by the same guard as the rest (tests/test_security.py)."""
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+    calls: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/v1/classify", {"json": {"model": "colours", "images": [png]}}),
+        ("POST", "/v1/images/generations", {"json": {"model": "colours", "prompt": "x"}}),
+        ("POST", "/v1/embeddings", {"json": {"model": "clip", "input": [], "images": [png]}}),
+        (
+            "POST",
+            "/v1/video/analyze",
+            {"files": {"file": ("c.mp4", _clip(seconds=1))}, "data": {"model": "colours"}},
+        ),
+    ]
+    reader = running.gateway.auth.issue_token(sub="alice", ttl=600, scopes={"models:read"})
+    async with httpx.AsyncClient(base_url=running.http_url, timeout=60) as c:
+        native = [calls[0], calls[3]]  # (OpenAI routes let loopback clients in, as configured)
+        for method, path, kw in [
+            *native,
+            ("GET", "/v1/video/jobs/job_x", {}),
+            ("DELETE", "/v1/video/jobs/job_x", {}),
+        ]:
+            r = await c.request(method, path, **kw)
+            assert r.status_code == 401, (path, r.status_code)
+        for method, path, kw in calls:
+            r = await c.request(method, path, headers={"Authorization": f"Bearer {reader}"}, **kw)
+            assert r.status_code == 403, (path, r.status_code, r.text)
