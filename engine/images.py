@@ -32,6 +32,7 @@ import numpy as np
 from protocol.errors import BadRequest, ModelLoadError, TooLarge
 
 __all__ = [
+    "MAX_ASPECT",
     "MAX_IMAGE_BYTES",
     "MAX_PIXELS",
     "Preprocess",
@@ -42,10 +43,13 @@ __all__ = [
     "prepare",
     "prepare_all",
     "read_preprocess",
+    "resize_plan",
 ]
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one encoded image
 MAX_PIXELS = 40_000_000  # width x height of one image (an 8K photo is 33 M)
+MAX_ASPECT = 4  # a resized image's long side is at most this many short sides (or the crop)
+MAX_SIDE = 4096  # the largest size or crop side a model's config may ask for
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
 
 # Pillow's resampling filters by the numbers image processor configs use.
@@ -86,6 +90,8 @@ class Preprocess(msgspec.Struct, frozen=True, kw_only=True):
             raise ModelLoadError(path, "config", "crop_size needs height and width")
         if any(v <= 0 for v in (*self.size.values(), *self.crop_size.values())):
             raise ModelLoadError(path, "config", "sizes must be positive")
+        if any(v > MAX_SIDE for v in (*self.size.values(), *self.crop_size.values())):
+            raise ModelLoadError(path, "config", f"sizes may be at most {MAX_SIDE}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
             raise ModelLoadError(path, "config", "image_mean and image_std need 3 values (std > 0)")
         if self.resample not in _RESAMPLE:
@@ -165,6 +171,34 @@ def embedding_input(text: str) -> str | bytes:
     return decode_image(text) if text.startswith("data:image/") else text
 
 
+def resize_plan(
+    size: tuple[int, int], edge: int, crop: tuple[int, int] = (0, 0)
+) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """Where to cut a ``size`` (width, height) image and what to scale the cut to so
+    its short side becomes ``edge``: the box (left, top, right, bottom) and target.
+
+    Scaling a 4000x1 image's short side to 224 would make an 896 000 x 224 image
+    (3.6 GB as floats) only for a centre crop to keep 224x224 of it. The long side
+    of the target is therefore capped at ``MAX_ASPECT`` short sides (or the crop,
+    when larger), and the original is centre-cut to the part that lands inside: a
+    centre crop of the result is the same pixels either way.
+    """
+    w, h = size
+    scale = edge / min(w, h)
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    cap_w, cap_h = max(edge * MAX_ASPECT, crop[0]), max(edge * MAX_ASPECT, crop[1])
+    left, top, right, bottom = 0, 0, w, h
+    if tw > cap_w:
+        keep = max(1, min(w, round(cap_w / scale)))
+        left = (w - keep) // 2
+        right, tw = left + keep, cap_w
+    if th > cap_h:
+        keep = max(1, min(h, round(cap_h / scale)))
+        top = (h - keep) // 2
+        bottom, th = top + keep, cap_h
+    return (left, top, right, bottom), (tw, th)
+
+
 def prepare(img: Any, cfg: Preprocess, layout: Literal["nchw", "nhwc"]) -> np.ndarray:
     """One image as the model's float32 input (without the batch axis)."""
     from PIL import Image
@@ -172,10 +206,10 @@ def prepare(img: Any, cfg: Preprocess, layout: Literal["nchw", "nhwc"]) -> np.nd
     resample = getattr(Image.Resampling, _RESAMPLE[cfg.resample])
     if cfg.do_resize:
         if "shortest_edge" in cfg.size:
-            edge = cfg.size["shortest_edge"]
-            w, h = img.size
-            scale = edge / min(w, h)
-            target = (max(1, round(w * scale)), max(1, round(h * scale)))
+            crop = (cfg.crop_size.get("width", 0), cfg.crop_size.get("height", 0))
+            box, target = resize_plan(img.size, cfg.size["shortest_edge"], crop)
+            if box != (0, 0, *img.size):
+                img = img.crop(box)
         else:
             target = (cfg.size["width"], cfg.size["height"])
         img = img.resize(target, resample=resample)
@@ -208,11 +242,12 @@ def prepare(img: Any, cfg: Preprocess, layout: Literal["nchw", "nhwc"]) -> np.nd
 
 
 def prepare_all(
-    images: list[bytes], cfg: Preprocess, layout: Literal["nchw", "nhwc"]
+    images: list[bytes], cfg: Preprocess, layout: Literal["nchw", "nhwc"], first: int = 0
 ) -> list[np.ndarray]:
-    """Every image decoded and prepared; an unreadable one is an error naming its index."""
+    """Every image decoded and prepared; an unreadable one is an error naming its index
+    (counted from ``first``: the request's numbering when this is one batch of it)."""
     out = []
-    for i, data in enumerate(images):
+    for i, data in enumerate(images, first):
         try:
             out.append(prepare(open_image(data), cfg, layout))
         except (BadRequest, TooLarge) as exc:

@@ -341,14 +341,17 @@ class JobQueue:
         start = time.perf_counter()
         while self._jobs:
             job = max(self._jobs, key=lambda j: j.priority)  # the first of the highest
-            key = job.batch_key()
-            if key is None:
-                group = [job]
-            else:
-                same = [j for j in self._jobs if j is not job and type(j) is type(job)]
-                group = [job, *(j for j in same if j.batch_key() == key)][:MAX_BATCH]
+            group = [job]
+            # Everything a backend's code decides (batch keys, units, how many results)
+            # is inside the try: a fault there ends those jobs, never the worker.
             try:
+                key = job.batch_key()
+                if key is not None:
+                    same = [j for j in self._jobs if j is not job and type(j) is type(job)]
+                    group = [job, *(j for j in same if j.batch_key() == key)][:MAX_BATCH]
                 results = type(job).step_together(group) if len(group) > 1 else [job.step()]
+                if len(results) != len(group):
+                    raise RuntimeError(f"{len(results)} results for {len(group)} jobs")
             except Exception as exc:
                 results = [([error_reply(j.req, exc)], True) for j in group]
             for j, (out, done) in zip(group, results, strict=True):

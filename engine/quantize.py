@@ -25,8 +25,10 @@ __all__ = [
     "ONNX_Q4",
     "QUANT_TYPES",
     "check_quantizable",
+    "convert_in_subprocess",
     "quant_type",
     "quantize_in_subprocess",
+    "run_child",
 ]
 
 # Not a llama.cpp type: the ONNX converter's 4-bit graph (MatMulNBits, fused attention),
@@ -80,6 +82,35 @@ def quantize_file(src: Path, dst: Path, qtype: str, threads: int) -> None:
         raise EngineError(f"llama.cpp could not quantize the model (status {status})")
 
 
+async def run_child(
+    args: list[str], on_line: Callable[[str], None] | None = None
+) -> tuple[int, list[str]]:
+    """``python -m ARGS...`` in a child process: its exit code and last lines of stderr.
+
+    Each stderr line goes to ``on_line`` as it comes. However this ends (a cancel,
+    an error reading, the caller's exception), a child still running is killed and
+    reaped before the call returns: work the caller gave up on never runs on.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    tail: list[str] = []
+    try:
+        async for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            tail = [*tail[-9:], line]
+            if on_line is not None:
+                on_line(line)
+        return await proc.wait(), tail
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+
+
 async def quantize_in_subprocess(
     src: Path,
     dst: Path,
@@ -90,29 +121,34 @@ async def quantize_in_subprocess(
 ) -> None:
     """Run :func:`quantize_file` in a child process, reporting tensors done of all."""
     threads = threads or max(1, min(8, os.cpu_count() or 1))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.quantize", str(src), str(dst), qtype, str(threads),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    tail: list[str] = []
+
+    def line(text: str) -> None:
+        match = _PROGRESS.search(text)
+        if match and progress is not None:
+            progress(int(match.group(1)), int(match.group(2)))
+
     try:
-        async for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            tail = [*tail[-9:], line]
-            match = _PROGRESS.search(line)
-            if match and progress is not None:
-                progress(int(match.group(1)), int(match.group(2)))
-        code = await proc.wait()
-    except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
+        code, tail = await run_child(
+            ["engine.quantize", str(src), str(dst), qtype, str(threads)], line
+        )
+    except BaseException:
         dst.unlink(missing_ok=True)
         raise
     if code != 0:
         dst.unlink(missing_ok=True)
         raise EngineError("quantizing failed: " + " | ".join(tail[-3:]))
+
+
+async def convert_in_subprocess(src: Path, dst: Path, *, q4: bool, fused: bool) -> None:
+    """The ONNX converter (``python -m engine.onnx.convert``) writing ``dst`` from the GGUF
+    ``src`` in a child process: it holds the whole model as float32 arrays for a
+    while, which is no work for the gateway's own threads. EngineError with the
+    converter's words when it refuses the file."""
+    flags = [*(["--q4"] if q4 else []), *(["--fused"] if fused else [])]
+    code, tail = await run_child(["engine.onnx.convert", str(src), str(dst), *flags])
+    if code != 0:
+        said = [x.removeprefix("error: ") for x in tail if x.startswith("error: ")]
+        raise EngineError((said or tail[-3:] or ["the converter failed"])[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ thread.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,10 @@ import numpy as np
 from engine.images import MAX_PIXELS
 from protocol.errors import BadRequest, TooLarge
 
-__all__ = ["FRAME_SIDE", "VideoInfo", "probe", "sample_frames", "soundtrack"]
+__all__ = ["FRAME_SIDE", "MAX_DECODED_FRAMES", "VideoInfo", "probe", "sample_frames", "soundtrack"]
 
 FRAME_SIDE = 512  # the longest side of a sampled frame, in pixels
+MAX_DECODED_FRAMES = 200_000  # frames one read decodes, sampled or not (an hour at 55 fps)
 _SPEECH_RATE = 16000
 
 
@@ -79,9 +81,15 @@ def probe(data: bytes, *, max_seconds: float) -> VideoInfo:
 
 
 def sample_frames(
-    data: bytes, *, every: float, max_seconds: float
+    data: bytes, *, every: float, max_seconds: float, stop: threading.Event | None = None
 ) -> Iterator[tuple[float, bytes]]:
-    """``(seconds, JPEG)`` of one frame every ``every`` seconds, in order (see the module)."""
+    """``(seconds, JPEG)`` of one frame every ``every`` seconds, in order (see the module).
+
+    ``stop``, once set, ends the iteration at the next decoded frame: a cancelled
+    analysis gives its decoding thread back within one frame. At most
+    :data:`MAX_DECODED_FRAMES` are decoded, however many the stream holds (frames
+    with no timestamps, or thousands a second, are work all the same).
+    """
     import av
 
     if every <= 0:
@@ -93,7 +101,11 @@ def sample_frames(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         due = 0.0
-        for frame in container.decode(stream):
+        for decoded, frame in enumerate(container.decode(stream), 1):
+            if stop is not None and stop.is_set():
+                return
+            if decoded > MAX_DECODED_FRAMES:
+                raise TooLarge(f"the video has more than {MAX_DECODED_FRAMES} frames to decode")
             if frame.time is None:
                 continue
             t = float(frame.time)

@@ -440,7 +440,7 @@ class GatewayApp:
         # HTTP generations still running: cancelling their tasks closes their streams.
         for task in list(self.running):
             task.cancel()
-        self.video_jobs.close()
+        await self.video_jobs.close()
         for s in list(self.sessions):
             with contextlib.suppress(FerrousError, OSError):
                 await s.close(CLOSE_GOING_AWAY, "server shutting down")

@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _backends(as_json: bool) -> int:
     """Every backend entry (plugins first, as they are tried), and plugins that were skipped."""
-    from engine.backends.registry import BUILTIN, entries, plugins
+    from engine.backends.registry import BUILTIN, entries, installed, plugins
 
     builtin = {type(b) for b in BUILTIN}
     origin = {type(e): p.distribution for p in plugins() for e in p.entries}
@@ -446,7 +446,7 @@ def _backends(as_json: bool) -> int:
             "kinds": sorted(k.value for k in e.kinds),
             "layout": e.layout,
             "from": "built-in" if type(e) in builtin else origin.get(type(e), "?"),
-            "installed": e.installed(),
+            "installed": installed(e),
             "default": e.default,
         }
         for e in entries()

@@ -167,6 +167,10 @@ class SourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_pull_bytes: int | str = "64GiB"  # the largest file one pull may download
     partial_quota: int | str = "128GiB"  # unfinished downloads together; 0 = unlimited
     partial_max_age: float | str = "168h"  # untouched partial downloads are removed after this
+    # Video analyses may name a url (fetched by the server) for callers with models:write;
+    # those fetches reach public addresses plus these, never allow_hosts.
+    video_urls: bool = True
+    video_allow_hosts: list[str] = msgspec.field(default_factory=list)
 
 
 class QuotasConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

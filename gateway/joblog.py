@@ -6,8 +6,11 @@ event it produced (numbered from 1), so anyone allowed to see it follows it
 from any point (:meth:`JobLog.follow`), and it can be cancelled.
 
 Bounds: a user runs at most :data:`MAX_RUNNING_PER_USER` jobs at once (more is
-``rate_limited``), everyone together :data:`MAX_RUNNING` (more is ``overloaded``),
-and the registry holds :data:`MAX_JOBS`. A job nobody
+``rate_limited``), everyone together :data:`MAX_RUNNING` (more is ``overloaded``).
+A route takes its place (:meth:`JobLogs.reserve`) before it reads an upload,
+so refused requests cost nothing. Finished jobs are kept for reading, at most
+:data:`MAX_KEPT_PER_USER` per user and :data:`MAX_JOBS` in all (the oldest
+finished go first: one user's history never blocks another's work). A job nobody
 follows for the keeping time (the session resume window, at least a minute)
 should stop (:meth:`JobLogs.abandoned`, which the work checks between
 events; :meth:`JobLogs.sweep` cancels one that does not), and a finished one
@@ -18,6 +21,7 @@ others get ``not_found``, as for a job that never was.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,18 +31,31 @@ from typing import Any
 from gateway.auth import Principal
 from protocol.errors import FerrousError, NotFound, Overloaded, RateLimited
 
-__all__ = ["MAX_JOBS", "MAX_RUNNING", "MAX_RUNNING_PER_USER", "JobLog", "JobLogs"]
+__all__ = [
+    "MAX_JOBS",
+    "MAX_KEPT_PER_USER",
+    "MAX_RUNNING",
+    "MAX_RUNNING_PER_USER",
+    "JobLog",
+    "JobLogs",
+    "JobTicket",
+]
 
 MAX_RUNNING_PER_USER = 2
 MAX_RUNNING = 8  # jobs running at once, everyone's (each may hold an upload in memory)
+MAX_KEPT_PER_USER = 16  # finished jobs kept for reading, per user
 MAX_JOBS = 256
 _MIN_KEEP_S = 60.0
+
+log = logging.getLogger("ferrous.jobs")
+
+Owner = tuple[str | None, str]
 
 
 @dataclass
 class JobLog:
     id: str
-    owner: tuple[str | None, str]
+    owner: Owner
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     finished_at: float | None = None
     watchers: int = 0
@@ -82,32 +99,74 @@ def _finished(job: JobLog) -> None:
     job.changed.set()
 
 
+@dataclass
+class JobTicket:
+    """A running job's place, taken before its input is read (:meth:`JobLogs.reserve`)."""
+
+    owner: Owner
+    _logs: JobLogs
+    used: bool = False
+
+    def release(self) -> None:
+        """Give the place back when no job was started with it (idempotent)."""
+        if not self.used:
+            self.used = True
+            self._logs._pending[self.owner] -= 1
+            if not self._logs._pending[self.owner]:
+                del self._logs._pending[self.owner]
+
+
 class JobLogs:
     """Background jobs that keep their events for whoever follows them (see the module)."""
 
     def __init__(self, keep: float) -> None:
         self._keep = max(_MIN_KEEP_S, keep)
         self._jobs: dict[str, JobLog] = {}
+        self._pending: dict[Owner, int] = {}
 
-    def start(self, principal: Principal, work: Callable[[JobLog], Awaitable[None]]) -> JobLog:
-        """A new job of ``principal``'s running ``work`` now (which adds its events)."""
+    def reserve(self, principal: Principal) -> JobTicket:
+        """A place for one more of ``principal``'s jobs; RateLimited / Overloaded when
+        none is free. :meth:`start` uses it; :meth:`JobTicket.release` returns it."""
         self.sweep()
         owner = (principal.tenant, principal.user)
-        running = sum(1 for j in self._jobs.values() if j.owner == owner and j.running)
+        running = self._pending.get(owner, 0) + sum(
+            1 for j in self._jobs.values() if j.owner == owner and j.running
+        )
         if running >= MAX_RUNNING_PER_USER:
             raise RateLimited(
                 f"{running} of your jobs are running; at most {MAX_RUNNING_PER_USER} at once",
                 retry_after=5.0,
             )
-        if sum(1 for j in self._jobs.values() if j.running) >= MAX_RUNNING:
+        everyone = sum(self._pending.values()) + sum(1 for j in self._jobs.values() if j.running)
+        if everyone >= MAX_RUNNING:
             raise Overloaded(f"{MAX_RUNNING} jobs are running; try again shortly", retry_after=5.0)
-        if len(self._jobs) >= MAX_JOBS:
-            raise RateLimited("the server holds as many jobs as it keeps", retry_after=5.0)
-        job = JobLog(id="job_" + secrets.token_urlsafe(12), owner=owner)
+        self._pending[owner] = self._pending.get(owner, 0) + 1
+        return JobTicket(owner, self)
+
+    def start(self, ticket: JobTicket, work: Callable[[JobLog], Awaitable[None]]) -> JobLog:
+        """A new job in ``ticket``'s place, running ``work`` now (which adds its events)."""
+        if ticket.used:
+            raise RuntimeError("a job ticket starts one job")
+        ticket.release()
+        self._make_room(ticket.owner)
+        job = JobLog(id="job_" + secrets.token_urlsafe(12), owner=ticket.owner)
         self._jobs[job.id] = job
         job.task = asyncio.create_task(self._run(job, work), name=job.id)
         job.task.add_done_callback(lambda _t: _finished(job))
         return job
+
+    def _make_room(self, owner: Owner) -> None:
+        """Drop the oldest finished jobs past the owner's and everyone's keeping caps."""
+        done = sorted(
+            (j for j in self._jobs.values() if j.finished_at is not None),
+            key=lambda j: j.finished_at or 0.0,
+        )
+        mine = [j for j in done if j.owner == owner]
+        for job in mine[: max(0, len(mine) - MAX_KEPT_PER_USER + 1)]:
+            self._jobs.pop(job.id, None)
+        done = [j for j in done if j.id in self._jobs]
+        for job in done[: max(0, len(self._jobs) - MAX_JOBS + 1)]:
+            self._jobs.pop(job.id, None)
 
     async def _run(self, job: JobLog, work: Callable[[JobLog], Awaitable[None]]) -> None:
         try:
@@ -116,6 +175,11 @@ class JobLogs:
             job.add("error", {"code": exc.code.value, "message": exc.message})
         except asyncio.CancelledError:
             job.add("error", {"code": "cancelled", "message": "the job was cancelled"})
+        except Exception:
+            # A fault in the work is the job's end, said to its followers, not a
+            # task exception nobody reads.
+            log.exception("job %s failed", job.id)
+            job.add("error", {"code": "internal", "message": "the job failed on the server"})
 
     def abandoned(self, job: JobLog) -> bool:
         """Whether nobody has followed ``job`` for the keeping time (it should stop)."""
@@ -144,8 +208,9 @@ class JobLogs:
             elif job.finished_at is not None and now - job.finished_at > self._keep:
                 del self._jobs[job.id]
 
-    def close(self) -> None:
-        """Cancel every running job (the server is stopping)."""
-        for job in self._jobs.values():
-            if job.task is not None and job.running:
-                job.task.cancel()
+    async def close(self) -> None:
+        """Cancel every running job and wait for them to end (the server is stopping)."""
+        tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,25 +16,31 @@ soundtrack), ``stream`` and ``detach`` (:mod:`gateway.video_routes`). The answer
      "transcript": {"text": "...", "segments": [{"start": 0.0, "end": 2.1, "text": "..."}]},
      "notices": []}
 
-Frames are decoded and scaled in a thread of the gateway, eight at a time
-(:mod:`engine.video`), and go to the model's worker as JPEGs; the soundtrack
+Frames are decoded and scaled in the gateway's video threads (two, shared by
+every analysis, so videos never take the threads other work needs), eight at
+a time (:mod:`engine.video`), and go to the model's worker as JPEGs; the soundtrack
 is taken out as Opus and transcribed by the speech model's worker. With a
 soundtrack and no ``asr_model`` the answer says which model to name in
 ``notices``. With ``stream=true`` the same comes as server-sent events while
 it is computed: ``progress`` (``stage`` ``transcript`` or ``frames``,
 ``done`` of ``total``), ``segment``, ``frame``, ``notice`` and a last ``done``
 with the duration. Cancelling the analysis stops its decoding between batches
-and its jobs in the workers.
+and its jobs in the workers; the analysis ends only once its thread has
+(within a frame), so a cancelled job's place is not reused while it still decodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import math
-from collections.abc import AsyncGenerator, Iterator
+import threading
+from collections.abc import AsyncGenerator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from engine import Label, TranscribeOptions, Transcript, TranscriptSegment
 from engine.video import VideoInfo, probe, sample_frames, soundtrack
@@ -63,6 +69,28 @@ MAX_VIDEO_BYTES = 128 * 1024 * 1024
 MAX_VIDEO_SECONDS = 1800.0  # half an hour; its soundtrack fits one speech job
 MAX_FRAMES = 3600  # frames one request samples
 _BATCH = 8
+_THREADS = 2
+
+T = TypeVar("T")
+_executor: ThreadPoolExecutor | None = None
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a video thread. A cancel is passed on only once the
+    thread has finished (the work is bounded, and the caller's stop flag shortens
+    it): a job counted as ended must not still be decoding."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="ferrous-video")
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([fut])
+        raise
 
 
 @dataclass(frozen=True)
@@ -108,7 +136,7 @@ async def analyze(
     gateway: Gateway, principal: Principal, data: bytes, req: VideoRequest
 ) -> AsyncGenerator[VideoEvent, None]:
     """The events of one analysis (see the module), the soundtrack first, then the frames."""
-    info: VideoInfo = await asyncio.to_thread(probe, data, max_seconds=MAX_VIDEO_SECONDS)
+    info: VideoInfo = await _in_thread(probe, data, max_seconds=MAX_VIDEO_SECONDS)
     total = math.ceil(info.duration / req.every) if info.duration else 0
     if total > MAX_FRAMES:
         raise BadRequest(
@@ -118,17 +146,19 @@ async def analyze(
     notices: list[str] = []
     transcript: Transcript | None = None
     if info.has_audio and req.asr_model:
-        audio = await asyncio.to_thread(soundtrack, data, max_seconds=MAX_VIDEO_SECONDS)
+        audio = await _in_thread(soundtrack, data, max_seconds=MAX_VIDEO_SECONDS)
         if audio:
             yield VideoProgress("transcript", 0, 1)
             # Word timings make the segments' times those of their first and last word
             # (a segment alone is timed to Whisper's coarse timestamp tokens).
             options = TranscribeOptions(word_timestamps=True)
-            async for item in transcribe(gateway, principal, req.asr_model, audio, options):
-                if isinstance(item, Transcript):
-                    transcript = item
-                else:
-                    yield item
+            pieces = transcribe(gateway, principal, req.asr_model, audio, options)
+            async with contextlib.aclosing(pieces):
+                async for item in pieces:
+                    if isinstance(item, Transcript):
+                        transcript = item
+                    else:
+                        yield item
             yield VideoProgress("transcript", 1, 1)
     elif info.has_audio:
         notices.append(
@@ -137,17 +167,14 @@ async def analyze(
         )
         yield VideoNotice(notices[-1])
 
+    stop = threading.Event()
     frames: Iterator[tuple[float, bytes]] = sample_frames(
-        data, every=req.every, max_seconds=MAX_VIDEO_SECONDS
+        data, every=req.every, max_seconds=MAX_VIDEO_SECONDS, stop=stop
     )
     done = 0
-    reading: asyncio.Future[list[tuple[float, bytes]]] | None = None
     try:
         while True:
-            reading = asyncio.ensure_future(
-                asyncio.to_thread(lambda: list(itertools.islice(frames, _BATCH)))
-            )
-            batch = await asyncio.shield(reading)  # a cancel leaves the thread to finish
+            batch = await _in_thread(lambda: list(itertools.islice(frames, _BATCH)))
             if not batch:
                 break
             if done + len(batch) > MAX_FRAMES:
@@ -164,13 +191,10 @@ async def analyze(
             done += len(batch)
             yield VideoProgress("frames", done, max(total, done))
     finally:
-        # A cancel does not stop the thread reading a batch: let it finish before the
-        # decoder is closed (closing a generator that is running fails).
-        if reading is not None and not reading.done():
-            await asyncio.wait([reading])
+        stop.set()
         close = getattr(frames, "close", None)
         if close is not None:
-            await asyncio.to_thread(close)
+            await _in_thread(close)
     yield VideoDone(info.duration, done, transcript, notices)
 
 
@@ -214,5 +238,10 @@ def event_of(ev: VideoEvent) -> tuple[str, dict[str, Any]]:
     if isinstance(ev, VideoNotice):
         return "notice", {"message": ev.message}
     if isinstance(ev, VideoDone):
-        return "done", {"duration": ev.duration, "frames": ev.frames}
+        body: dict[str, Any] = {"duration": ev.duration, "frames": ev.frames}
+        if ev.transcript is not None:
+            body["transcript"] = ev.transcript.text
+        if ev.notices:
+            body["notices"] = ev.notices
+        return "done", body
     return "segment", segment_json(ev)

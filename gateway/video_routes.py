@@ -3,7 +3,8 @@
 ``POST /v1/video/analyze`` (the form: :mod:`gateway.video`; the video as a
 ``file``, or a ``url`` fetched as pulls are, see :func:`fetch_video`) answers in one of
 three ways: the whole result as JSON once computed (a client that goes away
-stops the work); with ``stream=true`` the events as server-sent events while
+stops the work); every way is a job (:mod:`gateway.joblog`), whose place is
+taken before the upload is read, so the running-job limits hold for all; with ``stream=true`` the events as server-sent events while
 they are computed, each with an ``id`` line, after a first ``job`` event (and
 a ``Location`` header) naming the job — which keeps running if the client
 goes away; with ``detach=true`` at once, ``202`` and the job's id. A job's
@@ -15,6 +16,7 @@ and ``DELETE /v1/video/jobs/{id}`` stops it (:mod:`gateway.videojobs`).
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,17 +37,10 @@ from gateway.interface import Gateway
 from gateway.joblog import JobLog
 from gateway.model_routes import native_error
 from gateway.openai_wire import InvalidParam
-from gateway.video import (
-    MAX_VIDEO_BYTES,
-    VideoDone,
-    VideoFrame,
-    analyze,
-    frame_json,
-    request_of,
-    segment_json,
-)
+from gateway.scopes import MODELS_WRITE, require
+from gateway.video import MAX_VIDEO_BYTES, VideoRequest, request_of
 from gateway.videojobs import start_video_job
-from protocol.errors import BadRequest, Forbidden, TooLarge
+from protocol.errors import BadRequest, Forbidden, TooLarge, error_from_code
 
 __all__ = ["video_routes"]
 
@@ -63,19 +58,21 @@ def _sse(job: JobLog, after: int, *, announce: bool) -> AsyncIterator[bytes]:
 
 async def fetch_video(gateway: Gateway, url: str) -> bytes:
     """The video at ``url``, downloaded as pulls are: only by a scheme of ``[sources]
-    schemes`` (``https``, or ``http`` where allowed), to public addresses (plus
-    ``allow_hosts``) on every redirect, at most :data:`MAX_VIDEO_BYTES`; nothing kept."""
+    schemes`` (``https``, or ``http`` where allowed), on every redirect hop too, to
+    public addresses plus ``[sources] video_allow_hosts`` (not the pulls' list: a
+    model mirror on the LAN is not a place any user may send the server), at most
+    :data:`MAX_VIDEO_BYTES`; nothing kept."""
     sources = gateway.config.sources
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in ("http", "https") or scheme not in sources.schemes:
-        allowed = [x for x in sources.schemes if x in ("http", "https")]
-        raise InvalidParam("url", f"a video url must be {' or '.join(allowed) or 'https'}://")
+    schemes = [x for x in sources.schemes if x in ("http", "https")] or ["https"]
+    if scheme not in schemes:
+        raise InvalidParam("url", f"a video url must be {' or '.join(schemes)}://")
     scratch = gateway.models.home / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch, prefix="video-") as tmp:
         downloader = Downloader(
             Path(tmp),
-            policy=AddressPolicy(sources.allow_hosts),
+            policy=AddressPolicy(sources.video_allow_hosts, schemes=schemes),
             max_bytes=MAX_VIDEO_BYTES,
             retries=2,
         )
@@ -90,67 +87,76 @@ async def fetch_video(gateway: Gateway, url: str) -> bytes:
         return await asyncio.to_thread(got.path.read_bytes)
 
 
+def _whole(req: VideoRequest, events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The JSON answer made of a finished job's events; its error raised as itself."""
+    name, last = events[-1]
+    if name == "error":
+        raise error_from_code(last["code"], last["message"])
+    segments = [data for n, data in events if n == "segment"]
+    return {
+        "duration": last["duration"],
+        "model": req.model,
+        "frames": [data for n, data in events if n == "frame"],
+        "transcript": None
+        if "transcript" not in last
+        else {"text": last["transcript"], "segments": segments},
+        "notices": last.get("notices", []),
+    }
+
+
 def video_routes(gateway: Gateway) -> list[Route]:
     def job_url(job: JobLog) -> str:
         return f"/v1/video/jobs/{job.id}"
 
     async def analyze_route(request: Request) -> Response:
-        form = await read_form(request, MAX_VIDEO_BYTES + 64 * 1024)
-        try:
-            upload = form.get("file")
-            url = form_text(form, "url")
-            if isinstance(upload, UploadFile) == bool(url):
-                raise InvalidParam(
-                    "file", "the request needs the video: a file field named 'file', or a url"
-                )
-            data = await upload.read() if isinstance(upload, UploadFile) else b""
-            req = request_of(form)
-            stream = form_flag(form, "stream")
-            detach = form_flag(form, "detach")
-        finally:
-            await form.close()
         principal = request.state.principal
-        if url:
-            data = await unless_disconnected(request, fetch_video(gateway, url))
-        if stream or detach:
-            job = start_video_job(gateway, principal, data, req)
-            headers = {"Location": job_url(job)}
-            if detach:
-                body = {"id": job.id, "events": job_url(job)}
-                return JSONResponse(body, status_code=202, headers=headers)
+        ticket = gateway.video_jobs.reserve(principal)  # before the upload is read
+        try:
+            form = await read_form(request, MAX_VIDEO_BYTES + 64 * 1024)
+            try:
+                upload = form.get("file")
+                url = form_text(form, "url")
+                if isinstance(upload, UploadFile) == bool(url):
+                    raise InvalidParam(
+                        "file", "the request needs the video: a file field named 'file', or a url"
+                    )
+                req = request_of(form)
+                stream = form_flag(form, "stream")
+                detach = form_flag(form, "detach")
+                data = await upload.read() if isinstance(upload, UploadFile) else b""
+            finally:
+                await form.close()
+            if url:
+                if not gateway.config.sources.video_urls:
+                    raise Forbidden("this server does not fetch videos from urls: send the file")
+                require(principal.scopes, MODELS_WRITE, "have the server fetch a video url")
+                data = await unless_disconnected(request, fetch_video(gateway, url))
+            job = start_video_job(gateway, ticket, principal, data, req)
+        finally:
+            ticket.release()
+        headers = {"Location": job_url(job)}
+        if detach:
+            body = {"id": job.id, "events": job_url(job)}
+            return JSONResponse(body, status_code=202, headers=headers)
+        if stream:
             return ClosingStream(_sse(job, 0, announce=True), headers=headers)
-        frames: list[dict[str, Any]] = []
-        last: VideoDone | None = None
 
         async def whole() -> None:
-            nonlocal last
-            async for ev in analyze(gateway, principal, data, req):
-                if isinstance(ev, VideoFrame):
-                    frames.append(frame_json(ev))
-                elif isinstance(ev, VideoDone):
-                    last = ev
+            async for _ in job.follow():
+                pass
 
-        await unless_disconnected(request, whole())
-        assert last is not None
-        transcript = last.transcript
-        out: dict[str, Any] = {
-            "duration": last.duration,
-            "model": req.model,
-            "frames": frames,
-            "transcript": None
-            if transcript is None
-            else {
-                "text": transcript.text,
-                "segments": [segment_json(s) for s in transcript.segments],
-            },
-            "notices": last.notices,
-        }
+        try:
+            await unless_disconnected(request, whole())
+        finally:
+            if job.running:  # the client went away: nobody will read the answer
+                gateway.video_jobs.cancel(principal, job.id)
+        out = _whole(req, job.events)
         return Response(msgspec.json.encode(out), media_type="application/json")
 
     async def follow_route(request: Request) -> Response:
         job = gateway.video_jobs.get(request.state.principal, request.path_params["job"])
         raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-        if not raw.isdigit():
+        if not re.fullmatch(r"[0-9]{1,12}", raw):
             raise BadRequest("Last-Event-ID (or after) is the number of the last event seen")
         return ClosingStream(_sse(job, int(raw), announce=False))
 

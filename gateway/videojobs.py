@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.auth import Principal
 from gateway.interface import Gateway
-from gateway.joblog import JobLog
+from gateway.joblog import JobLog, JobTicket
 from gateway.video import VideoRequest, analyze, event_of
 from gateway.voiceturn import VoiceHost
 from protocol import messages as m
@@ -25,9 +25,9 @@ __all__ = ["start_video_job", "watch"]
 
 
 def start_video_job(
-    gateway: Gateway, principal: Principal, data: bytes, req: VideoRequest
+    gateway: Gateway, ticket: JobTicket, principal: Principal, data: bytes, req: VideoRequest
 ) -> JobLog:
-    """The analysis of ``data`` as a job of ``principal``'s, running now."""
+    """The analysis of ``data`` as a job of ``principal``'s in ``ticket``'s place, running now."""
     jobs = gateway.video_jobs
 
     async def work(job: JobLog) -> None:
@@ -39,7 +39,7 @@ def start_video_job(
                     job.add("error", {"code": "cancelled", "message": "nobody followed it"})
                     return
 
-    return jobs.start(principal, work)
+    return jobs.start(ticket, work)
 
 
 async def watch(host: VoiceHost, msg: m.Watch) -> None:
@@ -68,7 +68,7 @@ async def watch(host: VoiceHost, msg: m.Watch) -> None:
                 await host.send(_done(msg.id, reason, t0))
                 return
     except asyncio.CancelledError:
-        if not host.closed:  # the client's cancel (not the session ending): stop the job
+        if msg.id in host._user_cancelled:  # the client's cancel, not the session ending
             host.gateway.video_jobs.cancel(host.principal, job.id)
             with contextlib.suppress(Exception):
                 await host.send(_done(msg.id, "cancelled", t0))

@@ -53,6 +53,7 @@ class VoiceHost(Protocol):
     principal: Principal
     owner: tuple[str | None, str]
     closed: bool  # the connection is gone (the session may live on)
+    _user_cancelled: set[str]  # ids the client cancelled (not the session ending)
 
     async def send(self, msg: m.ServerMessage, *, apart: bool = False) -> None: ...
 

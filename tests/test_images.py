@@ -34,6 +34,7 @@ from engine.images import (
     open_image,
     prepare,
     read_preprocess,
+    resize_plan,
 )
 from engine.modelfacts import facts_of, kind_of
 from engine.tinyvision import TINY_LABELS, write_tiny_classifier
@@ -136,10 +137,31 @@ def test_preparation_follows_the_folders_config(tmp_path: Path) -> None:
     )
     assert small.shape == (4, 4, 3) and small[0, 0, 0] == 0 and small[1, 1, 0] == 1.0
 
+    # A sliver of an image (4000x1) scaled so its short side is 224 would be an
+    # 896 000-pixel-wide intermediate: only the part the crop keeps is scaled.
+    clip_like = Preprocess(
+        size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224}
+    )
+    sliver = Image.fromarray(np.tile(np.arange(4000, dtype=np.uint8)[None, :, None], (1, 1, 3)))
+    assert resize_plan(sliver.size, 224, (224, 224)) == ((1998, 0, 2002, 1), (896, 224))
+    out = prepare(sliver, clip_like, "nchw")
+    assert out.shape == (3, 224, 224) and np.isfinite(out).all()
+    # Within the cap nothing is cut: the same pixels as a plain scale, then the crop.
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 150, 3), np.uint8))
+    assert resize_plan(wide.size, 224, (224, 224)) == ((0, 0, 150, 50), (672, 224))
+    full = np.asarray(wide.resize((672, 224), Image.Resampling.BICUBIC), np.float32)
+    want = (full[:, 224:448] / 255 - 0.5) / 0.5
+    assert np.allclose(prepare(wide, clip_like, "nhwc"), want, atol=1e-5)
+    # Past it, the centre crop still sees the middle of the image, not a black band.
+    assert resize_plan((1000, 10), 224, (224, 224)) == ((480, 0, 520, 10), (896, 224))
+
     folder = write_tiny_classifier(tmp_path / "tiny")
     assert read_preprocess(folder).size == {"height": 32, "width": 32}
     (folder / "preprocessor_config.json").write_text('{"size": {"height": 0, "width": 3}}')
     with pytest.raises(ModelLoadError, match="positive"):
+        read_preprocess(folder)
+    (folder / "preprocessor_config.json").write_text('{"size": {"shortest_edge": 100000}}')
+    with pytest.raises(ModelLoadError, match="at most"):
         read_preprocess(folder)
     (folder / "preprocessor_config.json").write_text('{"image_mean": [1, 2]}')
     with pytest.raises(ModelLoadError, match="3 values"):

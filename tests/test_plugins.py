@@ -57,8 +57,19 @@ def broken_plugin(tmp_path: Path) -> Iterator[Path]:
     info = tmp_path / "broken_backend-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-backend\nVersion: 0.1\n")
+    (tmp_path / "exiting_backend.py").write_text("raise SystemExit(3)\n")
+    (tmp_path / "faulty_backend.py").write_text(
+        "from engine.backends.entry import BackendEntry\n"
+        "class Entry(BackendEntry):\n"
+        "    name, package, module, cls = 'faulty', 'faulty_backend', 'faulty_backend', 'X'\n"
+        "    def claims(self, path): raise ValueError('claims blew up')\n"
+        "    def installed(self): raise ValueError('installed blew up')\n"
+        "    def inspect(self, path): raise NotImplementedError\n"
+        "    def size(self, found, inputs): raise NotImplementedError\n"
+    )
     (info / "entry_points.txt").write_text(
         "[ferrousforge.backends]\nbroken = broken_backend:Entry\n"
+        "exiting = exiting_backend:Entry\nfaulty = faulty_backend:Entry\n"
     )
     yield tmp_path
 
@@ -74,7 +85,11 @@ def test_a_plugin_that_raises_on_import_is_skipped_with_its_reason(
             found = {p.name: p for p in plugins()}
         assert "the GPU driver is missing" in found["broken"].error
         assert found["broken"].entries == ()
+        assert "SystemExit" in found["exiting"].error  # an exit at import is not the server's
         assert set(map(type, BUILTIN)) <= set(map(type, entries()))  # the rest works
+        # A plugin whose checks raise is a logged no: the other backends take the file.
+        assert registry.find_entry("model.gguf").name == "llama_cpp"
+        assert "faulty" not in registry.available_backends()
         assert any("skipped" in r.getMessage() for r in caplog.records)
     finally:
         registry.plugins.cache_clear()
@@ -85,5 +100,5 @@ def test_a_plugin_that_raises_on_import_is_skipped_with_its_reason(
         capture_output=True, text=True, check=True, cwd=REPO, env=env, timeout=60,
     )  # fmt: skip
     skipped = json.loads(out.stdout)["skipped"]
-    assert [s["plugin"] for s in skipped] == ["broken"]
+    assert [s["plugin"] for s in skipped] == ["broken", "exiting"]
     assert "RuntimeError: the GPU driver is missing" in skipped[0]["error"]

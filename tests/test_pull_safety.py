@@ -245,3 +245,30 @@ def test_address_policy() -> None:
         "100.64.0.1",
     ):
         assert not AddressPolicy().allows("h", 80, private), private
+
+
+async def test_every_hop_keeps_to_the_allowed_schemes(tmp_path: Path, model_bytes: bytes) -> None:
+    """The scheme is checked by the transport, so each hop of a redirect chain is: a
+    download that began on https never continues on http, and a policy naming its schemes
+    (video urls: ``https`` unless http is allowed) holds from the first request on."""
+    from engine.store.download import Downloader
+    from engine.store.errors import StoreError
+    from engine.store.netpolicy import SchemeRefused, guarded_transport
+
+    seen: list[str] = []
+    with http_server(file_handler(model_bytes, seen)) as port:
+        url = f"http://127.0.0.1:{port}/m.gguf"
+        strict = Downloader(tmp_path / "a", policy=AddressPolicy(["127.0.0.1"], schemes=["https"]))
+        with pytest.raises(StoreError) as info:
+            await strict.fetch(url)
+        assert info.value.reason == "forbidden" and "http://" in info.value.message
+        assert seen == []
+        # What a download begun on https uses for its later hops.
+        after_https = guarded_transport(AddressPolicy(["127.0.0.1"]), {"https"})
+        async with httpx.AsyncClient(transport=after_https) as client:
+            with pytest.raises(SchemeRefused):
+                await client.get(url)
+        assert seen == []
+        plain = AddressPolicy(["127.0.0.1"], schemes=["https", "http"])
+        got = await Downloader(tmp_path / "b", policy=plain).fetch(url)
+        assert got.path.read_bytes() == model_bytes and seen == ["/m.gguf"]

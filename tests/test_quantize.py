@@ -74,6 +74,10 @@ async def test_quantize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     for base, qtype, why in (
         ("q8", "q4_K_M", "already quantized (Q8_0)"),
         ("f32", "q9_9", "unknown quantization type"),
+        # The type is checked before FROM is read (a pull could be gigabytes) ...
+        ("nowhere-such", "q9_9", "unknown quantization type"),
+        # ... and a file imported only to be quantized does not stay behind.
+        (str(quantized), "q4_K_M", "already quantized (Q8_0)"),
     ):
         with pytest.raises(StoreError) as err:
             await manager.create("out", f"FROM {base}\n", quantize=qtype)

@@ -85,8 +85,8 @@ async def running(tmp_path: Path, whisper_tiny: Path) -> AsyncIterator[RunningSe
         yield srv
 
 
-def _client(srv: RunningServer) -> httpx.AsyncClient:
-    token = srv.gateway.auth.issue_token(sub="alice", ttl=600)
+def _client(srv: RunningServer, scopes: set[str] | None = None) -> httpx.AsyncClient:
+    token = srv.gateway.auth.issue_token(sub="alice", ttl=600, scopes=scopes)
     return httpx.AsyncClient(
         base_url=srv.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
     )
@@ -337,17 +337,22 @@ async def test_running_video_jobs_per_user_are_bounded(running: RunningServer) -
 
 
 async def test_a_video_is_fetched_from_a_url_as_pulls_are(tmp_path: Path) -> None:
-    """``url`` instead of a file: fetched only by an allowed scheme, to an address pulls may
-    reach (loopback only when listed in allow_hosts), within the size cap."""
+    """``url`` instead of a file: only for callers who may have the server fetch
+    (``models:write``), only by an allowed scheme, to an address pulls may reach
+    (loopback only when listed in ``video_allow_hosts``: the pulls' ``allow_hosts``
+    does not open it), within the size cap; an operator may turn urls off."""
     from gateway.config import SourcesConfig
 
     from .fileserver import serve_payload
 
     video = _clip(seconds=2)
     colours = write_tiny_classifier(tmp_path / "colours")
+    writer = {"generate", "models:write"}
     with serve_payload(video, "/clip.mp4") as source:
         default = server_config(tmp_path / "a", {"colours": colours})
-        async with gateway(default) as srv, _client(srv) as c:
+        async with gateway(default) as srv, _client(srv, writer) as c, _client(srv) as user:
+            r = await user.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
+            assert r.status_code == 403 and "models:write" in r.json()["error"]["message"]
             r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
             assert r.status_code == 400 and "https://" in r.json()["error"]["message"]
             https = source.url.replace("http://", "https://")
@@ -360,21 +365,27 @@ async def test_a_video_is_fetched_from_a_url_as_pulls_are(tmp_path: Path) -> Non
             )
             assert r.status_code == 400 and "a file field named 'file', or a url" in r.text
 
-        http = SourcesConfig(schemes=["https", "http"])
-        async with (
-            gateway(server_config(tmp_path / "b", {"colours": colours}, sources=http)) as srv,
-            _client(srv) as c,
-        ):
+        pulls_only = SourcesConfig(schemes=["https", "http"], allow_hosts=["127.0.0.1"])
+        config = server_config(tmp_path / "b", {"colours": colours}, sources=pulls_only)
+        async with gateway(config) as srv, _client(srv, writer) as c:
             r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
             assert r.status_code == 403 and "allow_hosts" in r.json()["error"]["message"]
 
-        allowed = SourcesConfig(schemes=["https", "http"], allow_hosts=["127.0.0.1"])
+        allowed = SourcesConfig(schemes=["https", "http"], video_allow_hosts=["127.0.0.1"])
         config = server_config(tmp_path / "c", {"colours": colours}, sources=allowed)
-        async with gateway(config) as srv, _client(srv) as c:
+        async with gateway(config) as srv, _client(srv, writer) as c:
             r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
             assert r.status_code == 200, r.text
             assert [f["labels"][0]["label"] for f in r.json()["frames"]] == ["red", "red"]
             assert not any((srv.gateway.models.home / "tmp").iterdir())  # nothing kept
+
+        off = SourcesConfig(
+            schemes=["https", "http"], video_allow_hosts=["127.0.0.1"], video_urls=False
+        )
+        config = server_config(tmp_path / "d", {"colours": colours}, sources=off)
+        async with gateway(config) as srv, _client(srv, writer) as c:
+            r = await c.post("/v1/video/analyze", data={"model": "colours", "url": source.url})
+            assert r.status_code == 403 and "send the file" in r.json()["error"]["message"]
 
 
 async def test_running_jobs_are_bounded_for_everyone(
@@ -396,6 +407,16 @@ async def test_running_jobs_are_bounded_for_everyone(
         )
         assert r2.status_code == 503 and r2.headers.get("retry-after")
         assert r2.json()["error"]["code"] == "overloaded"
+        # A plain (answered-when-done) analysis takes a place like the others.
+        r3 = await c.post(
+            "/v1/video/analyze",
+            files={"file": ("c.mp4", long)},
+            data={"model": "colours"},
+            headers={"Authorization": f"Bearer {other}"},
+        )
+        assert r3.status_code == 503 and r3.json()["error"]["code"] == "overloaded"
+        r4 = await c.get(f"/v1/video/jobs/{r.json()['id']}", params={"after": "²"})
+        assert r4.status_code == 400
         assert (await c.delete(f"/v1/video/jobs/{r.json()['id']}")).status_code == 204
 
 
@@ -429,3 +450,62 @@ async def test_image_and_video_routes_refuse_callers_without_the_right(
         for method, path, kw in calls:
             r = await c.request(method, path, headers={"Authorization": f"Bearer {reader}"}, **kw)
             assert r.status_code == 403, (path, r.status_code, r.text)
+
+
+def test_a_stopped_reading_ends_at_the_next_frame() -> None:
+    """An analysis that is cancelled sets the stop flag: its decoding thread is given back
+    within one frame instead of reading the rest of the video."""
+    import threading
+
+    from engine.video import sample_frames
+
+    stop = threading.Event()
+    frames = sample_frames(_clip(seconds=6), every=0.1, max_seconds=60, stop=stop)
+    t0, _ = next(frames)
+    assert t0 == 0.0
+    stop.set()
+    assert list(frames) == []
+
+
+async def test_finished_jobs_are_kept_within_caps_and_faults_end_a_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One user's finished jobs never fill the registry for another; a job whose work
+    fails unexpectedly ends with an ``internal`` error its followers see."""
+    from gateway import joblog
+    from gateway.auth import Principal
+
+    monkeypatch.setattr(joblog, "MAX_JOBS", 20)
+    jobs = joblog.JobLogs(keep=3600)
+    alice = Principal("alice", None, "jwt", None)
+    bob = Principal("bob", None, "jwt", None)
+
+    async def quick(job: joblog.JobLog) -> None:
+        job.add("done", {})
+
+    started = []
+    for _ in range(joblog.MAX_KEPT_PER_USER + 5):
+        job = jobs.start(jobs.reserve(alice), quick)
+        await job.task  # type: ignore[misc]
+        started.append(job.id)
+    kept = [j for j in started if j in jobs._jobs]
+    assert kept == started[-joblog.MAX_KEPT_PER_USER :]
+    for _ in range(8):
+        job = jobs.start(jobs.reserve(bob), quick)
+        await job.task  # type: ignore[misc]
+    assert len(jobs._jobs) <= 20 and job.id in jobs._jobs
+
+    async def broken(job: joblog.JobLog) -> None:
+        raise ValueError("a bug")
+
+    job = jobs.start(jobs.reserve(bob), broken)
+    await job.task  # type: ignore[misc]
+    assert [n for n, _ in job.events] == ["error"] and job.events[0][1]["code"] == "internal"
+    # A ticket not used gives its place back.
+    tickets = [jobs.reserve(bob) for _ in range(joblog.MAX_RUNNING_PER_USER)]
+    with pytest.raises(joblog.RateLimited):
+        jobs.reserve(bob)
+    tickets[0].release()
+    tickets[0].release()
+    jobs.reserve(bob).release()
+    await jobs.close()

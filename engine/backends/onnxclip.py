@@ -122,12 +122,13 @@ class OnnxClipEmbedder(ImageEmbedder):
         return self._images(list(images))
 
     def _images(self, images: list[bytes]) -> EmbedJob:
-        tensors = prepare_all(images, self._cfg, self._layout)
-        yield  # decoding was this step's work
+        # Decoded a batch at a time: a step's work (and memory) is BATCH images'.
         vectors: list[list[float]] = []
-        for start in range(0, len(tensors), BATCH):
-            batch = np.stack(tensors[start : start + BATCH])
+        for start in range(0, len(images), BATCH):
+            tensors = prepare_all(images[start : start + BATCH], self._cfg, self._layout, start)
+            yield  # decoding was this step's work
+            batch = np.stack(tensors)
             vectors += _unit(self._vision.run([self._image_out], {self._pixels: batch})[0])
-            if start + BATCH < len(tensors):
+            if start + BATCH < len(images):
                 yield
         return vectors, 0

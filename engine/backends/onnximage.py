@@ -82,16 +82,16 @@ class OnnxImageClassifier(ImageClassifier):
         return self._job(list(images), min(top_k, len(self.labels)))
 
     def _job(self, images: list[bytes], top_k: int) -> ClassifyJob:
-        tensors = prepare_all(images, self._cfg, self._layout)
-        yield  # decoding was this step's work
+        # Decoded a batch at a time: a step's work (and memory) is BATCH images'.
         out: list[list[Label]] = []
-        for start in range(0, len(tensors), BATCH):
-            batch = np.stack(tensors[start : start + BATCH])
-            scores = self.scores(batch)
+        for start in range(0, len(images), BATCH):
+            tensors = prepare_all(images[start : start + BATCH], self._cfg, self._layout, start)
+            yield  # decoding was this step's work
+            scores = self.scores(np.stack(tensors))
             for row in scores:
                 best = np.argsort(-row, kind="stable")[:top_k]
                 out.append([Label(self.labels[j], round(float(row[j]), 6)) for j in best])
-            if start + BATCH < len(tensors):
+            if start + BATCH < len(images):
                 yield
         return out
 

@@ -47,6 +47,7 @@ __all__ = [
     "backend_names",
     "entries",
     "find_entry",
+    "installed",
     "plugins",
 ]
 
@@ -107,7 +108,7 @@ def plugins() -> tuple[Plugin, ...]:
         dist = ep.dist.name if ep.dist is not None else "?"
         try:
             found.append(Plugin(ep.name, ep.value, dist, _entries_of(ep.load())))
-        except Exception as exc:  # a third party's import: anything may go wrong
+        except (Exception, SystemExit) as exc:  # a third party's import: anything may go wrong
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("backend plugin %r from %s skipped: %s", ep.name, dist, reason)
             found.append(Plugin(ep.name, ep.value, dist, error=reason))
@@ -127,9 +128,24 @@ def backend_names() -> list[str]:
     return list(dict.fromkeys(e.name for e in entries()))
 
 
+def _asks(entry: BackendEntry, question: str, *args: object) -> bool:
+    """``entry.question(*args)``, where a plugin's fault is a logged no, not the
+    caller's exception: one broken plugin must not stop models the others take."""
+    try:
+        return bool(getattr(entry, question)(*args))
+    except Exception as exc:
+        log.warning("backend %r: %s() failed, taken as no: %s", entry.name, question, exc)
+        return False
+
+
+def installed(entry: BackendEntry) -> bool:
+    """Whether ``entry``'s runtime package is installed (a plugin that cannot say: no)."""
+    return _asks(entry, "installed")
+
+
 def available_backends() -> list[str]:
     """Names of backends whose runtime package is installed."""
-    return list(dict.fromkeys(e.name for e in entries() if e.installed()))
+    return list(dict.fromkeys(e.name for e in entries() if installed(e)))
 
 
 def find_entry(path: str, requested: str | None = None) -> BackendEntry:
@@ -141,6 +157,6 @@ def find_entry(path: str, requested: str | None = None) -> BackendEntry:
     else:
         candidates = [e for e in entries() if e.default]
     for entry in candidates:
-        if entry.claims(path):
+        if _asks(entry, "claims", path):
             return entry
     return candidates[-1]

@@ -711,7 +711,10 @@ def main(argv: list[str] | None = None) -> int:
             fused=args.fused,
             share_embedding=args.share_embedding,
         )
-    except (ModelLoadError, FileExistsError, ValueError) as exc:
+    except ModelLoadError as exc:  # the file is the one named: its reason and detail
+        print(f"error: {exc.reason}: {exc.detail}", file=sys.stderr)
+        return 1
+    except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for item in sorted(folder.iterdir()):

@@ -49,7 +49,12 @@ import httpx
 import msgspec
 
 from engine.store.errors import StoreError, os_error
-from engine.store.netpolicy import AddressPolicy, DestinationRefused, guarded_transport
+from engine.store.netpolicy import (
+    AddressPolicy,
+    DestinationRefused,
+    SchemeRefused,
+    guarded_transport,
+)
 from engine.store.urls import redact_url
 
 __all__ = ["USER_AGENT", "Download", "Downloader", "Progress", "ProgressFn"]
@@ -279,7 +284,11 @@ class Downloader:
 
         failures = 0
         timeout = httpx.Timeout(self._timeout)
-        transport = guarded_transport(self._policy) if self._policy is not None else None
+        transport = None
+        if self._policy is not None:
+            # A redirect may never downgrade https to http (the policy may narrow further).
+            first = httpx.URL(url).scheme
+            transport = guarded_transport(self._policy, {"https", first})
         async with httpx.AsyncClient(
             timeout=timeout, follow_redirects=True, max_redirects=10, transport=transport
         ) as client:
@@ -346,6 +355,10 @@ class Downloader:
         try:
             async with client.stream("GET", url, headers=req) as resp:
                 return await self._consume(resp, st, url, job)
+        except SchemeRefused as exc:
+            raise StoreError(
+                "forbidden", f"{doing}: a redirect leads to {exc}://, which is not allowed"
+            ) from None
         except DestinationRefused:
             # The same words whatever the address, port or hop: no map of the network.
             raise StoreError(

@@ -25,13 +25,24 @@ from collections.abc import Iterable, Sequence
 import httpcore
 import httpx
 
-__all__ = ["AddressPolicy", "DestinationRefused", "GuardedBackend", "guarded_transport"]
+__all__ = [
+    "AddressPolicy",
+    "DestinationRefused",
+    "GuardedBackend",
+    "GuardedTransport",
+    "SchemeRefused",
+    "guarded_transport",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class DestinationRefused(Exception):
     """A pull tried to connect where the policy does not allow."""
+
+
+class SchemeRefused(DestinationRefused):
+    """A redirect led to a scheme the policy does not allow (``https`` to ``http``)."""
 
 
 def _split(entry: str) -> tuple[str, int | None]:
@@ -49,7 +60,9 @@ def _split(entry: str) -> tuple[str, int | None]:
 class AddressPolicy:
     """Public (globally routable, unicast) addresses, plus what ``allow`` lists."""
 
-    def __init__(self, allow: Iterable[str] = ()) -> None:
+    def __init__(self, allow: Iterable[str] = (), *, schemes: Iterable[str] | None = None) -> None:
+        """``schemes``: the URL schemes every hop may use (None: any httpx speaks)."""
+        self.schemes = None if schemes is None else frozenset(x.lower() for x in schemes)
         self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = []
         self.names: list[tuple[str, int | None]] = []
         for entry in allow:
@@ -125,19 +138,40 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def guarded_transport(policy: AddressPolicy) -> httpx.AsyncHTTPTransport:
-    """An httpx transport whose connections go through :class:`GuardedBackend`.
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """An httpx transport that checks each request's scheme and connects through
+    :class:`GuardedBackend`: every redirect hop is a request through it."""
+
+    def __init__(self, policy: AddressPolicy, schemes: Iterable[str] | None = None) -> None:
+        """``schemes``: what every request may use, within the policy's own schemes."""
+        super().__init__(trust_env=False)
+        self._policy = policy
+        allowed = None if schemes is None else frozenset(schemes)
+        if policy.schemes is not None:
+            allowed = policy.schemes if allowed is None else allowed & policy.schemes
+        self._schemes = allowed
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=10,
+            max_keepalive_connections=5,
+            keepalive_expiry=5.0,
+            network_backend=GuardedBackend(policy),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        schemes = self._schemes
+        if schemes is not None and request.url.scheme not in schemes:
+            raise SchemeRefused(request.url.scheme)
+        return await super().handle_async_request(request)
+
+
+def guarded_transport(
+    policy: AddressPolicy, schemes: Iterable[str] | None = None
+) -> httpx.AsyncHTTPTransport:
+    """An httpx transport keeping to ``policy`` (:class:`GuardedTransport`).
 
     httpx does not take a network backend, so its connection pool is
     replaced by one with the same settings and the guarded backend (proxies
     from the environment are not used: the check must see the real peer).
     """
-    transport = httpx.AsyncHTTPTransport(trust_env=False)
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(),
-        max_connections=10,
-        max_keepalive_connections=5,
-        keepalive_expiry=5.0,
-        network_backend=GuardedBackend(policy),
-    )
-    return transport
+    return GuardedTransport(policy, schemes)

