@@ -350,6 +350,7 @@ class EngineClient(JobCalls):
                 tool_choice=request.tool_choice,
                 tool_name=request.tool_name,
                 parallel_tool_calls=request.parallel_tool_calls,
+                adapters=request.adapters,
             )
         )
         if worker.interrupt is not None and self._admission.urgent(worker, request.model, key):

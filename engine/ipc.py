@@ -17,6 +17,7 @@ import struct
 import msgspec
 
 from engine.requests import (
+    Adapter,
     ChatMessage,
     ImageOptions,
     Label,
@@ -117,6 +118,7 @@ class Generate(_Frame, tag=3, kw_only=True):
     tool_choice: str = "auto"
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    adapters: list[Adapter] = msgspec.field(default_factory=list)  # LoRA files and scales
 
 
 class Cancel(_Frame, tag=4, kw_only=True):

@@ -21,6 +21,7 @@ from engine.textstream import MAX_STOP_CHARS
 from protocol.errors import BadRequest
 
 __all__ = [
+    "Adapter",
     "ChatMessage",
     "Classification",
     "Embeddings",
@@ -122,6 +123,17 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
         return given[0] if given else None
 
 
+class Adapter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A LoRA adapter file applied to a generation, at ``scale`` (1: as trained).
+
+    The gateway resolves adapter names (the store's models that carry one) to
+    their files; the engine only sees paths it was given by the gateway.
+    """
+
+    path: str
+    scale: Annotated[float, Meta(ge=-4.0, le=4.0)] = 1.0
+
+
 class ToolCall(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A call the model made: the function's name and its arguments as JSON text."""
 
@@ -176,6 +188,8 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     tool_choice: Literal["auto", "required", "none"] = "auto"
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    # LoRA adapters over the model for this generation (llama.cpp models).
+    adapters: list[Adapter] = msgspec.field(default_factory=list)
 
 
 class TokenDelta(msgspec.Struct, frozen=True, gc=False):

@@ -187,11 +187,14 @@ def write_tiny_llama(
     script_eos: bool = False,
     spec: TinyLlamaSpec | None = None,
     name: str = "tiny-llama",
+    deltas: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a tiny Llama GGUF to ``path`` and return the path.
 
     The same arguments always produce the same bytes. ``dtype`` is ``f32``,
     ``f16`` or ``q8_0`` for the 2-D weight matrices (norms stay f32).
+    ``deltas`` are added to the named weights first (an adapter merged in:
+    :mod:`engine.tinylora`).
     """
     spec = spec or TinyLlamaSpec()
     if dtype not in ("f32", "f16", "q8_0"):
@@ -200,6 +203,8 @@ def write_tiny_llama(
     script_ids = script_tokens(script, tokens) if script is not None else None
     rng = np.random.default_rng(seed)
     weights = _weights(spec, len(tokens), rng, script_ids, 2 if script_eos else None)
+    for tname, delta in (deltas or {}).items():
+        weights[tname] = (weights[tname] + delta).astype(np.float32)
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any, cast
 
 import msgspec
 
@@ -54,6 +55,7 @@ from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.textstream import TextStream
 from protocol.errors import (
+    BadRequest,
     ErrorCode,
     FerrousError,
     ModelLoadError,
@@ -408,7 +410,22 @@ class Worker:
                 seq.t_start = time.perf_counter()
                 seq.n_prompt = len(seq.prompt)
                 try:
-                    backend.start(seq.gen, seq.prompt, seq.msg.sampling, seq.msg.priority, urgent)
+                    if seq.msg.adapters:
+                        if not backend.supports_adapters:
+                            raise BadRequest(f"the {backend.name} backend does not take adapters")
+                        # Only backends that say so take the argument (supports_adapters).
+                        cast(Any, backend).start(
+                            seq.gen,
+                            seq.prompt,
+                            seq.msg.sampling,
+                            seq.msg.priority,
+                            urgent,
+                            adapters=seq.msg.adapters,
+                        )
+                    else:
+                        backend.start(
+                            seq.gen, seq.prompt, seq.msg.sampling, seq.msg.priority, urgent
+                        )
                 except Exception as exc:
                     self._fail(seq, exc)
                     continue

@@ -53,6 +53,7 @@ class GenerateBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     token_ids: bool = False
     stream: bool = False
     priority: m.Priority = 0
+    adapters: m.Adapters | None = None
 
 
 class ChatBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -69,6 +70,7 @@ class ChatBody(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     keep_alive: m.KeepAlive | None = None
     format: m.Format | None = None
     priority: m.Priority = 0
+    adapters: m.Adapters | None = None
     token_ids: bool = False
     stream: bool = False
 
@@ -128,6 +130,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
                 keep_alive=keep_alive,
                 token_ids=body.token_ids,
                 priority=body.priority,
+                adapters=body.adapters,
             )
             return prepared, None, lambda _text: None
         turns = [ChatMessage(x.role, x.content) for x in body.messages]
@@ -142,6 +145,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
                 keep_alive=keep_alive,
                 token_ids=body.token_ids,
                 priority=body.priority,
+                adapters=body.adapters,
             )
             return prepared, None, lambda _text: None
         principal = request.state.principal
@@ -160,6 +164,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
             keep_alive=keep_alive,
             token_ids=body.token_ids,
             priority=body.priority,
+            adapters=body.adapters,
             seed=False,
         )
 

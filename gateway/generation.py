@@ -156,6 +156,7 @@ async def prepare(
     started: float | None = None,
     priority: int = 0,
     tools: ToolUse | None = None,
+    adapters: list[m.AdapterChoice] | None = None,
 ) -> Prepared:
     """Load the model if needed and build the engine request (raises FerrousError).
 
@@ -207,6 +208,11 @@ async def prepare(
             priority=effective_priority(principal, priority),
             weight=quota.weight,
         )
+    chosen = resolved.adapters
+    if adapters is not None:  # the request's own choice replaces the model's
+        chosen = await gateway.models.adapters_for(resolved, adapters, principal.tenant)
+    if chosen:
+        request = msgspec.structs.replace(request, adapters=list(chosen))
     return Prepared(request, resolved, t0, quota_key, quota)
 
 

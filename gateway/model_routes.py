@@ -92,6 +92,8 @@ def modelfile_of(record: ModelRecord, *, admin: bool = False) -> str:
             system=m.system,
             messages=[Message(x.role, x.content) for x in m.messages],
             license=list(m.license),
+            # The newest adapter (earlier ones come with FROM), as the blob it is.
+            adapter=m.adapters[-1].digest if m.adapters else None,
         )
     )
 
@@ -175,6 +177,9 @@ def model_routes(gateway: Gateway) -> list[Route]:
                 "messages": [{"role": x.role, "content": x.content} for x in m.messages],
                 "license": m.license,
                 "files": [{"path": f.path, "digest": f.digest, "size": f.size} for f in m.files],
+                "adapters": [
+                    {"path": f.path, "digest": f.digest, "size": f.size} for f in m.adapters
+                ],
                 "modelfile": modelfile_of(record, admin=v.admin),
             }
         )

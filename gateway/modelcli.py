@@ -358,6 +358,8 @@ def _show(config: ServerConfig, args: argparse.Namespace) -> int:
             print(f"  source      {m.source}")
         for f in m.files:
             print(f"  file        {f.path}  {f.digest[:19]}  {_size(f.size)}")
+        for f in m.adapters:
+            print(f"  adapter     {f.path}  {f.digest[:19]}  {_size(f.size)}")
         for k, v in m.parameters.items():
             print(f"  parameter   {k} = {v}")
         if m.system:

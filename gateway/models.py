@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from engine import ChatMessage, EngineClient
+from engine.requests import Adapter
 from engine.store.download import Downloader
 from engine.store.manifest import Manifest, ParamValue
 from engine.store.modelfile import Modelfile
@@ -40,7 +41,8 @@ from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
 from gateway.config import ServerConfig, parse_size, private_home
 from protocol.durations import parse_duration
-from protocol.errors import FerrousError, ModelNotFound
+from protocol.errors import BadRequest, FerrousError, ModelNotFound
+from protocol.messages import AdapterChoice
 
 __all__ = [
     "ModelRegistry",
@@ -58,8 +60,9 @@ NAMES_TTL = 2.0  # seconds the list of model names offered in ``ready`` is reuse
 class ResolvedModel(msgspec.Struct, frozen=True):
     """What a request needs to know about the model it names."""
 
-    key: str  # the engine's name for it
+    key: str  # the engine's name for it (a model with adapters: maybe its base's)
     manifest: Manifest | None = None  # None for config entries
+    adapters: tuple[Adapter, ...] = ()  # its own LoRA adapters (Modelfile ADAPTER)
 
 
 def seed_messages(resolved: ResolvedModel) -> list[ChatMessage]:
@@ -231,7 +234,7 @@ class ModelRegistry:
         """
         key = self.key_for(name, tenant)
         resolved = self._resolved.get(key)
-        if resolved is not None and key in self.engine.models():
+        if resolved is not None and resolved.key in self.engine.models():
             return resolved
         task = self._loading.get(key)
         if task is None:
@@ -277,12 +280,63 @@ class ModelRegistry:
                 if exc.code.value == "model_not_found":
                     raise ModelNotFound(exc.message) from None
                 raise
-            await self.load_record(
-                record, keep_alive=keep_alive, n_ctx=n_ctx, key=key, manager=manager
-            )
-            resolved = ResolvedModel(key, record.manifest)
+            adapters = tuple(Adapter(str(p)) for p in manager.store.adapter_paths(record))
+            shared = await self._shared_base(manager, record, tenant, keep_alive, n_ctx)
+            if shared is not None:
+                resolved = ResolvedModel(shared.key, record.manifest, adapters)
+            else:
+                await self.load_record(
+                    record, keep_alive=keep_alive, n_ctx=n_ctx, key=key, manager=manager
+                )
+                resolved = ResolvedModel(key, record.manifest, adapters)
         self._resolved[key] = resolved
         return resolved
+
+    async def _shared_base(
+        self,
+        manager: ModelManager,
+        record: ModelRecord,
+        tenant: str | None,
+        keep_alive: float | None,
+        n_ctx: int | None,
+    ) -> ResolvedModel | None:
+        """The loaded base a model with adapters runs on, when it is its parent as loaded:
+        the same files, template and context length (then its generations share the
+        parent's weights in the workers, with its adapters applied per sequence)."""
+        man = record.manifest
+        if not man.adapters or man.parent is None or n_ctx:
+            return None
+        parent = await manager.find(man.parent)
+        if parent is None or parent.manifest.adapters:
+            return None
+        pm = parent.manifest
+        if (
+            [f.digest for f in pm.files] != [f.digest for f in man.files]
+            or pm.template != man.template
+            or _int_param(pm.parameters, "num_ctx") != _int_param(man.parameters, "num_ctx")
+        ):
+            return None
+        return await self.ensure(str(parent.ref), tenant=tenant, keep_alive=keep_alive)
+
+    async def adapters_for(
+        self, resolved: ResolvedModel, choices: list[AdapterChoice], tenant: str | None
+    ) -> tuple[Adapter, ...]:
+        """The adapter files ``choices`` name, for a generation on ``resolved``: each a
+        model made with ADAPTER over the same base (BadRequest otherwise)."""
+        base = resolved.manifest
+        if base is None or base.format != "gguf":
+            raise BadRequest("adapters apply to GGUF models of the store")
+        out: list[Adapter] = []
+        for choice in choices:
+            mine = self.tenant_has(tenant, choice.name) is not None
+            manager = self.manager_for(tenant) if mine else self.manager
+            record = await manager.find(choice.name)
+            if record is None or not record.manifest.adapters:
+                raise BadRequest(f"{choice.name!r} is not a model with an adapter (ADAPTER)")
+            if [f.digest for f in record.manifest.files] != [f.digest for f in base.files]:
+                raise BadRequest(f"the adapter of {choice.name!r} was made over another base model")
+            out += [Adapter(str(p), choice.scale) for p in manager.store.adapter_paths(record)]
+        return tuple(out)
 
     async def load_record(
         self,

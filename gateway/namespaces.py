@@ -24,22 +24,26 @@ live in one place:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from engine import LoadedModel
 from engine.modelfacts import ModelFacts
+from engine.store.adapters import BLOB_REF, is_blob_ref
 from engine.store.modelfile import parse_modelfile
 from engine.store.names import looks_like_ref
 from engine.store.pull import PullListener
 from engine.store.sources import parse_source
 from engine.store.store import ModelRecord
 from gateway.auth import Principal
+from gateway.config import parse_size
 from gateway.scopes import ADMIN, GENERATE, MODELS_READ, MODELS_WRITE, allows, require
 from gateway.sourcepolicy import check_remote_source
-from protocol.errors import Conflict, Forbidden, ModelNotFound
+from protocol.errors import BadRequest, Conflict, Forbidden, ModelNotFound, TooLarge
 
 if TYPE_CHECKING:
     from gateway.models import ModelRegistry, ResolvedModel
@@ -145,6 +149,40 @@ class ModelView:
         require(self.scopes, MODELS_WRITE, "uploading blobs")
         return self.registry.manager_for(self.tenant).store.has_blob(digest)
 
+    async def upload_blob(self, digest: str, chunks: AsyncIterator[bytes]) -> bool:
+        """Store an uploaded blob in this caller's own store; False when it was there.
+
+        The bytes must hash to ``digest`` (BadRequest otherwise, nothing kept) and
+        stay within ``[sources] max_pull_bytes`` (TooLarge). A blob no model refers
+        to is removed by the store's next collection, as Ollama's are.
+        """
+        require(self.scopes, MODELS_WRITE, "uploading blobs")
+        match = BLOB_REF.fullmatch(digest)
+        if match is None:
+            raise BadRequest("a blob is named sha256:<64 hex digits>")
+        store = self.registry.manager_for(self.tenant).store
+        if store.has_blob(f"sha256:{match.group(1)}"):
+            return False
+        cap = parse_size(self.registry.config.sources.max_pull_bytes, key="sources.max_pull_bytes")
+        tmp = store.temp_path("upload-")
+        hasher, size = hashlib.sha256(), 0
+        try:
+            with tmp.open("wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if cap and size > cap:
+                        raise TooLarge(f"the blob is over the {cap}-byte limit")
+                    hasher.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if hasher.hexdigest() != match.group(1):
+                raise BadRequest("the uploaded bytes do not match the digest")
+            await asyncio.to_thread(store.admit, tmp, match.group(1))
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
     # -- writing --------------------------------------------------------------------------
 
     def _need_write(self, action: str) -> None:
@@ -230,12 +268,22 @@ class ModelView:
         self._need_write("creating models")
         self._check_own_name(name)
         mf = parse_modelfile(modelfile, source="modelfile")
-        if looks_like_ref(mf.from_) and not mf.from_.startswith(("/", ".", "~")):
+        if is_blob_ref(mf.from_):
+            pass  # a blob of the caller's own store (uploaded): checked by the store
+        elif looks_like_ref(mf.from_) and not mf.from_.startswith(("/", ".", "~")):
             await self._visible_base(mf.from_)
         else:
             if not self.registry.config.allow_remote_pull:
                 raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
             mf = msgspec.structs.replace(mf, from_=self._source(mf.from_))
+        if mf.adapter is not None and not is_blob_ref(mf.adapter):
+            # A path or URL, judged as FROM's are; a blob is the caller's own store's.
+            if not self.registry.config.allow_remote_pull:
+                raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
+            adapter = self._source(mf.adapter)
+            if looks_like_ref(adapter) and not adapter.startswith(("/", ".", "~")):
+                raise BadRequest("ADAPTER names a file, URL or sha256 blob, not a model")
+            mf = msgspec.structs.replace(mf, adapter=adapter)
         return await self.registry.create(name, mf, tenant=self.tenant, quantize=quantize)
 
     async def copy(self, source: str, destination: str) -> ModelRecord:

@@ -738,17 +738,28 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         name = body.model or body.name
         if not name:
             raise BadRequest("invalid request: Object missing required field `model`")
-        if body.files or body.adapters:
-            raise BadRequest("creating from uploaded files is not supported; use FROM a model")
+        # Uploaded blobs (POST /api/blobs/...): one GGUF model in ``files`` and at most one
+        # LoRA in ``adapters``, each as {"file name": "sha256:..."}.
+        base = body.from_
+        if body.files:
+            if len(body.files) != 1 or base:
+                raise BadRequest("files takes one GGUF model (and no `from`)")
+            base = next(iter(body.files.values()))
+        adapter = None
+        if body.adapters:
+            if len(body.adapters) != 1:
+                raise BadRequest("adapters takes one LoRA adapter per model")
+            adapter = next(iter(body.adapters.values()))
         if body.modelfile is not None:
             text = body.modelfile
         else:
-            if not body.from_:
+            if not base:
                 raise BadRequest("invalid request: a model needs `from` (or a `modelfile`)")
             licenses = [body.license] if isinstance(body.license, str) else body.license or []
             text = render_modelfile(
                 Modelfile(
-                    from_=body.from_,
+                    from_=base,
+                    adapter=adapter,
                     parameters={k: v for k, v in (body.parameters or {}).items() if v is not None},
                     template=body.template,
                     system=body.system,
@@ -772,6 +783,11 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         found = view(request).has_blob(digest)
         return Response(status_code=200 if found else 404)
 
+    async def blob_upload(request: Request) -> Response:
+        digest = request.path_params["digest"].replace("-", ":", 1)
+        new = await view(request).upload_blob(digest, request.stream())
+        return Response(status_code=201 if new else 200)
+
     return [
         route("/api/generate", generate, "POST"),
         route("/api/chat", chat, "POST"),
@@ -786,6 +802,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         route("/api/create", create, "POST"),
         route("/api/version", version, "GET"),
         route("/api/blobs/{digest}", blob_head, "HEAD"),
+        route("/api/blobs/{digest}", blob_upload, "POST"),
     ]
 
 

@@ -163,6 +163,7 @@ class GenerationStreams:
                     "keep_alive": keep_alive,
                     "token_ids": msg.token_ids,
                     "priority": msg.priority,
+                    "adapters": msg.adapters,
                     "request_id": self._request_id(msg.id),
                     "started": t0,
                 }

@@ -86,6 +86,8 @@ __all__ = [
     "SUBPROTOCOL_MSGPACK",
     "TOKEN_SUBPROTOCOL_PREFIX",
     "Ack",
+    "AdapterChoice",
+    "Adapters",
     "Audio",
     "AudioFormat",
     "AudioOut",
@@ -164,6 +166,20 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     tool_call_id: CallId | None = None
 
 
+class AdapterChoice(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A LoRA adapter for one generation: ``name`` is a model made with ``ADAPTER`` over
+    the same base as the generation's model; ``scale`` weighs it (1: as trained, 0: off).
+
+    Generations with different adapters (or none) on one model share its loaded
+    weights. Given at all, the list replaces the model's own adapters."""
+
+    name: ModelName
+    scale: Annotated[float, Meta(ge=-4.0, le=4.0)] = 1.0
+
+
+Adapters = Annotated[list[AdapterChoice], Meta(max_length=4)]
+
+
 class Tool(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A function the model may call; ``parameters`` is its arguments' JSON Schema."""
 
@@ -203,6 +219,7 @@ class Generate(_ClientBase, tag="generate"):
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
     format: Format | None = None  # constrain the output to JSON (or to a schema)
     priority: Priority = 0  # scheduling class (capped by the credential's)
+    adapters: Adapters | None = None  # LoRA adapters (see AdapterChoice)
 
 
 class Chat(_ClientBase, tag="chat"):
@@ -221,6 +238,7 @@ class Chat(_ClientBase, tag="chat"):
     keep_alive: KeepAlive | None = None  # how long the model stays loaded after this request
     format: Format | None = None  # constrain the output to JSON (or to a schema)
     priority: Priority = 0  # scheduling class (capped by the credential's)
+    adapters: Adapters | None = None  # LoRA adapters (see AdapterChoice)
     # Functions the model may call (each call arrives as a ``tool_call`` event):
     # ``auto`` lets it choose, ``required`` makes it call one (``tool_name``: that
     # one), ``none`` leaves the tools out.

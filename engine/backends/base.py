@@ -146,6 +146,8 @@ class TextGenerator(Backend):
     what = "a text generation model"
 
     max_sequences: int = 1
+    # Whether :meth:`start` takes ``adapters`` (LoRA files over the loaded model).
+    supports_adapters: bool = False
 
     chat_template: str | None
     bos_text: str

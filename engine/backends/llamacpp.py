@@ -52,6 +52,7 @@ import numpy as np
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
 from engine.backends.gguf_entry import check_model_file
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
+from engine.backends.llamalora import LoraKey, LoraSets, lora_key, step_group
 from engine.backends.llamaslots import (
     BORROW_MIN,
     BORROW_SPAN,
@@ -63,7 +64,7 @@ from engine.backends.llamaslots import (
 from engine.guidance import Guide, GuideFactory
 from engine.interrupt import strlen_callback_address
 from engine.logprobs import token_logprobs
-from engine.requests import SamplingParams
+from engine.requests import Adapter, SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError, Overloaded
 
@@ -121,8 +122,11 @@ def _grammar_depth(gbnf: str) -> int:
     return deepest
 
 
-def _capturing_errors(fn: Callable[[], object]) -> tuple[object, str]:
-    """Call ``fn`` and return its result with what llama.cpp reported meanwhile.
+def _capturing_errors(
+    fn: Callable[[], object], keep: Callable[[str], object] | None = None
+) -> tuple[object, str]:
+    """Call ``fn`` and return its result with what llama.cpp reported meanwhile
+    (only the lines ``keep`` accepts, when given).
 
     The grammar parser prints its syntax errors straight to stderr (not through
     the log callback), so fd 2 is pointed at a temporary file for the call. The
@@ -148,6 +152,8 @@ def _capturing_errors(fn: Callable[[], object]) -> tuple[object, str]:
     marker = "error parsing grammar: "
     reasons = [line.split(marker, 1)[1].strip() for line in printed.splitlines() if marker in line]
     reasons += [line.strip() for line in "".join(sink).splitlines() if line.strip()]
+    if keep is not None:
+        reasons = [line for line in reasons if keep(line)]
     return result, "; ".join(dict.fromkeys(reasons))[:500]
 
 
@@ -158,6 +164,7 @@ class _SeqState:
         "greedy_grammar",
         "guide",
         "logprobs",
+        "lora",
         "n_past",
         "passed",
         "penalty",
@@ -184,6 +191,7 @@ class _SeqState:
         guide: Guide | None = None,
     ) -> None:
         self.priority = priority
+        self.lora: LoraKey = ()  # the adapters it runs under (engine.backends.llamalora)
         # A grammar run by llguidance (tool calls): masks the logits before sampling.
         self.guide = guide
         self.logprobs: int | None = None  # alternatives wanted with each token's logprob
@@ -211,6 +219,7 @@ class _SeqState:
 
 class LlamaCppBackend(TextGenerator, Embedder):
     name = "llama_cpp"
+    supports_adapters = True
 
     def __init__(
         self,
@@ -252,6 +261,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self._abort: object | None = None  # the interrupt callback, kept alive
         self._guides: GuideFactory | None = None  # made on the first tool call
         self._lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        self._lora = LoraSets(model, ctx, _capturing_errors)
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
@@ -451,10 +461,14 @@ class LlamaCppBackend(TextGenerator, Embedder):
         sampling: SamplingParams,
         priority: int = 0,
         urgent: bool = False,
+        adapters: Sequence[Adapter] = (),
     ) -> None:
         free = [s for s in self._slots if not s.busy]
         if not free:
             raise RuntimeError("no free sequence slot")
+        lora = lora_key(adapters)
+        if lora:  # first: a file llama.cpp refuses leaves no state behind
+            self._lora.load(lora, (st.lora for st in self._seqs.values()))
         # Leave suspended sequences' slots alone while others are free: their
         # caches let them resume without reading anything again.
         held = {id(st.slot) for st in self._seqs.values() if st.suspended}
@@ -469,11 +483,16 @@ class LlamaCppBackend(TextGenerator, Embedder):
         # Each free slot's cache as this prompt could use it: the exact common
         # prefix, extended over the model's own answer tokens where the prompt
         # spells the same text (engine.backends.llamaslots.spliced).
-        fits = [spliced(x.history, prompt, self.token_bytes, self.n_ctx) for x in free]
+        # A cache computed under other adapters is of no use to this prompt.
+        fits = [
+            spliced(x.history if x.lora == lora else [], prompt, self.token_bytes, self.n_ctx)
+            for x in free
+        ]
         slot = pick_slot(free, [n for _, n in fits], self._unified)
         joined, same = fits[free.index(slot)]
         if same:
             prompt = joined
+        self._retag(slot, lora)
         same = self._borrow(slot, prompt, same)
         keep = min(same, len(prompt) - 1)  # read at least one token to get logits
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
@@ -496,6 +515,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
             guide=guide,
         )
         self._seqs[seq].reused = keep
+        self._seqs[seq].lora = lora
         self._seqs[seq].urgent = urgent
         self._seqs[seq].logprobs = sampling.logprobs
         if sampler is None and sampling.repeat_penalty != 1.0:
@@ -517,7 +537,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         """
         donor, most = None, same
         for other in self._slots:
-            if other is slot or len(other.history) <= most:
+            if other is slot or len(other.history) <= most or other.lora != slot.lora:
                 continue
             n = common_prefix(other.history, prompt)
             # A donor far longer than what it shares costs more to copy than it saves.
@@ -542,6 +562,13 @@ class LlamaCppBackend(TextGenerator, Embedder):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, most, -1)
         slot.history = donor.history[:most]
         return most
+
+    def _retag(self, slot: Slot, lora: LoraKey) -> None:
+        """Give ``slot`` to a sequence under ``lora``: a cache made under others goes."""
+        if slot.lora != lora:
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
+            slot.history = []
+            slot.lora = lora
 
     def set_interrupt(self, address: int) -> None:
         # strlen(flag) is true while the flag is up; it runs on the compute
@@ -571,9 +598,10 @@ class LlamaCppBackend(TextGenerator, Embedder):
             raise RuntimeError("no free sequence slot to resume in")
         tokens = st.tokens
         # Its old slot, when no one took it, still holds its whole cache.
-        counts = [common_prefix(x.history, tokens) for x in free]
+        counts = [common_prefix(x.history if x.lora == st.lora else [], tokens) for x in free]
         best = max(range(len(free)), key=lambda i: (counts[i], free[i] is st.slot))
         slot = free[best]
+        self._retag(slot, st.lora)
         keep = min(self._borrow(slot, tokens, counts[best]), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
@@ -600,6 +628,12 @@ class LlamaCppBackend(TextGenerator, Embedder):
     def step(self, seqs: Sequence[int]) -> dict[int, int]:
         self._failed = {}
         states = [(seq, self._seqs[seq]) for seq in seqs]
+        if any(st.lora for _, st in states) or self._lora.turn:
+            # One adapter set per decode: the sets take turns (engine.backends.llamalora).
+            group = step_group([st.lora for _, st in states], self._lora.turn)
+            self._lora.turn += 1
+            states = [(seq, st) for seq, st in states if st.lora == group]
+            self._lora.apply(group)
         while True:
             plan = self._fill(states)
             if not plan:
@@ -876,6 +910,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         if self._emb is not None:
             self._emb.free()
             self._emb = None
+        self._lora.free()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)

@@ -22,12 +22,15 @@ __all__ = [
 
 
 class Slot:
-    __slots__ = ("busy", "history", "index")
+    __slots__ = ("busy", "history", "index", "lora")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.busy = False
         self.history: list[int] = []  # tokens whose KV this slot holds, positions 0..n-1
+        # The LoRA adapters (files and scales) ``history`` was computed under: its
+        # cache serves only sequences with the same (engine.backends.llamalora).
+        self.lora: tuple[tuple[str, float], ...] = ()
 
 
 # A free slot whose cached prefix saves at least this many prompt tokens is worth

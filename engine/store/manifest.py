@@ -57,10 +57,17 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_
     parent: str | None = None  # the model this one was created FROM
     source: str | None = None  # where its bytes were pulled or imported from
     created_at: float = 0.0
+    # LoRA adapters (GGUF) applied over the model's weights, in order (Modelfile ADAPTER).
+    adapters: list[Layer] = msgspec.field(default_factory=list)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """Every blob the model needs: its files, then its adapters."""
+        return [*self.files, *self.adapters]
 
     @property
     def size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(f.size for f in self.layers)
 
 
 _encoder = msgspec.json.Encoder(order="sorted")
@@ -78,7 +85,7 @@ def decode_manifest(data: bytes) -> Manifest:
         raise msgspec.ValidationError(f"unsupported manifest schema {m.schema_version}")
     if not m.files:
         raise msgspec.ValidationError("a manifest lists no files")
-    for f in m.files:
+    for f in m.layers:
         algo, _, hexdigest = f.digest.partition(":")
         if algo != "sha256" or len(hexdigest) != 64 or f.size < 0:
             raise msgspec.ValidationError(f"bad layer {f.digest!r}")

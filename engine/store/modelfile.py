@@ -19,7 +19,7 @@ part of the argument)::
     SYSTEM <text>                            at most once
     MESSAGE <system|user|assistant> <text>   repeatable, kept in order
     LICENSE <text>                           repeatable
-    ADAPTER <path>                           at most once (parsed; not supported yet)
+    ADAPTER <path, URL or sha256:digest>     at most once: a GGUF LoRA (engine.store.adapters)
 
 An argument (a value, or a MESSAGE's content) is one of:
 
@@ -132,7 +132,7 @@ class Modelfile(msgspec.Struct, kw_only=True):
     system: str | None = None
     messages: list[Message] = msgspec.field(default_factory=list)
     license: list[str] = msgspec.field(default_factory=list)
-    adapter: str | None = None  # parsed, but the caller rejects it (not supported yet)
+    adapter: str | None = None  # a GGUF LoRA over FROM (engine.store.adapters)
 
 
 def _known_name(name: str) -> str:

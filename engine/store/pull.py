@@ -32,6 +32,7 @@ import httpx
 
 from engine.chat import check_template
 from engine.gguf_header import read_gguf_header
+from engine.store.adapters import BLOB_REF, MAX_ADAPTERS, check_adapter
 from engine.store.conversions import check_quant_type, converted, quantize_layers, stage_folder
 from engine.store.conversions import to_onnx as to_onnx_folder
 from engine.store.download import Downloader, Progress
@@ -476,8 +477,6 @@ class ModelManager:
         mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
         ref = parse_ref(name)
         emit = progress or (lambda _e: None)
-        if mf.adapter is not None:
-            raise StoreError("invalid", "ADAPTER is not supported yet")
         if quantize is not None:
             quantize = check_quant_type(quantize)  # before anything is fetched
         if mf.template is not None:
@@ -487,14 +486,22 @@ class ModelManager:
         base = mf.from_
         emit(PullEvent(f"reading model {base}"))
         staged: dict[str, Path] = {}
+        blob = BLOB_REF.fullmatch(base)
         try:
-            if parent is None and not is_source(base):
+            if blob is not None:
+                pass  # a blob of this store (uploaded): below
+            elif parent is None and not is_source(base):
                 parent = await self.find(base)
             elif parent is not None and parent_store is not None:
                 staged = await asyncio.to_thread(
-                    self.store.stage_links, parent_store, list(parent.manifest.files)
+                    self.store.stage_links, parent_store, parent.manifest.layers
                 )
-            if parent is None and not is_source(base) and self.catalog_entry(base) is not None:
+            if (
+                blob is None
+                and parent is None
+                and not is_source(base)
+                and self.catalog_entry(base) is not None
+            ):
                 parent = await self.pull(base, progress=progress)
             if parent is not None:
                 pm = parent.manifest
@@ -503,6 +510,11 @@ class ModelManager:
                 template, system = pm.template, pm.system
                 messages, licenses = list(pm.messages), list(pm.license)
                 parent_name = parent.ref.short
+                adapters = list(pm.adapters)
+            elif blob is not None:
+                files, fmt = [await asyncio.to_thread(self._blob_model, base)], "gguf"
+                params, template, system, messages, licenses = {}, None, None, [], []
+                source, parent_name, adapters = base, None, []
             else:
                 src = _parse_source(base, base=base_dir)
                 if src.kind == "file" and not Path(src.location).exists() and looks_like_ref(base):
@@ -515,11 +527,15 @@ class ModelManager:
                 emit(PullEvent(f"importing {src.shown}"))
                 staged, files, fmt = await self._fetch(src, emit, None)
                 params, template, system, messages, licenses = {}, None, None, [], []
-                source, parent_name = str(src), None
+                source, parent_name, adapters = str(src), None, []
             if quantize is not None:
                 files, staged, fmt = await quantize_layers(
                     self.store, list(files), fmt, staged, quantize, emit
                 )
+            if mf.adapter is not None:
+                if len(adapters) >= MAX_ADAPTERS:
+                    raise StoreError("invalid", f"a model stacks at most {MAX_ADAPTERS} adapters")
+                adapters.append(await self._adapter(mf.adapter, files, fmt, staged, base_dir, emit))
             params.update(mf.parameters)
             manifest = Manifest(
                 format=fmt,
@@ -532,6 +548,7 @@ class ModelManager:
                 parent=parent_name,
                 source=source,
                 created_at=time.time(),
+                adapters=adapters,
             )
             emit(PullEvent("writing manifest"))
             record = await asyncio.to_thread(self.store.commit, ref, manifest, staged)
@@ -542,6 +559,57 @@ class ModelManager:
             raise
         emit(PullEvent("success"))
         return record
+
+    def _blob_model(self, ref: str) -> Layer:
+        """FROM ``sha256:<hex>``: a GGUF model blob already in this store (uploaded)."""
+        blob = BLOB_REF.fullmatch(ref)
+        assert blob is not None
+        digest = f"sha256:{blob.group(1)}"
+        path = self.store.blob_path(digest)
+        if not self.store.has_blob(digest):
+            raise StoreError("not_found", f"FROM {ref}: no such blob in the store")
+        try:
+            header = read_gguf_header(str(path))
+        except FerrousError as exc:
+            raise StoreError("invalid", f"FROM {ref}: {exc.message}") from None
+        if header.metadata.get("general.type") == "adapter":
+            raise StoreError("invalid", f"FROM {ref}: a LoRA adapter, not a model (ADAPTER)")
+        return Layer(digest, path.stat().st_size, "model.gguf")
+
+    async def _adapter(
+        self,
+        text: str,
+        files: list[Layer],
+        fmt: Format,
+        staged: dict[str, Path],
+        base_dir: Path | None,
+        emit: PullListener,
+    ) -> Layer:
+        """The Modelfile's ADAPTER as a layer, its bytes staged in ``staged`` (see
+        :mod:`engine.store.adapters`), checked against the model's GGUF."""
+        layer = files[0] if fmt == "gguf" and len(files) == 1 else None
+        base = (
+            None
+            if layer is None
+            else staged.get(layer.digest) or self.store.blob_path(layer.digest)
+        )
+        blob = BLOB_REF.fullmatch(text)
+        if blob is not None:
+            digest = f"sha256:{blob.group(1)}"
+            path = self.store.blob_path(digest)
+            if not self.store.has_blob(digest):
+                raise StoreError("not_found", f"ADAPTER {text}: no such blob in the store")
+            await asyncio.to_thread(check_adapter, path, base, text)
+            return Layer(digest, path.stat().st_size, "adapter.gguf")
+        src = _parse_source(text, base=base_dir)
+        emit(PullEvent(f"importing adapter {src.shown}"))
+        more, layers, afmt = await self._fetch(src, emit, None)
+        staged.update(more)
+        if afmt != "gguf" or len(layers) != 1:
+            raise StoreError("invalid", f"ADAPTER {src.shown}: a LoRA adapter is one GGUF file")
+        path = more.get(layers[0].digest) or self.store.blob_path(layers[0].digest)
+        await asyncio.to_thread(check_adapter, path, base, src.shown)
+        return layers[0]
 
     async def copy(self, src: str, dst: str) -> ModelRecord:
         return await asyncio.to_thread(self.store.copy, src, dst)

@@ -261,7 +261,7 @@ class ModelStore:
         data = encode_manifest(manifest)
         target = self._manifest_path(ref)
         with self.locked():
-            for f in manifest.files:
+            for f in manifest.layers:
                 if not self.has_blob(f.digest, f.size):
                     raise StoreError("io", f"blob {f.digest} of {ref} is missing from the store")
             try:
@@ -290,7 +290,7 @@ class ModelStore:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.warning("ignoring the manifest of %s: %s", ref, exc)
             return None
-        for f in manifest.files:
+        for f in manifest.layers:
             if not self.has_blob(f.digest, f.size):
                 log.warning("ignoring %s: its blob %s is missing or damaged", ref, f.digest)
                 return None
@@ -389,7 +389,7 @@ class ModelStore:
                     manifest = decode_manifest(data)
                 except (OSError, msgspec.ValidationError, msgspec.DecodeError):
                     continue
-                keep.update(f.digest for f in manifest.files)
+                keep.update(f.digest for f in manifest.layers)
                 ids.add(manifest_digest(data))
             removed: list[str] = []
             for blob in self.blobs.iterdir():
@@ -422,6 +422,10 @@ class ModelStore:
                 _FACTS.pop(next(iter(_FACTS)))
         _FACTS[record.id] = found
         return found
+
+    def adapter_paths(self, record: ModelRecord) -> list[Path]:
+        """The blobs of ``record``'s LoRA adapters, in order."""
+        return [self.blob_path(a.digest) for a in record.manifest.adapters]
 
     def model_path(self, record: ModelRecord) -> Path:
         """The path to hand to a backend: the GGUF blob, or a folder for multi-file models."""

@@ -2,6 +2,7 @@
 // generated from protocol/schema.json.
 
 import type {
+  AdapterChoice,
   ChatMessage,
   Delta,
   Done,
@@ -15,6 +16,7 @@ import type {
 
 export type {
   Ack,
+  AdapterChoice,
   Cancel,
   Chat,
   ChatMessage,
@@ -130,6 +132,11 @@ interface RequestBase {
   tokenIds?: boolean;
   /** Scheduling class, -100..100 (default 0), capped by the credential's class. */
   priority?: number;
+  /**
+   * LoRA adapters for this generation instead of the model's own: models made with
+   * ADAPTER over the same base, by name (scale 1) or `{ name, scale }`; `[]`: none.
+   */
+  adapters?: (string | AdapterChoice)[] | null;
 }
 
 export interface ChatParams extends RequestBase {

@@ -9,6 +9,7 @@
 //
 // See README.md for the API, errors, flow control and reconnection.
 
+/** @typedef {import("./protocol.js").AdapterChoice} AdapterChoice */
 /** @typedef {import("./protocol.js").ChatMessage} ChatMessage */
 /** @typedef {import("./protocol.js").Delta} Delta */
 /** @typedef {import("./protocol.js").Done} Done */
@@ -390,6 +391,31 @@ function checkModel(id, model) {
     throw new BadRequestError("model must be a string of 1 to 256 characters", { id });
   }
   return model;
+}
+
+/**
+ * LoRA adapters for one generation: model names (scale 1) or `{ name, scale }`.
+ * @param {string} id @param {unknown} adapters @returns {AdapterChoice[]}
+ */
+function cleanAdapters(id, adapters) {
+  if (!Array.isArray(adapters) || adapters.length > 4) {
+    throw new BadRequestError("adapters must be a list of at most 4", { id });
+  }
+  return adapters.map((a, i) => {
+    const item = typeof a === "string" ? { name: a } : a;
+    if (!item || typeof item !== "object" || typeof item.name !== "string" || !item.name) {
+      throw new BadRequestError(`adapters[${i}] needs a model name`, { id });
+    }
+    /** @type {AdapterChoice} */
+    const out = { name: item.name };
+    if (item.scale !== undefined && item.scale !== 1) {
+      if (typeof item.scale !== "number" || !(item.scale >= -4 && item.scale <= 4)) {
+        throw new BadRequestError(`adapters[${i}].scale must be a number from -4 to 4`, { id });
+      }
+      out.scale = item.scale;
+    }
+    return out;
+  });
 }
 
 /** @param {string} id @param {unknown} priority */
@@ -1357,7 +1383,7 @@ export class FerrousClient extends EventTarget {
 
   /**
    * Continue (or start) a conversation the server keeps.
-   * @param {{ model: string, messages: string | ChatMessage[], conversation?: string | null, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean, priority?: number }} params
+   * @param {{ model: string, messages: string | ChatMessage[], conversation?: string | null, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean, priority?: number, adapters?: (string | AdapterChoice)[] | null }} params
    */
   chat(params) {
     const p = params ?? /** @type {any} */ ({});
@@ -1374,6 +1400,7 @@ export class FerrousClient extends EventTarget {
       if (options) msg.options = options;
       if (p.tokenIds) msg.token_ids = true;
       if (p.priority !== undefined && p.priority !== 0) msg.priority = checkPriority(id, p.priority);
+      if (p.adapters !== undefined && p.adapters !== null) msg.adapters = cleanAdapters(id, p.adapters);
       return msg;
     });
   }
@@ -1438,7 +1465,7 @@ export class FerrousClient extends EventTarget {
 
   /**
    * Complete a raw prompt (no chat template, nothing remembered).
-   * @param {{ model: string, prompt: string, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean, priority?: number }} params
+   * @param {{ model: string, prompt: string, options?: Options | null, signal?: AbortSignal, id?: string, tokenIds?: boolean, priority?: number, adapters?: (string | AdapterChoice)[] | null }} params
    */
   generate(params) {
     const p = params ?? /** @type {any} */ ({});
@@ -1450,6 +1477,7 @@ export class FerrousClient extends EventTarget {
       if (options) msg.options = options;
       if (p.tokenIds) msg.token_ids = true;
       if (p.priority !== undefined && p.priority !== 0) msg.priority = checkPriority(id, p.priority);
+      if (p.adapters !== undefined && p.adapters !== null) msg.adapters = cleanAdapters(id, p.adapters);
       return msg;
     });
   }

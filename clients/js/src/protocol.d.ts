@@ -18,6 +18,23 @@ export interface Ack {
 }
 
 /**
+ * A LoRA adapter for one generation: `name` is a model made with `ADAPTER` over
+ * the same base as the generation's model; `scale` weighs it (1: as trained, 0: off).
+ *
+ * Generations with different adapters (or none) on one model share its loaded
+ * weights. Given at all, the list replaces the model's own adapters.
+ */
+export interface AdapterChoice {
+  /** length 1..256 */
+  name: string;
+  /**
+   * -4 ≤ value ≤ 4
+   * @default 1
+   */
+  scale?: number;
+}
+
+/**
  * Samples for `listen` stream `id`; `end`: no more audio (speech in progress
  * is finished and transcribed, then the stream's `done`).
  */
@@ -78,6 +95,11 @@ export interface Chat {
   model: string;
   /** items 1..1024 */
   messages: ChatMessage[];
+  /**
+   * items 0..4
+   * @default null
+   */
+  adapters?: AdapterChoice[] | null;
   /**
    * length 1..128; pattern `^[A-Za-z0-9._:-]+(?!\n)$`
    * @default null
@@ -294,6 +316,11 @@ export interface Generate {
   model: string;
   /** length 0..4000000 */
   prompt: string;
+  /**
+   * items 0..4
+   * @default null
+   */
+  adapters?: AdapterChoice[] | null;
   /** @default null */
   format?: "json" | {
   } | null;

@@ -57,6 +57,7 @@ from ferrous_client.resume import ResumeState, may_resume
 from ferrous_client.voice import VoiceStream
 from ferrous_client.voice import route as route_voice
 from ferrous_client.wire import (
+    AdaptersLike,
     IdSource,
     MessagesLike,
     OptionsLike,
@@ -64,6 +65,7 @@ from ferrous_client.wire import (
     checked_frame,
     decode_server,
     error_from_message,
+    to_adapters,
     to_chat_messages,
     to_options,
     to_tools,
@@ -339,6 +341,7 @@ class FerrousClient:
         tool_choice: Literal["auto", "required", "none"] = "auto",
         tool_name: str | None = None,
         parallel_tool_calls: bool = True,
+        adapters: AdaptersLike = None,
     ) -> Generation:
         """Start a chat turn in ``conversation`` (a new one when None); iterate the result.
 
@@ -348,6 +351,9 @@ class FerrousClient:
         the calls it makes are in ``Generation.tool_calls`` when it is done, and
         its ``finish_reason`` is ``"tool_calls"``; answer each with a
         ``{"role": "tool", "tool_call_id": ..., "content": ...}`` turn.
+        ``adapters``: LoRA adapters for this turn instead of the model's own, each a
+        model made with ADAPTER over the same base (a name, ``(name, scale)``, or an
+        AdapterChoice); ``[]`` runs the base alone.
         """
         msg = m.Chat(
             id=id or self._ids.next(),
@@ -361,6 +367,7 @@ class FerrousClient:
             tool_choice=tool_choice,
             tool_name=tool_name,
             parallel_tool_calls=parallel_tool_calls,
+            adapters=to_adapters(adapters),
         )
         return self._start(msg, conversation)
 
@@ -373,8 +380,10 @@ class FerrousClient:
         id: str | None = None,
         token_ids: bool = False,
         priority: int = 0,
+        adapters: AdaptersLike = None,
     ) -> Generation:
-        """Complete a raw prompt (no chat template); iterate the result."""
+        """Complete a raw prompt (no chat template); iterate the result (``adapters``:
+        as for :meth:`chat`)."""
         msg = m.Generate(
             id=id or self._ids.next(),
             model=model,
@@ -382,6 +391,7 @@ class FerrousClient:
             options=to_options(options),
             token_ids=token_ids,
             priority=priority,
+            adapters=to_adapters(adapters),
         )
         return self._start(msg, None)
 

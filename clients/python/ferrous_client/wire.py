@@ -22,6 +22,7 @@ from ferrous_client.protocol.codec import Codec
 from ferrous_client.protocol.errors import FerrousError
 
 __all__ = [
+    "AdaptersLike",
     "IdSource",
     "MessagesLike",
     "OptionsLike",
@@ -29,6 +30,7 @@ __all__ = [
     "checked_frame",
     "decode_server",
     "error_from_message",
+    "to_adapters",
     "to_chat_messages",
     "to_options",
     "to_tools",
@@ -43,6 +45,27 @@ OptionsLike = m.Options | Mapping[str, Any] | None
 
 ToolsLike = Sequence[m.Tool | Mapping[str, Any]] | None
 """Functions the model may call: Tool, or ``{"name", "description", "parameters"}`` dicts."""
+
+
+AdaptersLike = Sequence[m.AdapterChoice | str | tuple[str, float]] | None
+"""LoRA adapters: AdapterChoice, a model name (scale 1), or ``(name, scale)``; None: the
+model's own."""
+
+
+def to_adapters(adapters: AdaptersLike) -> list[m.AdapterChoice] | None:
+    if adapters is None:
+        return None
+    out: list[m.AdapterChoice] = []
+    for i, a in enumerate(adapters):
+        if isinstance(a, m.AdapterChoice):
+            out.append(a)
+            continue
+        name, scale = (a, 1.0) if isinstance(a, str) else a
+        try:
+            out.append(msgspec.convert({"name": name, "scale": scale}, m.AdapterChoice))
+        except msgspec.ValidationError as exc:
+            raise BadRequest(f"adapters[{i}]: {exc}") from None
+    return out
 
 
 def to_chat_messages(messages: MessagesLike) -> list[m.ChatMessage]:
