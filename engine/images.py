@@ -38,6 +38,7 @@ __all__ = [
     "Preprocess",
     "decode_image",
     "embedding_input",
+    "for_vision_model",
     "graph_layout",
     "open_image",
     "prepare",
@@ -145,6 +146,23 @@ def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Any:
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadRequest(f"the image could not be decoded: {exc}") from None
+
+
+def for_vision_model(data: bytes, max_side: int = 1024) -> bytes:
+    """``data`` checked (:func:`open_image`) and re-encoded as PNG with its long side at
+    most ``max_side``: what a vision language model is sent. Its encoder resizes to a
+    few hundred pixels anyway; this bounds what crosses to the worker and what the
+    worker decodes, and a hostile file is refused here, not in native code."""
+    from PIL import Image
+
+    img = open_image(data)
+    scale = max_side / max(img.size)
+    if scale < 1:
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, resample=Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def decode_image(text: str) -> bytes:

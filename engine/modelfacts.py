@@ -111,6 +111,14 @@ def facts_of(path: str | os.PathLike[str]) -> ModelFacts:
             return _clip_facts(p, graphs)
         if (p / "diffusion.json").is_file():
             return _diffusion_facts(p)
+        from engine.backends.gguf_entry import vision_pair
+
+        pair = vision_pair(p)
+        if pair is not None:  # a GGUF model with its projector: it reads images too
+            facts = facts_of(pair[0])
+            return msgspec.structs.replace(
+                facts, capabilities=(*facts.capabilities, "vision"), format="gguf"
+            )
         if not (p / "model.onnx").is_file():
             return _safetensors_facts(p)
         return _onnx_facts(p)

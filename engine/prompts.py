@@ -21,7 +21,9 @@ from engine.tools import tool_grammar
 from engine.truncation import droppable, estimated_cut, settle_cut
 from protocol.errors import BadRequest, TooLarge
 
-__all__ = ["prompt_tokens", "with_tool_grammar"]
+__all__ = ["MAX_IMAGES", "prompt_tokens", "with_tool_grammar"]
+
+MAX_IMAGES = 8  # images one prompt shows a vision language model
 
 
 def with_tool_grammar(msg: ipc.Generate) -> ipc.Generate:
@@ -46,7 +48,9 @@ def prompt_tokens(backend: TextGenerator, msg: ipc.Generate) -> list[int]:
     Raises BadRequest or TooLarge for a prompt that cannot run.
     """
     deadline = time.perf_counter() + msg.prepare_timeout
-    if msg.messages is not None:
+    if msg.messages is not None and any(m.images for m in msg.messages):
+        tokens = _with_images(backend, msg, list(msg.messages))
+    elif msg.messages is not None:
         messages = list(msg.messages)
         if not messages:
             raise BadRequest("a chat needs at least one message")
@@ -66,6 +70,33 @@ def prompt_tokens(backend: TextGenerator, msg: ipc.Generate) -> list[int]:
             f"the prompt has {len(tokens)} tokens; the context window holds {backend.n_ctx}"
         )
     return tokens
+
+
+def _with_images(
+    backend: TextGenerator, msg: ipc.Generate, messages: list[ChatMessage]
+) -> list[int]:
+    """A chat showing images: each turn's images are marked where its text begins and
+    read by the model's own image encoder. Not cut to fit: which image a dropped turn
+    took away would change the question."""
+    images = [img for m in messages for img in m.images or ()]
+    if not backend.reads_images:
+        raise BadRequest(
+            "this model cannot read images: images in a chat need a vision language "
+            "model (a GGUF model with its projector); an image model classifies them "
+            "(/v1/classify) or embeds them (embeddings with images)"
+        )
+    if len(images) > MAX_IMAGES:
+        raise TooLarge(f"{len(images)} images; one prompt shows at most {MAX_IMAGES}")
+    marked = [
+        msgspec.structs.replace(
+            m, content=backend.image_marker * len(m.images) + "\n" + m.content, images=None
+        )
+        if m.images
+        else m
+        for m in messages
+    ]
+    text = backend.render_chat(marked, _tools(msg))
+    return backend.tokenize_with_images(text, images)
 
 
 def _truncated(

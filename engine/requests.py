@@ -158,6 +158,9 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
     content: str
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # Encoded images (PNG, JPEG, ...) the turn shows a vision language model; each is
+    # read where the turn's text begins (TextGenerator.tokenize_with_images).
+    images: list[bytes] | None = None
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -276,6 +276,10 @@ class ModelView:
             if not self.registry.config.allow_remote_pull:
                 raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
             mf = msgspec.structs.replace(mf, from_=self._source(mf.from_))
+        if mf.projector is not None and not is_blob_ref(mf.projector):
+            if not self.registry.config.allow_remote_pull:
+                raise Forbidden("pulling models is disabled on this server (allow_remote_pull)")
+            mf = msgspec.structs.replace(mf, projector=self._source(mf.projector))
         if mf.adapter is not None and not is_blob_ref(mf.adapter):
             # A path or URL, judged as FROM's are; a blob is the caller's own store's.
             if not self.registry.config.allow_remote_pull:

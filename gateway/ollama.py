@@ -10,9 +10,9 @@ What differs from Ollama, on purpose:
 
 * ``template`` per request is refused (400): templates are Jinja2 chat
   templates set at load time; create a model with a ``TEMPLATE`` line instead.
-* ``images`` on chat and generate are refused (400, saying where images do go)
-  rather than ignored: no backend here reads images inside a conversation
-  (vision language models); ``suffix`` is refused too.
+* ``images`` on chat and generate go to a vision language model (a GGUF model with
+  its projector); any other model refuses them (400, saying where images do go).
+  ``suffix`` is refused.
 * ``tools``: any model may call them (the generic format of :mod:`engine.tools`
   where its template has none), and a call's arguments always match the
   tool's schema; streamed calls arrive whole, one chunk per call.
@@ -29,6 +29,7 @@ usually send none.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -42,8 +43,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
-from engine.images import decode_image, embedding_input
+from engine.images import decode_image, embedding_input, for_vision_model
 from engine.modelfacts import ModelFacts
+from engine.prompts import MAX_IMAGES
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.names import looks_like_ref
 from engine.store.pull import PullEvent
@@ -77,7 +79,7 @@ from gateway.namespaces import ModelView
 from gateway.toolcalls import ReadCall, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
-from protocol.errors import BadRequest, FerrousError, ModelNotFound
+from protocol.errors import BadRequest, FerrousError, ModelNotFound, TooLarge
 
 if TYPE_CHECKING:
     from gateway.interface import Gateway
@@ -273,12 +275,21 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _no_vision(model: str) -> str:
-    return (
-        f"{model!r} cannot read images: images in chat and generate need a vision language "
-        "model, which this server does not run; an image model classifies them "
-        "(/v1/classify) or embeds them (/api/embed with images)"
-    )
+async def _images(images: list[str] | None) -> list[bytes] | None:
+    """Ollama's base64 images, checked and sized for a vision language model (in a
+    thread: decoding is work); None for none. The worker refuses them for a model
+    that reads no images."""
+    if not images:
+        return None
+    if len(images) > MAX_IMAGES:
+        raise TooLarge(f"{len(images)} images; one prompt shows at most {MAX_IMAGES}")
+    out = []
+    for i, text in enumerate(images):
+        try:
+            out.append(await asyncio.to_thread(for_vision_model, decode_image(text)))
+        except FerrousError as exc:
+            raise type(exc)(f"image {i}: {exc.message}") from None
+    return out
 
 
 def _keep_alive(value: KeepAlive) -> float | None:
@@ -510,8 +521,8 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             raise BadRequest(
                 "per-request templates are not supported: create a model with a TEMPLATE line"
             )
-        if body.images:
-            raise BadRequest(_no_vision(body.model))
+        if body.images and body.raw:
+            raise BadRequest("images need a prompt the model's template renders (raw: false)")
         if body.suffix:
             raise BadRequest("suffix (fill-in-the-middle) is not supported by this server")
         _refuse_unsupported(body.think)
@@ -534,7 +545,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             )
         else:
             turns = [ChatMessage("system", body.system)] if body.system else []
-            turns.append(ChatMessage("user", body.prompt))
+            turns.append(ChatMessage("user", body.prompt, images=await _images(body.images)))
             prepared = await prepare(
                 gateway,
                 request.state.principal,
@@ -550,8 +561,6 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
     async def chat(request: Request) -> Response:
         t0 = time.perf_counter()
         body = await read_body(gateway, request, ChatBody)
-        if any(t.images for t in body.messages):
-            raise BadRequest(_no_vision(body.model))
         _refuse_unsupported(body.think)
         keep_alive = _keep_alive(body.keep_alive)
         if not body.messages:
@@ -566,7 +575,12 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             gateway,
             request.state.principal,
             body.model,
-            messages=[t.engine_message(i) for i, t in enumerate(body.messages)],
+            messages=[
+                msgspec.structs.replace(t.engine_message(i), images=await _images(t.images))
+                if t.images
+                else t.engine_message(i)
+                for i, t in enumerate(body.messages)
+            ],
             options=options,
             extra=extra,
             keep_alive=keep_alive,
@@ -740,11 +754,16 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             raise BadRequest("invalid request: Object missing required field `model`")
         # Uploaded blobs (POST /api/blobs/...): one GGUF model in ``files`` and at most one
         # LoRA in ``adapters``, each as {"file name": "sha256:..."}.
-        base = body.from_
+        base, projector = body.from_, None
         if body.files:
-            if len(body.files) != 1 or base:
-                raise BadRequest("files takes one GGUF model (and no `from`)")
-            base = next(iter(body.files.values()))
+            if len(body.files) > 2 or base:
+                raise BadRequest(
+                    "files takes one GGUF model, or a model and its projector (and no `from`)"
+                )
+            # A vision model's projector is the file named for it (mmproj, projector).
+            names = sorted(body.files, key=lambda n: "proj" in n.lower())
+            base = body.files[names[0]]
+            projector = body.files[names[1]] if len(names) == 2 else None
         adapter = None
         if body.adapters:
             if len(body.adapters) != 1:
@@ -759,6 +778,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             text = render_modelfile(
                 Modelfile(
                     from_=base,
+                    projector=projector,
                     adapter=adapter,
                     parameters={k: v for k, v in (body.parameters or {}).items() if v is not None},
                     template=body.template,

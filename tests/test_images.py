@@ -404,12 +404,17 @@ async def test_tiny_clip_embeds_texts_and_images_into_one_space(
             ("/api/embed", {"model": "clip", "images": [_b64(b"not an image")]}, "image 0"),
             ("/v1/embeddings", {"model": "clip", "input": ["data:image/png;base64,@@"]}, "base64"),
             ("/v1/classify", {"model": "clip", "images": [urls[0]]}, "does not classify"),
-            ("/api/generate", {"model": "script", "prompt": "?", "images": [_b64(b"x")]}, "vision"),
+            ("/api/generate", {"model": "script", "prompt": "?", "images": [urls[0]]}, "vision"),
+            (
+                "/api/generate",
+                {"model": "script", "prompt": "?", "images": [_b64(b"x")]},
+                "image 0",
+            ),
             (
                 "/api/chat",
                 {
                     "model": "script",
-                    "messages": [{"role": "user", "content": "?", "images": ["eA=="]}],
+                    "messages": [{"role": "user", "content": "?", "images": [urls[0]]}],
                 },
                 "/v1/classify",
             ),

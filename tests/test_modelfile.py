@@ -322,10 +322,13 @@ def test_missing_from() -> None:
     assert parse_error("").line == 0
 
 
-def test_duplicate_from() -> None:
-    err = parse_error("FROM a\n\nFROM b\n")
+def test_a_second_from_is_the_projector_and_a_third_is_refused() -> None:
+    mf = parse_modelfile("FROM a\n\nFROM ./mmproj.gguf\n")
+    assert (mf.from_, mf.projector) == ("a", "./mmproj.gguf")
+    assert parse_modelfile(render_modelfile(mf)) == mf
+    err = parse_error("FROM a\nFROM b\nFROM c\n")
     assert (err.line, err.directive) == (3, "FROM")
-    assert "only one FROM" in err.detail and "line 1" in err.detail
+    assert "at most two FROM" in err.detail
 
 
 def test_unknown_directive() -> None:

@@ -148,6 +148,16 @@ class TextGenerator(Backend):
     max_sequences: int = 1
     # Whether :meth:`start` takes ``adapters`` (LoRA files over the loaded model).
     supports_adapters: bool = False
+    # Whether the model reads images (a vision language model): then ``image_marker``
+    # in a prompt is where an image goes (tokenize_with_images).
+    reads_images: bool = False
+    image_marker: str = ""
+
+    def tokenize_with_images(self, text: str, images: list[bytes]) -> list[int]:
+        """``text`` as tokens, each ``image_marker`` replaced by the positions of the next
+        image of ``images`` (as ids the backend decodes as that image). BadRequest for
+        an image it cannot read; a model that reads no images refuses them."""
+        raise BadRequest(f"{self.name} models do not read images")
 
     chat_template: str | None
     bos_text: str

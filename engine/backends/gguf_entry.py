@@ -5,6 +5,11 @@ the architecture must be one the backend runs, before native code sees it.
 llama.cpp runs as many sequences per worker as half of the memory budget
 holds in context windows (:func:`engine.memory.sequences_for`), up to
 ``SEQS_PER_THREAD`` per thread; ctransformers decodes one at a time.
+
+A vision language model is a folder of two GGUF files: the text model and its
+projector (``general.architecture`` ``clip``: the image encoder and the
+projection into the text model's embeddings), as llama.cpp's converters write
+them and as the store lays out a model created FROM both (:func:`vision_pair`).
 """
 
 from __future__ import annotations
@@ -17,13 +22,40 @@ from engine.memory import estimate_model_bytes, sequences_for
 from engine.settings import SEQS_PER_THREAD
 from protocol.errors import ModelLoadError
 
-__all__ = ["CTransformersEntry", "LlamaCppEntry", "check_model_file"]
+__all__ = [
+    "PROJECTOR_ARCHITECTURE",
+    "CTransformersEntry",
+    "LlamaCppEntry",
+    "check_model_file",
+    "vision_pair",
+]
+
+PROJECTOR_ARCHITECTURE = "clip"  # what llama.cpp's multimodal projectors call themselves
 
 # What each backend can run, checked before any native code sees the file.
 ARCHITECTURES: dict[str, frozenset[str]] = {
     "llama_cpp": KNOWN_ARCHITECTURES,
     "ctransformers": frozenset({"llama"}),
 }
+
+
+def vision_pair(folder: str | Path) -> tuple[Path, Path] | None:
+    """(model, projector) of a vision language model's folder, else None: exactly two
+    ``.gguf`` files, one a projector. Headers only; unreadable files are not a pair."""
+    root = Path(folder)
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(files) != 2:
+        return None
+    try:
+        archs = [read_gguf_header(str(p)).architecture for p in files]
+    except (ModelLoadError, OSError):
+        return None
+    if archs.count(PROJECTOR_ARCHITECTURE) != 1:
+        return None
+    model, projector = files if archs[1] == PROJECTOR_ARCHITECTURE else files[::-1]
+    return model, projector
 
 
 def check_model_file(path: str, backend: str) -> GGUFHeader:
@@ -61,10 +93,20 @@ class _GgufEntry(BackendEntry):
 class LlamaCppEntry(_GgufEntry):
     name = "llama_cpp"
     kinds = frozenset({Kind.TEXT, Kind.EMBED})
-    layout = "a GGUF file"
+    layout = "a GGUF file, or a folder of a GGUF model and its projector (vision)"
     package = "llama_cpp"
     module = "engine.backends.llamacpp"
     cls = "LlamaCppBackend"
+
+    def claims(self, path: str) -> bool:
+        return super().claims(path) or vision_pair(path) is not None
+
+    def inspect(self, path: str) -> Found:
+        pair = vision_pair(path)
+        if pair is None:
+            return super().inspect(path)
+        header = check_model_file(str(pair[0]), self.name)
+        return Found(path, self.name, frozenset({Kind.TEXT}), header)
 
     def size(self, found: Found, inputs: SizingInputs) -> Sizing:
         assert found.header is not None
@@ -80,7 +122,9 @@ class LlamaCppEntry(_GgufEntry):
                 budget=inputs.memory_budget,
                 cap=SEQS_PER_THREAD * inputs.threads,
             )
-        return Sizing(n_seq, _bytes(found.header, inputs, n_seq))
+        pair = vision_pair(found.path)
+        projector = 0 if pair is None else pair[1].stat().st_size * inputs.workers
+        return Sizing(n_seq, _bytes(found.header, inputs, n_seq) + projector)
 
 
 class CTransformersEntry(_GgufEntry):

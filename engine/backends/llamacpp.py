@@ -50,7 +50,7 @@ import llama_cpp.llama_grammar
 import numpy as np
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
-from engine.backends.gguf_entry import check_model_file
+from engine.backends.gguf_entry import check_model_file, vision_pair
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
 from engine.backends.llamalora import LoraKey, LoraSets, lora_key, step_group
 from engine.backends.llamaslots import (
@@ -61,6 +61,7 @@ from engine.backends.llamaslots import (
     pick_slot,
     spliced,
 )
+from engine.backends.llamavision import VisionInput
 from engine.guidance import Guide, GuideFactory
 from engine.interrupt import strlen_callback_address
 from engine.logprobs import token_logprobs
@@ -159,6 +160,7 @@ def _capturing_errors(
 
 class _SeqState:
     __slots__ = (
+        "cache_key",
         "constrained",
         "decoding",
         "greedy_grammar",
@@ -192,6 +194,9 @@ class _SeqState:
     ) -> None:
         self.priority = priority
         self.lora: LoraKey = ()  # the adapters it runs under (engine.backends.llamalora)
+        # What its slot's cache is computed under (Slot.lora): its adapters, and for a
+        # prompt with images a key of its own (images are not matched token by token).
+        self.cache_key: LoraKey = ()
         # A grammar run by llguidance (tool calls): masks the logits before sampling.
         self.guide = guide
         self.logprobs: int | None = None  # alternatives wanted with each token's logprob
@@ -262,9 +267,14 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self._guides: GuideFactory | None = None  # made on the first tool call
         self._lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         self._lora = LoraSets(model, ctx, _capturing_errors)
+        self._vision: VisionInput | None = None  # a vision language model's projector
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> LlamaCppBackend:
+        projector = None
+        pair = vision_pair(path)
+        if pair is not None:  # a vision language model: the text model and its projector
+            path, projector = str(pair[0]), pair[1]
         header = check_model_file(path, cls.name)
         init_llama_cpp()
         n_ctx = params.n_ctx or min(header.context_length or 2048, MAX_DEFAULT_CTX)
@@ -296,7 +306,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         if not params.kv_unified:
             n_ctx = min(n_ctx, int(llama_cpp.llama_n_ctx(ctx)) // n_seq)
         template = params.chat_template or header.chat_template
-        return cls(
+        backend = cls(
             model,
             ctx,
             template,
@@ -307,6 +317,17 @@ class LlamaCppBackend(TextGenerator, Embedder):
             params.prefill_chunk,
             params.kv_unified,
         )
+        if projector is not None:
+            try:
+                backend._vision = VisionInput(
+                    model, str(projector), params.n_threads, backend._n_vocab, _log_callback
+                )
+            except BaseException:
+                backend.free()
+                raise
+            backend.reads_images = True
+            backend.image_marker = backend._vision.marker
+        return backend
 
     # -- vocabulary -----------------------------------------------------------------
 
@@ -324,6 +345,12 @@ class LlamaCppBackend(TextGenerator, Embedder):
         if n < 0:  # pragma: no cover - more tokens than bytes + 8 cannot happen
             raise RuntimeError(f"tokenizer needs {-n} slots")
         return list(out[:n])
+
+    def tokenize_with_images(self, text: str, images: list[bytes]) -> list[int]:
+        if self._vision is None:
+            return super().tokenize_with_images(text, images)
+        add_bos = not (self.bos_text and text.startswith(self.bos_text))
+        return self._vision.tokenize(text, images, add_bos)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self.token_bytes(t) for t in tokens)
@@ -438,7 +465,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
             add(chain, penalties)
             # The prompt counts for the penalty, but must not reach the grammar
             # (it would reject the prompt's tokens), so only this sampler sees it.
-            for tok in prompt[-PENALTY_LAST_N:]:
+            for tok in [t for t in prompt[-PENALTY_LAST_N:] if t < self._n_vocab]:
                 llama_cpp.llama_sampler_accept(penalties, tok)
         if s.temperature == 0.0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
@@ -469,6 +496,9 @@ class LlamaCppBackend(TextGenerator, Embedder):
         lora = lora_key(adapters)
         if lora:  # first: a file llama.cpp refuses leaves no state behind
             self._lora.load(lora, (st.lora for st in self._seqs.values()))
+        cache = lora
+        if self._vision is not None and any(t >= self._n_vocab for t in prompt):
+            cache = (*lora, (f"images of {seq}", 0.0))
         # Leave suspended sequences' slots alone while others are free: their
         # caches let them resume without reading anything again.
         held = {id(st.slot) for st in self._seqs.values() if st.suspended}
@@ -485,14 +515,14 @@ class LlamaCppBackend(TextGenerator, Embedder):
         # spells the same text (engine.backends.llamaslots.spliced).
         # A cache computed under other adapters is of no use to this prompt.
         fits = [
-            spliced(x.history if x.lora == lora else [], prompt, self.token_bytes, self.n_ctx)
+            spliced(x.history if x.lora == cache else [], prompt, self.token_bytes, self.n_ctx)
             for x in free
         ]
         slot = pick_slot(free, [n for _, n in fits], self._unified)
         joined, same = fits[free.index(slot)]
         if same:
             prompt = joined
-        self._retag(slot, lora)
+        self._retag(slot, cache)
         same = self._borrow(slot, prompt, same)
         keep = min(same, len(prompt) - 1)  # read at least one token to get logits
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
@@ -516,12 +546,14 @@ class LlamaCppBackend(TextGenerator, Embedder):
         )
         self._seqs[seq].reused = keep
         self._seqs[seq].lora = lora
+        self._seqs[seq].cache_key = cache
         self._seqs[seq].urgent = urgent
         self._seqs[seq].logprobs = sampling.logprobs
         if sampler is None and sampling.repeat_penalty != 1.0:
             state = self._seqs[seq]
             state.penalty = sampling.repeat_penalty
-            state.recent.extend(prompt[-PENALTY_LAST_N:])
+            # Image positions (ids past the vocabulary) are no tokens to penalise.
+            state.recent.extend(t for t in prompt[-PENALTY_LAST_N:] if t < self._n_vocab)
 
     def _borrow(self, slot: Slot, prompt: list[int], same: int) -> int:
         """Give ``slot`` the longest prefix of ``prompt`` any other slot holds; the tokens it now has.
@@ -598,10 +630,10 @@ class LlamaCppBackend(TextGenerator, Embedder):
             raise RuntimeError("no free sequence slot to resume in")
         tokens = st.tokens
         # Its old slot, when no one took it, still holds its whole cache.
-        counts = [common_prefix(x.history if x.lora == st.lora else [], tokens) for x in free]
+        counts = [common_prefix(x.history if x.lora == st.cache_key else [], tokens) for x in free]
         best = max(range(len(free)), key=lambda i: (counts[i], free[i] is st.slot))
         slot = free[best]
-        self._retag(slot, st.lora)
+        self._retag(slot, st.cache_key)
         keep = min(self._borrow(slot, tokens, counts[best]), len(tokens) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
@@ -634,6 +666,8 @@ class LlamaCppBackend(TextGenerator, Embedder):
             self._lora.turn += 1
             states = [(seq, st) for seq, st in states if st.lora == group]
             self._lora.apply(group)
+        if self._vision is not None:
+            self._read_images(states)
         while True:
             plan = self._fill(states)
             if not plan:
@@ -733,13 +767,44 @@ class LlamaCppBackend(TextGenerator, Embedder):
             out[seq] = token
         return out
 
+    def _read_images(self, states: list[tuple[int, _SeqState]]) -> None:
+        """Decode the image each sequence has reached (its next pending positions), before
+        the step's tokens: an image goes into the context as embeddings, by itself."""
+        assert self._vision is not None
+        for seq, st in states:
+            pending = st.pending
+            if not pending or not self._vision.is_image(pending[0]):
+                continue
+            n = 1
+            while n < len(pending) and pending[n] == pending[0]:
+                n += 1
+            try:
+                st.n_past = self._vision.decode(
+                    self._ctx, pending[0], st.n_past, st.slot.index, self._n_batch
+                )
+            except Overloaded as exc:
+                self._failed[seq] = exc
+                st.pending = []
+                continue
+            st.slot.history.extend(pending[:n])
+            del pending[:n]
+
+    def _text_run(self, pending: list[int]) -> int:
+        """How many of ``pending`` are tokens before the next image (all, without one)."""
+        if self._vision is None:
+            return len(pending)
+        for i, token in enumerate(pending):
+            if token >= self._n_vocab:
+                return i
+        return len(pending)
+
     def _fill(self, states: list[tuple[int, _SeqState]]) -> list[tuple[int, _SeqState, int, int]]:
         """Put the step's tokens in the batch: (seq, state, tokens fed, logits index) each."""
         batch = self._batch
         n = 0
         by_seq = dict(states)
         wants = [
-            Want(seq, len(st.pending), st.decoding, st.priority, st.passed, st.urgent)
+            Want(seq, self._text_run(st.pending), st.decoding, st.priority, st.passed, st.urgent)
             for seq, st in states
         ]
         plan: list[tuple[int, _SeqState, int, int]] = []
@@ -850,6 +915,8 @@ class LlamaCppBackend(TextGenerator, Embedder):
         st = self._seqs.pop(seq, None)
         if st is None:
             return
+        if self._vision is not None and st.cache_key != st.lora:
+            self._vision.release(st.slot.history + st.pending + st.tokens)
         if not st.suspended:
             st.slot.busy = False
         if st.sampler is not None:
@@ -911,6 +978,9 @@ class LlamaCppBackend(TextGenerator, Embedder):
             self._emb.free()
             self._emb = None
         self._lora.free()
+        if self._vision is not None:
+            self._vision.free()
+            self._vision = None
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)

@@ -13,7 +13,8 @@ case-insensitive. Blank lines and lines whose first non-blank character is
 ``#`` are ignored (there are no trailing comments: ``#`` later on a line is
 part of the argument)::
 
-    FROM <model reference, path or URL>      required, exactly once
+    FROM <model reference, path or URL>      required; a second FROM adds a vision
+                                             model's projector (GGUF, clip)
     PARAMETER <name> <value>                 name case-insensitive, see PARAMETERS
     TEMPLATE <text>                          at most once
     SYSTEM <text>                            at most once
@@ -90,7 +91,7 @@ LIST_PARAMETERS = frozenset({"stop"})
 ROLES = ("system", "user", "assistant")
 
 _DIRECTIVES = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE", "ADAPTER")
-_ONCE = frozenset({"FROM", "TEMPLATE", "SYSTEM", "ADAPTER"})
+_ONCE = frozenset({"TEMPLATE", "SYSTEM", "ADAPTER"})
 _NEEDS = {
     "FROM": "a model name, path or URL",
     "PARAMETER": "a name and a value",
@@ -133,6 +134,7 @@ class Modelfile(msgspec.Struct, kw_only=True):
     messages: list[Message] = msgspec.field(default_factory=list)
     license: list[str] = msgspec.field(default_factory=list)
     adapter: str | None = None  # a GGUF LoRA over FROM (engine.store.adapters)
+    projector: str | None = None  # a second FROM: a vision model's projector (GGUF, clip)
 
 
 def _known_name(name: str) -> str:
@@ -200,6 +202,7 @@ class _Parser:
         template: str | None = None
         system: str | None = None
         adapter: str | None = None
+        projector: str | None = None
         messages: list[Message] = []
         licenses: list[str] = []
 
@@ -212,6 +215,10 @@ class _Parser:
             word = line.split(maxsplit=1)[0]
             rest = line[len(word) :].lstrip()
             directive = self._directive(word, line_no)
+            if directive == "FROM" and projector is not None:
+                raise self.error(
+                    line_no, directive, "at most two FROM lines (a model and its projector)"
+                )
             if directive in _ONCE:
                 if directive in first:
                     raise self.error(
@@ -265,8 +272,10 @@ class _Parser:
                 arg = self._argument(rest, directive)
                 if directive in ("FROM", "ADAPTER") and not arg:
                     raise self.error(line_no, directive, f"{directive} needs {_NEEDS[directive]}")
-                if directive == "FROM":
+                if directive == "FROM" and from_ is None:
                     from_ = arg
+                elif directive == "FROM":
+                    projector = arg
                 elif directive == "ADAPTER":
                     adapter = arg
                 elif directive == "TEMPLATE":
@@ -287,6 +296,7 @@ class _Parser:
             messages=messages,
             license=licenses,
             adapter=adapter,
+            projector=projector,
         )
 
     def _directive(self, word: str, line_no: int) -> str:
@@ -413,6 +423,8 @@ def _param(value: ParamValue) -> str:
 def render_modelfile(mf: Modelfile) -> str:
     """The canonical text of ``mf``: ``parse_modelfile(render_modelfile(mf)) == mf``."""
     lines = [f"FROM {_value(mf.from_)}"]
+    if mf.projector is not None:
+        lines.append(f"FROM {_value(mf.projector)}")
     if mf.adapter is not None:
         lines.append(f"ADAPTER {_value(mf.adapter)}")
     for name, value in mf.parameters.items():

@@ -37,6 +37,7 @@ from engine.store.conversions import check_quant_type, converted, quantize_layer
 from engine.store.conversions import to_onnx as to_onnx_folder
 from engine.store.download import Downloader, Progress
 from engine.store.errors import StoreError, os_error
+from engine.store.layers import Extras, blob_model, gguf_layer, text_model_of, with_projector
 from engine.store.manifest import Format, Layer, Manifest, ManifestMessage, ParamValue
 from engine.store.modelfile import Modelfile, parse_modelfile
 from engine.store.names import ModelRef, did_you_mean, looks_like_ref, parse_ref
@@ -512,7 +513,7 @@ class ModelManager:
                 parent_name = parent.ref.short
                 adapters = list(pm.adapters)
             elif blob is not None:
-                files, fmt = [await asyncio.to_thread(self._blob_model, base)], "gguf"
+                files, fmt = [await asyncio.to_thread(blob_model, self.store, base)], "gguf"
                 params, template, system, messages, licenses = {}, None, None, [], []
                 source, parent_name, adapters = base, None, []
             else:
@@ -532,10 +533,28 @@ class ModelManager:
                 files, staged, fmt = await quantize_layers(
                     self.store, list(files), fmt, staged, quantize, emit
                 )
+            if mf.projector is not None:
+                if quantize is not None:
+                    raise StoreError("invalid", "quantize the text model before adding a projector")
+                files = await with_projector(
+                    self._extras, mf.projector, files, fmt, staged, base_dir, emit
+                )
             if mf.adapter is not None:
                 if len(adapters) >= MAX_ADAPTERS:
                     raise StoreError("invalid", f"a model stacks at most {MAX_ADAPTERS} adapters")
-                adapters.append(await self._adapter(mf.adapter, files, fmt, staged, base_dir, emit))
+                text_model = text_model_of(self.store, list(files), fmt, staged)
+                adapters.append(
+                    await gguf_layer(
+                        self._extras,
+                        "ADAPTER",
+                        mf.adapter,
+                        check_adapter,
+                        text_model,
+                        staged,
+                        base_dir,
+                        emit,
+                    )
+                )
             params.update(mf.parameters)
             manifest = Manifest(
                 format=fmt,
@@ -560,56 +579,9 @@ class ModelManager:
         emit(PullEvent("success"))
         return record
 
-    def _blob_model(self, ref: str) -> Layer:
-        """FROM ``sha256:<hex>``: a GGUF model blob already in this store (uploaded)."""
-        blob = BLOB_REF.fullmatch(ref)
-        assert blob is not None
-        digest = f"sha256:{blob.group(1)}"
-        path = self.store.blob_path(digest)
-        if not self.store.has_blob(digest):
-            raise StoreError("not_found", f"FROM {ref}: no such blob in the store")
-        try:
-            header = read_gguf_header(str(path))
-        except FerrousError as exc:
-            raise StoreError("invalid", f"FROM {ref}: {exc.message}") from None
-        if header.metadata.get("general.type") == "adapter":
-            raise StoreError("invalid", f"FROM {ref}: a LoRA adapter, not a model (ADAPTER)")
-        return Layer(digest, path.stat().st_size, "model.gguf")
-
-    async def _adapter(
-        self,
-        text: str,
-        files: list[Layer],
-        fmt: Format,
-        staged: dict[str, Path],
-        base_dir: Path | None,
-        emit: PullListener,
-    ) -> Layer:
-        """The Modelfile's ADAPTER as a layer, its bytes staged in ``staged`` (see
-        :mod:`engine.store.adapters`), checked against the model's GGUF."""
-        layer = files[0] if fmt == "gguf" and len(files) == 1 else None
-        base = (
-            None
-            if layer is None
-            else staged.get(layer.digest) or self.store.blob_path(layer.digest)
-        )
-        blob = BLOB_REF.fullmatch(text)
-        if blob is not None:
-            digest = f"sha256:{blob.group(1)}"
-            path = self.store.blob_path(digest)
-            if not self.store.has_blob(digest):
-                raise StoreError("not_found", f"ADAPTER {text}: no such blob in the store")
-            await asyncio.to_thread(check_adapter, path, base, text)
-            return Layer(digest, path.stat().st_size, "adapter.gguf")
-        src = _parse_source(text, base=base_dir)
-        emit(PullEvent(f"importing adapter {src.shown}"))
-        more, layers, afmt = await self._fetch(src, emit, None)
-        staged.update(more)
-        if afmt != "gguf" or len(layers) != 1:
-            raise StoreError("invalid", f"ADAPTER {src.shown}: a LoRA adapter is one GGUF file")
-        path = more.get(layers[0].digest) or self.store.blob_path(layers[0].digest)
-        await asyncio.to_thread(check_adapter, path, base, src.shown)
-        return layers[0]
+    @property
+    def _extras(self) -> Extras:
+        return Extras(self.store, self._fetch)
 
     async def copy(self, src: str, dst: str) -> ModelRecord:
         return await asyncio.to_thread(self.store.copy, src, dst)
