@@ -209,6 +209,17 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tensorrt_cache: str = ""  # a directory for TensorRT's built engines ("" = none)
 
 
+class GrpcConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The gRPC API (gateway.grpcapi): off unless enabled, on the server's host.
+
+    Plain HTTP/2 on its own port (gRPC does not share the HTTP/1.1 port): put TLS
+    in front of it as for the main port when it leaves the machine.
+    """
+
+    enabled: bool = False
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 50051  # 0: any free port
+
+
 class VoiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """WebSocket voice: the voice-activity model ``listen`` streams use.
 
@@ -265,6 +276,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     onnx: OnnxConfig = msgspec.field(default_factory=OnnxConfig)
     voice: VoiceConfig = msgspec.field(default_factory=VoiceConfig)
+    grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
 
 
 class ConfigError(FerrousError):

@@ -22,7 +22,9 @@ import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
 from engine.client import StartCallback, WaitCallback
+from engine.images import for_vision_model
 from engine.logprobs import TokenLogprob
+from engine.prompts import MAX_IMAGES
 from engine.requests import Embeddings, FinishReason, ToolFunction, new_request_id
 from gateway.auth import Principal
 from gateway.models import ResolvedModel, seed_messages
@@ -36,6 +38,7 @@ from protocol.errors import (
     FerrousError,
     Overloaded,
     Stalled,
+    TooLarge,
     error_from_code,
 )
 from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
@@ -130,6 +133,32 @@ def format_options(fmt: object) -> dict[str, object]:
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"format: the JSON schema cannot be encoded: {exc}") from None
     raise BadRequest('format must be "json" or a JSON schema object')
+
+
+async def for_vision(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """``messages`` with their images checked and sized for a vision language model (in
+    a thread: decoding is work); TooLarge past the images one prompt shows. The worker
+    refuses images for a model that reads none."""
+    if not any(x.images for x in messages):
+        return messages
+    total = sum(len(x.images or ()) for x in messages)
+    if total > MAX_IMAGES:
+        raise TooLarge(f"{total} images; one prompt shows at most {MAX_IMAGES}")
+    out: list[ChatMessage] = []
+    n = 0
+    for x in messages:
+        if not x.images:
+            out.append(x)
+            continue
+        sized = []
+        for data in x.images:
+            try:
+                sized.append(await asyncio.to_thread(for_vision_model, data))
+            except FerrousError as exc:
+                raise type(exc)(f"image {n}: {exc.message}") from None
+            n += 1
+        out.append(msgspec.structs.replace(x, images=sized))
+    return out
 
 
 def with_seeds(resolved: ResolvedModel, messages: Sequence[ChatMessage]) -> list[ChatMessage]:

@@ -29,7 +29,6 @@ usually send none.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
@@ -43,9 +42,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
-from engine.images import decode_image, embedding_input, for_vision_model
+from engine.images import decode_image, embedding_input
 from engine.modelfacts import ModelFacts
-from engine.prompts import MAX_IMAGES
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.names import looks_like_ref
 from engine.store.pull import PullEvent
@@ -56,6 +54,7 @@ from gateway.generation import (
     Prepared,
     ToolUse,
     collect,
+    for_vision,
     format_options,
     logprob_json,
     prepare,
@@ -79,7 +78,7 @@ from gateway.namespaces import ModelView
 from gateway.toolcalls import ReadCall, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
-from protocol.errors import BadRequest, FerrousError, ModelNotFound, TooLarge
+from protocol.errors import BadRequest, FerrousError, ModelNotFound
 
 if TYPE_CHECKING:
     from gateway.interface import Gateway
@@ -275,21 +274,15 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-async def _images(images: list[str] | None) -> list[bytes] | None:
-    """Ollama's base64 images, checked and sized for a vision language model (in a
-    thread: decoding is work); None for none. The worker refuses them for a model
-    that reads no images."""
-    if not images:
-        return None
-    if len(images) > MAX_IMAGES:
-        raise TooLarge(f"{len(images)} images; one prompt shows at most {MAX_IMAGES}")
+def _images(images: list[str] | None) -> list[bytes] | None:
+    """Ollama's base64 images, decoded (checked and sized by ``for_vision``)."""
     out = []
-    for i, text in enumerate(images):
+    for i, text in enumerate(images or ()):
         try:
-            out.append(await asyncio.to_thread(for_vision_model, decode_image(text)))
+            out.append(decode_image(text))
         except FerrousError as exc:
             raise type(exc)(f"image {i}: {exc.message}") from None
-    return out
+    return out or None
 
 
 def _keep_alive(value: KeepAlive) -> float | None:
@@ -545,7 +538,8 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             )
         else:
             turns = [ChatMessage("system", body.system)] if body.system else []
-            turns.append(ChatMessage("user", body.prompt, images=await _images(body.images)))
+            turns.append(ChatMessage("user", body.prompt, images=_images(body.images)))
+            turns = await for_vision(turns)
             prepared = await prepare(
                 gateway,
                 request.state.principal,
@@ -575,12 +569,14 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             gateway,
             request.state.principal,
             body.model,
-            messages=[
-                msgspec.structs.replace(t.engine_message(i), images=await _images(t.images))
-                if t.images
-                else t.engine_message(i)
-                for i, t in enumerate(body.messages)
-            ],
+            messages=await for_vision(
+                [
+                    msgspec.structs.replace(t.engine_message(i), images=_images(t.images))
+                    if t.images
+                    else t.engine_message(i)
+                    for i, t in enumerate(body.messages)
+                ]
+            ),
             options=options,
             extra=extra,
             keep_alive=keep_alive,

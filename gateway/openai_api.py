@@ -5,8 +5,9 @@ Routes (all need the usual credential; the OpenAI SDKs send their ``api_key`` as
 
 * ``POST /v1/chat/completions`` — stateless chats (the whole history comes with
   every request; the model's Modelfile SYSTEM and MESSAGE lines are put first).
-  Text content only: a content part list is joined with newlines, other part
-  types (images, audio) are refused. ``response_format`` ``json_object`` /
+  A content part list's text parts are joined with newlines; ``image_url`` parts
+  (data URLs) of user messages go to a vision language model; other part types
+  (audio) are refused. ``response_format`` ``json_object`` /
   ``json_schema`` constrain the output to JSON (a schema when one is given).
   ``tools`` with ``tool_choice`` (``auto``, ``none``, ``required`` or a named
   function) and ``parallel_tool_calls``: calls come back as
@@ -79,6 +80,7 @@ from gateway.generation import (
     collect,
     drain,
     embed,
+    for_vision,
     format_options,
     prepare,
     run,
@@ -194,7 +196,10 @@ def _chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
             if role != "assistant":
                 raise InvalidParam(f"{where}.tool_calls", "only assistant messages make calls")
             calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls]
-        out.append(ChatMessage(role, _content(msg, where), tool_calls=calls))
+        text, images = _parts(msg, where)
+        if images and role != "user":
+            raise InvalidParam(f"{where}.content", "only user messages show images")
+        out.append(ChatMessage(role, text, tool_calls=calls, images=images or None))
     return out
 
 
@@ -224,20 +229,38 @@ def _tool_use(body: ChatCompletionRequest) -> ToolUse | None:
 
 
 def _content(msg: ChatCompletionMessage, where: str) -> str:
+    return _parts(msg, where)[0]
+
+
+def _parts(msg: ChatCompletionMessage, where: str) -> tuple[str, list[bytes]]:
+    """A message's text, and the images of its ``image_url`` parts (decoded, unchecked)."""
     if isinstance(msg.content, str):
-        return msg.content
+        return msg.content, []
     if msg.content is None:
         if msg.role == "assistant":
-            return ""
+            return "", []
         raise InvalidParam(f"{where}.content", "content is required")
     texts: list[str] = []
-    for part in msg.content:
-        if part.type != "text" or part.text is None:
+    images: list[bytes] = []
+    for k, part in enumerate(msg.content):
+        if part.type == "image_url" and part.image_url is not None:
+            url = part.image_url.url
+            if not url.startswith("data:image/"):
+                raise InvalidParam(
+                    f"{where}.content[{k}].image_url",
+                    "an image must be sent as a data:image/...;base64, URL",
+                )
+            try:
+                images.append(decode_image(url))
+            except FerrousError as exc:
+                raise InvalidParam(f"{where}.content[{k}].image_url", exc.message) from None
+        elif part.type == "text" and part.text is not None:
+            texts.append(part.text)
+        else:
             raise InvalidParam(
                 f"{where}.content", f"content parts of type {part.type!r} are not supported"
             )
-        texts.append(part.text)
-    return "\n".join(texts)
+    return "\n".join(texts), images
 
 
 def _format(body: ChatCompletionRequest) -> dict[str, object]:
@@ -473,7 +496,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         started = time.perf_counter()
         body = await read_body(gateway, request, ChatCompletionRequest)
         _refuse_chat_extras(body)
-        messages = _chat_messages(body)
+        messages = await for_vision(_chat_messages(body))
         tools = _tool_use(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         options = _options(body, body.max_completion_tokens or body.max_tokens, logprobs)

@@ -82,11 +82,20 @@ class SamplingBody(msgspec.Struct, kw_only=True):
     keep_alive: KeepAlive | None = None
 
 
+class ImageUrl(msgspec.Struct):
+    """An image part's picture: a ``data:image/...;base64,`` URL (the server fetches no
+    URLs for a chat); ``detail`` is accepted and not used."""
+
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(msgspec.Struct):
-    """A part of a message's content; only ``text`` parts are accepted."""
+    """A part of a message's content: ``text``, or ``image_url`` for a vision model."""
 
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class FunctionCallBody(msgspec.Struct):

@@ -136,6 +136,7 @@ class RunningServer:
     host: str
     port: int
     task: asyncio.Task[None]  # ends when the server has stopped
+    grpc_port: int | None = None  # the gRPC API's, when enabled
 
     @property
     def http_url(self) -> str:
@@ -436,10 +437,18 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
                 task.result()
             await asyncio.sleep(0.01)
         watcher = asyncio.create_task(gateway.watch_revocations(), name="revocations")
+        rpc = None
+        if config.grpc.enabled:
+            from gateway.grpcapi.server import GrpcServer  # grpcio only where it is on
+
+            rpc = GrpcServer(gateway, config.host, config.grpc.port)
+            await rpc.start()
         try:
-            yield RunningServer(gateway, config.host, port, task)
+            yield RunningServer(gateway, config.host, port, task, rpc.port if rpc else None)
         finally:
             watcher.cancel()
+            if rpc is not None:
+                await rpc.stop(config.grace_period)
             await server.shutdown_gracefully()
             await task
             sock.close()
@@ -476,6 +485,8 @@ async def serve(config: ServerConfig) -> int:
     try:
         async with running_server(config) as running:
             log.info("listening on %s (WebSocket %s)", running.http_url, running.ws_url)
+            if running.grpc_port is not None:
+                log.info("gRPC API on %s:%d", config.host, running.grpc_port)
             local = _is_loopback(config.host) and "HS256" in config.auth.algorithms
             if running.gateway.auth.enabled and local:
                 _announce_chat_page(running, config)

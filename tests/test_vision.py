@@ -143,6 +143,43 @@ async def test_ollama_images_reach_a_vision_model(served: RunningServer, vlm: Pa
         assert err.value.status_code == 400 and "cannot read images" in str(err.value)
     finally:
         await client.close()
+    # OpenAI's image parts (data URLs) reach it the same way.
+    import openai
+
+    url = "data:image/png;base64," + base64.b64encode(_png("red")).decode()
+    oai = openai.AsyncOpenAI(base_url=served.http_url + "/v1", api_key=token)
+    try:
+        done = await oai.chat.completions.create(
+            model="vlm",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ],
+            temperature=0,
+            max_tokens=N,
+            extra_body={"repeat_penalty": 1},
+        )
+        assert done.choices[0].message.content == want
+        with pytest.raises(openai.BadRequestError) as bad_url:
+            await oai.chat.completions.create(
+                model="vlm",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+                        ],
+                    }
+                ],
+            )
+        assert "data:image" in str(bad_url.value)
+    finally:
+        await oai.close()
     async with httpx.AsyncClient(base_url=served.http_url, headers=headers, timeout=60) as c:
         bad = base64.b64encode(b"\x89PNG\r\n\x1a\n-truncated").decode()
         for images, status, words in (
