@@ -50,7 +50,8 @@ from gateway.ollama import ollama_routes
 from gateway.openai_api import openai_routes
 from gateway.origins import BrowserGuard, BrowserPolicy
 from gateway.process_tuning import GcTuner
-from gateway.quotas import Quota, QuotaBook
+from gateway.quotas import LocalQuotas, Quota, QuotaLedger
+from gateway.redisbus import Bus, LocalBus
 from gateway.responses_api import responses_routes
 from gateway.resume import DetachedSessions
 from gateway.sessions import CLOSE_GOING_AWAY, CLOSE_POLICY, Session
@@ -136,7 +137,16 @@ class GatewayApp:
         self.metrics.watch_engine(engine.loaded, engine.worker_pids)
         self.conversations = ConversationStore(config.limits.max_conversations)
         self.responses = ResponseStore(config.limits.max_stored_responses)
-        self.quotas = QuotaBook()
+        self.quotas: QuotaLedger = LocalQuotas()
+        self.bus: Bus = LocalBus()
+        if config.state.url:
+            from gateway.redisbus import RedisBus  # redis only where state is shared
+            from gateway.redisquotas import RedisQuotas
+
+            self.quotas = RedisQuotas(
+                config.state.url, prefix=config.state.prefix, lease_ttl=config.state.lease_ttl
+            )
+            self.bus = RedisBus(config.state.url, prefix=config.state.prefix)
         self.sessions: set[Session] = set()  # attached and detached ones
         self.resumable = DetachedSessions(
             config.limits.resume_window, config.limits.max_detached_sessions
@@ -441,6 +451,8 @@ class GatewayApp:
         for task in list(self.running):
             task.cancel()
         await self.video_jobs.close()
+        await self.quotas.close()
+        await self.bus.close()
         for s in list(self.sessions):
             with contextlib.suppress(FerrousError, OSError):
                 await s.close(CLOSE_GOING_AWAY, "server shutting down")

@@ -209,6 +209,18 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tensorrt_cache: str = ""  # a directory for TensorRT's built engines ("" = none)
 
 
+class StateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """State shared by the nodes of a deployment (gateway.redisquotas): none by default.
+
+    ``url``: ``redis://host:port/db``, ``rediss://`` or ``unix:///path``; empty keeps
+    everything in this process (one node). Quotas then hold across nodes.
+    """
+
+    url: str = ""
+    prefix: str = "ferrous:"  # key prefix, for several deployments on one Redis
+    lease_ttl: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a dead node's share lapses
+
+
 class GrpcConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The gRPC API (gateway.grpcapi): off unless enabled, on the server's host.
 
@@ -277,6 +289,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     onnx: OnnxConfig = msgspec.field(default_factory=OnnxConfig)
     voice: VoiceConfig = msgspec.field(default_factory=VoiceConfig)
     grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
 
 
 class ConfigError(FerrousError):

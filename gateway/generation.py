@@ -281,7 +281,7 @@ async def run(
     tenant = metrics.tenant_label(prepared.request.tenant or "")
     model = prepared.request.model
     try:
-        lease = gateway.quotas.admit(prepared.quota_key, prepared.quota)
+        lease = await gateway.quotas.admit(prepared.quota_key, prepared.quota)
     except FerrousError as exc:
         metrics.refusals.labels(exc.code.value, tenant, model).inc()
         raise

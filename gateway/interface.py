@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.models import ModelRegistry, ResolvedModel
     from gateway.namespaces import ModelView
-    from gateway.quotas import Quota, QuotaBook
+    from gateway.quotas import Quota, QuotaLedger
+    from gateway.redisbus import Bus
     from gateway.resume import DetachedSessions
     from gateway.vad import VadModel
 
@@ -44,7 +45,8 @@ class Gateway(Protocol):
     conversations: ConversationStore
     #: Responses API answers kept for ``previous_response_id`` (per user, bounded).
     responses: ResponseStore
-    quotas: QuotaBook
+    quotas: QuotaLedger
+    bus: Bus
     #: Sessions that may be resumed after a dropped connection, by token.
     resumable: DetachedSessions
     version: str

@@ -19,8 +19,11 @@ bearer's tenant; 0 means unlimited. Users without a tenant are their own
 tenant. A refusal is :class:`~protocol.errors.RateLimited` with
 ``retry_after`` (seconds): when a retry can succeed.
 
-Pure state with an injected clock, on the event loop's thread (no locks); the
-same interface later takes a shared store.
+:class:`QuotaBook` is pure state with an injected clock, on the event loop's
+thread (no locks). The gateway holds quotas through :class:`QuotaLedger`: one
+node's book (:class:`LocalQuotas`, the default), or counters shared by every
+node of a deployment in Redis (:mod:`gateway.redisquotas`), so a tenant's
+limits hold across replicas.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 
 from protocol.errors import RateLimited
 
-__all__ = ["Quota", "QuotaBook", "QuotaLease"]
+__all__ = ["Lease", "LocalQuotas", "Quota", "QuotaBook", "QuotaLease", "QuotaLedger"]
 
 _IDLE_PRUNE_S = 300.0  # a tenant with nothing running and full buckets is forgotten after this
 
@@ -177,3 +180,33 @@ class QuotaBook:
 def _ceil(seconds: float) -> float:
     """Round a wait up to a tenth of a second (never 0: the bucket is empty now)."""
     return max(0.1, math.ceil(seconds * 10) / 10)
+
+
+class Lease(Protocol):
+    """A generation admitted under its tenant's quota."""
+
+    def release(self, tokens: int = 0) -> None:
+        """The generation ended having used ``tokens`` (once; idempotent)."""
+
+
+class QuotaLedger(Protocol):
+    """Where the gateway admits generations against quotas (see the module)."""
+
+    async def admit(self, tenant: str, quota: Quota) -> Lease:
+        """Count a new generation of ``tenant``, or raise RateLimited with ``retry_after``."""
+
+    async def close(self) -> None:
+        """Let go of what the ledger holds (connections, leases of this node)."""
+
+
+class LocalQuotas:
+    """One node's quotas: a :class:`QuotaBook` on the event loop."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.book = QuotaBook(clock)
+
+    async def admit(self, tenant: str, quota: Quota) -> Lease:
+        return self.book.admit(tenant, quota)
+
+    async def close(self) -> None:
+        return None

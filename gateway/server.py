@@ -437,6 +437,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
                 task.result()
             await asyncio.sleep(0.01)
         watcher = asyncio.create_task(gateway.watch_revocations(), name="revocations")
+        await gateway.bus.start()
         rpc = None
         if config.grpc.enabled:
             from gateway.grpcapi.server import GrpcServer  # grpcio only where it is on

@@ -380,6 +380,14 @@ async def test_bad_parameters_are_400s_that_name_them(client: openai.AsyncOpenAI
                     }
                 ]
             },
+            "messages[0].content[0].image_url",  # not a data URL
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}
+                ]
+            },
             "messages[0].content",
         ),
     ]

@@ -10,7 +10,8 @@ trailing metadata where one is known. Flow control is gRPC's own: a slow
 reader holds the stream's window, and the engine's credit flow stops the
 generation's tokens behind it. A deadline, a cancelled call and ``Cancel``
 with the generation's id all stop it; ``Cancel`` ends the stream with a
-``done`` of ``cancelled``, as the WebSocket does.
+``done`` of ``cancelled``, as the WebSocket does, on whichever node of a
+deployment runs it (:mod:`gateway.redisbus`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gateway.generation import (
 )
 from gateway.grpcapi import ferrous_pb2 as pb
 from gateway.grpcapi import ferrous_pb2_grpc as pb_grpc
+from gateway.redisbus import CancelNotice
 from gateway.scopes import GENERATE, MODELS_READ, allows, require
 from protocol import messages as m
 from protocol.errors import BadRequest, ErrorCode, FerrousError
@@ -75,6 +77,16 @@ class _Service(pb_grpc.FerrousServicer):
         # Running streams by (tenant, user, id): what Cancel reaches, the caller's own only.
         self._running: dict[tuple[str | None, str, str], asyncio.Task[Any]] = {}
         self._cancelled: set[asyncio.Task[Any]] = set()
+        gateway.bus.listen(lambda n: self._stop((n.tenant, n.user, n.id)))
+
+    def _stop(self, key: tuple[str | None, str, str]) -> bool:
+        """Stop the stream of ``key`` if this node runs it; whether it did."""
+        task = self._running.get(key)
+        if task is None or task.done():
+            return False
+        self._cancelled.add(task)
+        task.cancel()
+        return True
 
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
         auth = ""
@@ -175,12 +187,12 @@ class _Service(pb_grpc.FerrousServicer):
         except FerrousError as exc:
             await self._fail(context, exc)
             raise  # pragma: no cover - abort raises
-        task = self._running.get((principal.tenant, principal.user, request.id))
-        if task is None or task.done():
-            return pb.CancelReply(cancelled=False)
-        self._cancelled.add(task)
-        task.cancel()
-        return pb.CancelReply(cancelled=True)
+        key = (principal.tenant, principal.user, request.id)
+        if self._stop(key):
+            return pb.CancelReply(cancelled=True)
+        # Not here: the stream may be on another node of the deployment.
+        heard = await self._g.bus.cancel(CancelNotice(*key))
+        return pb.CancelReply(cancelled=heard > 0)
 
     # -- embeddings and models ---------------------------------------------------------
 
