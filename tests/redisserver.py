@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-__all__ = ["redis_server"]
+from bench.redis_server import start_redis
+
+__all__ = ["redis_server", "start_redis"]
 
 
 @contextmanager
@@ -28,23 +29,3 @@ def redis_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def start_redis(binary: str | None, sock: Path) -> subprocess.Popen[bytes]:
-    """Start redis-server on ``sock`` and wait until it answers."""
-    binary = binary or shutil.which("redis-server") or "redis-server"
-    sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", str(sock.parent),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.02)
-    return proc

@@ -241,3 +241,10 @@ def test_bench_vision(tmp_path: Path, whisper_tiny: Path) -> None:
     ):
         value = r[key]
         assert isinstance(value, float) and value > 0, key
+
+
+def test_bench_replicas() -> None:
+    r = bench("replicas", "--admissions", "50", "--cancels", "2")
+    assert r["redis_p50_ms"] > 0 and r["cancel_p50_ms"] > 0  # type: ignore[operator]
+    added = r["redis_p99_ms"] - r["local_p99_ms"]  # type: ignore[operator]
+    assert r["added_p99_ms"] == pytest.approx(added, abs=0.002)

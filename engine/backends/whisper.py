@@ -44,7 +44,7 @@ from engine.audio import decode_audio
 from engine.backends.base import LiveBatches, LoadParams, TranscribeJob, Transcriber
 from engine.backends.whisper_entry import check_whisper_folder
 from engine.requests import TranscribeOptions, TranscriptSegment, Word
-from protocol.errors import BadRequest, ModelLoadError
+from protocol.errors import BadRequest, ModelLoadError, TooLarge
 
 __all__ = ["MAX_AUDIO_SECONDS", "WhisperBackend"]
 
@@ -144,8 +144,13 @@ class WhisperBackend(Transcriber, LiveBatches):
     # -- live clips, in batches (engine.backends.base.LiveBatches) -------------------------
 
     def live_clip(self, audio: bytes, options: TranscribeOptions) -> _Clip | None:
-        samples = decode_audio(audio, rate=SAMPLE_RATE, max_seconds=self._max_seconds)
-        if len(samples) > SAMPLE_RATE * 30:
+        # Decoded no further than a window: a longer clip is decoded (whole) by the
+        # ordinary transcription instead, not twice over.
+        try:
+            samples = decode_audio(
+                audio, rate=SAMPLE_RATE, max_seconds=min(30.0, self._max_seconds)
+            )
+        except TooLarge:
             return None
         return self._clip(samples, options)
 
