@@ -100,9 +100,10 @@ async def _cancels(url: str, home: Path, n: int) -> dict[str, float]:
                     model="slow", prompt="x", id=f"c{i}", options=pb.Options(max_tokens=100_000)
                 )
                 seen, asked = 0, 0.0
-                async for event in stub_a.Generate(
-                    request, metadata=(("authorization", f"Bearer {ta}"),)
-                ):
+                call = stub_a.Generate(
+                    request, metadata=(("authorization", f"Bearer {ta}"),), timeout=60
+                )
+                async for event in call:
                     if event.HasField("delta"):
                         seen += 1
                         if seen == 5:

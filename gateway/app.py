@@ -35,7 +35,7 @@ from engine import EngineClient
 from gateway.audio_routes import audio_routes
 from gateway.auth import Authenticator, Principal, Unauthorized
 from gateway.config import ServerConfig
-from gateway.conversations import ConversationStore, ResponseStore
+from gateway.conversations import Conversations, ConversationStore, ResponseStore
 from gateway.generate_routes import generation_routes
 from gateway.generation import fair_share_key
 from gateway.image_routes import image_routes
@@ -135,7 +135,7 @@ class GatewayApp:
         self.version = __version__
         self.metrics = Metrics()
         self.metrics.watch_engine(engine.loaded, engine.worker_pids)
-        self.conversations = ConversationStore(config.limits.max_conversations)
+        self.conversations: Conversations = ConversationStore(config.limits.max_conversations)
         self.responses = ResponseStore(config.limits.max_stored_responses)
         self.quotas: QuotaLedger = LocalQuotas()
         self.bus: Bus = LocalBus()
@@ -147,6 +147,13 @@ class GatewayApp:
                 config.state.url, prefix=config.state.prefix, lease_ttl=config.state.lease_ttl
             )
             self.bus = RedisBus(config.state.url, prefix=config.state.prefix)
+            from gateway.redisconversations import RedisConversations
+
+            self.conversations = RedisConversations(
+                config.state.url,
+                max_per_user=config.limits.max_conversations,
+                prefix=config.state.prefix,
+            )
         self.sessions: set[Session] = set()  # attached and detached ones
         self.resumable = DetachedSessions(
             config.limits.resume_window, config.limits.max_detached_sessions
@@ -453,6 +460,7 @@ class GatewayApp:
         await self.video_jobs.close()
         await self.quotas.close()
         await self.bus.close()
+        await self.conversations.close()
         for s in list(self.sessions):
             with contextlib.suppress(FerrousError, OSError):
                 await s.close(CLOSE_GOING_AWAY, "server shutting down")

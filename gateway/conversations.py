@@ -4,16 +4,32 @@ A conversation belongs to the user who started it: the key includes the tenant
 and the user, so another user naming the same id gets their own, empty one,
 and a user who reconnects continues where they left off. Each owner keeps at
 most ``limits.max_conversations``; the least recently used goes first.
+
+Surfaces read a conversation with :meth:`Conversations.history` and add a turn
+with :meth:`Conversations.append` once it is answered (at once, no await: a
+turn that overlaps another commits its own messages only). This process keeps
+them (:class:`ConversationStore`) unless ``[state] url`` names a Redis shared
+by the nodes (:mod:`gateway.redisconversations`), where a conversation started
+on one node continues on another.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 from engine import ChatMessage as EngineMessage
 
-__all__ = ["Conversation", "ConversationStore", "ResponseStore", "StoredResponse"]
+__all__ = [
+    "Conversation",
+    "ConversationStore",
+    "Conversations",
+    "Owner",
+    "ResponseStore",
+    "StoredResponse",
+]
+
+Owner = tuple[str | None, str]
 
 
 class Conversation:
@@ -26,8 +42,24 @@ class Conversation:
         self.messages: list[EngineMessage] = []
 
 
+class Conversations(Protocol):
+    """Where conversations are kept (see the module)."""
+
+    async def history(self, owner: Owner, conv_id: str, model: str) -> Conversation:
+        """Conversation ``conv_id`` of ``owner`` (a new, empty one when unknown)."""
+
+    def append(self, owner: Owner, conv_id: str, messages: list[EngineMessage]) -> None:
+        """Add an answered turn's messages, in order (kept before the next history)."""
+
+    async def forget(self, owner: Owner, conv_id: str) -> bool:
+        """Drop a conversation; whether there was one."""
+
+    async def close(self) -> None: ...
+
+
 class ConversationStore:
-    """Conversations per (tenant, user), least recently used dropped beyond a bound."""
+    """Conversations per (tenant, user) in this process, least recently used dropped
+    beyond a bound."""
 
     def __init__(self, max_per_user: int) -> None:
         self._max = max_per_user
@@ -46,8 +78,19 @@ class ConversationStore:
         convs.move_to_end(conv_id)
         return conv
 
-    def forget(self, owner: tuple[str | None, str], conv_id: str) -> bool:
+    async def history(self, owner: Owner, conv_id: str, model: str) -> Conversation:
+        return self.get_or_create(owner, conv_id, model)
+
+    def append(self, owner: Owner, conv_id: str, messages: list[EngineMessage]) -> None:
+        conv = self._by_owner.get(owner, OrderedDict()).get(conv_id)
+        if conv is not None:  # (dropped meanwhile as least recently used: nothing to keep)
+            conv.messages.extend(messages)
+
+    async def forget(self, owner: Owner, conv_id: str) -> bool:
         return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None
+
+    async def close(self) -> None:
+        return None
 
 
 class StoredResponse:

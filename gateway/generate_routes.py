@@ -151,7 +151,8 @@ def generation_routes(gateway: Gateway) -> list[Route]:
         principal = request.state.principal
         owner = (principal.tenant, principal.user)
         resolved = await gateway.ensure_model(principal, body.model, keep_alive)
-        conv = gateway.conversations.get_or_create(owner, body.conversation, body.model)
+        conv_id = body.conversation
+        conv = await gateway.conversations.history(owner, conv_id, body.model)
         # A new conversation opens with the Modelfile's seeds, as on the WebSocket.
         new_turns = list(turns) if conv.messages else with_seeds(resolved, turns)
         prepared = await prepare(
@@ -170,9 +171,8 @@ def generation_routes(gateway: Gateway) -> list[Route]:
 
         def commit(text: str) -> None:
             """The turn happened: keep the user's messages and the answer."""
-            conv.messages.extend(new_turns)
-            if text:
-                conv.messages.append(ChatMessage("assistant", text))
+            said = [ChatMessage("assistant", text)] if text else []
+            gateway.conversations.append(owner, conv_id, [*new_turns, *said])
 
         return prepared, body.conversation, commit
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from engine import EngineClient
     from gateway.auth import Authenticator, Principal
     from gateway.config import ServerConfig
-    from gateway.conversations import ConversationStore, ResponseStore
+    from gateway.conversations import Conversations, ResponseStore
     from gateway.joblog import JobLogs
     from gateway.metrics import Metrics
     from gateway.models import ModelRegistry, ResolvedModel
@@ -42,7 +42,7 @@ class Gateway(Protocol):
     auth: Authenticator
     metrics: Metrics
     models: ModelRegistry
-    conversations: ConversationStore
+    conversations: Conversations
     #: Responses API answers kept for ``previous_response_id`` (per user, bounded).
     responses: ResponseStore
     quotas: QuotaLedger

@@ -72,13 +72,20 @@ class RedisBus:
         self._channel = f"{prefix}cancel"
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
     async def start(self) -> None:
+        """Start listening, and wait (a few seconds at most) until this node is
+        subscribed: a notice published before that would not reach it."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="bus")
+            try:
+                await asyncio.wait_for(self._ready.wait(), 5.0)
+            except TimeoutError:
+                log.warning("the node bus is not subscribed yet (Redis unreachable?)")
 
     async def _run(self) -> None:
         decoder = msgspec.json.Decoder(CancelNotice)
@@ -87,6 +94,9 @@ class RedisBus:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
                     async for message in pubsub.listen():
+                        if message.get("type") == "subscribe":  # the server confirmed it
+                            self._ready.set()
+                            continue
                         if message.get("type") != "message":
                             continue
                         try:

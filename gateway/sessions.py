@@ -359,7 +359,7 @@ class Session(GenerationStreams):
                 if self._credit_event is not None:
                     self._credit_event.set()
             case m.Forget():
-                if not self.gateway.conversations.forget(self.owner, msg.conversation):
+                if not await self.gateway.conversations.forget(self.owner, msg.conversation):
                     raise NotFound(f"no conversation {msg.conversation!r}")
 
     async def _hello(self, msg: m.Hello) -> None:

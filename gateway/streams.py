@@ -170,7 +170,7 @@ class GenerationStreams:
                 if isinstance(msg, m.Chat):
                     resolved = await g.ensure_model(self.principal, msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
-                    conv = g.conversations.get_or_create(self.owner, conv_id, msg.model)
+                    conv = await g.conversations.history(self.owner, conv_id, msg.model)
                     turns = [_engine_message(x) for x in msg.messages]
                     tools = _tool_use(msg)
                     if tools is not None and msg.format is not None:
@@ -236,7 +236,11 @@ class GenerationStreams:
                     self._phase[msg.id] = "ending"
                     answered = ev.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
                     calls = reader.calls if reader is not None else []
-                    if conv is not None and (answered or (parts and ev.error is None)):
+                    if (
+                        conv is not None
+                        and conv_id is not None
+                        and (answered or (parts and ev.error is None))
+                    ):
                         # Committed at once (no await in between): the question and
                         # its answer, or what was said of it before a cancel.
                         said = EngineMessage(
@@ -244,7 +248,7 @@ class GenerationStreams:
                             "".join(parts),
                             tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in calls] or None,
                         )
-                        conv.messages.extend([*turns, said])
+                        g.conversations.append(self.owner, conv_id, [*turns, said])
                     if ev.error is not None:
                         err = error_from_code(
                             ev.error.code, ev.error.message, retryable=ev.error.retryable

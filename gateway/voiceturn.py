@@ -155,7 +155,7 @@ class VoiceTurn:
     async def _run(self) -> None:
         host, g, reply = self.host, self.host.gateway, self.reply
         t0 = time.perf_counter()
-        conv = g.conversations.get_or_create(host.owner, self.conversation, reply.model)
+        conv = await g.conversations.history(host.owner, self.conversation, reply.model)
         turns = []
         if not conv.messages and reply.instructions:
             turns.append(ChatMessage("system", reply.instructions))
@@ -214,13 +214,14 @@ class VoiceTurn:
                     self.conversation,
                 )
                 if reason in (FinishReason.STOP, FinishReason.LENGTH):
-                    conv.messages.extend([*turns, ChatMessage("assistant", "".join(self.text))])
+                    said = ChatMessage("assistant", "".join(self.text))
+                    g.conversations.append(host.owner, self.conversation, [*turns, said])
         except FerrousError as exc:
             await self._out_error(exc)
         except asyncio.CancelledError:
             if self.dropped or not self._released.is_set():
                 raise  # never shown: nothing to end, nothing to keep
-            self._keep_what_was_said(conv.messages, turns)
+            self._keep_what_was_said(turns)
             with contextlib.suppress(Exception):
                 await host.send(_done(self.id, FinishReason.CANCELLED.value, t0, self.conversation))
             raise
@@ -231,10 +232,13 @@ class VoiceTurn:
         if done is not None:
             await self._out(done)
 
-    def _keep_what_was_said(self, history: list[ChatMessage], turns: list[ChatMessage]) -> None:
+    def _keep_what_was_said(self, turns: list[ChatMessage]) -> None:
         """An interrupted answer: the conversation keeps what the user heard of it."""
         if self.spoken:
-            history.extend([*turns, ChatMessage("assistant", " ".join(self.spoken))])
+            said = ChatMessage("assistant", " ".join(self.spoken))
+            self.host.gateway.conversations.append(
+                self.host.owner, self.conversation, [*turns, said]
+            )
         else:
             self._unanswered(self.question)
         log.info("answer %s interrupted after %d sentences spoken", self.id, len(self.spoken))

@@ -1,6 +1,7 @@
-"""Quotas shared by several nodes through a real redis-server: a tenant's limits hold across
-replicas, a dead node's share lapses, and a quota store that cannot be reached refuses new
-generations with a typed, retryable error until it is back."""
+"""State shared by several nodes through a real redis-server: a tenant's quota holds across
+replicas, a dead node's share lapses, a quota store that cannot be reached refuses new
+generations with a typed, retryable error until it is back, a cancel crosses nodes, and a
+conversation started on one node continues on another."""
 
 from __future__ import annotations
 
@@ -185,3 +186,71 @@ async def test_a_cancel_at_one_node_stops_a_stream_on_another(
                 break
         assert deltas >= 30 and asked
         print(f"cross-node cancel: {1000 * (time.perf_counter() - asked):.1f} ms")
+
+
+async def test_a_conversation_started_on_one_node_continues_on_another(
+    tmp_path: Path, redis_url: str, script_model: Path
+) -> None:
+    """Turns of one conversation on node a, then b, then a: the history each node reads is
+    the whole conversation, in order; each owner keeps a bounded number."""
+    import redis.asyncio as aioredis
+
+    from engine import ChatMessage as EngineMessage
+    from gateway.redisconversations import RedisConversations
+
+    state = StateConfig(url=redis_url, prefix="t5:")
+    models = {"script": script_model}
+    async with (
+        gateway(server_config(tmp_path / "a", models, state=state)) as a,
+        gateway(server_config(tmp_path / "b", models, state=state)) as b,
+    ):
+
+        async def turn(node: RunningServer, text: str) -> dict[str, object]:
+            token = node.gateway.auth.issue_token(sub="alice", ttl=600)
+            async with httpx.AsyncClient(
+                base_url=node.http_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+            ) as c:
+                r = await c.post(
+                    "/v1/chat",
+                    json={
+                        "model": "script",
+                        "conversation": "trip",
+                        "messages": [{"role": "user", "content": text}],
+                        "options": {"max_tokens": 4, "temperature": 0},
+                    },
+                )
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+        first = await turn(a, "hello")
+        second = await turn(b, "and then?")  # the other node reads the first turn
+        third = await turn(a, "thanks")
+        tokens = [x["usage"]["prompt_tokens"] for x in (first, second, third)]  # type: ignore[index]
+        assert tokens[0] < tokens[1] < tokens[2]
+        history = await b.gateway.conversations.history(("None", "x"), "none", "script")
+        assert history.messages == []  # another owner's is not this one
+        conv = await a.gateway.conversations.history((None, "alice"), "trip", "script")
+        assert [(x.role, x.content[:6]) for x in conv.messages][::2] == [
+            ("user", "hello"),
+            ("user", "and th"),
+            ("user", "thanks"),
+        ]
+        assert len(conv.messages) == 6
+
+    # The bound per user: the least recently used conversation goes, with its messages.
+    store = RedisConversations(redis_url, max_per_user=2, prefix="t6:")
+    owner = (None, "bob")
+    try:
+        for name in ("one", "two", "three"):
+            await store.history(owner, name, "m")
+            store.append(owner, name, [EngineMessage("user", name)])
+        assert (await store.history(owner, "three", "m")).messages[0].content == "three"
+        assert (await store.history(owner, "one", "m")).messages == []  # dropped
+        assert await store.forget(owner, "three") and not await store.forget(owner, "nope")
+    finally:
+        await store.close()
+    client = aioredis.from_url(redis_url)
+    try:
+        assert not await client.exists('t6:c:{[null,"bob"]}:three')
+    finally:
+        await client.aclose()
