@@ -71,21 +71,42 @@ def status_of(exc: FerrousError) -> grpc.StatusCode:
     return STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
 
 
+class _Stream:
+    """One running stream, and whether a ``Cancel`` reached it.
+
+    A cancel interrupts the stream's task only while it waits on the
+    generation (inside this module's code). While the task is in grpc's own
+    code, sending a message, a task cancel would be taken by grpc as the call
+    going away: the stream would end with no status and the client would wait
+    for its deadline. There the cancel is noted, and seen before the next wait.
+    """
+
+    __slots__ = ("stopping", "task", "waiting")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.stopping = False
+        self.waiting = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.waiting:
+            self.task.cancel()
+
+
 class _Service(pb_grpc.FerrousServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._g = gateway
         # Running streams by (tenant, user, id): what Cancel reaches, the caller's own only.
-        self._running: dict[tuple[str | None, str, str], asyncio.Task[Any]] = {}
-        self._cancelled: set[asyncio.Task[Any]] = set()
+        self._running: dict[tuple[str | None, str, str], _Stream] = {}
         gateway.bus.listen(lambda n: self._stop((n.tenant, n.user, n.id)))
 
     def _stop(self, key: tuple[str | None, str, str]) -> bool:
         """Stop the stream of ``key`` if this node runs it; whether it did."""
-        task = self._running.get(key)
-        if task is None or task.done():
+        stream = self._running.get(key)
+        if stream is None or stream.task.done() or stream.stopping:
             return False
-        self._cancelled.add(task)
-        task.cancel()
+        stream.stop()
         return True
 
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
@@ -128,6 +149,7 @@ class _Service(pb_grpc.FerrousServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         task = asyncio.current_task()
         assert task is not None
+        stream = _Stream(task)
         key: tuple[str | None, str, str] | None = None
         try:
             principal = self._principal(context)
@@ -136,7 +158,7 @@ class _Service(pb_grpc.FerrousServicer):
             key = (principal.tenant, principal.user, gen_id)
             if key in self._running:
                 raise BadRequest(f"a generation {gen_id!r} of yours is running")
-            self._running[key] = task
+            self._running[key] = stream
             common: dict[str, Any] = {
                 "options": _options(request),
                 "extra": _format(request.format),
@@ -147,6 +169,7 @@ class _Service(pb_grpc.FerrousServicer):
                 ]
                 or None,
             }
+            stream.waiting = True
             if messages is None:
                 assert isinstance(request, pb.GenerateRequest)
                 prepared = await prepare(
@@ -158,25 +181,38 @@ class _Service(pb_grpc.FerrousServicer):
                 prepared = await prepare(
                     self._g, principal, request.model, messages=await for_vision(messages), **common
                 )
+            stream.waiting = False
+            if stream.stopping:
+                raise asyncio.CancelledError
             yield pb.GenerateEvent(started=pb.Started(id=gen_id, model=request.model))
             events = run(self._g, prepared)
             async with contextlib.aclosing(events):
-                async for ev in events:
+                while True:
+                    if stream.stopping:
+                        raise asyncio.CancelledError
+                    stream.waiting = True
+                    try:
+                        ev = await anext(events)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        stream.waiting = False
                     if isinstance(ev, TokenDelta):
                         yield pb.GenerateEvent(delta=pb.Delta(text=ev.text, seq=ev.seq))
                     elif isinstance(ev, GenerationDone):
                         raise_if_failed(ev)
                         yield pb.GenerateEvent(done=_done(ev))
         except asyncio.CancelledError:
-            if task not in self._cancelled:
+            if not stream.stopping:
                 raise  # the call was cancelled, or its deadline passed: nothing to say
-            task.uncancel()
+            if task.cancelling():
+                task.uncancel()
             yield pb.GenerateEvent(done=pb.Done(finish_reason="cancelled"))
         except FerrousError as exc:
             await self._fail(context, exc)
         finally:
-            self._cancelled.discard(task)
-            if key is not None and self._running.get(key) is task:
+            stream.waiting = False
+            if key is not None and self._running.get(key) is stream:
                 del self._running[key]
 
     async def Cancel(
