@@ -43,9 +43,11 @@ from gateway.joblog import JobLogs
 from gateway.limits import AdmissionControl, Lease, Refusal
 from gateway.logs import bind
 from gateway.metrics import Metrics
+from gateway.mirror import NoMirror, SessionMirror
 from gateway.model_routes import model_routes
 from gateway.models import ModelRegistry, ResolvedModel
 from gateway.namespaces import ModelView
+from gateway.nodes import LocalNodes, NodeRegistry, default_node_id
 from gateway.ollama import ollama_routes
 from gateway.openai_api import openai_routes
 from gateway.origins import BrowserGuard, BrowserPolicy
@@ -139,7 +141,28 @@ class GatewayApp:
         self.responses = ResponseStore(config.limits.max_stored_responses)
         self.quotas: QuotaLedger = LocalQuotas()
         self.bus: Bus = LocalBus()
-        if config.state.url:
+        state = config.state
+        self.nodes: NodeRegistry = LocalNodes(state.node or None, self.version)
+        self.mirror: SessionMirror = NoMirror()
+        if state.url:
+            from gateway.redisnodes import RedisNodes
+            from gateway.redissessions import RedisSessions
+
+            self.nodes = RedisNodes(
+                state.url,
+                node_id=state.node or default_node_id(),
+                prefix=state.prefix,
+                heartbeat=state.heartbeat,
+                dead_after=state.dead_after,
+                version=self.version,
+            )
+            if config.limits.resume_window > 0:
+                self.mirror = RedisSessions(
+                    state.url,
+                    self.nodes,
+                    prefix=state.prefix,
+                    window=config.limits.resume_window,
+                )
             from gateway.redisbus import RedisBus  # redis only where state is shared
             from gateway.redisquotas import RedisQuotas
 
@@ -159,6 +182,7 @@ class GatewayApp:
             config.limits.resume_window, config.limits.max_detached_sessions
         )
         self.metrics.detached.set_function(lambda: len(self.resumable))
+        self.mirror.on_lost(self._taken_elsewhere)
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
@@ -420,6 +444,14 @@ class GatewayApp:
         await session.send_error(BadRequest(f"no hello within {limit:g} s"))
         await session.close(CLOSE_POLICY, "hello timeout")
 
+    def _taken_elsewhere(self, token: str) -> None:
+        """Another node took over a session of this one (it was taken for dead): end ours."""
+        session = self.resumable.get(token)
+        if isinstance(session, Session) and not session.ended:
+            task = asyncio.create_task(session.taken_elsewhere())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     # -- revocation -----------------------------------------------------------------------
 
     async def watch_revocations(self, interval: float = REVOCATION_CHECK_INTERVAL) -> None:
@@ -467,3 +499,5 @@ class GatewayApp:
         for s in list(self.sessions):
             if s.closed:  # detached: nobody will resume it now
                 await s.end()
+        await self.mirror.close()  # after the sessions' ends are queued
+        await self.nodes.close()

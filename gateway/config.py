@@ -210,15 +210,23 @@ class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class StateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """State shared by the nodes of a deployment (gateway.redisquotas): none by default.
+    """State shared by the nodes of a deployment: none by default.
 
     ``url``: ``redis://host:port/db``, ``rediss://`` or ``unix:///path``; empty keeps
-    everything in this process (one node). Quotas then hold across nodes.
+    everything in this process (one node). With it, quotas (gateway.redisquotas),
+    conversations, cancels (gateway.redisbus), the node registry (gateway.nodes)
+    and resumable sessions (gateway.mirror) hold across nodes.
     """
 
     url: str = ""
     prefix: str = "ferrous:"  # key prefix, for several deployments on one Redis
     lease_ttl: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # a dead node's share lapses
+    # This node's name among the others (empty: host, process id and a random part).
+    node: Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9._:-]*$")] = ""
+    # A node beats every ``heartbeat`` seconds; one silent for ``dead_after`` is taken
+    # for dead and its resumable sessions may be taken over by the others.
+    heartbeat: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 1.0
+    dead_after: Annotated[float, msgspec.Meta(ge=0.2, le=600)] = 3.0
 
 
 class GrpcConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

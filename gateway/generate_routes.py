@@ -224,6 +224,11 @@ def generation_routes(gateway: Gateway) -> list[Route]:
                 {"index": w.index, "alive": w.alive, "models": w.models, "active": w.active}
                 for w in health.workers
             ]
+            body["node"] = gateway.nodes.node_id
+            try:
+                body["nodes"] = [msgspec.to_builtins(n) for n in await gateway.nodes.nodes()]
+            except Exception as exc:  # the shared store away: say so, stay ready
+                body["nodes_error"] = str(exc)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return [

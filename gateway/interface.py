@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     from gateway.conversations import Conversations, ResponseStore
     from gateway.joblog import JobLogs
     from gateway.metrics import Metrics
+    from gateway.mirror import SessionMirror
     from gateway.models import ModelRegistry, ResolvedModel
     from gateway.namespaces import ModelView
+    from gateway.nodes import NodeRegistry
     from gateway.quotas import Quota, QuotaLedger
     from gateway.redisbus import Bus
     from gateway.resume import DetachedSessions
@@ -47,6 +49,10 @@ class Gateway(Protocol):
     responses: ResponseStore
     quotas: QuotaLedger
     bus: Bus
+    #: The nodes of the deployment (this one alone without shared state).
+    nodes: NodeRegistry
+    #: Where resumable sessions are written for another node to take over.
+    mirror: SessionMirror
     #: Sessions that may be resumed after a dropped connection, by token.
     resumable: DetachedSessions
     version: str

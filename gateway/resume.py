@@ -72,6 +72,10 @@ class DetachedSessions:
         if held is not None:
             held[1].cancel()
 
+    def get(self, token: str) -> Resumable | None:
+        """The session of ``token`` in this process, if any."""
+        return self._by_token.get(token)
+
     def detach(self, session: Resumable) -> None:
         """The connection of ``session`` dropped: keep it for the window, then end it."""
         loop = asyncio.get_running_loop()

@@ -438,6 +438,10 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
             await asyncio.sleep(0.01)
         watcher = asyncio.create_task(gateway.watch_revocations(), name="revocations")
         await gateway.bus.start()
+        await gateway.nodes.start()
+        await gateway.mirror.start(
+            lambda: [s.resume_token for s in gateway.sessions if s.resume_token and not s.ended]
+        )
         rpc = None
         if config.grpc.enabled:
             from gateway.grpcapi.server import GrpcServer  # grpcio only where it is on

@@ -31,6 +31,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from gateway.auth import Principal
@@ -38,6 +39,7 @@ from gateway.drawing import draw
 from gateway.listening import ListenStream
 from gateway.replay import ReplayLog
 from gateway.streams import GenerationStreams
+from gateway.takeover import take_over
 from gateway.videojobs import watch
 from gateway.voiceturn import speak
 from protocol import messages as m
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
 __all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_TAKEN_OVER", "Session"]
 
 log = logging.getLogger("ferrous.session")
+
+_MSGPACK = msgspec.msgpack.Encoder()  # messages and requests as the session mirror keeps them
 
 # The ASGI scope extension through which the server hands a session its connection's
 # reset (gateway.server): a connection stuck writing cannot take a close frame.
@@ -84,6 +88,7 @@ _NUMBERED = (
     m.ToolCallEvent,
     m.Done,
     m.Error,
+    m.Restarted,
     m.Progress,
     m.SpeechEdge,
     m.TranscriptEvent,
@@ -161,6 +166,14 @@ class Session(GenerationStreams):
                 # (its generations wait for acks instead, in _room).
                 trim = not self.closed and not self._acking
                 log_.add(msg.n, key, msg, len(data), final=final, trim=trim)
+                mirror = self.gateway.mirror
+                if mirror.shared and self.resume_token is not None:
+                    payload = data if isinstance(data, bytes) else _MSGPACK.encode(msg)
+                    mirror.sent(self.resume_token, msg.n, payload)
+                    if final:
+                        # Written before the client sees it: a node that takes the
+                        # session over never runs again a generation the client saw end.
+                        await mirror.sync()
             else:
                 data = self.codec.encode(msg)
             await self._write(data)
@@ -222,6 +235,8 @@ class Session(GenerationStreams):
             return
         self.ended = True
         self.gateway.resumable.unregister(self)
+        if self.resume_token is not None:
+            self.gateway.mirror.ended(self.resume_token)
         self._wake_room()  # generations waiting for room see the cancel next
         try:
             await self.cancel_all()
@@ -310,6 +325,12 @@ class Session(GenerationStreams):
             await asyncio.wait(tasks, timeout=timeout)
         await self.cancel_all()
 
+    async def taken_elsewhere(self) -> None:
+        """Another node took this session over (this one was taken for dead): end this
+        copy without a word to the client, whose session continues there."""
+        await self.end()
+        await self.close(CLOSE_TAKEN_OVER, "session resumed elsewhere")
+
     def _expired(self) -> None:
         self._expiry = asyncio.create_task(self._expire("token expired"))
 
@@ -352,6 +373,8 @@ class Session(GenerationStreams):
                     self._log.ack(msg.n)
                     self._acking = True
                     self._wake_room()
+                    if self.resume_token is not None:
+                        self.gateway.mirror.acked(self.resume_token, msg.n)
             case m.Credit():
                 if self._credits is None:
                     raise BadRequest("flow control is off: set credits in hello to use it")
@@ -387,6 +410,8 @@ class Session(GenerationStreams):
             self.resume_token = secrets.token_urlsafe(24)
             self._log = ReplayLog(g.config.limits.resume_buffer_bytes)
             g.resumable.register(self)
+            g.mirror.opened(self.resume_token, self.id, self.owner)
+            await g.mirror.sync()  # written before the client holds the token
         await self.send(await self._ready(resumed=False))
 
     async def _ready(self, *, resumed: bool, principal: Principal | None = None) -> m.Ready:
@@ -416,7 +441,15 @@ class Session(GenerationStreams):
         """This connection's hello resumes another session: hand the connection over."""
         assert msg.resume is not None
         g = self.gateway
-        target = g.resumable.claim(msg.resume, self.owner)
+        try:
+            target = g.resumable.claim(msg.resume, self.owner)
+        except ResumeExpired:
+            if not g.mirror.shared:
+                raise
+            # Not in this process: the node that ran it may have stopped.
+            await take_over(self, msg)
+            g.metrics.resumes.labels("taken_over").inc()
+            return
         assert isinstance(target, Session)
         try:
             await target.adopt(self.ws, self.principal, self.codec, msg)
@@ -510,6 +543,9 @@ class Session(GenerationStreams):
             )
         if self.gateway.draining:
             raise _with_id(Overloaded("the server is shutting down"), msg.id)
+        if isinstance(msg, m.Chat) and msg.conversation is None:
+            # Named here, not when it runs: a node that runs it again continues the same one.
+            msg.conversation = "c-" + secrets.token_hex(8)
         work: Coroutine[Any, Any, None]
         if isinstance(msg, m.Pull):
             work = self._pull(msg)
@@ -528,11 +564,19 @@ class Session(GenerationStreams):
         task = asyncio.create_task(work, name=f"gen-{self.id}-{msg.id}")
         self.gens[msg.id] = task
         gen_id = msg.id
+        mirror = self.gateway.mirror
+        token = self.resume_token
+        if mirror.shared and token is not None:
+            # What another node runs again if this one stops (b"": it cannot).
+            request = _MSGPACK.encode(msg) if isinstance(msg, m.Generate | m.Chat) else b""
+            mirror.started(token, gen_id, request)
         # Ids are unique among running generations only: the log keys each run apart.
         self._runs += 1
         self._log_keys[gen_id] = f"{gen_id}#{self._runs}"
 
         def forget(_t: asyncio.Task[None]) -> None:
+            if mirror.shared and token is not None:
+                mirror.finished(token, gen_id)
             self.gens.pop(gen_id, None)
             self._phase.pop(gen_id, None)
             self._calls_sent.pop(gen_id, None)

@@ -121,6 +121,7 @@ __all__ = [
     "Queued",
     "Ready",
     "Reply",
+    "Restarted",
     "ServerHeartbeat",
     "ServerMessage",
     "Speak",
@@ -444,6 +445,21 @@ class Error(_ServerBase, tag="error"):
     n: int | None = None  # the message's number in the session (resume)
 
 
+class Restarted(_ServerBase, tag="restarted"):
+    """Generation ``id`` starts again from its request: what it sent so far is void.
+
+    Sent on a resumed session when the node that ran the generation stopped
+    (a deployment sharing sessions between nodes): the node that took the
+    session over runs the request again. ``started``, deltas from ``seq`` 0
+    and ``done`` follow as for a new generation; a client drops the text it
+    had of ``id``.
+    """
+
+    id: str
+    reason: str
+    n: int | None = None  # the message's number in the session (resume)
+
+
 class ServerHeartbeat(_ServerBase, tag="heartbeat"):
     ts: float
 
@@ -467,6 +483,7 @@ ServerMessage = (
     | ToolCallEvent
     | Done
     | Error
+    | Restarted
     | ServerHeartbeat
     | Progress
     | SpeechEdge
@@ -500,6 +517,7 @@ SERVER_MESSAGES: tuple[type[msgspec.Struct], ...] = (
     ToolCallEvent,
     Done,
     Error,
+    Restarted,
     ServerHeartbeat,
     Progress,
     SpeechEdge,

@@ -16,6 +16,7 @@ SERVER_SAMPLES: list[m.ServerMessage] = [
     m.Delta("g1", 0, "你好 🙂", [1, 2, 3]),
     m.Done("g1", "stop", m.Usage(3, 4), m.Timings(1.0, 0.0, 2.5, 10.0, 99.5)),
     m.Error(ErrorCode.CONFLICT, "generation 'g1' is still running", "g1"),
+    m.Restarted("g1", "the node running it stopped", n=7),
     m.ServerHeartbeat(12.5),
 ]
 CLIENT_SAMPLES: list[m.ClientMessage] = [

@@ -324,7 +324,8 @@ async function ask(text) {
         typing.remove();
       }
       deltas += 1;
-      said += delta.text;
+      // seq 0 again: another node runs the answer again (its node stopped).
+      said = delta.seq === 0 ? delta.text : said + delta.text;
       view.update(said);
       const seconds = (performance.now() - firstAt) / 1000;
       if (client.state === "open") live.textContent = seconds > 0.2 ? `${(deltas / seconds).toFixed(1)} tok/s` : "";

@@ -18,6 +18,7 @@
 /** @typedef {import("./protocol.js").Options} Options */
 /** @typedef {import("./protocol.js").Ready} Ready */
 /** @typedef {import("./protocol.js").Started} Started */
+/** @typedef {import("./protocol.js").Restarted} Restarted */
 /** @typedef {import("./protocol.js").Queued} Queued */
 /** @typedef {import("./protocol.js").Chat} ChatRequest */
 /** @typedef {import("./protocol.js").Generate} GenerateRequest */
@@ -477,6 +478,12 @@ export class Generation {
     this.done = null;
     /** @type {FerrousError | null} */
     this.error = null;
+    /**
+     * Set when another node runs the generation again (its node stopped): the
+     * text before it is void, and deltas count from seq 0 again.
+     * @type {Restarted | null}
+     */
+    this.restarted = null;
     this._client = client;
     /** @type {Session | null} */ this._session = null;
     /** @type {Item[]} */ this._queue = [];
@@ -517,10 +524,14 @@ export class Generation {
     this._client._cancel(this);
   }
 
-  /** Read the generation to its end and return the whole text. */
+  /**
+   * Read the generation to its end and return the whole text. After a
+   * `restarted` (the node running it stopped and another runs it again),
+   * deltas count from seq 0 again and the text starts over.
+   */
   async text() {
     let s = "";
-    for await (const d of this) s += d.text;
+    for await (const d of this) s = d.seq === 0 ? d.text : s + d.text;
     return s;
   }
 
@@ -901,6 +912,11 @@ class Session {
       case "started": {
         const gen = this.gens.get(msg.id);
         if (gen) gen._onStarted(msg);
+        break;
+      }
+      case "restarted": {
+        const gen = this.gens.get(msg.id);
+        if (gen) gen.restarted = msg;
         break;
       }
       case "delta": {

@@ -646,6 +646,26 @@ export interface Reply {
   speed?: number;
 }
 
+/**
+ * Generation `id` starts again from its request: what it sent so far is void.
+ *
+ * Sent on a resumed session when the node that ran the generation stopped
+ * (a deployment sharing sessions between nodes): the node that took the
+ * session over runs the request again. `started`, deltas from `seq` 0
+ * and `done` follow as for a new generation; a client drops the text it
+ * had of `id`.
+ */
+export interface Restarted {
+  type: "restarted";
+  id: string;
+  reason: string;
+  /**
+   * integer
+   * @default null
+   */
+  n?: number | null;
+}
+
 export interface ServerHeartbeat {
   type: "heartbeat";
   ts: number;
@@ -659,6 +679,7 @@ export type ServerMessage =
   | ToolCallEvent
   | Done
   | Error
+  | Restarted
   | ServerHeartbeat
   | Progress
   | SpeechEdge
@@ -668,7 +689,7 @@ export type ServerMessage =
   | VideoEvent;
 
 /** The `type` values of ServerMessage. */
-export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "image" | "progress" | "queued" | "ready" | "speech" | "started" | "tool_call" | "transcript" | "video";
+export type ServerMessageType = "audio" | "delta" | "done" | "error" | "heartbeat" | "image" | "progress" | "queued" | "ready" | "restarted" | "speech" | "started" | "tool_call" | "transcript" | "video";
 
 /** ServerMessage by its `type`. */
 export interface ServerMessageMap {
@@ -681,6 +702,7 @@ export interface ServerMessageMap {
   progress: Progress;
   queued: Queued;
   ready: Ready;
+  restarted: Restarted;
   speech: SpeechEdge;
   started: Started;
   tool_call: ToolCallEvent;

@@ -605,6 +605,11 @@ class FerrousClient:
                 gen = self._gens.get(msg.id)
                 if gen is not None:
                     gen.tool_calls.append(msg)
+            case m.Restarted():
+                gen = self._gens.get(msg.id)
+                if gen is not None:
+                    gen.restarted = msg
+                    gen.tool_calls.clear()
             case m.Done():
                 self._starts.pop(msg.id, None)
                 gen = self._gens.pop(msg.id, None)

@@ -63,6 +63,9 @@ class Generation:
         self.error: FerrousClientError | None = None
         # The calls the model made (tools), each once complete, in order.
         self.tool_calls: list[m.ToolCallEvent] = []
+        # Set when another node runs the generation again (the node running it
+        # stopped): the text before it is void, and deltas count from seq 0 again.
+        self.restarted: m.Restarted | None = None
         self._client = client
         self._queue: asyncio.Queue[GenerationItem] = asyncio.Queue()
         self._ended = False  # nothing more will come from the server
@@ -135,8 +138,14 @@ class Generation:
         return None
 
     async def collect(self) -> str:
-        """Read the generation to its end and return its whole text."""
-        return "".join([delta.text async for delta in self])
+        """Read the generation to its end and return its whole text (after a restart,
+        that of the run that finished: deltas count from seq 0 again)."""
+        parts: list[str] = []
+        async for delta in self:
+            if delta.seq == 0:
+                parts.clear()
+            parts.append(delta.text)
+        return "".join(parts)
 
     async def cancel(self) -> None:
         """Ask the server to stop; the iteration then ends with finish reason ``cancelled``.

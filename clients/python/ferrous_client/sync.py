@@ -147,8 +147,14 @@ class SyncGeneration:
         return None
 
     def collect(self) -> str:
-        """Read the generation to its end and return its whole text."""
-        return "".join(delta.text for delta in self)
+        """Read the generation to its end and return its whole text (after a restart,
+        that of the run that finished: deltas count from seq 0 again)."""
+        parts: list[str] = []
+        for delta in self:
+            if delta.seq == 0:
+                parts.clear()
+            parts.append(delta.text)
+        return "".join(parts)
 
     def cancel(self) -> None:
         """Ask the server to stop; the iteration then ends with finish reason ``cancelled``."""
