@@ -34,8 +34,15 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from engine import EngineClient
 from gateway.audio_routes import audio_routes
 from gateway.auth import Authenticator, Principal, Unauthorized
-from gateway.config import ServerConfig
+from gateway.config import ServerConfig, ferrous_home
 from gateway.conversations import Conversations, ConversationStore, ResponseStore
+from gateway.credentials import (
+    REVOKED_FILE,
+    FileRevocations,
+    LocalTickets,
+    Revocations,
+    TicketBook,
+)
 from gateway.generate_routes import generation_routes
 from gateway.generation import fair_share_key
 from gateway.image_routes import image_routes
@@ -144,7 +151,19 @@ class GatewayApp:
         state = config.state
         self.nodes: NodeRegistry = LocalNodes(state.node or None, self.version)
         self.mirror: SessionMirror = NoMirror()
+        self.revocations: Revocations = FileRevocations(ferrous_home(config) / REVOKED_FILE)
+        self.ticket_book: TicketBook = LocalTickets(auth)
         if state.url:
+            from gateway.redisauth import RedisRevocations, RedisTickets
+
+            self.revocations = RedisRevocations(state.url, prefix=state.prefix)
+            self.ticket_book = RedisTickets(
+                state.url,
+                auth,
+                ttl=config.auth.ticket_ttl,
+                per_user=config.auth.max_tickets_per_user,
+                prefix=state.prefix,
+            )
             from gateway.redisnodes import RedisNodes
             from gateway.redissessions import RedisSessions
 
@@ -183,6 +202,7 @@ class GatewayApp:
         )
         self.metrics.detached.set_function(lambda: len(self.resumable))
         self.mirror.on_lost(self._taken_elsewhere)
+        auth.revocations = self.revocations.revoked
         self.draining = False
         self.started_at = time.time()
         self.running: set[asyncio.Task[object]] = set()  # tasks consuming a generation
@@ -310,15 +330,18 @@ class GatewayApp:
             principal = self.http_principal(request)
         except Unauthorized as exc:
             return _denial(401, ErrorCode.UNAUTHORIZED, exc.message)
-        ticket = self.auth.issue_ticket(principal)
+        try:
+            ticket = await self.ticket_book.issue(principal)
+        except Unauthorized as exc:
+            return _denial(401, ErrorCode.UNAUTHORIZED, exc.message)
         return JSONResponse({"ticket": ticket, "expires_in": self.config.auth.ticket_ttl})
 
     # -- WebSocket ------------------------------------------------------------------------
 
-    def _ws_principal(self, ws: WebSocket, offered: list[str]) -> Principal:
+    async def _ws_principal(self, ws: WebSocket, offered: list[str]) -> Principal:
         ticket = ws.query_params.get("ticket")
         if ticket:
-            return self.auth.redeem_ticket(ticket)
+            return await self.ticket_book.redeem(ticket)
         header = ws.headers.get("authorization", "")
         credential = header[7:].strip() if header.lower().startswith("bearer ") else None
         credential = credential or ws.headers.get("x-api-key")
@@ -367,7 +390,7 @@ class GatewayApp:
             )
             return
         try:
-            principal = self._ws_principal(ws, offered)
+            principal = await self._ws_principal(ws, offered)
         except Unauthorized as exc:
             self.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
             await ws.send_denial_response(_denial(401, ErrorCode.UNAUTHORIZED, exc.message))
@@ -463,17 +486,23 @@ class GatewayApp:
         """
         while True:
             await asyncio.sleep(interval)
-            keyed = [s for s in self.sessions if s.principal.key_id is not None and not s.ended]
-            if not keyed:
+            await self.revocations.refresh()
+            held = [
+                s
+                for s in self.sessions
+                if (s.principal.key_id or s.principal.token_id) is not None and not s.ended
+            ]
+            if not held:
                 continue
             try:
                 valid = self.auth.key_ids()
             except Exception:  # keep watching: a bad moment on disk must not end the watch
                 log.exception("reading the API keys failed")
                 continue
-            for session in keyed:
-                if session.principal.key_id not in valid:
-                    log.info("closing session %s: its API key was revoked", session.id)
+            for session in held:
+                p = session.principal
+                if (p.key_id is not None and p.key_id not in valid) or self.revocations.revoked(p):
+                    log.info("closing session %s: its credential was revoked", session.id)
                     session.revoked()
 
     # -- shutdown -------------------------------------------------------------------------
@@ -501,3 +530,5 @@ class GatewayApp:
                 await s.end()
         await self.mirror.close()  # after the sessions' ends are queued
         await self.nodes.close()
+        await self.revocations.close()
+        await self.ticket_book.close()

@@ -112,6 +112,8 @@ class Principal(msgspec.Struct, frozen=True):
     ``priority`` claim or the API key's class); higher asks are lowered to it."""
     quota: Quota | None = None
     """Limits from a JWT ``quota`` claim, over the configured ones (gateway.quotas)."""
+    token_id: str | None = None
+    """The JWT's ``jti``, by which it can be revoked before it expires (gateway.credentials)."""
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True):
@@ -207,6 +209,11 @@ def _read_secret(path: Path) -> bytes:
             "delete it to have a new one created"
         )
     return secret
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically, readable by its owner only."""
+    _write_atomic(path, data)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -434,6 +441,8 @@ class Authenticator:
         )
         self._tickets: dict[bytes, _Ticket] = {}
         self._tickets_by_user: dict[tuple[str | None, str], list[bytes]] = {}
+        # Set by the gateway: whether a principal's credential was revoked (gateway.credentials).
+        self.revocations: Callable[[Principal], bool] | None = None
 
         if enabled:
             if "HS256" in self._algorithms:
@@ -459,8 +468,17 @@ class Authenticator:
         if not credential:
             raise Unauthorized("missing token")
         if credential.startswith(API_KEY_PREFIX):
-            return self._authenticate_api_key(credential)
-        return self._authenticate_jwt(credential)
+            principal = self._authenticate_api_key(credential)
+        else:
+            principal = self._authenticate_jwt(credential)
+        self.check_not_revoked(principal)
+        return principal
+
+    def check_not_revoked(self, principal: Principal) -> None:
+        """Raise ``Unauthorized`` when ``principal``'s credential is on the revocation list."""
+        if self.revocations is not None and self.revocations(principal):
+            kind = "API key" if principal.key_id is not None else "token"
+            raise Unauthorized(f"this {kind} was revoked")
 
     def _local_secret(self) -> bytes:
         with self._lock:
@@ -583,7 +601,11 @@ class Authenticator:
                 quota = msgspec.convert(quota, Quota)
             except msgspec.ValidationError:
                 raise Unauthorized("invalid quota claim") from None
-        return Principal(sub, tenant, "jwt", exp, scopes, max_priority=priority, quota=quota)
+        jti = payload.get("jti")
+        token_id = jti if isinstance(jti, str) and 0 < len(jti) <= 128 else None
+        return Principal(
+            sub, tenant, "jwt", exp, scopes, max_priority=priority, quota=quota, token_id=token_id
+        )
 
     def issue_token(
         self,
@@ -614,6 +636,7 @@ class Authenticator:
             "iat": int(now),
             "nbf": int(now),
             "exp": int(now + ttl),
+            "jti": secrets.token_urlsafe(12),  # what revokes it early
         }
         if tenant:
             claims[self._tenant_claim] = tenant
@@ -639,13 +662,8 @@ class Authenticator:
         The ticket never outlives the credential it was issued for.
         """
         now = self._clock()
-        if principal.expires_at is not None and principal.expires_at <= now:
-            raise Unauthorized("token expired")
+        purge_at, expires_at = self.ticket_terms(principal)
         ticket = secrets.token_urlsafe(32)
-        purge_at = now + self._ticket_ttl
-        expires_at = (
-            purge_at if principal.expires_at is None else min(purge_at, principal.expires_at)
-        )
         digest = _digest(ticket)
         owner = (principal.tenant, principal.user)
         with self._lock:
@@ -661,6 +679,28 @@ class Authenticator:
             mine.append(digest)
         return ticket
 
+    def ticket_terms(self, principal: Principal) -> tuple[float, float]:
+        """When a ticket issued now for ``principal`` is forgotten, and when it expires
+        (never after the credential it was issued for)."""
+        now = self._clock()
+        if principal.expires_at is not None and principal.expires_at <= now:
+            raise Unauthorized("token expired")
+        purge_at = now + self._ticket_ttl
+        expires_at = (
+            purge_at if principal.expires_at is None else min(purge_at, principal.expires_at)
+        )
+        return purge_at, expires_at
+
+    def redeemed(self, principal: Principal, expires_at: float) -> Principal:
+        """The principal a ticket of ``principal`` stands for once redeemed, checked."""
+        if expires_at <= self._clock():
+            raise Unauthorized("ticket expired")
+        p = principal
+        if p.key_id is not None and p.key_id not in self.key_ids():
+            raise Unauthorized("the API key behind this ticket was revoked")
+        self.check_not_revoked(p)
+        return msgspec.structs.replace(p, method="ticket")
+
     def redeem_ticket(self, ticket: str) -> Principal:
         """The principal a ticket was issued for; the ticket is spent either way."""
         now = self._clock()
@@ -672,12 +712,7 @@ class Authenticator:
             self._purge_tickets(now)
         if entry is None:
             raise Unauthorized("unknown or used ticket")
-        if entry.expires_at <= now:
-            raise Unauthorized("ticket expired")
-        p = entry.principal
-        if p.key_id is not None and p.key_id not in self.key_ids():
-            raise Unauthorized("the API key behind this ticket was revoked")
-        return Principal(p.user, p.tenant, "ticket", p.expires_at, p.scopes, p.key_id)
+        return self.redeemed(entry.principal, entry.expires_at)
 
     def _forget_ticket(self, principal: Principal, digest: bytes) -> None:
         owner = (principal.tenant, principal.user)

@@ -28,7 +28,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from engine.store.names import did_you_mean
-from gateway.config import ConfigError, ServerConfig, load_config, redacted, render_toml
+from gateway.config import (
+    ConfigError,
+    ServerConfig,
+    ferrous_home,
+    load_config,
+    redacted,
+    render_toml,
+)
+from gateway.credentials import REVOKED_FILE, FileRevocations, key_identity, token_identity
 from gateway.modelcli import (
     COMMANDS,
     add_model_commands,
@@ -318,8 +326,43 @@ def _scopes(values: list[str] | None) -> frozenset[str] | None:
         raise ConfigError(str(exc)) from None
 
 
+def _record_revocation(config: ServerConfig, identity: str, until: float) -> None:
+    """Put ``identity`` on the revocation list the server reads (gateway.credentials):
+    the deployment's in Redis with ``[state] url``, else this node's file."""
+    if config.state.url:
+        from gateway.redisauth import RedisRevocations
+
+        async def write() -> None:
+            store = RedisRevocations(config.state.url, prefix=config.state.prefix)
+            try:
+                await store.revoke(identity, until)
+            finally:
+                await store.close()
+
+        asyncio.run(write())
+    else:
+        FileRevocations(ferrous_home(config) / REVOKED_FILE).revoke_now(identity, until)
+
+
+def _revoke_token(config: ServerConfig, token: str) -> int:
+    """``ferrous token --revoke TOKEN``: refused everywhere from now until it expires."""
+    auth = build_authenticator(config)
+    try:
+        principal = auth.authenticate(token.strip())
+    except FerrousError as exc:
+        print(f"ferrous: not a valid token of this server: {exc.message}", file=sys.stderr)
+        return 1
+    if principal.token_id is None:
+        print("ferrous: this token has no jti claim: it cannot be revoked", file=sys.stderr)
+        return 1
+    until = principal.expires_at if principal.expires_at is not None else float("inf")
+    _record_revocation(config, token_identity(principal.token_id), until)
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
-    auth = build_authenticator(load_config(args.config))
+    config = load_config(args.config)
+    auth = build_authenticator(config)
     if args.key_command == "create":
         print(
             auth.create_api_key(
@@ -328,7 +371,13 @@ def _keys(args: argparse.Namespace) -> int:
         )
         return 0
     if args.key_command == "revoke":
-        if auth.revoke_api_key(args.key):
+        deleted = auth.revoke_api_key(args.key)
+        # Listed as well, so that every node refuses it (each reads its own key file).
+        key = args.key.strip()
+        prefix = key[:12] if len(key) > 12 else key
+        if deleted or config.state.url:
+            if key.startswith("ffk_"):
+                _record_revocation(config, key_identity(prefix), float("inf"))
             return 0
         print("ferrous: no such key", file=sys.stderr)
         return 1
@@ -387,6 +436,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds")
     p.add_argument("--scope", action="append", help=SCOPE_HELP)
     p.add_argument("--priority", type=int, default=0, help=PRIORITY_HELP)
+    p.add_argument(
+        "--revoke",
+        metavar="TOKEN",
+        help="revoke TOKEN (by its jti) on every node until it expires, instead",
+    )
 
     p = sub.add_parser("key", help="manage API keys (stored hashed)")
     p.add_argument("--config")
@@ -488,6 +542,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2) if args.json else render_toml(data), end="")
         return 0
     if args.command == "token":
+        if args.revoke:
+            return _revoke_token(load_config(args.config), args.revoke)
         auth = build_authenticator(load_config(args.config))
         print(
             auth.issue_token(

@@ -38,8 +38,8 @@ from gateway.auth import Principal
 from gateway.drawing import draw
 from gateway.listening import ListenStream
 from gateway.replay import ReplayLog
+from gateway.sessionresume import CLOSE_TAKEN_OVER, CONNECTION_EXTENSION, ResumableSession
 from gateway.streams import GenerationStreams
-from gateway.takeover import take_over
 from gateway.videojobs import watch
 from gateway.voiceturn import speak
 from protocol import messages as m
@@ -58,22 +58,24 @@ from protocol.errors import (
 if TYPE_CHECKING:
     from gateway.interface import Gateway
 
-__all__ = ["CLOSE_GOING_AWAY", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_TAKEN_OVER", "Session"]
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_NORMAL",
+    "CLOSE_POLICY",
+    "CLOSE_TAKEN_OVER",
+    "CONNECTION_EXTENSION",
+    "Session",
+]
 
 log = logging.getLogger("ferrous.session")
 
 _MSGPACK = msgspec.msgpack.Encoder()  # messages and requests as the session mirror keeps them
 
-# The ASGI scope extension through which the server hands a session its connection's
-# reset (gateway.server): a connection stuck writing cannot take a close frame.
-CONNECTION_EXTENSION = "ferrous.connection"
-
-# Close codes (RFC 6455 section 7.4.1), and one of the private range for a
+# Close codes (RFC 6455 section 7.4.1); CLOSE_TAKEN_OVER (private range) is for a
 # connection whose session another connection resumed.
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
-CLOSE_TAKEN_OVER = 4000
 
 CLOSE_ABNORMAL = 1006  # no close frame: the connection was lost
 # Disconnects that leave a session for a resume: going away, and a connection that
@@ -102,7 +104,7 @@ def _ends_generation(msg: m.ServerMessage) -> bool:
     )
 
 
-class Session(GenerationStreams):
+class Session(GenerationStreams, ResumableSession):
     """One WebSocket connection after a successful handshake (its generations run in
     :class:`gateway.streams.GenerationStreams`)."""
 
@@ -335,10 +337,11 @@ class Session(GenerationStreams):
         self._expiry = asyncio.create_task(self._expire("token expired"))
 
     def revoked(self) -> None:
-        """The API key behind this session was revoked: end it as an expired token ends it."""
+        """The credential behind this session was revoked: end it as an expired token ends it."""
         if self.ended or (self._expiry is not None and not self._expiry.done()):
             return
-        self._expiry = asyncio.create_task(self._expire("API key revoked"))
+        kind = "API key" if self.principal.key_id is not None else "token"
+        self._expiry = asyncio.create_task(self._expire(f"{kind} revoked"))
 
     async def _expire(self, reason: str) -> None:
         """The credential is no longer valid: say so, end the session, close (policy violation)."""
@@ -436,79 +439,6 @@ class Session(GenerationStreams):
             resume_window=g.resumable.window if self.resume_token else 0.0,
             resumed=resumed,
         )
-
-    async def _resume(self, msg: m.Hello) -> None:
-        """This connection's hello resumes another session: hand the connection over."""
-        assert msg.resume is not None
-        g = self.gateway
-        try:
-            target = g.resumable.claim(msg.resume, self.owner)
-        except ResumeExpired:
-            if not g.mirror.shared:
-                raise
-            # Not in this process: the node that ran it may have stopped.
-            await take_over(self, msg)
-            g.metrics.resumes.labels("taken_over").inc()
-            return
-        assert isinstance(target, Session)
-        try:
-            await target.adopt(self.ws, self.principal, self.codec, msg)
-        except ResumeExpired:
-            await target.end()
-            raise
-        except Conflict:
-            raise  # a newer connection took the session: it is that one's now
-        except BaseException:
-            g.resumable.detach(target)  # claimed but not attached: it may still be resumed
-            raise
-        g.metrics.resumes.labels("resumed").inc()
-        self.helloed = True
-        self.closed = True  # this object's part is over; the connection is the target's now
-        self.taken_over_by = target
-
-    async def adopt(self, ws: Any, principal: Principal, codec: Codec, hello: m.Hello) -> None:
-        """Carry on over ``ws``: ``ready``, what the client missed after ``hello.last``, then live.
-
-        Raises :class:`ResumeExpired` when the messages after ``last`` are no
-        longer all kept (the caller ends the session then), :class:`Conflict`
-        when a newer connection resumed the session meanwhile.
-        """
-        assert self._log is not None
-        self.conn += 1  # from here the old connection's reader says "superseded"
-        conn = self.conn
-        if not self.closed:
-            # The old connection still looked alive (a half-open socket, or a client
-            # that reconnected early): it carries nothing of this session any more.
-            self.closed = True
-            await _close_or_abort(self.ws, self._send_lock.locked())
-        ready = await self._ready(resumed=True, principal=principal)
-        async with self._send_lock:
-            if self.conn != conn:
-                raise Conflict("a newer connection resumed this session meanwhile")
-            missed = self._log.since(hello.last)
-            if missed is None:
-                raise ResumeExpired(
-                    f"the messages after n={hello.last} are no longer kept "
-                    f"(kept from n={self._log.lost + 1})"
-                )
-            # Log keys are "<id>#<run>" (a generation's stream) or "<id>!" (a refusal).
-            kept = {k.rsplit("#", 1)[0].removesuffix("!") for k in self._log.generations()}
-            ready.generations = sorted(kept | set(self.gens))
-            frames = [codec.encode(ready), *(codec.encode(item) for item in missed)]
-            self.ws, self.codec, self.principal = ws, codec, principal
-            self.closed = False
-            self._credits = hello.credits
-            if self._credit_event is not None:
-                self._credit_event.set()
-            for frame in frames:
-                await self._write(frame)
-            self._wake_room()
-        log.info("session resumed: %d messages after n=%d sent again", len(missed), hello.last)
-
-    def detach(self) -> None:
-        """The connection dropped: keep the session for the resume window."""
-        self.closed = True
-        self.gateway.resumable.detach(self)
 
     # -- generations --------------------------------------------------------------------
 
@@ -609,16 +539,3 @@ class Session(GenerationStreams):
 def _with_id(exc: FerrousError, gen_id: str) -> FerrousError:
     exc.gen_id = gen_id  # type: ignore[attr-defined]
     return exc
-
-
-async def _close_or_abort(ws: Any, busy: bool) -> None:
-    """End a connection another one replaces: a close frame (4000) when it takes one,
-    else (a write stuck on its full buffer, or no answer within a second) a reset."""
-    if not busy:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await ws.close(code=CLOSE_TAKEN_OVER, reason="session resumed elsewhere")
-                return
-    abort = ws.scope.get("extensions", {}).get(CONNECTION_EXTENSION, {}).get("abort")
-    if abort is not None:
-        abort()

@@ -13,43 +13,62 @@ request; an interrupted pull or voice stream ends with a retryable
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.mirror import plan_takeover
+from gateway.mirror import Takeover, plan_takeover
 from gateway.replay import ReplayLog
 from protocol import messages as m
+from protocol.codec import Codec
 from protocol.errors import EngineError, FerrousError
 
 if TYPE_CHECKING:
-    from gateway.sessions import Session
+    from gateway.interface import Gateway
 
-__all__ = ["take_over"]
+__all__ = ["RESTART_REASON", "Adopted", "interrupted_error", "take_over"]
 
 log = logging.getLogger("ferrous.session")
 
 RESTART_REASON = "the node running this generation stopped; it runs again from its request"
 
 
-async def take_over(session: Session, hello: m.Hello) -> None:
-    """Continue, on ``session``'s connection, the mirrored session of ``hello.resume``.
+@dataclass(slots=True)
+class Adopted:
+    """A session taken over: its replay log, what to send first, and what to run again."""
+
+    log: ReplayLog[m.ServerMessage]
+    frames: list[str | bytes]  # the kept messages after the client's last, encoded
+    generations: list[str]  # for ``ready.generations``
+    plan: Takeover
+
+
+def interrupted_error() -> EngineError:
+    """For an interrupted generation that cannot run again (a pull, a voice stream)."""
+    return EngineError("the node running this stopped; start it again", retryable=True)
+
+
+async def take_over(
+    g: Gateway, owner: tuple[str | None, str], hello: m.Hello, codec: Codec
+) -> Adopted:
+    """Take the mirrored session of ``hello.resume`` over for a connection of ``owner``.
 
     Raises what :meth:`gateway.mirror.SessionMirror.take` raises, and
     ``ResumeExpired`` when messages after ``hello.last`` are gone; the caller
-    opens a new session then.
+    opens a new session then. The session (:meth:`gateway.sessions.Session`)
+    sends ``ready`` and the frames, then runs ``plan.restart`` again.
     """
     assert hello.resume is not None
-    g = session.gateway
     token = hello.resume
-    mirrored = await g.mirror.take(token, session.owner, hello.last)
+    mirrored = await g.mirror.take(token, owner, hello.last)
     try:
         plan = plan_takeover(mirrored, hello.last)
     except FerrousError:
         g.mirror.ended(token)  # ours now, and of no use: forget it
         raise
     replay_log: ReplayLog[m.ServerMessage] = ReplayLog(g.config.limits.resume_buffer_bytes)
-    frames = []
+    frames: list[str | bytes] = []
     for msg in plan.replay:
-        data = session.codec.encode(msg)
+        data = codec.encode(msg)
         frames.append(data)
         n = getattr(msg, "n", None) or 0
         gen = getattr(msg, "id", None) or ""
@@ -57,19 +76,8 @@ async def take_over(session: Session, hello: m.Hello) -> None:
         replay_log.add(n, f"{gen}#taken", msg, size, final=True)
     replay_log.last_n = plan.last_n
     replay_log.lost = max(replay_log.lost, hello.last)
-    session.helloed = True
-    session._credits = hello.credits
-    session.resume_token = token
-    session._log = replay_log
-    g.resumable.register(session)
-    ready = await session._ready(resumed=True)
     ids = {getattr(x, "id", None) for x in plan.replay}
     ids |= {r.id for r in plan.restart} | set(plan.failed)
-    ready.generations = sorted(x for x in ids if x)
-    async with session._send_lock:
-        await session._write(session.codec.encode(ready))
-        for frame in frames:
-            await session._write(frame)
     log.info(
         "session %s taken over from another node: %d messages sent again, %d generations "
         "run again, %d failed",
@@ -78,15 +86,4 @@ async def take_over(session: Session, hello: m.Hello) -> None:
         len(plan.restart),
         len(plan.failed),
     )
-    for gen_id in plan.failed:
-        g.mirror.finished(token, gen_id)
-        await session.send_error(
-            EngineError("the node running this stopped; start it again", retryable=True), gen_id
-        )
-    for request in plan.restart:
-        await session.send(m.Restarted(request.id, RESTART_REASON))
-        try:
-            session._start(request)
-        except FerrousError as exc:
-            g.mirror.finished(token, request.id)
-            await session.send_error(exc, request.id)
+    return Adopted(replay_log, frames, sorted(x for x in ids if x), plan)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -110,8 +111,15 @@ def test_issued_token_authenticates_as_its_subject_and_tenant(
 ) -> None:
     auth = Authenticator(home=tmp_path, clock=clock)
     token = auth.issue_token("alice", tenant="acme", ttl=120)
-    assert auth.authenticate(token) == Principal("alice", "acme", "jwt", NOW + 120)
-    assert auth.authenticate(auth.issue_token()) == Principal("local", None, "jwt", NOW + 3600)
+    principal = auth.authenticate(token)
+    assert principal.token_id  # every issued token has a jti, to revoke it by
+    assert principal == Principal("alice", "acme", "jwt", NOW + 120, token_id=principal.token_id)
+    other = auth.authenticate(auth.issue_token("alice", tenant="acme", ttl=120))
+    assert other.token_id != principal.token_id
+    default = auth.authenticate(auth.issue_token())
+    assert msgspec.structs.replace(default, token_id=None) == Principal(
+        "local", None, "jwt", NOW + 3600
+    )
 
 
 def test_issued_token_carries_configured_audience_and_issuer(
@@ -385,7 +393,9 @@ def test_ticket_is_single_use(tmp_path: Path, clock: FakeClock) -> None:
     auth = Authenticator(home=tmp_path, clock=clock)
     principal = auth.authenticate(auth.issue_token("alice", tenant="acme", ttl=600))
     ticket = auth.issue_ticket(principal)
-    assert auth.redeem_ticket(ticket) == Principal("alice", "acme", "ticket", NOW + 600)
+    assert auth.redeem_ticket(ticket) == Principal(
+        "alice", "acme", "ticket", NOW + 600, token_id=principal.token_id
+    )
     with pytest.raises(Unauthorized, match="unknown or used ticket"):
         auth.redeem_ticket(ticket)
     with pytest.raises(Unauthorized, match="unknown or used ticket"):
