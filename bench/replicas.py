@@ -1,7 +1,7 @@
 """What sharing state between nodes costs: quota admissions through Redis, and a cancel
 that crosses nodes.
 
-    python -m bench.replicas [--admissions 2000] [--cancels 20] [--json]
+    python -m bench.replicas [--admissions 2000] [--cancels 20] [--replicas 3] [--json]
 
 A real ``redis-server`` (on a unix socket in a temporary directory) and two
 in-process nodes sharing it, each with the gRPC API on:
@@ -14,8 +14,13 @@ in-process nodes sharing it, each with the gRPC API on:
   to node b, whose pub/sub notice stops it on a: the time from sending the
   cancel to the stream's ``done`` on the client, p50 and max.
 
-Aggregate throughput of one to three replicas on one machine is not measured
-here: replicas on a 2-core machine share the same cores.
+* **throughput** (``--replicas 3``) — one to N ``ferrous serve`` processes
+  (one single-threaded worker each, the same small model) sharing Redis,
+  behind nginx with the shipped configuration (``bench.nginx``): ``--streams``
+  generations at once, each with its own ``X-Conversation-Id`` (the key nginx
+  spreads them by), aggregate tokens per second; and one node on its own port
+  without nginx, the baseline. Replicas on one machine share its cores: on 2
+  cores, two single-threaded replicas can use both, a third adds nothing.
 """
 
 from __future__ import annotations
@@ -123,10 +128,72 @@ async def _cancels(url: str, home: Path, n: int) -> dict[str, float]:
     }
 
 
+async def _streams(base: str, n: int, tokens: int) -> float:
+    """``n`` generations at once through ``base``: aggregate tokens per second."""
+    import httpx
+
+    async def one(i: int, client: httpx.AsyncClient) -> int:
+        r = await client.post(
+            "/v1/generate",
+            json={
+                "model": "bench",
+                "prompt": f"stream {i}",
+                "options": {"temperature": 0, "max_tokens": tokens, "ignore_eos": True},
+            },
+            headers={"X-Conversation-Id": f"c-{i}"},
+        )
+        r.raise_for_status()
+        return int(r.json()["usage"]["completion_tokens"])
+
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i, client) for i in range(n)))
+        return sum(counts) / (time.perf_counter() - t0)
+
+
+def _throughput(url: str, home: Path, replicas: int, streams: int, tokens: int) -> dict[str, float]:
+    from bench.nginx import running_nginx
+    from bench.serving import start_server, stop_server
+    from engine.tinymodels import TinyLlamaSpec, write_tiny_llama
+
+    spec = TinyLlamaSpec(n_embd=256, n_layer=8, n_head=4, n_ff=1024, n_ctx=4096)
+    model = write_tiny_llama(home / "bench.gguf", script="Hi ö你🙂!", spec=spec)
+    out: dict[str, float] = {}
+    for n in range(1, replicas + 1):
+        procs = []
+        try:
+            ports = []
+            for i in range(n):
+                env = {"FERROUS_STATE__URL": url, "FERROUS_STATE__NODE": f"r{i}"}
+                proc, port = start_server(
+                    model, home=str(home / f"r{n}-{i}"), env=env, ready_path="/healthz"
+                )
+                procs.append(proc)
+                ports.append(port)
+            for port in ports:  # warm: the model loaded, the code paths taken
+                asyncio.run(_streams(f"http://127.0.0.1:{port}", 1, 8))
+            if n == 1:
+                base = asyncio.run(_streams(f"http://127.0.0.1:{ports[0]}", streams, tokens))
+                out["direct_1_node_tok_s"] = round(base, 1)
+            with running_nginx(home / f"nginx-{n}", ports) as lb:
+                rate = asyncio.run(_streams(f"http://127.0.0.1:{lb}", streams, tokens))
+            out[f"nginx_{n}_nodes_tok_s"] = round(rate, 1)
+        finally:
+            for proc in procs:
+                stop_server(proc)
+    out["nginx_overhead_ratio"] = round(out["nginx_1_nodes_tok_s"] / out["direct_1_node_tok_s"], 3)
+    if replicas > 1:
+        out["scaling_2_over_1"] = round(out["nginx_2_nodes_tok_s"] / out["nginx_1_nodes_tok_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.replicas", description=__doc__.split("\n")[0])
     parser.add_argument("--admissions", type=int, default=2000)
     parser.add_argument("--cancels", type=int, default=20)
+    parser.add_argument("--replicas", type=int, default=0, help="throughput of 1..N (0: skip)")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from bench.redis_server import start_redis
@@ -140,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 **asyncio.run(_admissions(url, args.admissions)),
                 **asyncio.run(_cancels(url, home, args.cancels)),
             }
+            if args.replicas:
+                result |= _throughput(url, home, args.replicas, args.streams, args.tokens)
         finally:
             proc.terminate()
             proc.wait(10)

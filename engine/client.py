@@ -42,6 +42,7 @@ from engine import ipc
 from engine.admission import Admission, Stranded, WaitCallback
 from engine.jobcalls import JobCalls
 from engine.logprobs import TokenLogprob
+from engine.netring import NetRing
 from engine.placement import Affinity
 from engine.pool import Gen, Worker, WorkerPool
 from engine.requests import (
@@ -97,6 +98,7 @@ class WorkerHealth(msgspec.Struct, frozen=True):
     queued: int
     rss_bytes: int
     tokens_generated: int
+    where: str = "local"  # a child process here, or where a host placed it ("ray:<node>")
 
 
 class EngineHealth(msgspec.Struct, frozen=True):
@@ -118,6 +120,8 @@ class EngineClient(JobCalls):
             health_timeout=self.config.health_timeout,
             on_failed=lambda models, why: self._admission.strand(models, why),
             on_replaced=self._reload,
+            host=self.config.host,
+            listen=self.config.worker_listen,
         )
         self._residency = Residency(self.config, self._pool, self._notify)
         self._affinity = Affinity()
@@ -230,8 +234,18 @@ class EngineClient(JobCalls):
         return sorted(self._models)
 
     def worker_pids(self) -> dict[int, int]:
-        """Live workers' process ids by worker index (for per-process metrics)."""
-        return {w.index: w.pid for w in self._workers if w.alive and w.pid}
+        """Live local workers' process ids by worker index (for per-process metrics; a
+        remote worker's process is on another machine)."""
+        return {w.index: w.pid for w in self._workers if w.alive and w.pid and not w.remote}
+
+    @property
+    def worker_port(self) -> int | None:
+        """The TCP port remote workers connect back to; None when workers are local."""
+        return self._pool.listener_port
+
+    def worker_places(self) -> dict[int, str]:
+        """Where each live worker runs, by index: ``local``, or its host's name for it."""
+        return {w.index: w.where for w in self._workers if w.alive}
 
     async def health(self) -> EngineHealth:
         async def ping(w: Worker) -> WorkerHealth:
@@ -249,10 +263,11 @@ class EngineClient(JobCalls):
                         p.queued,
                         p.rss_bytes,
                         p.tokens_generated,
+                        w.where,
                     )
                 except EngineError:
                     pass
-            return WorkerHealth(w.index, w.pid, False, [], 0, 0, 0, 0)
+            return WorkerHealth(w.index, w.pid, False, [], 0, 0, 0, 0, w.where)
 
         workers = list(await asyncio.gather(*(ping(w) for w in self._workers)))
         return EngineHealth(
@@ -312,7 +327,11 @@ class EngineClient(JobCalls):
         spec.active += 1
         spec.last_used = time.monotonic()
         try:
-            ring = Ring.create(self.config.ring_capacity)
+            ring: Ring | NetRing
+            if worker.remote:  # its text comes over the connection (engine.netring)
+                ring = NetRing(self.config.ring_capacity)
+            else:
+                ring = Ring.create(self.config.ring_capacity)
         except OSError as exc:
             # Out of file descriptors (EMFILE) or of /dev/shm (ENOSPC): the
             # server is out of a resource, not broken, and the caller may retry.
@@ -363,7 +382,8 @@ class EngineClient(JobCalls):
                 finished = g.finished  # read before the ring: data precedes Finished
                 records, resume = ring.read()
                 if resume:
-                    worker.send(ipc.Resume(gen=g.gen))
+                    tail = ring.tail if isinstance(ring, NetRing) else 0
+                    worker.send(ipc.Resume(gen=g.gen, tail=tail))
                 for ids, text, extra in records:
                     logprobs = _LOGPROBS.decode(extra) if extra else None
                     yield TokenDelta(text.decode("utf-8"), seq, ids if want_ids else None, logprobs)

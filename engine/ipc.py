@@ -54,6 +54,7 @@ __all__ = [
     "Shutdown",
     "Synthesize",
     "Synthesized",
+    "Text",
     "ToWorker",
     "Transcribe",
     "Transcribed",
@@ -126,7 +127,11 @@ class Cancel(_Frame, tag=4, kw_only=True):
 
 
 class Resume(_Frame, tag=5, kw_only=True):
+    """The generation's ring has room again; for a ring over the connection
+    (:mod:`engine.netring`), ``tail`` is how many bytes of it the gateway read."""
+
     gen: int
+    tail: int = 0
 
 
 class Ping(_Frame, tag=6, kw_only=True):
@@ -203,6 +208,19 @@ class CancelJob(_Frame, tag=10, kw_only=True):
 class Hello(_Frame, tag=20, kw_only=True):
     pid: int
     backends: list[str]
+    # A worker that connected over the network (engine.placement) says which
+    # start it answers, and which host it runs on.
+    nonce: str = ""
+    host: str = ""
+
+
+class Text(_Frame, tag=37, kw_only=True):
+    """A record of generation ``gen``'s text, for a ring over the connection."""
+
+    gen: int
+    ids: list[int]
+    text: bytes
+    extra: bytes = b""
 
 
 class ModelLoaded(_Frame, tag=21, kw_only=True):
@@ -360,6 +378,7 @@ ToWorker = (
 )
 FromWorker = (
     Hello
+    | Text
     | ModelLoaded
     | WorkerError
     | Wake

@@ -30,7 +30,9 @@ import msgspec
 
 from engine import ipc
 from engine.interrupt import Interrupt
+from engine.netring import NetRing
 from engine.preemption import Runner
+from engine.remote import RemoteProcess, WorkerHost, WorkerListener
 from engine.requests import FinishReason
 from engine.rings import Ring
 from protocol.errors import EngineError, ErrorCode, FerrousError
@@ -49,7 +51,7 @@ class Gen:
 
     __slots__ = ("finished", "gen", "request_id", "ring", "waiter", "worker")
 
-    def __init__(self, gen: int, request_id: str, ring: Ring, worker: Worker) -> None:
+    def __init__(self, gen: int, request_id: str, ring: Ring | NetRing, worker: Worker) -> None:
         self.gen = gen
         self.request_id = request_id
         self.ring = ring
@@ -74,7 +76,7 @@ class Worker(asyncio.Protocol):
     def __init__(self, index: int, pool: WorkerPool) -> None:
         self.index = index
         self.pool = pool
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | RemoteProcess | None = None
         self.transport: asyncio.WriteTransport | None = None
         self.frames = ipc.FrameBuffer()
         self.hello: asyncio.Future[ipc.Hello] = asyncio.get_running_loop().create_future()
@@ -93,6 +95,9 @@ class Worker(asyncio.Protocol):
         self.ping_sent: float | None = None
         # Raised to cut the worker's current step short (engine.interrupt).
         self.interrupt: Interrupt | None = None
+        # A worker on another machine (engine.remote): its text comes over the connection.
+        self.remote = False
+        self.where = "local"
         self.loading = 0
         self.load_ended = 0.0
 
@@ -139,8 +144,13 @@ class WorkerPool:
         health_timeout: float,
         on_failed: Callable[[list[str], str], None],
         on_replaced: Callable[[Worker], Awaitable[None]],
+        host: WorkerHost | None = None,
+        listen: str = "127.0.0.1",
     ) -> None:
         self.count = count
+        # Where workers start: child processes here, or elsewhere through ``host``.
+        self.host = host
+        self._listener = WorkerListener(listen) if host is not None else None
         self.start_timeout = start_timeout
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -151,6 +161,10 @@ class WorkerPool:
         self._closing = False
         self._req_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def listener_port(self) -> int | None:
+        return self._listener.port if self._listener is not None else None
 
     def next_req(self) -> int:
         """A request number unique among this pool's control requests."""
@@ -168,6 +182,8 @@ class WorkerPool:
         if self.count < 1:
             raise ValueError("an engine needs at least one worker")
         self.workers = [Worker(i, self) for i in range(self.count)]
+        if self._listener is not None:
+            await self._listener.start()
         try:
             await asyncio.gather(*(self.spawn(w) for w in self.workers))
         except BaseException:
@@ -178,6 +194,9 @@ class WorkerPool:
             self._spawn_task(self.watch(), "engine-watchdog")
 
     async def spawn(self, w: Worker) -> None:
+        if self.host is not None:
+            await self._spawn_remote(w, self.host)
+            return
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         w.interrupt = Interrupt.create()
         try:
@@ -214,6 +233,41 @@ class WorkerPool:
             "worker %d started (pid %d, backends %s)", w.index, w.pid, ",".join(hello.backends)
         )
 
+    async def _spawn_remote(self, w: Worker, host: WorkerHost) -> None:
+        """Start ``w`` through ``host``; it connects back to the listener with its nonce."""
+        assert self._listener is not None
+        w.remote = True
+        nonce = self._listener.expect(w)
+        address = f"{host.advertise}:{self._listener.port}"
+        try:
+            w.proc = await asyncio.wait_for(
+                host.launch(w.index, address, nonce), self.start_timeout
+            )
+            hello = await asyncio.wait_for(asyncio.shield(w.hello), self.start_timeout)
+        except (TimeoutError, EngineError) as exc:
+            self._listener.forget(nonce)
+            if w.proc is not None:
+                w.proc.kill()
+            w.close_transport()
+            why = "no handshake in time" if isinstance(exc, TimeoutError) else str(exc)
+            raise EngineError(f"worker {w.index} did not start: {why}") from None
+        except BaseException:
+            self._listener.forget(nonce)
+            if w.proc is not None:
+                w.proc.kill()
+            raise
+        w.pid = hello.pid
+        w.where = host.describe(w.proc)
+        w.alive = True
+        log.info(
+            "worker %d started on %s (%s, pid %d, backends %s)",
+            w.index,
+            hello.host,
+            w.where,
+            w.pid,
+            ",".join(hello.backends),
+        )
+
     async def close(self) -> None:
         """Stop every worker: ask politely, then kill after a few seconds."""
         self._closing = True
@@ -232,9 +286,18 @@ class WorkerPool:
             self.fail(w, "the engine is shutting down")
             w.close_transport()
         self.workers = []
+        if self._listener is not None:
+            await self._listener.close()
+        if self.host is not None:
+            await self.host.close()
 
     def dispatch(self, w: Worker, msg: ipc.FromWorker) -> None:
-        if isinstance(msg, ipc.Wake):
+        if isinstance(msg, ipc.Text):
+            g = w.gens.get(msg.gen)
+            if g is not None and isinstance(g.ring, NetRing):
+                g.ring.feed(msg.ids, msg.text, msg.extra)
+                g.wake()
+        elif isinstance(msg, ipc.Wake):
             g = w.gens.get(msg.gen)
             if g is not None:
                 g.wake()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -79,3 +80,8 @@ class EngineConfig:
     # Each backend's own options, by backend name (e.g. "onnx": OnnxOptions); a
     # backend not listed gets its defaults (engine.backends.entry).
     options: dict[str, msgspec.Struct] = field(default_factory=dict)
+    # Where workers run (engine.remote): None = child processes of this one; else a
+    # host that starts them elsewhere (engine.rayhost.RayHost), which connect back
+    # to ``worker_listen``.
+    host: Any = None
+    worker_listen: str = "127.0.0.1"

@@ -49,6 +49,7 @@ from engine.backends import (
 from engine.interrupt import Interrupt
 from engine.jobs import JobQueue
 from engine.logprobs import TokenLogprob, TopLogprob
+from engine.netring import NET_PREFIX, NetRingWriter, is_net_ring
 from engine.preemption import Runner, victim
 from engine.prompts import prompt_tokens, with_tool_grammar
 from engine.requests import FinishReason
@@ -106,7 +107,9 @@ class _Seq:
         "t_start",
     )
 
-    def __init__(self, msg: ipc.Generate, ring: Ring, backend: TextGenerator, model: str) -> None:
+    def __init__(
+        self, msg: ipc.Generate, ring: Ring | NetRingWriter, backend: TextGenerator, model: str
+    ) -> None:
         self.msg = msg
         self.gen = msg.gen
         self.ring = ring
@@ -131,8 +134,11 @@ class _Seq:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, interrupt: Interrupt | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, interrupt: Interrupt | None = None, *, nonce: str = ""
+    ) -> None:
         self._sock = sock
+        self._nonce = nonce
         self._interrupt = interrupt
         self._frames = ipc.FrameBuffer()
         self._models: dict[str, tuple[Backend, float]] = {}
@@ -175,7 +181,14 @@ class Worker:
             self._handlers[type(msg)](msg)
 
     def run(self) -> None:
-        self._send(ipc.Hello(pid=os.getpid(), backends=available_backends()))
+        self._send(
+            ipc.Hello(
+                pid=os.getpid(),
+                backends=available_backends(),
+                nonce=self._nonce,
+                host=socket.gethostname(),
+            )
+        )
         while not self._stopping:
             if self._interrupt is not None:
                 # Raised after the client sent a request that should not wait for a
@@ -296,7 +309,11 @@ class Worker:
             self._reject(msg.gen, ModelNotFound(f"model {msg.model!r} is not loaded"))
             return
         try:
-            ring = Ring.attach(msg.ring)
+            ring: Ring | NetRingWriter
+            if is_net_ring(msg.ring):
+                ring = NetRingWriter(self._send, msg.gen, int(msg.ring[len(NET_PREFIX) :]))
+            else:
+                ring = Ring.attach(msg.ring)
         except (OSError, ValueError) as exc:
             self._reject(msg.gen, FerrousError(f"cannot attach ring: {exc}"))
             return
@@ -330,6 +347,8 @@ class Worker:
     def _on_resume(self, msg: ipc.Resume) -> None:
         seq = self._running.get(msg.gen)
         if seq is not None:
+            if isinstance(seq.ring, NetRingWriter):
+                seq.ring.confirmed(msg.tail)
             self._drain(seq)
 
     def _on_ping(self, msg: ipc.Ping) -> None:
@@ -605,13 +624,41 @@ class Worker:
         seq.ring.close()
 
 
+def connect_back(address: str) -> socket.socket:
+    """A control connection to the gateway at ``host:port`` (a worker on another machine)."""
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(True)
+    return sock
+
+
+def serve_remote(address: str, nonce: str) -> None:
+    """Run a worker whose gateway is at ``address`` (``host:port``), until it is told to stop
+    or the connection goes; its generations' text goes over the connection."""
+    sock = connect_back(address)
+    try:
+        Worker(sock, None, nonce=nonce).run()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="engine.worker")
-    parser.add_argument("--fd", type=int, required=True, help="control socket file descriptor")
+    parser.add_argument("--fd", type=int, help="control socket file descriptor")
     parser.add_argument("--interrupt-fd", type=int, help="the step interrupt flag (memfd)")
+    parser.add_argument("--connect", metavar="HOST:PORT", help="the gateway's worker port")
+    parser.add_argument("--nonce", default="", help="the start this worker answers (--connect)")
     args = parser.parse_args(argv)
     # The gateway owns Ctrl-C: it shuts workers down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.connect:
+        serve_remote(args.connect, args.nonce)
+        return 0
+    if args.fd is None:
+        parser.error("--fd or --connect is required")
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     try:

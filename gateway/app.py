@@ -143,7 +143,7 @@ class GatewayApp:
         self.auth = auth
         self.version = __version__
         self.metrics = Metrics()
-        self.metrics.watch_engine(engine.loaded, engine.worker_pids)
+        self.metrics.watch_engine(engine.loaded, engine.worker_pids, engine.worker_places)
         self.conversations: Conversations = ConversationStore(config.limits.max_conversations)
         self.responses = ResponseStore(config.limits.max_stored_responses)
         self.quotas: QuotaLedger = LocalQuotas()

@@ -229,6 +229,23 @@ class StateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dead_after: Annotated[float, msgspec.Meta(ge=0.2, le=600)] = 3.0
 
 
+class RayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Engine workers as Ray actors on a cluster (engine.rayhost): off unless enabled.
+
+    ``address``: the cluster's (``host:port`` of its head; empty = ``RAY_ADDRESS``).
+    Workers go where Ray finds ``num_cpus`` and ``resources``; they connect back
+    to ``listen`` (this machine's address on the cluster's network; port 0 = any)
+    as ``advertise`` names it. The models must be at the same paths on the nodes.
+    """
+
+    enabled: bool = False
+    address: str = ""
+    num_cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
+    resources: dict[str, Annotated[float, msgspec.Meta(gt=0)]] = msgspec.field(default_factory=dict)
+    listen: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    advertise: str = ""  # "" = listen
+
+
 class GrpcConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The gRPC API (gateway.grpcapi): off unless enabled, on the server's host.
 
@@ -298,6 +315,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     voice: VoiceConfig = msgspec.field(default_factory=VoiceConfig)
     grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
+    ray: RayConfig = msgspec.field(default_factory=RayConfig)
 
 
 class ConfigError(FerrousError):

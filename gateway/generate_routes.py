@@ -221,7 +221,13 @@ def generation_routes(gateway: Gateway) -> list[Route]:
             caller = None
         if caller is not None and allows(caller.scopes, ADMIN):
             body["workers"] = [
-                {"index": w.index, "alive": w.alive, "models": w.models, "active": w.active}
+                {
+                    "index": w.index,
+                    "alive": w.alive,
+                    "models": w.models,
+                    "active": w.active,
+                    "where": w.where,
+                }
                 for w in health.workers
             ]
             body["node"] = gateway.nodes.node_id

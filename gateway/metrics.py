@@ -167,9 +167,10 @@ class Metrics:
         self,
         loaded: Callable[[], list[LoadedModel]],
         worker_pids: Callable[[], dict[int, int]],
+        worker_places: Callable[[], dict[int, str]] | None = None,
     ) -> None:
         """Read the engine's loaded models and worker processes at each scrape."""
-        self.registry.register(_EngineCollector(loaded, worker_pids))
+        self.registry.register(_EngineCollector(loaded, worker_pids, worker_places))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -199,9 +200,11 @@ class _EngineCollector(Collector):
         self,
         loaded: Callable[[], list[LoadedModel]],
         worker_pids: Callable[[], dict[int, int]],
+        worker_places: Callable[[], dict[int, str]] | None = None,
     ) -> None:
         self._loaded = loaded
         self._worker_pids = worker_pids
+        self._worker_places = worker_places
 
     def describe(self) -> list[Metric]:
         return []  # read at each scrape (the set of models changes)
@@ -262,6 +265,15 @@ class _EngineCollector(Collector):
             rss.add_metric(label, usage[1])
             fds.add_metric(label, usage[2])
         yield from (cpu, rss, fds)
+        if self._worker_places is not None:
+            places = GaugeMetricFamily(
+                "ferrous_worker_up",
+                "Live engine workers (1 each), by where they run: local, or ray:<node>.",
+                labels=["worker", "where"],
+            )
+            for index, where in sorted(self._worker_places().items()):
+                places.add_metric([str(index), where], 1.0)
+            yield places
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

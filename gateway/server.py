@@ -155,7 +155,20 @@ def _check_bind(config: ServerConfig) -> None:
 
 
 def _engine_config(config: ServerConfig) -> EngineConfig:
+    host = None
+    ray = config.ray
+    if ray.enabled:
+        from engine.rayhost import RayHost  # ray only where it is on
+
+        host = RayHost(
+            ray.address,
+            advertise=ray.advertise or ray.listen,
+            num_cpus=ray.num_cpus,
+            resources=dict(ray.resources),
+        )
     return EngineConfig(
+        host=host,
+        worker_listen=ray.listen,
         workers=config.workers or default_workers(),
         threads_per_worker=config.threads_per_worker or default_threads(),
         seqs_per_worker=config.seqs_per_worker,

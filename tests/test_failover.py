@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.nginx import nginx_binary, running_nginx
 from gateway.mirror import MirroredSession, plan_takeover
 from protocol import messages as m
 from protocol.codec import codec_for
@@ -269,52 +269,14 @@ async def test_a_node_that_is_up_keeps_its_sessions(
 
 # -- through the load balancer ---------------------------------------------------------------
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-
 
 @contextlib.contextmanager
 def _nginx(folder: Path, upstreams: list[int]) -> Iterator[int]:
     """deploy/nginx.conf, as shipped, in front of ``upstreams``: its port."""
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if binary is None:
+    if nginx_binary() is None:
         pytest.fail("nginx is not installed (Debian: apt-get install nginx-light)")
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    conf = (DEPLOY / "nginx.conf").read_text()
-    conf = conf.replace("node1:11480", f"127.0.0.1:{upstreams[0]}")
-    conf = conf.replace("node2:11480", f"127.0.0.1:{upstreams[1]}")
-    conf = conf.replace("listen 11480;", f"listen 127.0.0.1:{port};")
-    conf = conf.replace("worker_processes auto;", "worker_processes 1;")
-    assert f"127.0.0.1:{port}" in conf and f"127.0.0.1:{upstreams[1]}" in conf
-    (folder / "nginx.conf").write_text(conf)
-    for temp in ("client_body_temp", "proxy_temp"):
-        (folder / temp).mkdir(exist_ok=True)
-    settings = f"daemon off; pid {folder}/nginx.pid; error_log {folder}/error.log;"
-    proc = subprocess.Popen(
-        [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", settings],
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        "nginx did not start: "
-                        + (proc.stderr.read() if proc.stderr else b"").decode()
-                    ) from None
-                time.sleep(0.05)
+    with running_nginx(folder, upstreams) as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 async def test_through_nginx_the_sdk_resumes_on_the_other_node_when_its_node_dies(
