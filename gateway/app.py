@@ -403,6 +403,10 @@ class GatewayApp:
             await ws.send_denial_response(_denial(503, ErrorCode.OVERLOADED, "too many sessions"))
             return
         await ws.accept(subprotocol=chosen)
+        # The handshake's headers are read: let them go rather than keep them (a few
+        # KiB, raw and parsed) as long as the session lasts, which may be hours.
+        ws.scope["headers"] = []
+        ws.__dict__.pop("_headers", None)
         if self.gc_tuner is not None:
             self.gc_tuner.note_accept()
         session = Session(

@@ -200,13 +200,21 @@ def json_body_refusal(content_type: str | None, *, from_browser: bool) -> str | 
     return None
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _headers(scope: Scope) -> tuple[str | None, str | None, bool]:
+    """Host, Origin (the first of each, as Starlette reads them) and whether an
+    Access-Control-Request-Method is present: only these, so that no copy of the
+    headers lives as long as the connection (a WebSocket's lasts for hours)."""
+    host = origin = None
+    asks_method = False
     for raw_name, raw_value in scope.get("headers", []):
-        name = raw_name.decode("latin-1").lower()
-        if name not in out:  # the first of repeated headers, as Starlette reads them
-            out[name] = raw_value.decode("latin-1")
-    return out
+        name = raw_name.lower()
+        if name == b"host" and host is None:
+            host = raw_value.decode("latin-1")
+        elif name == b"origin" and origin is None:
+            origin = raw_value.decode("latin-1")
+        elif name == b"access-control-request-method":
+            asks_method = True
+    return host, origin, asks_method
 
 
 def _forbidden(message: str) -> bytes:
@@ -225,19 +233,17 @@ class BrowserGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
-        host = headers.get("host")
+        host, origin, asks_method = _headers(scope)
         if not host_allowed(self.policy, host):
             await self._deny(scope, receive, send, "this server does not answer to that host name")
             return
-        origin = headers.get("origin")
         if origin is not None and not origin_allowed(self.policy, origin, host):
             await self._deny(scope, receive, send, "requests from this web origin are not allowed")
             return
         if scope["type"] == "websocket" or origin is None:
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+        if scope["method"] == "OPTIONS" and asks_method:
             await self._preflight(send, origin)
             return
 

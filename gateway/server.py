@@ -420,6 +420,9 @@ def _uvicorn_config(config: ServerConfig, gateway: GatewayApp) -> uvicorn.Config
         ws_ping_interval=config.limits.heartbeat_interval,
         ws_ping_timeout=config.limits.heartbeat_interval,
         lifespan="off",
+        # After the drain (gateway.drain: generations finished or cancelled, sessions
+        # closed), a connection that still has not closed is not waited for long.
+        timeout_graceful_shutdown=5,
         log_config=None,
         access_log=False,
         server_header=False,
