@@ -46,7 +46,7 @@ log = logging.getLogger("ferrous.sessions")
 
 # KEYS: record, log. ARGV: node, ttl, max messages, session id, owner, opening (1/0),
 # then operations of three arguments each: m n payload | r gen request | f gen - |
-# a n - | e - -.
+# a n - | e - - | x - - (writes were lost: no exact resume).
 _FLUSH = """
 local rec, log, node = KEYS[1], KEYS[2], ARGV[1]
 local holder = redis.call('HGET', rec, 'node')
@@ -79,6 +79,8 @@ while i + 2 <= #ARGV do
   elseif kind == 'e' then
     redis.call('DEL', rec, log)
     return 1
+  elseif kind == 'x' then
+    redis.call('HSET', rec, 'lost', '9007199254740992')
   end
 end
 local size = redis.call('ZCARD', log)
@@ -114,16 +116,35 @@ def _owner_text(owner: tuple[str | None, str]) -> str:
     return json.dumps(list(owner), separators=(",", ":"))
 
 
+MAX_RETAINED = 3 * 2000  # queued arguments a session keeps while the store is away
+
+
 class _Ops:
     """What is queued for one session until the next flush."""
 
-    __slots__ = ("args", "opening", "owner", "session")
+    __slots__ = ("args", "broken", "opening", "owner", "session")
 
     def __init__(self) -> None:
         self.opening = False
+        self.broken = False  # writes were lost: the store's copy cannot be resumed exactly
         self.session = ""
         self.owner = ""
         self.args: list[str | bytes | int] = []
+
+    def before(self, newer: _Ops) -> _Ops:
+        """These (unwritten) operations, then ``newer``'s: one batch, in order."""
+        if newer.opening:
+            return newer  # a new start: what came before it is moot
+        self.args += newer.args
+        self.broken = self.broken or newer.broken
+        return self
+
+    def bounded(self) -> _Ops:
+        """Past ``MAX_RETAINED``, give the copy up: a takeover is then refused as expired
+        rather than resumed with a gap (the session itself goes on here)."""
+        if len(self.args) > MAX_RETAINED:
+            self.args, self.broken = [], True
+        return self
 
 
 class RedisSessions:
@@ -156,6 +177,7 @@ class RedisSessions:
         self._wake = asyncio.Event()
         self._waiters: list[asyncio.Future[None]] = []
         self._lost: list[LostSession] = []
+        self.healthy = True  # the last write went through
         self._flusher: asyncio.Task[None] | None = None
         self._toucher: asyncio.Task[None] | None = None
 
@@ -211,8 +233,8 @@ class RedisSessions:
         self._lost.append(callback)
 
     async def sync(self) -> None:
-        if not self._queued or self._flusher is None:
-            return
+        if not self._queued or self._flusher is None or not self.healthy:
+            return  # (a store that is away does not hold sessions up)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._wake.set()
@@ -236,33 +258,47 @@ class RedisSessions:
             waiters, self._waiters = self._waiters, []
             try:
                 await self._flush(batch)
+                if not self.healthy:
+                    log.info("session mirror written again")
+                self.healthy = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("session mirror not written (%d sessions): %s", len(batch), exc)
+                if self.healthy:
+                    log.warning("session mirror not written (%d sessions): %s", len(batch), exc)
+                self.healthy = False
+                # Kept, in order, ahead of what came since: written when the store is back.
+                for token, ops in batch.items():
+                    newer = self._queued.get(token)
+                    self._queued[token] = (ops if newer is None else ops.before(newer)).bounded()
+                self._wake.set()
             finally:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_result(None)
+            if not self.healthy:
+                await asyncio.sleep(0.5)  # the store is away: try again shortly
 
     async def _flush(self, batch: dict[str, _Ops]) -> None:
         if not batch:
             return
-        pipe = self._redis.pipeline(transaction=False)
         order = []
-        for token, ops in batch.items():
-            args = [
-                self._nodes.node_id,
-                self.ttl,
-                self._max,
-                ops.session,
-                ops.owner,
-                "1" if ops.opening else "0",
-                *ops.args,
-            ]
-            await self._flush_script(keys=self._keys(token), args=args, client=pipe)
-            order.append(token)
-        results = await pipe.execute()
+        # A pipeline holds a connection until reset: the block resets it, failed or not.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for token, ops in batch.items():
+                args = [
+                    self._nodes.node_id,
+                    self.ttl,
+                    self._max,
+                    ops.session,
+                    ops.owner,
+                    "1" if ops.opening else "0",
+                    *(("x", "", "") if ops.broken else ()),
+                    *ops.args,
+                ]
+                await self._flush_script(keys=self._keys(token), args=args, client=pipe)
+                order.append(token)
+            results = await pipe.execute()
         for token, ok in zip(order, results, strict=True):
             if int(ok) == 0 and token in self._known:
                 del self._known[token]
@@ -276,12 +312,12 @@ class RedisSessions:
             await asyncio.sleep(self.ttl / 3)
             mine = [t for t in tokens() if t in self._known]
             for i in range(0, len(mine), 500):
-                pipe = self._redis.pipeline(transaction=False)
-                for token in mine[i : i + 500]:
-                    for key in self._keys(token):
-                        pipe.expire(key, self.ttl)
                 try:
-                    await pipe.execute()
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for token in mine[i : i + 500]:
+                            for key in self._keys(token):
+                                pipe.expire(key, self.ttl)
+                        await pipe.execute()
                 except Exception as exc:
                     log.warning("session mirror keys not refreshed: %s", exc)
                     break

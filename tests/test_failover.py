@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -328,3 +329,57 @@ async def test_through_nginx_the_sdk_resumes_on_the_other_node_when_its_node_die
                 "slow", "hi", options={"temperature": 0, "max_tokens": 5}
             ).collect()
             assert again == first
+
+
+# -- the store going away ------------------------------------------------------------------
+
+
+async def test_writes_made_while_the_store_is_away_land_in_order_once_it_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-server stopped (SIGSTOP) under a node's session: sessions are not held up,
+    what they sent is written once the server answers again, in order, and another node
+    takes the session over with nothing missing; past what a session may keep queued,
+    the copy is given up and a takeover is refused rather than resumed with a gap."""
+    from gateway import redissessions
+    from gateway.nodes import LocalNodes
+    from gateway.redissessions import RedisSessions
+
+    encoder = msgspec.msgpack.Encoder()
+    owner = (None, "alice")
+    with redis_server(tmp_path / "redis") as (url, proc):
+        a = RedisSessions(url, LocalNodes("a"), window=30)
+        b = RedisSessions(url, LocalNodes("b"), window=30)
+        await a.start(list)
+        try:
+            for token in ("kept", "dropped"):
+                a.opened(token, "s-1", owner)
+            for n in (1, 2, 3):
+                a.sent("kept", n, encoder.encode(m.Delta("g1", n - 1, "x", n=n)))
+            await a.sync()
+            monkeypatch.setattr(redissessions, "MAX_RETAINED", 3 * 20)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                for n in (4, 5, 6):
+                    a.sent("kept", n, encoder.encode(m.Delta("g1", n - 1, "x", n=n)))
+                for n in range(1, 40):
+                    a.sent("dropped", n, encoder.encode(m.Delta("g1", n - 1, "x", n=n)))
+                async with asyncio.timeout(30):
+                    while a.healthy:
+                        await asyncio.sleep(0.1)
+                t0 = time.monotonic()
+                await a.sync()  # returns at once while the store is away
+                assert time.monotonic() - t0 < 0.5
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            async with asyncio.timeout(30):
+                while not a.healthy or a._queued:
+                    await asyncio.sleep(0.1)
+            taken = await b.take("kept", owner, 0)
+            assert [x.n for x in taken.messages] == [1, 2, 3, 4, 5, 6]
+            assert taken.lost == 0
+            with pytest.raises(ResumeExpired):
+                plan_takeover(await b.take("dropped", owner, 0), 0)
+        finally:
+            await a.close()
+            await b.close()

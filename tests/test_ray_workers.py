@@ -50,13 +50,13 @@ def test_a_ring_over_the_connection_holds_at_most_its_capacity_unconfirmed() -> 
     assert reader.read() == ([], False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster() -> Iterator[Any]:
     """Ray's head (no room for workers) and a second node offering ``far``."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray.cluster_utils import Cluster
 
-    c = Cluster(
+    c: Any = Cluster(
         initialize_head=True,
         head_node_args={
             "num_cpus": 1,
@@ -100,12 +100,20 @@ async def _generate(srv: RunningServer, max_tokens: int) -> httpx.Response:
 def _far_node_id() -> str:
     import ray
 
-    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "far" in n["Resources"])
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return str(next(n["NodeID"] for n in nodes if n["Alive"] and "far" in n["Resources"]))
 
 
-async def test_a_worker_placed_on_another_node_streams_through_its_connection(
-    server: RunningServer,
-) -> None:
+async def test_workers_on_another_ray_node(server: RunningServer) -> None:
+    """One cluster, one server (a cluster costs a dozen processes): the worker placed on
+    the far node streams through its connection, the worker port turns strangers away,
+    and a killed worker fails its generation and is replaced there."""
+    await _placed(server)
+    await _strangers(server)
+    await _killed(server)
+
+
+async def _placed(server: RunningServer) -> None:
     r = await _generate(server, 26)
     assert r.status_code == 200, r.text
     assert r.json()["text"] == SCRIPT * 2
@@ -119,9 +127,27 @@ async def test_a_worker_placed_on_another_node_streams_through_its_connection(
     assert r.json()["usage"]["completion_tokens"] == 1500
 
 
-async def test_a_killed_remote_worker_fails_its_generation_and_is_replaced(
-    server: RunningServer,
-) -> None:
+async def _strangers(server: RunningServer) -> None:
+    """The worker port takes only the connections of the workers it started: a Hello
+    with another nonce (or none, or garbage) is closed unread."""
+    port = server.gateway.engine.worker_port
+    assert port is not None
+    for first in (
+        ipc.encode(ipc.Hello(pid=1, backends=[], nonce="guessed")),
+        ipc.encode(ipc.Hello(pid=1, backends=[])),
+        b"\x05\x00\x00\x00garbage",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed, nothing sent
+        writer.close()
+    r = await _generate(server, 13)  # the real worker is untouched
+    assert r.status_code == 200 and r.json()["text"] == SCRIPT
+
+
+async def _killed(server: RunningServer) -> None:
     token = server.gateway.auth.issue_token(sub="alice", ttl=600)
     [worker] = (await server.gateway.engine.health()).workers
     pid = worker.pid  # the actor's process (on this machine here; elsewhere in a deployment)
@@ -163,23 +189,3 @@ async def test_a_killed_remote_worker_fails_its_generation_and_is_replaced(
     async with httpx.AsyncClient(base_url=server.http_url) as c:
         metrics = (await c.get("/metrics")).text
     assert f'ferrous_worker_up{{where="ray:{_far_node_id()}",worker="0"}} 1.0' in metrics
-
-
-async def test_a_connection_that_names_no_start_gets_no_worker(server: RunningServer) -> None:
-    """The worker port takes only the connections of the workers it started: a Hello
-    with another nonce (or none, or garbage) is closed unread."""
-    port = server.gateway.engine.worker_port
-    assert port is not None
-    for first in (
-        ipc.encode(ipc.Hello(pid=1, backends=[], nonce="guessed")),
-        ipc.encode(ipc.Hello(pid=1, backends=[])),
-        b"\x05\x00\x00\x00garbage",
-    ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(first)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            assert await reader.read() == b""  # closed, nothing sent
-        writer.close()
-    r = await _generate(server, 13)  # the real worker is untouched
-    assert r.status_code == 200 and r.json()["text"] == SCRIPT
