@@ -12,12 +12,13 @@ moment and keeps nothing: a node that was down had nothing to stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
+
+from gateway.background import stop
 
 __all__ = ["Bus", "CancelNotice", "LocalBus", "RedisBus"]
 
@@ -119,8 +120,5 @@ class RedisBus:
             return 0
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         await self._redis.aclose()

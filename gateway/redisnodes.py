@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.background import stop
 from gateway.nodes import NodeInfo
 
 __all__ = ["RedisNodes"]
@@ -134,10 +135,7 @@ class RedisNodes:
 
     async def close(self) -> None:
         """Stop beating and leave the registry: a node that stops cleanly is not 'dead'."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         with contextlib.suppress(Exception):
             await self._redis.hdel(self._keys[0], self.node_id)
             await self._redis.hdel(self._keys[1], self.node_id)

@@ -21,11 +21,11 @@ logged, and its lease lapses on its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from typing import Any
 
+from gateway.background import stop
 from gateway.quotas import Lease, Quota
 from protocol.errors import Overloaded, RateLimited
 
@@ -210,10 +210,7 @@ class RedisQuotas:
                 log.warning("quota leases not renewed: %s", exc)
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await stop(self._renewer)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._redis.aclose()

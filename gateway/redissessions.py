@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.background import stop
 from gateway.mirror import LostSession, MirroredSession
 from gateway.nodes import NodeRegistry
 from protocol import messages as m
@@ -380,13 +381,11 @@ class RedisSessions:
             await asyncio.sleep(min(0.25, max(0.05, nodes.dead_after - age)))
 
     async def close(self) -> None:
-        for task in (self._flusher, self._toucher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop(self._flusher)
+        await stop(self._toucher)
         with contextlib.suppress(Exception):
-            await self._flush(self._queued)
+            async with asyncio.timeout(5.0):
+                await self._flush(self._queued)
         await self._redis.aclose()
 
 
