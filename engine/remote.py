@@ -59,6 +59,9 @@ class WorkerHost(Protocol):
         """The pool is done with the host (its workers are stopped)."""
 
 
+HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has to name its start
+
+
 class _Handshake(asyncio.Protocol):
     """A new connection until its Hello names a start; then the worker's protocol."""
 
@@ -67,9 +70,18 @@ class _Handshake(asyncio.Protocol):
         self._frames = ipc.FrameBuffer()
         self._buffered = b""
         self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # a stream transport
+        # A connection that says nothing does not hold a descriptor for long.
+        self._timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._drop, "no first frame in time"
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._buffered += data
@@ -98,13 +110,17 @@ class _Handshake(asyncio.Protocol):
             return
         transport, rest = self._transport, self._buffered
         self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
         transport.set_protocol(worker)
         worker.connection_made(transport)
         worker.data_received(rest)
 
     def _drop(self, why: str) -> None:
-        log.warning("closing a worker connection: %s", why)
+        if self._timer is not None:
+            self._timer.cancel()
         if self._transport is not None:
+            log.warning("closing a worker connection: %s", why)
             self._transport.abort()
             self._transport = None
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine import ipc
+from engine import ipc, remote
 from engine.netring import NetRing, NetRingWriter
 from engine.rings import RingFull, record_size
 from gateway.config import RayConfig
@@ -143,6 +143,15 @@ async def _strangers(server: RunningServer) -> None:
         async with asyncio.timeout(10):
             assert await reader.read() == b""  # closed, nothing sent
         writer.close()
+    # One that says nothing is closed after the handshake timeout (lowered here).
+    remote.HANDSHAKE_TIMEOUT = 0.5
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        writer.close()
+    finally:
+        remote.HANDSHAKE_TIMEOUT = 10.0
     r = await _generate(server, 13)  # the real worker is untouched
     assert r.status_code == 200 and r.json()["text"] == SCRIPT
 
