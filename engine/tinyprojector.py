@@ -116,3 +116,11 @@ def write_tiny_vlm(folder: str | os.PathLike[str], *, seed: int = 0) -> Path:
     write_tiny_llama(root / "model.gguf", seed=seed, spec=spec)
     write_tiny_projector(root / "projector.gguf", text_n_embd=spec.n_embd, seed=seed)
     return root
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m engine.tinyprojector FOLDER")
+    print(write_tiny_vlm(sys.argv[1]))

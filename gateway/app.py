@@ -144,7 +144,9 @@ class GatewayApp:
         self.version = __version__
         self.metrics = Metrics()
         self.metrics.watch_engine(engine.loaded, engine.worker_pids, engine.worker_places)
-        self.conversations: Conversations = ConversationStore(config.limits.max_conversations)
+        self.conversations: Conversations = ConversationStore(
+            config.limits.max_conversations, config.limits.max_conversation_bytes
+        )
         self.responses = ResponseStore(config.limits.max_stored_responses)
         self.quotas: QuotaLedger = LocalQuotas()
         self.bus: Bus = LocalBus()
@@ -195,6 +197,7 @@ class GatewayApp:
                 config.state.url,
                 max_per_user=config.limits.max_conversations,
                 prefix=config.state.prefix,
+                max_bytes=config.limits.max_conversation_bytes,
             )
         self.sessions: set[Session] = set()  # attached and detached ones
         self.resumable = DetachedSessions(

@@ -103,6 +103,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrent_generations: Positive = 8  # per session
     max_prompt_tokens: Positive = 8192
     max_conversations: Positive = 64  # kept per user (and tenant); least recently used dropped
+    # Text and images one conversation keeps; past it its oldest messages go.
+    max_conversation_bytes: Positive = 8 * 1024 * 1024
     max_stored_responses: Positive = (
         256  # Responses API answers kept per user, for previous_response_id
     )

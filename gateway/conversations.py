@@ -7,7 +7,11 @@ most ``limits.max_conversations``; the least recently used goes first.
 
 Surfaces read a conversation with :meth:`Conversations.history` and add a turn
 with :meth:`Conversations.append` once it is answered (at once, no await: a
-turn that overlaps another commits its own messages only). This process keeps
+turn that overlaps another commits its own messages only). A conversation
+holds at most ``limits.max_conversation_bytes`` of text and images: past it
+its oldest messages go (:func:`bounded`), as a model's context would drop them
+anyway; a prompt shows a vision model the newest images only
+(:func:`newest_images`). This process keeps
 them (:class:`ConversationStore`) unless ``[state] url`` names a Redis shared
 by the nodes (:mod:`gateway.redisconversations`), where a conversation started
 on one node continues on another.
@@ -16,7 +20,10 @@ on one node continues on another.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Protocol
+
+import msgspec
 
 from engine import ChatMessage as EngineMessage
 
@@ -27,9 +34,50 @@ __all__ = [
     "Owner",
     "ResponseStore",
     "StoredResponse",
+    "bounded",
+    "message_bytes",
+    "newest_images",
 ]
 
 Owner = tuple[str | None, str]
+
+
+def message_bytes(msg: EngineMessage) -> int:
+    """What ``msg`` weighs in a conversation: its text, calls and images, encoded."""
+    calls = sum(len(c.name) + len(c.arguments) + len(c.id) for c in msg.tool_calls or ())
+    images = sum(len(x) for x in msg.images or ())
+    return len(msg.content.encode("utf-8")) + calls + images + 16
+
+
+def bounded(messages: Sequence[EngineMessage], max_bytes: int) -> slice:
+    """The oldest of ``messages`` that go so the rest weigh at most ``max_bytes``: a
+    span after the leading ``system`` messages (the conversation's instructions stay),
+    never the newest (it was just said, whatever it weighs)."""
+    first = 0
+    while first < len(messages) - 1 and messages[first].role == "system":
+        first += 1
+    total = sum(message_bytes(x) for x in messages)
+    end = first
+    while total > max_bytes and end < len(messages) - 1:
+        total -= message_bytes(messages[end])
+        end += 1
+    return slice(first, end)
+
+
+def newest_images(messages: Sequence[EngineMessage], keep: int) -> list[EngineMessage]:
+    """``messages`` with the images of older turns left out past the newest ``keep``
+    (their text stays): what a prompt of a long illustrated conversation shows."""
+    out: list[EngineMessage] = []
+    left = keep
+    for x in reversed(messages):
+        if x.images:
+            shown = x.images[max(0, len(x.images) - left) :] if left > 0 else []
+            left -= len(shown)
+            if len(shown) != len(x.images):
+                x = msgspec.structs.replace(x, images=shown or None)
+        out.append(x)
+    out.reverse()
+    return out
 
 
 class Conversation:
@@ -61,8 +109,9 @@ class ConversationStore:
     """Conversations per (tenant, user) in this process, least recently used dropped
     beyond a bound."""
 
-    def __init__(self, max_per_user: int) -> None:
+    def __init__(self, max_per_user: int, max_bytes: int = 8 * 1024 * 1024) -> None:
         self._max = max_per_user
+        self._max_bytes = max_bytes
         self._by_owner: dict[tuple[str | None, str], OrderedDict[str, Conversation]] = {}
 
     def get_or_create(
@@ -85,6 +134,7 @@ class ConversationStore:
         conv = self._by_owner.get(owner, OrderedDict()).get(conv_id)
         if conv is not None:  # (dropped meanwhile as least recently used: nothing to keep)
             conv.messages.extend(messages)
+            del conv.messages[bounded(conv.messages, self._max_bytes)]
 
     async def forget(self, owner: Owner, conv_id: str) -> bool:
         return self._by_owner.get(owner, OrderedDict()).pop(conv_id, None) is not None

@@ -9,6 +9,7 @@ key). Errors are the protocol's codes in a JSON body,
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.modelfacts import ModelFacts, kind_of
+from engine.modelfacts import ModelFacts, facts_of, kind_of
 from engine.store.modelfile import Message, Modelfile, render_modelfile
 from engine.store.pull import PullEvent
 from engine.store.store import ModelRecord
@@ -127,16 +128,28 @@ def model_routes(gateway: Gateway) -> list[Route]:
     def guarded(fn: Handler) -> Handler:
         return _guarded(gateway, native_error, fn)
 
-    def configured_json(name: str, admin: bool) -> dict[str, Any]:
-        """A model from the config's ``[models]`` table, in the same shape as stored ones."""
+    configured_facts: dict[str, ModelFacts | None] = {}
+
+    async def configured_json(name: str, admin: bool) -> dict[str, Any]:
+        """A model from the config's ``[models]`` table, in the same shape as stored ones
+        (its facts read from its file once)."""
+        path = gateway.config.models[name].path
+        if path not in configured_facts:
+            try:
+                configured_facts[path] = await asyncio.to_thread(facts_of, path)
+            except (FerrousError, OSError, ValueError):
+                configured_facts[path] = None  # unreadable: said when it is loaded
+        facts = configured_facts[path]
         return {
+            "details": msgspec.to_builtins(facts) if facts is not None else None,
             "id": name,
             "object": "model",
             "created": int(gateway.started_at),
             "owned_by": "ferrousforge",
             "name": name,
             "model": name,
-            "path": gateway.config.models[name].path if admin else None,
+            "kind": kind_of(facts) if facts is not None else None,
+            "path": path if admin else None,
             "loaded": name in gateway.engine.models(),
         }
 
@@ -152,7 +165,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
             item = record_json(r, admin=v.admin, facts=await v.facts(r))
             item["loaded"] = r.ref.short in loaded or str(r.ref) in loaded
             out.append(item)
-        out.extend(configured_json(name, v.admin) for name in gateway.config.models)
+        out.extend([await configured_json(name, v.admin) for name in gateway.config.models])
         catalog = [
             {"name": n, "description": e.description}
             | ({"source": redact_url(e.source) or ""} if v.admin else {})
@@ -166,7 +179,7 @@ def model_routes(gateway: Gateway) -> list[Route]:
         v = view(request)
         name = request.path_params["name"]
         if name in gateway.config.models and v.key_for(name) == name:
-            return JSONResponse(configured_json(name, v.admin))  # a configured file
+            return JSONResponse(await configured_json(name, v.admin))  # a configured file
         record = await v.get(name)
         body = record_json(record, admin=v.admin, facts=await v.facts(record))
         m = record.manifest

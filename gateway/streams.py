@@ -31,10 +31,13 @@ from engine import (
     ToolFunction,
 )
 from engine.logprobs import TokenLogprob
+from engine.prompts import MAX_IMAGES
 from engine.store.pull import PullEvent
 from gateway.auth import Principal
+from gateway.conversations import newest_images
 from gateway.generation import (
     ToolUse,
+    for_vision,
     format_options,
     logprob_json,
     prepare,
@@ -64,7 +67,9 @@ def _engine_message(x: m.ChatMessage) -> EngineMessage:
     calls = None
     if x.tool_calls:
         calls = [ToolCall(c.id, c.name, c.arguments) for c in x.tool_calls]
-    return EngineMessage(x.role, x.content, tool_calls=calls, tool_call_id=x.tool_call_id)
+    return EngineMessage(
+        x.role, x.content, tool_calls=calls, tool_call_id=x.tool_call_id, images=x.images
+    )
 
 
 def _tool_use(msg: m.Chat) -> ToolUse | None:
@@ -171,7 +176,9 @@ class GenerationStreams:
                     resolved = await g.ensure_model(self.principal, msg.model, keep_alive)
                     conv_id = msg.conversation or "c-" + secrets.token_hex(8)
                     conv = await g.conversations.history(self.owner, conv_id, msg.model)
-                    turns = [_engine_message(x) for x in msg.messages]
+                    # Images checked and sized once, as they arrive; the conversation
+                    # keeps them so later turns can ask about them.
+                    turns = await for_vision([_engine_message(x) for x in msg.messages])
                     tools = _tool_use(msg)
                     if tools is not None and msg.format is not None:
                         raise BadRequest("tools cannot be combined with format")
@@ -186,7 +193,7 @@ class GenerationStreams:
                         g,
                         self.principal,
                         msg.model,
-                        messages=[*conv.messages, *turns],
+                        messages=newest_images([*conv.messages, *turns], MAX_IMAGES),
                         seed=False,
                         tools=tools,
                         **common,

@@ -159,12 +159,19 @@ class ToolCallPart(msgspec.Struct, forbid_unknown_fields=True):
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A turn. An ``assistant`` turn may carry the ``tool_calls`` it made; a ``tool``
-    turn answers the call named by ``tool_call_id`` with its result as ``content``."""
+    turn answers the call named by ``tool_call_id`` with its result as ``content``.
+
+    ``images``: encoded pictures (PNG, JPEG, WebP, ...) a ``user`` turn shows a vision
+    language model, base64 in JSON and binary in MessagePack. They ride in the
+    message's frame (``ready.limits.max_frame_bytes``); the conversation keeps them
+    for later turns, and a prompt shows the model the newest eight. A model that
+    reads no images refuses them (``bad_request``)."""
 
     role: Literal["system", "user", "assistant", "tool"]
     content: Annotated[str, Meta(max_length=1_000_000)]
     tool_calls: Annotated[list[ToolCallPart], Meta(max_length=128)] | None = None
     tool_call_id: CallId | None = None
+    images: Annotated[list[bytes], Meta(max_length=8)] | None = None
 
 
 class AdapterChoice(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

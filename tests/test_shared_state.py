@@ -254,3 +254,59 @@ async def test_a_conversation_started_on_one_node_continues_on_another(
         assert not await client.exists('t6:c:{[null,"bob"]}:three')
     finally:
         await client.aclose()
+
+
+async def test_a_conversation_keeps_its_instructions_and_newest_messages_within_its_bound(
+    redis_url: str,
+) -> None:
+    """Past its byte bound a conversation loses its oldest messages after the leading
+    system ones, the same in one process and in Redis (where two appends race), and a
+    prompt shows a vision model only the newest images."""
+    from engine import ChatMessage as EngineMessage
+    from gateway.conversations import (
+        Conversations,
+        ConversationStore,
+        bounded,
+        message_bytes,
+        newest_images,
+    )
+    from gateway.redisconversations import RedisConversations
+
+    system = EngineMessage("system", "be brief")
+    turns = [
+        EngineMessage("user" if i % 2 == 0 else "assistant", f"{i:03d}" * 100) for i in range(40)
+    ]
+    each = message_bytes(turns[0])
+    assert bounded([system, *turns], 10**9) == slice(1, 1)
+    cut = bounded([system, *turns], message_bytes(system) + 10 * each)
+    assert (cut.start, cut.stop) == (1, 31)  # thirty go, after the instructions
+    assert bounded([turns[0]], 1) == slice(0, 0)  # the newest stays, whatever it weighs
+
+    pic = [
+        EngineMessage("user", f"look {i}", images=[bytes([i]) * 10, bytes([i]) * 20])
+        for i in range(3)
+    ]
+    shown = newest_images([system, *pic, EngineMessage("assistant", "ok")], 3)
+    assert [x.images for x in shown[1:4]] == [None, [b"\x01" * 20], pic[2].images]
+    assert [x.content for x in shown[1:4]] == ["look 0", "look 1", "look 2"]
+
+    # Redis measures a message as stored (MessagePack): a bound of about 10 of these.
+    limit = 10 * (each + 8)
+    local = ConversationStore(4, max_bytes=limit)
+    shared = RedisConversations(redis_url, max_per_user=4, prefix="t7:", max_bytes=limit)
+    stores: list[Conversations] = [local, shared]
+    try:
+        for store in stores:
+            owner = (None, "carol")
+            await store.history(owner, "long", "m")
+            store.append(owner, "long", [system])
+            for i in range(0, 40, 2):
+                store.append(owner, "long", turns[i : i + 2])
+            kept = (await store.history(owner, "long", "m")).messages
+            assert kept[0] == system
+            assert 8 <= len(kept) - 1 <= 11, len(kept)
+            assert kept[1:] == turns[-(len(kept) - 1) :]  # the newest, in order
+            assert sum(message_bytes(x) for x in kept[1:]) <= limit
+    finally:
+        await local.close()
+        await shared.close()

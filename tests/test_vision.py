@@ -235,3 +235,50 @@ async def test_a_vision_model_is_made_from_two_froms_or_two_uploaded_files(
             assert "vision" in (shown.capabilities or [])
         finally:
             await client.close()
+
+
+async def test_websocket_chats_show_images_and_keep_them_for_later_turns(
+    served: RunningServer,
+) -> None:
+    """Images on a WebSocket chat turn (base64 in JSON, binary in MessagePack) reach the
+    vision model as Ollama's do, the conversation keeps them for the next turn, and a
+    text model refuses them without ending the session."""
+    from ferrous_client import BadRequest as ClientBadRequest
+    from ferrous_client import FerrousClient
+
+    token = served.gateway.auth.issue_token(sub="alice", ttl=600, scopes=LOOPBACK_SCOPES)
+    headers = {"Authorization": f"Bearer {token}"}
+    options = {"temperature": 0, "repeat_penalty": 1, "num_predict": N}
+    red = _png("red")
+    client = ollama.AsyncClient(host=served.http_url, headers=headers)
+    try:
+        first = {"role": "user", "content": "what is this?", "images": [red]}
+        want = (await client.chat(model="vlm", messages=[first], options=options)).message
+        follow = {"role": "user", "content": "and again?"}
+        history = [first, {"role": "assistant", "content": want.content}, follow]
+        want_next = (await client.chat(model="vlm", messages=history, options=options)).message
+        plain = await client.chat(
+            model="vlm", messages=[{"role": "user", "content": "what is this?"}], options=options
+        )
+    finally:
+        await client.close()
+    assert want.content != plain.message.content
+
+    ws_options = {"temperature": 0, "repeat_penalty": 1, "max_tokens": N, "ignore_eos": True}
+    for subprotocol in ("json", "msgpack"):
+        async with FerrousClient(served.ws_url, token=token, subprotocol=subprotocol) as c:
+            ask = {"role": "user", "content": "what is this?", "images": [red]}
+            gen = c.chat("vlm", [ask], options=ws_options)
+            assert await gen.collect() == want.content, subprotocol
+            # The next turn names no image: the conversation still shows the first one.
+            again = c.chat("vlm", "and again?", conversation=gen.conversation, options=ws_options)
+            assert await again.collect() == want_next.content, subprotocol
+            with pytest.raises(ClientBadRequest, match="cannot read images"):
+                await c.chat("text", [ask], options=ws_options).collect()
+            truncated = {"role": "user", "content": "?", "images": [red[:40]]}
+            with pytest.raises(ClientBadRequest, match="image 0"):
+                await c.chat("vlm", [truncated], options=ws_options).collect()
+            # The session goes on; data URLs and files named by path are taken too.
+            url = "data:image/png;base64," + base64.b64encode(red).decode()
+            by_url = c.chat("vlm", [{**ask, "images": [url]}], options=ws_options)
+            assert await by_url.collect() == want.content

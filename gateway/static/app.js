@@ -8,7 +8,7 @@ import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
 import { liveAnswer, renderAnswer } from "./render.js";
 import * as saved from "./history.js";
 import { Microphone, Player } from "./voice.js";
-import { classify, draw, picture } from "./images.js";
+import { base64Of, classify, draw, picture, readsImages } from "./images.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -20,7 +20,7 @@ const ui = {
   asrModel: $("asr-model"), voiceModel: $("voice-model"), talk: $("talk"), handsFree: $("hands-free"),
   voiceState: $("voice-state"),
   imageModel: $("image-model"), drawModel: $("draw-model"), attach: $("attach"),
-  imageFile: $("image-file"), draw: $("draw"),
+  imageFile: $("image-file"), draw: $("draw"), attached: $("attached"),
 };
 
 // Settings live in this browser: the system prompt opens each new conversation,
@@ -154,11 +154,12 @@ async function connect(token) {
 
 // A question: its text, and a button to take it (and all after it) back into the
 // composer, edit it and send it again (the conversation continues from before it).
-function showUser(text, index) {
+function showUser(text, index, images = []) {
   const div = addTurn("user", "");
   const said = document.createElement("span");
   said.className = "said";
   said.textContent = text;
+  for (const file of images) div.append(picture(URL.createObjectURL(file), file.name));
   div.append(said, button("edit", "✎", "edit and send again", () => {
     if (current) return;
     const upTo = Number(div.dataset.index);
@@ -284,7 +285,10 @@ async function ask(text) {
   const earlier = record?.turns ?? [];
   if (!record) record = { id: crypto.randomUUID(), title: saved.titleOf(text), model: ui.model.value, turns: [] };
   else if (!record.turns.length) record.title = saved.titleOf(text); // its first question was edited
-  showUser(text, earlier.length);
+  const images = attached; // pictures for a vision model go with this question
+  attached = [];
+  showAttached();
+  showUser(text, earlier.length, images);
   const answer = addTurn("assistant", "");
   answer.dataset.turn = String(turn);
   const body = document.createElement("div");
@@ -302,6 +306,7 @@ async function ask(text) {
   let firstAt = 0;
   let deltas = 0;
   const messages = [{ role: "user", content: text }];
+  if (images.length) messages[0].images = await Promise.all(images.map(base64Of));
   if (!conversationId) {
     // A new conversation on the server: the system prompt, and the turns so far.
     const replay = earlier.map((t) => ({ role: t.role, content: t.text }));
@@ -541,11 +546,25 @@ document.addEventListener("keyup", (event) => {
 
 // -- images -------------------------------------------------------------------------------
 
+// Pictures waiting for the next question to a vision chat model.
+let attached = [];
+
+function showAttached() {
+  ui.attached.replaceChildren(...attached.map((f) => picture(URL.createObjectURL(f), f.name)));
+  ui.attached.hidden = attached.length === 0;
+}
+
 ui.attach.addEventListener("click", () => ui.imageFile.click());
 ui.imageFile.addEventListener("change", async () => {
   const file = ui.imageFile.files?.[0];
   ui.imageFile.value = "";
   if (!file) return;
+  if (await readsImages(ui.model.value, bearer)) {
+    attached = [...attached, file].slice(-8); // one prompt shows at most eight
+    showAttached();
+    ui.prompt.focus();
+    return;
+  }
   const url = URL.createObjectURL(file);
   addTurn("user", "").append(picture(url, file.name));
   const answer = addTurn("assistant", "");

@@ -1,7 +1,9 @@
-// Images on the chat page: an attached picture classified by an image model, and
-// pictures drawn by an image generation model, both shown inline in the conversation.
-// They go over the server's HTTP routes (/v1/classify, /v1/images/generations) with the
-// page's own token; nothing is uploaded anywhere else.
+// Images on the chat page: an attached picture read by the chat model when it is a
+// vision language model (sent with the next question over the WebSocket), otherwise
+// classified by an image model; pictures drawn by an image generation model; all shown
+// inline in the conversation. Besides the WebSocket they use the server's HTTP routes
+// (/v1/models, /v1/classify, /v1/images/generations) with the page's own token; nothing
+// is uploaded anywhere else.
 
 /** @param {string | null} token */
 function headers(token) {
@@ -21,13 +23,33 @@ async function post(path, body, token) {
 }
 
 /** A file's bytes as base64 (no data: prefix). @param {Blob} file */
-async function base64Of(file) {
+export async function base64Of(file) {
   const bytes = new Uint8Array(await file.arrayBuffer());
   let text = "";
   for (let i = 0; i < bytes.length; i += 0x8000) {
     text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
   }
   return btoa(text);
+}
+
+/** @type {Map<string, Promise<boolean>>} */
+const reads = new Map();
+
+/**
+ * Whether chat model `model` reads images (a vision language model: "vision" among
+ * its capabilities on /v1/models), asked once per model.
+ * @param {string} model @param {string | null} token @returns {Promise<boolean>}
+ */
+export function readsImages(model, token) {
+  let known = reads.get(model);
+  if (!known) {
+    known = fetch(`/v1/models/${encodeURIComponent(model)}`, { headers: headers(token) })
+      .then((r) => (r.ok ? r.json() : {}))
+      .then((data) => Boolean(data.details?.capabilities?.includes("vision")))
+      .catch(() => false);
+    reads.set(model, known);
+  }
+  return known;
 }
 
 /**

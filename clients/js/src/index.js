@@ -50,7 +50,7 @@ const ACK_EVERY = 64; // numbered messages between acks (one also follows every 
 const ACK_AUDIO_BYTES = 64 * 1024; // ... and bytes of audio (chunks fill the server's replay budget fast)
 const ID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 const CONVERSATION_RE = /^[A-Za-z0-9._:-]{1,128}$/;
-const ROLES = new Set(["system", "user", "assistant"]);
+const ROLES = new Set(["system", "user", "assistant", "tool"]);
 const RECENT = 256; // ended generations remembered to absorb their late messages
 const HEARTBEAT_FRAME = '{"type":"heartbeat"}';
 const NOOP = () => {};
@@ -380,10 +380,34 @@ function cleanMessages(id, messages) {
   }
   return messages.map((m, i) => {
     if (!m || !ROLES.has(m.role) || typeof m.content !== "string") {
-      throw new BadRequestError(`messages[${i}] needs a role (system, user, assistant) and a string content`, { id });
+      throw new BadRequestError(`messages[${i}] needs a role (system, user, assistant, tool) and a string content`, { id });
     }
-    return { role: m.role, content: m.content };
+    /** @type {ChatMessage} */
+    const out = { role: m.role, content: m.content };
+    if (m.tool_calls) out.tool_calls = m.tool_calls;
+    if (m.tool_call_id) out.tool_call_id = m.tool_call_id;
+    if (m.images != null) {
+      if (!Array.isArray(m.images)) throw new BadRequestError(`messages[${i}].images must be an array`, { id });
+      out.images = m.images.map((x, k) => imageText(id, x, `messages[${i}].images[${k}]`));
+    }
+    return out;
   });
+}
+
+/**
+ * An image for a vision model as the JSON protocol carries it: base64 text. Takes
+ * base64 text, a data: URL, a Uint8Array or an ArrayBuffer.
+ * @param {string} id @param {unknown} x @param {string} where @returns {string}
+ */
+function imageText(id, x, where) {
+  if (typeof x === "string") return x.startsWith("data:") ? x.slice(x.indexOf(",") + 1) : x;
+  const bytes = x instanceof ArrayBuffer ? new Uint8Array(x) : x instanceof Uint8Array ? x : null;
+  if (!bytes) throw new BadRequestError(`${where} must be base64 text, a data: URL or bytes`, { id });
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(text);
 }
 
 /** @param {string} id @param {unknown} model */

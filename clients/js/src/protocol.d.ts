@@ -138,11 +138,22 @@ export interface Chat {
 /**
  * A turn. An `assistant` turn may carry the `tool_calls` it made; a `tool`
  * turn answers the call named by `tool_call_id` with its result as `content`.
+ *
+ * `images`: encoded pictures (PNG, JPEG, WebP, ...) a `user` turn shows a vision
+ * language model, base64 in JSON and binary in MessagePack. They ride in the
+ * message's frame (`ready.limits.max_frame_bytes`); the conversation keeps them
+ * for later turns, and a prompt shows the model the newest eight. A model that
+ * reads no images refuses them (`bad_request`).
  */
 export interface ChatMessage {
   role: "assistant" | "system" | "tool" | "user";
   /** length 0..1000000 */
   content: string;
+  /**
+   * items 0..8
+   * @default null
+   */
+  images?: string[] | null;
   /**
    * length 1..128
    * @default null

@@ -1,6 +1,6 @@
 // The chat page's images in a real headless Chromium: an attached picture is shown and
-// classified by an image model, and a prompt is drawn by an image generation model, both
-// inline in the conversation.
+// classified by an image model, or read with the next question by a vision chat model,
+// and a prompt is drawn by an image generation model, all inline in the conversation.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, writeFileSync } from "node:fs";
@@ -40,6 +40,7 @@ test("an attached image is classified and a prompt is drawn, inline", { timeout:
   page.on("pageerror", (err) => errors.push(err.message));
   await page.goto(`${server.httpUrl}/#token=${server.token}`);
   await page.waitForSelector("#status:has-text('connected as alice')");
+  await page.selectOption("#model", "script"); // a text model: attached images are classified
   await page.click("#settings summary");
   await page.fill("#image-model", "colours");
   await page.fill("#draw-model", "paint");
@@ -82,3 +83,44 @@ test("an attached image is classified and a prompt is drawn, inline", { timeout:
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+test("an image attached for a vision chat model goes with the next question and changes the answer",
+  { timeout: 120_000 }, async () => {
+    const page = await browser.newPage();
+    const errors = [];
+    page.on("pageerror", (err) => errors.push(err.message));
+    await page.goto(`${server.httpUrl}/#token=${server.token}`);
+    await page.waitForSelector("#status:has-text('connected as alice')");
+    await page.selectOption("#model", "seer");
+    await page.click("#settings summary");
+    await page.fill("#temperature", "0");
+    await page.dispatchEvent("#temperature", "change");
+    await page.fill("#max-tokens", "8");
+    await page.dispatchEvent("#max-tokens", "change");
+    const answerOf = async (n) => {
+      await page.waitForFunction(
+        (count) => document.querySelectorAll(".turn.assistant .stats").length === count, n);
+      const answer = page.locator(".turn.assistant").nth(n - 1);
+      assert.equal(await answer.getAttribute("data-finish"), "length");
+      return answer.locator(".text").textContent();
+    };
+
+    await page.setInputFiles("#image-file", redPng);
+    await page.locator("#attached img.picture").waitFor(); // waiting for the question
+    assert.equal(await page.locator(".turn").count(), 0); // not classified
+    await page.fill("#prompt", "what is this?");
+    await page.click("#send");
+    await page.locator(".turn.user img.picture").first().waitFor();
+    const withImage = await answerOf(1);
+    assert.ok(await page.locator("#attached").isHidden()); // it went with the question
+
+    await page.click("#new-chat");
+    await page.fill("#prompt", "what is this?");
+    await page.click("#send");
+    const without = await answerOf(1);
+    assert.equal(await page.locator(".turn.user img.picture").count(), 0);
+    assert.notEqual(withImage, without);
+    assert.deepEqual(errors, []);
+    await page.evaluate(() => localStorage.clear());
+    await page.close();
+  });

@@ -106,7 +106,8 @@ async function healthy(httpUrl) {
  * Write the models, start the server, wait for /healthz, issue a token.
  * @param {{ slow?: boolean, voice?: boolean, vision?: boolean, logLevel?: string, env?: Record<string, string> }} [options]
  *   vision: also "colours" (a tiny image classifier) and "paint" (a tiny
- *   text-to-image model), written by engine.tinyvision;
+ *   text-to-image model), written by engine.tinyvision, and "seer" (a tiny
+ *   vision language model, engine.tinyprojector);
  *   slow: also serve the slower model "slow"; voice: also "whisper" (speech
  *   recognition), "voice" (speech synthesis) and voice-activity detection, from
  *   their wheels; env: FERROUS_* configuration
@@ -145,11 +146,13 @@ export async function startServer({ slow = true, voice = false, vision = false, 
   if (vision) {
     const colours = join(home, "colours");
     const paint = join(home, "paint");
+    const seer = join(home, "seer");
     await Promise.all([
       python(["-m", "engine.tinyvision", colours, "classifier"]),
       python(["-m", "engine.tinyvision", paint, "diffusion"]),
+      python(["-m", "engine.tinyprojector", seer]),
     ]);
-    voiceModels.push("--model", `colours=${colours}`, "--model", `paint=${paint}`);
+    voiceModels.push("--model", `colours=${colours}`, "--model", `paint=${paint}`, "--model", `seer=${seer}`);
   }
   const env = { ...config, FERROUS_HOME: home };
   const token = (await python(["-m", "gateway.cli", "token", "--sub", "alice"], { env })).trim();

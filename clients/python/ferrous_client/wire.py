@@ -10,8 +10,10 @@ limits in ``ready`` before sending: a bad request raises here, at once.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -38,7 +40,8 @@ __all__ = [
 ]
 
 MessagesLike = str | Sequence[m.ChatMessage | Mapping[str, Any]]
-"""A user message (str), or a list of ChatMessage / ``{"role", "content"}`` dicts."""
+"""A user message (str), or a list of ChatMessage / ``{"role", "content"}`` dicts; a
+dict's ``images`` may be bytes, base64 text, data URLs or paths of image files."""
 
 OptionsLike = m.Options | Mapping[str, Any] | None
 """Options, a dict of the same fields, or None for the server's defaults."""
@@ -76,11 +79,22 @@ def to_chat_messages(messages: MessagesLike) -> list[m.ChatMessage]:
         if isinstance(msg, m.ChatMessage):
             out.append(msg)
             continue
+        images = msg.get("images")
+        if images:  # files named by path are read here; bytes and base64 text go as they are
+            msg = {**msg, "images": [_image(x) for x in images]}
         try:
             out.append(msgspec.convert(msg, m.ChatMessage))
         except msgspec.ValidationError as exc:
             raise BadRequest(f"messages[{i}]: {exc}") from None
     return out
+
+
+def _image(x: Any) -> Any:
+    if isinstance(x, os.PathLike):
+        return Path(x).read_bytes()
+    if isinstance(x, str) and x.startswith("data:") and "," in x:
+        return x.split(",", 1)[1]  # a data URL's base64 part
+    return x
 
 
 def to_tools(tools: ToolsLike) -> list[m.Tool] | None:
