@@ -26,7 +26,9 @@ Three kinds of credential are accepted:
   the WebSocket URL. Tickets live in memory only, in a bounded table.
 
 The local secret (32 random bytes, hex on disk) is created on first use with
-mode 0600; a secret file readable by group or others is refused.
+mode 0600; a secret file readable by group or others is refused. The files
+themselves (secret, PEM/JWKS keys, the API key file) are read and written by
+:mod:`gateway.keyfiles`.
 """
 
 from __future__ import annotations
@@ -35,27 +37,31 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import secrets
-import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import jwt
 import msgspec
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
+from gateway.keyfiles import (
+    ApiKeyFile,
+    ApiKeyRecord,
+    PublicKey,
+    WatchedFile,
+    load_or_create_secret,
+    parse_api_keys,
+    parse_jwks,
+    parse_pem,
+    write_private_file,
+)
 from gateway.quotas import Quota
 from gateway.scopes import ALL_SCOPES, DEFAULT_SCOPES, parse_scopes
 from protocol.errors import ErrorCode, FerrousError
@@ -76,13 +82,9 @@ log = logging.getLogger("ferrous.auth")
 SUPPORTED_ALGORITHMS = frozenset({"HS256", "RS256", "ES256"})
 API_KEY_PREFIX = "ffk_"
 
-_SECRET_BYTES = 32
 _API_KEY_SHOWN = len(API_KEY_PREFIX) + 8  # the part of a key kept on disk to name it
 _MAX_TOKEN_CHARS = 16 * 1024  # far above any real token; bounds work before the signature check
 _MAX_OPAQUE_CHARS = 256  # API keys and tickets are ~47 characters
-_MIN_RSA_BITS = 2048
-
-_T = TypeVar("_T")
 
 
 class Unauthorized(FerrousError):
@@ -128,207 +130,11 @@ class ApiKeyInfo(msgspec.Struct, frozen=True):
     priority: int = 0
 
 
-class _ApiKeyRecord(msgspec.Struct, frozen=True):
-    sha256: str
-    prefix: str
-    user: str
-    tenant: str | None
-    name: str
-    created: float
-    # Absent in key files written before scopes existed: those keys get the defaults.
-    scopes: list[str] | None = None
-    priority: int = 0  # the highest scheduling priority the key's requests may ask for
-
-
-class _ApiKeyFile(msgspec.Struct):
-    version: int = 1
-    keys: list[_ApiKeyRecord] = msgspec.field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _PublicKey:
-    alg: str
-    kid: str | None
-    key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
-
 @dataclass(frozen=True, slots=True)
 class _Ticket:
     principal: Principal
     purge_at: float
     expires_at: float
-
-
-# -- files ------------------------------------------------------------------------------------
-
-
-def load_or_create_secret(path: Path) -> bytes:
-    """The local HS256 secret at ``path``: created on first call, then read back.
-
-    On disk it is 64 hex characters (32 random bytes), created with
-    ``O_CREAT | O_EXCL`` and mode 0600 so two processes starting together
-    cannot both write one. Returns the decoded bytes. Raises :class:`ValueError`
-    if the file is accessible by group or others, or does not hold a secret.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_secret(path)
-    secret = secrets.token_bytes(_SECRET_BYTES)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret.hex().encode("ascii") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    log.info("created auth secret %s", path)
-    return secret
-
-
-def _read_secret(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"auth secret {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ValueError(
-                f"auth secret {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        data = f.read(4096)
-    try:
-        secret = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        secret = b""
-    if len(secret) < _SECRET_BYTES:
-        raise ValueError(
-            f"auth secret {path} must hold at least {2 * _SECRET_BYTES} hex characters; "
-            "delete it to have a new one created"
-        )
-    return secret
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, readable by its owner only."""
-    _write_atomic(path, data)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (mode 0600) so readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-class _WatchedFile(Generic[_T]):
-    """A file parsed once and parsed again only when it changes on disk.
-
-    A file that disappears or stops parsing after start-up yields ``empty``
-    (and a warning): keys that can no longer be read are not trusted.
-    """
-
-    def __init__(self, path: Path, parse: Callable[[bytes], _T], empty: _T) -> None:
-        self.path = path
-        self._parse = parse
-        self._empty = empty
-        self._signature: tuple[int, int, int] | None = None
-        self._value = empty
-
-    def load(self, *, strict: bool) -> _T:
-        """The current contents; with ``strict``, errors raise instead of yielding ``empty``."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            if strict:
-                raise
-            self._signature, self._value = None, self._empty
-            return self._value
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if signature == self._signature and not strict:
-            return self._value
-        try:
-            value = self._parse(self.path.read_bytes())
-        except (OSError, ValueError) as exc:
-            if strict:
-                raise
-            if signature != self._signature:
-                log.warning("ignoring %s: %s", self.path, exc)
-            self._signature, self._value = signature, self._empty
-            return self._value
-        self._signature, self._value = signature, value
-        return value
-
-
-def _key_alg(key: object) -> str | None:
-    """The one algorithm a public key verifies, or None when it is not usable here."""
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= _MIN_RSA_BITS:
-        return "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return "ES256"
-    return None
-
-
-def _parse_pem(data: bytes) -> list[_PublicKey]:
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            key: object = x509.load_pem_x509_certificate(data).public_key()
-        else:
-            key = load_pem_public_key(data)
-    except UnsupportedAlgorithm as exc:
-        raise ValueError(f"unsupported key type: {exc}") from None
-    alg = _key_alg(key)
-    if alg is None or not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ValueError(
-            f"need an RSA public key of at least {_MIN_RSA_BITS} bits or an EC P-256 public key"
-        )
-    return [_PublicKey(alg, None, key)]
-
-
-def _parse_jwks(data: bytes) -> list[_PublicKey]:
-    try:
-        obj = msgspec.json.decode(data, type=dict[str, Any])
-        keyset = jwt.PyJWKSet.from_dict(obj)
-    except (msgspec.DecodeError, jwt.PyJWTError) as exc:
-        raise ValueError(f"not a usable JWK set: {exc}") from None
-    keys: list[_PublicKey] = []
-    for jwk in keyset.keys:
-        if jwk.public_key_use not in (None, "sig"):
-            continue
-        alg = _key_alg(jwk.key)
-        # The JWK's declared (or derived) algorithm must agree with its key type.
-        if alg is None or alg != jwk.algorithm_name:
-            continue
-        if isinstance(jwk.key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            keys.append(_PublicKey(alg, jwk.key_id, jwk.key))
-    if not keys:
-        raise ValueError("no RS256 or ES256 public signing keys in the JWK set")
-    return keys
-
-
-def _parse_api_keys(data: bytes) -> list[_ApiKeyRecord]:
-    try:
-        return msgspec.json.decode(data, type=_ApiKeyFile).keys
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"not an API key file: {exc}") from None
 
 
 def _checked_priority(priority: int) -> int:
@@ -431,13 +237,13 @@ class Authenticator:
 
         self._secret_path = resolve(secret_file, "secret")
         self._secret: bytes | None = None
-        key_file = _WatchedFile[list[_PublicKey]]
-        self._pem = key_file(resolve(public_key_file, ""), _parse_pem, [])
-        self._jwks = key_file(resolve(jwks_file, ""), _parse_jwks, [])
+        key_file = WatchedFile[list[PublicKey]]
+        self._pem = key_file(resolve(public_key_file, ""), parse_pem, [])
+        self._jwks = key_file(resolve(jwks_file, ""), parse_jwks, [])
         self._has_pem = bool(public_key_file)
         self._has_jwks = bool(jwks_file)
-        self._api_keys = _WatchedFile[list[_ApiKeyRecord]](
-            resolve(api_keys_file, "api_keys.json"), _parse_api_keys, []
+        self._api_keys = WatchedFile[list[ApiKeyRecord]](
+            resolve(api_keys_file, "api_keys.json"), parse_api_keys, []
         )
         self._tickets: dict[bytes, _Ticket] = {}
         self._tickets_by_user: dict[tuple[str | None, str], list[bytes]] = {}
@@ -741,7 +547,7 @@ class Authenticator:
         digest = _digest(key)
         with self._lock:
             records = self._api_keys.load(strict=False)
-        found: _ApiKeyRecord | None = None
+        found: ApiKeyRecord | None = None
         for record in records:
             try:
                 stored = bytes.fromhex(record.sha256)
@@ -775,15 +581,15 @@ class Authenticator:
             records = self._api_keys.load(strict=False)
         return frozenset(r.prefix for r in records)
 
-    def _read_api_keys_for_update(self) -> list[_ApiKeyRecord]:
+    def _read_api_keys_for_update(self) -> list[ApiKeyRecord]:
         try:
             return list(self._api_keys.load(strict=True))
         except FileNotFoundError:
             return []
 
-    def _write_api_keys(self, records: list[_ApiKeyRecord]) -> None:
-        data = msgspec.json.format(msgspec.json.encode(_ApiKeyFile(keys=records)), indent=2)
-        _write_atomic(self._api_keys.path, data + b"\n")
+    def _write_api_keys(self, records: list[ApiKeyRecord]) -> None:
+        data = msgspec.json.format(msgspec.json.encode(ApiKeyFile(keys=records)), indent=2)
+        write_private_file(self._api_keys.path, data + b"\n")
         self._api_keys.load(strict=False)
 
     def create_api_key(
@@ -804,7 +610,7 @@ class Authenticator:
             raise ValueError("tenant must not be empty")
         scope_list = sorted(parse_scopes(sorted(scopes))) if scopes is not None else None
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
-        record = _ApiKeyRecord(
+        record = ApiKeyRecord(
             sha256=_digest(key).hex(),
             prefix=key[:_API_KEY_SHOWN],
             user=user,

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from gateway.auth import Principal, write_private_file
+from gateway.auth import Principal
+from gateway.keyfiles import write_private_file
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
