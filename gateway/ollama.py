@@ -38,17 +38,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine import ChatMessage, GenerationDone, TokenDelta, ToolCall, ToolFunction
 from engine.images import decode_image, embedding_input
-from engine.modelfacts import ModelFacts
-from engine.store.modelfile import Message, Modelfile, render_modelfile
-from engine.store.names import looks_like_ref
-from engine.store.pull import PullEvent
-from engine.store.store import ModelRecord
-from engine.store.urls import redact_url
 from gateway.auth import Principal
 from gateway.generation import (
     Prepared,
@@ -72,9 +66,7 @@ from gateway.http_common import (
     read_body,
     unless_disconnected,
 )
-from gateway.model_routes import modelfile_of
-from gateway.models import pull_progress
-from gateway.namespaces import ModelView
+from gateway.ollama_models import NDJSON, ndjson_line, ollama_model_routes
 from gateway.toolcalls import ReadCall, TextPiece, ToolCallReader
 from protocol import messages as m
 from protocol.durations import parse_duration
@@ -85,7 +77,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ollama_error", "ollama_routes"]
 
-NDJSON = "application/x-ndjson"
 _NS = 1_000_000  # ms -> ns
 
 
@@ -222,56 +213,12 @@ class LegacyEmbedBody(msgspec.Struct):
     keep_alive: KeepAlive = None
 
 
-class NameBody(msgspec.Struct):
-    model: str = ""
-    name: str = ""  # older clients send "name"
-
-    def target(self) -> str:
-        value = self.model or self.name
-        if not value:
-            raise BadRequest("invalid request: Object missing required field `model`")
-        return value
-
-
-class PullBody(NameBody):
-    stream: bool = True
-    insecure: bool = False
-
-
-class CopyBody(msgspec.Struct):
-    source: Annotated[str, msgspec.Meta(min_length=1)]
-    destination: Annotated[str, msgspec.Meta(min_length=1)]
-
-
-class CreateBody(msgspec.Struct):
-    model: str = ""
-    name: str = ""
-    modelfile: str | None = None  # older API: the Modelfile text
-    from_: str | None = msgspec.field(default=None, name="from")
-    template: str | None = None
-    system: str | None = None
-    license: str | list[str] | None = None
-    # What a Modelfile PARAMETER can say (anything else is a 400 naming the field).
-    parameters: dict[str, int | float | str | bool | list[str] | None] | None = None
-    messages: list[ChatTurn] | None = None
-    files: dict[str, str] | None = None
-    adapters: dict[str, str] | None = None
-    quantize: str | None = None
-    stream: bool = True
-
-
 def ollama_error(exc: FerrousError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=http_status(exc))
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _images(images: list[str] | None) -> list[bytes] | None:
@@ -349,46 +296,10 @@ def _with_logprobs(
     return msgspec.structs.replace(options or m.Options(), logprobs=top or 0)
 
 
-def _details(record: ModelRecord | None, facts: ModelFacts | None = None) -> dict[str, Any]:
-    """Ollama's ``details``: read from the model's own metadata (engine.modelfacts)."""
-    if record is None:
-        return {"format": "gguf", "family": "", "families": None}
-    f = facts or ModelFacts(format=record.manifest.format)
-    return {
-        "parent_model": record.manifest.parent or "",
-        "format": record.manifest.format,
-        "family": f.family,
-        "families": [f.family] if f.family else None,
-        "parameter_size": f.parameter_size,
-        "quantization_level": f.quantization,
-    }
-
-
-def _model_info(facts: ModelFacts) -> dict[str, Any]:
-    """Ollama's ``model_info``: GGUF-style keys for what the model's metadata says."""
-    arch = facts.architecture
-    info: dict[str, Any] = {"general.format": facts.format}
-    if arch:
-        info["general.architecture"] = arch
-    if facts.parameter_count:
-        info["general.parameter_count"] = facts.parameter_count
-    if facts.quantization:
-        info["general.quantization"] = facts.quantization
-    if arch and facts.context_length:
-        info[f"{arch}.context_length"] = facts.context_length
-    if arch and facts.embedding_length:
-        info[f"{arch}.embedding_length"] = facts.embedding_length
-    return info
-
-
 def _logprobs_field(ev: TokenDelta) -> dict[str, Any]:
     if ev.logprobs is None:
         return {}
     return {"logprobs": [logprob_json(lp) for lp in ev.logprobs]}
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 def ollama_routes(gateway: Gateway) -> list[Route]:
@@ -457,7 +368,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 async for ev in events:
                     if isinstance(ev, TokenDelta):
                         if reader is None:
-                            yield _line(
+                            yield ndjson_line(
                                 {
                                     "model": model,
                                     "created_at": _now(),
@@ -476,13 +387,13 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                     try:
                         raise_if_failed(ev)
                     except FerrousError as exc:
-                        yield _line({"error": exc.message})
+                        yield ndjson_line({"error": exc.message})
                         return
-                    yield _line(
+                    yield ndjson_line(
                         {"model": model, "created_at": _now(), **piece(""), **_done_fields(ev)}
                     )
             except FerrousError as exc:
-                yield _line({"error": exc.message})
+                yield ndjson_line({"error": exc.message})
             finally:
                 await events.aclose()
 
@@ -492,7 +403,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             for p in pieces:
                 if isinstance(p, TextPiece):
                     out.append(
-                        _line(
+                        ndjson_line(
                             {"model": model, "created_at": _now(), **piece(p.text), "done": False}
                         )
                     )
@@ -501,7 +412,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 sent.append(call)
                 line = {"model": model, "created_at": _now(), **piece("", [call]), "done": False}
                 line["message"]["tool_calls"][0]["function"]["index"] = len(sent) - 1
-                out.append(_line(line))
+                out.append(ndjson_line(line))
             return out
 
         sent: list[ReadCall] = []
@@ -653,185 +564,10 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
         )
         return JSONResponse({"embedding": vectors[0]})
 
-    # -- models ---------------------------------------------------------------------------
-
-    def view(request: Request) -> ModelView:
-        return gateway.models_for(request.state.principal)
-
-    async def tags(request: Request) -> Response:
-        v = view(request)
-        records = await v.records()
-        facts = [await v.facts(r) for r in records]
-        return JSONResponse(
-            {
-                "models": [
-                    {
-                        "name": str(r.ref),
-                        "model": str(r.ref),
-                        "modified_at": _iso(r.modified),
-                        "size": r.size,
-                        "digest": r.id,
-                        "details": _details(r, f),
-                    }
-                    for r, f in zip(records, facts, strict=True)
-                ]
-            }
-        )
-
-    async def show(request: Request) -> Response:
-        body = await read_body(gateway, request, NameBody)
-        v = view(request)
-        record = await v.get(body.target())
-        facts = await v.facts(record)
-        man = record.manifest
-        params = "\n".join(
-            f"{k:<16}{json.dumps(v) if isinstance(v, str) else v}"
-            for k, vs in man.parameters.items()
-            for v in (vs if isinstance(vs, list) else [vs])
-        )
-        return JSONResponse(
-            {
-                "modelfile": modelfile_of(record, admin=v.admin),
-                "parameters": params,
-                "template": man.template or "",
-                "system": man.system or "",
-                "license": "\n".join(man.license),
-                "details": _details(record, facts),
-                "model_info": _model_info(facts)
-                | ({"ferrous.source": redact_url(man.source)} if v.admin else {}),
-                "modified_at": _iso(record.modified),
-                "capabilities": list(facts.capabilities) or ["completion"],
-            }
-        )
-
-    async def ps(request: Request) -> Response:
-        out = []
-        v = view(request)
-        for x in v.loaded():
-            record = await v.find(x.name) if looks_like_ref(x.name) else None
-            out.append(
-                {
-                    "name": x.name,
-                    "model": x.name,
-                    "size": x.size,
-                    "digest": record.id if record else "",
-                    "details": _details(record, await v.facts(record) if record else None),
-                    "expires_at": _iso(x.expires_at) or "2318-01-01T00:00:00Z",
-                    "size_vram": 0,
-                    "context_length": x.n_ctx,
-                }
-            )
-        return JSONResponse({"models": out})
-
-    async def pull(request: Request) -> Response:
-        body = await read_body(gateway, request, PullBody)
-        target = body.target()
-        v = view(request)
-        v.check_pull(target, None)
-        if not body.stream:
-            await unless_disconnected(request, v.pull(target))
-            return JSONResponse({"status": "success"})
-        return ClosingStream(_pull_lines(v, target), media_type=NDJSON)
-
-    async def delete(request: Request) -> Response:
-        body = await read_body(gateway, request, NameBody)
-        await view(request).remove(body.target())
-        return Response(status_code=200)
-
-    async def copy(request: Request) -> Response:
-        body = await read_body(gateway, request, CopyBody)
-        await view(request).copy(body.source, body.destination)
-        return Response(status_code=200)
-
-    async def create(request: Request) -> Response:
-        body = await read_body(gateway, request, CreateBody)
-        name = body.model or body.name
-        if not name:
-            raise BadRequest("invalid request: Object missing required field `model`")
-        # Uploaded blobs (POST /api/blobs/...): one GGUF model in ``files`` and at most one
-        # LoRA in ``adapters``, each as {"file name": "sha256:..."}.
-        base, projector = body.from_, None
-        if body.files:
-            if len(body.files) > 2 or base:
-                raise BadRequest(
-                    "files takes one GGUF model, or a model and its projector (and no `from`)"
-                )
-            # A vision model's projector is the file named for it (mmproj, projector).
-            names = sorted(body.files, key=lambda n: "proj" in n.lower())
-            base = body.files[names[0]]
-            projector = body.files[names[1]] if len(names) == 2 else None
-        adapter = None
-        if body.adapters:
-            if len(body.adapters) != 1:
-                raise BadRequest("adapters takes one LoRA adapter per model")
-            adapter = next(iter(body.adapters.values()))
-        if body.modelfile is not None:
-            text = body.modelfile
-        else:
-            if not base:
-                raise BadRequest("invalid request: a model needs `from` (or a `modelfile`)")
-            licenses = [body.license] if isinstance(body.license, str) else body.license or []
-            text = render_modelfile(
-                Modelfile(
-                    from_=base,
-                    projector=projector,
-                    adapter=adapter,
-                    parameters={k: v for k, v in (body.parameters or {}).items() if v is not None},
-                    template=body.template,
-                    system=body.system,
-                    messages=[Message(t.role, t.content) for t in body.messages or []],
-                    license=licenses,
-                )
-            )
-        await view(request).create(name, text, quantize=body.quantize or None)
-        if body.stream:
-            return StreamingResponse(
-                iter([_line({"status": "writing manifest"}), _line({"status": "success"})]),
-                media_type=NDJSON,
-            )
-        return JSONResponse({"status": "success"})
-
-    async def version(request: Request) -> Response:
-        return JSONResponse({"version": gateway.version})
-
-    async def blob_head(request: Request) -> Response:
-        digest = request.path_params["digest"].replace("-", ":", 1)
-        found = view(request).has_blob(digest)
-        return Response(status_code=200 if found else 404)
-
-    async def blob_upload(request: Request) -> Response:
-        digest = request.path_params["digest"].replace("-", ":", 1)
-        new = await view(request).upload_blob(digest, request.stream())
-        return Response(status_code=201 if new else 200)
-
     return [
         route("/api/generate", generate, "POST"),
         route("/api/chat", chat, "POST"),
         route("/api/embed", embed, "POST"),
         route("/api/embeddings", embeddings_legacy, "POST"),
-        route("/api/tags", tags, "GET"),
-        route("/api/show", show, "POST"),
-        route("/api/ps", ps, "GET"),
-        route("/api/pull", pull, "POST"),
-        route("/api/delete", delete, "DELETE"),
-        route("/api/copy", copy, "POST"),
-        route("/api/create", create, "POST"),
-        route("/api/version", version, "GET"),
-        route("/api/blobs/{digest}", blob_head, "HEAD"),
-        route("/api/blobs/{digest}", blob_upload, "POST"),
+        *ollama_model_routes(gateway, route),
     ]
-
-
-async def _pull_lines(view: ModelView, target: str) -> AsyncIterator[bytes]:
-    """NDJSON progress of a pull, then ``{"status": "success"}`` or an error line."""
-    stream = pull_progress(view.pull_starter(target))
-    try:
-        async for item in stream:
-            if isinstance(item, PullEvent):
-                yield _line(msgspec.to_builtins(item))
-            else:
-                yield _line({"status": "success"})
-    except FerrousError as exc:
-        yield _line({"error": exc.message})
-    finally:
-        await stream.aclose()

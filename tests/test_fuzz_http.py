@@ -37,7 +37,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gateway import generate_routes, model_routes, ollama, openai_api, responses_api
+from gateway import generate_routes, model_routes, ollama, ollama_models, openai_api, responses_api
 from gateway.auth import load_or_create_secret
 from gateway.config import LimitsConfig
 from gateway.server import RunningServer
@@ -68,10 +68,10 @@ ROUTES: dict[str, type[msgspec.Struct] | None] = {
     "/api/chat": ollama.ChatBody,
     "/api/embed": ollama.EmbedBody,
     "/api/embeddings": ollama.LegacyEmbedBody,
-    "/api/show": ollama.NameBody,
-    "/api/pull": ollama.PullBody,
-    "/api/copy": ollama.CopyBody,
-    "/api/create": ollama.CreateBody,
+    "/api/show": ollama_models.NameBody,
+    "/api/pull": ollama_models.PullBody,
+    "/api/copy": ollama_models.CopyBody,
+    "/api/create": ollama_models.CreateBody,
 }
 
 # Faults outside the project's code (a dependency's) would be listed here with a reproducer
