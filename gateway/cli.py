@@ -28,14 +28,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from engine.store.names import did_you_mean
-from gateway.config import (
-    ConfigError,
-    ServerConfig,
-    ferrous_home,
-    load_config,
-    redacted,
-    render_toml,
-)
+from gateway.config import ConfigError, ServerConfig, ferrous_home
+from gateway.configload import load_config, redacted, render_toml
 from gateway.credentials import REVOKED_FILE, FileRevocations, key_identity, token_identity
 from gateway.modelcli import (
     COMMANDS,

@@ -37,7 +37,8 @@ from engine.store.modelfile import parse_modelfile
 from engine.store.pull import ModelManager, PullEvent
 from engine.store.sources import is_source
 from engine.store.store import ModelRecord, ModelStore
-from gateway.config import ServerConfig, ferrous_home, load_config
+from gateway.config import ServerConfig, ferrous_home
+from gateway.configload import load_config
 from gateway.model_routes import modelfile_of
 from protocol.durations import format_duration
 from protocol.errors import FerrousError

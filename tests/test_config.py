@@ -8,16 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from gateway.config import (
-    AuthConfig,
-    ConfigError,
-    ModelEntry,
-    ServerConfig,
-    ferrous_home,
-    load_config,
-    redacted,
-    render_toml,
-)
+from gateway.config import AuthConfig, ConfigError, ModelEntry, ServerConfig, ferrous_home
+from gateway.configload import load_config, redacted, render_toml
 from protocol.errors import ErrorCode, FerrousError
 
 
