@@ -201,10 +201,11 @@ async def test_a_voice_turn_answers_in_text_and_speech(running: RunningServer) -
 async def test_speech_over_an_answer_cancels_it_and_the_conversation_keeps_what_was_said(
     running: RunningServer,
 ) -> None:
-    """Barge-in. Flow control holds the answer after its first sentence's audio (the
-    client grants no more), then the user speaks again: the speech start comes, the
-    answer is cancelled, no more of its audio arrives, and the conversation keeps the
-    question and the one sentence that was spoken. The next question is answered."""
+    """Barge-in. Flow control holds the answer after its first audio (the client grants
+    little more), then the user speaks again: the speech start comes, the answer is
+    cancelled, no more of its audio arrives after its end, and the conversation keeps
+    the question and exactly the sentences that were spoken. The next question is
+    answered."""
     async with session(running, credits=4000) as c:
         await c.send(m.Credit(bytes=10**6))
         question = await spoken(c, APPLES)
@@ -231,20 +232,24 @@ async def test_speech_over_an_answer_cancels_it_and_the_conversation_keeps_what_
             i for i, x in enumerate(after) if isinstance(x, m.SpeechEdge) and x.utterance == 2
         )
         assert start2 < after.index(cancelled)
-        assert not any(isinstance(x, m.AudioOut) and x.id == "v.1" for x in after)
+        # Audio already on its way when the speech began may still land (how much
+        # credit the transcripts left depends on how often partials came); none
+        # after the answer's end.
+        end = got.index(cancelled)
+        assert not any(isinstance(x, m.AudioOut) and x.id == "v.1" for x in got[end:])
         await c.send(m.Credit(bytes=10**8))
         answered = await until(c, "v.2", got)
         assert isinstance(answered, m.Done) and answered.finish_reason == "length"
         await c.send(m.Audio(id="v", end=True))
         await until(c, "v", got)
     spoken_first = [x.text for x in got if isinstance(x, m.AudioOut) and x.id == "v.1" and x.text]
-    assert spoken_first == ["Hi."]
+    assert spoken_first[0] == "Hi."
     conv = running.gateway.conversations.get_or_create(
         (None, "alice"), cancelled.conversation or "", ""
     )
     roles = [t.role for t in conv.messages]
     assert roles == ["user", "assistant", "user", "assistant"]
-    assert conv.messages[1].content == "Hi."
+    assert conv.messages[1].content == " ".join(spoken_first)  # what was said, no more
     assert {"fox", "dog"} <= _stems(conv.messages[2].content)
 
 

@@ -139,9 +139,17 @@ interface RequestBase {
   adapters?: (string | AdapterChoice)[] | null;
 }
 
+/**
+ * A message as `chat` takes it: `images` may also be data: URLs or bytes (sent as
+ * base64), for a vision language model.
+ */
+export interface ChatInput extends Omit<ChatMessage, "images"> {
+  images?: (string | Uint8Array | ArrayBuffer)[] | null;
+}
+
 export interface ChatParams extends RequestBase {
   /** Messages appended to the conversation; a string is one user message. */
-  messages: string | ChatMessage[];
+  messages: string | ChatInput[];
   /** The conversation to continue; absent: a new one (its id is in `generation.conversation`). */
   conversation?: string | null;
 }

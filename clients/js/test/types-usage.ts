@@ -31,7 +31,7 @@ export async function usage(token: string): Promise<string> {
   const controller = new AbortController();
   const gen: Generation = client.chat({
     model: models[0] ?? "smollm2",
-    messages: [{ role: "user", content: "Hi" }],
+    messages: [{ role: "user", content: "Hi", images: [new Uint8Array([137, 80]), "data:image/png;base64,iVA="] }],
     options: { temperature: 0, max_tokens: 16, stop: ["\n"] },
     signal: controller.signal,
   });
