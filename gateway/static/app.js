@@ -8,7 +8,7 @@ import { FerrousClient, UnauthorizedError } from "./ferrous-client.js";
 import { liveAnswer, renderAnswer } from "./render.js";
 import * as saved from "./history.js";
 import { Microphone, Player } from "./voice.js";
-import { base64Of, classify, draw, picture, readsImages } from "./images.js";
+import { base64Of, classify, draw, forChat, picture, readsImages } from "./images.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -306,7 +306,9 @@ async function ask(text) {
   let firstAt = 0;
   let deltas = 0;
   const messages = [{ role: "user", content: text }];
-  if (images.length) messages[0].images = await Promise.all(images.map(base64Of));
+  if (images.length) {
+    messages[0].images = await Promise.all(images.map(async (f) => base64Of(await forChat(f).catch(() => f))));
+  }
   if (!conversationId) {
     // A new conversation on the server: the system prompt, and the turns so far.
     const replay = earlier.map((t) => ({ role: t.role, content: t.text }));

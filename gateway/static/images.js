@@ -32,6 +32,31 @@ export async function base64Of(file) {
   return btoa(text);
 }
 
+/**
+ * A picture for a vision chat model, small enough for one WebSocket frame: one whose
+ * long side is over `maxSide` pixels, or whose file is over `maxBytes`, is scaled
+ * down and re-encoded as JPEG (a model's encoder reads a few hundred pixels anyway).
+ * @param {Blob} file @param {number} [maxSide] @param {number} [maxBytes]
+ * @returns {Promise<Blob>}
+ */
+export async function forChat(file, maxSide = 1024, maxBytes = 512 * 1024) {
+  const bitmap = await createImageBitmap(file);
+  try {
+    const scale = Math.min(1, maxSide / Math.max(bitmap.width, bitmap.height));
+    if (scale === 1 && file.size <= maxBytes) return file;
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    return await new Promise((resolve, reject) => canvas.toBlob(
+      (blob) => (blob ? resolve(blob) : reject(new Error("the image could not be encoded"))),
+      "image/jpeg", 0.9,
+    ));
+  } finally {
+    bitmap.close();
+  }
+}
+
 /** @type {Map<string, Promise<boolean>>} */
 const reads = new Map();
 

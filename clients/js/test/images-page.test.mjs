@@ -5,7 +5,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { chromium } from "playwright-core";
 import { python, startServer } from "./server.mjs";
 
@@ -14,13 +14,17 @@ const executablePath = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
 let server;
 let browser;
 let redPng;
+let bigPng;
 
 before(async () => {
   server = await startServer({ slow: false, vision: true });
   redPng = join(mkdtempSync(join(tmpdir(), "ferrous-images-")), "red.png");
+  bigPng = join(dirname(redPng), "big.png"); // a photo-sized picture: ~10 MB of noise
   await python([
     "-c",
-    `from PIL import Image; Image.new("RGB", (40, 30), (230, 20, 20)).save(${JSON.stringify(redPng)})`,
+    `from PIL import Image; Image.new("RGB", (40, 30), (230, 20, 20)).save(${JSON.stringify(redPng)})\n`
+      + "import numpy as np\n"
+      + `Image.fromarray(np.random.default_rng(0).integers(0, 256, (1800, 2400, 3), dtype=np.uint8)).save(${JSON.stringify(bigPng)})`,
   ]);
   browser = await chromium.launch({
     executablePath,
@@ -120,6 +124,14 @@ test("an image attached for a vision chat model goes with the next question and 
     const without = await answerOf(1);
     assert.equal(await page.locator(".turn.user img.picture").count(), 0);
     assert.notEqual(withImage, without);
+
+    // A photo far over the frame limit is scaled down in the page, and answered.
+    await page.setInputFiles("#image-file", bigPng);
+    await page.locator("#attached img.picture").waitFor();
+    await page.fill("#prompt", "and this?");
+    await page.click("#send");
+    await answerOf(2);
+    assert.equal(await page.locator(".turn.assistant .stats.error").count(), 0);
     assert.deepEqual(errors, []);
     await page.evaluate(() => localStorage.clear());
     await page.close();
