@@ -91,6 +91,8 @@ class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=T
     stop: Annotated[
         list[Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]], Meta(max_length=16)
     ] = msgspec.field(default_factory=list)
+    # End-of-generation tokens are never chosen (as llama.cpp's ignore_eos): benchmarks
+    # get text for all of max_tokens, not hidden end tokens between invented turns.
     ignore_eos: bool = False
     grammar: str | None = None
     json_schema: str | None = None

@@ -42,8 +42,8 @@ Refused with a 400 that names the parameter, rather than silently ignored:
 ``presence_penalty`` and ``frequency_penalty`` (range-checked; the engine's own
 ``repeat_penalty`` is offered instead), ``user``, ``metadata``, ``store`` and any
 field this surface does not know. Extensions: ``top_k``, ``min_p``,
-``repeat_penalty``, ``ignore_eos`` (benchmarks: keep generating past the end of
-the answer), ``priority`` (the scheduling class, -100..100, capped by the
+``repeat_penalty``, ``ignore_eos`` (benchmarks: end-of-generation tokens are
+never chosen, as in llama.cpp, so the text runs to ``max_tokens``), ``priority`` (the scheduling class, -100..100, capped by the
 credential's) and ``keep_alive`` (seconds or a duration such as ``"5m"``).
 A ``seed`` is taken modulo 2**32. Sampling options the request leaves out come
 from the model's Modelfile, then the server's defaults.

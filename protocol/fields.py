@@ -64,6 +64,6 @@ class Options(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=16)]
         | None
     ) = None
-    ignore_eos: bool | None = None  # keep generating past end-of-generation tokens (benchmarks)
+    ignore_eos: bool | None = None  # end-of-generation tokens are never chosen (benchmarks)
     # Log-probabilities in the deltas: each token's, and this many alternatives (0-20).
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None

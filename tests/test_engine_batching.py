@@ -371,3 +371,27 @@ def test_a_step_interrupted_after_part_of_its_micro_batches_leaves_no_cells(
         return out
 
     assert run(stop_late=True) == run(stop_late=False)
+
+
+async def test_ignore_eos_never_chooses_an_end_token(eos_model: Path) -> None:
+    """With ``ignore_eos`` the end-of-generation tokens are never chosen (as llama.cpp's
+    own ignore_eos): a model that says "Done." and then ends goes on with text for all
+    of ``max_tokens``, greedy (numpy) and sampled (llama.cpp's chain) alike. Without
+    it, the same model ends after "Done."."""
+    n = 16
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=2)
+    async with EngineClient(config) as client:
+        await client.load("eos", eos_model)
+        plain = GenerateRequest(model="eos", prompt="x", sampling=greedy(max_tokens=n))
+        deltas, done = await collect(client, plain)
+        assert done.finish_reason is FinishReason.STOP and "".join(d.text for d in deltas)
+        end_id = 2  # the tiny vocabulary's end of sequence
+        for sampling in (
+            greedy(max_tokens=n, ignore_eos=True),
+            SamplingParams(temperature=0.8, seed=3, max_tokens=n, ignore_eos=True),
+        ):
+            request = GenerateRequest(model="eos", prompt="x", sampling=sampling, token_ids=True)
+            deltas, done = await collect(client, request)
+            ids = [t for d in deltas for t in d.token_ids or ()]
+            assert done.usage.completion_tokens == n and len(ids) == n, sampling
+            assert end_id not in ids, (sampling, ids)

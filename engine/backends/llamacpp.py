@@ -78,6 +78,7 @@ def init_llama_cpp() -> None:
 
 class _SeqState:
     __slots__ = (
+        "ban_eog",
         "cache_key",
         "constrained",
         "decoding",
@@ -111,6 +112,7 @@ class _SeqState:
         guide: Guide | None = None,
     ) -> None:
         self.priority = priority
+        self.ban_eog = False  # ignore_eos: end-of-generation tokens are never chosen
         self.lora: LoraKey = ()  # the adapters it runs under (engine.backends.llamalora)
         # What its slot's cache is computed under (Slot.lora): its adapters, and for a
         # prompt with images a key of its own (images are not matched token by token).
@@ -357,6 +359,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self._seqs[seq].cache_key = cache
         self._seqs[seq].urgent = urgent
         self._seqs[seq].logprobs = sampling.logprobs
+        self._seqs[seq].ban_eog = sampling.ignore_eos
         if sampler is None and sampling.repeat_penalty != 1.0:
             state = self._seqs[seq]
             state.penalty = sampling.repeat_penalty
@@ -538,6 +541,8 @@ class LlamaCppBackend(TextGenerator, Embedder):
             if st.sampler is None:
                 ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
                 logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+                if st.ban_eog:
+                    logits[self._samplers.end_tokens()] = -np.inf
                 if st.penalty != 1.0:
                     seen = np.fromiter(set(st.recent), dtype=np.intp)
                     vals = logits[seen]

@@ -122,6 +122,16 @@ class Samplers:
         self._token_ids = np.arange(n_vocab, dtype=np.int32)
         self._grammars: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._guides: GuideFactory | None = None  # made on the first tool call
+        self._eog: np.ndarray | None = None  # end-of-generation tokens, found on first use
+
+    def end_tokens(self) -> np.ndarray:
+        """The vocabulary's end-of-generation tokens (``ignore_eos`` bans them)."""
+        if self._eog is None:
+            is_eog = llama_cpp.llama_vocab_is_eog
+            self._eog = np.array(
+                [t for t in range(self._n_vocab) if is_eog(self._vocab, t)], dtype=np.intp
+            )
+        return self._eog
 
     def check(self, sampling: SamplingParams) -> None:
         """Refuse a constraint that does not parse (BadRequest), before anything runs."""
@@ -210,6 +220,14 @@ class Samplers:
         if grammar is not None:
             # First: every later sampler sees only tokens the grammar allows.
             add(chain, llama_cpp.llama_sampler_clone(grammar))
+        elif s.ignore_eos and len(self.end_tokens()):
+            # As llama.cpp's own ignore_eos: the end tokens are never drawn, so the text
+            # goes on rather than opening turns of a conversation nobody asked for.
+            ends = self.end_tokens()
+            bias = (llama_cpp.llama_logit_bias * len(ends))(
+                *(llama_cpp.llama_logit_bias(int(t), -math.inf) for t in ends)
+            )
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(ends), bias))
         if s.repeat_penalty != 1.0:
             penalties = llama_cpp.llama_sampler_init_penalties(
                 self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0

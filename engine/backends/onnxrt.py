@@ -130,6 +130,7 @@ class OnnxBackend(TextGenerator):
         self._kv_heads = kv_heads
         self._head_dim = head_dim
         self._eos = eos_ids
+        self._eos_ids = np.array(sorted(t for t in eos_ids if t >= 0), dtype=np.intp)
         self._bos = bos_id
         self.chat_template = chat_template
         self._has_positions = has_positions
@@ -598,6 +599,8 @@ class OnnxBackend(TextGenerator):
             )
             st.pending = []
             return None
+        if st.sampling.ignore_eos and self._eos_ids.size:
+            logits[self._eos_ids[self._eos_ids < logits.shape[-1]]] = -np.inf  # never chosen
         token = sample_token(logits, st.sampling, st.history, st.rng)
         if st.sampling.logprobs is not None:
             self._lps[seq] = token_logprobs(logits, token, st.sampling.logprobs)
