@@ -19,7 +19,7 @@ Leaving an ``async for`` early (``break``, an exception, ``aclose()``) sends
 
 Resume: when the server offers it (``ready.resume_token``) and the connection
 drops, the client reconnects within the server's ``resume_window`` and resumes
-the session (see :mod:`ferrous_client.resume`): generations in flight go on
+the session (:mod:`ferrous_client.resuming`): generations in flight go on
 as one uninterrupted stream, each delta exactly once. When the session cannot
 be resumed they fail with :class:`ResumeExpired`; when the server cannot be
 reached in the window, with :class:`ConnectionLost`.
@@ -31,11 +31,10 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
-import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
@@ -47,13 +46,13 @@ from ferrous_client.errors import (
     Conflict,
     ConnectionLost,
     FerrousClientError,
-    ResumeExpired,
 )
 from ferrous_client.generation import Generation, GenerationItem
 from ferrous_client.handshake import CLIENT_NAME, Handshake, ready_or_refusal, transport_error
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
-from ferrous_client.resume import ResumeState, may_resume
+from ferrous_client.resume import ResumeState
+from ferrous_client.resuming import Outgoing, SessionResumer
 from ferrous_client.voice import VoiceStream
 from ferrous_client.voice import route as route_voice
 from ferrous_client.wire import (
@@ -81,7 +80,6 @@ DEFAULT_URL = "ws://127.0.0.1:11480/v1/ws"
 ErrorHandler = Callable[[FerrousClientError], object]
 """Called with server errors that name no running generation (see ``on_error``)."""
 
-_Outgoing = tuple[bytes | str, asyncio.Future[None] | None]
 
 # Ids of recently failed or cancelled generations, kept to recognise the
 # messages that may still follow them (a done after an error, a not_found
@@ -89,7 +87,7 @@ _Outgoing = tuple[bytes | str, asyncio.Future[None] | None]
 _RECENT = 256
 
 
-class FerrousClient:
+class FerrousClient(SessionResumer):
     """A session with a FerrousForge server over one WebSocket connection.
 
     Credentials: ``token`` (a JWT, sent as ``Authorization: Bearer``),
@@ -144,7 +142,7 @@ class FerrousClient:
         self._recent: OrderedDict[str, Generation | None] = OrderedDict()
         self._waiting: set[Generation] = set()
         self._window: CreditWindow | None = None
-        self._outgoing: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._lost: ConnectionLost | None = ConnectionLost("not connected")
@@ -153,7 +151,7 @@ class FerrousClient:
         self._resume = resume
         self._state = ResumeState()
         self._resuming: asyncio.Task[None] | None = None
-        self._unsent: list[_Outgoing] = []  # taken by the writer, not written: the link died
+        self._unsent: list[Outgoing] = []  # taken by the writer, not written: the link died
         # Start frames of generations in flight, to send again when a resume shows
         # that the server never got them.
         self._starts: dict[str, bytes | str] = {}
@@ -514,7 +512,7 @@ class FerrousClient:
         if n > 0 and self._lost is None:
             self._outgoing.put_nowait((self._codec.encode(m.Credit(n)), None))
 
-    async def _write(self, ws: ClientConnection, outgoing: asyncio.Queue[_Outgoing | None]) -> None:
+    async def _write(self, ws: ClientConnection, outgoing: asyncio.Queue[Outgoing | None]) -> None:
         # What is left unsent when the link dies stays queued (and the frame in
         # hand goes to _unsent): a resume sends it on the next connection, and
         # _give_up fails whoever waits for it otherwise.
@@ -656,181 +654,3 @@ class FerrousClient:
     def _trim_recent(self) -> None:
         while len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
-
-    def _connection_lost(self, ws: ClientConnection) -> None:
-        if ws is not self._ws:
-            return  # a connection a resume already replaced
-        ready = self._ready
-        if (
-            not self._closing
-            and self._resume
-            and ready is not None
-            and ready.resume_token is not None
-            and may_resume(_received_close(ws))
-        ):
-            # Stop the writer; what the application sends meanwhile waits for the resume.
-            old, self._outgoing = self._outgoing, asyncio.Queue()
-            old.put_nowait(None)
-            self._resuming = asyncio.create_task(
-                self._resume_session(ws, old, ready), name="ferrous-client-resume"
-            )
-            return
-        self._give_up(ws)
-
-    async def _resume_session(
-        self, ws: ClientConnection, old: asyncio.Queue[_Outgoing | None], ready: m.Ready
-    ) -> None:
-        """Reconnect and resume within the window; give up as a lost connection otherwise."""
-        assert ready.resume_token is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ready.resume_window
-        delays = Backoff(attempts=1_000_000, initial=0.05, maximum=1.0).delays()
-        await asyncio.gather(*(t for t in (self._writer,) if t is not None), return_exceptions=True)
-        # Frames the dead link did not take, oldest first: the one in the writer's hand,
-        # then the rest of its queue.
-        pending = [x for x in (*self._unsent, *_drain(old)) if x is not None]
-        self._unsent = []
-        refusals: list[FerrousClientError] = []
-        window = self._window
-        hello = msgspec.structs.replace(
-            self._handshake.hello(), resume=ready.resume_token, last=self._state.last
-        )
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        new_ws, new_ready = await self._dial(hello, refusals)
-                    break
-                except (FerrousClientError, TimeoutError) as exc:
-                    if (
-                        loop.time() >= deadline
-                        or (isinstance(exc, FerrousClientError) and not should_retry(exc))
-                        # Nothing listens: the server is gone, and its sessions with it.
-                        or isinstance(exc.__cause__, ConnectionRefusedError)
-                    ):
-                        raise
-                    await asyncio.sleep(min(next(delays), max(0.0, deadline - loop.time())))
-        except asyncio.CancelledError:
-            # close() while resuming: what was in flight ends as on any close.
-            self._fail_frames(pending, ConnectionLost("the client closed the connection"))
-            self._resuming = None
-            self._give_up(ws)
-            raise
-        except Exception as exc:
-            log.info("the session could not be resumed: %r", exc)
-            self._fail_frames(pending, ConnectionLost(f"the connection was lost: {exc}"))
-            self._resuming = None
-            self._give_up(ws)
-            return
-        self._resuming = None
-        self._ready = new_ready
-        if window is not None:
-            # The server counts a full window again from this hello; text still
-            # queued here is given back as it is read, as before.
-            fresh = CreditWindow(window.window)
-            fresh.buffered = window.buffered
-            self._window = fresh
-        # What the application sent while the link was down comes after what the
-        # dead link did not take.
-        pending += [x for x in _drain(self._outgoing) if x is not None]
-        queue: asyncio.Queue[_Outgoing | None] = asyncio.Queue()
-        if new_ready.resumed:
-            self.resumes += 1
-            self._state.resumed()
-            for item in self._resend(pending, set(new_ready.generations or ())):
-                queue.put_nowait(item)
-            log.info("session %s resumed after n=%d", new_ready.session, hello.last)
-        else:
-            why = refusals[0] if refusals else None
-            message = why.message if why is not None else "the server did not resume the session"
-            # Nothing of the old session is sent to the new one: its generations fail
-            # (the application may start them again), and so does what waited to go.
-            self._fail_frames(pending, ResumeExpired(message))
-            self._state = ResumeState()
-            gens, self._gens = self._gens, {}
-            self._starts = {}
-            for gen in gens.values():
-                gen._deliver(ResumeExpired(message, generation_id=gen.id))
-        self._outgoing = queue
-        self._run(new_ws)
-
-    def _resend(self, pending: list[_Outgoing], known: set[str]) -> list[_Outgoing]:
-        """After a resume: what goes on the new connection, in order.
-
-        A start the server does not list never reached it: sent (once, wherever
-        it was queued). One it lists did, even if the dead link reported its
-        frame as unsent: dropped. Cancels of generations still running go again,
-        since one written just before the drop may have been lost with it.
-        """
-        start_of = {id(data): gen_id for gen_id, data in self._starts.items()}
-        out: list[_Outgoing] = []
-        sent: set[str] = set()
-        for item in pending:
-            gen_id = start_of.get(id(item[0]))
-            if gen_id is None:
-                out.append(item)
-            elif gen_id not in known and gen_id not in sent:
-                out.append(item)
-                sent.add(gen_id)
-        missing = [
-            (data, None)
-            for gen_id, data in self._starts.items()
-            if gen_id not in known and gen_id not in sent
-        ]
-        again = [
-            (self._codec.encode(m.Cancel(gen_id)), None)
-            for gen_id in self._gens
-            if gen_id in self._recent and gen_id in known
-        ]
-        return [*missing, *out, *again]
-
-    def _fail_frames(self, items: Sequence[_Outgoing | None], error: FerrousClientError) -> None:
-        for item in items:
-            if item is not None and item[1] is not None and not item[1].done():
-                item[1].set_exception(error)
-
-    def _give_up(self, ws: ClientConnection) -> None:
-        """The connection is gone for good: fail what was in flight."""
-        self._fail_frames(
-            [*self._unsent, *_drain(self._outgoing)], ConnectionLost("the connection closed")
-        )
-        self._unsent = []
-        if self._closing:
-            lost = ConnectionLost("the client closed the connection")
-        else:
-            code, reason = ws.close_code, ws.close_reason or ""
-            detail = " ".join(str(x) for x in (code, reason) if x)
-            said = f" after {self._last_error!r}" if self._last_error is not None else ""
-            lost = ConnectionLost(
-                f"the connection closed ({detail or 'no close frame'}){said}",
-                close_code=code,
-                close_reason=reason,
-            )
-            lost.__cause__ = self._last_error
-        self._lost = lost
-        gens, self._gens = self._gens, {}
-        for gen in gens.values():
-            err = ConnectionLost(
-                lost.message,
-                generation_id=gen.id,
-                close_code=lost.close_code,
-                close_reason=lost.close_reason,
-            )
-            err.__cause__ = lost.__cause__
-            gen._deliver(err)
-        self._starts = {}
-        # A writer blocked on a dead socket stops too.
-        self._outgoing.put_nowait(None)
-
-
-def _received_close(ws: ClientConnection) -> int | None:
-    """The code of the close frame the server sent, None when none arrived."""
-    frame = ws.protocol.close_rcvd
-    return frame.code if frame is not None else None
-
-
-def _drain(queue: asyncio.Queue[_Outgoing | None]) -> list[_Outgoing | None]:
-    items: list[_Outgoing | None] = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    return items
