@@ -165,6 +165,22 @@ def for_vision_model(data: bytes, max_side: int = 1024) -> bytes:
     return buf.getvalue()
 
 
+def for_sending(data: bytes, max_side: int = 1024, max_bytes: int = 512 * 1024) -> bytes:
+    """``data`` as a client sends it to a vision model over one WebSocket frame: as it is
+    when it is small enough, else checked (:func:`open_image`), scaled to ``max_side``
+    on its long side and encoded as JPEG (what the model's encoder reads is a few
+    hundred pixels; the server sizes it again anyway)."""
+    from PIL import Image
+
+    img = open_image(data)
+    if len(data) <= max_bytes and max(img.size) <= max_side:
+        return data
+    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def decode_image(text: str) -> bytes:
     """The bytes of an image sent as base64 or a ``data:image/...;base64,`` URL."""
     import base64

@@ -14,11 +14,13 @@ import contextlib
 import errno
 import getpass
 import json
+import re
 import signal
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +29,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from engine.images import for_sending
 from engine.store.names import did_you_mean
 from gateway.config import ConfigError, ServerConfig, ferrous_home
 from gateway.configload import load_config, redacted, render_toml
@@ -38,7 +41,7 @@ from gateway.modelcli import (
     model_names,
     run_model_command,
 )
-from gateway.repl import Session, parse
+from gateway.repl import Session, image_paths, parse
 from gateway.scopes import ALL_SCOPES, parse_scopes
 from gateway.server import build_authenticator, running_server, serve
 from gateway.version import __version__
@@ -117,7 +120,8 @@ async def _recv(ws: ClientConnection) -> m.ServerMessage:
 
 async def _ask(ws: ClientConnection, gen_id: str, session: Session, text: str) -> bool:
     """Send one user turn and print the answer as it streams; False when it failed."""
-    messages = [m.ChatMessage("user", text)]
+    text, images = _images_in(text)
+    messages = [m.ChatMessage("user", text, images=images or None)]
     if session.system and not session.system_sent:
         messages.insert(0, m.ChatMessage("system", session.system))
     await ws.send(
@@ -204,6 +208,25 @@ async def _save(ws_url: str, headers: dict[str, str], name: str, modelfile: str)
         return False
     print(f"Created new model {name!r}.")
     return True
+
+
+def _images_in(text: str) -> tuple[str, list[bytes]]:
+    """The images a message names by path (files only, as Ollama's CLI does), read and
+    made small enough for one frame, and the text without their paths."""
+    images: list[bytes] = []
+    for written, path in image_paths(text):
+        file = Path(path).expanduser()
+        if not file.is_file():
+            continue
+        try:
+            images.append(for_sending(file.read_bytes()))
+        except (OSError, FerrousError) as exc:
+            why = exc.message if isinstance(exc, FerrousError) else str(exc)
+            print(f"ferrous: {path}: {why}", file=sys.stderr)
+            continue
+        text = text.replace(written, "", 1)
+        print(f"Added image '{path}'", file=sys.stderr)
+    return (re.sub(r"[ \t]{2,}", " ", text).strip() if images else text), images
 
 
 def _model_hint(name: str) -> str:

@@ -16,13 +16,17 @@ follow Ollama's, since that is what people type:
   parameters, system message and the conversation as MESSAGEs); ``/load
   NAME`` — continue with another model, from an empty conversation;
 * ``/bye`` or ``/exit`` — leave (Ctrl-D too);
-* a line of ``\"\"\"`` starts (and another ends) a message of several lines.
+* a line of ``\"\"\"`` starts (and another ends) a message of several lines;
+* paths of image files in a message (``./cat.png``, ``'~/My photos/a.jpg'``)
+  are taken out of its text and sent as its images, for a vision model
+  (:func:`image_paths` finds them; the CLI keeps those that are files).
 
 No I/O here: the CLI reads lines and carries out what :func:`parse` returns.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Literal
@@ -32,7 +36,25 @@ import msgspec
 from engine.store.modelfile import Message, Modelfile, ParamValue, render_modelfile
 from protocol import messages as m
 
-__all__ = ["HELP", "Command", "Session", "parse"]
+__all__ = ["HELP", "Command", "Session", "image_paths", "parse"]
+
+_EXT = r"\.(?:png|jpe?g|webp|gif|bmp)"
+# A quoted path (which may hold spaces), or an unquoted one without spaces.
+_IMAGE_PATH = re.compile(
+    rf"'([^'\n]+{_EXT})'|\"([^\"\n]+{_EXT})\"|((?<![\w'\"])[^\s'\",;]+{_EXT})(?![\w/]|\.\w)",
+    re.IGNORECASE,
+)
+
+
+def image_paths(text: str) -> list[tuple[str, str]]:
+    """What in ``text`` looks like the path of an image file: ``(as written, path)``
+    pairs in order (quotes taken off the path; whether it is a file is the caller's
+    question)."""
+    return [
+        (match.group(0), next(g for g in match.groups() if g))
+        for match in _IMAGE_PATH.finditer(text)
+    ]
+
 
 HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling parameter (temperature, top_k, top_p,
@@ -46,7 +68,8 @@ HELP = """Available commands:
   /bye                        leave (or Ctrl-D)
   /?, /help                   this list
 
-Use \"\"\" to begin and end a message of several lines."""
+Use \"\"\" to begin and end a message of several lines. Paths of image files in a
+message (./cat.png, '~/My photos/a.jpg') are sent as its images, for a vision model."""
 
 # /set parameter names (Ollama's and ours) -> the Options field they set.
 _PARAMETERS = {

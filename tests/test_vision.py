@@ -282,3 +282,46 @@ async def test_websocket_chats_show_images_and_keep_them_for_later_turns(
             url = "data:image/png;base64," + base64.b64encode(red).decode()
             by_url = c.chat("vlm", [{**ask, "images": [url]}], options=ws_options)
             assert await by_url.collect() == want.content
+
+
+def test_ferrous_run_sends_the_images_a_message_names(vlm: Path, tmp_path: Path) -> None:
+    """As Ollama's CLI: paths of image files in a message are taken out of its text and
+    sent as its images (a photo too large for one frame is scaled down first); a path
+    that is no file stays text."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    red, green, photo = tmp_path / "red.png", tmp_path / "my green.png", tmp_path / "photo.png"
+    red.write_bytes(_png("red"))
+    green.write_bytes(_png("green"))
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(photo)
+    assert photo.stat().st_size > 4 * 1024 * 1024  # past the 1 MiB frame as it is
+
+    def run(message: str) -> subprocess.CompletedProcess[str]:
+        argv = ["run", str(vlm), message, "--temperature", "0", "--max-tokens", "8"]
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *argv, "--port", "1"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "FERROUS_HOME": str(tmp_path / "home")},
+            timeout=120,
+            check=False,
+        )
+
+    outs = [
+        run(f"what is this? {red}"),
+        run(f"what is this? '{green}'"),
+        run("what is this?"),
+        run(f"what is this? {photo}"),
+        run(f"what is this? {tmp_path / 'missing.png'}"),
+    ]
+    for out in outs:
+        assert out.returncode == 0, out.stderr
+    texts = [out.stdout.strip() for out in outs]
+    assert "Added image" in outs[0].stderr and "Added image" in outs[1].stderr
+    assert len(set(texts[:4])) == 4  # each picture its own answer, none without one
+    assert "Added image" not in outs[4].stderr and texts[4] != texts[2]  # the path is text

@@ -30,9 +30,16 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
+from engine.backends.gguf_entry import vision_pair
 from engine.chat import check_template
 from engine.gguf_header import read_gguf_header
-from engine.store.adapters import BLOB_REF, MAX_ADAPTERS, check_adapter
+from engine.store.adapters import (
+    BLOB_REF,
+    MAX_ADAPTERS,
+    PROJECTOR_FILE,
+    check_adapter,
+    check_projector,
+)
 from engine.store.conversions import check_quant_type, converted, quantize_layers, stage_folder
 from engine.store.conversions import to_onnx as to_onnx_folder
 from engine.store.download import Downloader, Progress
@@ -426,6 +433,9 @@ class ModelManager:
         self, path: Path, sha256: str | None
     ) -> tuple[dict[str, Path], list[Layer], Format]:
         if path.is_dir():
+            pair = vision_pair(path)
+            if pair is not None:  # a vision language model: its text model and projector
+                return self._stage_vision(*pair)
             speech = speech_format(path)
             if speech is not None:
                 return stage_folder(self.store, path, speech)
@@ -454,6 +464,24 @@ class ModelManager:
             tmp.unlink(missing_ok=True)
             raise StoreError("digest_mismatch", f"{path} has sha256 {digest}, expected {sha256}")
         return {f"sha256:{digest}": tmp}, [Layer(f"sha256:{digest}", size, path.name)], "gguf"
+
+    def _stage_vision(
+        self, model: Path, projector: Path
+    ) -> tuple[dict[str, Path], list[Layer], Format]:
+        """A folder of a GGUF text model and its projector, as a model made with two FROMs."""
+        check_projector(projector, model, str(projector))
+        staged: dict[str, Path] = {}
+        layers: list[Layer] = []
+        try:
+            for src, name in ((model, model.name), (projector, PROJECTOR_FILE)):
+                tmp, digest, size = self.store.stage_file(src)
+                staged[f"sha256:{digest}"] = tmp
+                layers.append(Layer(f"sha256:{digest}", size, name))
+        except BaseException:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+            raise
+        return staged, layers, "gguf"
 
     # -- create, copy, remove -------------------------------------------------------------
 
