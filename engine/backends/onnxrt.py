@@ -130,7 +130,6 @@ class OnnxBackend(TextGenerator):
         self._kv_heads = kv_heads
         self._head_dim = head_dim
         self._eos = eos_ids
-        self._eos_ids = np.array(sorted(t for t in eos_ids if t >= 0), dtype=np.intp)
         self._bos = bos_id
         self.chat_template = chat_template
         self._has_positions = has_positions
@@ -152,6 +151,10 @@ class OnnxBackend(TextGenerator):
         static_logits = logits_shape[1] == 1 and isinstance(vocab, int)
         self._n_vocab = (
             vocab if isinstance(vocab, int) else tokenizer.get_vocab_size(with_added_tokens=True)
+        )
+        # What ignore_eos masks: the end tokens the logits have a place for.
+        self._eos_ids = np.array(
+            sorted(t for t in eos_ids if 0 <= t < self._n_vocab), dtype=np.intp
         )
         self._shared = (
             SharedKV(
@@ -600,7 +603,7 @@ class OnnxBackend(TextGenerator):
             st.pending = []
             return None
         if st.sampling.ignore_eos and self._eos_ids.size:
-            logits[self._eos_ids[self._eos_ids < logits.shape[-1]]] = -np.inf  # never chosen
+            logits[self._eos_ids] = -np.inf  # never chosen, as llama.cpp's ignore_eos
         token = sample_token(logits, st.sampling, st.history, st.rng)
         if st.sampling.logprobs is not None:
             self._lps[seq] = token_logprobs(logits, token, st.sampling.logprobs)
