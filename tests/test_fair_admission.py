@@ -317,12 +317,17 @@ async def test_a_follow_up_turn_goes_to_the_worker_holding_its_conversation(
 
         long0 = await hold("L0")  # takes the first worker
         history = [ChatMessage("user", "hello " * 40)]
-        first = asyncio.create_task(_text(engine, turn("c1", history), []))
-        while "c1" not in engine.placements():
-            await asyncio.sleep(0.005)
-        home = engine.placements()["c1"]
+        # Where the short turn runs is read while its first token is in hand: it
+        # may be over before a polling loop would look (a loaded machine).
+        parts: list[str] = []
+        homes: list[int] = []
+        async for ev in engine.generate(turn("c1", history)):
+            if isinstance(ev, TokenDelta):
+                if ev.seq == 0:
+                    homes.append(engine.placements()["c1"])
+                parts.append(ev.text)
+        home, answer = homes[0], "".join(parts)
         assert home != pids["L0"]  # the least loaded: the other worker
-        answer = await first
         long0.cancel()
         long1 = await hold("L1")  # both idle: the first worker again
         long2 = await hold("L2")  # the least loaded: the conversation's worker
