@@ -245,6 +245,41 @@ async def test_a_follow_up_turn_reads_only_the_new_turn(smollm2: Path) -> None:
         assert cached[1] > cached[0]
 
 
+async def test_conversations_taking_turns_keep_their_caches(smollm2: Path) -> None:
+    """Two users alternate turns, their chats opening with the same system prompt: each
+    new chat goes to the lowest free slot, yet neither erases the other's history, so
+    every second turn reads only its new messages (and answers as a fresh start does)."""
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=4)
+    system = ChatMessage("system", "You are a helpful assistant who tells short stories.")
+    chats = {
+        "a": [system, ChatMessage("user", "Tell me a story about a lighthouse keeper.")],
+        "b": [system, ChatMessage("user", "Tell me a story about a dragon who loved tea.")],
+    }
+
+    def turn(messages: list[ChatMessage], tokens: int) -> GenerateRequest:
+        return GenerateRequest(model="m", messages=messages, sampling=greedy(max_tokens=tokens))
+
+    async with EngineClient(config) as client:
+        await client.load("m", smollm2)
+        for who in ("a", "b"):
+            deltas, _ = await collect(client, turn(chats[who], 60))
+            chats[who] += [
+                ChatMessage("assistant", "".join(d.text for d in deltas)),
+                ChatMessage("user", "What happened next?"),
+            ]
+        seconds = {}
+        for who in ("a", "b"):
+            deltas, done = await collect(client, turn(chats[who], 8))
+            seconds[who] = "".join(d.text for d in deltas)
+            # All but the new question (and its few template tokens) came from the cache.
+            assert done.usage.prompt_tokens - done.usage.cached_tokens < 20, (who, done.usage)
+    async with EngineClient(config) as fresh:
+        await fresh.load("m", smollm2)
+        for who in ("a", "b"):
+            deltas, _ = await collect(fresh, turn(chats[who], 8))
+            assert "".join(d.text for d in deltas) == seconds[who]
+
+
 async def test_a_prompt_borrows_a_shared_prefix_from_a_busy_slot(random_model: Path) -> None:
     """Two chats with the same long opening: the second copies the first's cache of it
     (the first still running in another slot) and reads only its own question; its

@@ -49,6 +49,7 @@ from engine.backends.llamaslots import (
     BORROW_SPAN,
     Slot,
     common_prefix,
+    park_target,
     pick_slot,
     spliced,
 )
@@ -74,6 +75,10 @@ def init_llama_cpp() -> None:
         llama_cpp.llama_log_set(log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True
+
+
+# The most memory a backend keeps for moving caches between slots when idle.
+_KEEP_STATE_BUF = 64 << 20
 
 
 class _SeqState:
@@ -175,6 +180,8 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
         self._slots = [Slot(i) for i in range(n_seq)]
+        self._starts = 0  # sequences started: each slot's ``used`` is one of these
+        self._state_buf = bytearray()  # a sequence's cache in transit between slots
         self._seqs: dict[int, _SeqState] = {}
         self._n_threads = n_threads
         self._failed: dict[int, Exception] = {}
@@ -311,7 +318,8 @@ class LlamaCppBackend(TextGenerator, Embedder):
             cache = (*lora, (f"images of {seq}", 0.0))
         # Leave suspended sequences' slots alone while others are free: their
         # caches let them resume without reading anything again.
-        held = {id(st.slot) for st in self._seqs.values() if st.suspended}
+        held_slots = [st.slot for st in self._seqs.values() if st.suspended]
+        held = {id(s) for s in held_slots}
         free = [s for s in free if id(s) not in held] or free
         sampler = self._samplers.chain(sampling, prompt)  # first: a BadRequest leaves no state
         constraint = sampling.constraint()
@@ -332,6 +340,12 @@ class LlamaCppBackend(TextGenerator, Embedder):
         joined, same = fits[free.index(slot)]
         if same:
             prompt = joined
+        if slot.lora == cache:
+            target = park_target(self._slots, slot, same, prompt, {s.index for s in held_slots})
+            if target is not None and self._copy_cache(slot, target, len(slot.history)):
+                target.used = slot.used
+        self._starts += 1
+        slot.used = self._starts
         self._retag(slot, cache)
         same = self._borrow(slot, prompt, same)
         keep = min(same, len(prompt) - 1)  # read at least one token to get logits
@@ -388,23 +402,34 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 donor, most = other, n
         if donor is None:
             return same
-        llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
+        return self._copy_cache(donor, slot, most)
+
+    def _copy_cache(self, src: Slot, dst: Slot, n: int) -> int:
+        """Make ``dst`` hold the first ``n`` tokens of ``src``'s cache; how many it holds."""
+        llama_cpp.llama_memory_seq_rm(self._mem, dst.index, -1, -1)
         if self._unified:
-            llama_cpp.llama_memory_seq_cp(self._mem, donor.index, slot.index, 0, most)
+            llama_cpp.llama_memory_seq_cp(self._mem, src.index, dst.index, 0, n)
         else:
-            size = llama_cpp.llama_state_seq_get_size(self._ctx, donor.index)
-            buf = (ctypes.c_uint8 * size)()
-            wrote = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, donor.index)
-            if (
-                not wrote
-                or llama_cpp.llama_state_seq_set_data(self._ctx, buf, wrote, slot.index) != wrote
-            ):
-                llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
-                slot.history = []
+            size = llama_cpp.llama_state_seq_get_size(self._ctx, src.index)
+            if len(self._state_buf) < size:
+                # Kept between copies (no allocating and zeroing each time: a third
+                # of a copy's cost), unless it would hold much memory idle.
+                self._state_buf = bytearray(size)
+            buf = (ctypes.c_uint8 * size).from_buffer(self._state_buf)
+            wrote = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, src.index)
+            moved = bool(wrote) and (
+                llama_cpp.llama_state_seq_set_data(self._ctx, buf, wrote, dst.index) == wrote
+            )
+            if len(self._state_buf) > _KEEP_STATE_BUF:
+                self._state_buf = bytearray()
+            if not moved:
+                llama_cpp.llama_memory_seq_rm(self._mem, dst.index, -1, -1)
+                dst.history = []
                 return 0
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, most, -1)
-        slot.history = donor.history[:most]
-        return most
+            llama_cpp.llama_memory_seq_rm(self._mem, dst.index, n, -1)
+        dst.history = src.history[:n]
+        dst.lora = src.lora
+        return n
 
     def _retag(self, slot: Slot, lora: LoraKey) -> None:
         """Give ``slot`` to a sequence under ``lora``: a cache made under others goes."""

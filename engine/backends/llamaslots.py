@@ -16,17 +16,19 @@ __all__ = [
     "SHARE_MIN",
     "Slot",
     "common_prefix",
+    "park_target",
     "pick_slot",
     "spliced",
 ]
 
 
 class Slot:
-    __slots__ = ("busy", "history", "index", "lora")
+    __slots__ = ("busy", "history", "index", "lora", "used")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.busy = False
+        self.used = 0  # when a sequence last started here (a counter): older caches go first
         self.history: list[int] = []  # tokens whose KV this slot holds, positions 0..n-1
         # The LoRA adapters (files and scales) ``history`` was computed under: its
         # cache serves only sequences with the same (engine.backends.llamalora).
@@ -78,6 +80,42 @@ def pick_slot(free: list[Slot], shared: list[int], unified: bool) -> Slot:
     if shared[best] < SHARE_MIN:
         return min(free, key=lambda x: (len(x.history), x.index))
     return min(free, key=lambda x: x.index)
+
+
+def park_target(
+    slots: list[Slot], taken: Slot, keeps: int, prompt: list[int], held: set[int]
+) -> Slot | None:
+    """Where the cache of ``taken`` is moved before a new sequence overwrites it, if anywhere.
+
+    New sequences are packed into the lowest free slots (:func:`pick_slot`),
+    so without this every new chat would land in the slot the last one used
+    and erase its history: two users taking turns would each read their whole
+    conversation again at every turn (a 1,000-token history is seconds of
+    reading on two cores, moving it ~10 ms). So when ``taken`` holds at least
+    ``REUSE_MIN`` tokens the new prompt will not keep (``keeps``) and no other
+    slot holds them too, they move to a free slot: an empty one first, else
+    the one whose cache started longest ago, provided that it is older than
+    ``taken``'s and is no better start for this ``prompt`` than ``taken``.
+    Higher slots first, so the low ones stay free for running sequences.
+    ``held`` are the indices of slots kept for suspended sequences.
+    """
+    history = taken.history
+    if len(history) - keeps < REUSE_MIN:
+        return None
+    others = [s for s in slots if s is not taken]
+    if any(common_prefix(s.history, history) + REUSE_MIN > len(history) for s in others):
+        return None  # already held elsewhere (a copy it was borrowed from, or lent to)
+    candidates = [
+        s
+        for s in others
+        if not s.busy and s.index not in held and common_prefix(s.history, prompt) <= keeps
+    ]
+    if not candidates:
+        return None
+    target = min(candidates, key=lambda s: (bool(s.history), s.used, -s.index))
+    if target.history and target.used > taken.used:
+        return None  # every other cache is newer than this one: this one goes
+    return target
 
 
 def spliced(
