@@ -2,7 +2,7 @@
 
     python -m bench.scheduler [--model GGUF] [--streams 1,8,16,32] [--tokens 128] [--rounds 3]
                               [--json | --markdown] [--from-json RUN.json]
-                              [--skip-reference] [--scenarios streams,turns,fairness,priority]
+                              [--skip-reference] [--scenarios streams,turns,users,fairness,priority]
 
 Both servers get the same GGUF (SmolLM2 by default), threads, prompts and
 token budget, through the same OpenAI route (``/v1/chat/completions``,
@@ -25,6 +25,10 @@ Scenarios:
   machine's noise, not a difference between them (``--no-ceiling`` skips it).
 * **turns** — one 10-turn conversation (each turn sends the history so far):
   time to first token per turn; the figure is turn 10 / turn 1.
+* **users** — four users chat at once, each in a chat of their own (the same
+  system prompt), taking turns one after another for four turns: time to
+  first token of the later turns (median, p95). Keeping every recent chat's
+  cache, not only the latest one's, is what makes these fast.
 * **fairness** — tenant A keeps 32 long requests in flight (a new one as each
   ends) while tenant B asks a short question every second: B's time to first
   token p95 against B's p95 alone. On ``ferrous serve`` A and B hold API keys
@@ -333,6 +337,38 @@ async def turns_scenario(
     return out
 
 
+async def users_scenario(
+    client: httpx.AsyncClient, target: Target, users: int = 4, turns: int = 4
+) -> dict[str, object]:
+    """``users`` people chat at once, each in a chat of their own opening with the same
+    system prompt, taking turns one after another: the first token of their later turns.
+
+    A server that keeps only the latest chat's cache reads each user's whole
+    conversation again at every turn; one that keeps every chat's reads only
+    the new question."""
+    system = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
+    chats = [[system, *_fresh_question(i)] for i in range(users)]
+    ttfts: list[float] = []
+    reread: list[int] = []  # prompt tokens read (not cached) in the later turns
+    for turn in range(turns):
+        for chat_messages in chats:
+            r = await chat(client, target, chat_messages, 64)
+            chat_messages += [
+                {"role": "assistant", "content": r.text},
+                {"role": "user", "content": FOLLOW_UPS[turn + 1]},
+            ]
+            if turn:
+                ttfts.append(r.ttft * 1000)
+                reread.append(r.prompt_tokens - r.cached_tokens)
+    out: dict[str, object] = {
+        "later_ttft_p50_ms": round(statistics.median(ttfts), 1),
+        "later_ttft_p95_ms": round(_pct(ttfts, 0.95), 1),
+    }
+    if any(reread):
+        out["later_prompt_read_p50"] = statistics.median(reread)
+    return out
+
+
 @contextlib.asynccontextmanager
 async def flood(
     client: httpx.AsyncClient, target: Target, who: str, in_flight: int, tokens: int
@@ -436,6 +472,7 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
                     print(f"  {target.name} {n} streams: {result}", file=sys.stderr)
         scenarios = (
             ("turns", turns_scenario),
+            ("users", users_scenario),
             ("fairness", fairness_scenario),
             ("priority", priority_scenario),
         )
@@ -583,7 +620,7 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         type=lambda s: set(s.split(",")),
-        default={"streams", "turns", "fairness", "priority"},
+        default={"streams", "turns", "users", "fairness", "priority"},
     )
     parser.add_argument("--skip-reference", action="store_true", help="ferrous serve only")
     parser.add_argument(
