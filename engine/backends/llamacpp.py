@@ -18,10 +18,12 @@ llama.cpp's samplers (:mod:`engine.backends.llamasampling`).
 Embeddings use a second context on the same weights, created on first use
 (:mod:`engine.backends.llamaembed`).
 
-Each slot remembers the tokens its KV cache holds after a sequence ends; a new
-sequence takes the free slot sharing the longest prefix with its prompt and
-only reads the rest, so follow-up turns of a conversation skip re-reading it.
-Idle slots give their cache cells back when running sequences need room.
+Each window keeps its cache after its sequence ends, and a new sequence reads
+only what no window holds yet: a conversation's next turn reads its new
+messages, a chat opening with a known system prompt copies it
+(:mod:`engine.backends.llamacache` carries out what
+:mod:`engine.backends.llamaslots` decides). Idle windows give their cells
+back when running sequences need room.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
 from engine.backends.gguf_entry import check_model_file, vision_pair
+from engine.backends.llamacache import SlotCaches
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
 from engine.backends.llamalora import LoraKey, LoraSets, lora_key, step_group
 from engine.backends.llamasampling import (
@@ -44,15 +47,7 @@ from engine.backends.llamasampling import (
     capturing_errors,
     log_callback,
 )
-from engine.backends.llamaslots import (
-    BORROW_MIN,
-    BORROW_SPAN,
-    Slot,
-    common_prefix,
-    park_target,
-    pick_slot,
-    spliced,
-)
+from engine.backends.llamaslots import Slot
 from engine.backends.llamavision import VisionInput
 from engine.guidance import Guide
 from engine.interrupt import strlen_callback_address
@@ -75,10 +70,6 @@ def init_llama_cpp() -> None:
         llama_cpp.llama_log_set(log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True
-
-
-# The most memory a backend keeps for moving caches between slots when idle.
-_KEEP_STATE_BUF = 64 << 20
 
 
 class _SeqState:
@@ -179,9 +170,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self._buf = ctypes.create_string_buffer(256)
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
-        self._slots = [Slot(i) for i in range(n_seq)]
-        self._starts = 0  # sequences started: each slot's ``used`` is one of these
-        self._state_buf = bytearray()  # a sequence's cache in transit between slots
+        self._caches = SlotCaches(ctx, n_seq, unified)
         self._seqs: dict[int, _SeqState] = {}
         self._n_threads = n_threads
         self._failed: dict[int, Exception] = {}
@@ -307,8 +296,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         urgent: bool = False,
         adapters: Sequence[Adapter] = (),
     ) -> None:
-        free = [s for s in self._slots if not s.busy]
-        if not free:
+        if not self._caches.any_free():
             raise RuntimeError("no free sequence slot")
         lora = lora_key(adapters)
         if lora:  # first: a file llama.cpp refuses leaves no state behind
@@ -316,11 +304,6 @@ class LlamaCppBackend(TextGenerator, Embedder):
         cache = lora
         if self._vision is not None and any(t >= self._n_vocab for t in prompt):
             cache = (*lora, (f"images of {seq}", 0.0))
-        # Leave suspended sequences' slots alone while others are free: their
-        # caches let them resume without reading anything again.
-        held_slots = [st.slot for st in self._seqs.values() if st.suspended]
-        held = {id(s) for s in held_slots}
-        free = [s for s in free if id(s) not in held] or free
         sampler = self._samplers.chain(sampling, prompt)  # first: a BadRequest leaves no state
         constraint = sampling.constraint()
         guide = None
@@ -328,32 +311,10 @@ class LlamaCppBackend(TextGenerator, Embedder):
             guide = self._samplers.guides().guide(*constraint)
             constraint = None
 
-        # Each free slot's cache as this prompt could use it: the exact common
-        # prefix, extended over the model's own answer tokens where the prompt
-        # spells the same text (engine.backends.llamaslots.spliced).
-        # A cache computed under other adapters is of no use to this prompt.
-        fits = [
-            spliced(x.history if x.lora == cache else [], prompt, self.token_bytes, self.n_ctx)
-            for x in free
-        ]
-        slot = pick_slot(free, [n for _, n in fits], self._unified)
-        joined, same = fits[free.index(slot)]
-        if same:
-            prompt = joined
-        if slot.lora == cache:
-            target = park_target(self._slots, slot, same, prompt, {s.index for s in held_slots})
-            if target is not None and self._copy_cache(slot, target, len(slot.history)):
-                target.used = slot.used
-        self._starts += 1
-        slot.used = self._starts
-        self._retag(slot, cache)
-        same = self._borrow(slot, prompt, same)
-        keep = min(same, len(prompt) - 1)  # read at least one token to get logits
-        if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
-            keep = 0
-        del slot.history[keep:]
-        slot.busy = True
+        # Suspended sequences' windows are left alone while others are free: their
+        # caches let them resume without reading anything again.
+        held = [st.slot for st in self._seqs.values() if st.suspended]
+        slot, prompt, keep = self._caches.place(prompt, cache, held, self.token_bytes, self.n_ctx)
         self._seqs[seq] = _SeqState(
             slot,
             prompt[keep:],
@@ -380,64 +341,6 @@ class LlamaCppBackend(TextGenerator, Embedder):
             # Image positions (ids past the vocabulary) are no tokens to penalise.
             state.recent.extend(t for t in prompt[-PENALTY_LAST_N:] if t < self._n_vocab)
 
-    def _borrow(self, slot: Slot, prompt: list[int], same: int) -> int:
-        """Give ``slot`` the longest prefix of ``prompt`` any other slot holds; the tokens it now has.
-
-        Chats through one server mostly begin alike (the same system prompt,
-        the same instructions): a burst of eight questions shares ~25 of each
-        prompt's ~40 tokens. Reading a prompt costs ~4 ms a token on two cores;
-        copying a sequence's cache costs ~20 us a token. So when another slot,
-        busy or not, holds ``BORROW_MIN`` more of this prompt than ``slot``
-        does, its cache is copied over (the whole sequence: llama.cpp copies no
-        less between windows) and cut back to the shared part. In one shared
-        cache the cells are shared instead, which copies nothing.
-        """
-        donor, most = None, same
-        for other in self._slots:
-            if other is slot or len(other.history) <= most or other.lora != slot.lora:
-                continue
-            n = common_prefix(other.history, prompt)
-            # A donor far longer than what it shares costs more to copy than it saves.
-            if n >= most + BORROW_MIN and len(other.history) <= n * BORROW_SPAN:
-                donor, most = other, n
-        if donor is None:
-            return same
-        return self._copy_cache(donor, slot, most)
-
-    def _copy_cache(self, src: Slot, dst: Slot, n: int) -> int:
-        """Make ``dst`` hold the first ``n`` tokens of ``src``'s cache; how many it holds."""
-        llama_cpp.llama_memory_seq_rm(self._mem, dst.index, -1, -1)
-        if self._unified:
-            llama_cpp.llama_memory_seq_cp(self._mem, src.index, dst.index, 0, n)
-        else:
-            size = llama_cpp.llama_state_seq_get_size(self._ctx, src.index)
-            if len(self._state_buf) < size:
-                # Kept between copies (no allocating and zeroing each time: a third
-                # of a copy's cost), unless it would hold much memory idle.
-                self._state_buf = bytearray(size)
-            buf = (ctypes.c_uint8 * size).from_buffer(self._state_buf)
-            wrote = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, src.index)
-            moved = bool(wrote) and (
-                llama_cpp.llama_state_seq_set_data(self._ctx, buf, wrote, dst.index) == wrote
-            )
-            if len(self._state_buf) > _KEEP_STATE_BUF:
-                self._state_buf = bytearray()
-            if not moved:
-                llama_cpp.llama_memory_seq_rm(self._mem, dst.index, -1, -1)
-                dst.history = []
-                return 0
-            llama_cpp.llama_memory_seq_rm(self._mem, dst.index, n, -1)
-        dst.history = src.history[:n]
-        dst.lora = src.lora
-        return n
-
-    def _retag(self, slot: Slot, lora: LoraKey) -> None:
-        """Give ``slot`` to a sequence under ``lora``: a cache made under others goes."""
-        if slot.lora != lora:
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
-            slot.history = []
-            slot.lora = lora
-
     def set_interrupt(self, address: int) -> None:
         # strlen(flag) is true while the flag is up; it runs on the compute
         # thread without the GIL (engine.interrupt).
@@ -461,21 +364,10 @@ class LlamaCppBackend(TextGenerator, Embedder):
 
     def resume(self, seq: int) -> None:
         st = self._seqs[seq]
-        free = [s for s in self._slots if not s.busy]
-        if not free or not st.suspended:
-            raise RuntimeError("no free sequence slot to resume in")
+        if not st.suspended:
+            raise RuntimeError("not suspended")
         tokens = st.tokens
-        # Its old slot, when no one took it, still holds its whole cache.
-        counts = [common_prefix(x.history if x.lora == st.cache_key else [], tokens) for x in free]
-        best = max(range(len(free)), key=lambda i: (counts[i], free[i] is st.slot))
-        slot = free[best]
-        self._retag(slot, st.cache_key)
-        keep = min(self._borrow(slot, tokens, counts[best]), len(tokens) - 1)
-        if not llama_cpp.llama_memory_seq_rm(self._mem, slot.index, keep, -1):
-            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
-            keep = 0
-        del slot.history[keep:]
-        slot.busy = True
+        slot, keep = self._caches.reclaim(tokens, st.cache_key, st.slot)
         st.slot = slot
         st.n_past = keep
         st.pending = tokens[keep:]
@@ -517,7 +409,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 for _, st, _, _ in plan:
                     llama_cpp.llama_memory_seq_rm(self._mem, st.slot.index, st.n_past, -1)
                 return {}
-            if rc == 1 and self._release_idle():
+            if rc == 1 and self._caches.release_idle():
                 rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 1 and len(plan) > 1 and self._unified:
                 # The sequences share one KV cache of n_ctx cells and together no
@@ -528,8 +420,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
                     f"the {self.n_ctx}-token context this worker shares between "
                     f"{len(plan)} sequences is full; retry when fewer are running"
                 )
-                llama_cpp.llama_memory_seq_rm(self._mem, st.slot.index, -1, -1)
-                st.slot.history = []
+                self._caches.drop(st.slot)
                 st.pending = []
                 states = [(q, s) for q, s in states if q != seq]
                 continue
@@ -675,16 +566,6 @@ class LlamaCppBackend(TextGenerator, Embedder):
 
     def take_logprobs(self, seq: int) -> tuple[float, list[tuple[int, float]]] | None:
         return self._lps.pop(seq, None)
-
-    def _release_idle(self) -> bool:
-        """Drop the cached prefixes of idle slots; True if that freed anything."""
-        freed = False
-        for slot in self._slots:
-            if not slot.busy and slot.history:
-                llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
-                slot.history = []
-                freed = True
-        return freed
 
     def finish(self, seq: int) -> None:
         st = self._seqs.pop(seq, None)
