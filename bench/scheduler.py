@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import os
 import statistics
@@ -63,188 +62,25 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import uvloop
 
+from bench.chatload import (
+    FOLLOW_UPS,
+    WARM,
+    StreamResult,
+    Target,
+    chat,
+    fresh_question,
+    pct,
+    question,
+)
 from bench.readcost import decode_tok_s, read_ms
 from bench.serving import free_port, start_server, stop_server
 from engine.client import default_threads
 from engine.settings import SEQS_PER_THREAD
-
-QUESTIONS = [
-    "Why is the sky blue? Explain it to a curious child.",
-    "Write a short poem about a lighthouse keeper and the sea.",
-    "What are three good habits for writing clean Python code?",
-    "Describe how a bicycle gear system works.",
-    "Give me a recipe for a simple vegetable soup.",
-    "What is the difference between weather and climate?",
-    "Tell a story about a robot who learns to paint.",
-    "How do plants turn sunlight into food?",
-    "List some tips for a first trip to the mountains.",
-    "Explain what a hash table is and when to use one.",
-    "Why do cats purr? Give a few possible reasons.",
-    "Write a friendly email inviting a neighbour to dinner.",
-    "What makes a good night's sleep, according to doctors?",
-    "Describe the water cycle in a few sentences.",
-    "How does a compass find north?",
-    "Suggest a plan for learning to play the guitar.",
-    "What was life like in a medieval village?",
-    "Explain recursion with a simple example.",
-    "Why do leaves change colour in autumn?",
-    "Write a short dialogue between a baker and a customer.",
-    "How do bees make honey?",
-    "Give advice for a student starting university.",
-    "What causes thunder and lightning?",
-    "Describe a busy market on a Saturday morning.",
-    "How does a refrigerator keep food cold?",
-    "Tell a fable about a fox and a crow.",
-    "What should I pack for a weekend camping trip?",
-    "Explain how vaccines help the body fight illness.",
-    "Why is exercise good for the brain?",
-    "Write a haiku about winter rain.",
-    "How do airplanes stay in the air?",
-    "Describe your ideal small garden.",
-]
-FOLLOW_UPS = [
-    "Tell me about the moon.",
-    "How far away is it?",
-    "Why does it change shape?",
-    "Who first walked on it?",
-    "What did they bring back?",
-    "Could people live there?",
-    "What would they need?",
-    "How long would the trip take?",
-    "What would they eat?",
-    "Summarise our conversation.",
-]
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-@dataclass
-class StreamResult:
-    ttft: float = 0.0  # seconds from the request to the first content
-    gaps: list[float] = field(default_factory=list)  # between content chunks
-    tokens: int = 0
-    text: str = ""
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt, as the server reports them
-
-
-@dataclass
-class Target:
-    """A running server: where it answers, and the headers of each tenant."""
-
-    name: str
-    base: str
-    model: str
-    keys: dict[str, str] = field(default_factory=dict)  # tenant -> bearer key
-    priority_field: bool = False
-    slots: int = 8  # sequences it decodes together at most
-
-    def headers(self, who: str | None) -> dict[str, str]:
-        key = self.keys.get(who or "")
-        return {"authorization": f"Bearer {key}"} if key else {}
-
-
-async def chat(
-    client: httpx.AsyncClient,
-    target: Target,
-    messages: list[dict[str, str]],
-    tokens: int,
-    *,
-    who: str | None = None,
-    priority: int | None = None,
-    ignore_eos: bool = True,
-) -> StreamResult:
-    body: dict[str, object] = {
-        "model": target.model,
-        "messages": messages,
-        "max_tokens": tokens,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": ignore_eos,
-    }
-    if priority is not None and target.priority_field:
-        body["priority"] = priority
-    for attempt in range(2):
-        try:
-            return await _chat_once(client, target, body, who)
-        except httpx.RemoteProtocolError:
-            # A keep-alive connection the server closed while idle: one retry.
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
-
-
-async def _chat_once(
-    client: httpx.AsyncClient, target: Target, body: dict[str, object], who: str | None = None
-) -> StreamResult:
-    result = StreamResult()
-    t0 = last = time.perf_counter()
-    chunks = 0
-    parts: list[str] = []
-    async with client.stream(
-        "POST",
-        f"{target.base}/v1/chat/completions",
-        json=body,
-        headers=target.headers(who),
-        timeout=900,
-    ) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{target.name}: {response.status_code} {await response.aread()!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            usage = event.get("usage")
-            if usage:
-                result.tokens = int(usage.get("completion_tokens") or 0)
-                result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                details = usage.get("prompt_tokens_details") or {}
-                result.cached_tokens = int(details.get("cached_tokens") or 0)
-            for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if not text:
-                    continue
-                now = time.perf_counter()
-                if chunks == 0:
-                    result.ttft = now - t0
-                else:
-                    result.gaps.append(now - last)
-                last = now
-                chunks += 1
-                parts.append(text)
-    result.text = "".join(parts)
-    if not result.tokens:
-        result.tokens = chunks
-    return result
-
-
-_WARM = [{"role": "user", "content": "Hi."}]
-
-
-def _question(i: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-
-
-_asked = itertools.count(100)
-
-
-def _fresh_question(i: int) -> list[dict[str, str]]:
-    """A question no server has seen before (a numbered reference at its end, always three
-    digits): its first token then costs reading it, not a cache lookup."""
-    text = QUESTIONS[i % len(QUESTIONS)]
-    return [{"role": "user", "content": f"{text} (ref {next(_asked)})"}]
 
 
 class _Pooled:
@@ -264,9 +100,9 @@ class _Pooled:
         return {
             "aggregate_tok_s": round(statistics.median(self.rates), 1),
             "ttft_p50_ms": round(statistics.median(self.ttfts), 1),
-            "ttft_p95_ms": round(_pct(self.ttfts, 0.95), 1),
-            "itl_p50_ms": round(_pct(self.gaps, 0.5), 1),
-            "itl_p99_ms": round(_pct(self.gaps, 0.99), 1),
+            "ttft_p95_ms": round(pct(self.ttfts, 0.95), 1),
+            "itl_p50_ms": round(pct(self.gaps, 0.5), 1),
+            "itl_p99_ms": round(pct(self.gaps, 0.99), 1),
         }
 
 
@@ -289,7 +125,7 @@ async def streams_scenario(
     ceilings: list[list[float]] = [[] for _ in targets]
     for r in range(rounds):
         # A different question set each round: no round reuses another's prompts.
-        questions = [_question(i + r * n) for i in range(n)]
+        questions = [question(i + r * n) for i in range(n)]
         order = list(range(len(targets)))
         if r % 2:
             order.reverse()
@@ -298,7 +134,7 @@ async def streams_scenario(
             # llama.cpp) has just run on the same cores and pushed this one's code
             # and data out of the CPU caches, which cost the first request after
             # it ~20 ms (ferrous serve) - a cost no server in service pays.
-            await chat(client, targets[k], _WARM, 1)
+            await chat(client, targets[k], WARM, 1)
             t0 = time.perf_counter()
             results = await asyncio.gather(
                 *(chat(client, targets[k], q, tokens) for q in questions)
@@ -326,8 +162,8 @@ async def turns_scenario(
     history: list[dict[str, str]] = []
     ttfts: list[float] = []
     reads: list[tuple[int, int]] = []  # (cached, read) prompt tokens per turn, if reported
-    for question in FOLLOW_UPS:
-        history.append({"role": "user", "content": question})
+    for follow_up in FOLLOW_UPS:
+        history.append({"role": "user", "content": follow_up})
         r = await chat(client, target, history, 48, ignore_eos=False)
         ttfts.append(round(r.ttft * 1000, 1))
         reads.append((r.cached_tokens, r.prompt_tokens - r.cached_tokens))
@@ -357,7 +193,7 @@ async def users_scenario(
     conversation again at every turn; one that keeps every chat's reads only
     the new question."""
     system = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
-    chats = [[system, *_fresh_question(i)] for i in range(users)]
+    chats = [[system, *fresh_question(i)] for i in range(users)]
     ttfts: list[float] = []
     reread: list[int] = []  # prompt tokens read (not cached) in the later turns
     for turn in range(turns):
@@ -372,7 +208,7 @@ async def users_scenario(
                 reread.append(r.prompt_tokens - r.cached_tokens)
     out: dict[str, object] = {
         "later_ttft_p50_ms": round(statistics.median(ttfts), 1),
-        "later_ttft_p95_ms": round(_pct(ttfts, 0.95), 1),
+        "later_ttft_p95_ms": round(pct(ttfts, 0.95), 1),
     }
     if any(reread):
         out["later_prompt_read_p50"] = statistics.median(reread)
@@ -389,7 +225,7 @@ async def flood(
     async def keep(i: int) -> None:
         while not stop.is_set():
             with contextlib.suppress(httpx.HTTPError, RuntimeError):
-                await chat(client, target, _question(i), tokens, who=who)
+                await chat(client, target, question(i), tokens, who=who)
 
     tasks = [asyncio.create_task(keep(i)) for i in range(in_flight)]
     await asyncio.sleep(3.0)  # let the flood fill every slot and the queue
@@ -419,7 +255,7 @@ async def fairness_scenario(
     client: httpx.AsyncClient, target: Target, *, asks: int = 12
 ) -> dict[str, float]:
     def ask(i: int) -> Awaitable[StreamResult]:
-        return chat(client, target, _fresh_question(i + 7), 8, who="b", ignore_eos=False)
+        return chat(client, target, fresh_question(i + 7), 8, who="b", ignore_eos=False)
 
     alone = await _paced(asks, 1.0, ask)
     async with flood(client, target, "a", 32, 256):
@@ -427,9 +263,9 @@ async def fairness_scenario(
     return {
         "b_alone_ttft_p50_ms": round(statistics.median(alone), 1),
         "b_flood_ttft_p50_ms": round(statistics.median(loaded), 1),
-        "b_alone_ttft_p95_ms": round(_pct(alone, 0.95), 1),
-        "b_flood_ttft_p95_ms": round(_pct(loaded, 0.95), 1),
-        "ratio": round(_pct(loaded, 0.95) / max(_pct(alone, 0.95), 1e-3), 2),
+        "b_alone_ttft_p95_ms": round(pct(alone, 0.95), 1),
+        "b_flood_ttft_p95_ms": round(pct(loaded, 0.95), 1),
+        "ratio": round(pct(loaded, 0.95) / max(pct(alone, 0.95), 1e-3), 2),
     }
 
 
@@ -438,7 +274,7 @@ async def priority_scenario(
 ) -> dict[str, float]:
     def ask(i: int) -> Awaitable[StreamResult]:
         return chat(
-            client, target, _fresh_question(i + 3), 8, who="vip", priority=10, ignore_eos=False
+            client, target, fresh_question(i + 3), 8, who="vip", priority=10, ignore_eos=False
         )
 
     alone = await _paced(asks, 1.0, ask)
@@ -447,7 +283,7 @@ async def priority_scenario(
     return {
         "high_alone_ttft_p50_ms": round(statistics.median(alone), 1),
         "high_flood_ttft_p50_ms": round(statistics.median(loaded), 1),
-        "high_flood_ttft_p95_ms": round(_pct(loaded, 0.95), 1),
+        "high_flood_ttft_p95_ms": round(pct(loaded, 0.95), 1),
         "ratio": round(statistics.median(loaded) / max(statistics.median(alone), 1e-3), 2),
     }
 
@@ -462,9 +298,9 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
     out: list[dict[str, object]] = [{} for _ in targets]
     async with httpx.AsyncClient(limits=limits) as client:
         for target in targets:
-            await chat(client, target, _question(0), 16)  # warm-up: pages in the weights
+            await chat(client, target, question(0), 16)  # warm-up: pages in the weights
             for who in target.keys:  # and each caller's first request (its key checked)
-                await chat(client, target, _question(1), 1, who=who)
+                await chat(client, target, question(1), 1, who=who)
         if "streams" in args.scenarios:
             # llama.cpp alone, decoding as many rows as a server runs at once: no
             # server streams faster from the same steps.
