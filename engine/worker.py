@@ -35,8 +35,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-import msgspec
-
 from engine import ipc
 from engine.backends import (
     Backend,
@@ -48,13 +46,12 @@ from engine.backends import (
 )
 from engine.interrupt import Interrupt
 from engine.jobs import JobQueue
-from engine.logprobs import TokenLogprob, TopLogprob
 from engine.netring import NET_PREFIX, NetRingWriter, is_net_ring
 from engine.preemption import Runner, victim
 from engine.prompts import prompt_tokens, with_tool_grammar
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
-from engine.textstream import TextStream
+from engine.workerseq import WorkerSeq
 from protocol.errors import (
     BadRequest,
     ErrorCode,
@@ -68,9 +65,6 @@ __all__ = ["Worker", "main"]
 PAUSED_RECHECK_S = 0.25  # safety net only: Resume frames normally end a pause
 
 
-_LP_ENCODER = msgspec.msgpack.Encoder()
-
-
 def _rss_bytes() -> int:
     """Current resident set size (not the peak), from /proc."""
     try:
@@ -78,59 +72,6 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _Seq:
-    """One generation inside the worker."""
-
-    __slots__ = (
-        "backend",
-        "ending",
-        "gen",
-        "ids",
-        "lps",
-        "model",
-        "msg",
-        "n_out",
-        "n_prompt",
-        "order",
-        "outbox",
-        "paused_since",
-        "prompt",
-        "ring",
-        "started",
-        "stream",
-        "suspended",
-        "t_accept",
-        "t_end",
-        "t_first",
-        "t_start",
-    )
-
-    def __init__(
-        self, msg: ipc.Generate, ring: Ring | NetRingWriter, backend: TextGenerator, model: str
-    ) -> None:
-        self.msg = msg
-        self.gen = msg.gen
-        self.ring = ring
-        self.backend = backend
-        self.model = model
-        self.stream = TextStream(msg.sampling.stop)
-        self.prompt: list[int] = []
-        self.ids: list[int] = []
-        self.lps: list[TokenLogprob] = []  # log-probabilities of the tokens in ``ids``
-        self.outbox: deque[tuple[list[int], bytes, bytes]] = deque()  # ids, text, extra
-        self.ending: FinishReason | None = None
-        self.started = False
-        self.suspended = False  # paused for another sequence (engine.preemption)
-        self.order = 0  # when it started, for the preemption rule
-        self.paused_since: float | None = None
-        self.n_prompt = 0
-        self.n_out = 0
-        self.t_accept = time.perf_counter()
-        self.t_start = 0.0
-        self.t_first = 0.0
-        self.t_end = 0.0
 
 
 class Worker:
@@ -142,8 +83,8 @@ class Worker:
         self._interrupt = interrupt
         self._frames = ipc.FrameBuffer()
         self._models: dict[str, tuple[Backend, float]] = {}
-        self._queued: dict[str, deque[_Seq]] = {}
-        self._running: dict[int, _Seq] = {}
+        self._queued: dict[str, deque[WorkerSeq]] = {}
+        self._running: dict[int, WorkerSeq] = {}
         self._jobs = JobQueue(
             self._send, self._sock.sendall
         )  # requests of every kind but text generation
@@ -322,7 +263,7 @@ class Worker:
             msg = with_tool_grammar(msg)
             # Before queueing: a bad grammar or schema fails now, not after a wait for a slot.
             backend.check_sampling(msg.sampling)
-            seq = _Seq(msg, ring, backend, msg.model)
+            seq = WorkerSeq(msg, ring, backend, msg.model)
             seq.prompt = prompt_tokens(backend, msg)
         except FerrousError as exc:
             ring.close()
@@ -397,7 +338,7 @@ class Worker:
         return False
 
     @staticmethod
-    def _victim(active: list[_Seq], arrival: _Seq) -> _Seq | None:
+    def _victim(active: list[WorkerSeq], arrival: WorkerSeq) -> WorkerSeq | None:
         """The running sequence ``arrival`` may pause (engine.preemption), if any."""
         chosen = victim(
             [Runner(s.gen, s.msg.tenant, s.msg.priority, s.order) for s in active],
@@ -475,7 +416,7 @@ class Worker:
 
     def _step(self) -> None:
         """One decode step per model: every runnable sequence advances together."""
-        groups: dict[str, list[_Seq]] = {}
+        groups: dict[str, list[WorkerSeq]] = {}
         for seq in list(self._running.values()):
             if seq.outbox or seq.ending is not None or seq.suspended:
                 continue  # paused on a full ring, finishing, or suspended for another
@@ -500,51 +441,23 @@ class Worker:
                 if token is not None:
                     self._on_token(seq, backend, token)
 
-    def _on_token(self, seq: _Seq, backend: TextGenerator, token: int) -> None:
+    def _on_token(self, seq: WorkerSeq, backend: TextGenerator, token: int) -> None:
         if not seq.n_out:
             seq.t_first = time.perf_counter()
         lp = backend.take_logprobs(seq.gen)
         if backend.is_end(token) and not seq.msg.sampling.ignore_eos:
             self._end(seq, FinishReason.STOP)
             return
-        seq.n_out += 1
         self._tokens_generated += 1
-        seq.ids.append(token)
-        if lp is not None:
-            chosen, top = lp
-            seq.lps.append(
-                TokenLogprob(
-                    token,
-                    backend.token_bytes(token),
-                    chosen,
-                    [TopLogprob(i, backend.token_bytes(i), p) for i, p in top],
-                )
-            )
-        text = seq.stream.feed(backend.token_bytes(token))
-        if text or (seq.msg.token_ids and seq.stream.stopped):
-            self._emit(seq, text)
+        if seq.add_token(token, backend.token_bytes, lp):
+            self._drain(seq)
         max_tokens = seq.msg.sampling.max_tokens
         if seq.stream.stopped:
             self._end(seq, FinishReason.STOP)
         elif max_tokens is not None and seq.n_out >= max_tokens:
             self._end(seq, FinishReason.LENGTH)
 
-    def _emit(self, seq: _Seq, text: str) -> None:
-        ids = seq.ids if seq.msg.token_ids else []
-        seq.ids = []
-        seq.outbox.append((ids, text.encode("utf-8"), self._take_lps(seq)))
-        self._drain(seq)
-
-    @staticmethod
-    def _take_lps(seq: _Seq) -> bytes:
-        """The log-probabilities gathered since the last record, encoded for the ring."""
-        if not seq.lps:
-            return b""
-        data = _LP_ENCODER.encode(seq.lps)
-        seq.lps = []
-        return data
-
-    def _drain(self, seq: _Seq) -> None:
+    def _drain(self, seq: WorkerSeq) -> None:
         """Move queued records into the ring; pause the sequence if it is full."""
         while seq.outbox:
             ids, data, extra = seq.outbox[0]
@@ -570,18 +483,12 @@ class Worker:
             if seq.paused_since is not None and now - seq.paused_since > seq.msg.stall_timeout:
                 self._finalize(seq, FinishReason.STALLED)
 
-    def _end(self, seq: _Seq, reason: FinishReason) -> None:
+    def _end(self, seq: WorkerSeq, reason: FinishReason) -> None:
         """Normal end: release held text, then finish once the ring took everything."""
-        seq.t_end = time.perf_counter()
-        tail = seq.stream.flush()
-        if tail or (seq.ids and seq.msg.token_ids) or seq.lps:
-            ids = seq.ids if seq.msg.token_ids else []
-            seq.outbox.append((ids, tail.encode("utf-8"), self._take_lps(seq)))
-        seq.ids = []
-        seq.ending = reason
+        seq.close_text(reason)
         self._drain(seq)
 
-    def _fail(self, seq: _Seq, exc: Exception) -> None:
+    def _fail(self, seq: WorkerSeq, exc: Exception) -> None:
         err = exc if isinstance(exc, FerrousError) else FerrousError(f"{type(exc).__name__}: {exc}")
         if not isinstance(exc, FerrousError):
             err.code = ErrorCode.ENGINE_ERROR
@@ -589,7 +496,7 @@ class Worker:
 
     def _finalize(
         self,
-        seq: _Seq,
+        seq: WorkerSeq,
         reason: FinishReason,
         *,
         error: FerrousError | None = None,
@@ -599,28 +506,9 @@ class Worker:
         if self._running.pop(seq.gen, None) is not None and seq.started:
             cached = seq.backend.prompt_reused(seq.gen)
             seq.backend.finish(seq.gen)
-        now = time.perf_counter()
-        end = seq.t_end or now
-        first = seq.t_first or end
-        decode_s = end - first
-        tok_s = (seq.n_out - 1) / decode_s if seq.n_out > 1 and decode_s > 0 else 0.0
         if notify:
-            self._send(
-                ipc.Finished(
-                    gen=seq.gen,
-                    reason=reason.value,
-                    prompt_tokens=seq.n_prompt,
-                    completion_tokens=seq.n_out,
-                    load_ms=self._models.get(seq.model, (None, 0.0))[1],
-                    queue_ms=((seq.t_start or now) - seq.t_accept) * 1000,
-                    ttft_ms=(first - seq.t_accept) * 1000 if seq.t_first else 0.0,
-                    total_ms=(end - seq.t_accept) * 1000,
-                    decode_tok_s=tok_s,
-                    error_code=error.code.value if error else None,
-                    error_message=error.message if error else None,
-                    cached_tokens=cached,
-                )
-            )
+            load_ms = self._models.get(seq.model, (None, 0.0))[1]
+            self._send(seq.finished(reason, error, load_ms, cached))
         seq.ring.close()
 
 
