@@ -20,10 +20,11 @@ Three kinds of credential are accepted:
 - **API keys** (``ffk_`` + 43 URL-safe characters). Only their SHA-256 hashes are
   stored, in a JSON file written atomically with mode 0600; the file is reread
   when it changes on disk, so keys created or revoked by another process apply
-  without a restart.
+  without a restart (:mod:`gateway.apikeys`).
 - **Tickets.** Browsers cannot set headers on a WebSocket handshake, so they
   fetch a short-lived single-use ticket over authenticated HTTP and put it in
-  the WebSocket URL. Tickets live in memory only, in a bounded table.
+  the WebSocket URL. Tickets live in memory only, in a bounded table
+  (:mod:`gateway.tickets`); redeeming one checks its credential again here.
 
 The local secret (32 random bytes, hex on disk) is created on first use with
 mode 0600; a secret file readable by group or others is refused. The files
@@ -33,16 +34,12 @@ themselves (secret, PEM/JWKS keys, the API key file) are read and written by
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +48,18 @@ import msgspec
 from jwt.exceptions import InvalidSubjectError
 from jwt.types import Options
 
+from gateway.apikeys import API_KEY_PREFIX, ApiKeyInfo, ApiKeyStore
 from gateway.keyfiles import (
-    ApiKeyFile,
-    ApiKeyRecord,
     PublicKey,
     WatchedFile,
     load_or_create_secret,
-    parse_api_keys,
     parse_jwks,
     parse_pem,
-    write_private_file,
 )
+from gateway.principal import Principal, Unauthorized, checked_priority
 from gateway.quotas import Quota
-from gateway.scopes import ALL_SCOPES, DEFAULT_SCOPES, parse_scopes
-from protocol.errors import ErrorCode, FerrousError
+from gateway.scopes import ALL_SCOPES, parse_scopes
+from gateway.tickets import TicketTable
 from protocol.messages import MAX_PRIORITY, MIN_PRIORITY
 
 __all__ = [
@@ -80,71 +75,7 @@ __all__ = [
 log = logging.getLogger("ferrous.auth")
 
 SUPPORTED_ALGORITHMS = frozenset({"HS256", "RS256", "ES256"})
-API_KEY_PREFIX = "ffk_"
-
-_API_KEY_SHOWN = len(API_KEY_PREFIX) + 8  # the part of a key kept on disk to name it
 _MAX_TOKEN_CHARS = 16 * 1024  # far above any real token; bounds work before the signature check
-_MAX_OPAQUE_CHARS = 256  # API keys and tickets are ~47 characters
-
-
-class Unauthorized(FerrousError):
-    """The credential is missing or not acceptable; the message says why in a few words."""
-
-    code = ErrorCode.UNAUTHORIZED
-
-
-class Principal(msgspec.Struct, frozen=True):
-    """An authenticated caller."""
-
-    user: str
-    """The JWT ``sub`` or the API key's owner."""
-    tenant: str | None
-    """From the configured tenant claim, or the API key's tenant."""
-    method: str
-    """``"jwt"``, ``"api_key"``, ``"ticket"`` or ``"none"`` (auth disabled)."""
-    expires_at: float | None
-    """Unix time after which the credential is no longer valid; ``None`` = never."""
-    scopes: frozenset[str] = DEFAULT_SCOPES
-    """What the caller may do (:mod:`gateway.scopes`)."""
-    key_id: str | None = None
-    """The API key's stored prefix, for a caller (or a ticket) that came with a key:
-    revoking that key ends the caller's sessions and spends its tickets."""
-    max_priority: int = 0
-    """The highest scheduling priority the caller's requests may ask for (a JWT
-    ``priority`` claim or the API key's class); higher asks are lowered to it."""
-    quota: Quota | None = None
-    """Limits from a JWT ``quota`` claim, over the configured ones (gateway.quotas)."""
-    token_id: str | None = None
-    """The JWT's ``jti``, by which it can be revoked before it expires (gateway.credentials)."""
-
-
-class ApiKeyInfo(msgspec.Struct, frozen=True):
-    """What is known about a stored API key (never the key itself)."""
-
-    prefix: str
-    user: str
-    tenant: str | None
-    name: str
-    created: float
-    scopes: list[str] = msgspec.field(default_factory=lambda: sorted(DEFAULT_SCOPES))
-    priority: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Ticket:
-    principal: Principal
-    purge_at: float
-    expires_at: float
-
-
-def _checked_priority(priority: int) -> int:
-    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
-        raise ValueError(f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY}")
-    return priority
-
-
-def _digest(credential: str) -> bytes:
-    return hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
 
 
 def _numeric_claim(payload: dict[str, Any], name: str) -> float | None:
@@ -228,9 +159,6 @@ class Authenticator:
         self._issuer = issuer or None
         self._leeway = float(leeway)
         self._tenant_claim = tenant_claim
-        self._ticket_ttl = float(ticket_ttl)
-        self._max_tickets = max_tickets
-        self._max_tickets_per_user = max_tickets_per_user
         self._max_lifetime = float(max_token_lifetime)
         self._clock = clock
         self._lock = threading.Lock()
@@ -242,11 +170,13 @@ class Authenticator:
         self._jwks = key_file(resolve(jwks_file, ""), parse_jwks, [])
         self._has_pem = bool(public_key_file)
         self._has_jwks = bool(jwks_file)
-        self._api_keys = WatchedFile[list[ApiKeyRecord]](
-            resolve(api_keys_file, "api_keys.json"), parse_api_keys, []
+        self._api_keys = ApiKeyStore(resolve(api_keys_file, "api_keys.json"), clock=clock)
+        self._tickets = TicketTable(
+            ttl=float(ticket_ttl),
+            max_tickets=max_tickets,
+            max_per_user=max_tickets_per_user,
+            clock=clock,
         )
-        self._tickets: dict[bytes, _Ticket] = {}
-        self._tickets_by_user: dict[tuple[str | None, str], list[bytes]] = {}
         # Set by the gateway: whether a principal's credential was revoked (gateway.credentials).
         self.revocations: Callable[[Principal], bool] | None = None
 
@@ -274,7 +204,7 @@ class Authenticator:
         if not credential:
             raise Unauthorized("missing token")
         if credential.startswith(API_KEY_PREFIX):
-            principal = self._authenticate_api_key(credential)
+            principal = self._api_keys.authenticate(credential)
         else:
             principal = self._authenticate_jwt(credential)
         self.check_not_revoked(principal)
@@ -449,7 +379,7 @@ class Authenticator:
         if scopes is not None:
             claims["scope"] = " ".join(sorted(parse_scopes(sorted(scopes))))
         if priority:
-            claims["priority"] = _checked_priority(priority)
+            claims["priority"] = checked_priority(priority)
         if quota is not None:
             claims["quota"] = msgspec.to_builtins(quota)
         aud = audience if audience is not None else self._audience
@@ -467,35 +397,11 @@ class Authenticator:
 
         The ticket never outlives the credential it was issued for.
         """
-        now = self._clock()
-        purge_at, expires_at = self.ticket_terms(principal)
-        ticket = secrets.token_urlsafe(32)
-        digest = _digest(ticket)
-        owner = (principal.tenant, principal.user)
-        with self._lock:
-            self._purge_tickets(now)
-            # A user's own oldest ticket makes room for its new one: one user cannot
-            # push other users' tickets out of the table.
-            mine = self._tickets_by_user.setdefault(owner, [])
-            while len(mine) >= self._max_tickets_per_user:
-                self._tickets.pop(mine.pop(0), None)
-            if len(self._tickets) >= self._max_tickets:
-                raise Unauthorized("too many outstanding tickets; try again shortly")
-            self._tickets[digest] = _Ticket(principal, purge_at, expires_at)
-            mine.append(digest)
-        return ticket
+        return self._tickets.issue(principal)
 
     def ticket_terms(self, principal: Principal) -> tuple[float, float]:
-        """When a ticket issued now for ``principal`` is forgotten, and when it expires
-        (never after the credential it was issued for)."""
-        now = self._clock()
-        if principal.expires_at is not None and principal.expires_at <= now:
-            raise Unauthorized("token expired")
-        purge_at = now + self._ticket_ttl
-        expires_at = (
-            purge_at if principal.expires_at is None else min(purge_at, principal.expires_at)
-        )
-        return purge_at, expires_at
+        """When a ticket issued now for ``principal`` is forgotten, and when it expires."""
+        return self._tickets.terms(principal)
 
     def redeemed(self, principal: Principal, expires_at: float) -> Principal:
         """The principal a ticket of ``principal`` stands for once redeemed, checked."""
@@ -509,67 +415,15 @@ class Authenticator:
 
     def redeem_ticket(self, ticket: str) -> Principal:
         """The principal a ticket was issued for; the ticket is spent either way."""
-        now = self._clock()
-        with self._lock:
-            digest = _digest(ticket) if ticket and len(ticket) <= _MAX_OPAQUE_CHARS else b""
-            entry = self._tickets.pop(digest, None)
-            if entry is not None:
-                self._forget_ticket(entry.principal, digest)
-            self._purge_tickets(now)
-        if entry is None:
-            raise Unauthorized("unknown or used ticket")
+        entry = self._tickets.take(ticket)
         return self.redeemed(entry.principal, entry.expires_at)
-
-    def _forget_ticket(self, principal: Principal, digest: bytes) -> None:
-        owner = (principal.tenant, principal.user)
-        mine = self._tickets_by_user.get(owner)
-        if mine is not None:
-            with suppress(ValueError):
-                mine.remove(digest)
-            if not mine:
-                del self._tickets_by_user[owner]
-
-    def _purge_tickets(self, now: float) -> None:
-        # Insertion order is purge_at order (one TTL for all), so expired ones are in front.
-        while self._tickets:
-            oldest = next(iter(self._tickets))
-            entry = self._tickets[oldest]
-            if entry.purge_at > now:
-                break
-            del self._tickets[oldest]
-            self._forget_ticket(entry.principal, oldest)
 
     # -- API keys -------------------------------------------------------------------------
 
-    def _authenticate_api_key(self, key: str) -> Principal:
-        if len(key) > _MAX_OPAQUE_CHARS:
-            raise Unauthorized("unknown API key")
-        digest = _digest(key)
-        with self._lock:
-            records = self._api_keys.load(strict=False)
-        found: ApiKeyRecord | None = None
-        for record in records:
-            try:
-                stored = bytes.fromhex(record.sha256)
-            except ValueError:
-                continue
-            if hmac.compare_digest(stored, digest) and found is None:
-                found = record
-        if found is None:
-            raise Unauthorized("unknown API key")
-        try:
-            scopes = parse_scopes(found.scopes)
-        except ValueError:
-            raise Unauthorized("the API key's scopes are invalid") from None
-        return Principal(
-            found.user,
-            found.tenant,
-            "api_key",
-            None,
-            scopes,
-            found.prefix,
-            max_priority=max(MIN_PRIORITY, min(MAX_PRIORITY, found.priority)),
-        )
+    @property
+    def api_keys(self) -> ApiKeyStore:
+        """The stored API keys: create, revoke and list them here."""
+        return self._api_keys
 
     def key_ids(self) -> frozenset[str]:
         """The prefixes of the API keys that exist now (the key file is reread when it changed).
@@ -577,88 +431,4 @@ class Authenticator:
         Sessions opened with a key whose prefix is no longer here are closed,
         and tickets minted for it are refused.
         """
-        with self._lock:
-            records = self._api_keys.load(strict=False)
-        return frozenset(r.prefix for r in records)
-
-    def _read_api_keys_for_update(self) -> list[ApiKeyRecord]:
-        try:
-            return list(self._api_keys.load(strict=True))
-        except FileNotFoundError:
-            return []
-
-    def _write_api_keys(self, records: list[ApiKeyRecord]) -> None:
-        data = msgspec.json.format(msgspec.json.encode(ApiKeyFile(keys=records)), indent=2)
-        write_private_file(self._api_keys.path, data + b"\n")
-        self._api_keys.load(strict=False)
-
-    def create_api_key(
-        self,
-        user: str,
-        tenant: str | None = None,
-        name: str = "",
-        scopes: frozenset[str] | None = None,
-        priority: int = 0,
-    ) -> str:
-        """A new API key for ``user``; the plaintext is returned here and stored nowhere.
-
-        ``priority`` is the highest scheduling priority its requests may ask for.
-        """
-        if not user:
-            raise ValueError("user must not be empty")
-        if tenant is not None and not tenant.strip():
-            raise ValueError("tenant must not be empty")
-        scope_list = sorted(parse_scopes(sorted(scopes))) if scopes is not None else None
-        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
-        record = ApiKeyRecord(
-            sha256=_digest(key).hex(),
-            prefix=key[:_API_KEY_SHOWN],
-            user=user,
-            tenant=tenant or None,
-            name=name,
-            created=self._clock(),
-            scopes=scope_list,
-            priority=_checked_priority(priority),
-        )
-        with self._lock:
-            records = self._read_api_keys_for_update()
-            records.append(record)
-            self._write_api_keys(records)
-        return key
-
-    def revoke_api_key(self, key_or_prefix: str) -> bool:
-        """Delete a key named by its full text or by its stored prefix (``ffk_`` + 8 chars).
-
-        Returns whether a key was deleted. A prefix shared by several keys
-        raises :class:`ValueError` rather than deleting more than was meant.
-        """
-        if not key_or_prefix:
-            return False
-        digest = _digest(key_or_prefix)
-        with self._lock:
-            records = self._read_api_keys_for_update()
-            by_key = [r for r in records if hmac.compare_digest(r.sha256, digest.hex())]
-            doomed = by_key or [r for r in records if r.prefix == key_or_prefix]
-            if len(doomed) > 1 and not by_key:
-                raise ValueError(f"prefix {key_or_prefix!r} names {len(doomed)} keys")
-            if not doomed:
-                return False
-            self._write_api_keys([r for r in records if r not in doomed])
-        return True
-
-    def list_api_keys(self) -> list[ApiKeyInfo]:
-        """The stored keys, oldest first, without their secrets."""
-        with self._lock:
-            records = self._api_keys.load(strict=False)
-        return [
-            ApiKeyInfo(
-                r.prefix,
-                r.user,
-                r.tenant,
-                r.name,
-                r.created,
-                sorted(r.scopes or DEFAULT_SCOPES),
-                r.priority,
-            )
-            for r in records
-        ]
+        return self._api_keys.key_ids()

@@ -382,13 +382,13 @@ def _keys(args: argparse.Namespace) -> int:
     auth = build_authenticator(config)
     if args.key_command == "create":
         print(
-            auth.create_api_key(
+            auth.api_keys.create(
                 args.user, args.tenant, args.name, _scopes(args.scope), args.priority
             )
         )
         return 0
     if args.key_command == "revoke":
-        deleted = auth.revoke_api_key(args.key)
+        deleted = auth.api_keys.revoke(args.key)
         # Listed as well, so that every node refuses it (each reads its own key file).
         key = args.key.strip()
         prefix = key[:12] if len(key) > 12 else key
@@ -398,7 +398,7 @@ def _keys(args: argparse.Namespace) -> int:
             return 0
         print("ferrous: no such key", file=sys.stderr)
         return 1
-    for info in auth.list_api_keys():
+    for info in auth.api_keys.stored():
         print(
             f"{info.prefix}…  user={info.user} tenant={info.tenant or '-'} "
             f"name={info.name or '-'} scopes={' '.join(info.scopes)}"

@@ -346,7 +346,7 @@ def test_leeway_tolerates_a_recent_expiry(
 
 def test_api_key_lifecycle_and_storage(tmp_path: Path, clock: FakeClock) -> None:
     auth = Authenticator(home=tmp_path, clock=clock)
-    key = auth.create_api_key("carol", tenant="acme", name="laptop")
+    key = auth.api_keys.create("carol", tenant="acme", name="laptop")
     assert key.startswith("ffk_")
     assert auth.authenticate(key) == Principal("carol", "acme", "api_key", None, key_id=key[:12])
 
@@ -356,22 +356,22 @@ def test_api_key_lifecycle_and_storage(tmp_path: Path, clock: FakeClock) -> None
     assert key not in stored
     assert key[4:] not in stored
     assert hashlib.sha256(key.encode()).hexdigest() in stored
-    [info] = auth.list_api_keys()
+    [info] = auth.api_keys.stored()
     assert (info.user, info.tenant, info.name, info.created) == ("carol", "acme", "laptop", NOW)
 
     assert refused(auth, key[:-1] + ("A" if key[-1] != "A" else "B")) == "unknown API key"
-    assert auth.revoke_api_key(key) is True
+    assert auth.api_keys.revoke(key) is True
     assert refused(auth, key) == "unknown API key"
-    assert auth.revoke_api_key(key) is False
+    assert auth.api_keys.revoke(key) is False
 
 
 def test_api_key_revoked_by_prefix(tmp_path: Path) -> None:
     auth = Authenticator(home=tmp_path)
-    keep = auth.create_api_key("dave")
-    drop = auth.create_api_key("erin")
-    [prefix] = [i.prefix for i in auth.list_api_keys() if i.user == "erin"]
+    keep = auth.api_keys.create("dave")
+    drop = auth.api_keys.create("erin")
+    [prefix] = [i.prefix for i in auth.api_keys.stored() if i.user == "erin"]
     assert drop.startswith(prefix)
-    assert auth.revoke_api_key(prefix) is True
+    assert auth.api_keys.revoke(prefix) is True
     assert refused(auth, drop) == "unknown API key"
     assert auth.authenticate(keep).user == "dave"
 
@@ -380,9 +380,9 @@ def test_api_key_file_changes_are_picked_up(tmp_path: Path) -> None:
     server = Authenticator(home=tmp_path)
     admin = Authenticator(home=tmp_path)
     assert refused(server, "ffk_" + "x" * 43) == "unknown API key"
-    key = admin.create_api_key("frank")
+    key = admin.api_keys.create("frank")
     assert server.authenticate(key).user == "frank"
-    admin.revoke_api_key(key)
+    admin.api_keys.revoke(key)
     assert refused(server, key) == "unknown API key"
 
 

@@ -378,7 +378,7 @@ async def test_token_in_subprotocol_and_single_use_tickets(
 
 
 async def test_api_keys_authenticate_like_tokens(server: RunningServer) -> None:
-    key = server.gateway.auth.create_api_key("carol")
+    key = server.gateway.auth.api_keys.create("carol")
     async with connect(
         server.ws_url, subprotocols=[m.SUBPROTOCOL_JSON], additional_headers={"X-API-Key": key}
     ) as ws:  # type: ignore[list-item]

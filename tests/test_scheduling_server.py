@@ -131,8 +131,8 @@ async def test_tenant_quotas_refuse_typed_with_retry_after(
     config = server_config(tmp_path, {"okay": okay_model}, quotas=quotas)
     async with gateway(config) as srv:
         auth = srv.gateway.auth
-        acme = auth.create_api_key("u1", "acme")
-        other = auth.create_api_key("u2", "globex")
+        acme = auth.api_keys.create("u1", "acme")
+        other = auth.api_keys.create("u2", "globex")
 
         def ask(key: str) -> httpx.Response:
             return httpx.post(

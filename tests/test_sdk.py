@@ -181,7 +181,7 @@ async def test_a_refused_credential_raises_unauthorized_at_connect(
 
 
 async def test_api_keys_authenticate(server: RunningServer) -> None:
-    key = server.gateway.auth.create_api_key("carol")
+    key = server.gateway.auth.api_keys.create("carol")
     async with FerrousClient(server.ws_url, api_key=key) as client:
         assert client.ready.user == "carol"
 

@@ -315,11 +315,11 @@ async def test_revoking_a_key_closes_its_sessions_and_spends_its_tickets(
     running: RunningServer,
 ) -> None:
     auth = running.gateway.auth
-    key = auth.create_api_key("carol")
-    other = auth.create_api_key("dave")
+    key = auth.api_keys.create("carol")
+    other = auth.api_keys.create("dave")
     ticket = (await _ahttp(running, "POST", "/v1/tickets", token=key)).json()["ticket"]
     async with client(running, key) as doomed, client(running, other) as kept:
-        await asyncio.to_thread(auth.revoke_api_key, key)
+        await asyncio.to_thread(auth.api_keys.revoke, key)
         err = await asyncio.wait_for(doomed.recv(), 10)
         assert isinstance(err, m.Error) and err.code.value == "unauthorized"
         assert "revoked" in err.message
