@@ -29,7 +29,6 @@ back when running sequences need room.
 from __future__ import annotations
 
 import ctypes
-from collections import deque
 from collections.abc import Sequence
 
 import llama_cpp
@@ -39,17 +38,16 @@ import numpy as np
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
 from engine.backends.gguf_entry import check_model_file, vision_pair
 from engine.backends.llamacache import SlotCaches
-from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext
-from engine.backends.llamalora import LoraKey, LoraSets, lora_key, step_group
+from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext, embedding_inputs
+from engine.backends.llamalora import LoraSets, lora_key, step_group
 from engine.backends.llamasampling import (
     PENALTY_LAST_N,
     Samplers,
     capturing_errors,
     log_callback,
 )
-from engine.backends.llamaslots import Slot
+from engine.backends.llamaseq import SeqState
 from engine.backends.llamavision import VisionInput
-from engine.guidance import Guide
 from engine.interrupt import strlen_callback_address
 from engine.logprobs import token_logprobs
 from engine.requests import Adapter, SamplingParams
@@ -70,72 +68,6 @@ def init_llama_cpp() -> None:
         llama_cpp.llama_log_set(log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _initialised = True
-
-
-class _SeqState:
-    __slots__ = (
-        "ban_eog",
-        "cache_key",
-        "constrained",
-        "decoding",
-        "greedy_grammar",
-        "guide",
-        "logprobs",
-        "lora",
-        "n_past",
-        "passed",
-        "penalty",
-        "pending",
-        "priority",
-        "recent",
-        "reused",
-        "sampler",
-        "slot",
-        "suspended",
-        "tokens",
-        "urgent",
-    )
-
-    def __init__(
-        self,
-        slot: Slot,
-        pending: list[int],
-        n_past: int,
-        sampler: object | None,
-        constrained: bool = False,
-        greedy_grammar: bool = False,
-        priority: int = 0,
-        guide: Guide | None = None,
-    ) -> None:
-        self.priority = priority
-        self.ban_eog = False  # ignore_eos: end-of-generation tokens are never chosen
-        self.lora: LoraKey = ()  # the adapters it runs under (engine.backends.llamalora)
-        # What its slot's cache is computed under (Slot.lora): its adapters, and for a
-        # prompt with images a key of its own (images are not matched token by token).
-        self.cache_key: LoraKey = ()
-        # A grammar run by llguidance (tool calls): masks the logits before sampling.
-        self.guide = guide
-        self.logprobs: int | None = None  # alternatives wanted with each token's logprob
-        self.reused = 0  # prompt tokens taken from the slot's cache
-        self.urgent = False  # paused another sequence to start: its prompt goes first
-        self.suspended = False
-        self.tokens: list[int] = []  # while suspended: what it had read, then its pending
-        # The greedy path's repeat penalty, over the last PENALTY_LAST_N tokens
-        # (prompt included), as llama.cpp's penalty sampler keeps them.
-        self.penalty = 1.0
-        self.recent: deque[int] = deque(maxlen=PENALTY_LAST_N)
-        self.decoding = False  # has sampled a token: ``pending`` is that token
-        self.passed = 0  # steps in a row it wanted prompt tokens and got none
-        self.constrained = constrained  # the sampler chain starts with a grammar
-        # Greedy under a grammar: ``sampler`` is the grammar alone, checked against the
-        # argmax first (see LlamaCppBackend._greedy_grammar).
-        self.greedy_grammar = greedy_grammar
-        self.slot = slot
-        self.pending = (
-            pending  # tokens to feed: the prompt's unread part, then the last sampled token
-        )
-        self.n_past = n_past
-        self.sampler = sampler  # llama_sampler pointer, or None for the greedy fast path
 
 
 class LlamaCppBackend(TextGenerator, Embedder):
@@ -171,7 +103,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self._vocab))
         self._caches = SlotCaches(ctx, n_seq, unified)
-        self._seqs: dict[int, _SeqState] = {}
+        self._seqs: dict[int, SeqState] = {}
         self._n_threads = n_threads
         self._failed: dict[int, Exception] = {}
         self._samplers = Samplers(self._vocab, self._n_vocab)
@@ -285,8 +217,6 @@ class LlamaCppBackend(TextGenerator, Embedder):
 
     # -- sequences ------------------------------------------------------------------
 
-    # -- sequences ------------------------------------------------------------------
-
     def start(
         self,
         seq: int,
@@ -315,7 +245,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
         # caches let them resume without reading anything again.
         held = [st.slot for st in self._seqs.values() if st.suspended]
         slot, prompt, keep = self._caches.place(prompt, cache, held, self.token_bytes, self.n_ctx)
-        self._seqs[seq] = _SeqState(
+        self._seqs[seq] = SeqState(
             slot,
             prompt[keep:],
             keep,
@@ -499,7 +429,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
             out[seq] = token
         return out
 
-    def _read_images(self, states: list[tuple[int, _SeqState]]) -> None:
+    def _read_images(self, states: list[tuple[int, SeqState]]) -> None:
         """Decode the image each sequence has reached (its next pending positions), before
         the step's tokens: an image goes into the context as embeddings, by itself."""
         assert self._vision is not None
@@ -530,7 +460,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 return i
         return len(pending)
 
-    def _fill(self, states: list[tuple[int, _SeqState]]) -> list[tuple[int, _SeqState, int, int]]:
+    def _fill(self, states: list[tuple[int, SeqState]]) -> list[tuple[int, SeqState, int, int]]:
         """Put the step's tokens in the batch: (seq, state, tokens fed, logits index) each."""
         batch = self._batch
         n = 0
@@ -539,7 +469,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
             Want(seq, self._text_run(st.pending), st.decoding, st.priority, st.passed, st.urgent)
             for seq, st in states
         ]
-        plan: list[tuple[int, _SeqState, int, int]] = []
+        plan: list[tuple[int, SeqState, int, int]] = []
         # In slot order: llama.cpp splits a batch into per-sequence groups, and a
         # batch whose sequences come in slot order decoded ~10 % faster at 8 streams.
         steps = plan_step(wants, batch=self._n_batch, chunk=self._chunk)
@@ -584,29 +514,11 @@ class LlamaCppBackend(TextGenerator, Embedder):
         """Mean-pooled (or the model's own pooling), unit-length vectors of ``texts``.
 
         Runs in a second context of at most ``EMBED_MAX_CTX`` positions, one
-        decode per step of the returned job. Each input is tokenised with the
-        model's BOS/EOS settings and without parsing control tokens (it is data,
-        not a prompt). ``truncate`` keeps the first tokens of a longer input (its
-        final EOS too, for models that add one), as Ollama does; otherwise a
-        longer input is a BadRequest, raised here before any work.
+        decode per step of the returned job; inputs too long for it are cut or
+        refused (``truncate``) before any work (:func:`embedding_inputs`).
         """
-        if not texts:
-            raise BadRequest("no inputs to embed")
         limit = min(self.n_ctx, EMBED_MAX_CTX)
-        add_eos = bool(llama_cpp.llama_vocab_get_add_eos(self._vocab))
-        inputs: list[list[int]] = []
-        for i, text in enumerate(texts):
-            if not text:
-                raise BadRequest(f"input {i} is empty")
-            tokens = self._embedding_tokens(text)
-            if len(tokens) > limit:
-                if not truncate:
-                    raise BadRequest(
-                        f"input {i} is longer than the context "
-                        f"({len(tokens)} tokens; the limit is {limit})"
-                    )
-                tokens = tokens[: limit - 1] + tokens[-1:] if add_eos else tokens[:limit]
-            inputs.append(tokens)
+        inputs = embedding_inputs(self._vocab, texts, truncate, limit)
         if self._emb is None:
             self._emb = EmbeddingContext(self._model, limit, self._n_threads, self._n_vocab)
         return self._embed_run(self._emb, inputs)
@@ -615,15 +527,6 @@ class LlamaCppBackend(TextGenerator, Embedder):
     def _embed_run(emb: EmbeddingContext, inputs: list[list[int]]) -> EmbedJob:
         vectors = yield from emb.run(inputs)
         return vectors, sum(map(len, inputs))
-
-    def _embedding_tokens(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        out = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), out, cap, True, False)
-        if n < 0:  # pragma: no cover - more tokens than bytes + 8 cannot happen
-            raise RuntimeError(f"tokenizer needs {-n} slots")
-        return list(out[:n])
 
     def free(self) -> None:
         for seq in list(self._seqs):

@@ -7,12 +7,14 @@ on the first embedding request, so models only used for chat pay nothing.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 
 import llama_cpp
 import numpy as np
 
-__all__ = ["EMBED_MAX_CTX", "EMBED_MAX_SEQS", "EmbeddingContext"]
+from protocol.errors import BadRequest
+
+__all__ = ["EMBED_MAX_CTX", "EMBED_MAX_SEQS", "EmbeddingContext", "embedding_inputs"]
 
 # Embeddings: a second context of at most EMBED_MAX_CTX positions. Each decode
 # also yields logits for every token (llama.cpp computes them for all outputs),
@@ -26,6 +28,41 @@ _POOLING = {
     llama_cpp.LLAMA_POOLING_TYPE_CLS: "first",
     llama_cpp.LLAMA_POOLING_TYPE_LAST: "last",
 }
+
+
+def embedding_inputs(
+    vocab: object, texts: Sequence[str], truncate: bool, limit: int
+) -> list[list[int]]:
+    """The tokens of each of ``texts``, checked (or cut) against ``limit`` before any work.
+
+    Each input is tokenised with the model's BOS/EOS settings and without
+    parsing control tokens (it is data, not a prompt). ``truncate`` keeps the
+    first tokens of a longer input (its final EOS too, for models that add
+    one), as Ollama does; otherwise a longer input is a :class:`BadRequest`.
+    """
+    if not texts:
+        raise BadRequest("no inputs to embed")
+    add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
+    inputs: list[list[int]] = []
+    for i, text in enumerate(texts):
+        if not text:
+            raise BadRequest(f"input {i} is empty")
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        out = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), out, cap, True, False)
+        if n < 0:  # pragma: no cover - more tokens than bytes + 8 cannot happen
+            raise RuntimeError(f"tokenizer needs {-n} slots")
+        tokens = list(out[:n])
+        if len(tokens) > limit:
+            if not truncate:
+                raise BadRequest(
+                    f"input {i} is longer than the context "
+                    f"({len(tokens)} tokens; the limit is {limit})"
+                )
+            tokens = tokens[: limit - 1] + tokens[-1:] if add_eos else tokens[:limit]
+        inputs.append(tokens)
+    return inputs
 
 
 class EmbeddingContext:
