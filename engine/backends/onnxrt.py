@@ -45,7 +45,6 @@ registry gives to :class:`~engine.backends.onnxembed.OnnxEncoderBackend`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,43 +53,19 @@ from tokenizers import Tokenizer
 
 from engine.backends.base import Backend, LoadParams, TextGenerator
 from engine.backends.numpysampler import sample_token
-from engine.backends.onnx_entry import OnnxOptions, check_onnx_folder
+from engine.backends.onnx_entry import OnnxOptions
+from engine.backends.onnxfolder import is_byte_level, open_decoder_folder, token_piece
 from engine.backends.onnxkv import PrefixStore, SeqState, SharedKV, common_prefix
-from engine.backends.onnxsession import (
-    graph_opsets,
-    has_op,
-    providers_for,
-    read_json,
-    session_options,
-)
 from engine.guidance import GuideFactory
 from engine.logprobs import token_logprobs
 from engine.requests import SamplingParams
 from engine.stepplan import Want, plan_step
-from protocol.errors import BadRequest, ModelLoadError
+from protocol.errors import BadRequest
 
 __all__ = ["MIN_REUSE", "PROMPT_CHUNK", "OnnxBackend"]
 
-MAX_DEFAULT_CTX = 4096
 MIN_REUSE = 8  # the shortest shared prefix worth copying
 PROMPT_CHUNK = 256  # prompt tokens read per step (shared-buffer graphs)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (byte-level BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1))
-    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            codes.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(keep, codes, strict=True)}
-
-
-_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class OnnxBackend(TextGenerator):
@@ -138,7 +113,7 @@ class OnnxBackend(TextGenerator):
         self.eos_text = (tokenizer.id_to_token(eos_first) or "") if eos_first is not None else ""
         self._seqs: dict[int, SeqState] = {}
         self._pieces: dict[int, bytes] = {}
-        self._byte_level = self._decoder_type() == "ByteLevel"
+        self._byte_level = is_byte_level(tokenizer)
         self._special = {
             t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special
         }
@@ -177,119 +152,25 @@ class OnnxBackend(TextGenerator):
 
     @classmethod
     def load(cls, path: str, params: LoadParams) -> Backend:
-        folder = check_onnx_folder(path)
-        config = read_json(folder / "config.json")
-        gen_config = read_json(folder / "generation_config.json")
-        tok_config = read_json(folder / "tokenizer_config.json")
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as exc:  # the tokenizers package raises plain Exceptions
-            raise ModelLoadError(str(folder), "tokenizer", f"tokenizer.json: {exc}") from None
         opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
-        session_opts = session_options(params.n_threads, opts)
-        try:
-            session = ort.InferenceSession(
-                str(folder / "model.onnx"),
-                session_opts,
-                providers=providers_for(opts, str(folder)),
-            )
-        except Exception as exc:  # onnxruntime raises its own Exception subclasses
-            if "opset" in str(exc).lower():
-                raise ModelLoadError(
-                    str(folder),
-                    "unsupported_opset",
-                    f"the graph uses {graph_opsets(folder / 'model.onnx')}, which onnxruntime "
-                    f"{ort.__version__} does not support",
-                ) from None
-            raise ModelLoadError(str(folder), "backend", f"onnxruntime: {exc}") from None
-        inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name for o in session.get_outputs()}
-        for required in ("input_ids", "attention_mask"):
-            if required not in inputs:
-                raise ModelLoadError(str(folder), "graph", f"the graph has no input {required!r}")
-        if "logits" not in outputs:
-            raise ModelLoadError(str(folder), "graph", "the graph has no output 'logits'")
-        n_layer = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        for i in range(n_layer):
-            for kind in ("key", "value"):
-                if f"past_key_values.{i}.{kind}" not in inputs:
-                    raise ModelLoadError(
-                        str(folder), "graph", f"the graph has no input past_key_values.{i}.{kind}"
-                    )
-                if f"present.{i}.{kind}" not in outputs:
-                    raise ModelLoadError(
-                        str(folder), "graph", f"the graph has no output present.{i}.{kind}"
-                    )
-        if n_layer == 0:
-            raise ModelLoadError(
-                str(folder), "graph", "the graph has no past_key_values inputs (no KV cache)"
-            )
-        shape = inputs["past_key_values.0.key"].shape
-        n_head = int(config.get("num_attention_heads", 0) or 0)
-        kv_heads = (
-            shape[1]
-            if isinstance(shape[1], int)
-            else int(config.get("num_key_value_heads", n_head) or 0)
-        )
-        hidden = int(config.get("hidden_size", 0) or 0)
-        head_dim = (
-            shape[3]
-            if isinstance(shape[3], int)
-            else int(config.get("head_dim", hidden // n_head if n_head else 0) or 0)
-        )
-        if kv_heads <= 0 or head_dim <= 0:
-            raise ModelLoadError(
-                str(folder),
-                "config",
-                "cannot tell the KV cache shape from the graph or config.json",
-            )
-        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        cfg_vocab = int(config.get("vocab_size", vocab_size) or vocab_size)
-        if cfg_vocab < vocab_size:
-            raise ModelLoadError(
-                str(folder),
-                "tokenizer",
-                f"tokenizer.json has {vocab_size} tokens but the model only {cfg_vocab}",
-            )
-        eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
-        eos_ids = set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
-        if not eos_ids and isinstance(tok_config.get("eos_token"), str):
-            tid = tokenizer.token_to_id(tok_config["eos_token"])
-            if tid is not None:
-                eos_ids = {tid}
-        bos = config.get("bos_token_id")
-        add_bos = bool(tok_config.get("add_bos_token", False))
-        template = params.chat_template or tok_config.get("chat_template")
-        jinja = folder / "chat_template.jinja"
-        if template is None and jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
-        max_pos = int(config.get("max_position_embeddings", 2048) or 2048)
-        n_ctx = params.n_ctx or min(max_pos, MAX_DEFAULT_CTX)
+        f = open_decoder_folder(path, params, opts)
         return cls(
-            session,
-            tokenizer,
-            n_ctx=n_ctx,
+            f.session,
+            f.tokenizer,
+            n_ctx=f.n_ctx,
             n_seq=params.n_seq,
-            n_layer=n_layer,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            eos_ids=eos_ids,
-            bos_id=bos if isinstance(bos, int) and add_bos else None,
-            chat_template=template if isinstance(template, str) else None,
-            has_positions="position_ids" in inputs,
-            shared_kv=has_op(folder / "model.onnx", "GroupQueryAttention"),
+            n_layer=f.n_layer,
+            kv_heads=f.kv_heads,
+            head_dim=f.head_dim,
+            eos_ids=f.eos_ids,
+            bos_id=f.bos_id,
+            chat_template=f.chat_template,
+            has_positions=f.has_positions,
+            shared_kv=f.shared_kv,
             prefix_cache_bytes=max(0, opts.prefix_cache_mb) * 2**20,
             prefix_reuse=opts.prefix_reuse,
-            tokenizer_json=(folder / "tokenizer.json").read_text(encoding="utf-8"),
+            tokenizer_json=f.tokenizer_json,
         )
-
-    def _decoder_type(self) -> str:
-        try:
-            decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-        except ValueError:
-            return ""
-        kind = decoder.get("type", "")
-        return str(kind)
 
     # -- vocabulary ---------------------------------------------------------------------
 
@@ -303,14 +184,7 @@ class OnnxBackend(TextGenerator):
         piece = self._pieces.get(token)
         if piece is None:
             text = self._tok.id_to_token(token) or ""
-            if text in self._special:
-                piece = b""  # control tokens are not text
-            elif self._byte_level:
-                piece = bytes(_BYTE_OF_CHAR.get(c, 0x3F) for c in text)
-            elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-                piece = bytes([int(text[3:5], 16)])  # SentencePiece byte fallback
-            else:
-                piece = text.replace("▁", " ").encode("utf-8")
+            piece = b"" if text in self._special else token_piece(text, self._byte_level)
             self._pieces[token] = piece
         return piece
 
