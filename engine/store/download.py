@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -42,7 +41,6 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping
-from io import FileIO
 from pathlib import Path
 
 import httpx
@@ -55,15 +53,23 @@ from engine.store.netpolicy import (
     SchemeRefused,
     guarded_transport,
 )
+from engine.store.partial import (
+    PartialState,
+    Sidecar,
+    append_partial,
+    fsync_path,
+    hash_prefix,
+    lock_file,
+    read_sidecar,
+    write_sidecar,
+)
 from engine.store.urls import redact_url
 
 __all__ = ["USER_AGENT", "Download", "Downloader", "Progress", "ProgressFn"]
 
 USER_AGENT = "ferrousforge/0.1"
 
-_LOCK_POLL = 0.05  # seconds between non-blocking flock attempts
 _PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports per second
-_HASH_BLOCK = 1 << 20
 _MAX_RETRY_AFTER = 60.0
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
@@ -88,13 +94,6 @@ class Download(msgspec.Struct, frozen=True):
     sha256: str
     size: int
     resumed_from: int  # bytes already on disk when the call started (0 = fresh)
-
-
-class _Sidecar(msgspec.Struct):
-    url: str
-    etag: str | None = None
-    last_modified: str | None = None
-    total: int | None = None
 
 
 class _Retry(Exception):
@@ -124,19 +123,6 @@ class _Job:
         self._last_report = now
         for listener in list(self.listeners):
             listener(progress)
-
-
-class _State:
-    """The partial on disk: its size and the running hash of exactly those bytes."""
-
-    def __init__(self, path: Path, meta_path: Path, meta: _Sidecar | None) -> None:
-        self.path = path
-        self.meta_path = meta_path
-        self.meta = meta
-        self.size = 0
-        self.hasher = hashlib.sha256()
-        self.total: int | None = meta.total if meta is not None else None
-        self.restarted_416 = False
 
 
 class Downloader:
@@ -246,7 +232,7 @@ class Downloader:
             raise os_error(exc, doing) from exc
         job.limit = await asyncio.to_thread(self._room_for, key)
         lock_path = self.partial_dir / f"{key}.lock"
-        fd = await _lock(lock_path, doing)
+        fd = await lock_file(lock_path, doing)
         try:
             return await self._download(key, url, expected, headers, job)
         finally:
@@ -260,11 +246,11 @@ class Downloader:
         doing = f"downloading {redact_url(url)}"
         partial = self.partial_dir / f"{key}.partial"
         meta_path = self.partial_dir / f"{key}.json"
-        st = _State(partial, meta_path, _read_sidecar(meta_path))
+        st = PartialState(partial, meta_path, read_sidecar(meta_path))
         try:
             size = partial.stat().st_size if partial.exists() else 0
             if size:
-                st.hasher, st.size = await asyncio.to_thread(_hash_prefix, partial, size)
+                st.hasher, st.size = await asyncio.to_thread(hash_prefix, partial, size)
             elif st.meta is not None and not partial.exists():
                 meta_path.unlink(missing_ok=True)  # left by a finished download moved away
                 st.meta = None
@@ -277,7 +263,7 @@ class Downloader:
             # another process (or an earlier call) finished it: nothing to fetch
             total = st.total if st.total is not None else st.size
             job.report(Progress("verifying", total, st.size), force=True)
-            await _fsync(partial, doing)
+            await fsync_path(partial, doing)
             return Download(partial, expected, st.size, resumed_from)
         if st.total is not None and st.size > st.total:
             self._restart(st, doing)
@@ -312,7 +298,7 @@ class Downloader:
 
         job.report(Progress("downloading", st.total, st.size), force=True)
         job.report(Progress("verifying", st.total, st.size), force=True)
-        await _fsync(partial, doing)
+        await fsync_path(partial, doing)
         digest = st.hasher.hexdigest()
         if expected is not None and digest != expected:
             try:
@@ -330,7 +316,7 @@ class Downloader:
     async def _attempt(
         self,
         client: httpx.AsyncClient,
-        st: _State,
+        st: PartialState,
         url: str,
         expected: str | None,
         headers: dict[str, str],
@@ -379,7 +365,7 @@ class Downloader:
                 ) from exc
             raise _Retry(StoreError("network", f"{doing}: {_describe(exc)}")) from exc
 
-    async def _consume(self, resp: httpx.Response, st: _State, url: str, job: _Job) -> bool:
+    async def _consume(self, resp: httpx.Response, st: PartialState, url: str, job: _Job) -> bool:
         doing = f"downloading {redact_url(url)}"
         status = resp.status_code
         what = f"HTTP {status} {resp.reason_phrase}".strip()
@@ -431,14 +417,14 @@ class Downloader:
         if job.limit and total is not None and total > job.limit:
             raise self._too_large(st, doing, job.limit)
         etag = resp.headers.get("etag")
-        meta = _Sidecar(
+        meta = Sidecar(
             url=url,
             etag=etag if etag and not etag.startswith("W/") else None,
             last_modified=resp.headers.get("last-modified"),
             total=total,
         )
         if meta != st.meta:
-            _write_sidecar(st.meta_path, meta, doing)
+            write_sidecar(st.meta_path, meta, doing)
             st.meta = meta
         job.report(Progress("downloading", total, st.size), force=True)
 
@@ -461,14 +447,14 @@ class Downloader:
                         buf.clear()
                         raise self._too_large(st, doing, job.limit)
                     if len(buf) >= self._chunk_size:
-                        _append(f, st, buf, doing)
+                        append_partial(f, st, buf, doing)
                     job.report(Progress("downloading", total, st.size + len(buf)))
             except StoreError:
                 raise
             except BaseException:
-                _append(f, st, buf, doing)  # keep every byte that arrived
+                append_partial(f, st, buf, doing)  # keep every byte that arrived
                 raise
-            _append(f, st, buf, doing)
+            append_partial(f, st, buf, doing)
         if total is not None and st.size != total:
             if st.size > total:
                 self._restart(st, doing)
@@ -477,7 +463,7 @@ class Downloader:
             )
         return True
 
-    def _not_the_format(self, st: _State, doing: str, magic: bytes) -> StoreError:
+    def _not_the_format(self, st: PartialState, doing: str, magic: bytes) -> StoreError:
         """Drop the partial and its sidecar: the source serves something else."""
         self._restart(st, doing)
         with contextlib.suppress(OSError):
@@ -488,7 +474,7 @@ class Downloader:
             f"{magic!r}; a web page instead of a download link?)",
         )
 
-    def _too_large(self, st: _State, doing: str, limit: int) -> StoreError:
+    def _too_large(self, st: PartialState, doing: str, limit: int) -> StoreError:
         """Drop the partial and its sidecar: a download over the cap is not resumed."""
         self._restart(st, doing)
         with contextlib.suppress(OSError):
@@ -541,7 +527,7 @@ class Downloader:
             limits.append(room)
         return min(limits) if limits else 0
 
-    def _restart(self, st: _State, doing: str) -> None:
+    def _restart(self, st: PartialState, doing: str) -> None:
         """Forget the partial: the next bytes written are byte 0 of the resource."""
         try:
             st.path.unlink(missing_ok=True)
@@ -552,98 +538,6 @@ class Downloader:
 
 
 # -- helpers ----------------------------------------------------------------------
-
-
-async def _lock(path: Path, doing: str) -> int:
-    """An exclusive flock on ``path`` (created if missing), polled without blocking the loop."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise os_error(exc, doing) from exc
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(_LOCK_POLL)
-            # the previous holder unlinks the file before unlocking: lock the current one
-            try:
-                st = os.stat(path)
-                current = os.fstat(fd)
-                same = (st.st_dev, st.st_ino) == (current.st_dev, current.st_ino)
-            except FileNotFoundError:
-                same = False
-        except OSError as exc:
-            os.close(fd)
-            raise os_error(exc, doing) from exc
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            return fd
-        os.close(fd)
-
-
-def _hash_prefix(path: Path, size: int) -> tuple[hashlib._Hash, int]:
-    """The sha256 of the first ``size`` bytes of ``path`` (blocking; run in a thread)."""
-    h = hashlib.sha256()
-    done = 0
-    with path.open("rb") as f:
-        while done < size:
-            block = f.read(min(_HASH_BLOCK, size - done))
-            if not block:
-                break
-            h.update(block)
-            done += len(block)
-    return h, done
-
-
-def _append(f: FileIO, st: _State, buf: bytearray, doing: str) -> None:
-    """Write ``buf`` at the end of the partial, hash it, and empty it."""
-    if not buf:
-        return
-    data = bytes(buf)
-    buf.clear()
-    try:
-        done = 0
-        while done < len(data):
-            done += f.write(memoryview(data)[done:])
-    except OSError as exc:
-        raise os_error(exc, doing) from exc
-    st.hasher.update(data)
-    st.size += len(data)
-
-
-async def _fsync(path: Path, doing: str) -> None:
-    def sync() -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    try:
-        await asyncio.to_thread(sync)
-    except OSError as exc:
-        raise os_error(exc, doing) from exc
-
-
-def _read_sidecar(path: Path) -> _Sidecar | None:
-    try:
-        return msgspec.json.decode(path.read_bytes(), type=_Sidecar)
-    except (OSError, msgspec.DecodeError):
-        return None  # missing or torn: resume without a validator (or start over)
-
-
-def _write_sidecar(path: Path, meta: _Sidecar, doing: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(msgspec.json.encode(meta))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise os_error(exc, doing) from exc
 
 
 def _retry_after(value: str | None) -> float | None:
