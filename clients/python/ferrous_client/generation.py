@@ -22,7 +22,7 @@ from ferrous_client.wire import utf8_len
 if TYPE_CHECKING:
     from ferrous_client.client import FerrousClient
 
-__all__ = ["Generation", "GenerationItem", "finish_error"]
+__all__ = ["Generation", "GenerationItem", "GenerationState", "finish_error"]
 
 GenerationItem = m.Delta | m.Done | FerrousClientError
 """What the client hands a generation: text, its end, or its error."""
@@ -39,20 +39,10 @@ def finish_error(gen_id: str, done: m.Done) -> FerrousClientError | None:
     return None
 
 
-class Generation:
-    """One generation: an async iterable of :class:`Delta` messages.
+class GenerationState:
+    """What both clients' generations hold: ids, the server's events so far, and the end."""
 
-    After the iteration ends, ``done`` holds the :class:`Done` message (finish
-    reason, usage, timings) and ``conversation`` the conversation id to pass to
-    the next ``chat()``. Errors for this generation are raised from the
-    iteration, after the text that came before them. A ``done`` with finish
-    reason ``error`` raises :class:`EngineError`, ``stalled`` :class:`Stalled`;
-    ``cancelled`` ends the iteration normally.
-    """
-
-    def __init__(
-        self, client: FerrousClient, gen_id: str, model: str, conversation: str | None
-    ) -> None:
+    def __init__(self, gen_id: str, model: str, conversation: str | None) -> None:
         self.id = gen_id
         self.model = model
         self.conversation = conversation
@@ -63,20 +53,14 @@ class Generation:
         self.error: FerrousClientError | None = None
         # The calls the model made (tools), each once complete, in order.
         self.tool_calls: list[m.ToolCallEvent] = []
-        # Set when another node runs the generation again (the node running it
-        # stopped): the text before it is void, and deltas count from seq 0 again.
-        self.restarted: m.Restarted | None = None
-        self._client = client
-        self._queue: asyncio.Queue[GenerationItem] = asyncio.Queue()
         self._ended = False  # nothing more will come from the server
         self._exhausted = False  # the application has read the end
         self._abandoned = False  # the application left early: drop what still comes
         self._iterating = False
-        self._anext_iter: AsyncGenerator[m.Delta, None] | None = None
 
     def __repr__(self) -> str:
         state = "ended" if self._ended else "running"
-        return f"<Generation {self.id} {self.model} {state}>"
+        return f"<{type(self).__name__} {self.id} {self.model} {state}>"
 
     @property
     def finished(self) -> bool:
@@ -94,6 +78,39 @@ class Generation:
     @property
     def timings(self) -> m.Timings | None:
         return self.done.timings if self.done else None
+
+    def _read_end(self, item: m.Done | FerrousClientError) -> None:
+        """The application has reached the end: raise what it means (nothing for a normal end)."""
+        self._exhausted = True
+        if isinstance(item, FerrousClientError):
+            raise item
+        error = finish_error(self.id, item)
+        if error is not None:
+            self.error = error
+            raise error
+
+
+class Generation(GenerationState):
+    """One generation: an async iterable of :class:`Delta` messages.
+
+    After the iteration ends, ``done`` holds the :class:`Done` message (finish
+    reason, usage, timings) and ``conversation`` the conversation id to pass to
+    the next ``chat()``. Errors for this generation are raised from the
+    iteration, after the text that came before them. A ``done`` with finish
+    reason ``error`` raises :class:`EngineError`, ``stalled`` :class:`Stalled`;
+    ``cancelled`` ends the iteration normally.
+    """
+
+    def __init__(
+        self, client: FerrousClient, gen_id: str, model: str, conversation: str | None
+    ) -> None:
+        super().__init__(gen_id, model, conversation)
+        # Set when another node runs the generation again (the node running it
+        # stopped): the text before it is void, and deltas count from seq 0 again.
+        self.restarted: m.Restarted | None = None
+        self._client = client
+        self._queue: asyncio.Queue[GenerationItem] = asyncio.Queue()
+        self._anext_iter: AsyncGenerator[m.Delta, None] | None = None
 
     def __aiter__(self) -> AsyncIterator[m.Delta]:
         # A fresh async generator per loop: when a loop is left early, Python
@@ -128,13 +145,7 @@ class Generation:
         if isinstance(item, m.Delta):
             self._client._consumed(utf8_len(item.text))
             return item
-        self._exhausted = True
-        if isinstance(item, FerrousClientError):
-            raise item
-        error = finish_error(self.id, item)
-        if error is not None:
-            self.error = error
-            raise error
+        self._read_end(item)
         return None
 
     async def collect(self) -> str:

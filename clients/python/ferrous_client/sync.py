@@ -23,7 +23,6 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -42,11 +41,11 @@ from ferrous_client.errors import (
     FerrousClientError,
     ResumeExpired,
 )
-from ferrous_client.generation import finish_error
 from ferrous_client.handshake import CLIENT_NAME, Handshake, ready_or_refusal, transport_error
 from ferrous_client.protocol import messages as m
 from ferrous_client.protocol.errors import ErrorCode
 from ferrous_client.resume import ResumeState, may_resume
+from ferrous_client.syncgeneration import SyncGeneration
 from ferrous_client.wire import (
     IdSource,
     MessagesLike,
@@ -66,118 +65,6 @@ __all__ = ["SyncFerrousClient", "SyncGeneration"]
 log = logging.getLogger("ferrous_client")
 
 _RECENT = 256
-
-
-class SyncGeneration:
-    """One generation: an iterable of :class:`Delta` messages, read from the connection.
-
-    After the iteration ends, ``done`` holds the :class:`Done` message and
-    ``conversation`` the conversation id. A ``done`` with finish reason
-    ``error`` raises :class:`EngineError`, ``stalled`` :class:`Stalled`.
-    """
-
-    def __init__(
-        self, client: SyncFerrousClient, gen_id: str, model: str, conversation: str | None
-    ) -> None:
-        self.id = gen_id
-        self.model = model
-        self.conversation = conversation
-        self.started: m.Started | None = None
-        # While it waits for room on the model: its place (None once started).
-        self.queued: m.Queued | None = None
-        self.done: m.Done | None = None
-        self.error: FerrousClientError | None = None
-        # The calls the model made (tools), each once complete, in order.
-        self.tool_calls: list[m.ToolCallEvent] = []
-        self._client = client
-        self._ended = False
-        self._exhausted = False
-        self._abandoned = False
-        self._iterating = False
-
-    def __repr__(self) -> str:
-        state = "ended" if self._ended else "running"
-        return f"<SyncGeneration {self.id} {self.model} {state}>"
-
-    @property
-    def finished(self) -> bool:
-        return self._ended
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.done.finish_reason if self.done else None
-
-    @property
-    def usage(self) -> m.Usage | None:
-        return self.done.usage if self.done else None
-
-    @property
-    def timings(self) -> m.Timings | None:
-        return self.done.timings if self.done else None
-
-    def __iter__(self) -> Iterator[m.Delta]:
-        return self._iterate()
-
-    def _iterate(self) -> Iterator[m.Delta]:
-        if self._iterating:
-            raise RuntimeError(f"generation {self.id} is already being iterated")
-        self._iterating = True
-        try:
-            while (delta := self._next()) is not None:
-                yield delta
-        finally:
-            self._iterating = False
-            if not self._exhausted:
-                self.close()
-
-    def _next(self) -> m.Delta | None:
-        if self._exhausted or self._abandoned:
-            return None
-        item = self._client._receive_for(self)
-        if isinstance(item, m.Delta):
-            self._client._consumed(utf8_len(item.text))
-            return item
-        self._exhausted = True
-        if isinstance(item, FerrousClientError):
-            raise item
-        error = finish_error(self.id, item)
-        if error is not None:
-            self.error = error
-            raise error
-        return None
-
-    def collect(self) -> str:
-        """Read the generation to its end and return its whole text (after a restart,
-        that of the run that finished: deltas count from seq 0 again)."""
-        parts: list[str] = []
-        for delta in self:
-            if delta.seq == 0:
-                parts.clear()
-            parts.append(delta.text)
-        return "".join(parts)
-
-    def cancel(self) -> None:
-        """Ask the server to stop; the iteration then ends with finish reason ``cancelled``."""
-        if not self._ended:
-            self._client._send_cancel(self)
-
-    def close(self) -> None:
-        """Stop reading: cancel the generation if it is running and drop what still comes."""
-        if self._abandoned or self._exhausted:
-            return
-        self._abandoned = True
-        self._client._abandon(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class SyncFerrousClient:
