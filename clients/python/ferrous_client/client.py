@@ -589,20 +589,10 @@ class FerrousClient(SessionResumer):
                 gen._deliver(msg)
                 if self._waiting:
                     self._check_starved()
-            case m.Queued():
+            case m.Queued() | m.Started() | m.ToolCallEvent():
                 gen = self._gens.get(msg.id)
                 if gen is not None:
-                    gen.queued = msg
-            case m.Started():
-                gen = self._gens.get(msg.id)
-                if gen is not None:
-                    gen.queued = None
-                    gen.started = msg
-                    gen.conversation = msg.conversation or gen.conversation
-            case m.ToolCallEvent():
-                gen = self._gens.get(msg.id)
-                if gen is not None:
-                    gen.tool_calls.append(msg)
+                    gen._note(msg)
             case m.Restarted():
                 gen = self._gens.get(msg.id)
                 if gen is not None:

@@ -79,6 +79,18 @@ class GenerationState:
     def timings(self) -> m.Timings | None:
         return self.done.timings if self.done else None
 
+    def _note(self, msg: m.Queued | m.Started | m.ToolCallEvent) -> None:
+        """Record an event of this generation that carries no text."""
+        match msg:
+            case m.Queued():
+                self.queued = msg
+            case m.Started():
+                self.queued = None
+                self.started = msg
+                self.conversation = msg.conversation or self.conversation
+            case m.ToolCallEvent():
+                self.tool_calls.append(msg)
+
     def _read_end(self, item: m.Done | FerrousClientError) -> None:
         """The application has reached the end: raise what it means (nothing for a normal end)."""
         self._exhausted = True

@@ -515,14 +515,8 @@ class SyncFerrousClient:
                 if msg.id == gen.id and not gen._abandoned:
                     return msg
                 self._consumed(n)  # a generation left early: drop its text
-            case m.Queued() if msg.id == gen.id:
-                gen.queued = msg
-            case m.ToolCallEvent() if msg.id == gen.id:
-                gen.tool_calls.append(msg)
-            case m.Started() if msg.id == gen.id:
-                gen.queued = None
-                gen.started = msg
-                gen.conversation = msg.conversation or gen.conversation
+            case m.Queued() | m.Started() | m.ToolCallEvent() if msg.id == gen.id:
+                gen._note(msg)
             case m.Done():
                 if msg.id == gen.id and not gen._abandoned:
                     if msg.finish_reason == "cancelled":
