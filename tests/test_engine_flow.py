@@ -130,10 +130,10 @@ async def test_cancel_stops_the_worker_within_one_step(slow_model: Path) -> None
         # The worker reads control messages before every step, so it stops at the
         # step in progress when the cancel arrives. How far it ran ahead of this
         # reader before that depends on the machine's load (a step takes a few ms;
-        # a loaded CI runner delays the reader by tens of ms), so the bound here is
-        # generous, and still a small fraction of the 3,000-token budget a cancel
-        # that did not stop the worker would reach.
-        assert received <= done.usage.completion_tokens <= cancelled_at + 200
+        # a loaded CI runner delays the reader by tens of ms), so the bound allows
+        # seconds of delay: a third of the 3,000-token budget that a cancel which
+        # did not stop the worker would reach.
+        assert received <= done.usage.completion_tokens <= cancelled_at + 1000
         assert not await client.cancel(request.request_id)  # already over
         made, active, _ = await worker_progress(client)
         assert active == 0
