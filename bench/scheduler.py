@@ -326,6 +326,10 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
             if name not in args.scenarios:
                 continue
             for target, into in zip(targets, out, strict=True):
+                # As before each round of streams: the first request after the other
+                # server ran pays for the CPU caches it emptied, and a scenario's first
+                # measured request (turn 1 of the chat) must not carry that.
+                await chat(client, target, WARM, 1)
                 if name == "turns" and target.name == "ferrous":
                     into[name] = await turns_scenario(client, target, args.gguf, args.threads)
                 else:
