@@ -280,6 +280,33 @@ async def test_conversations_taking_turns_keep_their_caches(smollm2: Path) -> No
             assert "".join(d.text for d in deltas) == seconds[who]
 
 
+async def test_a_short_exchange_keeps_its_cache_when_another_chat_starts(smollm2: Path) -> None:
+    """A chat of one short exchange (a few dozen tokens past the shared system prompt),
+    then another user's new chat in the same slot: the first chat's cache moves aside,
+    so its next turn reads only its new question."""
+    config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=4)
+    system = ChatMessage("system", "You are a helpful assistant who answers briefly.")
+    a = [system, ChatMessage("user", "What colour is the sky on a clear day?")]
+
+    def turn(messages: list[ChatMessage], tokens: int) -> GenerateRequest:
+        return GenerateRequest(model="m", messages=messages, sampling=greedy(max_tokens=tokens))
+
+    async with EngineClient(config) as client:
+        await client.load("m", smollm2)
+        deltas, done = await collect(client, turn(a, 6))
+        first_read = done.usage.prompt_tokens - done.usage.cached_tokens
+        a += [
+            ChatMessage("assistant", "".join(d.text for d in deltas)),
+            ChatMessage("user", "And at night?"),
+        ]
+        # Another user's chat, sharing only the system prompt, lands in the same slot.
+        await collect(client, turn([system, ChatMessage("user", "Name a fruit.")], 4))
+        _, done = await collect(client, turn(a, 4))
+    # What the first turn read (its question) is not read again: only the new messages.
+    reread = done.usage.prompt_tokens - done.usage.cached_tokens
+    assert first_read >= 10 and reread < first_read, (first_read, done.usage)
+
+
 async def test_a_prompt_borrows_a_shared_prefix_from_a_busy_slot(random_model: Path) -> None:
     """Two chats with the same long opening: the second copies the first's cache of it
     (the first still running in another slot) and reads only its own question; its

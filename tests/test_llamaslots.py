@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.backends.llamaslots import (
+    PARK_MIN,
     REUSE_MIN,
     SHARE_MIN,
     Slot,
@@ -67,11 +68,11 @@ def test_a_history_about_to_be_overwritten_moves_to_the_oldest_free_slot() -> No
 
 def test_a_history_is_moved_only_when_worth_it_and_not_held_elsewhere() -> None:
     system = [1] * 20
-    slots = _slots(system + [2] * (REUSE_MIN - 1), [])
+    slots = _slots(system + [2] * (PARK_MIN - 1), [])
     prompt = [*system, 9]
-    # Fewer than REUSE_MIN tokens that the new prompt will not keep: not worth a copy.
+    # Fewer than PARK_MIN tokens that the new prompt will not keep: not worth a copy.
     assert park_target(slots, slots[0], len(system), prompt, set()) is None
-    slots[0].history = system + [2] * REUSE_MIN
+    slots[0].history = system + [2] * PARK_MIN
     assert park_target(slots, slots[0], len(system), prompt, set()) is slots[1]
     # The new prompt keeps it all (a follow-up turn in its own slot): nothing to move.
     assert park_target(slots, slots[0], len(slots[0].history), prompt, set()) is None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 __all__ = [
     "BORROW_MIN",
     "BORROW_SPAN",
+    "PARK_MIN",
     "REUSE_MIN",
     "SHARE_MIN",
     "Slot",
@@ -40,6 +41,10 @@ class Slot:
 REUSE_MIN = 64
 # A prompt sharing fewer tokens than this with every cache is unrelated to them.
 SHARE_MIN = 16
+# A cache about to be overwritten moves to a free slot when it holds at least this
+# many tokens the new prompt will not keep (see park_target): reading 16 tokens
+# again costs ~50 ms on two cores, moving them well under a millisecond.
+PARK_MIN = 16
 
 
 # Copy another slot's cache when it holds at least this many more prompt tokens
@@ -92,7 +97,7 @@ def park_target(
     and erase its history: two users taking turns would each read their whole
     conversation again at every turn (a 1,000-token history is seconds of
     reading on two cores, moving it ~10 ms). So when ``taken`` holds at least
-    ``REUSE_MIN`` tokens the new prompt will not keep (``keeps``) and no other
+    ``PARK_MIN`` tokens the new prompt will not keep (``keeps``) and no other
     slot holds them too, they move to a free slot: an empty one first, else
     the one whose cache started longest ago, provided that it is older than
     ``taken``'s and is no better start for this ``prompt`` than ``taken``.
@@ -100,10 +105,10 @@ def park_target(
     ``held`` are the indices of slots kept for suspended sequences.
     """
     history = taken.history
-    if len(history) - keeps < REUSE_MIN:
+    if len(history) - keeps < PARK_MIN:
         return None
     others = [s for s in slots if s is not taken]
-    if any(common_prefix(s.history, history) + REUSE_MIN > len(history) for s in others):
+    if any(common_prefix(s.history, history) + PARK_MIN > len(history) for s in others):
         return None  # already held elsewhere (a copy it was borrowed from, or lent to)
     candidates = [
         s
