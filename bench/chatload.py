@@ -194,7 +194,8 @@ _asked = itertools.count(100)
 
 
 def fresh_question(i: int) -> list[dict[str, str]]:
-    """A question no server has seen before (a numbered reference at its end, always three
-    digits): its first token then costs reading it, not a cache lookup."""
+    """A question no server has seen before: a new reference number (always three digits)
+    opens it, so no cache holds any of it past the chat template's opening, even when the
+    question's text was asked before; its first token costs reading it."""
     text = QUESTIONS[i % len(QUESTIONS)]
-    return [{"role": "user", "content": f"{text} (ref {next(_asked)})"}]
+    return [{"role": "user", "content": f"(ref {next(_asked)}) {text}"}]
