@@ -2,7 +2,7 @@
 
     python -m bench.scheduler [--model GGUF] [--streams 1,8,16,32] [--tokens 128] [--rounds 3]
                               [--json | --markdown] [--from-json RUN.json]
-                              [--skip-reference] [--scenarios streams,turns,users,fairness,priority]
+                              [--skip-reference] [--scenarios streams,turns,reading,users,fairness,priority]
 
 Both servers get the same GGUF (SmolLM2 by default), threads, prompts and
 token budget, through the same OpenAI route (``/v1/chat/completions``,
@@ -25,6 +25,10 @@ Scenarios:
   machine's noise, not a difference between them (``--no-ceiling`` skips it).
 * **turns** — one 10-turn conversation (each turn sends the history so far):
   time to first token per turn; the figure is turn 10 / turn 1.
+* **reading** — the same conversation with a person's pause (1 s: reading
+  the answer, typing the next question) before each follow-up, as chats
+  through a front-end go: a server may use that pause (``ferrous serve``
+  reads the template's turn marker then, engine.readahead).
 * **users** — four users chat at once, each in a chat of their own (the same
   system prompt), taking turns one after another for four turns: time to
   first token of the later turns (median, p95). Keeping every recent chat's
@@ -158,13 +162,27 @@ async def streams_scenario(
     return out
 
 
+READ_PAUSE_S = 1.0  # a person reading an answer and typing the next question
+READING_OPENING = "Tell me about the sun."  # the reading scenario's chat, not the turns one
+
+
 async def turns_scenario(
-    client: httpx.AsyncClient, target: Target, gguf: Path | None = None, threads: int = 2
+    client: httpx.AsyncClient,
+    target: Target,
+    gguf: Path | None = None,
+    threads: int = 2,
+    pause: float = 0.0,
 ) -> dict[str, object]:
     history: list[dict[str, str]] = []
     ttfts: list[float] = []
     reads: list[tuple[int, int]] = []  # (cached, read) prompt tokens per turn, if reported
     for follow_up in FOLLOW_UPS:
+        if history and pause:
+            await asyncio.sleep(pause)
+        elif pause:
+            # Not the turns scenario's chat again (its caches would answer it), and
+            # as many tokens to read at turn 1 as that chat's.
+            follow_up = READING_OPENING
         history.append({"role": "user", "content": follow_up})
         r = await chat(client, target, history, 48, ignore_eos=False)
         ttfts.append(round(r.ttft * 1000, 1))
@@ -183,6 +201,11 @@ async def turns_scenario(
         out["prompt_read"] = [reads[0], reads[-1]]
         out["llama_cpp_turn10_over_turn1"] = round(last / first, 2)
     return out
+
+
+async def reading_scenario(client: httpx.AsyncClient, target: Target) -> dict[str, object]:
+    """The turns scenario's chat with a person's pause before each follow-up."""
+    return await turns_scenario(client, target, pause=READ_PAUSE_S)
 
 
 async def users_scenario(
@@ -319,6 +342,7 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
                     into[f"streams_{n}"] = result
                     print(f"  {target.name} {n} streams: {result}", file=sys.stderr)
         scenarios = (
+            ("reading", reading_scenario),
             ("turns", turns_scenario),
             ("users", users_scenario),
             ("fairness", fairness_scenario),
@@ -472,7 +496,7 @@ def main() -> None:
     parser.add_argument(
         "--scenarios",
         type=lambda s: set(s.split(",")),
-        default={"streams", "turns", "users", "fairness", "priority"},
+        default={"streams", "turns", "reading", "users", "fairness", "priority"},
     )
     parser.add_argument("--skip-reference", action="store_true", help="ferrous serve only")
     parser.add_argument(

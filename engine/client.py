@@ -99,6 +99,7 @@ class WorkerHealth(msgspec.Struct, frozen=True):
     rss_bytes: int
     tokens_generated: int
     where: str = "local"  # a child process here, or where a host placed it ("ray:<node>")
+    tokens_read_ahead: int = 0  # finished chats' next turn markers read while idle
 
 
 class EngineHealth(msgspec.Struct, frozen=True):
@@ -264,6 +265,7 @@ class EngineClient(JobCalls):
                         p.rss_bytes,
                         p.tokens_generated,
                         w.where,
+                        p.tokens_read_ahead,
                     )
                 except EngineError:
                     pass

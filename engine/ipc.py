@@ -359,6 +359,7 @@ class Pong(_Frame, tag=25, kw_only=True):
     queued: int
     rss_bytes: int
     tokens_generated: int
+    tokens_read_ahead: int = 0  # a finished chat's next turn markers (engine.readahead)
 
 
 ToWorker = (

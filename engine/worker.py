@@ -49,6 +49,7 @@ from engine.jobs import JobQueue
 from engine.netring import NET_PREFIX, NetRingWriter, is_net_ring
 from engine.preemption import Runner, victim
 from engine.prompts import prompt_tokens, with_tool_grammar
+from engine.readahead import ReadAhead
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.workerseq import WorkerSeq
@@ -81,6 +82,8 @@ class Worker:
         self._sock = sock
         self._nonce = nonce
         self._interrupt = interrupt
+        # Reading chats' next turn markers while idle needs a step a request can stop.
+        self._ahead = None if interrupt is None else ReadAhead(sock, interrupt)
         self._frames = ipc.FrameBuffer()
         self._models: dict[str, tuple[Backend, float]] = {}
         self._queued: dict[str, deque[WorkerSeq]] = {}
@@ -142,11 +145,25 @@ class Worker:
             self._step()
             self._jobs.step()
             self._unpause()
+            idle = self._idle_reader()
+            if idle is not None and self._ahead is not None:
+                self._ahead.read(idle)
         for seq in list(self._running.values()) + [s for q in self._queued.values() for s in q]:
             self._finalize(seq, FinishReason.CANCELLED, notify=False)
         self._jobs.close()
         for backend, _ in self._models.values():
             backend.free()
+        if self._ahead is not None:
+            self._ahead.close()
+
+    def _idle_reader(self) -> TextGenerator | None:
+        """A model with a chat's next turn to read ahead, when nothing else is to be done."""
+        if self._ahead is None or self._running or self._jobs or any(self._queued.values()):
+            return None
+        for backend, _ in self._models.values():
+            if isinstance(backend, TextGenerator) and backend.reads_ahead():
+                return backend
+        return None
 
     def _timeout(self) -> float | None:
         if self._jobs or any(not s.outbox and not s.suspended for s in self._running.values()):
@@ -159,7 +176,7 @@ class Worker:
                 (s.paused_since or now) + s.msg.stall_timeout for s in self._running.values()
             )
             return max(0.0, min(PAUSED_RECHECK_S, deadline - now))
-        return None
+        return 0.0 if self._idle_reader() is not None else None
 
     # -- control --------------------------------------------------------------------
 
@@ -237,6 +254,8 @@ class Worker:
             self._finalize(seq, FinishReason.CANCELLED)
         self._jobs.drop_model(model)
         backend, _ = self._models.pop(model)
+        if self._ahead is not None and isinstance(backend, TextGenerator):
+            self._ahead.forget(backend)
         backend.free()
 
     def _on_unload(self, msg: ipc.UnloadModel) -> None:
@@ -302,6 +321,7 @@ class Worker:
                 queued=sum(len(q) for q in self._queued.values()),
                 rss_bytes=rss,
                 tokens_generated=self._tokens_generated,
+                tokens_read_ahead=0 if self._ahead is None else self._ahead.tokens,
             )
         )
 
@@ -505,6 +525,8 @@ class Worker:
         cached = 0
         if self._running.pop(seq.gen, None) is not None and seq.started:
             cached = seq.backend.prompt_reused(seq.gen)
+            if self._ahead is not None and notify and error is None:
+                self._ahead.ended(seq, reason)
             seq.backend.finish(seq.gen)
         if notify:
             load_ms = self._models.get(seq.model, (None, 0.0))[1]

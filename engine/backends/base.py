@@ -246,6 +246,28 @@ class TextGenerator(Backend):
         """How many of ``seq``'s prompt tokens were copied from a cached prefix, not read."""
         return 0
 
+    # -- reading ahead while idle (engine.readahead) ----------------------------------
+
+    def anticipate(self, seq: int, turn: Sequence[int]) -> None:
+        """``seq`` ended as a chat answer: its cache may go on to read its last sampled
+        token (unless an end token) and ``turn``, the tokens the chat template puts
+        between an answer and the next user message, whenever the worker is idle.
+
+        Called just before :meth:`finish`. A backend that keeps no cache between
+        sequences, or cannot stop a read when a request arrives, ignores it.
+        """
+        return None
+
+    def reads_ahead(self) -> bool:
+        """Whether anticipated tokens are waiting to be read (:meth:`read_ahead`)."""
+        return False
+
+    def read_ahead(self) -> int:
+        """Read anticipated tokens into the caches of finished chats, in one step that the
+        interrupt flag stops (then nothing is kept and they wait for the next idle time);
+        how many tokens it read."""
+        return 0
+
     def has_room(self, n_prompt: int) -> bool:
         """Whether a new sequence with an ``n_prompt``-token prompt fits beside the running ones.
 

@@ -109,6 +109,7 @@ class SlotCaches:
         """Forget all of ``slot``'s cache."""
         llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
         slot.history = []
+        slot.ahead = []
 
     def release_idle(self) -> bool:
         """Drop the caches of idle windows; True if that freed anything."""
@@ -125,6 +126,7 @@ class SlotCaches:
             llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
             keep = 0
         del slot.history[keep:]
+        slot.ahead = []
         return keep
 
     def _retag(self, slot: Slot, cache: LoraKey) -> None:
@@ -182,4 +184,5 @@ class SlotCaches:
             llama_cpp.llama_memory_seq_rm(self._mem, dst.index, n, -1)
         dst.history = src.history[:n]
         dst.lora = src.lora
+        dst.ahead = []
         return n

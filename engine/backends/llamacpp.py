@@ -37,6 +37,7 @@ import numpy as np
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
 from engine.backends.gguf_entry import check_model_file, vision_pair
+from engine.backends.llamaahead import ahead_slots, read_ahead
 from engine.backends.llamacache import SlotCaches
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext, embedding_inputs
 from engine.backends.llamalora import LoraSets, lora_key, step_group
@@ -496,6 +497,24 @@ class LlamaCppBackend(TextGenerator, Embedder):
 
     def take_logprobs(self, seq: int) -> tuple[float, list[tuple[int, float]]] | None:
         return self._lps.pop(seq, None)
+
+    def anticipate(self, seq: int, turn: Sequence[int]) -> None:
+        st = self._seqs.get(seq)
+        if st is None or self._abort is None or not turn or st.suspended or not st.decoding:
+            return  # a read that nothing could stop would hold requests up
+        slot = st.slot
+        if st.lora or st.cache_key or st.n_past != len(slot.history):
+            return  # adapters or images: their caches are matched apart
+        ahead = [t for t in st.pending if not self.is_end(t)] + list(turn)
+        if len(slot.history) + len(ahead) < self.n_ctx and len(ahead) <= self._n_batch:
+            slot.ahead, slot.ahead_at = ahead, len(slot.history)
+
+    def reads_ahead(self) -> bool:
+        return bool(ahead_slots(self._caches.slots))
+
+    def read_ahead(self) -> int:
+        self._lora.apply(())
+        return read_ahead(self._ctx, self._mem, self._batch, self._n_batch, self._caches.slots)
 
     def finish(self, seq: int) -> None:
         st = self._seqs.pop(seq, None)

@@ -24,13 +24,18 @@ __all__ = [
 
 
 class Slot:
-    __slots__ = ("busy", "history", "index", "lora", "used")
+    __slots__ = ("ahead", "ahead_at", "busy", "history", "index", "lora", "used")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.busy = False
         self.used = 0  # when a sequence last started here (a counter): older caches go first
         self.history: list[int] = []  # tokens whose KV this slot holds, positions 0..n-1
+        # Tokens a finished chat's next turn will begin with, to read while the worker
+        # is idle (engine.readahead); valid while ``history`` still has ``ahead_at``
+        # tokens and no sequence holds the slot.
+        self.ahead: list[int] = []
+        self.ahead_at = 0
         # The LoRA adapters (files and scales) ``history`` was computed under: its
         # cache serves only sequences with the same (engine.backends.llamalora).
         self.lora: tuple[tuple[str, float], ...] = ()
@@ -137,6 +142,12 @@ def spliced(
     differing token, spells exactly the bytes of the cached tokens, those
     tokens are used instead: the model sees what it said, and only the new
     turn is read. Token boundaries must meet; otherwise nothing changes.
+
+    Control tokens (a template's ``<|im_end|>``) spell no bytes, so bytes
+    cannot tell whether both sides hold one: the walk stops at the first,
+    and the tokens after a splice count as cached only where they are equal
+    (a finished chat's cache may already hold the template's next turn
+    marker, engine.readahead).
     """
     same = common_prefix(history, prompt)
     if same == 0 or same >= len(history) or same >= len(prompt):
@@ -149,13 +160,17 @@ def spliced(
     meet = (0, 0)
     while i < len(cached) and same + j < len(prompt):
         if len(ours) <= len(theirs):
+            piece = spell(cached[i])
             start = len(ours)
-            ours += spell(cached[i])
+            ours += piece
             i += 1
         else:
+            piece = spell(prompt[same + j])
             start = len(theirs)
-            theirs += spell(prompt[same + j])
+            theirs += piece
             j += 1
+        if not piece:
+            break
         end = min(len(ours), len(theirs))
         if ours[start:end] != theirs[start:end]:
             break
@@ -167,4 +182,4 @@ def spliced(
     joined = history[: same + i] + prompt[same + j :]
     if len(joined) >= n_ctx:
         return prompt, same
-    return joined, same + i
+    return joined, common_prefix(history, joined)

@@ -1,0 +1,158 @@
+"""Reading a chat's next turn marker while the worker is idle.
+
+A follow-up turn's first token costs reading everything the cache does not
+hold: the end of the last answer, the template's turn change
+(``<|im_end|>\\n<|im_start|>user\\n`` in ChatML), the new question and the
+assistant header. Only the question is unknown before the user sends it;
+the answer's last token (sampled but never fed back) and the turn change can
+be read as soon as the answer ends. On two cores that is 6 of the ~18 tokens
+a short follow-up reads (SmolLM2: ~25 ms of a ~100 ms first token), and a
+person takes seconds to type the next question.
+
+So when a chat answer ends normally (an end token or its token budget; not
+a stop string, a tool call, an error or a cancel) the worker asks the
+backend to :meth:`~engine.backends.base.TextGenerator.anticipate` those
+tokens, and reads them when it has nothing else to do. The read is one
+decode step the interrupt flag (engine.interrupt) stops: an
+:class:`ArrivalWatch` raises the flag as soon as anything arrives from the
+gateway, llama.cpp drops what the step wrote, and the request is served as
+if nothing had been read ahead. Reading ahead never delays a request by more
+than a graph node, and never runs while sequences or jobs do.
+
+The turn change comes from the model's own template (:func:`turn_tokens`):
+a conversation with marked contents is rendered and the text between the
+assistant's answer and the next user message is tokenized, checked to
+tokenize the same inside the whole prompt. A template that renders the turn
+change differently in the real conversation costs only the wasted read:
+reuse is decided token by token when the next prompt arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterator
+
+from engine.backends.base import TextGenerator
+from engine.backends.llamaslots import common_prefix
+from engine.interrupt import Interrupt
+from engine.requests import ChatMessage, FinishReason
+from engine.workerseq import WorkerSeq
+from protocol.errors import FerrousError
+
+__all__ = ["MAX_TURN_TOKENS", "ArrivalWatch", "ReadAhead", "turn_tokens"]
+
+# A turn change longer than this is no marker (a template adding whole
+# instructions between turns): nothing is read ahead for it.
+MAX_TURN_TOKENS = 32
+
+_USER, _ANSWER, _NEXT = "ferrous-q1", "ferrous-a1", "ferrous-q2"
+
+
+def turn_tokens(backend: TextGenerator) -> list[int]:
+    """The tokens ``backend``'s chat template puts between an assistant's answer and the
+    next user message; empty when they cannot be told apart reliably."""
+    try:
+        text = backend.render_chat(
+            [
+                ChatMessage(role="user", content=_USER),
+                ChatMessage(role="assistant", content=_ANSWER),
+                ChatMessage(role="user", content=_NEXT),
+            ]
+        )
+    except FerrousError:
+        return []
+    end = text.find(_ANSWER)
+    start = text.find(_NEXT)
+    if end < 0 or start < 0 or text.count(_ANSWER) != 1:
+        return []
+    end += len(_ANSWER)
+    if start <= end:
+        return []
+    add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
+    head = backend.tokenize(text[:end], add_bos=add_bos)
+    upto = backend.tokenize(text[:start], add_bos=add_bos)
+    whole = backend.tokenize(text, add_bos=add_bos)
+    if whole[: len(head)] != head:
+        return []  # the answer's last token merges with what follows: no clean cut
+    # Only what the whole prompt spells the same way: a marker ending in a space
+    # ("user: ") leaves that space to the question's first word.
+    turn = whole[len(head) : common_prefix(upto, whole)]
+    return turn if 0 < len(turn) <= MAX_TURN_TOKENS else []
+
+
+class ArrivalWatch:
+    """Raises the interrupt flag when the gateway's connection has something to read,
+    while :meth:`armed`: a read-ahead step then stops within a graph node."""
+
+    def __init__(self, sock: socket.socket, interrupt: Interrupt) -> None:
+        self._sock = sock
+        self._interrupt = interrupt
+        self._r, self._w = os.pipe()
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        # The compute releases the GIL, so a thread blocked in select() sees an
+        # arrival while the step runs; the pipe tells it the step is over.
+        watcher = threading.Thread(target=self._watch, name="arrival-watch", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            os.write(self._w, b"x")
+            watcher.join()
+            os.read(self._r, 64)
+
+    def _watch(self) -> None:
+        fd = self._sock.fileno()
+        readable, _, _ = select.select([fd, self._r], [], [])
+        if fd in readable:
+            self._interrupt.set()
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
+
+
+class ReadAhead:
+    """The worker's side: which ended sequences anticipate their next turn, and the
+    interruptible read while nothing else runs."""
+
+    def __init__(self, sock: socket.socket, interrupt: Interrupt) -> None:
+        self._watch = ArrivalWatch(sock, interrupt)
+        self._turns: dict[TextGenerator, list[int]] = {}  # per loaded model
+        self.tokens = 0  # read ahead so far
+
+    def ended(self, seq: WorkerSeq, reason: FinishReason) -> None:
+        """``seq`` ends for ``reason`` (its backend still holds it): anticipate its next
+        turn if it was a chat answer that ended normally."""
+        msg = seq.msg
+        if (
+            reason not in (FinishReason.STOP, FinishReason.LENGTH)
+            or not seq.started
+            or seq.suspended
+            or seq.stream.stopped  # a stop string: the chat goes on from other text
+            or msg.messages is None
+            or msg.tools  # a tool call: a tool's result comes next, not a user
+            or any(m.images for m in msg.messages)
+        ):
+            return
+        backend = seq.backend
+        turn = self._turns.get(backend)
+        if turn is None:
+            turn = self._turns[backend] = turn_tokens(backend)
+        if turn:
+            backend.anticipate(seq.gen, turn)
+
+    def read(self, backend: TextGenerator) -> None:
+        with self._watch.armed():
+            self.tokens += backend.read_ahead()
+
+    def forget(self, backend: TextGenerator) -> None:
+        self._turns.pop(backend, None)
+
+    def close(self) -> None:
+        self._watch.close()
