@@ -123,6 +123,7 @@ class EngineClient(JobCalls):
             on_replaced=self._reload,
             host=self.config.host,
             listen=self.config.worker_listen,
+            read_ahead=self.config.read_ahead,
         )
         self._residency = Residency(self.config, self._pool, self._notify)
         self._affinity = Affinity()

@@ -146,8 +146,10 @@ class WorkerPool:
         on_replaced: Callable[[Worker], Awaitable[None]],
         host: WorkerHost | None = None,
         listen: str = "127.0.0.1",
+        read_ahead: str = "idle",
     ) -> None:
         self.count = count
+        self.read_ahead = read_ahead  # the workers' --read-ahead (engine.readahead)
         # Where workers start: child processes here, or elsewhere through ``host``.
         self.host = host
         self._listener = WorkerListener(listen) if host is not None else None
@@ -208,6 +210,8 @@ class WorkerPool:
                 str(child.fileno()),
                 "--interrupt-fd",
                 str(w.interrupt.fd),
+                "--read-ahead",
+                self.read_ahead,
                 pass_fds=(child.fileno(), w.interrupt.fd),
             )
         except BaseException:

@@ -34,6 +34,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 from engine.backends.base import TextGenerator
@@ -41,9 +42,27 @@ from engine.backends.llamaslots import common_prefix
 from engine.interrupt import Interrupt
 from engine.requests import ChatMessage, FinishReason
 from engine.workerseq import WorkerSeq
-from protocol.errors import FerrousError
 
-__all__ = ["MAX_TURN_TOKENS", "ArrivalWatch", "ReadAhead", "turn_tokens"]
+__all__ = [
+    "BUSY_MAX",
+    "CHECK_S",
+    "GIVE_UP_S",
+    "MAX_TURN_TOKENS",
+    "READ_AHEAD_MODES",
+    "ArrivalWatch",
+    "ReadAhead",
+    "cpu_sample",
+    "machine_busy",
+    "turn_tokens",
+]
+
+READ_AHEAD_MODES = ("idle", "always", "off")
+# Reading ahead waits for a machine whose other processes used less than BUSY_MAX of
+# its CPU time over CHECK_S (a few ticks of the kernel's clock), for GIVE_UP_S at most.
+CHECK_S = 0.1
+BUSY_MAX = 0.25
+GIVE_UP_S = 10.0
+_TICK = os.sysconf("SC_CLK_TCK")
 
 # A turn change longer than this is no marker (a template adding whole
 # instructions between turns): nothing is read ahead for it.
@@ -63,7 +82,7 @@ def turn_tokens(backend: TextGenerator) -> list[int]:
                 ChatMessage(role="user", content=_NEXT),
             ]
         )
-    except FerrousError:
+    except Exception:  # a template that refuses (or breaks on) a plain chat
         return []
     end = text.find(_ANSWER)
     start = text.find(_NEXT)
@@ -117,13 +136,53 @@ class ArrivalWatch:
         os.close(self._w)
 
 
-class ReadAhead:
-    """The worker's side: which ended sequences anticipate their next turn, and the
-    interruptible read while nothing else runs."""
+def machine_busy(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
+    """The share of the machine's CPU time other processes used between two samples
+    (:func:`cpu_sample`): their busy time over all CPUs' time."""
+    total = after[0] - before[0]
+    if total <= 0:
+        return 0.0
+    busy = (total - (after[1] - before[1])) - (after[2] - before[2])
+    return max(0.0, busy / total)
 
-    def __init__(self, sock: socket.socket, interrupt: Interrupt) -> None:
+
+def cpu_sample() -> tuple[int, int, int] | None:
+    """(all CPUs' time, their idle time, this process's time), in clock ticks; None
+    where the system does not say (then the machine counts as idle)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != b"cpu" or len(fields) < 6:
+        return None
+    ticks = [int(x) for x in fields[1:9]]
+    own = os.times()
+    return sum(ticks), ticks[3] + ticks[4], round((own.user + own.system) * _TICK)
+
+
+class ReadAhead:
+    """The worker's side: which ended sequences anticipate their next turn, when to read
+    them, and the read, stopped by any arrival.
+
+    With ``machine_idle`` the read also waits until the rest of the machine is
+    quiet (:data:`CHECK_S` of CPU time sampled, others below :data:`BUSY_MAX`):
+    llama.cpp's threads wait for each other at every graph node, so a read
+    beside another busy process (a worker of another model, another server)
+    slows both far more than its own cost, and a read that something keeps
+    stopping would start over and over. It waits at most :data:`GIVE_UP_S`;
+    a read stopped :data:`MAX_TRIES` times is dropped
+    (engine.backends.llamaahead).
+    """
+
+    def __init__(self, sock: socket.socket, interrupt: Interrupt, *, machine_idle: bool) -> None:
         self._watch = ArrivalWatch(sock, interrupt)
+        self._machine_idle = machine_idle
         self._turns: dict[TextGenerator, list[int]] = {}  # per loaded model
+        self._sample: tuple[int, int, int] | None = None
+        self._sampled_at = 0.0
+        self._waiting_since: float | None = None
+        self._broken = False
         self.tokens = 0  # read ahead so far
 
     def ended(self, seq: WorkerSeq, reason: FinishReason) -> None:
@@ -131,7 +190,8 @@ class ReadAhead:
         turn if it was a chat answer that ended normally."""
         msg = seq.msg
         if (
-            reason not in (FinishReason.STOP, FinishReason.LENGTH)
+            self._broken
+            or reason not in (FinishReason.STOP, FinishReason.LENGTH)
             or not seq.started
             or seq.suspended
             or seq.stream.stopped  # a stop string: the chat goes on from other text
@@ -141,15 +201,56 @@ class ReadAhead:
         ):
             return
         backend = seq.backend
-        turn = self._turns.get(backend)
-        if turn is None:
-            turn = self._turns[backend] = turn_tokens(backend)
-        if turn:
-            backend.anticipate(seq.gen, turn)
+        try:
+            turn = self._turns.get(backend)
+            if turn is None:
+                turn = self._turns[backend] = turn_tokens(backend)
+            if turn:
+                backend.anticipate(seq.gen, turn)
+        except Exception:  # an optimisation: never a reason for a generation to fail
+            self._broken = True
+            return
+        self._waiting_since = None  # new work: the wait for a quiet machine starts again
+
+    def wanted(self) -> bool:
+        """False once reading ahead failed or waited too long for a quiet machine."""
+        if self._broken:
+            return False
+        since = self._waiting_since
+        return since is None or time.monotonic() - since < GIVE_UP_S
+
+    def wait(self) -> float:
+        """Seconds the worker may sleep before :meth:`may_read` is worth asking again."""
+        if not self._machine_idle:
+            return 0.0
+        if self._sample is None:
+            return 0.0
+        return max(0.0, CHECK_S - (time.monotonic() - self._sampled_at))
+
+    def may_read(self) -> bool:
+        """Whether to read now: always, or once the machine was quiet for CHECK_S."""
+        if not self._machine_idle:
+            return True
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if self._sample is None:
+            self._sample, self._sampled_at = cpu_sample(), now
+            return self._sample is None
+        if now - self._sampled_at < CHECK_S:
+            return False
+        after = cpu_sample()
+        quiet = after is None or machine_busy(self._sample, after) < BUSY_MAX
+        self._sample, self._sampled_at = (None, 0.0) if quiet else (after, now)
+        return quiet
 
     def read(self, backend: TextGenerator) -> None:
-        with self._watch.armed():
-            self.tokens += backend.read_ahead()
+        try:
+            with self._watch.armed():
+                self.tokens += backend.read_ahead()
+        except Exception:  # an optimisation: a failure turns it off, nothing else
+            self._broken = True
+        self._waiting_since = None
 
     def forget(self, backend: TextGenerator) -> None:
         self._turns.pop(backend, None)

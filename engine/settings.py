@@ -68,6 +68,9 @@ class EngineConfig:
     # the longest a running stream waits for a newcomer's prompt.
     prefill_chunk: int = 64
     kv_unified: bool = False  # GGUF sequences share one cache (see LoadParams)
+    # Reading finished chats' next turn markers ahead (engine.readahead): "idle" when
+    # this worker and the machine are idle, "always" when this worker is, or "off".
+    read_ahead: str = "idle"
     memory_budget: int = 0  # bytes loaded models may take; 0 = 80 % of available memory
     keep_alive: float = 300.0  # seconds an idle model stays loaded; < 0 = forever, 0 = unload
     # The watchdog: a worker that leaves a ping unanswered for health_timeout

@@ -49,7 +49,7 @@ from engine.jobs import JobQueue
 from engine.netring import NET_PREFIX, NetRingWriter, is_net_ring
 from engine.preemption import Runner, victim
 from engine.prompts import prompt_tokens, with_tool_grammar
-from engine.readahead import ReadAhead
+from engine.readahead import READ_AHEAD_MODES, ReadAhead
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
 from engine.workerseq import WorkerSeq
@@ -77,13 +77,22 @@ def _rss_bytes() -> int:
 
 class Worker:
     def __init__(
-        self, sock: socket.socket, interrupt: Interrupt | None = None, *, nonce: str = ""
+        self,
+        sock: socket.socket,
+        interrupt: Interrupt | None = None,
+        *,
+        nonce: str = "",
+        read_ahead: str = "idle",
     ) -> None:
         self._sock = sock
         self._nonce = nonce
         self._interrupt = interrupt
         # Reading chats' next turn markers while idle needs a step a request can stop.
-        self._ahead = None if interrupt is None else ReadAhead(sock, interrupt)
+        self._ahead = (
+            None
+            if interrupt is None or read_ahead == "off"
+            else ReadAhead(sock, interrupt, machine_idle=read_ahead == "idle")
+        )
         self._frames = ipc.FrameBuffer()
         self._models: dict[str, tuple[Backend, float]] = {}
         self._queued: dict[str, deque[WorkerSeq]] = {}
@@ -146,7 +155,7 @@ class Worker:
             self._jobs.step()
             self._unpause()
             idle = self._idle_reader()
-            if idle is not None and self._ahead is not None:
+            if idle is not None and self._ahead is not None and self._ahead.may_read():
                 self._ahead.read(idle)
         for seq in list(self._running.values()) + [s for q in self._queued.values() for s in q]:
             self._finalize(seq, FinishReason.CANCELLED, notify=False)
@@ -159,6 +168,8 @@ class Worker:
     def _idle_reader(self) -> TextGenerator | None:
         """A model with a chat's next turn to read ahead, when nothing else is to be done."""
         if self._ahead is None or self._running or self._jobs or any(self._queued.values()):
+            return None
+        if not self._ahead.wanted():
             return None
         for backend, _ in self._models.values():
             if isinstance(backend, TextGenerator) and backend.reads_ahead():
@@ -176,7 +187,9 @@ class Worker:
                 (s.paused_since or now) + s.msg.stall_timeout for s in self._running.values()
             )
             return max(0.0, min(PAUSED_RECHECK_S, deadline - now))
-        return 0.0 if self._idle_reader() is not None else None
+        if self._ahead is not None and self._idle_reader() is not None:
+            return self._ahead.wait()
+        return None
 
     # -- control --------------------------------------------------------------------
 
@@ -561,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interrupt-fd", type=int, help="the step interrupt flag (memfd)")
     parser.add_argument("--connect", metavar="HOST:PORT", help="the gateway's worker port")
     parser.add_argument("--nonce", default="", help="the start this worker answers (--connect)")
+    parser.add_argument(
+        "--read-ahead",
+        choices=READ_AHEAD_MODES,
+        default="idle",
+        help="read finished chats' next turn markers ahead (engine.readahead)",
+    )
     args = parser.parse_args(argv)
     # The gateway owns Ctrl-C: it shuts workers down in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -573,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     sock.setblocking(True)
     try:
         interrupt = None if args.interrupt_fd is None else Interrupt.attach(args.interrupt_fd)
-        Worker(sock, interrupt).run()
+        Worker(sock, interrupt, read_ahead=args.read_ahead).run()
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:

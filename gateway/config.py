@@ -269,6 +269,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # GGUF sequences share one cache instead of a window each: long and short
     # chats take what they use, at ~30 % less throughput with many streams.
     kv_unified: bool = False
+    # Read a finished chat's next turn marker into its cache while idle, so that its
+    # follow-up reads only the question: "idle" (the worker and the machine idle),
+    # "always" (the worker idle, whatever else runs), "off".
+    read_ahead: Literal["idle", "always", "off"] = "idle"
     ring_capacity: Annotated[int, msgspec.Meta(ge=4096)] = 65536
     stall_timeout: PositiveSeconds = 30.0
     # Worker watchdog: a ping every health_interval (0 = off); a worker that leaves one

@@ -227,6 +227,7 @@ def generation_routes(gateway: Gateway) -> list[Route]:
                     "models": w.models,
                     "active": w.active,
                     "where": w.where,
+                    "tokens_read_ahead": w.tokens_read_ahead,
                 }
                 for w in health.workers
             ]

@@ -174,6 +174,7 @@ def _engine_config(config: ServerConfig) -> EngineConfig:
         seqs_per_worker=config.seqs_per_worker,
         prefill_chunk=config.prefill_chunk,
         kv_unified=config.kv_unified,
+        read_ahead=config.read_ahead,
         ring_capacity=config.ring_capacity,
         stall_timeout=config.stall_timeout,
         prepare_timeout=config.limits.prompt_prepare_timeout,

@@ -149,7 +149,8 @@ async def test_readyz_and_healthz(running: RunningServer) -> None:
         assert r.status_code == 200 and r.json() == {"status": "ready"}  # no details unasked
         admin = running.gateway.auth.issue_token(sub="root", ttl=60, scopes=ALL_SCOPES)
         r = await c.get("/readyz", headers={"Authorization": f"Bearer {admin}"})
-        assert r.json()["workers"][0]["alive"] is True
+        (worker,) = r.json()["workers"]
+        assert worker["alive"] is True and isinstance(worker["tokens_read_ahead"], int)
         assert (await c.get("/healthz")).json()["status"] == "ok"
 
 

@@ -1,12 +1,14 @@
 """Reading finished chats' anticipated tokens into their windows (engine.readahead).
 
-One ``llama_decode`` takes every idle window's anticipated tokens that fit
-the batch, no logits asked. The interrupt flag may stop it: llama.cpp then
-drops what the interrupted micro-batch wrote, but a batch of several
-sequences runs as several micro-batches and the finished ones keep their
-cells, so every window is cut back to what its history says it holds. The
+One ``llama_decode`` reads one idle window's anticipated tokens (a few:
+~20 ms on two cores), no logits asked; the worker asks again for the next
+window, so that each read stays short and another look at the machine comes
+between two (engine.readahead). The interrupt flag may stop it: llama.cpp
+then drops what the interrupted micro-batch wrote (with several sequences in
+one batch, the finished micro-batches would keep their cells, so the window
+is cut back to what its history says it holds in any case). The
 tokens stay anticipated for the next idle time unless the cache had no room
-for them.
+for them or they were stopped :data:`MAX_TRIES` times.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import llama_cpp
 
 from engine.backends.llamaslots import Slot
 
-__all__ = ["ahead_slots", "read_ahead"]
+__all__ = ["MAX_TRIES", "ahead_slots", "read_ahead"]
 
 _STOPPED = 2  # llama_decode's return when the abort callback stopped it
+# A read stopped this many times (requests keep arriving) is given up: each try
+# is work thrown away.
+MAX_TRIES = 3
 
 
 def ahead_slots(slots: list[Slot]) -> list[Slot]:
@@ -28,12 +33,13 @@ def ahead_slots(slots: list[Slot]) -> list[Slot]:
 
 
 def read_ahead(ctx: object, mem: object, batch: Any, n_batch: int, slots: list[Slot]) -> int:
-    """Read what :func:`ahead_slots` may into their caches; how many tokens it read."""
+    """Read the first of :func:`ahead_slots` into its cache; how many tokens it read."""
     b = batch
     n = 0
     taken: list[Slot] = []
-    for slot in ahead_slots(slots):
-        if n + len(slot.ahead) > n_batch:
+    for slot in ahead_slots(slots)[:1]:
+        if len(slot.ahead) > n_batch:
+            slot.ahead = []
             continue
         for i, token in enumerate(slot.ahead):
             b.token[n] = token
@@ -52,7 +58,14 @@ def read_ahead(ctx: object, mem: object, batch: Any, n_batch: int, slots: list[S
             slot.history.extend(slot.ahead)
             slot.ahead = []
             continue
-        llama_cpp.llama_memory_seq_rm(mem, slot.index, len(slot.history), -1)
-        if rc != _STOPPED:
-            slot.ahead = []  # no room in the cache, or a failure: not again
+        if not llama_cpp.llama_memory_seq_rm(mem, slot.index, len(slot.history), -1):
+            # A cache that cannot lose its last positions (a recurrent model's
+            # state): it no longer matches its history, so it goes.
+            llama_cpp.llama_memory_seq_rm(mem, slot.index, -1, -1)
+            slot.history = []
+            slot.ahead = []
+            continue
+        slot.ahead_tries += 1
+        if rc != _STOPPED or slot.ahead_tries >= MAX_TRIES:
+            slot.ahead = []  # no room in the cache, a failure, or stopped too often
     return n if rc == 0 else 0

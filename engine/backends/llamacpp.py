@@ -507,7 +507,7 @@ class LlamaCppBackend(TextGenerator, Embedder):
             return  # adapters or images: their caches are matched apart
         ahead = [t for t in st.pending if not self.is_end(t)] + list(turn)
         if len(slot.history) + len(ahead) < self.n_ctx and len(ahead) <= self._n_batch:
-            slot.ahead, slot.ahead_at = ahead, len(slot.history)
+            slot.ahead, slot.ahead_at, slot.ahead_tries = ahead, len(slot.history), 0
 
     def reads_ahead(self) -> bool:
         return bool(ahead_slots(self._caches.slots))

@@ -24,7 +24,7 @@ __all__ = [
 
 
 class Slot:
-    __slots__ = ("ahead", "ahead_at", "busy", "history", "index", "lora", "used")
+    __slots__ = ("ahead", "ahead_at", "ahead_tries", "busy", "history", "index", "lora", "used")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -36,6 +36,7 @@ class Slot:
         # tokens and no sequence holds the slot.
         self.ahead: list[int] = []
         self.ahead_at = 0
+        self.ahead_tries = 0  # reads of ``ahead`` stopped so far
         # The LoRA adapters (files and scales) ``history`` was computed under: its
         # cache serves only sequences with the same (engine.backends.llamalora).
         self.lora: tuple[tuple[str, float], ...] = ()
