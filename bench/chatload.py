@@ -23,7 +23,6 @@ __all__ = [
     "Target",
     "chat",
     "fresh_question",
-    "new_reference",
     "pct",
     "question",
 ]
@@ -199,9 +198,4 @@ def fresh_question(i: int) -> list[dict[str, str]]:
     opens it, so no cache holds any of it past the chat template's opening, even when the
     question's text was asked before; its first token costs reading it."""
     text = QUESTIONS[i % len(QUESTIONS)]
-    return [{"role": "user", "content": f"{new_reference()} {text}"}]
-
-
-def new_reference() -> str:
-    """A reference number no question has had: opening a text, it makes the text new."""
-    return f"(ref {next(_asked)})"
+    return [{"role": "user", "content": f"(ref {next(_asked)}) {text}"}]
