@@ -21,7 +21,7 @@ from engine.tools import tool_grammar
 from engine.truncation import droppable, estimated_cut, settle_cut
 from protocol.errors import BadRequest, TooLarge
 
-__all__ = ["MAX_IMAGES", "prompt_tokens", "with_tool_grammar"]
+__all__ = ["MAX_IMAGES", "prompt_tokens", "tokenize_prompt", "with_tool_grammar"]
 
 MAX_IMAGES = 8  # images one prompt shows a vision language model
 
@@ -54,11 +54,11 @@ def prompt_tokens(backend: TextGenerator, msg: ipc.Generate) -> list[int]:
         messages = list(msg.messages)
         if not messages:
             raise BadRequest("a chat needs at least one message")
-        tokens = _tokenize(backend, backend.render_chat(messages, _tools(msg)))
+        tokens = tokenize_prompt(backend, backend.render_chat(messages, _tools(msg)))
         if msg.truncate and not _fits(backend, msg, len(tokens)):
             tokens = _truncated(backend, msg, messages, len(tokens), deadline)
     elif msg.prompt is not None:
-        tokens = _tokenize(backend, msg.prompt)
+        tokens = tokenize_prompt(backend, msg.prompt)
     else:
         raise BadRequest("a request needs a prompt or messages")
     if not tokens:
@@ -121,14 +121,14 @@ def _truncated(
         return [m for i, m in enumerate(messages) if i not in gone]
 
     def fits(k: int) -> bool:
-        rendered[k] = _tokenize(backend, backend.render_chat(without(k), _tools(msg)))
+        rendered[k] = tokenize_prompt(backend, backend.render_chat(without(k), _tools(msg)))
         return len(rendered[k]) <= limit
 
     cut = settle_cut(estimated_cut(full, costs, limit), len(drop), fits, deadline=deadline)
     return (
         rendered[cut]
         if cut in rendered
-        else _tokenize(backend, backend.render_chat(without(cut), _tools(msg)))
+        else tokenize_prompt(backend, backend.render_chat(without(cut), _tools(msg)))
     )
 
 
@@ -137,7 +137,8 @@ def _tools(msg: ipc.Generate) -> list[ToolFunction] | None:
     return msg.tools if msg.tool_choice != "none" else None
 
 
-def _tokenize(backend: TextGenerator, text: str) -> list[int]:
+def tokenize_prompt(backend: TextGenerator, text: str) -> list[int]:
+    """``text``'s tokens, with a BOS unless the text (a rendered template) begins with one."""
     add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
     return backend.tokenize(text, add_bos=add_bos)
 

@@ -35,11 +35,12 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-from engine.backends.base import TextGenerator
+from engine.backends.base import Backend, TextGenerator
 from engine.backends.llamaslots import common_prefix
 from engine.interrupt import Interrupt
+from engine.prompts import tokenize_prompt
 from engine.requests import ChatMessage, FinishReason
 from engine.workerseq import WorkerSeq
 
@@ -91,10 +92,9 @@ def turn_tokens(backend: TextGenerator) -> list[int]:
     end += len(_ANSWER)
     if start <= end:
         return []
-    add_bos = not (backend.bos_text and text.startswith(backend.bos_text))
-    head = backend.tokenize(text[:end], add_bos=add_bos)
-    upto = backend.tokenize(text[:start], add_bos=add_bos)
-    whole = backend.tokenize(text, add_bos=add_bos)
+    head = tokenize_prompt(backend, text[:end])
+    upto = tokenize_prompt(backend, text[:start])
+    whole = tokenize_prompt(backend, text)
     if whole[: len(head)] != head:
         return []  # the answer's last token merges with what follows: no clean cut
     # Only what the whole prompt spells the same way: a marker ending in a space
@@ -212,12 +212,16 @@ class ReadAhead:
             return
         self._waiting_since = None  # new work: the wait for a quiet machine starts again
 
-    def wanted(self) -> bool:
-        """False once reading ahead failed or waited too long for a quiet machine."""
-        if self._broken:
-            return False
+    def reader(self, backends: Iterable[Backend]) -> TextGenerator | None:
+        """The first of ``backends`` with a next turn to read ahead; None once reading
+        ahead failed or waited too long for a quiet machine."""
         since = self._waiting_since
-        return since is None or time.monotonic() - since < GIVE_UP_S
+        if self._broken or (since is not None and time.monotonic() - since >= GIVE_UP_S):
+            return None
+        for backend in backends:
+            if isinstance(backend, TextGenerator) and backend.reads_ahead():
+                return backend
+        return None
 
     def wait(self) -> float:
         """Seconds the worker may sleep before :meth:`may_read` is worth asking again."""

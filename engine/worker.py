@@ -169,12 +169,7 @@ class Worker:
         """A model with a chat's next turn to read ahead, when nothing else is to be done."""
         if self._ahead is None or self._running or self._jobs or any(self._queued.values()):
             return None
-        if not self._ahead.wanted():
-            return None
-        for backend, _ in self._models.values():
-            if isinstance(backend, TextGenerator) and backend.reads_ahead():
-                return backend
-        return None
+        return self._ahead.reader(backend for backend, _ in self._models.values())
 
     def _timeout(self) -> float | None:
         if self._jobs or any(not s.outbox and not s.suspended for s in self._running.values()):

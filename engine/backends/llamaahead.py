@@ -34,38 +34,33 @@ def ahead_slots(slots: list[Slot]) -> list[Slot]:
 
 def read_ahead(ctx: object, mem: object, batch: Any, n_batch: int, slots: list[Slot]) -> int:
     """Read the first of :func:`ahead_slots` into its cache; how many tokens it read."""
-    b = batch
-    n = 0
-    taken: list[Slot] = []
-    for slot in ahead_slots(slots)[:1]:
-        if len(slot.ahead) > n_batch:
-            slot.ahead = []
-            continue
-        for i, token in enumerate(slot.ahead):
-            b.token[n] = token
-            b.pos[n] = slot.ahead_at + i
-            b.n_seq_id[n] = 1
-            b.seq_id[n][0] = slot.index
-            b.logits[n] = 0
-            n += 1
-        taken.append(slot)
-    if not taken:
+    waiting = ahead_slots(slots)
+    if not waiting:
         return 0
-    b.n_tokens = n
+    slot = waiting[0]
+    if len(slot.ahead) > n_batch:
+        slot.ahead = []
+        return 0
+    for i, token in enumerate(slot.ahead):
+        batch.token[i] = token
+        batch.pos[i] = slot.ahead_at + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = slot.index
+        batch.logits[i] = 0
+    batch.n_tokens = n = len(slot.ahead)
     rc = llama_cpp.llama_decode(ctx, batch)
-    for slot in taken:
-        if rc == 0:
-            slot.history.extend(slot.ahead)
-            slot.ahead = []
-            continue
-        if not llama_cpp.llama_memory_seq_rm(mem, slot.index, len(slot.history), -1):
-            # A cache that cannot lose its last positions (a recurrent model's
-            # state): it no longer matches its history, so it goes.
-            llama_cpp.llama_memory_seq_rm(mem, slot.index, -1, -1)
-            slot.history = []
-            slot.ahead = []
-            continue
-        slot.ahead_tries += 1
-        if rc != _STOPPED or slot.ahead_tries >= MAX_TRIES:
-            slot.ahead = []  # no room in the cache, a failure, or stopped too often
-    return n if rc == 0 else 0
+    if rc == 0:
+        slot.history.extend(slot.ahead)
+        slot.ahead = []
+        return n
+    if not llama_cpp.llama_memory_seq_rm(mem, slot.index, len(slot.history), -1):
+        # A cache that cannot lose its last positions (a recurrent model's state):
+        # it no longer matches its history, so it goes.
+        llama_cpp.llama_memory_seq_rm(mem, slot.index, -1, -1)
+        slot.history = []
+        slot.ahead = []
+        return 0
+    slot.ahead_tries += 1
+    if rc != _STOPPED or slot.ahead_tries >= MAX_TRIES:
+        slot.ahead = []  # no room in the cache, a failure, or stopped too often
+    return 0
