@@ -4,7 +4,8 @@ Started by the pool as ``python -m engine.worker --fd N`` where N is its end of
 a Unix socket pair. Everything runs on the main thread, in this cycle::
 
     read control frames   (block when idle; never block while a sequence can run)
-    admit                 (start queued sequences while the backend has slots)
+    admit                 (start queued sequences while the backend has room,
+                           pausing one for another: engine.workeradmit)
     step                  (one token for every runnable sequence)
     emit                  (text deltas into each generation's ring)
     retire                (finished, cancelled, stalled, failed)
@@ -24,6 +25,7 @@ chunk of a long prompt.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import select
@@ -33,31 +35,27 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
 
 from engine import ipc
 from engine.backends import (
     Backend,
-    LoadParams,
     TextGenerator,
     available_backends,
-    find_entry,
     generator_of,
 )
 from engine.interrupt import Interrupt
 from engine.jobs import JobQueue
 from engine.netring import NET_PREFIX, NetRingWriter, is_net_ring
-from engine.preemption import Runner, victim
 from engine.prompts import prompt_tokens, with_tool_grammar
 from engine.readahead import READ_AHEAD_MODES, ReadAhead
 from engine.requests import FinishReason
 from engine.rings import Ring, RingFull
+from engine.workeradmit import admissible, admit, resume_suspended
+from engine.workerload import load_backend, load_failure
 from engine.workerseq import WorkerSeq
 from protocol.errors import (
-    BadRequest,
     ErrorCode,
     FerrousError,
-    ModelLoadError,
     ModelNotFound,
 )
 
@@ -101,7 +99,7 @@ class Worker:
             self._send, self._sock.sendall
         )  # requests of every kind but text generation
         self._stopping = False
-        self._order = 0  # sequences started so far
+        self._order = itertools.count(1)  # numbers sequences as they start
         self._tokens_generated = 0
         self._handlers: dict[type, Callable[..., None]] = {
             ipc.LoadModel: self._on_load,
@@ -190,55 +188,9 @@ class Worker:
 
     def _on_load(self, msg: ipc.LoadModel) -> None:
         try:
-            entry = find_entry(msg.path, msg.backend or None)
-            cls = entry.backend_class()
-            t0 = time.perf_counter()
-            backend = cls.load(
-                msg.path,
-                LoadParams(
-                    msg.n_ctx,
-                    msg.n_threads,
-                    msg.n_batch,
-                    msg.n_seq,
-                    msg.chat_template,
-                    entry.decode_options(msg.options),
-                    msg.prefill_chunk,
-                    msg.kv_unified,
-                ),
-            )
-            load_ms = (time.perf_counter() - t0) * 1000
-        except ModelLoadError as exc:
-            self._send(
-                ipc.WorkerError(
-                    req=msg.req,
-                    code=exc.code.value,
-                    message=exc.message,
-                    retryable=False,
-                    path=exc.path,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                )
-            )
-            return
-        except FerrousError as exc:
-            self._send(
-                ipc.WorkerError(
-                    req=msg.req, code=exc.code.value, message=exc.message, retryable=exc.retryable
-                )
-            )
-            return
+            backend, load_ms = load_backend(msg)
         except Exception as exc:
-            self._send(
-                ipc.WorkerError(
-                    req=msg.req,
-                    code=ErrorCode.ENGINE_ERROR.value,
-                    message=str(exc),
-                    retryable=False,
-                    path=msg.path,
-                    reason="backend",
-                    detail=f"{type(exc).__name__}: {exc}",
-                )
-            )
+            self._send(load_failure(msg, exc))
             return
         if msg.model in self._models:
             self._drop_model(msg.model)
@@ -346,101 +298,11 @@ class Worker:
     # -- the decode loop ------------------------------------------------------------
 
     def _admissible(self) -> bool:
-        """True when a queued sequence can start, or a suspended one resume."""
-        for model, (backend, _) in self._models.items():
-            if not isinstance(backend, TextGenerator):
-                continue  # it only embeds: no sequence is ever queued for it
-            queue = self._queued.get(model)
-            active = [s for s in self._running.values() if s.model == model and not s.suspended]
-            waiting = len(active) < len(
-                [s for s in self._running.values() if s.model == model]
-            ) or bool(queue)
-            if not waiting:
-                continue
-            if len(active) < backend.max_sequences and backend.has_room(
-                len(queue[0].prompt) if queue else 0
-            ):
-                return True
-            if queue and backend.can_suspend and self._victim(active, queue[0]) is not None:
-                return True
-        return False
-
-    @staticmethod
-    def _victim(active: list[WorkerSeq], arrival: WorkerSeq) -> WorkerSeq | None:
-        """The running sequence ``arrival`` may pause (engine.preemption), if any."""
-        chosen = victim(
-            [Runner(s.gen, s.msg.tenant, s.msg.priority, s.order) for s in active],
-            Runner(arrival.gen, arrival.msg.tenant, arrival.msg.priority, 0),
-        )
-        return None if chosen is None else next(s for s in active if s.gen == chosen.key)
+        return admissible(self._models, self._queued, self._running)
 
     def _admit(self) -> None:
-        for model, queue in self._queued.items():
-            if not queue:
-                continue
-            backend = queue[0].backend
-            active = [s for s in self._running.values() if s.model == model and not s.suspended]
-            while queue:
-                urgent = False
-                if len(active) >= backend.max_sequences or not backend.has_room(
-                    len(queue[0].prompt)
-                ):
-                    # No room: the newcomer may pause a running sequence (a lower
-                    # class, or a tenant over its share), else it waits.
-                    paused = self._victim(active, queue[0]) if backend.can_suspend else None
-                    if paused is None:
-                        break
-                    backend.suspend(paused.gen)
-                    paused.suspended = True
-                    active.remove(paused)
-                    urgent = True
-                seq = queue.popleft()
-                seq.t_start = time.perf_counter()
-                seq.n_prompt = len(seq.prompt)
-                try:
-                    if seq.msg.adapters:
-                        if not backend.supports_adapters:
-                            raise BadRequest(f"the {backend.name} backend does not take adapters")
-                        # Only backends that say so take the argument (supports_adapters).
-                        cast(Any, backend).start(
-                            seq.gen,
-                            seq.prompt,
-                            seq.msg.sampling,
-                            seq.msg.priority,
-                            urgent,
-                            adapters=seq.msg.adapters,
-                        )
-                    else:
-                        backend.start(
-                            seq.gen, seq.prompt, seq.msg.sampling, seq.msg.priority, urgent
-                        )
-                except Exception as exc:
-                    self._fail(seq, exc)
-                    continue
-                seq.started = True
-                self._order += 1
-                seq.order = self._order
-                self._running[seq.gen] = seq
-                active.append(seq)
-        self._resume()
-
-    def _resume(self) -> None:
-        """Suspended sequences continue, oldest first, as slots free up."""
-        for seq in sorted(
-            (s for s in self._running.values() if s.suspended), key=lambda s: s.order
-        ):
-            backend = seq.backend
-            busy = sum(
-                1 for s in self._running.values() if s.model == seq.model and not s.suspended
-            )
-            if busy >= backend.max_sequences or not backend.has_room(0):
-                continue
-            try:
-                backend.resume(seq.gen)
-            except Exception as exc:
-                self._fail(seq, exc)
-                continue
-            seq.suspended = False
+        admit(self._queued, self._running, self._order, self._fail)
+        resume_suspended(self._running, self._fail)
 
     def _step(self) -> None:
         """One decode step per model: every runnable sequence advances together."""

@@ -299,7 +299,9 @@ async def test_through_nginx_the_sdk_resumes_on_the_other_node_when_its_node_die
                 "slow", "hi", options={"temperature": 0, "max_tokens": 5}
             ).collect()
             assert first
-            gen = c.chat("slow", "hello there", options={"temperature": 0, "max_tokens": 48})
+            # Long enough that the node is killed mid-answer however slowly this
+            # client reads (a loaded machine): its steps take a few milliseconds.
+            gen = c.chat("slow", "hello there", options={"temperature": 0, "max_tokens": 600})
             parts: list[str] = []
             before = ""
             alive = None

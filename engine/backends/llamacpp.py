@@ -9,11 +9,9 @@ sequence, then prompt chunks, shortest remaining prompt first, at most
 runs it: several streams cost less than running them apart, and a long prompt
 never stalls running streams for more than one chunk.
 
-Sampling: greedy requests (temperature 0) take an argmax over the logits with
-numpy, after dividing the logits of recent tokens by the repeat penalty as
-llama.cpp's penalty sampler does (a chain per sequence cost ~0.3 ms a token,
-6 % of a 16-stream step); the rest, and structured output (grammars), use
-llama.cpp's samplers (:mod:`engine.backends.llamasampling`).
+Each sequence's token is then chosen from its logits (:mod:`engine.backends.llamapick`:
+a numpy argmax for greedy requests, llama.cpp's samplers for the rest and for
+grammars).
 
 Embeddings use a second context on the same weights, created on first use
 (:mod:`engine.backends.llamaembed`).
@@ -33,7 +31,6 @@ from collections.abc import Sequence
 
 import llama_cpp
 import llama_cpp.llama_grammar
-import numpy as np
 
 from engine.backends.base import Embedder, EmbedJob, LoadParams, TextGenerator
 from engine.backends.gguf_entry import check_model_file, vision_pair
@@ -41,6 +38,7 @@ from engine.backends.llamaahead import ahead_slots, read_ahead
 from engine.backends.llamacache import SlotCaches
 from engine.backends.llamaembed import EMBED_MAX_CTX, EmbeddingContext, embedding_inputs
 from engine.backends.llamalora import LoraSets, lora_key, step_group
+from engine.backends.llamapick import pick
 from engine.backends.llamasampling import (
     PENALTY_LAST_N,
     Samplers,
@@ -50,7 +48,6 @@ from engine.backends.llamasampling import (
 from engine.backends.llamaseq import SeqState
 from engine.backends.llamavision import VisionInput
 from engine.interrupt import strlen_callback_address
-from engine.logprobs import token_logprobs
 from engine.requests import Adapter, SamplingParams
 from engine.stepplan import Want, plan_step
 from protocol.errors import BadRequest, ModelLoadError, Overloaded
@@ -375,57 +372,14 @@ class LlamaCppBackend(TextGenerator, Embedder):
                 continue
             st.decoding = True
             st.urgent = False
-            if st.guide is not None and not st.guide.mask(
-                np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
-                )
-            ):
+            try:
+                token, lps = pick(self._ctx, idx, st, self._samplers, self._n_vocab)
+            except BadRequest as exc:
                 st.pending = []
-                self._failed[seq] = BadRequest(
-                    f"the output cannot continue its grammar: {st.guide.error() or 'no token fits'}"
-                )
+                self._failed[seq] = exc
                 continue
-            if st.sampler is None:
-                ptr = llama_cpp.llama_get_logits_ith(self._ctx, idx)
-                logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
-                if st.ban_eog:
-                    logits[self._samplers.end_tokens()] = -np.inf
-                if st.penalty != 1.0:
-                    seen = np.fromiter(set(st.recent), dtype=np.intp)
-                    vals = logits[seen]
-                    logits[seen] = np.where(vals <= 0, vals * st.penalty, vals / st.penalty)
-                    token = int(logits.argmax())
-                    st.recent.append(token)
-                else:
-                    token = int(logits.argmax())
-            elif st.constrained:
-                logits = np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
-                )
-                sampled = (
-                    self._samplers.greedy_grammar(st.sampler, logits)
-                    if st.greedy_grammar
-                    else self._samplers.sample_checked(st.sampler, logits)
-                )
-                if sampled is None:
-                    st.pending = []
-                    self._failed[seq] = BadRequest(
-                        "the grammar allows no token of this model's vocabulary here "
-                        "(does it require a character the vocabulary cannot spell, such as NUL?)"
-                    )
-                    continue
-                token = sampled
-            else:
-                token = int(llama_cpp.llama_sampler_sample(st.sampler, self._ctx, idx))
-            if st.logprobs is not None:
-                logits = np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(self._ctx, idx), shape=(self._n_vocab,)
-                )
-                self._lps[seq] = token_logprobs(logits, token, st.logprobs)
-            if st.guide is not None and not st.guide.accept(token):
-                st.pending = []
-                self._failed[seq] = BadRequest(f"the grammar refused a token: {st.guide.error()}")
-                continue
+            if lps is not None:
+                self._lps[seq] = lps
             st.pending = [token]
             out[seq] = token
         return out
