@@ -95,6 +95,7 @@ class Admission(Generic[W]):
         # Per model: when a waiting request last started, and the running mean gap.
         self._last_start: dict[str, float] = {}
         self._start_gap: dict[str, float] = {}
+        self._spell: dict[str, float] = {}  # when the model's queue last stopped being empty
 
     def waiting(self, request_id: str) -> bool:
         return request_id in self._waiting
@@ -157,6 +158,8 @@ class Admission(Generic[W]):
                 queue.charge(runner.tenant, queue.estimate)
                 self._take(w, model, runner, queue.estimate)
                 return w, order
+        if not len(queue):
+            self._spell[model] = time.monotonic()  # a spell of waiting begins
         granted: asyncio.Future[W] = asyncio.get_running_loop().create_future()
         entry = queue.push(
             runner.tenant, request.priority, _Ticket(granted, runner, prefer), request.weight
@@ -233,7 +236,7 @@ class Admission(Generic[W]):
         runner = w.runners.get(model, {}).pop(key, None)
         charged = self._charged.pop(key, None)
         queue = self._queues.get(model)
-        if tokens is not None and runner is not None and charged is not None and queue:
+        if tokens is not None and runner is not None and charged is not None and queue is not None:
             queue.charge(runner.tenant, tokens - charged)
             queue.estimate += _COST_WEIGHT * (max(1, tokens) - queue.estimate)
         self.grant(model)
@@ -288,13 +291,16 @@ class Admission(Generic[W]):
         self._charged[runner.key] = charged
 
     def _started(self, model: str) -> None:
+        """A waiting request started: learn the gap since the last start, or since this
+        spell of waiting began if that is later, so time nobody waited (a quiet
+        hour) is never taken for a gap between starts."""
         now = time.monotonic()
-        last = self._last_start.get(model)
+        since = max(self._last_start.get(model, -1.0), self._spell.get(model, -1.0))
         self._last_start[model] = now
-        if last is not None:
+        if since >= 0:
             gap = self._start_gap.get(model)
             self._start_gap[model] = (
-                now - last if gap is None else gap + _GAP_WEIGHT * (now - last - gap)
+                now - since if gap is None else gap + _GAP_WEIGHT * (now - since - gap)
             )
 
     def _estimate(self, model: str, place: int) -> float | None:

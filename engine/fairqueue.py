@@ -21,8 +21,15 @@ count: being idle earns no credit, and a long-idle tenant cannot take every
 turn for a while either.
 
 The queue is bounded: a request beyond ``limit`` waiting ones is refused with
-``overloaded`` (retryable), never held in memory without bound. Pure: no
-asyncio, no I/O; the engine client holds a future per entry.
+``overloaded`` (retryable), never held in memory without bound. So are the
+service records: a tenant is forgotten once its count falls back to the clock,
+and beyond ``max(MIN_TENANTS, 4 * limit)`` records those of tenants not
+waiting are forgotten, the least served first (they lose at most their lead
+over the clock, which is what an idle tenant gets anyway).
+
+Every waiting request's place is found in one replay of the order, kept until
+the queue changes: callers polling their place cost O(1) each, not a replay.
+Pure: no asyncio, no I/O; the engine client holds a future per entry.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from protocol.errors import Overloaded
 __all__ = ["FairQueue", "Waiting"]
 
 T = TypeVar("T")
+
+MIN_TENANTS = 1024  # service records kept however small the queue
 
 
 class Waiting(Generic[T]):
@@ -58,14 +67,24 @@ class FairQueue(Generic[T]):
         # priority -> tenant -> that tenant's requests; tenant order is the turn order.
         self._classes: dict[int, OrderedDict[str, deque[Waiting[T]]]] = {}
         self._size = 0
-        self.estimate = 256.0
-        """Tokens a generation is charged when it leaves the queue, before its real count."""
+        self._estimate = 256.0
         self._served: dict[str, float] = {}  # tenant -> tokens served / weight
         self._weights: dict[str, float] = {}
         self._clock = 0.0  # the service of the tenant served last
+        self._places: dict[int, int] | None = None  # id(entry) -> requests ahead, while valid
 
     def __len__(self) -> int:
         return self._size
+
+    @property
+    def estimate(self) -> float:
+        """Tokens a generation is charged when it leaves the queue, before its real count."""
+        return self._estimate
+
+    @estimate.setter
+    def estimate(self, tokens: float) -> None:
+        self._estimate = tokens
+        self._places = None
 
     def push(self, tenant: str, priority: int, handle: T, weight: float = 1.0) -> Waiting[T]:
         """Queue a request; Overloaded when ``limit`` requests already wait.
@@ -79,6 +98,7 @@ class FairQueue(Generic[T]):
         if not weight > 0:
             raise ValueError("weight must be positive")
         entry = Waiting(tenant, priority, handle)
+        self._places = None
         self._weights[tenant] = weight
         if not self._waits(tenant):
             self._served[tenant] = max(self._served.get(tenant, 0.0), self._clock)
@@ -92,6 +112,7 @@ class FairQueue(Generic[T]):
 
     def charge(self, tenant: str, tokens: float) -> None:
         """Count ``tokens`` (may be negative: a correction) as served to ``tenant``."""
+        self._places = None
         served = self._served.get(tenant, self._clock) + tokens / self._weights.get(tenant, 1.0)
         if served <= self._clock and not self._waits(tenant):
             # It would restart at the clock anyway: forget it (bounded memory).
@@ -99,6 +120,17 @@ class FairQueue(Generic[T]):
             self._weights.pop(tenant, None)
         else:
             self._served[tenant] = served
+            if len(self._served) > max(MIN_TENANTS, 4 * self.limit):
+                self._forget_some()
+
+    def _forget_some(self) -> None:
+        """Drop the records of the least served quarter of tenants not waiting."""
+        idle = sorted(
+            (t for t in self._served if not self._waits(t)), key=lambda t: self._served[t]
+        )
+        for tenant in idle[: max(1, len(self._served) // 4)]:
+            del self._served[tenant]
+            self._weights.pop(tenant, None)
 
     def _next_tenant(self, tenants: OrderedDict[str, deque[Waiting[T]]]) -> str:
         # The least served; among equals, the one whose turn came longest ago.
@@ -108,6 +140,7 @@ class FairQueue(Generic[T]):
         """The request that starts next, removed from the queue; None when none waits."""
         if not self._size:
             return None
+        self._places = None
         priority = max(self._classes)
         tenants = self._classes[priority]
         tenant = self._next_tenant(tenants)
@@ -141,6 +174,7 @@ class FairQueue(Generic[T]):
         queue = tenants.get(entry.tenant) if tenants is not None else None
         if queue is None or entry not in queue:
             return False
+        self._places = None
         queue.remove(entry)
         if not queue:
             assert tenants is not None
@@ -157,7 +191,7 @@ class FairQueue(Generic[T]):
             for p, tenants in self._classes.items()
         }
         copy._size = self._size
-        copy.estimate = self.estimate
+        copy._estimate = self._estimate
         copy._served = dict(self._served)
         copy._weights = dict(self._weights)
         copy._clock = self._clock
@@ -174,12 +208,12 @@ class FairQueue(Generic[T]):
     def position(self, entry: Waiting[T]) -> int:
         """How many requests start before ``entry`` if nothing else arrives (0: next).
 
-        Found by replaying :meth:`pop` on a copy: exact, and O(n) in a bounded queue.
+        Every place comes from one replay of :meth:`pop` on a copy (exact, O(n)
+        in a bounded queue), kept until the queue changes.
         """
-        copy = self._copy()
-        ahead = 0
-        while (nxt := copy.pop()) is not None:
-            if nxt is entry:
-                return ahead
-            ahead += 1
-        raise ValueError("the entry is not queued")
+        if self._places is None:
+            self._places = {id(e): i for i, e in enumerate(self.ordered())}
+        place = self._places.get(id(entry))
+        if place is None:
+            raise ValueError("the entry is not queued")
+        return place

@@ -14,10 +14,11 @@ Which tokens go in decides both latencies a chat front-end feels:
   gets its first answers after one prompt's worth of work, not all eight's,
   and the median wait is about half of reading them all together. A prompt
   of a higher class than every decoding sequence gets a step of its own
-  (its class only): the others wait one step, and it answers after its own
-  prompt rather than after sixteen other streams' tokens as well. So does a
-  prompt that paused another sequence to start (``urgent``: its tenant was
-  below its fair share).
+  (its class only) once the rest of it fits in a chunk: the others wait one
+  step no longer than a chunk, and it answers after its own prompt rather
+  than after sixteen other streams' tokens as well. So does a prompt that
+  paused another sequence to start (``urgent``: its tenant was below its
+  fair share). A longer one goes first in each step's chunk until then.
 
 Shortest-first alone could starve a long prompt behind a stream of short
 ones, so a prompt passed over ``patience`` times in a row goes first.
@@ -65,23 +66,27 @@ def plan_step(
     decoding = [w for w in wants if w.decoding and w.pending > 0]
     readers = [w for w in wants if not w.decoding and w.pending > 0]
     top = max((w.priority for w in readers), default=None)
+    ahead: list[Want] = []
     if top is not None and decoding and top > max(w.priority for w in decoding):
-        # A prompt of a higher class than everything running: the step is its
-        # class's alone (the rest wait one step), so its first token comes after
-        # its own prompt, not after a batch of other streams' tokens too.
-        decoding = []
-        readers = [w for w in readers if w.priority == top]
+        # A prompt of a higher class than everything running: its first token
+        # should come after its own prompt, not after other streams' tokens too.
+        ahead = [w for w in readers if w.priority == top]
     elif decoding and any(w.urgent for w in readers):
         # Likewise for prompts that paused someone to start (a tenant below its
         # fair share): they were owed a slot, so they are owed a quick answer.
-        decoding = []
-        readers = [w for w in readers if w.urgent]
+        ahead = [w for w in readers if w.urgent]
+    if ahead and sum(w.pending for w in ahead) <= min(chunk, batch):
+        # The step is theirs alone when it finishes them within one chunk: the
+        # running streams wait one step no longer than a chunk. A longer prompt
+        # is read a chunk per step beside them (it sorts first) until its rest
+        # fits.
+        decoding, readers = [], ahead
     for w in sorted(decoding, key=lambda w: -w.priority)[:batch]:
         plan.append((w.seq, 1))
     room = batch - len(plan)
     if plan:
         room = min(room, chunk)
-    readers.sort(key=lambda w: (w.passed < patience, -w.priority, w.pending, w.seq))
+    readers.sort(key=lambda w: (w.passed < patience, -w.priority, not w.urgent, w.pending, w.seq))
     for w in readers:
         if room <= 0:
             break

@@ -219,9 +219,9 @@ class GenerationStreams:
                     await self.send(m.Queued(msg.id, position, wait_s))
 
                 async for ev in run(g, prepared, on_wait=on_wait, on_start=on_start):
-                    await on_start()
                     cancelled = msg.id in self._user_cancelled
                     if isinstance(ev, TokenDelta):
+                        await on_start()  # once: normally already sent at admission
                         if cancelled:
                             # Text the worker made before the cancel reached it: the
                             # client asked for no more, so none is sent.

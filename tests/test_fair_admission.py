@@ -16,10 +16,20 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine import EngineClient, EngineConfig, GenerateRequest, SamplingParams, TokenDelta
+from engine import (
+    EngineClient,
+    EngineConfig,
+    GenerateRequest,
+    SamplingParams,
+    TokenDelta,
+    admission,
+    fairqueue,
+)
+from engine.admission import Admission
 from engine.fairqueue import FairQueue
 from engine.onnx.decoder import TinyDecoderSpec
 from engine.onnx.tinydecoder import write_tiny_decoder
+from engine.preemption import Runner
 from protocol.errors import Overloaded
 
 # -- the queue -------------------------------------------------------------------------
@@ -89,6 +99,89 @@ def test_the_queue_is_bounded_and_entries_can_leave() -> None:
     assert len(q) == 1
     q.push("C", 0, "c")
     assert _drain(q) == ["b", "c"]
+
+
+def test_places_follow_every_change_of_the_queue() -> None:
+    """Places come from one replay kept until the queue changes: each change (an
+    arrival, a start, a leaver, a correction, a new estimate) gives fresh places."""
+    q: FairQueue[str] = FairQueue(100)
+    q.estimate = 100
+    a0, a1, b0 = q.push("A", 0, "a0"), q.push("A", 0, "a1"), q.push("B", 0, "b0")
+    assert [q.position(e) for e in (a0, b0, a1)] == [0, 1, 2]
+    c0 = q.push("C", 0, "c0")
+    assert [q.position(e) for e in (a0, b0, c0, a1)] == [0, 1, 2, 3]
+    q.charge("B", 1000)  # B's last generation turned out long
+    assert [q.position(e) for e in (a0, c0, a1, b0)] == [0, 1, 2, 3]
+    assert q.remove(c0)
+    with pytest.raises(ValueError):
+        q.position(c0)
+    assert q.pop() is a0
+    assert [q.position(e) for e in (a1, b0)] == [0, 1]
+    q.estimate = 5000  # every start now charges more: A's next turn comes later
+    q.push("A", 0, "a2")
+    assert q.position(b0) == 1
+
+
+def test_service_records_stay_bounded_with_ever_new_tenants() -> None:
+    """Tenants served without waiting (a free slot) leave a record only while it
+    matters; ever new tenants never grow the records past the bound."""
+    q: FairQueue[str] = FairQueue(8)
+    for i in range(5000):
+        q.charge(f"u{i}", q.estimate)  # started at once
+        q.charge(f"u{i}", 50 - q.estimate)  # ended after 50 tokens
+    assert len(q._served) <= max(fairqueue.MIN_TENANTS, 4 * q.limit)
+    waiting = q.push("w", 0, "w0")
+    q.charge("w", 10**6)
+    for i in range(5000):
+        q.charge(f"v{i}", q.estimate)
+    assert "w" in q._served  # a waiting tenant's record is never dropped
+    assert q.position(waiting) == 0
+
+
+async def test_the_wait_estimate_counts_no_quiet_time_and_corrections_always_land() -> None:
+    """Starts a second apart give a 1 s estimate, a quiet hour in between does not
+    count; a generation's real token count corrects its tenant's charge and the
+    model's estimate even when nobody was waiting as it ended."""
+    now = [1000.0]
+
+    class Seat:
+        def __init__(self) -> None:
+            self.index = 0
+            self.alive = True
+            self.models = {"m": 1.0}
+            self.load: dict[str, int] = {}
+            self.runners: dict[str, dict[int, Runner]] = {}
+
+    seat = Seat()
+    adm: Admission[Seat] = Admission(lambda: [seat], lambda model: 1, 8)
+    clock = admission.time.monotonic
+    admission.time.monotonic = lambda: now[0]  # type: ignore[assignment]
+    try:
+
+        async def admit(i: int) -> int:
+            return (await adm.admit(_req(f"r{i}", "A", 8)))[1]
+
+        key = await admit(0)
+        for i in (1, 2):
+            waiter = asyncio.create_task(admit(i))
+            await asyncio.sleep(0)
+            now[0] += 1
+            adm.leave(seat, "m", key)
+            key = await waiter
+        assert adm._estimate("m", 0) == 1.0
+        adm.leave(seat, "m", key, tokens=5000)  # nobody waits: the correction still lands
+        queue = adm._queues["m"]
+        assert queue.estimate > 256 and queue._served.get("A", 0) >= 5000
+        now[0] += 3600
+        key = await admit(3)
+        waiter = asyncio.create_task(admit(4))
+        await asyncio.sleep(0)
+        now[0] += 1
+        adm.leave(seat, "m", key)
+        key = await waiter
+        assert adm._estimate("m", 0) == 1.0  # not an hour
+    finally:
+        admission.time.monotonic = clock  # type: ignore[assignment]
 
 
 # -- the engine --------------------------------------------------------------------------

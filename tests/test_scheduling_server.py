@@ -124,6 +124,34 @@ async def test_queued_positions_count_down_to_started(tmp_path: Path, slow_model
         assert places == sorted(places, reverse=True) and len(set(places)) == len(places)
 
 
+async def test_a_generation_cancelled_while_queued_ends_without_started(
+    tmp_path: Path, slow_model: Path
+) -> None:
+    config = server_config(tmp_path, {"slow": slow_model}, seqs_per_worker=1)
+    async with gateway(config) as srv:
+        auth = srv.gateway.auth
+        async with (
+            client(srv, auth.issue_token(sub="a", ttl=600)) as a,
+            client(srv, auth.issue_token(sub="b", ttl=600)) as b,
+        ):
+            await a.send(m.Generate("long", "slow", "hi", options=m.Options(max_tokens=100000)))
+            while not isinstance(await a.recv(), m.Delta):
+                pass
+            await b.send(m.Generate("q", "slow", "hi", options=m.Options(max_tokens=2)))
+            seen = [await b.recv()]
+            while not isinstance(seen[-1], m.Queued):
+                seen.append(await b.recv())
+            await b.send(m.Cancel("q"))
+            while not isinstance(seen[-1], m.Done):
+                seen.append(await b.recv())
+            await a.send(m.Cancel("long"))
+    kinds = [type(x).__name__ for x in seen]
+    assert set(kinds[:-1]) == {"Queued"}, kinds
+    done = seen[-1]
+    assert isinstance(done, m.Done) and done.finish_reason == "cancelled"
+    assert done.usage.completion_tokens == 0
+
+
 async def test_tenant_quotas_refuse_typed_with_retry_after(
     tmp_path: Path, okay_model: Path
 ) -> None:

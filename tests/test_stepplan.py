@@ -97,15 +97,13 @@ def test_every_plan_respects_the_budgets(wants: list[Want], batch: int, chunk: i
     waiting_decodes = [w for w in wants if w.decoding and w.pending]
     readers = [w for w in wants if not w.decoding and w.pending]
     top = max((w.priority for w in readers), default=None)
-    if top is not None and waiting_decodes and top > max(w.priority for w in waiting_decodes):
-        # An urgent prompt's step: only its class reads, nothing decodes.
-        assert not decodes
-        assert {by_seq[seq].priority for seq, _ in plan} <= {top}
-        return
-    if waiting_decodes and any(w.urgent for w in readers):
-        # A prompt that paused someone to start: its step is for such prompts only.
-        assert not decodes
-        assert all(by_seq[seq].urgent for seq, _ in plan) and plan
+    if waiting_decodes and not decodes:
+        # A step of its own: for prompts above every running class (else those that
+        # paused someone to start), only when it finishes them within one chunk.
+        ahead = [w for w in readers if top > max(w.priority for w in waiting_decodes)]
+        ahead = [w for w in ahead if w.priority == top] or [w for w in readers if w.urgent]
+        assert ahead and sum(w.pending for w in ahead) <= min(chunk, batch)
+        assert sorted(plan) == sorted((w.seq, w.pending) for w in ahead)
         return
     assert len(decodes) == min(len(waiting_decodes), batch)
     # Work is never left undone while there is budget for it.
@@ -113,6 +111,27 @@ def test_every_plan_respects_the_budgets(wants: list[Want], batch: int, chunk: i
     if decodes:
         room = min(room, chunk)
     assert prompt_tokens == min(room, sum(w.pending for w in readers))
+
+
+def test_a_long_prompt_above_every_running_class_never_stalls_the_streams() -> None:
+    """A 4,000-token prompt of a higher class (or one that paused someone) is read a
+    chunk per step beside the running streams, first in the chunk; only its last
+    chunk gets a step of its own."""
+    kinds: list[dict[str, object]] = [{"priority": 1}, {"urgent": True}]
+    for kind in kinds:
+        pending, skipped_in_a_row, worst = 4000, 0, 0
+        plan: dict[int, int] = {}
+        while pending > 0:
+            wants = [Want(s, 1, True) for s in range(8)] + [
+                Want(99, pending, False, **kind),  # type: ignore[arg-type]
+                Want(98, 5, False),
+            ]
+            plan = dict(plan_step(wants, batch=512, chunk=64))
+            skipped_in_a_row = 0 if 0 in plan else skipped_in_a_row + 1
+            worst = max(worst, skipped_in_a_row)
+            assert plan[99] == min(pending, 64)
+            pending -= plan[99]
+        assert worst == 1 and 0 not in plan  # the last chunk's step alone
 
 
 def test_a_prompt_above_every_running_class_gets_the_step_alone() -> None:
