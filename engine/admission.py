@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from engine import preemption
 from engine.fairqueue import FairQueue, Waiting
+from engine.interface import WaitCallback
 from engine.preemption import Runner
 from engine.requests import FinishReason, GenerateRequest
 
@@ -41,9 +42,6 @@ QUEUE_REPORT_S = 0.25
 _GAP_WEIGHT = 0.2
 # How much each finished generation's cost counts in its model's estimate (fairqueue).
 _COST_WEIGHT = 0.2
-
-# Awaited with (requests ahead, estimated seconds or None) while a request waits.
-WaitCallback = Callable[[int, float | None], Awaitable[None]]
 
 
 class Seat(Protocol):

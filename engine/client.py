@@ -33,13 +33,14 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from types import TracebackType
 
 import msgspec
 
 from engine import ipc
-from engine.admission import Admission, Stranded, WaitCallback
+from engine.admission import Admission, Stranded
+from engine.interface import EngineHealth, StartCallback, WaitCallback, WorkerHealth
 from engine.jobcalls import JobCalls
 from engine.logprobs import TokenLogprob
 from engine.netring import NetRing
@@ -85,27 +86,6 @@ _LOGPROBS = msgspec.msgpack.Decoder(list[TokenLogprob])  # a record's extra byte
 _REQUEST_ERRORS = frozenset(
     {ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_NOT_FOUND.value, ErrorCode.TOO_LARGE.value}
 )
-# Awaited once a request is admitted (after any WaitCallback calls).
-StartCallback = Callable[[], Awaitable[None]]
-
-
-class WorkerHealth(msgspec.Struct, frozen=True):
-    index: int
-    pid: int
-    alive: bool
-    models: list[str]
-    active: int
-    queued: int
-    rss_bytes: int
-    tokens_generated: int
-    where: str = "local"  # a child process here, or where a host placed it ("ray:<node>")
-    tokens_read_ahead: int = 0  # finished chats' next turn markers read while idle
-
-
-class EngineHealth(msgspec.Struct, frozen=True):
-    ok: bool
-    workers: list[WorkerHealth]
-    restarts: int
 
 
 class EngineClient(JobCalls):

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from engine import ChatMessage, GenerateRequest, GenerationDone, SamplingParams, TokenDelta
-from engine.client import StartCallback, WaitCallback
 from engine.images import for_vision_model
+from engine.interface import StartCallback, WaitCallback
 from engine.logprobs import TokenLogprob
 from engine.prompts import MAX_IMAGES
 from engine.requests import Embeddings, FinishReason, ToolFunction, new_request_id
@@ -295,7 +295,8 @@ async def run(
         asked = time.perf_counter()
 
         async def admitted() -> None:
-            metrics.queue_wait.labels(prepared.request.model).observe(time.perf_counter() - asked)
+            waited = time.perf_counter() - asked
+            metrics.queue_wait.labels(model, tenant).observe(waited)
             if on_start is not None:
                 await on_start()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from engine import EngineClient
+    from engine.interface import Engine
     from gateway.auth import Authenticator, Principal
     from gateway.config import ServerConfig
     from gateway.conversations import Conversations, ResponseStore
@@ -40,7 +40,6 @@ class Gateway(Protocol):
     """What every surface may use of the running gateway."""
 
     config: ServerConfig
-    engine: EngineClient
     auth: Authenticator
     metrics: Metrics
     models: ModelRegistry
@@ -63,6 +62,11 @@ class Gateway(Protocol):
     video_jobs: JobLogs
     #: Tasks consuming a generation for an HTTP request; shutdown cancels them.
     running: set[asyncio.Task[object]]
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, as its small interface (engine.interface); read-only here."""
+        ...
 
     def quota_for(self, principal: Principal) -> tuple[str, Quota]:
         """Whose quota a request of ``principal`` counts against, and its limits."""

@@ -143,8 +143,8 @@ class Metrics:
         self._tenants: set[str] = set()
         self.queue_wait = Histogram(
             "ferrous_queue_wait_seconds",
-            "Time a generation waited for a sequence slot of its model, by model.",
-            ["model"],
+            "Time a generation waited for a sequence slot of its model, by model and tenant.",
+            ["model", "tenant"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )

@@ -29,7 +29,8 @@ from typing import Any
 
 import msgspec
 
-from engine import ChatMessage, EngineClient
+from engine import ChatMessage
+from engine.interface import Engine
 from engine.requests import Adapter
 from engine.store.download import Downloader
 from engine.store.manifest import Manifest, ParamValue
@@ -97,7 +98,7 @@ class ModelRegistry:
     is decided by :class:`gateway.namespaces.ModelView`, not here.
     """
 
-    def __init__(self, config: ServerConfig, engine: EngineClient) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
         self.home = private_home(config)

@@ -20,6 +20,9 @@ What differs from Ollama, on purpose:
   is already loaded keeps its context.
 * Options we do not use (``mirostat``, ``num_gpu``…) are accepted and ignored,
   as Ollama ignores options a backend lacks; options of the wrong type are 400.
+* ``priority`` (generate and chat, -100..100, capped by the credential) is this
+  server's scheduling class; error bodies carry a typed ``code`` (and
+  ``retry_after`` for limits that clear) beside Ollama's ``error``.
 
 Auth is the server's (Bearer JWT or API key); a loopback client (no proxy
 headers, no foreign browser origin) needs none while
@@ -114,6 +117,7 @@ class GenerateBody(msgspec.Struct):
     think: bool | str | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    priority: m.Priority = 0  # this server's scheduling class (capped by the credential)
 
 
 class OllamaFunctionCall(msgspec.Struct):
@@ -169,6 +173,7 @@ class ChatBody(msgspec.Struct):
     think: bool | str | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    priority: m.Priority = 0  # this server's scheduling class (capped by the credential)
 
     def tool_use(self) -> ToolUse | None:
         """Ollama has no tool choice: with tools the model decides (``auto``)."""
@@ -214,7 +219,12 @@ class LegacyEmbedBody(msgspec.Struct):
 
 
 def ollama_error(exc: FerrousError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=http_status(exc))
+    """Ollama's error shape (``error``), with this server's typed ``code`` beside it and
+    ``retry_after`` when a retry can succeed later (Ollama's clients read ``error``)."""
+    body: dict[str, object] = {"error": exc.message, "code": exc.code.value}
+    if exc.retry_after is not None:
+        body["retry_after"] = exc.retry_after
+    return JSONResponse(body, status_code=http_status(exc))
 
 
 def _now() -> str:
@@ -445,6 +455,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 options=options,
                 extra=extra,
                 keep_alive=keep_alive,
+                priority=body.priority,
                 started=t0,
             )
         else:
@@ -459,6 +470,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
                 options=options,
                 extra=extra,
                 keep_alive=keep_alive,
+                priority=body.priority,
                 started=t0,
             )
         return await respond(request, prepared, body.model, body.stream, chat=False)
@@ -491,6 +503,7 @@ def ollama_routes(gateway: Gateway) -> list[Route]:
             options=options,
             extra=extra,
             keep_alive=keep_alive,
+            priority=body.priority,
             started=t0,
             tools=tools,
         )

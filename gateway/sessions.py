@@ -36,6 +36,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from gateway.auth import Principal
 from gateway.drawing import draw
+from gateway.generation import fair_share_key
 from gateway.listening import ListenStream
 from gateway.replay import ReplayLog
 from gateway.sessionresume import CLOSE_TAKEN_OVER, CONNECTION_EXTENSION, ResumableSession
@@ -468,8 +469,17 @@ class Session(GenerationStreams, ResumableSession):
         if msg.id in self.gens:
             raise _with_id(Conflict(f"generation {msg.id!r} is still running"), msg.id)
         if len(self.gens) >= limit:
+            if isinstance(msg, m.Generate | m.Chat):
+                metrics = self.gateway.metrics
+                tenant = metrics.tenant_label(fair_share_key(self.principal))
+                metrics.refusals.labels("rate_limited", tenant, msg.model).inc()
             raise _with_id(
-                RateLimited(f"at most {limit} generations may run at once in a session"), msg.id
+                RateLimited(
+                    f"at most {limit} generations may run at once in a session; "
+                    "retry when one ends",
+                    retry_after=1.0,
+                ),
+                msg.id,
             )
         if self.gateway.draining:
             raise _with_id(Overloaded("the server is shutting down"), msg.id)

@@ -286,9 +286,37 @@ async def test_a_full_queue_is_refused_with_retry_after(tmp_path: Path, slow_mod
             r = await asyncio.to_thread(third)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
             assert r.headers["retry-after"] == "1"
+
+            def compatible(path: str, body: dict[str, object]) -> httpx.Response:
+                token = auth.issue_token(sub="c", ttl=600)
+                return httpx.post(
+                    srv.http_url + path,
+                    json=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=60,
+                )
+
+            chat = {"model": "slow", "messages": [{"role": "user", "content": "hi"}]}
+            for stream in (False, True):  # a stream is refused before its status line
+                r = await asyncio.to_thread(
+                    compatible, "/v1/chat/completions", {**chat, "stream": stream}
+                )
+                assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+                assert r.headers["retry-after"] == "1"
+            r = await asyncio.to_thread(
+                compatible, "/api/chat", {**chat, "stream": False, "priority": -1}
+            )
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["code"] == "overloaded" and "waiting" in r.json()["error"]
             await a.send(m.Cancel("g1"))
             _, done, _ = await b.until_done("g2")  # the queued one starts once the slot frees
             assert done.finish_reason == "length"
+            await a.until_done("g1")  # read: an unread client holds up its own close
+        scraped = srv.gateway.metrics.render().decode()
+    refused = 'ferrous_generation_refusals_total{model="slow",reason="overloaded",tenant=""} 4.0'
+    assert refused in scraped
+    # g1 started at once, g2 after waiting: both counted under the shared tenant label.
+    assert 'ferrous_queue_wait_seconds_count{model="slow",tenant=""} 2.0' in scraped
 
 
 # -- preemption ----------------------------------------------------------------------------

@@ -186,7 +186,13 @@ async def test_a_flood_beyond_the_session_limit_is_rate_limited(
                 dones.append(msg)
         assert len(dones) == 3 and all(d.finish_reason == "length" for d in dones)
         assert [e.code for e in errors] == [ErrorCode.RATE_LIMITED] * 3
-        assert all(e.retryable for e in errors)
+        assert all(e.retryable and e.retry_after == 1.0 for e in errors)
+    # Counted with the other refusals (no tenant: the shared label).
+    scraped = server.gateway.metrics.render().decode()
+    assert (
+        'ferrous_generation_refusals_total{model="slow",reason="rate_limited",tenant=""} 3.0'
+        in (scraped)
+    )
 
 
 @pytest.mark.parametrize(
