@@ -151,13 +151,21 @@ QUESTIONS = [
 ]
 
 
-async def answers(smollm2: Path, config: EngineConfig, sampling: SamplingParams) -> list[str]:
-    (texts,) = await answers_each(smollm2, config, [sampling])
+async def answers(
+    smollm2: Path,
+    config: EngineConfig,
+    sampling: SamplingParams,
+    questions: list[str] = QUESTIONS,
+) -> list[str]:
+    (texts,) = await answers_each(smollm2, config, [sampling], questions)
     return texts
 
 
 async def answers_each(
-    smollm2: Path, config: EngineConfig, samplings: list[SamplingParams]
+    smollm2: Path,
+    config: EngineConfig,
+    samplings: list[SamplingParams],
+    questions: list[str] = QUESTIONS,
 ) -> list[list[str]]:
     """Every question answered at once, under each sampling in turn, by one engine."""
     out = []
@@ -172,7 +180,7 @@ async def answers_each(
                             model="m", messages=[ChatMessage("user", q)], sampling=sampling
                         ),
                     )
-                    for q in QUESTIONS
+                    for q in questions
                 )
             )
             out.append(["".join(d.text for d in deltas) for deltas, _ in results])
@@ -194,6 +202,10 @@ async def test_batched_greedy_output_equals_unbatched_for_every_slot_count(
     for slots in (2, 3, 5):
         config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=slots)
         assert await answers(smollm2, config, sampling) == alone, slots
+    # The default: slots by memory, 8 per thread (16 here), all taken by one burst.
+    config = EngineConfig(workers=1, threads_per_worker=2)
+    burst = QUESTIONS * 3 + QUESTIONS[:1]
+    assert await answers(smollm2, config, sampling, burst) == alone * 3 + alone[:1]
     config = EngineConfig(workers=1, threads_per_worker=1, seqs_per_worker=3, kv_unified=True)
     shared = await answers(smollm2, config, sampling)
     assert shared[0] == alone[0] and all(shared)
