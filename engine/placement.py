@@ -12,7 +12,7 @@ takes it, as before.
 
 Raw prompts (completions, WebSocket ``generate``) are named by their text in
 blocks of :data:`BLOCK` characters: a prompt is remembered by digests of its
-prefixes at a few block boundaries (the longest, and 1, 2, 4, 8, 16 blocks),
+prefixes at a few block boundaries (the longest, and 1, 2, 4, 8, 16, 32 blocks),
 and a later prompt prefers the worker of its longest remembered prefix: a
 continuation (the prompt, its completion, more text) or a shared opening.
 Prompts shorter than a block are not placed (little to reuse).

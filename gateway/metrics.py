@@ -129,7 +129,8 @@ class Metrics:
         self.refusals = Counter(
             "ferrous_generation_refusals",
             "Generations refused before they ran, by reason (rate_limited: a tenant's "
-            "quota; overloaded: the model's queue is full), tenant and model.",
+            "quota, or a session's cap on running generations, counted without a model; "
+            "overloaded: the model's queue is full), tenant and model.",
             ["reason", "tenant", "model"],
             registry=r,
         )

@@ -152,7 +152,7 @@ class ResumableSession:
             # The old connection still looked alive (a half-open socket, or a client
             # that reconnected early): it carries nothing of this session any more.
             self.closed = True
-            await _close_or_abort(self.ws, self._send_lock.locked())
+            await _close_or_abort(self.ws, self._send_lock)
         ready = await self._ready(resumed=True, principal=principal)
         async with self._send_lock:
             if self.conn != conn:
@@ -183,12 +183,19 @@ class ResumableSession:
         self.gateway.resumable.detach(self)
 
 
-async def _close_or_abort(ws: Any, busy: bool) -> None:
-    """End a connection another one replaces: a close frame (4000) when it takes one,
-    else (a write stuck on its full buffer, or no answer within a second) a reset."""
-    if not busy:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
+async def _close_or_abort(ws: Any, send_lock: asyncio.Lock) -> None:
+    """End a connection another one replaces: a close frame (4000) once the write in
+    progress is done, else (a write stuck on its full buffer, or no answer within a
+    second) a reset.
+
+    The session is marked closed first, so no new write starts on it; waiting for
+    the one under way (a delta being sent, the usual case while a generation
+    streams) lets the client see 4000 and not resume, where a reset would make it
+    try to resume and race the connection that took the session.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            async with send_lock:
                 await ws.close(code=CLOSE_TAKEN_OVER, reason="session resumed elsewhere")
                 return
     abort = ws.scope.get("extensions", {}).get(CONNECTION_EXTENSION, {}).get("abort")

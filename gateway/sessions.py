@@ -472,7 +472,9 @@ class Session(GenerationStreams, ResumableSession):
             if isinstance(msg, m.Generate | m.Chat):
                 metrics = self.gateway.metrics
                 tenant = metrics.tenant_label(fair_share_key(self.principal))
-                metrics.refusals.labels("rate_limited", tenant, msg.model).inc()
+                # No model label: the name is the client's, not yet resolved (any
+                # string would make a series of its own).
+                metrics.refusals.labels("rate_limited", tenant, "").inc()
             raise _with_id(
                 RateLimited(
                     f"at most {limit} generations may run at once in a session; "

@@ -117,9 +117,13 @@ def test_places_follow_every_change_of_the_queue() -> None:
         q.position(c0)
     assert q.pop() is a0
     assert [q.position(e) for e in (a1, b0)] == [0, 1]
-    q.estimate = 5000  # every start now charges more: A's next turn comes later
-    q.push("A", 0, "a2")
-    assert q.position(b0) == 1
+    q = FairQueue(100)
+    q.estimate = 100
+    a0, a1, b0 = q.push("A", 0, "a0"), q.push("A", 0, "a1"), q.push("B", 0, "b0")
+    q.charge("B", 150)
+    assert [q.position(e) for e in (a0, a1, b0)] == [0, 1, 2]
+    q.estimate = 200  # each start charges more: after a0, A is past B
+    assert [q.position(e) for e in (a0, b0, a1)] == [0, 1, 2]
 
 
 def test_service_records_stay_bounded_with_ever_new_tenants() -> None:

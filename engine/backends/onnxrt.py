@@ -354,7 +354,8 @@ class OnnxBackend(TextGenerator):
                 self._reuse(st, seen)  # (more of) it now; if all, it decodes now
         # The same plan as every batching backend's (engine.stepplan): which prompt
         # is read (shortest first within a class, none starved) and whether the
-        # decoding rows run too (not when a higher class or an urgent one reads).
+        # decoding rows run too (not when a higher class or an urgent one finishes
+        # its prompt within the chunk).
         # Prompts are read one per step here: their lengths differ.
         chunk = len(self._seqs) * PROMPT_CHUNK if self._shared is None else PROMPT_CHUNK
         wants = [
@@ -370,10 +371,10 @@ class OnnxBackend(TextGenerator):
             st.passed = 0 if reader is not None and s == reader[0] else st.passed + 1
         if reader is not None:
             s, st = reader
-            st.urgent = False
             n_new = len(st.pending) if self._shared is None else min(len(st.pending), PROMPT_CHUNK)
             logits = self._run([st], n_new)
             if not st.pending:  # the whole prompt is read: its logits give the first token
+                st.urgent = False  # owed a quick first token until it has one
                 self._emit(out, s, st, logits[0])
         if decoding and self._shared is not None:
             # One run per block of adjacent rows: rows are packed, so this is one run
