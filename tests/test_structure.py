@@ -114,3 +114,24 @@ def test_surfaces_depend_on_the_gateway_interface_not_the_app() -> None:
     graph = import_graph()
     importers = sorted(m for m, deps in graph.items() if "gateway.app" in deps)
     assert importers == ["gateway.server"]
+
+
+def test_surfaces_use_the_engine_interface_not_the_client() -> None:
+    """The gateway's surfaces are typed against ``engine.interface.Engine``; only the
+    composition root (the server, and the app it builds) names the concrete client."""
+    users = set()
+    for module, path in _modules().items():
+        if not module.startswith("gateway"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {alias.name for alias in node.names}
+                if node.module == "engine.client" or (
+                    node.module == "engine" and ({"EngineClient", "client"} & names)
+                ):
+                    users.add(module)
+            elif isinstance(node, ast.Import) and any(
+                alias.name == "engine.client" for alias in node.names
+            ):
+                users.add(module)
+    assert sorted(users) == ["gateway.app", "gateway.server"]
