@@ -8,6 +8,8 @@ a loopback port with real WebSocket and HTTP clients shows them hold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +24,7 @@ from gateway.scopes import ALL_SCOPES, DEFAULT_SCOPES
 from protocol import messages as m
 from protocol.errors import RateLimited
 
-from .gateway_helpers import client, gateway, server_config
+from .gateway_helpers import Client, client, gateway, server_config
 
 # -- pure decisions -------------------------------------------------------------------------
 
@@ -91,7 +93,10 @@ def test_quotas_refuse_with_retry_after_and_recover() -> None:
 # -- through the server -------------------------------------------------------------------
 
 
-async def test_queued_positions_count_down_to_started(tmp_path: Path, slow_model: Path) -> None:
+@contextlib.asynccontextmanager
+async def _one_slot_taken(tmp_path: Path, slow_model: Path) -> AsyncIterator[tuple[Client, Client]]:
+    """A server with one sequence slot, which client ``a``'s generation ``long`` holds;
+    client ``b`` is free to queue behind it."""
     config = server_config(tmp_path, {"slow": slow_model}, seqs_per_worker=1)
     async with gateway(config) as srv:
         auth = srv.gateway.auth
@@ -102,18 +107,23 @@ async def test_queued_positions_count_down_to_started(tmp_path: Path, slow_model
             await a.send(m.Generate("long", "slow", "hi", options=m.Options(max_tokens=100000)))
             while not isinstance(await a.recv(), m.Delta):
                 pass
-            for i in range(3):
-                await b.send(m.Generate(f"g{i}", "slow", "hi", options=m.Options(max_tokens=2)))
-            seen: dict[str, list[m.ServerMessage]] = {f"g{i}": [] for i in range(3)}
-            while sum(isinstance(x, m.Queued) for x in seen["g2"]) < 1:
-                msg = await b.recv()
-                seen[msg.id].append(msg)  # type: ignore[union-attr]
-            await a.send(m.Cancel("long"))
-            done = 0
-            while done < 3:
-                msg = await b.recv()
-                seen[msg.id].append(msg)  # type: ignore[union-attr]
-                done += isinstance(msg, m.Done)
+            yield a, b
+
+
+async def test_queued_positions_count_down_to_started(tmp_path: Path, slow_model: Path) -> None:
+    async with _one_slot_taken(tmp_path, slow_model) as (a, b):
+        for i in range(3):
+            await b.send(m.Generate(f"g{i}", "slow", "hi", options=m.Options(max_tokens=2)))
+        seen: dict[str, list[m.ServerMessage]] = {f"g{i}": [] for i in range(3)}
+        while sum(isinstance(x, m.Queued) for x in seen["g2"]) < 1:
+            msg = await b.recv()
+            seen[msg.id].append(msg)  # type: ignore[union-attr]
+        await a.send(m.Cancel("long"))
+        done = 0
+        while done < 3:
+            msg = await b.recv()
+            seen[msg.id].append(msg)  # type: ignore[union-attr]
+            done += isinstance(msg, m.Done)
     for i in range(3):
         kinds = [type(x).__name__ for x in seen[f"g{i}"]]
         first_started = kinds.index("Started")
@@ -127,24 +137,15 @@ async def test_queued_positions_count_down_to_started(tmp_path: Path, slow_model
 async def test_a_generation_cancelled_while_queued_ends_without_started(
     tmp_path: Path, slow_model: Path
 ) -> None:
-    config = server_config(tmp_path, {"slow": slow_model}, seqs_per_worker=1)
-    async with gateway(config) as srv:
-        auth = srv.gateway.auth
-        async with (
-            client(srv, auth.issue_token(sub="a", ttl=600)) as a,
-            client(srv, auth.issue_token(sub="b", ttl=600)) as b,
-        ):
-            await a.send(m.Generate("long", "slow", "hi", options=m.Options(max_tokens=100000)))
-            while not isinstance(await a.recv(), m.Delta):
-                pass
-            await b.send(m.Generate("q", "slow", "hi", options=m.Options(max_tokens=2)))
-            seen = [await b.recv()]
-            while not isinstance(seen[-1], m.Queued):
-                seen.append(await b.recv())
-            await b.send(m.Cancel("q"))
-            while not isinstance(seen[-1], m.Done):
-                seen.append(await b.recv())
-            await a.send(m.Cancel("long"))
+    async with _one_slot_taken(tmp_path, slow_model) as (a, b):
+        await b.send(m.Generate("q", "slow", "hi", options=m.Options(max_tokens=2)))
+        seen = [await b.recv()]
+        while not isinstance(seen[-1], m.Queued):
+            seen.append(await b.recv())
+        await b.send(m.Cancel("q"))
+        while not isinstance(seen[-1], m.Done):
+            seen.append(await b.recv())
+        await a.send(m.Cancel("long"))
     kinds = [type(x).__name__ for x in seen]
     assert set(kinds[:-1]) == {"Queued"}, kinds
     done = seen[-1]
