@@ -176,7 +176,7 @@ class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class OnnxConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """onnxruntime session options (see engine.backends.onnx_entry.OnnxOptions for the defaults' why)."""
 
-    spinning: bool = False
+    spinning: bool = True
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     memory_arena: bool = True
     prefix_cache_mb: NonNegative = 128

@@ -20,9 +20,11 @@ from engine import (
     SamplingParams,
 )
 from engine.backends.onnx_entry import OnnxOptions
+from engine.backends.onnxsession import session_options
 from engine.onnx.tinydecoder import write_tiny_decoder
 from engine.store.pull import ModelManager
 from engine.store.store import ModelStore
+from gateway.config import OnnxConfig
 from protocol.errors import BadRequest, ModelLoadError
 
 from .conftest import collect
@@ -173,6 +175,18 @@ async def test_onnx_folders_import_into_the_store_and_serve(
             client, GenerateRequest(model="stored", prompt=PROMPTS[0], sampling=greedy(5))
         )
         assert text
+
+
+def test_threads_spin_within_a_run_and_stop_when_it_returns() -> None:
+    """On by default, spinning lasts only while a run is under way: between steps and when
+    idle, a worker's threads sleep and leave the cores to the gateway and other workers."""
+    default = session_options(2, OnnxOptions())
+    assert default.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert default.get_session_config_entry("session.force_spinning_stop") == "1"
+    quiet = session_options(2, OnnxOptions(spinning=False))
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # The configuration file's default is the engine's.
+    assert OnnxConfig().spinning is OnnxOptions().spinning
 
 
 async def test_session_options_apply_and_are_checked(tiny_folder: Path, tmp_path: Path) -> None:

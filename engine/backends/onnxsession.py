@@ -139,6 +139,9 @@ def session_options(threads: int, o: OnnxOptions) -> ort.SessionOptions:
     opts.graph_optimization_level = _OPT_LEVELS[o.graph_optimization]
     opts.enable_cpu_mem_arena = o.memory_arena
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if o.spinning else "0")
+    # Spin only while a run is under way: between steps the worker's own
+    # Python, the gateway and other workers need the cores.
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.log_severity_level = 3
     return opts
 
