@@ -59,6 +59,16 @@ def tiny(tiny_onnx: Path) -> OnnxEncoder:
 # -- tiny BERT ---------------------------------------------------------------------------
 
 
+def test_encoder_threads_spin_only_within_a_run(tiny_onnx: Path) -> None:
+    """Spinning (on unless turned off) ends with each run: embeddings take no CPU between them."""
+    for spinning, allowed in ((True, "1"), (False, "0")):
+        encoder = OnnxEncoder(tiny_onnx, threads=1, spinning=spinning)
+        opts = encoder._session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == allowed
+        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert encoder.embed(["cat"]).shape[0] == 1
+
+
 def test_tiny_bert_writer_is_deterministic(tmp_path: Path) -> None:
     a = write_tiny_bert(tmp_path / "a", seed=0)
     b = write_tiny_bert(tmp_path / "b", seed=0)

@@ -39,7 +39,11 @@ class OnnxEncoderBackend(Embedder):
         opts = params.options if isinstance(params.options, OnnxOptions) else OnnxOptions()
         folder = check_onnx_folder(path)
         providers = providers_for(opts, str(folder))
-        return cls(OnnxEncoder(folder, threads=params.n_threads, providers=providers))
+        return cls(
+            OnnxEncoder(
+                folder, threads=params.n_threads, providers=providers, spinning=opts.spinning
+            )
+        )
 
     def free(self) -> None:
         pass  # the session goes with the object
