@@ -56,31 +56,22 @@ sent as a ``data: {"error": …}`` event followed by ``data: [DONE]``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-import msgspec
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine import GenerationDone, TokenDelta
+from engine import TokenDelta
 from gateway.generation import (
-    Outcome,
-    Prepared,
-    collect,
-    drain,
     embed,
     for_vision,
     prepare,
-    run,
     samples,
-    start_samples,
 )
 from gateway.http_common import (
     ClosingStream,
@@ -99,6 +90,13 @@ from gateway.openai_requests import (
     sampling_options,
     tool_use,
 )
+from gateway.openai_stream import (
+    Piece,
+    collect_all,
+    sse_body,
+    start_stream,
+    stream_samples,
+)
 from gateway.openai_types import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -106,7 +104,6 @@ from gateway.openai_types import (
     SamplingBody,
 )
 from gateway.openai_wire import (
-    DONE,
     InvalidParam,
     chat_logprobs,
     error_json,
@@ -119,10 +116,7 @@ from gateway.openai_wire import (
     tool_delta,
     usage_json,
 )
-from gateway.toolcalls import CallArguments, CallStarted, TextPiece, ToolCallReader
-from protocol.errors import (
-    FerrousError,
-)
+from gateway.toolcalls import TextPiece, ToolCallReader
 
 if TYPE_CHECKING:
     from gateway.interface import Gateway
@@ -136,174 +130,6 @@ __all__ = [
     "openai_error",
     "openai_routes",
 ]
-
-Event = TokenDelta | GenerationDone
-
-# -- generation -----------------------------------------------------------------------
-
-
-async def _collect_all(gateway: Gateway, prepared: list[Prepared]) -> list[Outcome]:
-    """Every sample to its end; if one fails, the others are cancelled and it raises."""
-    if len(prepared) == 1:
-        return [await collect(gateway, prepared[0])]
-    gens = await start_samples(gateway, prepared)
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(drain(g)) for g in gens]
-    return [t.result() for t in tasks]
-
-
-async def _stream_samples(
-    request: Request,
-    gateway: Gateway,
-    prepared: list[Prepared],
-    chunk: Callable[[Piece | None, str | None, int], dict[str, object]],
-    *,
-    include_usage: bool,
-    usage_chunk: Callable[[dict[str, object]], dict[str, object]],
-    tools: bool,
-    lead: Callable[[int], bytes | None],
-) -> Response:
-    """Start the samples (a refusal is still a plain HTTP error) and stream them as one."""
-    gens = await _unless_disconnected(request, start_samples(gateway, prepared))
-    return ClosingStream(
-        _sse_samples(
-            gens,
-            chunk,
-            include_usage=include_usage,
-            usage_chunk=usage_chunk,
-            readers=[ToolCallReader() if tools else None for _ in gens],
-            lead=lead,
-        )
-    )
-
-
-async def _sse_samples(
-    gens: list[AsyncGenerator[Event, None]],
-    chunk: Callable[[Piece | None, str | None, int], dict[str, object]],
-    *,
-    include_usage: bool,
-    usage_chunk: Callable[[dict[str, object]], dict[str, object]],
-    readers: list[ToolCallReader | None],
-    lead: Callable[[int], bytes | None],
-) -> AsyncIterator[bytes]:
-    """Several streamed samples as one SSE stream, each chunk naming its choice ``index``."""
-    queue: asyncio.Queue[tuple[int, Event | FerrousError]] = asyncio.Queue()
-
-    async def pump(i: int, gen: AsyncGenerator[Event, None]) -> None:
-        try:
-            async for ev in gen:
-                await queue.put((i, ev))
-        except FerrousError as exc:
-            await queue.put((i, exc))
-        finally:
-            await gen.aclose()
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    dones: dict[int, GenerationDone] = {}
-    try:
-        for i in range(len(gens)):
-            first = lead(i)
-            if first is not None:
-                yield first
-        while len(dones) < len(gens):
-            i, ev = await queue.get()
-            if isinstance(ev, FerrousError):
-                raise ev
-            reader = readers[i]
-            if isinstance(ev, GenerationDone):
-                if reader is not None:
-                    for piece in reader.finish():
-                        yield sse(chunk(piece, None, i))
-                yield sse(chunk(None, finish_reason(ev, reader), i))
-                dones[i] = ev
-            elif ev.text:
-                pieces: list[Piece] = [ev] if reader is None else [*reader.feed(ev.text)]
-                for text_or_call in pieces:
-                    yield sse(chunk(text_or_call, None, i))
-        if include_usage:
-            ordered = [dones[i] for i in range(len(gens))]
-            yield sse(usage_chunk(usage_json(*ordered)))
-    except FerrousError as exc:
-        yield sse(error_json(exc))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    yield DONE
-
-
-class _Stream(msgspec.Struct):
-    """A started generation: its first event is in hand, so it did not fail to start."""
-
-    events: AsyncGenerator[Event, None]
-    first: Event
-
-
-async def _start(request: Request, gateway: Gateway, prepared: Prepared) -> _Stream:
-    """Wait for the first event, so a request the engine refuses is still a plain HTTP error."""
-    events = run(gateway, prepared)
-
-    async def first() -> Event:
-        return await anext(events)
-
-    try:
-        ev = await _unless_disconnected(request, first())
-        if isinstance(ev, GenerationDone):
-            finish_reason(ev)  # raises when it failed before producing anything
-    except BaseException:
-        await events.aclose()
-        raise
-    return _Stream(events, ev)
-
-
-Piece = str | TokenDelta | TextPiece | CallStarted | CallArguments
-ChunkMaker = Callable[[Piece | None, str | None], dict[str, object]]
-
-
-async def _sse_body(
-    stream: _Stream,
-    chunk: ChunkMaker,
-    *,
-    lead: bytes | None,
-    include_usage: bool,
-    usage_chunk: Callable[[dict[str, object]], dict[str, object]],
-    reader: ToolCallReader | None = None,
-) -> AsyncIterator[bytes]:
-    """The events of one streamed generation: ``lead``, text chunks, finish, usage, [DONE].
-
-    With ``reader`` (a chat with tools) the text goes through it, and calls go
-    out as ``delta.tool_calls`` pieces.
-    """
-    try:
-        if lead is not None:
-            yield lead
-        done: GenerationDone | None = None
-        ev: Event | None = stream.first
-        while ev is not None:
-            if isinstance(ev, GenerationDone):
-                done = ev
-                break
-            if ev.text:
-                if reader is None:
-                    yield sse(chunk(ev, None))
-                else:
-                    for piece in reader.feed(ev.text):
-                        yield sse(chunk(piece, None))
-            ev = await anext(stream.events, None)
-        if done is None:
-            raise FerrousError("the generation ended without a result")
-        if reader is not None:
-            for piece in reader.finish():
-                yield sse(chunk(piece, None))
-        yield sse(chunk(None, finish_reason(done, reader)))
-        if include_usage:
-            yield sse(usage_chunk(usage_json(done)))
-    except FerrousError as exc:
-        yield sse(error_json(exc))
-    finally:
-        await stream.events.aclose()
-    yield DONE
-
 
 # -- routes ---------------------------------------------------------------------------
 
@@ -342,7 +168,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         n = body.n or 1
         if not body.stream:
             outcomes = await _unless_disconnected(
-                request, _collect_all(gateway, samples(prepared, n))
+                request, collect_all(gateway, samples(prepared, n))
             )
             choices = []
             for i, outcome in enumerate(outcomes):
@@ -406,7 +232,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         # The first chunk of a choice carries the role; the others content, then the finish.
         role = {"role": "assistant", "content": ""}
         if n > 1:
-            return await _stream_samples(
+            return await stream_samples(
                 request,
                 gateway,
                 samples(prepared, n),
@@ -418,10 +244,10 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                     base([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
                 ),
             )
-        stream = await _start(request, gateway, prepared)
+        stream = await start_stream(request, gateway, prepared)
         lead = base([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}])
         return ClosingStream(
-            _sse_body(
+            sse_body(
                 stream,
                 chunk,
                 lead=sse(lead),
@@ -467,7 +293,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
         n = body.n or 1
         if not body.stream:
             outcomes = await _unless_disconnected(
-                request, _collect_all(gateway, samples(prepared, n))
+                request, collect_all(gateway, samples(prepared, n))
             )
             choices: list[dict[str, object]] = [
                 {
@@ -497,7 +323,7 @@ def openai_routes(gateway: Gateway) -> list[Route]:
             return {**base([]), "usage": usage}
 
         if n > 1:
-            return await _stream_samples(
+            return await stream_samples(
                 request,
                 gateway,
                 samples(prepared, n),
@@ -507,9 +333,9 @@ def openai_routes(gateway: Gateway) -> list[Route]:
                 tools=False,
                 lead=lambda i: sse(chunk(prefix, None, i)) if prefix else None,
             )
-        stream = await _start(request, gateway, prepared)
+        stream = await start_stream(request, gateway, prepared)
         return ClosingStream(
-            _sse_body(
+            sse_body(
                 stream,
                 chunk,
                 lead=sse(chunk(prefix, None)) if prefix else None,
