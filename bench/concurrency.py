@@ -1,10 +1,10 @@
 """Aggregate decode throughput of one worker with 1, 2, 4 and 8 concurrent streams.
 
     python -m bench.concurrency [--model PATH] [--tokens 128] [--streams 1,2,4,8] [--json]
-                                [--spinning]
+                                [--spinning | --no-spinning]
 
-``--model`` is a GGUF file or an ONNX model folder (``--spinning`` turns on
-onnxruntime's intra-op thread spinning for ONNX models).
+``--model`` is a GGUF file or an ONNX model folder (``--no-spinning`` turns
+off onnxruntime's intra-op thread spinning for ONNX models, on by default).
 
 Each stream greedily generates ``--tokens`` tokens of a chat prompt; the
 figure per concurrency level is total tokens / wall time from the first
@@ -83,7 +83,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--spinning", action="store_true", help="ONNX: intra-op spinning")
+    parser.add_argument(
+        "--spinning",
+        action=argparse.BooleanOptionalAction,
+        default=OnnxOptions().spinning,
+        help="ONNX: intra-op spinning within each run (default: the engine's)",
+    )
     args = parser.parse_args()
     result = uvloop.run(main_async(args))
     print(
