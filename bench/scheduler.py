@@ -22,7 +22,17 @@ Scenarios:
   that server runs (its slots, at most N), and ``of_ceiling``, the server's
   aggregate over it. No server streams faster than the steps it is made of,
   so where both servers are near 1.0 of their ceilings, their ratio is the
-  machine's noise, not a difference between them (``--no-ceiling`` skips it).
+  machine's noise, not a difference between them. And ``burst_ceiling_tok_s``
+  (up to 16 streams): llama.cpp alone getting the round's whole burst out
+  (``bench.readcost.burst_tok_s``): each stream's new prompt tokens, as the
+  server that read the fewest reported them, read in one step, then every
+  token decoded with all streams in each step, nothing sampled or sent.
+  ``of_burst_ceiling`` is a server's aggregate over it; a ratio between the
+  servers above the ceiling over the other's aggregate is out of any
+  server's reach on these kernels. ``ttft_p50_floor_ms``, from the same
+  prompts: the soonest the burst's median first token can come, llama.cpp
+  alone reading the fewest prompts it needs in one step
+  (``bench.readcost.median_first_token_ms``; ``--no-ceiling`` skips them all).
 * **turns** — one 10-turn conversation (each turn sends the history so far):
   time to first token per turn; the figure is turn 10 / turn 1.
 * **reading** — the same conversation with a person's pause (1 s: reading
@@ -81,7 +91,7 @@ from bench.chatload import (
     pct,
     question,
 )
-from bench.readcost import decode_tok_s, read_ms
+from bench.readcost import burst_tok_s, decode_tok_s, median_first_token_ms, read_ms
 from bench.serving import free_port, start_server, stop_server
 from engine.client import default_threads
 from engine.settings import SEQS_PER_THREAD
@@ -117,6 +127,8 @@ async def streams_scenario(
     tokens: int,
     rounds: int,
     ceiling: Callable[[int], float] | None = None,
+    burst: Callable[[list[tuple[int, int]]], float] | None = None,
+    first: Callable[[list[tuple[int, int]]], float] | None = None,
 ) -> list[dict[str, float]]:
     """``rounds`` bursts of ``n`` chats on each target, alternating targets round by round
     (and which goes first), so that a machine's drift hits both alike.
@@ -124,15 +136,23 @@ async def streams_scenario(
     With ``ceiling`` (tokens/s llama.cpp alone decodes with that many rows in a
     step), each round also measures it for each target's rows, between the
     bursts, so the ceiling drifts with the machine as the bursts do; the
-    median is reported beside each target's figures."""
+    median is reported beside each target's figures. With ``burst`` (tokens/s
+    llama.cpp alone gets out of the whole burst, prompts read, from each
+    stream's ``(cached, read)`` prompt tokens), the same for the round's burst:
+    each stream's prompt as the target that read the least of it reported it;
+    with ``first`` too, the floor of the burst's median first token
+    (``bench.readcost.median_first_token_ms``) from the same prompts."""
     pooled = [_Pooled() for _ in targets]
     ceilings: list[list[float]] = [[] for _ in targets]
+    bursts: list[float] = []
+    floors: list[float] = []
     for r in range(rounds):
         # Every stream a question no server has seen (the list of questions is
         # shorter than 3 rounds of 32, and the warm-up asks two of them): what is
         # measured is reading a prompt, not finding it cached.
         questions = [fresh_question(i + r * n) for i in range(n)]
         order = list(range(len(targets)))
+        reported: dict[int, list[tuple[int, int]]] = {}
         if r % 2:
             order.reverse()
         for k in order:
@@ -146,6 +166,13 @@ async def streams_scenario(
                 *(chat(client, targets[k], q, tokens) for q in questions)
             )
             pooled[k].add(list(results), time.perf_counter() - t0)
+            reported[k] = [(x.cached_tokens, x.prompt_tokens - x.cached_tokens) for x in results]
+        if burst is not None:
+            least = _least_read(list(reported.values()))
+            if least:
+                bursts.append(await asyncio.to_thread(burst, least))
+                if first is not None:
+                    floors.append(await asyncio.to_thread(first, least))
         if ceiling is not None:
             found: dict[int, float] = {}
             for k, target in enumerate(targets):
@@ -159,7 +186,23 @@ async def streams_scenario(
             top = statistics.median(measured)
             summary["decode_ceiling_tok_s"] = round(top, 1)
             summary["of_ceiling"] = round(summary["aggregate_tok_s"] / top, 2)
+        if bursts:
+            top = statistics.median(bursts)
+            summary["burst_ceiling_tok_s"] = round(top, 1)
+            summary["of_burst_ceiling"] = round(summary["aggregate_tok_s"] / top, 2)
+        if floors:
+            summary["ttft_p50_floor_ms"] = round(statistics.median(floors), 1)
     return out
+
+
+def _least_read(reported: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Each stream's ``(cached, read)`` prompt tokens as the target that read the
+    fewest of them reported it (targets that report no prompt left out); empty
+    when none reported them."""
+    usable = [r for r in reported if r and all(cached + read > 0 for cached, read in r)]
+    if not usable:
+        return []
+    return [min(each, key=lambda x: (x[1], -x[0])) for each in zip(*usable, strict=True)]
 
 
 READ_PAUSE_S = 1.0  # a person reading an answer and typing the next question
@@ -317,6 +360,17 @@ def _ceiling(gguf: Path, threads: int, rows: int) -> float:
     return decode_tok_s(gguf, rows, threads=threads)
 
 
+BURST_MAX = 16  # the burst ceiling's streams at most: the sequences of its context
+
+
+def _burst(gguf: Path, threads: int, tokens: int, reads: list[tuple[int, int]]) -> float:
+    return burst_tok_s(gguf, reads, tokens, threads=threads, n_seq=BURST_MAX)
+
+
+def _first(gguf: Path, threads: int, reads: list[tuple[int, int]]) -> float:
+    return median_first_token_ms(gguf, reads, threads=threads, n_seq=BURST_MAX)
+
+
 async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[str, object]]:
     """Every scenario on every target; stream rounds alternate between targets."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
@@ -335,8 +389,14 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
                 else None
             )
             for n in args.streams:
+                # And llama.cpp alone getting the whole burst out: every prompt, every token.
+                # and reading the prompts a median first token needs.
+                burst = first = None
+                if args.gguf is not None and args.ceiling and n <= BURST_MAX:
+                    burst = functools.partial(_burst, args.gguf, args.threads, args.tokens)
+                    first = functools.partial(_first, args.gguf, args.threads)
                 found = await streams_scenario(
-                    client, targets, n, args.tokens, args.rounds, ceiling
+                    client, targets, n, args.tokens, args.rounds, ceiling, burst, first
                 )
                 for target, result, into in zip(targets, found, out, strict=True):
                     into[f"streams_{n}"] = result

@@ -97,6 +97,9 @@ def test_bench_scheduler(script_model: Path) -> None:
     ceiling = streams["decode_ceiling_tok_s"]
     assert ceiling > 0 and streams["of_ceiling"] == round(streams["aggregate_tok_s"] / ceiling, 2)
     assert {"ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p99_ms"} <= set(streams)
+    burst = streams["burst_ceiling_tok_s"]
+    assert burst > 0 and streams["of_burst_ceiling"] == round(streams["aggregate_tok_s"] / burst, 2)
+    assert streams["ttft_p50_floor_ms"] > 0
     turns = ours["turns"]
     assert isinstance(turns, dict) and len(turns["ttft_ms"]) == 10
     assert turns["turn10_over_turn1"] == round(turns["turn10_ttft_ms"] / turns["turn1_ttft_ms"], 2)
@@ -107,6 +110,26 @@ def test_bench_readcost(script_model: Path) -> None:
 
     first, later = read_ms(script_model, [(8, 4), (200, 4)], threads=1, n_seq=2, repeats=2)
     assert first > 0 and later > 0
+
+
+def test_bench_burst_ceiling_and_first_token_floor(script_model: Path) -> None:
+    from bench.readcost import burst_tok_s, median_first_token_ms
+
+    reads = [(8, 4), (0, 600), (8, 20)]  # one prompt longer than a batch: read in two steps
+    assert burst_tok_s(script_model, reads, 8, threads=1, n_seq=3) > 0
+    assert median_first_token_ms(script_model, reads, threads=1, n_seq=3, repeats=2) > 0
+    with pytest.raises(ValueError):
+        burst_tok_s(script_model, reads, 8, threads=1, n_seq=2)
+
+
+def test_bench_scheduler_takes_each_prompt_as_read_least() -> None:
+    from bench.scheduler import _least_read
+
+    ferrous = [(30, 20), (30, 18)]
+    reference = [(0, 50), (40, 8)]
+    assert _least_read([ferrous, reference]) == [(30, 20), (40, 8)]
+    assert _least_read([ferrous, [(0, 0), (0, 0)]]) == ferrous  # a target reporting no usage
+    assert _least_read([]) == []
 
 
 def test_bench_onnx_tiny_pair_and_whole_server() -> None:
