@@ -389,8 +389,8 @@ async def measure(targets: list[Target], args: argparse.Namespace) -> list[dict[
                 else None
             )
             for n in args.streams:
-                # And llama.cpp alone getting the whole burst out: every prompt, every token.
-                # and reading the prompts a median first token needs.
+                # And llama.cpp alone getting each round's whole burst out (every prompt,
+                # every token), and reading the prompts its median first token needs.
                 burst = first = None
                 if args.gguf is not None and args.ceiling and n <= BURST_MAX:
                     burst = functools.partial(_burst, args.gguf, args.threads, args.tokens)
