@@ -37,6 +37,7 @@ __all__ = [
     "response_format",
     "sampling_options",
     "tool_use",
+    "tool_use_from",
 ]
 
 
@@ -104,26 +105,35 @@ def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
 def tool_use(body: ChatCompletionRequest) -> ToolUse | None:
     """The request's tools and tool choice, for the engine (None: no tools)."""
     choice = body.tool_choice
-    if not body.tools:
-        if isinstance(choice, NamedToolChoice) or choice == "required":
-            raise InvalidParam("tool_choice", "tool_choice needs tools")
-        return None
     tools = [
         ToolFunction(
             t.function.name,
             t.function.description or "",
             json.dumps(t.function.parameters) if t.function.parameters is not None else "",
         )
-        for t in body.tools
+        for t in body.tools or ()
     ]
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    mode = None if isinstance(choice, NamedToolChoice) else choice
+    return tool_use_from(tools, mode, named, body.parallel_tool_calls is not False)
+
+
+def tool_use_from(
+    tools: list[ToolFunction],
+    mode: Literal["auto", "required", "none"] | None,
+    named: str | None,
+    parallel: bool,
+) -> ToolUse | None:
+    """Tools and a tool choice as either OpenAI API spells them, checked, for the
+    engine (None: no tools). ``mode`` is the choice when it is a word, ``named``
+    the tool it names when it names one."""
+    if not tools:
+        if named is not None or mode == "required":
+            raise InvalidParam("tool_choice", "tool_choice needs tools")
+        return None
     if named is not None and named not in {t.name for t in tools}:
         raise InvalidParam("tool_choice", f"no tool is named {named!r}")
-    mode: Literal["auto", "required", "none"] = (
-        "auto" if choice is None or isinstance(choice, NamedToolChoice) else choice
-    )
-    parallel = body.parallel_tool_calls is not False
-    return ToolUse(tools, mode, named, parallel)
+    return ToolUse(tools, mode or "auto", named, parallel)
 
 
 def _content(msg: ChatCompletionMessage, where: str) -> str:

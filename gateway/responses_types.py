@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from engine import ChatMessage, ToolCall, ToolFunction
 from gateway.generation import ToolUse
+from gateway.openai_requests import tool_use_from
 from gateway.openai_wire import InvalidParam
 from protocol import messages as m
 
@@ -136,20 +137,12 @@ def input_messages(items: str | list[InputItem]) -> list[ChatMessage]:
 
 def tool_use_of(body: ResponsesRequest) -> ToolUse | None:
     choice = body.tool_choice
-    if not body.tools:
-        if isinstance(choice, NamedFunction) or choice == "required":
-            raise InvalidParam("tool_choice", "tool_choice needs tools")
-        return None
     tools = []
-    for i, t in enumerate(body.tools):
+    for i, t in enumerate(body.tools or ()):
         if t.type != "function":
             raise InvalidParam(f"tools[{i}].type", f"tools of type {t.type!r} are not supported")
         params = "" if t.parameters is None else json.dumps(t.parameters)
         tools.append(ToolFunction(t.name, t.description or "", params))
     named = choice.name if isinstance(choice, NamedFunction) else None
-    if named is not None and named not in {t.name for t in tools}:
-        raise InvalidParam("tool_choice", f"no tool is named {named!r}")
-    mode: Literal["auto", "required", "none"] = (
-        "auto" if choice is None or isinstance(choice, NamedFunction) else choice
-    )
-    return ToolUse(tools, mode, named, body.parallel_tool_calls is not False)
+    mode = None if isinstance(choice, NamedFunction) else choice
+    return tool_use_from(tools, mode, named, body.parallel_tool_calls is not False)
